@@ -1,0 +1,66 @@
+"""Benchmarks: ``flatness bench NAME [--json]``; figures are ratios to a plain step in one run.
+
+Each module in ``BENCH_MODULES`` defines ``add_cli(subparsers)`` for its benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+BENCH_MODULES: tuple[str, ...] = ("flatness.bench.overhead",)
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    import importlib
+
+    parser = sub.add_parser("bench", help="speed and memory benchmarks (ratios in one run)")
+    bench_sub = parser.add_subparsers(dest="bench", metavar="BENCHMARK", parser_class=type(parser))
+    bench_sub.required = True
+    for name in BENCH_MODULES:
+        importlib.import_module(name).add_cli(bench_sub)
+
+
+def median_ms(times: list[float]) -> float:
+    return 1000.0 * statistics.median(times)
+
+
+def time_interleaved(
+    cases: dict[str, Callable[[], None]],
+    rounds: int,
+    reps_per_round: int,
+    warmup: int = 3,
+    per_call_steps: dict[str, int] | None = None,
+) -> dict[str, float]:
+    """Median milliseconds per step of each case, timing the cases in interleaved rounds.
+
+    Interleaving spreads any drift of the machine (other load, clock changes) over all cases
+    alike, so ratios taken from one run stay meaningful. ``per_call_steps[name]`` divides a
+    call's time when one call runs several steps (e.g. a whole window of ``every`` steps).
+    """
+    per_call_steps = per_call_steps or {}
+    for fn in cases.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            for _ in range(reps_per_round):
+                start = time.perf_counter()
+                fn()
+                samples[name].append((time.perf_counter() - start) / per_call_steps.get(name, 1))
+    return {name: median_ms(ts) for name, ts in samples.items()}
+
+
+def print_result(result: dict[str, object], as_json: bool, title: str) -> None:
+    if as_json:
+        print(json.dumps(result, sort_keys=True))
+        return
+    print(title)
+    width = max(len(k) for k in result)
+    for key, value in result.items():
+        text = f"{value:.3f}" if isinstance(value, float) else str(value)
+        print(f"  {key:<{width}}  {text}")

@@ -1,0 +1,140 @@
+"""``flatness bench overhead``: cost of the FA penalty relative to a plain training step.
+
+The paper's CIFAR-100 MLP shape (3072-512-256-100, ReLU, dropout 0.3), B = 128, Adam, synthetic
+data, all cases in one process and timed in interleaved rounds. Reported: the plain step's median
+time and each case's median step time divided by it.
+
+- ``fa_m1_k1``: the library's FA step, M = 1, every step;
+- ``fa_m5_k1``: M = 5, every step;
+- ``fa_m5_k10``: M = 5 every 10 steps, timed over whole windows of 10 steps;
+- ``fa_m5_k1_sub32`` / ``fa_m5_k10_sub32``: curvature pass on a 32-sample sub-batch;
+- ``reference_m5_k1``: the paper-literal step (a Python loop over probes that recomputes the
+  gradient for every probe) for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..methods import make_method
+from ..models import mlp
+from . import print_result, time_interleaved
+
+__all__ = ["run_overhead", "add_cli"]
+
+
+def _reference_step(
+    model: nn.Module, loss_fn: nn.Module, opt: torch.optim.Optimizer, lam: float, probes: int
+) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        model.eval()
+        total_c = torch.zeros(())
+        for _ in range(probes):  # Algorithm 1 as written: g recomputed, one probe at a time
+            g = torch.autograd.grad(loss_fn(model(x), y), params, create_graph=True)
+            v = [torch.randint(0, 2, p.shape).to(p.dtype) * 2 - 1 for p in params]
+            gv = sum((gi * vi).sum() for gi, vi in zip(g, v))
+            h = torch.autograd.grad(gv, params, create_graph=True)
+            total_c = total_c + sum((hi * hi).sum() for hi in h)
+        model.train()
+        (loss + lam * total_c / (probes * x.shape[0])).backward()
+        opt.step()
+
+    return step
+
+
+def run_overhead(
+    batch: int = 128,
+    steps: int = 20,
+    rounds: int = 4,
+    threads: int | None = None,
+    seed: int = 0,
+    quick: bool = False,
+) -> dict[str, object]:
+    """Run the benchmark and return the figures (milliseconds and ratios)."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    in_dim, hidden, classes = (3072, (512, 256), 100) if not quick else (64, (32, 16), 10)
+    base = mlp(in_dim, classes, hidden, dropout=0.3)
+    loss_fn = nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, in_dim, generator=gen)
+    y = torch.randint(0, classes, (batch,), generator=gen)
+    lam = 0.01
+
+    def method_case(name: str, **hp: object) -> Callable[[], None]:
+        model = copy.deepcopy(base).train()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        method = make_method(name, model, loss_fn, **hp)
+        return lambda: method.step(x, y, opt) and None
+
+    def window(fn: Callable[[], None], length: int) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(length):
+                fn()
+
+        return run
+
+    ref_model = copy.deepcopy(base).train()
+    ref_opt = torch.optim.Adam(ref_model.parameters(), lr=1e-3)
+    ref_step = _reference_step(ref_model, loss_fn, ref_opt, lam, probes=5)
+    sub = max(1, batch // 4)
+    cases = {
+        "plain": method_case("none"),
+        "fa_m1_k1": method_case("fa", lam=lam, probes=1, every=1, seed=seed),
+        "fa_m5_k1": method_case("fa", lam=lam, probes=5, every=1, seed=seed),
+        "fa_m5_k10": window(method_case("fa", lam=lam, probes=5, every=10, seed=seed), 10),
+        f"fa_m5_k1_sub{sub}": method_case("fa", lam=lam, probes=5, every=1, seed=seed, sub_batch=sub),
+        f"fa_m5_k10_sub{sub}": window(
+            method_case("fa", lam=lam, probes=5, every=10, seed=seed, sub_batch=sub), 10
+        ),
+        "reference_m5_k1": lambda: ref_step(x, y),
+    }
+    windows = {"fa_m5_k10": 10, f"fa_m5_k10_sub{sub}": 10}
+    per_round = max(1, steps // rounds)
+    ms = time_interleaved(cases, rounds=rounds, reps_per_round=per_round, per_call_steps=windows)
+    plain = ms["plain"]
+    result: dict[str, object] = {
+        "plain_ms": plain,
+        "batch": batch,
+        "steps_timed_per_case": rounds * per_round,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+    }
+    for name, value in ms.items():
+        if name != "plain":
+            result[f"{name}_ms"] = value
+            result[f"{name}_ratio"] = value / plain
+    return result
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    if args.steps < 1 or args.rounds < 1:
+        raise ValueError("--steps and --rounds must be >= 1")
+    result = run_overhead(
+        batch=args.batch, steps=args.steps, rounds=args.rounds, threads=args.threads, quick=args.quick
+    )
+    print_result(result, args.json, "FA penalty overhead (median step time, ratio to a plain step)")
+    return 0
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("overhead", help="FA penalty step time vs a plain step (CIFAR-100 MLP shape)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--steps", type=int, default=24, help="timed steps (or windows) per case (>= 20)")
+    p.add_argument("--rounds", type=int, default=4, help="interleaved timing rounds")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--quick", action="store_true", help="tiny model, for smoke tests")
+    p.set_defaults(func=_cmd)

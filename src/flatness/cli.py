@@ -1,0 +1,69 @@
+"""The ``flatness`` command line: ``flatness SUBCOMMAND ...`` (also ``python -m flatness``).
+
+Each subcommand lives with the code it drives: a module listed in ``COMMAND_MODULES`` defines
+``add_cli(subparsers)``, which adds its parser and sets ``func(args) -> int`` on it.
+User errors (:class:`flatness.FlatnessError`, ``ValueError``, missing files) become one line on
+stderr and exit code 2; anything unexpected one line and exit code 1 (``FLATNESS_DEBUG=1`` shows
+the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+
+from . import __version__
+from .utils import FlatnessError
+
+COMMAND_MODULES: tuple[str, ...] = (
+    "flatness.demo",
+    "flatness.bench",
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other user error
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="flatness", description="Flatness-aware training of neural networks.")
+    parser.add_argument("--version", action="version", version=f"flatness {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_cli(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = bool(os.environ.get("FLATNESS_DEBUG"))
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("flatness: interrupted", file=sys.stderr)
+        return 130
+    except (FlatnessError, ValueError, FileNotFoundError, PermissionError) as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"flatness: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # never a traceback for a CLI user
+        if debug:
+            traceback.print_exc()
+        print(
+            f"flatness: internal error: {type(exc).__name__}: {exc} "
+            "(set FLATNESS_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

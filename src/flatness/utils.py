@@ -1,0 +1,113 @@
+"""Small helpers shared across the package: model modes, batches, errors."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "FlatnessError",
+    "module_modes",
+    "restore_modes",
+    "preserved_mode",
+    "eval_mode",
+    "batch_size",
+    "take_first",
+    "to_device",
+    "call_model",
+]
+
+
+class FlatnessError(Exception):
+    """A user-facing error: the CLI prints its message as one line and exits non-zero."""
+
+
+def module_modes(model: nn.Module) -> list[bool]:
+    """The ``training`` flag of every submodule, in ``model.modules()`` order."""
+    return [m.training for m in model.modules()]
+
+
+def restore_modes(model: nn.Module, modes: list[bool]) -> None:
+    """Put back per-submodule flags saved by :func:`module_modes` (a model may mix modes)."""
+    for m, flag in zip(model.modules(), modes):
+        m.training = flag
+
+
+@contextlib.contextmanager
+def preserved_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Restore every submodule's train/eval flag on exit, also when an exception is raised."""
+    modes = module_modes(model)
+    try:
+        yield model
+    finally:
+        restore_modes(model, modes)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the body with ``model.eval()`` (dropout off) and restore the previous modes after."""
+    with preserved_mode(model):
+        model.eval()
+        yield model
+
+
+def batch_size(x: Any) -> int:
+    """Number of samples in ``x``: a tensor (dense or sparse), or a tuple/list/dict of them."""
+    if isinstance(x, Tensor):
+        if x.dim() == 0:
+            raise ValueError("inputs must have a batch dimension, got a 0-d tensor")
+        return int(x.shape[0])
+    if isinstance(x, (tuple, list)) and x:
+        return batch_size(x[0])
+    if isinstance(x, dict) and x:
+        return batch_size(next(iter(x.values())))
+    raise TypeError(f"cannot tell the batch size of {type(x).__name__}")
+
+
+def take_first(x: Any, n: int) -> Any:
+    """The first ``n`` samples of ``x`` (dense or sparse tensors, or containers of them)."""
+    if isinstance(x, Tensor):
+        if n >= x.shape[0]:
+            return x
+        if x.layout == torch.sparse_csr:
+            crow = x.crow_indices()[: n + 1]
+            end = int(crow[-1])
+            return torch.sparse_csr_tensor(
+                crow, x.col_indices()[:end], x.values()[:end], size=(n, *x.shape[1:])
+            )
+        if x.is_sparse:
+            return x.index_select(0, torch.arange(n, device=x.device))
+        return x[:n]
+    if isinstance(x, tuple):
+        return tuple(take_first(t, n) for t in x)
+    if isinstance(x, list):
+        return [take_first(t, n) for t in x]
+    if isinstance(x, dict):
+        return {k: take_first(v, n) for k, v in x.items()}
+    return x
+
+
+def to_device(x: Any, device: torch.device | str, non_blocking: bool = False) -> Any:
+    """Move a tensor or container of tensors to ``device``."""
+    if isinstance(x, Tensor):
+        return x.to(device, non_blocking=non_blocking)
+    if isinstance(x, tuple):
+        return tuple(to_device(t, device, non_blocking) for t in x)
+    if isinstance(x, list):
+        return [to_device(t, device, non_blocking) for t in x]
+    if isinstance(x, dict):
+        return {k: to_device(v, device, non_blocking) for k, v in x.items()}
+    return x
+
+
+def call_model(model: nn.Module, x: Any) -> Tensor:
+    """``model(x)``; a tuple input is unpacked as positional arguments, a dict as keywords."""
+    if isinstance(x, tuple):
+        return model(*x)
+    if isinstance(x, dict):
+        return model(**x)
+    return model(x)
