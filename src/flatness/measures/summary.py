@@ -1,0 +1,190 @@
+"""Several measures in one call, as a flat JSON-ready dict (the ``flatness measure`` command).
+
+:func:`final_measures` is the cheap set an experiment run records at its end (λ_max, Tr(H),
+the empirical Fisher trace and the loss). :func:`compute_measures` runs any of
+:data:`MEASURES` by name with shared options.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from flatness.measures import compute_measures
+    >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    >>> data = [(torch.randn(32, 3, dtype=torch.float64), torch.randint(0, 2, (32,)))]
+    >>> out = compute_measures(model, nn.functional.cross_entropy, data, ["loss", "lambda_max"])
+    >>> sorted(out)[:3]
+    ['condition_number_topk', 'effective_dimension_topk', 'eigen_matvecs']
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from ..utils import FlatnessError, eval_mode
+from .divergence import model_divergence
+from .eigen import last_layer, top_eigenvalues
+from .fisher import fisher_trace
+from .functional import Batch, LossFn, collect_batches, evaluate_at, trainable_params
+from .noise import noisy_loss
+from .sharpness import adaptive_sharpness, eps_sharpness
+from .sq_trace import hessian_sq_trace
+from .trace import hessian_trace
+
+__all__ = ["MeasureOptions", "MEASURES", "DEFAULT_MEASURES", "compute_measures", "final_measures"]
+
+
+@dataclass(frozen=True)
+class MeasureOptions:
+    """Options shared by the measures (CLI flags)."""
+
+    seed: int = 0
+    matvecs: int = 100
+    k: int = 3
+    eigen_tol: float | None = None
+    eps: float = 1e-3
+    adaptive_eps: float = 1e-2
+    sharpness_steps: int = 20
+    sigma: float = 0.01
+    noise_samples: int = 20
+    divergence_eps: float = 0.1
+    divergence_samples: int = 10
+
+
+Measure = Callable[[nn.Module, LossFn, list[Batch], MeasureOptions], dict[str, Any]]
+
+
+def _loss(model: nn.Module, loss_fn: LossFn, data: list[Batch], o: MeasureOptions) -> dict[str, Any]:
+    with eval_mode(model):
+        return {"loss": evaluate_at(model, loss_fn, data, trainable_params(model))[0]}
+
+
+def _trace(model: nn.Module, loss_fn: LossFn, data: list[Batch], o: MeasureOptions) -> dict[str, Any]:
+    est = hessian_trace(model, loss_fn, data, o.matvecs, "hutchinson", seed=o.seed)
+    return {"hessian_trace": est.value, "hessian_trace_stderr": est.stderr,
+            "hessian_trace_matvecs": est.num_samples}
+
+
+def _hutchpp(model: nn.Module, loss_fn: LossFn, data: list[Batch], o: MeasureOptions) -> dict[str, Any]:
+    est = hessian_trace(model, loss_fn, data, max(3, o.matvecs), "hutch++", seed=o.seed)
+    return {"hessian_trace_hutchpp": est.value, "hessian_trace_hutchpp_stderr": est.stderr}
+
+
+def _sq_trace(model: nn.Module, loss_fn: LossFn, data: list[Batch], o: MeasureOptions) -> dict[str, Any]:
+    est = hessian_sq_trace(model, loss_fn, data, o.matvecs, seed=o.seed)
+    return {"hessian_sq_trace": est.value, "hessian_sq_trace_stderr": est.stderr}
+
+
+def _eigen(model: nn.Module, loss_fn: LossFn, data: list[Batch], o: MeasureOptions) -> dict[str, Any]:
+    spec = top_eigenvalues(model, loss_fn, data, o.k, tol=o.eigen_tol, seed=o.seed)
+    return spec.as_dict()
+
+
+def _last_layer(model: nn.Module, loss_fn: LossFn, data: list[Batch], o: MeasureOptions) -> dict[str, Any]:
+    name, params = last_layer(model)
+    spec = top_eigenvalues(model, loss_fn, data, 1, params=params, tol=o.eigen_tol, seed=o.seed)
+    return {"last_layer_lambda_max": spec.lambda_max, "last_layer": name}
+
+
+def _eps(model: nn.Module, loss_fn: LossFn, data: list[Batch], o: MeasureOptions) -> dict[str, Any]:
+    s = eps_sharpness(model, loss_fn, data, o.eps, "box", steps=o.sharpness_steps, seed=o.seed)
+    return {"eps_sharpness": s.value, "eps_sharpness_keskar": s.keskar, "eps_sharpness_eps": s.eps}
+
+
+def _adaptive(model: nn.Module, loss_fn: LossFn, data: list[Batch], o: MeasureOptions) -> dict[str, Any]:
+    s = adaptive_sharpness(model, loss_fn, data, o.adaptive_eps, steps=o.sharpness_steps, seed=o.seed)
+    return {"adaptive_sharpness": s.value, "adaptive_sharpness_eps": s.eps}
+
+
+def _noise(model: nn.Module, loss_fn: LossFn, data: list[Batch], o: MeasureOptions) -> dict[str, Any]:
+    r = noisy_loss(model, loss_fn, data, o.sigma, o.noise_samples, seed=o.seed)
+    return {"noise_loss": r.mean, "noise_loss_stderr": r.stderr, "noise_loss_ci": [r.ci_low, r.ci_high],
+            "noise_loss_increase": r.increase, "noise_sigma": r.sigma}
+
+
+def _fisher(model: nn.Module, loss_fn: LossFn, data: list[Batch], o: MeasureOptions) -> dict[str, Any]:
+    est = fisher_trace(model, loss_fn, data)
+    return {"fisher_trace": est.value, "fisher_trace_stderr": est.stderr}
+
+
+def _divergence(model: nn.Module, loss_fn: LossFn, data: list[Batch], o: MeasureOptions) -> dict[str, Any]:
+    est = model_divergence(model, data, o.divergence_eps, o.divergence_samples, seed=o.seed)
+    return {"model_divergence": est.value, "model_divergence_stderr": est.stderr,
+            "model_divergence_eps": o.divergence_eps}
+
+
+MEASURES: dict[str, Measure] = {
+    "loss": _loss,
+    "hessian_trace": _trace,
+    "hutchpp_trace": _hutchpp,
+    "hessian_sq_trace": _sq_trace,
+    "lambda_max": _eigen,
+    "last_layer_lambda_max": _last_layer,
+    "eps_sharpness": _eps,
+    "adaptive_sharpness": _adaptive,
+    "noise_loss": _noise,
+    "fisher_trace": _fisher,
+    "model_divergence": _divergence,
+}
+"""Measure names → functions returning their JSON keys (``lambda_max`` also gives the top-k)."""
+
+DEFAULT_MEASURES: tuple[str, ...] = (
+    "loss", "hessian_trace", "hessian_sq_trace", "lambda_max", "last_layer_lambda_max",
+    "eps_sharpness", "fisher_trace",
+)
+
+
+def compute_measures(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Iterable[tuple[Any, Any]],
+    measures: Sequence[str] = DEFAULT_MEASURES,
+    options: MeasureOptions | None = None,
+    *,
+    timings: bool = False,
+) -> dict[str, Any]:
+    """Run the named measures on the same data; one flat dict of their results.
+
+    With ``timings``, ``seconds_<name>`` keys give each measure's wall time.
+    """
+    unknown = [m for m in measures if m not in MEASURES]
+    if unknown:
+        raise FlatnessError(f"unknown measure(s) {unknown}; expected some of {sorted(MEASURES)}")
+    options = options or MeasureOptions()
+    data = collect_batches(batches)
+    out: dict[str, Any] = {}
+    for name in dict.fromkeys(measures):  # keep order, drop repeats
+        start = time.perf_counter()
+        out.update(MEASURES[name](model, loss_fn, data, options))
+        if timings:
+            out[f"seconds_{name}"] = time.perf_counter() - start
+    return out
+
+
+def final_measures(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Iterable[tuple[Any, Any]],
+    seed: int = 0,
+    *,
+    matvecs: int = 30,
+) -> dict[str, float]:
+    """The cheap end-of-run set: ``loss``, ``lambda_max``, ``hessian_trace`` (+ ``_stderr``),
+    ``fisher_trace``. λ_max to 1e-3 relative, Tr(H) by Hutchinson with ``matvecs`` products.
+    """
+    data = collect_batches(batches)
+    with eval_mode(model):
+        loss = evaluate_at(model, loss_fn, data, trainable_params(model))[0]
+    spec = top_eigenvalues(model, loss_fn, data, 1, tol=1e-3, seed=seed)
+    trace = hessian_trace(model, loss_fn, data, matvecs, seed=seed)
+    fisher = fisher_trace(model, loss_fn, data)
+    return {
+        "loss": loss,
+        "lambda_max": spec.lambda_max,
+        "hessian_trace": trace.value,
+        "hessian_trace_stderr": trace.stderr,
+        "fisher_trace": fisher.value,
+    }
