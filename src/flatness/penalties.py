@@ -35,7 +35,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .hutchinson import Distribution, check_distribution, sq_trace_samples
+from . import layerwise
+from .hutchinson import Distribution, check_distribution, sq_trace
 from .utils import batch_size, call_model, eval_mode, take_first
 
 __all__ = ["FlatnessPenalty", "NonFiniteCurvatureError"]
@@ -64,6 +65,10 @@ class FlatnessPenalty:
         on_nonfinite: ``"raise"`` (default) a :class:`NonFiniteCurvatureError`, or ``"skip"``:
             warn and return zero for that step.
         params: the parameters to penalise (default: all of ``model``'s trainable ones).
+        backend: ``"auto"`` (default) uses the closed-form layer-wise estimator
+            (:mod:`flatness.layerwise`) when the model is a supported stack of Linear layers and
+            activations, else generic double backward (``"autograd"``); both give the same
+            estimate for the same probes. ``"layerwise"`` insists on the closed form.
 
     After a curvature pass, ``last_sq_trace`` holds the Tr(H²) estimate (a float) and
     ``last_penalty`` the value added to the loss.
@@ -84,6 +89,7 @@ class FlatnessPenalty:
         eval_during_curvature: bool = True,
         on_nonfinite: Literal["raise", "skip"] = "raise",
         params: Sequence[Tensor] | None = None,
+        backend: Literal["auto", "autograd", "layerwise"] = "auto",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -103,6 +109,11 @@ class FlatnessPenalty:
                 raise ValueError(f"a fractional sub_batch must be in (0, 1], got {sub_batch}")
             if isinstance(sub_batch, int) and sub_batch < 1:
                 raise ValueError(f"sub_batch must be >= 1, got {sub_batch}")
+        if backend not in ("auto", "autograd", "layerwise"):
+            raise ValueError(f"backend must be 'auto', 'autograd' or 'layerwise', got {backend!r}")
+        if backend == "layerwise" and params is not None:
+            raise ValueError("backend='layerwise' penalises all of the model's parameters: drop params")
+        self.backend = backend
         self.model = model
         self.loss_fn = loss_fn
         self.lam = float(lam)
@@ -154,11 +165,19 @@ class FlatnessPenalty:
         cx, cy = self._curvature_batch(x, y)
         ctx = eval_mode(self.model) if self.eval_during_curvature else contextlib.nullcontext()
         with ctx:
-            loss = self.loss_fn(call_model(self.model, cx), cy)
-            values = sq_trace_samples(
-                loss, params, self.probes, self.dist, generator=self.generator, create_graph=True
-            )
-        estimate = values.mean()
+            if self.backend == "layerwise" or (
+                self.backend == "auto" and self._params is None and layerwise.supports(self.model, cx)
+            ):
+                estimate = layerwise.layerwise_sq_trace(
+                    self.model, self.loss_fn, cx, cy, self.probes, self.dist,
+                    generator=self.generator,
+                )
+            else:
+                loss = self.loss_fn(call_model(self.model, cx), cy)
+                estimate = sq_trace(
+                    loss, params, self.probes, self.dist, generator=self.generator,
+                    create_graph=True,
+                )
         value = float(estimate.detach())
         if not math.isfinite(value):
             message = (
