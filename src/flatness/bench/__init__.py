@@ -11,7 +11,7 @@ import statistics
 import time
 from collections.abc import Callable
 
-BENCH_MODULES: tuple[str, ...] = ("flatness.bench.overhead",)
+BENCH_MODULES: tuple[str, ...] = ("flatness.bench.overhead", "flatness.bench.methods")
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:

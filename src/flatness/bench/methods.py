@@ -1,0 +1,151 @@
+"""``flatness bench methods``: step time of every training method relative to a plain step.
+
+The paper's CIFAR-100 MLP shape (3072-512-256-100, ReLU, dropout 0.3), B = 128, Adam, synthetic
+data; all methods are timed in one process, in interleaved rounds, through the same
+``Method.step`` the training loop calls. Reported: the plain step's median time and, for each
+method, its median step time and the ratio to plain:
+
+- ``sam_ratio`` (ρ = 0.05), ``gnp_ratio`` (finite-difference form), ``gnp_exact_ratio``
+  (double backward), ``curvature_ratio`` (per-layer closed form, Geng et al. eq. 12),
+  ``nrs_ratio`` (ε = 0.1, α = 1), ``rpr_ratio`` and ``fa_m1_ratio`` (FA, one probe, every step);
+- with ``--vmap``, ``curvature_vmap_ratio``: the generic per-example fallback;
+- with ``--profile``, the top operators of one curvature step and one plain step
+  (``torch.profiler``), to show where the curvature step's time goes.
+
+The issue's targets are ``curvature_ratio`` <= 1.5, ``sam_ratio`` <= 2.1, ``gnp_ratio`` <= 2.1
+and ``nrs_ratio`` <= 2.2; ``targets_met`` says whether this run met them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..methods import make_method
+from ..models import mlp
+from . import print_result, time_interleaved
+
+__all__ = ["run_methods_bench", "TARGETS", "add_cli"]
+
+TARGETS: dict[str, float] = {
+    "curvature_ratio": 1.5,
+    "sam_ratio": 2.1,
+    "gnp_ratio": 2.1,
+    "nrs_ratio": 2.2,
+}
+
+# name in the report -> (method, hyper-parameters)
+CASES: dict[str, tuple[str, dict[str, object]]] = {
+    "plain": ("none", {}),
+    "sam": ("sam", {"rho": 0.05}),
+    "gnp": ("gnp", {"rho": 0.05, "form": "fd"}),
+    "gnp_exact": ("gnp", {"rho": 0.05, "form": "exact"}),
+    "curvature": ("curvature", {"alpha": 0.01, "impl": "linear"}),
+    "nrs": ("nrs", {"eps": 0.1, "alpha": 1.0, "seed": 0}),
+    "rpr": ("rpr", {"eps": 0.1, "seed": 0}),
+    "fa_m1": ("fa", {"lam": 0.01, "probes": 1, "every": 1, "seed": 0}),
+}
+
+
+def _profile(step: Callable[[], None], rows: int = 12) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def run_methods_bench(
+    batch: int = 128,
+    steps: int = 24,
+    rounds: int = 4,
+    threads: int | None = None,
+    seed: int = 0,
+    quick: bool = False,
+    vmap: bool = False,
+    profile: bool = False,
+) -> dict[str, object]:
+    """Run the benchmark and return the figures (milliseconds, ratios, targets_met)."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    in_dim, hidden, classes = (3072, (512, 256), 100) if not quick else (64, (32, 16), 10)
+    base = mlp(in_dim, classes, hidden, dropout=0.3)
+    loss_fn = nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, in_dim, generator=gen)
+    y = torch.randint(0, classes, (batch,), generator=gen)
+
+    def method_case(name: str, hp: dict[str, object]) -> Callable[[], None]:
+        model = copy.deepcopy(base).train()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        method = make_method(name, model, loss_fn, **hp)
+        return lambda: method.step(x, y, opt) and None
+
+    cases = {label: method_case(name, hp) for label, (name, hp) in CASES.items()}
+    if vmap:
+        cases["curvature_vmap"] = method_case("curvature", {"alpha": 0.01, "impl": "vmap"})
+    per_round = max(1, steps // rounds)
+    ms = time_interleaved(cases, rounds=rounds, reps_per_round=per_round)
+    plain = ms["plain"]
+    result: dict[str, object] = {
+        "plain_ms": plain,
+        "batch": batch,
+        "steps_timed_per_case": rounds * per_round,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+    }
+    for label, value in ms.items():
+        if label != "plain":
+            result[f"{label}_ms"] = value
+            result[f"{label}_ratio"] = value / plain
+    result["targets_met"] = all(float(result[k]) <= v for k, v in TARGETS.items())  # type: ignore[arg-type]
+    if profile:
+        result["profile_curvature"] = _profile(cases["curvature"])
+        result["profile_plain"] = _profile(cases["plain"])
+    return result
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    if args.steps < 1 or args.rounds < 1:
+        raise ValueError("--steps and --rounds must be >= 1")
+    if args.batch < 1:
+        raise ValueError("--batch must be >= 1")
+    result = run_methods_bench(
+        batch=args.batch,
+        steps=args.steps,
+        rounds=args.rounds,
+        threads=args.threads,
+        quick=args.quick,
+        vmap=args.vmap,
+        profile=args.profile,
+    )
+    if args.json:  # profiles, if asked for, travel inside the JSON object as strings
+        print_result(result, True, "")
+        return 0
+    tables = {k: result.pop(k) for k in ("profile_curvature", "profile_plain") if k in result}
+    print_result(result, False, "Training methods: median step time and ratio to a plain step")
+    for key, table in tables.items():
+        print(f"\n{key}:\n{table}")
+    return 0
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("methods", help="step time of each method vs a plain step (CIFAR-100 MLP)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--steps", type=int, default=24, help="timed steps per case")
+    p.add_argument("--rounds", type=int, default=4, help="interleaved timing rounds")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--quick", action="store_true", help="tiny model, for smoke tests")
+    p.add_argument("--vmap", action="store_true", help="also time the per-example vmap fallback")
+    p.add_argument("--profile", action="store_true", help="print a profile of a curvature step")
+    p.set_defaults(func=_cmd)

@@ -1,0 +1,133 @@
+r"""Perturb-and-restore of weights, and replay of the random stream, shared by the methods.
+
+SAM and the finite-difference gradient-norm penalty evaluate a gradient at
+:math:`\theta + \delta` and must put back :math:`\theta` exactly. :func:`perturbed` adds
+:math:`\delta` in place and restores bit-exact copies with ``copy_`` in a ``finally`` block, so
+no perturbed weight survives the step, also when the perturbed pass raises.
+
+A perturbed pass should see the same sub-network as the clean pass it is compared with (the
+same dropout mask): :class:`RandomReplay` snapshots the global random state before the clean
+pass and replays it for the perturbed pass inside :func:`torch.random.fork_rng`, after which
+the stream continues exactly as if the perturbed pass had drawn nothing.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from flatness.methods.perturb import perturbed, RandomReplay
+    >>> model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))
+    >>> x = torch.randn(3, 4)
+    >>> replay = RandomReplay.capture(model.parameters())
+    >>> clean = model(x)
+    >>> params = list(model.parameters())
+    >>> with perturbed(params, [torch.zeros_like(p) for p in params]), replay():
+    ...     again = model(x)
+    >>> torch.equal(clean, again)  # same weights, same dropout mask
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "trainable_parameters",
+    "global_norm",
+    "perturbed",
+    "RandomReplay",
+    "require_nonnegative",
+    "require_positive",
+]
+
+
+def trainable_parameters(model: nn.Module) -> list[Tensor]:
+    """The parameters of ``model`` that require grad (what a method perturbs and trains)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no parameters that require grad")
+    return params
+
+
+def global_norm(tensors: Iterable[Tensor | None]) -> Tensor:
+    """Euclidean norm of all tensors taken together as one vector (``None`` counts as zero)."""
+    norms = [torch.linalg.vector_norm(t) for t in tensors if t is not None]
+    if not norms:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+@contextlib.contextmanager
+def perturbed(params: Sequence[Tensor], deltas: Sequence[Tensor | None]) -> Iterator[None]:
+    """Run the body at ``params + deltas`` (in place), then restore the exact original values.
+
+    The originals are saved as copies and put back with ``copy_`` in ``finally``: restoration is
+    bit-exact (not ``p - delta``) and happens also when the body raises.
+    """
+    if len(params) != len(deltas):
+        raise ValueError(f"{len(params)} parameters but {len(deltas)} perturbations")
+    with torch.no_grad():
+        saved = [p.detach().clone() for p in params]
+    try:
+        with torch.no_grad():
+            for p, d in zip(params, deltas):
+                if d is not None:
+                    p.add_(d)
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+
+
+class RandomReplay:
+    """A snapshot of the global random state (CPU and the CUDA devices in use) to replay.
+
+    ``with replay(): ...`` runs its body with the random state set back to the snapshot, inside
+    :func:`torch.random.fork_rng`, so a second forward pass draws the same dropout mask as the
+    first, and the global stream afterwards is untouched by the body.
+    """
+
+    def __init__(self, cpu_state: Tensor, cuda_states: dict[int, Tensor]) -> None:
+        self.cpu_state = cpu_state
+        self.cuda_states = cuda_states
+
+    @classmethod
+    def capture(cls, tensors: Iterable[Tensor]) -> "RandomReplay":
+        """Snapshot the CPU state and that of every CUDA device holding one of ``tensors``."""
+        devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+        cuda = {i: torch.cuda.get_rng_state(i) for i in devices}
+        return cls(torch.get_rng_state(), cuda)
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with torch.random.fork_rng(devices=list(self.cuda_states)):
+            torch.set_rng_state(self.cpu_state)
+            for index, state in self.cuda_states.items():
+                torch.cuda.set_rng_state(state, index)
+            yield
+
+
+def _check_number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def require_nonnegative(name: str, value: object) -> float:
+    """``float(value)`` if it is a finite number >= 0, else a ``ValueError`` naming ``name``."""
+    number = _check_number(name, value)
+    if number < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return number
+
+
+def require_positive(name: str, value: object) -> float:
+    """``float(value)`` if it is a finite number > 0, else a ``ValueError`` naming ``name``."""
+    number = _check_number(name, value)
+    if number <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return number

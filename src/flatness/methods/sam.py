@@ -1,0 +1,199 @@
+r"""Sharpness-Aware Minimization (Foret et al., 2021), as a method and as an optimizer wrapper.
+
+SAM minimises the worst loss in a ρ-ball around the weights,
+
+.. math::
+
+    \min_\theta \max_{\lVert \epsilon \rVert \le \rho} L(\theta + \epsilon)
+    \approx \min_\theta L(\theta + \hat\epsilon), \qquad
+    \hat\epsilon = \rho \, \frac{T^2 g}{\lVert T g \rVert}, \quad g = \nabla L(\theta),
+
+with :math:`T = I` (SAM) or :math:`T = \operatorname{diag}(|\theta|)` (adaptive SAM, Kwon et
+al. 2021). One update: gradient at θ, ascend to θ + ε̂, gradient there, restore θ, and let
+the base optimizer step with the gradient taken at θ + ε̂ (two forward/backward passes).
+
+Dropout: :class:`SharpnessAware` reuses the clean pass's dropout mask for the perturbed pass
+(the random state is replayed), so both gradients belong to the same sub-network of the same
+mini-batch. The :class:`SAM` wrapper leaves that to the user's closure.
+
+Example (the method, behind the common interface):
+    >>> import torch
+    >>> from torch import nn
+    >>> from flatness.methods import make_method
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> sam = make_method("sam", model, nn.CrossEntropyLoss(), rho=0.05)
+    >>> info = sam.step(torch.randn(16, 4), torch.randint(0, 3, (16,)), opt)
+    >>> sorted(info)
+    ['loss', 'perturbed_loss']
+
+Example (the optimizer wrapper, in any training loop):
+    >>> from flatness.methods.sam import SAM
+    >>> opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    >>> nn.functional.cross_entropy(model(x), y).backward()
+    >>> opt.first_step(zero_grad=True)           # to θ + ε̂
+    >>> nn.functional.cross_entropy(model(x), y).backward()
+    >>> opt.second_step(zero_grad=True)          # back to θ, then the base optimizer's step
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .base import LossFn, Method, register_method
+from .perturb import RandomReplay, global_norm, perturbed, require_nonnegative, trainable_parameters
+
+__all__ = ["sam_perturbation", "SharpnessAware", "SAM"]
+
+_TINY = 1e-12  # keeps ε̂ finite when the gradient vanishes
+
+
+def sam_perturbation(
+    params: Sequence[Tensor], grads: Sequence[Tensor | None], rho: float, adaptive: bool = False
+) -> list[Tensor | None]:
+    """ε̂ = ρ·T²g/‖Tg‖ for each parameter (``None`` where its gradient is ``None``)."""
+    with torch.no_grad():
+        scaled = [g if g is None or not adaptive else p.abs() * g for p, g in zip(params, grads)]
+        scale = rho / (global_norm(scaled) + _TINY)
+        return [
+            None if g is None else (p.square() * g if adaptive else g) * scale.to(g.device)
+            for p, g in zip(params, grads)
+        ]
+
+
+@register_method
+class SharpnessAware(Method):
+    """``--method sam``: SAM around any torch optimizer; ``rho`` (ρ >= 0) is swept.
+
+    Args:
+        rho: radius ρ of the neighbourhood; ``rho=0`` gives plain training at twice the cost.
+        adaptive: adaptive SAM (ε̂ scaled by |θ|, which wants larger ρ, e.g. 0.5–2).
+    """
+
+    name = "sam"
+    hparam = "rho"
+    default_grid: tuple[float, ...] = (0.01, 0.05, 0.1)
+
+    def __init__(
+        self, model: nn.Module, loss_fn: LossFn, rho: float = 0.05, adaptive: bool = False
+    ) -> None:
+        super().__init__(model, loss_fn)
+        self.rho = require_nonnegative("rho (ρ)", rho)
+        self.adaptive = bool(adaptive)
+
+    def step(self, x: Any, y: Any, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        params = trainable_parameters(self.model)
+        optimizer.zero_grad(set_to_none=True)
+        replay = RandomReplay.capture(params)
+        loss = self.task_loss(x, y)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        epsilon = sam_perturbation(params, grads, self.rho, self.adaptive)
+        with perturbed(params, epsilon), replay():
+            perturbed_loss = self.task_loss(x, y)
+            perturbed_loss.backward()  # the gradient at θ + ε̂ lands in .grad
+        optimizer.step()
+        return {"loss": float(loss.detach()), "perturbed_loss": float(perturbed_loss.detach())}
+
+    def __repr__(self) -> str:
+        return f"SharpnessAware(rho={self.rho}, adaptive={self.adaptive})"
+
+
+class SAM(torch.optim.Optimizer):
+    """SAM as a wrapper around any optimizer class, for use in any training loop.
+
+    ``first_step()`` moves every parameter with a gradient to θ + ε̂ (saving θ), the user then
+    computes the loss and gradient again, and ``second_step()`` restores θ exactly and lets the
+    base optimizer step. ``step(closure)`` does all three, with ``closure`` recomputing the
+    loss and calling ``backward()``; if the closure raises, θ is restored before the error
+    propagates. The math is :func:`sam_perturbation`, shared with :class:`SharpnessAware`.
+
+    Args:
+        params: parameters or parameter groups, as for any optimizer.
+        base_optimizer_cls: e.g. ``torch.optim.SGD``; built on the same parameter groups.
+        rho: radius ρ >= 0.
+        adaptive: adaptive SAM.
+        **kwargs: the base optimizer's arguments (``lr=...``, ``momentum=...``).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        base_optimizer_cls: type[torch.optim.Optimizer],
+        rho: float = 0.05,
+        adaptive: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        self.rho = require_nonnegative("rho (ρ)", rho)
+        self.adaptive = bool(adaptive)
+        super().__init__(params, dict(kwargs))
+        self.base_optimizer = base_optimizer_cls(self.param_groups, **kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+        self._origin: list[tuple[Tensor, Tensor]] | None = None
+
+    def _params_with_grad(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Move to θ + ε̂ using the gradients now in ``.grad``; θ is kept for ``second_step``."""
+        if self._origin is not None:
+            raise RuntimeError("first_step() called twice without second_step() or restore()")
+        params = self._params_with_grad()
+        if not params:
+            raise RuntimeError("no parameter has a gradient: call backward() before first_step()")
+        epsilon = sam_perturbation(params, [p.grad for p in params], self.rho, self.adaptive)
+        self._origin = [(p, p.detach().clone()) for p in params]
+        for p, e in zip(params, epsilon):
+            p.add_(e)
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put back the exact θ saved by ``first_step`` (no-op if not perturbed)."""
+        if self._origin is None:
+            return
+        for p, saved in self._origin:
+            p.copy_(saved)
+        self._origin = None
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore θ, then the base optimizer's step with the gradient taken at θ + ε̂."""
+        if self._origin is None:
+            raise RuntimeError("second_step() called without first_step()")
+        self.restore()
+        self.base_optimizer.step()
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:  # type: ignore[override]
+        """One SAM update; ``.grad`` must hold the gradient at θ, ``closure`` recomputes it."""
+        if closure is None:
+            raise RuntimeError(
+                "SAM.step needs a closure that recomputes the loss and calls backward(); "
+                "or call first_step() and second_step() yourself"
+            )
+        self.first_step(zero_grad=True)
+        try:
+            with torch.enable_grad():
+                loss = closure()
+        except BaseException:
+            self.restore()
+            raise
+        self.second_step()
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state (momentum etc.); SAM itself keeps none between steps."""
+        return self.base_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.base_optimizer.load_state_dict(state_dict)
+        self.param_groups = self.base_optimizer.param_groups

@@ -1,0 +1,160 @@
+"""Curvature regularization: the per-layer closed form (Geng et al. eq. 12) equals the vmap
+per-example fallback and a plain loop over examples, in value and in gradient."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from flatness.methods import make_method
+from flatness.methods.curvature import (
+    ClosedFormUnavailable,
+    linear_sq_grad_norms,
+    per_example_sq_grad_norms,
+    vmap_sq_grad_norms,
+)
+from helpers import tiny_batch, tiny_mlp
+
+CE = nn.CrossEntropyLoss()
+
+
+def _loop_sq_grad_norms(model, x, y):
+    """‖∇θ ℓ_i‖² one example at a time, with a graph (the obvious, slow reference)."""
+    params = list(model.parameters())
+    out = []
+    for i in range(x.shape[0]):
+        grads = torch.autograd.grad(CE(model(x[i : i + 1]), y[i : i + 1]), params, create_graph=True)
+        out.append(sum((g * g).sum() for g in grads))
+    return torch.stack(out)
+
+
+def _penalty_grad(model, sq):
+    return torch.autograd.grad(sq.mean(), list(model.parameters()))
+
+
+def relu_mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 4)
+    ).double()
+
+
+@pytest.mark.parametrize("make_model", [tiny_mlp, relu_mlp])
+def test_closed_form_equals_vmap_and_loop_in_value_and_gradient(make_model):
+    model = make_model()
+    d_in = model[0].in_features
+    d_out = model[-1].out_features
+    x, y = tiny_batch(n=9, d_in=d_in, d_out=d_out)
+    loss_c, sq_c = linear_sq_grad_norms(model, CE, x, y)
+    loss_v, sq_v = vmap_sq_grad_norms(model, CE, x, y)
+    sq_loop = _loop_sq_grad_norms(model, x, y)
+    torch.testing.assert_close(sq_c, sq_v, rtol=1e-6, atol=0)
+    torch.testing.assert_close(sq_c, sq_loop, rtol=1e-10, atol=0)
+    torch.testing.assert_close(loss_c, loss_v, rtol=1e-12, atol=0)
+    for a, b in zip(_penalty_grad(model, sq_c), _penalty_grad(model, sq_v)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
+
+
+def test_method_step_follows_the_gradient_of_loss_plus_alpha_mean_sq_norm():
+    model = relu_mlp()
+    x, y = tiny_batch(n=9, d_in=5, d_out=4)
+    alpha = 0.7
+    total = CE(model(x), y) + alpha * _loop_sq_grad_norms(model, x, y).mean()
+    expected = torch.autograd.grad(total, list(model.parameters()))
+    method = make_method("curvature", model, CE, alpha=alpha)
+    info = method.step(x, y, torch.optim.SGD(model.parameters(), lr=0.0))
+    assert method.last_impl == "linear"
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)
+    assert info["penalty"] == pytest.approx(alpha * info["mean_sq_grad_norm"], rel=1e-12)
+
+
+class Gain(nn.Module):
+    """A parametrised module that is not nn.Linear: the closed form does not cover it."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, d, dtype=torch.float64))
+
+    def forward(self, x):
+        return x * self.gain
+
+
+def test_auto_falls_back_to_vmap_for_other_parametrised_modules():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), Gain(4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = tiny_batch()
+    with pytest.raises(ClosedFormUnavailable):
+        linear_sq_grad_norms(model, CE, x, y)
+    _, sq, used = per_example_sq_grad_norms(model, CE, x, y, impl="auto")
+    assert used == "vmap"
+    torch.testing.assert_close(sq, _loop_sq_grad_norms(model, x, y), rtol=1e-10, atol=0)
+    method = make_method("curvature", model, CE, alpha=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(RuntimeWarning, match="vmap"):
+        method.step(x, y, opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once, then vmap directly
+        method.step(x, y, opt)
+    assert method.impl == "vmap" and method.last_impl == "vmap"
+
+
+def test_a_linear_layer_used_twice_is_not_given_the_closed_form():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.inner(torch.tanh(self.inner(x)))
+
+    torch.manual_seed(0)
+    model = Twice().double()
+    x, y = tiny_batch()
+    with pytest.raises(ClosedFormUnavailable, match="2 times"):
+        linear_sq_grad_norms(model, CE, x, y)
+    _, sq, used = per_example_sq_grad_norms(model, CE, x, y)
+    assert used == "vmap"
+    torch.testing.assert_close(sq, _loop_sq_grad_norms(model, x, y), rtol=1e-10, atol=0)
+    assert not model.inner._forward_hooks
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("layout", ["csr", "coo"])
+def test_sparse_inputs_give_the_same_closed_form_as_dense(layout):
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3).double()
+    x, y = tiny_batch(n=5, d_in=6)
+    x = x.clamp_min(0)  # some exact zeros
+    sparse = x.to_sparse_csr() if layout == "csr" else x.to_sparse()
+    _, dense_sq = linear_sq_grad_norms(model, CE, x, y)
+    _, sparse_sq = linear_sq_grad_norms(model, CE, sparse, y)
+    torch.testing.assert_close(sparse_sq, dense_sq, rtol=1e-12, atol=0)
+    grads = []
+    for inputs in (x, sparse):  # a whole training step on sparse inputs, same gradient
+        model.zero_grad()
+        make_method("curvature", model, CE, alpha=0.5).step(
+            inputs, y, torch.optim.SGD(model.parameters(), lr=0.0)
+        )
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_sum_reduction_and_unreduced_losses():
+    model = tiny_mlp()
+    x, y = tiny_batch()
+    _, mean_sq = linear_sq_grad_norms(model, CE, x, y)
+    _, sum_sq = linear_sq_grad_norms(model, nn.CrossEntropyLoss(reduction="sum"), x, y)
+    torch.testing.assert_close(sum_sq, mean_sq, rtol=1e-12, atol=0)  # per-example: same ℓ_i
+    with pytest.raises(ValueError, match="reduction|scalar"):
+        linear_sq_grad_norms(model, nn.CrossEntropyLoss(reduction="none"), x, y)
+
+
+def test_linear_impl_refuses_models_it_does_not_cover():
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 3)).double()
+    x, y = tiny_batch()
+    method = make_method("curvature", model, CE, alpha=0.1, impl="linear")
+    with pytest.raises(ClosedFormUnavailable, match="nn.Linear"):
+        method.step(x, y, torch.optim.SGD(model.parameters(), lr=0.1))

@@ -1,0 +1,170 @@
+"""Contract shared by every training method: one optimizer step, exact state restoration
+(also when a step raises midway), validated hyper-parameters, a default grid, and training."""
+
+import pytest
+import torch
+from torch import nn
+
+from flatness.methods import METHODS, make_method, method_hparam
+from helpers import tiny_batch
+
+CE = nn.CrossEntropyLoss()
+
+# method -> hyper-parameters for a quick step on the tiny model
+SETTINGS = {
+    "none": {},
+    "fa": {"lam": 0.1, "probes": 2, "seed": 0},
+    "sam": {"rho": 0.1},
+    "gnp": {"rho": 0.1},
+    "gnp_exact": {"rho": 0.1, "form": "exact"},
+    "curvature": {"alpha": 0.1},
+    "curvature_vmap": {"alpha": 0.1, "impl": "vmap"},
+    "nrs": {"eps": 0.5, "seed": 0},
+    "rpr": {"eps": 0.5, "seed": 0},
+}
+NEW_METHODS = ("sam", "gnp", "curvature", "nrs", "rpr")
+
+
+def _method(label: str, model: nn.Module, loss_fn=CE):
+    name = label.split("_")[0] if label not in METHODS else label
+    return make_method(name, model, loss_fn, **SETTINGS[label])
+
+
+class Scaled(nn.Module):
+    """A module with a buffer, so restoration of buffers is checked too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(1.5, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+def buffered_mlp(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Linear(3, 5), nn.Tanh(), nn.Dropout(0.3), Scaled(), nn.Linear(5, 3)
+    ).double()
+    model[1].eval()  # a mixed-mode model: each flag must come back as it was
+    return model
+
+
+class CountingSGD(torch.optim.SGD):
+    def __init__(self, params, lr: float) -> None:
+        super().__init__(params, lr=lr)
+        self.steps = 0
+
+    def step(self, closure=None):
+        self.steps += 1
+        return super().step(closure)
+
+
+def _snapshot(model: nn.Module):
+    return (
+        [t.detach().clone() for t in model.parameters()],
+        [t.detach().clone() for t in model.buffers()],
+        [m.training for m in model.modules()],
+    )
+
+
+@pytest.mark.parametrize("label", list(SETTINGS))
+def test_step_calls_optimizer_step_once_and_keeps_modes(label):
+    model = buffered_mlp()
+    before = _snapshot(model)
+    opt = CountingSGD(model.parameters(), lr=0.1)
+    x, y = tiny_batch(n=8)
+    info = _method(label, model).step(x, y, opt)
+    assert opt.steps == 1
+    assert isinstance(info["loss"], float) and all(isinstance(v, float) for v in info.values())
+    params, buffers, modes = _snapshot(model)
+    assert modes == before[2]
+    assert all(torch.equal(a, b) for a, b in zip(buffers, before[1]))
+    assert any(not torch.equal(a, b) for a, b in zip(params, before[0]))  # it did train
+    assert not model._forward_hooks and not any(m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("label", [k for k in SETTINGS if k not in ("none", "fa")])
+@pytest.mark.parametrize("fail_at", [1, 2])
+def test_exception_mid_step_leaves_weights_buffers_and_modes_exactly(label, fail_at):
+    """The model raises on its ``fail_at``-th forward (the perturbed pass when that is 2)."""
+    model = buffered_mlp()
+    calls = {"n": 0}
+
+    def bomb(module, inputs):
+        calls["n"] += 1
+        if calls["n"] == fail_at:
+            raise RuntimeError("boom")
+
+    before = _snapshot(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    method = _method(label, model)
+    x, y = tiny_batch(n=8)
+    handle = model[4].register_forward_pre_hook(bomb)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            for _ in range(3):  # single-forward methods never reach call 2: allow a few steps
+                method.step(x, y, opt)
+                before = _snapshot(model)  # a step that completed may change the weights
+    finally:
+        handle.remove()
+    params, buffers, modes = _snapshot(model)
+    assert all(torch.equal(a, b) for a, b in zip(params, before[0]))
+    assert all(torch.equal(a, b) for a, b in zip(buffers, before[1]))
+    assert modes == before[2]
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+BAD = [
+    ("sam", "rho", -0.1),
+    ("gnp", "rho", -1.0),
+    ("gnp", "fd_radius", 0.0),
+    ("curvature", "alpha", -0.5),
+    ("nrs", "eps", -0.1),
+    ("nrs", "alpha", -1.0),
+    ("rpr", "eps", -0.2),
+    ("sam", "rho", float("nan")),
+    ("curvature", "alpha", "0.1"),
+]
+
+
+@pytest.mark.parametrize("name,param,value", BAD)
+def test_bad_hyperparameters_raise_a_clear_error(name, param, value):
+    with pytest.raises(ValueError, match=param):
+        make_method(name, nn.Linear(2, 2), CE, **{param: value})
+
+
+def test_bad_choices_raise_a_clear_error():
+    with pytest.raises(ValueError, match="form"):
+        make_method("gnp", nn.Linear(2, 2), CE, form="spectral")
+    with pytest.raises(ValueError, match="impl"):
+        make_method("curvature", nn.Linear(2, 2), CE, impl="loop")
+
+
+@pytest.mark.parametrize("name", NEW_METHODS)
+def test_registry_hparam_and_default_grid(name):
+    cls = METHODS[name]
+    hparam = method_hparam(name)
+    assert hparam in {"rho", "alpha", "eps"}
+    grid = cls.default_grid
+    assert len(grid) >= 2 and all(v > 0 for v in grid)
+    for value in grid:  # every grid value is accepted
+        make_method(name, nn.Linear(2, 2), CE, **{hparam: value})
+
+
+@pytest.mark.parametrize("label", [k for k in SETTINGS if k != "fa"])
+def test_each_method_fits_a_small_problem(label):
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).double()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g, dtype=torch.float64)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    opt = torch.optim.Adam(model.parameters(), lr=0.03)
+    method = _method(label, model)
+    with torch.no_grad():
+        start = float(CE(model(x), y))
+    for _ in range(40):
+        method.step(x, y, opt)
+    with torch.no_grad():
+        assert float(CE(model(x), y)) < 0.6 * start
+
