@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from . import layerwise
 from .hutchinson import Distribution, check_distribution, sq_trace
-from .utils import batch_size, call_model, eval_mode, take_first
+from .utils import batch_size, call_model, eval_mode, take_first, unwrap
 
 __all__ = ["FlatnessPenalty", "NonFiniteCurvatureError"]
 
@@ -115,6 +115,10 @@ class FlatnessPenalty:
             raise ValueError("backend='layerwise' penalises all of the model's parameters: drop params")
         self.backend = backend
         self.model = model
+        # Under DDP the curvature pass runs on the wrapped module: it is built out of place with
+        # autograd.grad(create_graph=True) on the local batch, and the one ordinary backward() of
+        # task loss + penalty is what DDP all-reduces (it does not synchronise grads of grads).
+        self.local_model = unwrap(model)
         self.loss_fn = loss_fn
         self.lam = float(lam)
         self.probes = probes
@@ -166,14 +170,16 @@ class FlatnessPenalty:
         ctx = eval_mode(self.model) if self.eval_during_curvature else contextlib.nullcontext()
         with ctx:
             if self.backend == "layerwise" or (
-                self.backend == "auto" and self._params is None and layerwise.supports(self.model, cx)
+                self.backend == "auto"
+                and self._params is None
+                and layerwise.supports(self.local_model, cx)
             ):
                 estimate = layerwise.layerwise_sq_trace(
-                    self.model, self.loss_fn, cx, cy, self.probes, self.dist,
+                    self.local_model, self.loss_fn, cx, cy, self.probes, self.dist,
                     generator=self.generator,
                 )
             else:
-                loss = self.loss_fn(call_model(self.model, cx), cy)
+                loss = self.loss_fn(call_model(self.local_model, cx), cy)
                 estimate = sq_trace(
                     loss, params, self.probes, self.dist, generator=self.generator,
                     create_graph=True,

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "FlatnessError",
+    "unwrap",
     "module_modes",
     "restore_modes",
     "preserved_mode",
@@ -24,6 +25,19 @@ __all__ = [
 
 class FlatnessError(Exception):
     """A user-facing error: the CLI prints its message as one line and exits non-zero."""
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel / DataParallel wrapper (else ``model``).
+
+    Out-of-place passes (curvature, perturbations, torch.func transforms) run on it, so that
+    DDP's reducer sees exactly one forward/backward per step.
+    """
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while isinstance(model, (DistributedDataParallel, DataParallel)):
+        model = model.module
+    return model
 
 
 def module_modes(model: nn.Module) -> list[bool]:
