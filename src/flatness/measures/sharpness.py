@@ -14,9 +14,9 @@ sharpness unchanged (with η = 0), which plain ε-sharpness is not. Keskar's exa
 ``100 · S / (1 + L)`` is :attr:`Sharpness.keskar`.
 
 The maximum is sought by ``steps`` projected ascent steps in u (sign of the gradient for the box,
-the normalised gradient for the ball, each of size 2.5ε/steps), from a seeded random point of
-the region so that the ascent moves even at an exact critical point; the largest loss seen is
-kept. It is a lower bound of the true maximum. The model is evaluated with
+the normalised gradient for the ball, each of size 2.5ε/steps), starting from the maximiser of
+the linearised loss (a seeded random point of the region at an exact critical point, or with
+``random_start``); the largest loss seen is kept. It is a lower bound of the true maximum. The model is evaluated with
 ``torch.func.functional_call`` at θ + δ: its own weights are never written to.
 
 Example:
@@ -82,7 +82,7 @@ def eps_sharpness(
     eta: float = 0.0,
     steps: int = 20,
     step_size: float | None = None,
-    random_start: bool = True,
+    random_start: bool = False,
     seed: int | None = 0,
     params: Iterable[Tensor] | None = None,
 ) -> Sharpness:
@@ -96,7 +96,8 @@ def eps_sharpness(
         eta: η >= 0 of the adaptive scale (Keskar's region: ``adaptive=True, eta=1``).
         steps: ascent steps (each one forward and backward pass over all batches).
         step_size: step in u (default 2.5ε/steps).
-        random_start: start from a random point of the region (else from δ = 0).
+        random_start: start from a random point of the region (default: from the maximiser
+            of the linearised loss, ε·sign(g) for the box and ε·g/‖g‖ for the ball).
         seed: seed of the random start.
         params: perturb only these parameters (default: all trainable ones).
     """
@@ -122,32 +123,48 @@ def eps_sharpness(
         norm = float(_global_norm(u))
         return [t * (eps / norm) for t in u] if norm > eps else u
 
-    if random_start:
-        noise = [torch.rand(p.shape, generator=gen, dtype=p.dtype).to(p.device) for p in theta]
-        if region == "box":
-            u = [(2 * t - 1) * eps for t in noise]
-        else:  # uniform in the ball: Gaussian direction, radius ε·U^(1/P)
-            direction = [torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) for p in theta]
-            dim = sum(p.numel() for p in theta)
-            radius = eps * float(torch.rand((), generator=gen)) ** (1.0 / dim)
-            norm = float(_global_norm(direction))
-            u = [d * (radius / norm) for d in direction]
-    else:
-        u = [torch.zeros_like(p) for p in theta]
-
     def at(u: list[Tensor]) -> dict[str, Tensor]:
         return {n: t + c * d for n, t, c, d in zip(names, theta, scale, u)}
 
+    def loss_and_grad(u: list[Tensor]) -> tuple[float, list[Tensor]]:
+        u = [t.detach().requires_grad_(True) for t in u]
+        total = 0.0
+        for b in data:
+            loss = b.weight * loss_fn(call_at(model, at(u), b.x), b.y)
+            loss.backward()  # gradients accumulate in u only: θ is detached
+            total += float(loss.detach())
+        return total, [t.grad if t.grad is not None else torch.zeros_like(t) for t in u]
+
+    def ascent_step(u: list[Tensor], grads: list[Tensor], size: float) -> list[Tensor] | None:
+        if region == "box":
+            return project([t + size * g.sign() for t, g in zip(u, grads)])
+        gnorm = float(_global_norm(grads))
+        if gnorm == 0.0:
+            return None
+        return project([t + (size / gnorm) * g for t, g in zip(u, grads)])
+
+    def random_point() -> list[Tensor]:
+        if region == "box":
+            return [(2 * torch.rand(p.shape, generator=gen, dtype=p.dtype) - 1).to(p.device) * eps
+                    for p in theta]
+        # uniform in the ball: Gaussian direction, radius ε·U^(1/P)
+        direction = [torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) for p in theta]
+        dim = sum(p.numel() for p in theta)
+        radius = eps * float(torch.rand((), generator=gen)) ** (1.0 / dim)
+        norm = float(_global_norm(direction))
+        return [d * (radius / norm) for d in direction]
+
     with eval_mode(model):
-        base = require_finite(evaluate_at(model, loss_fn, data, dict(zip(names, theta)))[0], "the loss")
+        zero = [torch.zeros_like(p) for p in theta]
+        base, grads = loss_and_grad(zero)
+        require_finite(base, "the loss")
+        # Start at the maximiser of the linearised loss (ε·sign(g) or ε·g/‖g‖ in u), which
+        # the ascent then refines; at an exact critical point, or on request, at a random point.
+        start = None if random_start else ascent_step(zero, grads, eps)
+        u = random_point() if start is None or all(float(g.abs().max()) == 0 for g in grads) else start
         best = base
-        for _ in range(steps):
-            u = [t.detach().requires_grad_(True) for t in u]
-            total = 0.0
-            for b in data:
-                loss = b.weight * loss_fn(call_at(model, at(u), b.x), b.y)
-                loss.backward()  # gradients accumulate in u only: θ is detached
-                total += float(loss.detach())
+        for step in range(steps + 1):
+            total, grads = loss_and_grad(u)
             if not math.isfinite(total):
                 warnings.warn(
                     f"the loss is not finite inside the ε={eps} {region}: sharpness is infinite",
@@ -157,19 +174,13 @@ def eps_sharpness(
                 best = math.inf
                 break
             best = max(best, total)
-            grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in u]
+            if step == steps:
+                break
             with torch.no_grad():
-                if region == "box":
-                    u = [t + alpha * g.sign() for t, g in zip(u, grads)]
-                else:
-                    gnorm = float(_global_norm(grads))
-                    if gnorm == 0.0:
-                        break
-                    u = [t + (alpha / gnorm) * g for t, g in zip(u, grads)]
-                u = project([t.detach() for t in u])
-        if math.isfinite(best):
-            final = evaluate_at(model, loss_fn, data, at(u))[0]
-            best = max(best, final) if math.isfinite(final) else math.inf
+                moved = ascent_step([t.detach() for t in u], grads, alpha)
+            if moved is None:
+                break
+            u = moved
     return Sharpness(best - base, base, best, float(eps), region, adaptive, steps)
 
 
