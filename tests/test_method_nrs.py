@@ -87,16 +87,27 @@ def test_sample_in_ball_is_uniform_in_the_ball():
     params = [torch.zeros(1), torch.zeros(1)]  # d = 2: P(‖δ‖ < ε/2) = 1/4
     gen = torch.Generator().manual_seed(0)
     samples = torch.stack(
-        [torch.cat(sample_in_ball(params, 2.0, gen)) for _ in range(4000)]
+        [torch.cat(sample_in_ball(params, 2.0, gen, dist="gaussian")) for _ in range(4000)]
     )
     radii = samples.norm(dim=1)
     assert float(radii.max()) <= 2.0 + 1e-6
     assert abs(float((radii < 1.0).float().mean()) - 0.25) < 0.03
     assert abs(float((radii < 2.0 * math.sqrt(0.5)).float().mean()) - 0.5) < 0.03
     assert samples.mean(dim=0).abs().max() < 0.1  # no preferred direction
-    big = [torch.zeros(300, 200), torch.zeros(50)]
-    norm = torch.cat([d.reshape(-1) for d in sample_in_ball(big, 0.1, gen)]).norm()
-    assert 0.0999 < float(norm) <= 0.1 + 1e-6  # high dimension: on the sphere, almost
+    angles = torch.atan2(samples[:, 1], samples[:, 0])  # uniform direction on the circle
+    assert abs(float((angles.abs() < math.pi / 4).float().mean()) - 0.25) < 0.03
+
+
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+def test_sample_in_ball_in_high_dimension_lies_near_the_sphere(dist):
+    gen = torch.Generator().manual_seed(0)
+    big = [torch.zeros(300, 200), torch.zeros(77)]
+    delta = torch.cat([d.reshape(-1) for d in sample_in_ball(big, 0.1, gen, dist=dist)])
+    assert 0.0999 < float(delta.double().norm()) <= 0.1 * (1 + 1e-4)  # float32 entries
+    if dist == "rademacher":  # random signs: every entry has the same magnitude
+        torch.testing.assert_close(delta.abs(), delta.abs()[:1].expand_as(delta))
+        assert abs(float((delta > 0).float().mean()) - 0.5) < 0.01
+    assert abs(float(delta.double().sum())) < 5 * 0.1  # isotropic: the sum has std ‖δ‖ ≈ ε
 
 
 def test_model_divergence_is_the_kl_divergence_of_the_predicted_distributions():

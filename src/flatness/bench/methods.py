@@ -7,7 +7,9 @@ method, its median step time and the ratio to plain:
 
 - ``sam_ratio`` (ρ = 0.05), ``gnp_ratio`` (finite-difference form), ``gnp_exact_ratio``
   (double backward), ``curvature_ratio`` (per-layer closed form, Geng et al. eq. 12),
-  ``nrs_ratio`` (ε = 0.1, α = 1), ``rpr_ratio`` and ``fa_m1_ratio`` (FA, one probe, every step);
+  ``nrs_ratio`` (ε = 0.1, α = 1, the default random-sign δθ), ``nrs_gaussian_ratio`` (δθ
+  exactly uniform in the ball: drawing 1.7 M Gaussians is a fixed CPU cost), ``rpr_ratio`` and
+  ``fa_m1_ratio`` (FA, one probe, every step);
 - with ``--vmap``, ``curvature_vmap_ratio``: the generic per-example fallback;
 - with ``--profile``, the top operators of one curvature step and one plain step
   (``torch.profiler``), to show where the curvature step's time goes.
@@ -47,6 +49,7 @@ CASES: dict[str, tuple[str, dict[str, object]]] = {
     "gnp_exact": ("gnp", {"rho": 0.05, "form": "exact"}),
     "curvature": ("curvature", {"alpha": 0.01, "impl": "linear"}),
     "nrs": ("nrs", {"eps": 0.1, "alpha": 1.0, "seed": 0}),
+    "nrs_gaussian": ("nrs", {"eps": 0.1, "alpha": 1.0, "seed": 0, "dist": "gaussian"}),
     "rpr": ("rpr", {"eps": 0.1, "seed": 0}),
     "fa_m1": ("fa", {"lam": 0.01, "probes": 1, "every": 1, "seed": 0}),
 }

@@ -244,10 +244,11 @@ class CurvatureRegularization(Method):
 
     name = "curvature"
     hparam = "alpha"
-    default_grid: tuple[float, ...] = (0.001, 0.01, 0.1)
+    # at initialisation mean_i ‖∇θ ℓ_i‖² is ~10 (Breast Cancer MLP) to ~200 (CIFAR-100 MLP)
+    default_grid: tuple[float, ...] = (0.0001, 0.001, 0.01)
 
     def __init__(
-        self, model: nn.Module, loss_fn: LossFn, alpha: float = 0.01, impl: Impl = "auto"
+        self, model: nn.Module, loss_fn: LossFn, alpha: float = 0.001, impl: Impl = "auto"
     ) -> None:
         super().__init__(model, loss_fn)
         self.alpha = require_nonnegative("alpha (α)", alpha)

@@ -47,6 +47,7 @@ from .perturb import (
     perturbed,
     require_nonnegative,
     require_positive,
+    stash_for,
     trainable_parameters,
 )
 
@@ -88,6 +89,7 @@ class GradientNormPenalty(Method):
         self.form = form
         self.squared = bool(squared)
         self.fd_radius = require_positive("fd_radius (r)", fd_radius)
+        self._stash: list[Tensor] | None = None  # reused copies of θ for the exact restore
 
     def step(self, x: Any, y: Any, optimizer: torch.optim.Optimizer) -> dict[str, float]:
         params = trainable_parameters(self.model)
@@ -112,19 +114,20 @@ class GradientNormPenalty(Method):
         replay = RandomReplay.capture(params)
         loss = self.task_loss(x, y)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-        norm = global_norm(grads)
+        norm = global_norm(grads).to(params[0].device)
         r = self.fd_radius
-        step = [None if g is None else g * (r / (norm + _TINY)) for g in grads]
-        with perturbed(params, step), replay():
+        self._stash = stash_for(params, self._stash)
+        with perturbed(params, grads, r / (norm + _TINY), self._stash), replay():
             far = torch.autograd.grad(self.task_loss(x, y), params, allow_unused=True)
-        c = self.rho * (2.0 * norm if self.squared else 1.0) / r
+        # direction (1 - c)·g + c·∇L(θ + r ĝ), built in place in the far gradients
+        c = self.rho * (2.0 * norm if self.squared else torch.ones_like(norm)) / r
         with torch.no_grad():
             for p, g, h in zip(params, grads, far):
                 if g is None and h is None:
                     continue
                 g = torch.zeros_like(p) if g is None else g
                 h = torch.zeros_like(p) if h is None else h
-                p.grad = torch.lerp(g, h, c.to(g.dtype) if isinstance(c, Tensor) else c)
+                p.grad = h.lerp_(g, (1.0 - c).to(h.dtype))
         return loss, norm
 
     def __repr__(self) -> str:

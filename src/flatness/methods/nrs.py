@@ -8,9 +8,12 @@ r"""Neighborhood Region Smoothing (Zhao & Zhang, eq. 3) and its control, random 
     \qquad
     \text{RPR:}\quad \min_\theta\; L(\theta + \delta\theta),
 
-with one :math:`\delta\theta` per step drawn uniformly from the Euclidean ball
-:math:`B(0, \epsilon)` over all trainable weights together (the paper draws one per device;
-defaults ε = 0.1, α = 1). :math:`f` is the predicted class distribution: softmax of the logits,
+with one :math:`\delta\theta` per step drawn from the Euclidean ball :math:`B(0, \epsilon)` over
+all trainable weights together (the paper draws one per device; defaults ε = 0.1, α = 1). The
+radius is ε·U^(1/d) as for a uniform draw; the direction is, by default, random signs
+(``dist="rademacher"``: isotropic, one random bit per weight) or, with ``dist="gaussian"``, a
+Gaussian direction, which makes δθ exactly uniform in the ball but costs about as much as a
+forward pass to draw on a CPU (1.7 M weights: ~7 ms with torch's generator). :math:`f` is the predicted class distribution: softmax of the logits,
 or a Bernoulli for a single logit. The KL term is differentiated through both arguments.
 
 The neighbour :math:`f(\cdot;\theta+\delta\theta)` is evaluated with
@@ -34,7 +37,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +46,14 @@ from torch.func import functional_call
 
 from ..utils import call_model
 from .base import LossFn, Method, register_method
-from .perturb import RandomReplay, global_norm, require_nonnegative
+from .perturb import RandomReplay, require_nonnegative
+
+BallDistribution = Literal["gaussian", "rademacher"]
+BALL_DISTRIBUTIONS: tuple[str, ...] = ("gaussian", "rademacher")
 
 __all__ = [
+    "BALL_DISTRIBUTIONS",
+    "ball_direction",
     "sample_in_ball",
     "model_divergence",
     "NeighborhoodRegionSmoothing",
@@ -53,24 +61,58 @@ __all__ = [
 ]
 
 
-def sample_in_ball(
-    params: list[Tensor], eps: float, generator: torch.Generator | None = None
-) -> list[Tensor]:
-    """δ uniform in the Euclidean ε-ball of all ``params`` taken as one vector.
+def ball_direction(
+    numel: int,
+    eps: float,
+    dist: BallDistribution = "rademacher",
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor]:
+    """(flat direction of ``numel`` entries, 0-d scale): δ = scale·direction, ‖δ‖ = ε·U^(1/d).
 
-    Direction: a normalised standard Gaussian; radius: ε·U^(1/d) with U ~ U(0, 1) and d the
-    number of weights (so in high dimension ‖δ‖ is almost exactly ε).
+    ``"gaussian"``: a standard Gaussian direction, so δ is uniform in the ε-ball.
+    ``"rademacher"``: random ±1 entries (one random bit per weight, several times cheaper to
+    draw than Gaussians), the same radius law; isotropic (covariance ∝ I) but not uniform.
     """
-    gen_device = generator.device if generator is not None else params[0].device
-    noise = [
-        torch.randn(p.shape, generator=generator, device=gen_device, dtype=p.dtype).to(p.device)
-        for p in params
-    ]
-    d = sum(p.numel() for p in params)
+    if dist not in BALL_DISTRIBUTIONS:
+        raise ValueError(f"dist must be one of {BALL_DISTRIBUTIONS}, got {dist!r}")
+    gen_device = generator.device if generator is not None else torch.device(device)
     u = torch.rand((), generator=generator, device=gen_device, dtype=torch.float64)
-    radius = eps * float(u) ** (1.0 / d)
-    scale = radius / max(float(global_norm(noise)), 1e-30)
-    return [n.mul_(scale) for n in noise]
+    radius = eps * u.pow(1.0 / numel)
+    if dist == "gaussian":
+        direction = torch.randn(numel, generator=generator, device=gen_device, dtype=dtype)
+        length = torch.linalg.vector_norm(direction).double().clamp_min(1e-30)
+    else:
+        # 64 random bits per draw, unpacked to one sign per weight
+        words = torch.randint(
+            -(2**63), 2**63 - 1, ((numel + 63) // 64,), generator=generator, device=gen_device,
+            dtype=torch.int64,
+        )
+        shifts = torch.arange(8, dtype=torch.uint8, device=gen_device)
+        bits = (words.view(torch.uint8).unsqueeze(1) >> shifts).bitwise_and_(1).reshape(-1)
+        direction = bits[:numel].to(dtype).mul_(2).sub_(1)
+        length = torch.tensor(float(numel), dtype=torch.float64, device=gen_device).sqrt()
+    scale = (radius / length).to(dtype)
+    return direction.to(device), scale.to(device)
+
+
+def sample_in_ball(
+    params: list[Tensor],
+    eps: float,
+    generator: torch.Generator | None = None,
+    dist: BallDistribution = "rademacher",
+) -> list[Tensor]:
+    """δ in the Euclidean ε-ball of all ``params`` taken as one vector, shaped like ``params``.
+
+    Radius ε·U^(1/d), U ~ U(0, 1), d the number of weights (in high dimension ‖δ‖ ≈ ε); the
+    direction as in :func:`ball_direction` (``"gaussian"``: δ uniform in the ball).
+    """
+    direction, scale = ball_direction(
+        sum(p.numel() for p in params), eps, dist, generator, params[0].device, params[0].dtype
+    )
+    chunks = direction.mul_(scale).split([p.numel() for p in params])
+    return [c.view_as(p).to(p.dtype) for c, p in zip(chunks, params)]
 
 
 def model_divergence(logits: Tensor, neighbour_logits: Tensor) -> Tensor:
@@ -107,10 +149,18 @@ class _RandomNeighbour(Method):
     default_grid: tuple[float, ...] = (0.05, 0.1, 0.5)  # the NRS paper's ε search
 
     def __init__(
-        self, model: nn.Module, loss_fn: LossFn, eps: float = 0.1, seed: int | None = None
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        eps: float = 0.1,
+        seed: int | None = None,
+        dist: BallDistribution = "rademacher",
     ) -> None:
         super().__init__(model, loss_fn)
         self.eps = require_nonnegative("eps (ε)", eps)
+        if dist not in BALL_DISTRIBUTIONS:
+            raise ValueError(f"dist must be one of {BALL_DISTRIBUTIONS}, got {dist!r}")
+        self.dist = dist
         self.generator: torch.Generator | None = None
         if seed is not None:
             self.generator = torch.Generator(device="cpu")
@@ -124,8 +174,16 @@ class _RandomNeighbour(Method):
 
     def neighbour(self, named: dict[str, Tensor], x: Any) -> Tensor:
         """Logits of the model at θ + δθ, δθ fresh from the ε-ball; differentiable in θ."""
-        delta = sample_in_ball(list(named.values()), self.eps, self.generator)
-        shifted = {n: p + d for (n, p), d in zip(named.items(), delta)}
+        params = list(named.values())
+        direction, scale = ball_direction(
+            sum(p.numel() for p in params), self.eps, self.dist, self.generator,
+            params[0].device, params[0].dtype,
+        )
+        chunks = direction.split([p.numel() for p in params])
+        shifted = {
+            n: torch.addcmul(p, c.view_as(p).to(p.dtype), scale)
+            for (n, p), c in zip(named.items(), chunks)
+        }
         return _call_with(self.model, shifted, x)
 
     def state_dict(self) -> dict[str, Any]:
@@ -146,6 +204,8 @@ class NeighborhoodRegionSmoothing(_RandomNeighbour):
         eps: radius ε >= 0 of the ball δθ is drawn from (paper default 0.1).
         alpha: weight α >= 0 of the model divergence (paper default 1).
         seed: seed of δθ's generator (``None``: torch's global random stream).
+        dist: ``"gaussian"`` (δθ uniform in the ball) or ``"rademacher"`` (random-sign
+            direction, cheaper to draw); see :func:`ball_direction`.
     """
 
     name = "nrs"
@@ -157,8 +217,9 @@ class NeighborhoodRegionSmoothing(_RandomNeighbour):
         eps: float = 0.1,
         alpha: float = 1.0,
         seed: int | None = None,
+        dist: BallDistribution = "rademacher",
     ) -> None:
-        super().__init__(model, loss_fn, eps=eps, seed=seed)
+        super().__init__(model, loss_fn, eps=eps, seed=seed, dist=dist)
         self.alpha = require_nonnegative("alpha (α)", alpha)
 
     def step(self, x: Any, y: Any, optimizer: torch.optim.Optimizer) -> dict[str, float]:

@@ -38,6 +38,7 @@ __all__ = [
     "trainable_parameters",
     "global_norm",
     "perturbed",
+    "stash_for",
     "RandomReplay",
     "require_nonnegative",
     "require_positive",
@@ -61,26 +62,55 @@ def global_norm(tensors: Iterable[Tensor | None]) -> Tensor:
 
 
 @contextlib.contextmanager
-def perturbed(params: Sequence[Tensor], deltas: Sequence[Tensor | None]) -> Iterator[None]:
-    """Run the body at ``params + deltas`` (in place), then restore the exact original values.
+def perturbed(
+    params: Sequence[Tensor],
+    deltas: Sequence[Tensor | None],
+    scale: Tensor | float | None = None,
+    stash: Sequence[Tensor] | None = None,
+) -> Iterator[None]:
+    """Run the body at ``params + scale·deltas`` (in place), then restore the exact originals.
 
-    The originals are saved as copies and put back with ``copy_`` in ``finally``: restoration is
-    bit-exact (not ``p - delta``) and happens also when the body raises.
+    The originals are saved as copies (into ``stash``, a list of tensors shaped like
+    ``params``, when given, so that repeated steps allocate nothing) and put back with
+    ``copy_`` in ``finally``: restoration is bit-exact (not ``p - delta``) and happens also when
+    the body raises. ``scale`` may be a 0-d tensor (no device synchronisation).
     """
     if len(params) != len(deltas):
         raise ValueError(f"{len(params)} parameters but {len(deltas)} perturbations")
     with torch.no_grad():
-        saved = [p.detach().clone() for p in params]
+        if stash is None:
+            saved = [p.detach().clone() for p in params]
+        else:
+            saved = list(stash)
+            for s, p in zip(saved, params):
+                s.copy_(p)
     try:
         with torch.no_grad():
             for p, d in zip(params, deltas):
-                if d is not None:
+                if d is None:
+                    continue
+                if scale is None:
                     p.add_(d)
+                elif isinstance(scale, Tensor):
+                    p.addcmul_(d, scale)
+                else:
+                    p.add_(d, alpha=scale)
         yield
     finally:
         with torch.no_grad():
             for p, s in zip(params, saved):
                 p.copy_(s)
+
+
+def stash_for(params: Sequence[Tensor], stash: list[Tensor] | None) -> list[Tensor]:
+    """``stash`` if it still fits ``params`` (shapes, dtypes, devices), else fresh buffers."""
+    fits = stash is not None and len(stash) == len(params) and all(
+        s.shape == p.shape and s.dtype == p.dtype and s.device == p.device
+        for s, p in zip(stash, params)
+    )
+    if fits:
+        return stash  # type: ignore[return-value]
+    return [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]
 
 
 class RandomReplay:

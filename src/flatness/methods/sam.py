@@ -46,24 +46,43 @@ import torch
 from torch import Tensor, nn
 
 from .base import LossFn, Method, register_method
-from .perturb import RandomReplay, global_norm, perturbed, require_nonnegative, trainable_parameters
+from .perturb import (
+    RandomReplay,
+    global_norm,
+    perturbed,
+    require_nonnegative,
+    stash_for,
+    trainable_parameters,
+)
 
-__all__ = ["sam_perturbation", "SharpnessAware", "SAM"]
+__all__ = ["sam_direction", "sam_perturbation", "SharpnessAware", "SAM"]
 
 _TINY = 1e-12  # keeps ε̂ finite when the gradient vanishes
+
+
+def sam_direction(
+    params: Sequence[Tensor], grads: Sequence[Tensor | None], rho: float, adaptive: bool = False
+) -> tuple[list[Tensor | None], Tensor]:
+    """(directions, scale) with ε̂ = scale·direction: direction T²g, scale ρ/‖Tg‖.
+
+    Without ``adaptive`` the directions are the gradients themselves (nothing is allocated);
+    ``scale`` is a 0-d tensor, so nothing waits for the device.
+    """
+    with torch.no_grad():
+        if not adaptive:
+            return list(grads), rho / (global_norm(grads) + _TINY)
+        scaled = [None if g is None else p.abs() * g for p, g in zip(params, grads)]
+        directions = [None if g is None else p.square() * g for p, g in zip(params, grads)]
+        return directions, rho / (global_norm(scaled) + _TINY)
 
 
 def sam_perturbation(
     params: Sequence[Tensor], grads: Sequence[Tensor | None], rho: float, adaptive: bool = False
 ) -> list[Tensor | None]:
     """ε̂ = ρ·T²g/‖Tg‖ for each parameter (``None`` where its gradient is ``None``)."""
+    directions, scale = sam_direction(params, grads, rho, adaptive)
     with torch.no_grad():
-        scaled = [g if g is None or not adaptive else p.abs() * g for p, g in zip(params, grads)]
-        scale = rho / (global_norm(scaled) + _TINY)
-        return [
-            None if g is None else (p.square() * g if adaptive else g) * scale.to(g.device)
-            for p, g in zip(params, grads)
-        ]
+        return [None if d is None else d * scale.to(d.device) for d in directions]
 
 
 @register_method
@@ -85,6 +104,7 @@ class SharpnessAware(Method):
         super().__init__(model, loss_fn)
         self.rho = require_nonnegative("rho (ρ)", rho)
         self.adaptive = bool(adaptive)
+        self._stash: list[Tensor] | None = None  # reused copies of θ for the exact restore
 
     def step(self, x: Any, y: Any, optimizer: torch.optim.Optimizer) -> dict[str, float]:
         params = trainable_parameters(self.model)
@@ -92,8 +112,9 @@ class SharpnessAware(Method):
         replay = RandomReplay.capture(params)
         loss = self.task_loss(x, y)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-        epsilon = sam_perturbation(params, grads, self.rho, self.adaptive)
-        with perturbed(params, epsilon), replay():
+        directions, scale = sam_direction(params, grads, self.rho, self.adaptive)
+        self._stash = stash_for(params, self._stash)
+        with perturbed(params, directions, scale.to(params[0].device), self._stash), replay():
             perturbed_loss = self.task_loss(x, y)
             perturbed_loss.backward()  # the gradient at θ + ε̂ lands in .grad
         optimizer.step()
@@ -147,10 +168,10 @@ class SAM(torch.optim.Optimizer):
         params = self._params_with_grad()
         if not params:
             raise RuntimeError("no parameter has a gradient: call backward() before first_step()")
-        epsilon = sam_perturbation(params, [p.grad for p in params], self.rho, self.adaptive)
+        directions, scale = sam_direction(params, [p.grad for p in params], self.rho, self.adaptive)
         self._origin = [(p, p.detach().clone()) for p in params]
-        for p, e in zip(params, epsilon):
-            p.add_(e)
+        for p, d in zip(params, directions):
+            p.addcmul_(d, scale.to(p.device))
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
