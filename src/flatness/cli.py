@@ -22,6 +22,7 @@ from .utils import FlatnessError
 COMMAND_MODULES: tuple[str, ...] = (
     "flatness.demo",
     "flatness.bench",
+    "flatness.inspect_cli",
 )
 
 

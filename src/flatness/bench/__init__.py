@@ -11,7 +11,11 @@ import statistics
 import time
 from collections.abc import Callable
 
-BENCH_MODULES: tuple[str, ...] = ("flatness.bench.overhead", "flatness.bench.methods")
+BENCH_MODULES: tuple[str, ...] = (
+    "flatness.bench.overhead",
+    "flatness.bench.methods",
+    "flatness.bench.measures",
+)
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:

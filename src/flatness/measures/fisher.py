@@ -41,6 +41,8 @@ from .functional import LossFn, collect_batches, select_params
 
 __all__ = ["fisher_trace", "per_example_sq_grad_norms"]
 
+PER_EXAMPLE_BUDGET = 1 << 25  # numbers of per-example gradients held at once (128 MiB in float32)
+
 
 def _rows(x: Any, start: int, stop: int) -> Any:
     if isinstance(x, Tensor):
@@ -65,12 +67,18 @@ def per_example_sq_grad_norms(
     y: Any,
     params: Iterable[Tensor] | None = None,
     *,
-    chunk: int = 64,
+    chunk: int | None = None,
 ) -> Tensor:
-    """‖∇θ ℓ(f(x_i), y_i)‖² for every example of one batch, shape ``(n,)``."""
+    """‖∇θ ℓ(f(x_i), y_i)‖² for every example of one batch, shape ``(n,)``.
+
+    ``chunk`` examples are vmapped at once (default: as many as keep the per-example gradients
+    under about 2²⁵ numbers, at most 64).
+    """
     named = select_params(model, params)
     theta = {n: p.detach() for n, p in named}
     n = batch_size(x)
+    if chunk is None:
+        chunk = max(1, min(64, PER_EXAMPLE_BUDGET // sum(p.numel() for p in theta.values())))
 
     def one_loss(p: dict[str, Tensor], xi: Any, yi: Any) -> Tensor:
         add = lambda t: t.unsqueeze(0)  # noqa: E731
@@ -108,7 +116,7 @@ def fisher_trace(
     batches: Iterable[tuple[Any, Any]],
     *,
     params: Iterable[Tensor] | None = None,
-    chunk: int = 64,
+    chunk: int | None = None,
 ) -> Estimate:
     """Tr of the empirical Fisher over all examples of ``batches``; stderr over examples.
 
