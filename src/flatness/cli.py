@@ -22,6 +22,8 @@ from .utils import FlatnessError
 COMMAND_MODULES: tuple[str, ...] = (
     "flatness.demo",
     "flatness.bench",
+    "flatness.experiments",
+    "flatness.report",
     "flatness.inspect_cli",
 )
 
