@@ -485,3 +485,36 @@ def test_measures_leave_the_model_unchanged_also_after_an_exception(name):
     with pytest.raises(RuntimeError):
         _measure_calls(model, data, failing_loss)[name]()
     _assert_unchanged(model, snap)
+
+
+def test_fisher_linear_shortcut_equals_per_example_gradients():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Dropout(0.2), nn.Linear(7, 3)).double()
+    model[0].bias.requires_grad_(False)  # a frozen bias is left out of both
+    x, y = tiny_batch(seed=2, n=20, d_in=5)
+    data = [(x[:8], y[:8]), (x[8:], y[8:])]
+    fast = fisher_trace(model, CE, data, method="linear")
+    slow = fisher_trace(model, CE, data, method="vmap")
+    assert fast.value == pytest.approx(slow.value, rel=1e-10)
+    assert fast.stderr == pytest.approx(slow.stderr, rel=1e-8)
+    bn = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).double().eval()
+    with pytest.raises(FlatnessError, match="does not apply"):
+        fisher_trace(bn, CE, data, method="linear")
+    assert fisher_trace(bn, CE, data).value > 0  # auto: falls back to vmap
+
+
+def test_fisher_on_sparse_logistic_regression_both_ways():
+    from flatness import models
+
+    if not hasattr(models, "SparseLinear"):
+        pytest.skip("flatness.models has no SparseLinear")
+    torch.manual_seed(0)
+    model = models.logistic_regression(12, 4).double()
+    x = torch.randn(9, 12, dtype=torch.float64) * (torch.rand(9, 12) < 0.3)
+    y = torch.randint(0, 4, (9,))
+    data = [(x.to_sparse_csr(), y)]
+    fast = fisher_trace(model, CE, data, method="linear").value
+    assert fast == pytest.approx(fisher_trace(model, CE, data, method="vmap").value, rel=1e-10)
+    assert fast == pytest.approx(fisher_trace(model, CE, [(x, y)], method="vmap").value, rel=1e-10)
+    op = HessianOperator(model, CE, data)
+    torch.testing.assert_close(op.dense(), dense_hessian(model, x, y), rtol=1e-10, atol=1e-12)

@@ -6,10 +6,18 @@ r"""Empirical Fisher trace: the mean per-example squared gradient norm (Geng et 
     \lVert \nabla_\theta \ell(f_\theta(x_i), y_i) \rVert_2^2
     \;\approx\; \operatorname{Tr}(H) \text{ near a minimum of an over-fitting model.}
 
-Per-example gradients come from ``torch.func.vmap(torch.func.grad(...))`` over chunks of
-examples (one vectorised pass, no loop over examples); sparse inputs are densified one chunk at a
-time; models whose ops cannot be vmapped fall back to a loop. The standard error is that of the
-mean over examples.
+Two exact ways to the per-example norms (``method``):
+
+- ``"linear"``: when every measured parameter belongs to a linear layer (``nn.Linear`` or
+  :class:`flatness.models.SparseLinear`) applied once to 2-D inputs, one forward and one backward
+  pass suffice: with a_i the layer's input and g_i = ∂ℓ_i/∂z_i its output gradient,
+  ‖∇_W ℓ_i‖² = ‖a_i‖² ‖g_i‖² and ‖∇_b ℓ_i‖² = ‖g_i‖² (Goodfellow, 2015). Sparse inputs stay sparse.
+- ``"vmap"``: any model, per-example gradients from ``torch.func.vmap(torch.func.grad(...))`` over
+  chunks of examples (sparse inputs densified one chunk at a time; a loop where an op cannot be
+  vmapped).
+
+``"auto"`` (default) takes the first that applies. The standard error is that of the mean over
+examples.
 
 Why not curvlinops' ``EFLinearOperator``: its trace needs P products (or a Hutchinson estimate
 with error), while eq. 9 is exact from one pass of per-example gradients.
@@ -39,7 +47,7 @@ from ..hutchinson import Estimate
 from ..utils import FlatnessError, batch_size, call_model, eval_mode
 from .functional import LossFn, collect_batches, select_params
 
-__all__ = ["fisher_trace", "per_example_sq_grad_norms"]
+__all__ = ["fisher_trace", "per_example_sq_grad_norms", "linear_sq_grad_norms"]
 
 PER_EXAMPLE_BUDGET = 1 << 25  # numbers of per-example gradients held at once (128 MiB in float32)
 
@@ -102,6 +110,70 @@ def per_example_sq_grad_norms(
     return torch.cat(norms)
 
 
+def _linear_types() -> tuple[type, ...]:
+    from .. import models
+
+    sparse = getattr(models, "SparseLinear", None)
+    return (nn.Linear,) if sparse is None else (nn.Linear, sparse)
+
+
+def _row_sq_norms(a: Tensor) -> Tensor:
+    if a.layout == torch.sparse_csr:
+        rows = torch.repeat_interleave(
+            torch.arange(a.shape[0], device=a.device), a.crow_indices().diff())
+        return torch.zeros(a.shape[0], dtype=a.values().dtype, device=a.device).index_add(
+            0, rows, a.values().pow(2))
+    if a.is_sparse:
+        a = a.coalesce()
+        return torch.zeros(a.shape[0], dtype=a.values().dtype, device=a.device).index_add(
+            0, a.indices()[0], a.values().pow(2))
+    return a.pow(2).sum(1)
+
+
+def linear_sq_grad_norms(
+    model: nn.Module, loss_fn: LossFn, x: Any, y: Any, params: Iterable[Tensor] | None = None
+) -> Tensor | None:
+    """Per-example ‖∇θ ℓ_i‖² from one forward/backward pass, or ``None`` when it does not apply.
+
+    Applies when every measured parameter is the weight or bias of a linear layer that is called
+    exactly once, on a 2-D input. ``loss_fn`` must be the batch mean of per-example losses.
+    """
+    named = select_params(model, params)
+    wanted = {id(p) for _, p in named}
+    layers = [m for m in model.modules() if isinstance(m, _linear_types())]
+    owned = {id(p) for m in layers for p in m.parameters(recurse=False)}
+    if not wanted <= owned:
+        return None
+    layers = [m for m in layers if any(id(p) in wanted for p in m.parameters(recurse=False))]
+    seen: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {m: [] for m in layers}
+
+    def remember(module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
+        seen[module].append((inputs[0], output))
+
+    handles = [m.register_forward_hook(remember) for m in layers]
+    try:
+        n = batch_size(x)
+        loss = loss_fn(call_model(model, x), y) * n  # the sum: its output gradients are per-example
+    finally:
+        for h in handles:
+            h.remove()
+    calls = [seen[m] for m in layers]
+    if any(len(c) != 1 or c[0][0].dim() != 2 or c[0][1].dim() != 2 for c in calls):
+        return None
+    outputs = [c[0][1] for c in calls]
+    out_grads = torch.autograd.grad(loss, outputs, allow_unused=True)
+    total = torch.zeros(n, dtype=loss.dtype, device=loss.device)
+    for m, (a, _), g in zip(layers, (c[0] for c in calls), out_grads):
+        if g is None:
+            continue
+        g_sq = g.detach().pow(2).sum(1)
+        if id(m.weight) in wanted:
+            total = total + _row_sq_norms(a.detach()).to(g_sq.dtype) * g_sq
+        if getattr(m, "bias", None) is not None and id(m.bias) in wanted:
+            total = total + g_sq
+    return total
+
+
 def _sq_norm_loop(model: nn.Module, loss_fn: LossFn, named: list, xs: Any, ys: Any, i: int) -> Tensor:
     params = [p for _, p in named]
     xi = _rows(xs, i, i + 1)
@@ -116,16 +188,28 @@ def fisher_trace(
     batches: Iterable[tuple[Any, Any]],
     *,
     params: Iterable[Tensor] | None = None,
+    method: str = "auto",
     chunk: int | None = None,
 ) -> Estimate:
     """Tr of the empirical Fisher over all examples of ``batches``; stderr over examples.
 
     ``loss_fn`` must be the batch mean (then ``loss_fn`` on one example is that example's loss).
+    ``method``: ``"auto"``, ``"linear"`` (error if it does not apply) or ``"vmap"``.
     """
+    if method not in ("auto", "linear", "vmap"):
+        raise ValueError(f"method must be 'auto', 'linear' or 'vmap', got {method!r}")
     data = collect_batches(batches)
-    values = torch.cat(
-        [per_example_sq_grad_norms(model, loss_fn, b.x, b.y, params, chunk=chunk) for b in data]
-    ).double().cpu()
+    params = None if params is None else list(params)
+    parts = []
+    with eval_mode(model):
+        for b in data:
+            fast = None if method == "vmap" else linear_sq_grad_norms(model, loss_fn, b.x, b.y, params)
+            if fast is None and method == "linear":
+                raise FlatnessError("the linear-layer shortcut does not apply to this model")
+            if fast is None:
+                fast = per_example_sq_grad_norms(model, loss_fn, b.x, b.y, params, chunk=chunk)
+            parts.append(fast.detach())
+    values = torch.cat(parts).double().cpu()
     if not torch.isfinite(values).all():
         raise FlatnessError("non-finite per-example gradients; is the checkpoint diverged?")
     n = values.numel()
