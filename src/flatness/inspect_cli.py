@@ -41,6 +41,7 @@ __all__ = ["add_cli", "load_for_task", "measure_command", "landscape_command"]
 SPLITS = ("train", "test", "val")
 KINDS = ("1d", "2d", "interp", "pca")
 EXTRA_MEASURES = ("spectral_density",)
+SPARSE_NOTES = "Sparse (CSR tensor support|invariant checks)"  # torch's notes, not for the user
 
 
 def _split(splits: Any, split: str) -> tuple[Any, Tensor]:
@@ -73,9 +74,11 @@ def load_for_task(
     if split not in SPLITS:
         raise FlatnessError(f"--split must be one of {SPLITS}, got {split!r}")
     model, meta = load_checkpoint(checkpoint, task=task_name)
-    splits = task.load(data_dir)
-    x, y = _split(splits, split)
-    x, y = take_first(x, examples), y[:examples]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=SPARSE_NOTES)
+        splits = task.load(data_dir)
+        x, y = _split(splits, split)
+        x, y = take_first(x, examples), y[:examples]
     features = int(x.shape[1]) if x.dim() == 2 else None
     expected = getattr(task, "num_features", None)
     if features is not None and expected is not None and features != expected:
@@ -171,6 +174,7 @@ def measure_command(args: argparse.Namespace) -> int:
     }
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", message=SPARSE_NOTES)
         regular = [n for n in names if n not in EXTRA_MEASURES]
         result.update(compute_measures(model, task.loss_fn, batches, regular, options,
                                        timings=args.timings))
@@ -251,6 +255,7 @@ def landscape_command(args: argparse.Namespace) -> int:
     stem = checkpoint.stem
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", message=SPARSE_NOTES)
         if args.kind == "1d":
             surface = surface_1d(model, task.loss_fn, batches, span=args.span, num=num or 41,
                                  seed=args.seed, include_1d=args.include_1d, metric=metric,

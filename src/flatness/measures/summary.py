@@ -86,7 +86,7 @@ def _eigen(model: nn.Module, loss_fn: LossFn, data: list[Batch], o: MeasureOptio
 def _last_layer(model: nn.Module, loss_fn: LossFn, data: list[Batch], o: MeasureOptions) -> dict[str, Any]:
     name, params = last_layer(model)
     spec = top_eigenvalues(model, loss_fn, data, 1, params=params, tol=o.eigen_tol, seed=o.seed)
-    return {"last_layer_lambda_max": spec.lambda_max, "last_layer": name}
+    return {"last_layer_lambda_max": spec.lambda_max, "last_layer": name or type(model).__name__}
 
 
 def _eps(model: nn.Module, loss_fn: LossFn, data: list[Batch], o: MeasureOptions) -> dict[str, Any]:
