@@ -71,6 +71,11 @@ NEWSGROUPS_CACHE = "20news-bydate_py3.pkz"
 NEWSGROUPS_ARCHIVE = "20news-bydate.tar.gz"
 
 
+def _oneline(exc: BaseException) -> str:
+    """An exception's message on one line (some libraries put a list of causes on several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def data_dir(path: str | os.PathLike[str] | None = None) -> Path:
     """Resolve the data directory (argument, then ``$FLATNESS_DATA``, then the user cache)."""
     if path is not None:
@@ -268,7 +273,7 @@ def _cifar_source(root: Path, download: bool) -> Path:
     try:
         _download(CIFAR100_URL, archive, CIFAR100_MD5)
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
-        raise FlatnessError(f"{where}; the download failed ({exc})") from None
+        raise FlatnessError(f"{where}; the download failed ({_oneline(exc)})") from None
     return archive
 
 
@@ -291,7 +296,7 @@ def _read_cifar_parts(source: Path) -> dict[str, dict[str, Any]]:
             f"{source} is not a CIFAR-100 python archive: no {CIFAR100_FOLDER}/{exc.args[0]} inside"
         ) from None
     except (tarfile.TarError, pickle.UnpicklingError, EOFError, OSError, ValueError) as exc:
-        raise FlatnessError(f"{source} is unreadable or corrupted ({exc})") from None
+        raise FlatnessError(f"{source} is unreadable or corrupted ({_oneline(exc)})") from None
     return parts
 
 
@@ -381,7 +386,7 @@ def _newsgroups_from_archive(archive: Path) -> tuple[Any, Any]:
             with tarfile.open(archive, "r:*") as tar:
                 tar.extractall(tmp, filter="data")
         except (tarfile.TarError, OSError, EOFError) as exc:
-            raise FlatnessError(f"{archive} is unreadable or corrupted ({exc})") from None
+            raise FlatnessError(f"{archive} is unreadable or corrupted ({_oneline(exc)})") from None
         parts = []
         for part in ("train", "test"):
             folder = Path(tmp) / f"20news-bydate-{part}"
@@ -419,18 +424,18 @@ def load_newsgroups_text(
         if cache is not None:
             raise FlatnessError(
                 f"{cache / NEWSGROUPS_CACHE} is unreadable or corrupted ({type(exc).__name__}: "
-                f"{exc}); delete it, or put {NEWSGROUPS_ARCHIVE} into {root_path}"
+                f"{_oneline(exc)}); delete it, or put {NEWSGROUPS_ARCHIVE} into {root_path}"
             ) from None
         raise FlatnessError(
             f"20 Newsgroups not found: put scikit-learn's cache {NEWSGROUPS_CACHE} into "
             f"{homes[0]}/ or the archive {NEWSGROUPS_ARCHIVE} into {root_path} (the data "
             f"directory: --data-dir, ${DATA_ENV} or ~/.cache/flatness)"
-            + ("" if not download else f"; the download failed ({exc})")
+            + ("" if not download else f"; the download failed ({_oneline(exc)})")
         ) from None
     train_docs, train_y, names = _from_bunch(train)
     test_docs, test_y, test_names = _from_bunch(test)
     if names != test_names or len(names) != 20:
-        raise FlatnessError(f"20 Newsgroups: expected the same 20 newsgroups in train and test")
+        raise FlatnessError("20 Newsgroups: expected the same 20 newsgroups in train and test")
     if len(train_docs) != 11314 or len(test_docs) != 7532:
         raise FlatnessError(
             f"20 Newsgroups: expected 11314 train / 7532 test documents, got "

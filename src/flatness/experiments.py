@@ -92,8 +92,9 @@ DEFAULT_METHOD_KWARGS: dict[str, dict[str, Any]] = {"fa": {"probes": 5, "every":
 MEASURE_SAMPLES = 1024
 MEASURE_PROBES = 10
 MEASURE_SEED = 20240601
-# The lighter per-epoch version (a flatness curve for every run, λ = 0 included).
-EPOCH_MEASURE_SAMPLES = 256
+# The lighter per-epoch version (a flatness curve for every run, λ = 0 included): the first
+# two batches of B, 5 probes each.
+EPOCH_MEASURE_BATCHES = 2
 EPOCH_MEASURE_PROBES = 5
 
 
@@ -407,7 +408,8 @@ def execute_run(
     try:
         method = make_method(spec.method, model, task.loss_fn, **kwargs)
     except (TypeError, ValueError) as exc:
-        raise FlatnessError(f"method {spec.method!r} rejects its settings {kwargs}: {exc}") from None
+        message = " ".join(str(exc).split())
+        raise FlatnessError(f"method {spec.method!r} rejects its settings {kwargs}: {message}") from None
     optimizer = make_optimizer(model, config)
     generator = torch.Generator().manual_seed(spec.seed)
     per_epoch = steps_per_epoch(int(splits.y_train.shape[0]), config.batch_size)
@@ -427,7 +429,7 @@ def execute_run(
             splits.x_train,
             splits.y_train,
             config.batch_size,
-            num_samples=EPOCH_MEASURE_SAMPLES,
+            num_samples=EPOCH_MEASURE_BATCHES * config.batch_size,
             probes=EPOCH_MEASURE_PROBES,
         )
         return {"sq_trace_per_B": m["value"]}

@@ -288,8 +288,8 @@ def markdown(groups: Sequence[Group]) -> str:
         "training set. *Avg. flatness (train est.)*: the paper's column, the mean of the "
         "penalty's own Tr(H²)/B estimates during training; a run without the penalty computes "
         "none (the paper printed 0.000 there). *Avg. flatness (measured)*: mean over epochs of "
-        "Tr(H²)/B measured after each epoch on the first 256 training samples (eval mode, 5 fixed "
-        "probes per batch). *Final Tr(H²)/B (measured)*: the final model by one fixed protocol for "
+        "Tr(H²)/B measured after each epoch on the first two training batches of B (eval mode, 5 "
+        "fixed probes per batch). *Final Tr(H²)/B (measured)*: the final model by one fixed protocol for "
         "every run — first 1024 training samples in fixed batches of B, eval mode, 10 fixed "
         "Rademacher probes per batch. *Train time*: optimisation steps only (no evaluation).",
         "",
