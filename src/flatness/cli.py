@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "flatness.bench",
     "flatness.experiments",
     "flatness.report",
+    "flatness.compare",
     "flatness.inspect_cli",
 )
 

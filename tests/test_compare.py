@@ -1,0 +1,153 @@
+"""``flatness compare``: grids, choice on validation (never test), statistics, outputs, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+import flatness.measures
+from flatness.cli import main
+from flatness.compare import (
+    comparison_grid,
+    comparison_specs,
+    plot_comparison,
+    select_and_summarize,
+)
+from flatness.utils import FlatnessError
+
+BC = "breast-cancer-mlp"
+
+
+def _record(method, value, seed, val, test, seconds=1.0, hparam="rho", status="complete"):
+    return {
+        "name": f"{method}_{value}_{seed}",
+        "task": BC,
+        "method": method,
+        "hparam": None if method == "none" else hparam,
+        "value": value,
+        "seed": seed,
+        "status": status,
+        "final_val_acc": val,
+        "final_test_acc": test,
+        "seconds_per_epoch": seconds,
+        "measured_sq_trace_per_B": 0.5 + seed,
+    }
+
+
+def test_grids_drop_zero_and_always_include_none():
+    assert comparison_grid("none") == [None]
+    assert 0.0 not in comparison_grid("fa") and comparison_grid("fa")
+    for method in ("sam", "gnp", "curvature", "nrs", "rpr"):
+        assert all(v > 0 for v in comparison_grid(method))
+    specs = comparison_specs(BC, ["sam"], seeds=2, grids={"sam": [0.05]})
+    assert [s.name for s in specs] == ["none_seed0", "none_seed1", "sam_rho0.05_seed0", "sam_rho0.05_seed1"]
+    with pytest.raises(FlatnessError, match="unknown method"):
+        comparison_specs(BC, ["nope"])
+    with pytest.raises(FlatnessError, match="> 0"):
+        comparison_specs(BC, ["sam"], grids={"sam": [-0.1]})
+
+
+def test_strength_is_chosen_on_validation_not_test():
+    records = [_record("none", None, s, 0.90, 0.80 + 0.01 * s) for s in range(3)]
+    # ρ = 0.01: best validation; ρ = 0.1: best test (must not be chosen)
+    records += [_record("sam", 0.01, s, 0.95, 0.85 + 0.01 * s, seconds=2.0) for s in range(3)]
+    records += [_record("sam", 0.1, s, 0.91, 0.99, seconds=2.0) for s in range(3)]
+    results = {r.method: r for r in select_and_summarize(records, ["sam"])}
+    sam, none = results["sam"], results["none"]
+    assert sam.value == 0.01 and sam.val_acc == pytest.approx(0.95)
+    assert sam.test_acc == pytest.approx(0.86) and sam.test_acc_std == pytest.approx(0.01)
+    assert sam.time_ratio == pytest.approx(2.0) and none.time_ratio == pytest.approx(1.0)
+    from scipy import stats
+
+    expected = stats.ttest_ind([0.85, 0.86, 0.87], [0.80, 0.81, 0.82], equal_var=False).pvalue
+    assert sam.p_value == pytest.approx(expected)
+    assert none.p_note == "baseline" and math.isnan(none.p_value)
+    assert sam.flatness["measured_sq_trace_per_B"] == pytest.approx(1.5)
+
+
+def test_ties_pick_the_smaller_strength_and_failed_runs_are_listed():
+    records = [_record("none", None, s, 0.9, 0.9) for s in range(2)]
+    records += [_record("nrs", v, s, 0.93, 0.9, hparam="eps") for v in (0.5, 0.05) for s in range(2)]
+    records.append(_record("nrs", 0.05, 2, None, None, hparam="eps", status="failed"))
+    nrs = {r.method: r for r in select_and_summarize(records, ["nrs"])}["nrs"]
+    assert nrs.value == 0.05 and nrs.seeds == [0, 1] and nrs.failed == ["nrs_0.05_2"]
+
+
+@pytest.fixture
+def fake_measures(monkeypatch):
+    """A stand-in for final_measures (λ_max by Lanczos is slow); records what it was given."""
+    calls = []
+
+    def fake(model, loss_fn, batches, seed=0, **kw):
+        batches = list(batches)
+        calls.append([int(x.shape[0]) for x, _ in batches])
+        weight = sum(float(p.detach().abs().sum()) for p in model.parameters())
+        return {"loss": 0.0, "lambda_max": weight, "hessian_trace": 2 * weight, "fisher_trace": 0.0}
+
+    monkeypatch.setattr(flatness.measures, "final_measures", fake)
+    return calls
+
+
+@pytest.mark.filterwarnings("ignore:Precision loss occurred")
+def test_compare_cli_end_to_end_then_resume(tmp_path, fake_measures, capsys):
+    args = [
+        "compare", BC, "--methods", "sam", "--grid", "sam=0.01,0.1", "--seeds", "2",
+        "--epochs", "1", "--quiet", "--no-plots", "--out", str(tmp_path),
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    directory = tmp_path / BC / "compare"
+    summary = (directory / "summary.md").read_text()
+    assert "`sam`" in out
+    assert "`none`" in summary and "`sam`" in summary and "(chosen)" in summary
+    assert not (directory / "compare.png").exists()  # --no-plots
+    data = json.loads((directory / "compare.json").read_text())
+    methods = {m["method"]: m for m in data["methods"]}
+    assert set(methods) == {"none", "sam"}
+    assert methods["sam"]["value"] in (0.01, 0.1) and len(methods["sam"]["test_accs"]) == 2
+    assert methods["sam"]["flatness"]["hessian_trace"] == pytest.approx(
+        2 * methods["sam"]["flatness"]["lambda_max"]
+    )
+    # the fixed measurement data: 1024 samples at most, in full batches of B = 32
+    assert fake_measures and all(set(c) == {32} and sum(c) <= 1024 for c in fake_measures)
+    measured = len(fake_measures)
+    assert measured == 2 * 2  # two methods, two seeds, at the chosen strength only
+    records = sorted(p.name for p in (tmp_path / BC).glob("*.json"))
+    assert len(records) == 2 * (1 + 2)
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / BC).glob("*.json")}
+
+    assert main(args) == 0  # resumes: no run is trained again, measurements come from the cache
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / BC).glob("*.json")} == stamps
+    assert len(fake_measures) == measured
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["nope-task"], "unknown task"),
+        ([BC, "--seeds", "0"], "--seeds"),
+        ([BC, "--grid", "sam"], "METHOD=V1"),
+        ([BC, "--grid", "sam=a,b"], "numbers"),
+        ([BC, "--grid", "sam=-1"], "> 0"),
+        ([BC, "--methods", "nope"], "unknown method"),
+        ([BC, "--epochs", "0"], "--epochs"),
+        ([BC, "--lr", "-1"], "--lr"),
+    ],
+)
+def test_bad_input_is_one_error_line(extra, match, tmp_path, capsys):
+    assert main(["compare", *extra, "--quiet", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("flatness: error:") and match in err[0]
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_plot_is_written(tmp_path):
+    records = [_record("none", None, s, 0.9, 0.8 + 0.01 * s) for s in range(2)]
+    records += [_record("sam", 0.05, s, 0.95, 0.85 + 0.01 * s) for s in range(2)]
+    results = select_and_summarize(records, ["sam"])
+    path = tmp_path / "compare.png"
+    plot_comparison(BC, results, {r["name"]: r for r in records}, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["compare.png"]  # no temp file left
