@@ -152,6 +152,17 @@ def test_sum_reduction_and_unreduced_losses():
         linear_sq_grad_norms(model, nn.CrossEntropyLoss(reduction="none"), x, y)
 
 
+def test_in_place_activation_after_a_linear_layer_falls_back_to_vmap():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(inplace=True), nn.Linear(5, 3)).double()
+    x, y = tiny_batch()
+    with pytest.raises(ClosedFormUnavailable, match="in place"):
+        linear_sq_grad_norms(model, CE, x, y)
+    _, sq, used = per_example_sq_grad_norms(model, CE, x, y)
+    assert used == "vmap"
+    torch.testing.assert_close(sq, _loop_sq_grad_norms(model, x, y), rtol=1e-10, atol=0)
+
+
 def test_linear_impl_refuses_models_it_does_not_cover():
     model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 3)).double()
     x, y = tiny_batch()

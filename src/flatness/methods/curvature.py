@@ -104,7 +104,8 @@ def linear_sq_grad_norms(
     """(batch loss, ‖∇θ ℓ_i‖² per example) by eq. 12; both differentiable.
 
     Raises :class:`ClosedFormUnavailable` if a trainable parameter is not the weight or bias of
-    an ``nn.Linear``, a Linear runs more than once per forward, or its input is not 2-D.
+    an ``nn.Linear``, a Linear runs more than once per forward, its input is not 2-D, or its
+    input or output is modified in place afterwards (``ReLU(inplace=True)``).
     """
     params = trainable_parameters(model) if params is None else params
     wanted = {id(p) for p in params}
@@ -121,10 +122,13 @@ def linear_sq_grad_norms(
     if len({id(m) for m in layers}) != len(layers):
         raise ClosedFormUnavailable("a Linear module appears twice in the model")
 
-    records: dict[int, list[tuple[Tensor, Tensor]]] = {id(m): [] for m in layers}
+    # per call: (input, output, their version counters when the layer ran)
+    records: dict[int, list[tuple[Any, Tensor, int, int]]] = {id(m): [] for m in layers}
 
     def hook(module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
-        records[id(module)].append((inputs[0], output))
+        a = inputs[0] if inputs else None
+        version = a._version if isinstance(a, Tensor) and a.layout == torch.strided else 0
+        records[id(module)].append((a, output, version, output._version))
 
     handles = [m.register_forward_hook(hook) for m in layers]
     try:
@@ -140,9 +144,12 @@ def linear_sq_grad_norms(
         calls = records[id(m)]
         if len(calls) != 1:
             raise ClosedFormUnavailable(f"a Linear layer ran {len(calls)} times in one forward")
-        a, z = calls[0]
-        if a.dim() != 2 or z.dim() != 2 or a.shape[0] != n:
+        a, z, a_version, z_version = calls[0]
+        if not isinstance(a, Tensor) or a.dim() != 2 or z.dim() != 2 or a.shape[0] != n:
             raise ClosedFormUnavailable("the closed form needs (batch, features) layer inputs")
+        if z._version != z_version or (a.layout == torch.strided and a._version != a_version):
+            # e.g. ReLU(inplace=True) on the layer's output: z would no longer be the layer's
+            raise ClosedFormUnavailable("a Linear layer's input or output was modified in place")
         inputs.append(a)
         outputs.append(z)
     deltas = torch.autograd.grad(
