@@ -179,3 +179,13 @@ def test_landscape_non_finite_points_are_warnings_not_errors(run_dir, capsys, tm
     assert 0 < result["nonfinite_points"] < 9
     assert "flatness: warning: the loss is not finite at" in err and "Traceback" not in err
     assert np.isnan(np.load(result["npz"])["loss"]).sum() == result["nonfinite_points"]
+
+
+def test_bench_measures_quick_smoke(capsys):
+    code, out, err = _run(capsys, "bench", "measures", "--quick", "--examples", "50", "--grid", "3",
+                          "--matvecs", "5", "--train-steps", "2", "--threads", "1", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["hessian_trace_matvecs"] == 5 and result["surface_grid"] == "3x3"
+    assert np.isfinite(result["lambda_max"]) and result["lambda_max_matvecs"] > 0
+    assert isinstance(result["eig_plus_trace_pass"], bool) and "data" in result
