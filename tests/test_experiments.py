@@ -217,9 +217,9 @@ def test_a_record_with_other_settings_is_never_overwritten(tmp_path, capsys):
     spec = build_grid(BC, "fa", [0.0], seeds=1, config_overrides={"epochs": 2})[0]
     path = out / BC / f"{spec.name}.json"
     path.parent.mkdir(parents=True)
-    record = {"format": "flatness-run", "status": "complete", **spec.as_dict()}
-    record["value"] = 5.0
-    path.write_text(json.dumps(record))
-    msg = _cli_error(["run", BC, "--lambdas", "0", "--seeds", "1", "--out", str(out), *QUICK], capsys)
-    assert "other settings" in msg
-    assert json.loads(path.read_text())["value"] == 5.0
+    record = {"format": "flatness-run", "status": "complete", "task_version": 1, **spec.as_dict()}
+    args = ["run", BC, "--lambdas", "0", "--seeds", "1", "--out", str(out), *QUICK]
+    for key, value, message in (("value", 5.0, "other settings"), ("task_version", 0, "version 0")):
+        path.write_text(json.dumps({**record, key: value}))
+        assert message in _cli_error(args, capsys)
+        assert json.loads(path.read_text())[key] == value

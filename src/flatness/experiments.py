@@ -441,6 +441,7 @@ def execute_run(
         **spec.as_dict(),
         "protocol_id": spec.protocol_id,
         "variant_id": spec.variant_id,
+        "task_version": task.version,
         "train_samples": int(splits.y_train.shape[0]),
         "val_samples": 0 if splits.y_val is None else int(splits.y_val.shape[0]),
         "test_samples": int(splits.y_test.shape[0]),
@@ -580,6 +581,12 @@ def pending_runs(
             )
         if _identity(RunSpec.from_dict(record)) != _identity(spec):
             raise FlatnessError(f"{path} holds a run with other settings; use another --out")
+        version = get_task(spec.task).version
+        if record.get("task_version", 1) != version:  # records before versioning: 1
+            raise FlatnessError(
+                f"{path} was made by version {record.get('task_version', 1)} of the {spec.task} "
+                f"protocol (now {version}); use another --out"
+            )
         if record["status"] == "failed" and retry_failed:
             todo.append(spec)
         else:

@@ -149,6 +149,9 @@ class Task:
     name: str = ""
     description: str = ""
     paper_table: str = ""
+    # Bumped whenever the task's data preparation, model or default protocol changes: run
+    # records of another version are then not taken as finished runs of this one.
+    version: int = 1
     config: TrainConfig
     num_classes: int = 0
     num_features: int | None = None  # input width; data-dependent tasks set it in ``load``
