@@ -67,6 +67,17 @@ def test_strength_is_chosen_on_validation_not_test():
     assert sam.flatness["measured_sq_trace_per_B"] == pytest.approx(1.5)
 
 
+def test_equal_validation_accuracy_is_decided_by_validation_loss():
+    records = [_record("none", None, s, 0.9, 0.9) for s in range(2)]
+    for value, loss in ((0.01, 0.30), (0.05, 0.20), (0.1, 0.25)):
+        for s in range(2):
+            r = _record("gnp", value, s, 0.95, 0.5 if value == 0.1 else 0.9)
+            r["final_val_loss"] = loss
+            records.append(r)
+    gnp = {r.method: r for r in select_and_summarize(records, ["gnp"])}["gnp"]
+    assert gnp.value == 0.05 and gnp.val_loss == pytest.approx(0.20)
+
+
 def test_ties_pick_the_smaller_strength_and_failed_runs_are_listed():
     records = [_record("none", None, s, 0.9, 0.9) for s in range(2)]
     records += [_record("nrs", v, s, 0.93, 0.9, hparam="eps") for v in (0.5, 0.05) for s in range(2)]
@@ -107,6 +118,7 @@ def test_compare_cli_end_to_end_then_resume(tmp_path, fake_measures, capsys):
     methods = {m["method"]: m for m in data["methods"]}
     assert set(methods) == {"none", "sam"}
     assert methods["sam"]["value"] in (0.01, 0.1) and len(methods["sam"]["test_accs"]) == 2
+    assert all(math.isfinite(g["val_loss"]) for g in methods["sam"]["grid"])  # the tie-break
     assert methods["sam"]["flatness"]["hessian_trace"] == pytest.approx(
         2 * methods["sam"]["flatness"]["lambda_max"]
     )

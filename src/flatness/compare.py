@@ -6,7 +6,9 @@ experiment runner (:func:`flatness.experiments.run_grid`: same loop, same per-ru
 resumable, ``--jobs``), into ``OUT/TASK/``. Then, per method:
 
 * the strength is **chosen on the validation split** — the highest mean over seeds of the final
-  model's validation accuracy (ties: the smaller strength); test accuracy never enters the choice;
+  model's validation accuracy, ties broken by the lower mean validation loss (then the smaller
+  strength); test accuracy never enters the choice. Small validation sets (Breast Cancer: 46
+  samples) often tie on accuracy, hence the loss;
 * at that strength: final test accuracy, mean ± std over seeds; Welch's t-test p-value against
   ``none`` (``scipy.stats.ttest_ind(equal_var=False)``);
 * flatness of the final models: Tr(H²)/B as recorded by the runner (its fixed measurement
@@ -127,6 +129,7 @@ class MethodResult:
     test_acc: float
     test_acc_std: float
     val_acc: float
+    val_loss: float = math.nan
     test_accs: list[float] = field(default_factory=list)  # per seed, for the t-test
     p_value: float = math.nan
     p_note: str = ""
@@ -148,9 +151,10 @@ def select_and_summarize(
 ) -> list[MethodResult]:
     """Choose each method's strength on validation accuracy and summarise its runs there.
 
-    ``records`` are run records of one task and protocol (complete or failed). Per-run flatness
-    entries listed in :data:`FLATNESS_KEYS` (and ``measured_sq_trace_per_B``) are averaged when
-    present. ``none`` is the baseline of the p-values and time ratios.
+    ``records`` are run records of one task and protocol (complete or failed), optionally with
+    ``final_val_loss`` (the tie-break). Per-run flatness entries listed in :data:`FLATNESS_KEYS`
+    (and ``measured_sq_trace_per_B``) are averaged when present. ``none`` is the baseline of the
+    p-values and time ratios.
     """
     results: list[MethodResult] = []
     for method in dict.fromkeys(["none", *methods]):
@@ -164,12 +168,19 @@ def select_and_summarize(
         for value in sorted(by_value, key=lambda v: -1.0 if v is None else float(v)):
             done = [r for r in by_value[value] if r["status"] == "complete"]
             mean, std = _mean_std([r.get("final_val_acc") for r in done])
-            grid.append({"value": value, "val_acc": mean, "val_acc_std": std, "runs": len(done),
+            loss, loss_std = _mean_std([r.get("final_val_loss") for r in done])
+            grid.append({"value": value, "val_acc": mean, "val_acc_std": std, "val_loss": loss,
+                         "val_loss_std": loss_std, "runs": len(done),
                          "failed": len(by_value[value]) - len(done)})
         usable = [g for g in grid if g["runs"] and math.isfinite(g["val_acc"])]
         if not usable:
             continue
-        best = max(usable, key=lambda g: (g["val_acc"], -(g["value"] or 0.0)))
+
+        def preference(g: dict[str, Any]) -> tuple[float, float, float]:
+            loss = g["val_loss"] if math.isfinite(g["val_loss"]) else math.inf
+            return (g["val_acc"], -loss, -(g["value"] or 0.0))
+
+        best = max(usable, key=preference)
         chosen = sorted(
             (r for r in by_value[best["value"]] if r["status"] == "complete"), key=lambda r: r["seed"]
         )
@@ -186,6 +197,7 @@ def select_and_summarize(
             test_acc=test,
             test_acc_std=test_std,
             val_acc=best["val_acc"],
+            val_loss=best["val_loss"],
             test_accs=[float(r["final_test_acc"]) for r in chosen],
         )
         for key in ("measured_sq_trace_per_B", *FLATNESS_KEYS):
@@ -207,37 +219,62 @@ def select_and_summarize(
     return results
 
 
-def _measure_run(
-    record: dict[str, Any], directory: Path, cache: Path, data_dir: str | None, download: bool | None
+def _run_extras(
+    record: dict[str, Any],
+    directory: Path,
+    cache: Path,
+    wanted: Sequence[str],
+    data_dir: str | None,
+    download: bool | None,
 ) -> dict[str, float]:
-    """λ_max and Tr(H) of one run's final model (from the record, the cache, or measured now)."""
-    if all(isinstance(record.get(k), (int, float)) for k in FLATNESS_KEYS):
-        return {k: float(record[k]) for k in FLATNESS_KEYS}
+    """``wanted`` of ``final_val_loss`` and :data:`FLATNESS_KEYS` for one run's final model.
+
+    Taken from the run record when it has them, else from ``cache/NAME.json`` (valid while the
+    record's ``finished_at`` matches), else computed from the checkpoint and added to the cache.
+    Validation loss: the task loss over the validation split, eval mode. λ_max and Tr(H):
+    :func:`flatness.measures.final_measures` on the first 1024 training samples in batches of B.
+    """
+    out = {k: float(record[k]) for k in wanted if isinstance(record.get(k), (int, float))}
     path = cache / f"{record['name']}.json"
+    cached: dict[str, Any] = {}
     if path.exists():
         try:
             cached = json.loads(path.read_text())
-            if cached.get("finished_at") == record.get("finished_at"):
-                return {k: float(cached[k]) for k in FLATNESS_KEYS}
-        except (ValueError, KeyError, TypeError):
-            pass  # unreadable cache entry: measure again
-    from .measures import final_measures
-
+        except ValueError:
+            cached = {}
+        if cached.get("finished_at") != record.get("finished_at"):
+            cached = {}  # the run was redone: its cache entry is stale
+    out.update({k: float(cached[k]) for k in wanted if k not in out and isinstance(cached.get(k), (int, float))})
+    missing = [k for k in wanted if k not in out]
+    if not missing:
+        return out
     task = get_task(record["task"])
     config = TrainConfig.from_dict(record["config"])
     splits = task.load(data_dir, val_fraction=config.val_fraction, download=download)
     model, _ = load_checkpoint(directory / record["checkpoint"], task=record["task"])
-    n = min(MEASURE_SAMPLES, int(splits.y_train.shape[0]))
-    batch = min(config.batch_size, n)
-    batches = [
-        b for _, b in zip(range(n // batch), iterate_batches(splits.x_train, splits.y_train, batch, shuffle=False))
-    ]
-    start = time.perf_counter()
-    values = final_measures(model, task.loss_fn, batches, seed=0)
-    out = {k: float(values[k]) for k in FLATNESS_KEYS}
-    write_json(path, {**out, "name": record["name"], "finished_at": record.get("finished_at"),
-                      "samples": batch * len(batches), "batch_size": batch,
-                      "seconds": time.perf_counter() - start})
+    new: dict[str, Any] = {}
+    if "final_val_loss" in missing and splits.x_val is not None and splits.y_val is not None:
+        from .train import evaluate
+
+        result = evaluate(model, splits.x_val, splits.y_val, task.predict, config.eval_batch_size, task.loss_fn)
+        new["final_val_loss"] = result["loss"]
+    if any(k in missing for k in FLATNESS_KEYS):
+        from . import measures
+
+        n = min(MEASURE_SAMPLES, int(splits.y_train.shape[0]))
+        batch = min(config.batch_size, n)
+        batches = [
+            b for _, b in zip(range(n // batch), iterate_batches(splits.x_train, splits.y_train, batch, shuffle=False))
+        ]
+        start = time.perf_counter()
+        values = measures.final_measures(model, task.loss_fn, batches, seed=0)
+        new.update({k: float(values[k]) for k in FLATNESS_KEYS})
+        new["measure_samples"], new["measure_batch_size"] = batch * len(batches), batch
+        new["measure_seconds"] = time.perf_counter() - start
+    cached.update(new)
+    cached.update({"name": record["name"], "finished_at": record.get("finished_at")})
+    write_json(path, cached)
+    out.update({k: float(new[k]) for k in missing if k in new})
     return out
 
 
@@ -257,8 +294,14 @@ def _setting(r: MethodResult) -> str:
     return f"{SYMBOLS.get(r.hparam, r.hparam)} = {format_value(float(r.value))}"
 
 
-def comparison_markdown(task: str, results: Sequence[MethodResult], config: dict[str, Any], wall: float | None = None) -> str:
-    """The comparison's ``summary.md``."""
+def comparison_markdown(
+    task: str,
+    results: Sequence[MethodResult],
+    config: dict[str, Any],
+    wall: float | None = None,
+    run_seconds: tuple[int, float] | None = None,
+) -> str:
+    """The comparison's ``summary.md``; ``run_seconds``: (number of runs, sum of their times)."""
     task_obj = TASKS.get(task)
     seeds = sorted({s for r in results for s in r.seeds})
     out = [f"# {task}: methods compared at their validation-chosen strength", ""]
@@ -269,8 +312,8 @@ def comparison_markdown(task: str, results: Sequence[MethodResult], config: dict
         f"L2 weight decay {config['weight_decay']:g}, validation split {config.get('val_fraction', 0):g}. "
         f"Seeds: {seeds}; mean ± std over seeds.",
         "",
-        "| method | chosen on val. | val acc | test acc | p vs none | Tr(H²)/B | λ_max | Tr(H) | time/epoch vs none |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | chosen on val. | val acc | val loss | test acc | p vs none | Tr(H²)/B | λ_max | Tr(H) | time/epoch vs none |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         f = r.flatness
@@ -284,6 +327,7 @@ def comparison_markdown(task: str, results: Sequence[MethodResult], config: dict
             f"`{r.method}`" + (f" ({len(r.failed)} failed)" if r.failed else ""),
             _setting(r),
             _fmt(r.val_acc),
+            _fmt(r.val_loss),
             _fmt(r.test_acc, r.test_acc_std),
             p,
             _fmt(f.get("measured_sq_trace_per_B", math.nan), r.flatness_std.get("measured_sq_trace_per_B", math.nan), sci=True),
@@ -295,7 +339,8 @@ def comparison_markdown(task: str, results: Sequence[MethodResult], config: dict
     out += [
         "",
         "*Chosen on val.*: the strength with the highest mean final validation accuracy over the "
-        "seeds (validation split carved from the training set; the test set plays no part). "
+        "seeds, ties broken by the lower mean validation loss (validation split carved from the "
+        "training set; the test set plays no part). "
         "*Test acc*: final test accuracy at that strength. *p*: Welch's t-test of the final test "
         "accuracies against `none`. *Tr(H²)/B*: the runner's fixed measurement of the final model "
         "(first 1024 training samples, eval mode, fixed Rademacher probes). *λ_max*, *Tr(H)*: "
@@ -303,7 +348,7 @@ def comparison_markdown(task: str, results: Sequence[MethodResult], config: dict
         "(`flatness.measures.final_measures`). *Time/epoch*: optimisation time per epoch (no "
         "evaluation), relative to `none`.",
         "",
-        "## Grids (mean final validation accuracy over seeds)",
+        "## Grids (mean final validation accuracy / loss over seeds)",
         "",
     ]
     for r in results:
@@ -314,10 +359,18 @@ def comparison_markdown(task: str, results: Sequence[MethodResult], config: dict
         for g in r.grid:
             mark = " **(chosen)**" if g["value"] == r.value else ""
             extra = f", {g['failed']} failed" if g["failed"] else ""
-            cells.append(f"{sym} = {format_value(float(g['value']))}: {_fmt(g['val_acc'], g['val_acc_std'])}{extra}{mark}")
+            cells.append(
+                f"{sym} = {format_value(float(g['value']))}: {_fmt(g['val_acc'], g['val_acc_std'])}"
+                f" / {_fmt(g['val_loss'])}{extra}{mark}"
+            )
         out.append(f"- `{r.method}`: " + "; ".join(cells))
+    if run_seconds is not None:
+        count, seconds = run_seconds
+        out += ["", f"The {count} runs took {seconds:.0f} s in all (training, evaluation and the "
+                    "runner's measurements, summed over the run records)."]
     if wall is not None:
-        out += ["", f"Wall time of this `flatness compare` call: {wall:.0f} s."]
+        out.append(f"Wall time of the `flatness compare` call that wrote this file: {wall:.0f} s "
+                   "(finished runs are reused, not retrained).")
     out.append("")
     return "\n".join(out)
 
@@ -388,25 +441,32 @@ def run_comparison(
         if record is None:
             raise FlatnessError(f"run {spec.name} left no record in {directory}")
         records[spec.name] = record
-    results = select_and_summarize(list(records.values()), methods)
     compare_dir = directory / "compare"
+    cache = compare_dir / "measures"
+    for name, record in records.items():  # the validation loss breaks ties in the choice
+        if record["status"] == "complete":
+            record.update(_run_extras(record, directory, cache, ["final_val_loss"], data_dir, download))
+    results = select_and_summarize(list(records.values()), methods)
     if measures:
         for r in results:
             per_run = [
-                _measure_run(records[name], directory, compare_dir / "measures", data_dir, download)
+                _run_extras(records[name], directory, cache, FLATNESS_KEYS, data_dir, download)
                 for name in r.runs
             ]
             for key in FLATNESS_KEYS:
                 r.flatness[key], r.flatness_std[key] = _mean_std([m[key] for m in per_run])
     wall = time.perf_counter() - start
     config = specs[0].config
-    text = comparison_markdown(task, results, config, wall)
+    seconds = sum(float(r.get("total_seconds") or 0.0) for r in records.values())
+    text = comparison_markdown(task, results, config, wall, (len(records), seconds))
     summary = {
         "format": "flatness-compare",
         "task": task,
         "config": config,
         "seeds": seeds,
         "wall_seconds": wall,
+        "runs": len(records),
+        "run_seconds": seconds,
         "methods": [asdict(r) for r in results],
     }
     atomic_write_bytes(compare_dir / "summary.md", lambda fh: fh.write(text.encode()))
