@@ -32,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -64,7 +65,16 @@ from .tasks import (
     save_checkpoint,
 )
 from .train import TrainingDiverged, make_optimizer, steps_per_epoch, train
-from .utils import FlatnessError, eval_mode
+from .distributed import (
+    DistContext,
+    EmulatedRanks,
+    init_distributed,
+    launched_by_torchrun,
+    rank_seed,
+    shutdown,
+    wrap_model,
+)
+from .utils import FlatnessError, eval_mode, to_device
 
 __all__ = [
     "RECORD_FORMAT",
@@ -388,11 +398,17 @@ def execute_run(
     data_dir: str | os.PathLike[str] | None = None,
     download: bool | None = None,
     progress: bool = False,
+    dist_ctx: DistContext | None = None,
+    emulate_ranks: int = 1,
 ) -> dict[str, Any]:
     """Train and measure one run; write its checkpoint(s) and then its JSON record.
 
     A run that diverges (non-finite loss or curvature) is recorded with ``status: "failed"``;
     data problems raise :class:`FlatnessError` and write nothing.
+
+    ``dist_ctx``: this process is one rank of a DDP job (:mod:`flatness.distributed`); every
+    rank calls this with the same spec, rank 0 measures and writes. ``emulate_ranks`` > 1 runs
+    the arithmetic of that many DDP ranks in this one process (the reference of the DDP tests).
     """
     out = Path(out_dir)
     task = get_task(spec.task)
@@ -405,8 +421,37 @@ def execute_run(
         kwargs["seed"] = spec.seed  # the method's own randomness (e.g. FA's probes)
     torch.manual_seed(spec.seed)
     model = task.build_model(num_features=splits.num_features)
+    world = dist_ctx.world_size if dist_ctx is not None else emulate_ranks
+    is_main = dist_ctx is None or dist_ctx.is_main
     try:
-        method = make_method(spec.method, model, task.loss_fn, **kwargs)
+        if dist_ctx is not None:
+            # identical initial weights on every rank (DDP also broadcasts rank 0's), then each
+            # rank's own streams: dropout from the global generator, probes from the method's
+            if dist_ctx.device.type != "cpu":
+                model = model.to(dist_ctx.device)
+                splits = dataclasses.replace(
+                    splits,
+                    **{
+                        f.name: to_device(getattr(splits, f.name), dist_ctx.device)
+                        for f in dataclasses.fields(splits)
+                        if isinstance(getattr(splits, f.name), Tensor)
+                    },
+                )
+            torch.manual_seed(rank_seed(spec.seed, dist_ctx.rank))
+            if "seed" in kwargs and _accepts(spec.method, "seed"):
+                kwargs["seed"] = rank_seed(kwargs["seed"], dist_ctx.rank)
+            method = make_method(spec.method, wrap_model(model, dist_ctx), task.loss_fn, **kwargs)
+        elif emulate_ranks > 1:
+            seeds = [rank_seed(spec.seed, r) for r in range(emulate_ranks)]
+            per_rank = []
+            for r in range(emulate_ranks):
+                rank_kwargs = dict(kwargs)
+                if "seed" in rank_kwargs and _accepts(spec.method, "seed"):
+                    rank_kwargs["seed"] = rank_seed(rank_kwargs["seed"], r)
+                per_rank.append(make_method(spec.method, model, task.loss_fn, **rank_kwargs))
+            method = EmulatedRanks(per_rank, seeds)
+        else:
+            method = make_method(spec.method, model, task.loss_fn, **kwargs)
     except (TypeError, ValueError) as exc:
         message = " ".join(str(exc).split())
         raise FlatnessError(f"method {spec.method!r} rejects its settings {kwargs}: {message}") from None
@@ -423,6 +468,8 @@ def execute_run(
             snapshots.append((step, _state_copy(model)))
 
     def on_epoch_end(epoch: int, record: dict[str, Any]) -> dict[str, Any]:
+        if not is_main:
+            return {"sq_trace_per_B": float("nan")}  # measured (and recorded) by rank 0 only
         m = measure_sq_trace_per_B(
             model,
             task,
@@ -442,6 +489,14 @@ def execute_run(
         "protocol_id": spec.protocol_id,
         "variant_id": spec.variant_id,
         "task_version": task.version,
+        "ranks": world,
+        "distributed": None
+        if world == 1
+        else {
+            "world_size": world,
+            "backend": "emulated" if dist_ctx is None else dist_ctx.backend,
+            "semantics": "per-rank penalty/perturbation on the local shard, gradients averaged",
+        },
         "train_samples": int(splits.y_train.shape[0]),
         "val_samples": 0 if splits.y_val is None else int(splits.y_val.shape[0]),
         "test_samples": int(splits.y_test.shape[0]),
@@ -465,8 +520,12 @@ def execute_run(
             description=spec.name,
             on_epoch_end=on_epoch_end,
             on_step_end=on_step_end if snap_steps else None,
+            shard=None if dist_ctx is None else (dist_ctx.rank, dist_ctx.world_size),
+            min_batch=world,
         )
     except (TrainingDiverged, FloatingPointError) as exc:
+        if not is_main:
+            return {"status": "failed", "name": spec.name}
         record = {
             **base,
             "status": "failed",
@@ -475,6 +534,8 @@ def execute_run(
         }
         write_json(out / f"{spec.name}.json", record)
         return record
+    if not is_main:
+        return {"status": "complete", "name": spec.name, "rank": dist_ctx.rank}
     measurements = measure_final(model, task, splits, config)
     epochs = history.epochs
     test = [e["test_acc"] for e in epochs]
@@ -604,6 +665,8 @@ def run_grid(
     progress: bool = True,
     retry_failed: bool = False,
     log: Any = None,
+    dist_ctx: DistContext | None = None,
+    emulate_ranks: int = 1,
 ) -> dict[str, list[dict[str, Any]]]:
     """Run every pending spec (``jobs`` at a time), results under ``OUT/TASK/``.
 
@@ -613,6 +676,10 @@ def run_grid(
     """
     if jobs < 1:
         raise FlatnessError(f"--jobs must be >= 1, got {jobs}")
+    if (dist_ctx is not None or emulate_ranks > 1) and jobs != 1:
+        raise FlatnessError("--jobs must be 1 with --ddp / --emulate-ranks (the ranks are the parallelism)")
+    if dist_ctx is not None:
+        return _run_grid_ddp(specs, Path(out_root), dist_ctx, data_dir, download, progress, retry_failed, log)
     out_root = Path(out_root)
     dirs = {spec.task: out_root / spec.task for spec in specs}
     for d in dict.fromkeys(dirs.values()):
@@ -641,7 +708,8 @@ def run_grid(
         if jobs == 1:
             for spec in todo:
                 record = execute_run(
-                    spec, dirs[spec.task], data_dir=data_dir, download=download, progress=progress
+                    spec, dirs[spec.task], data_dir=data_dir, download=download, progress=progress,
+                    emulate_ranks=emulate_ranks,
                 )
                 results[str(dirs[spec.task])].append(_brief(record))
                 say(_describe(record))
@@ -680,6 +748,70 @@ def run_grid(
         if bar is not None:
             bar.close()
     return results
+
+
+def _run_grid_ddp(
+    specs: Sequence[RunSpec],
+    out_root: Path,
+    ctx: DistContext,
+    data_dir: str | os.PathLike[str] | None,
+    download: bool | None,
+    progress: bool,
+    retry_failed: bool,
+    log: Any,
+) -> dict[str, list[dict[str, Any]]]:
+    """Every rank runs the same pending runs in the same order; rank 0 decides which and writes."""
+    import torch.distributed as dist
+
+    dirs = {spec.task: out_root / spec.task for spec in specs}
+    results: dict[str, list[dict[str, Any]]] = {str(d): [] for d in dirs.values()}
+    plan: list[Any] = [None]
+    if ctx.is_main:
+        todo: list[RunSpec] = []
+        for d in dict.fromkeys(dirs.values()):
+            _check_writable(d)
+        for task_name in dict.fromkeys(s.task for s in specs):
+            pending, done = pending_runs([s for s in specs if s.task == task_name], dirs[task_name], retry_failed)
+            todo += pending
+            results[str(dirs[task_name])] += done
+        plan = [[s.as_dict() for s in sorted(todo, key=lambda s: -s.cost)]]
+    dist.broadcast_object_list(plan, src=0)  # a shared filesystem is not assumed
+    say = log or (lambda msg: print(msg, file=sys.stderr))
+    if ctx.is_main and len(specs) > len(plan[0]):
+        say(f"{len(specs) - len(plan[0])} of {len(specs)} runs already finished; skipping them")
+    for spec_dict in plan[0]:
+        spec = RunSpec.from_dict(spec_dict)
+        record = execute_run(
+            spec, dirs[spec.task], data_dir=data_dir, download=download,
+            progress=progress and ctx.is_main, dist_ctx=ctx,
+        )
+        dist.barrier()  # rank 0 has written the run before anyone starts the next
+        if ctx.is_main:
+            results[str(dirs[spec.task])].append(_brief(record))
+            say(_describe(record))
+    return results
+
+
+def select_shard(specs: Sequence[RunSpec], index: int, count: int) -> list[RunSpec]:
+    """The ``index``-th (1-based) of ``count`` disjoint, balanced slices of a grid.
+
+    Runs are dealt round-robin in a fixed order (task, cost, name), so every machine computes the
+    same partition from the same command line, and the slices' costs are similar.
+    """
+    if not (1 <= index <= count):
+        raise FlatnessError(f"--shard must be I/N with 1 <= I <= N, got {index}/{count}")
+    ordered = sorted(specs, key=lambda s: (s.task, -s.cost, s.name))
+    return ordered[index - 1 :: count]
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    index, sep, count = text.partition("/")
+    try:
+        if not sep:
+            raise ValueError
+        return int(index), int(count)
+    except ValueError:
+        raise FlatnessError(f"--shard must look like I/N (e.g. 2/4), got {text!r}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -749,16 +881,33 @@ def _cmd_run(args: argparse.Namespace) -> int:
             method_kwargs=method_kwargs,
             trajectory=args.trajectory,
         )
+    if args.shard:
+        specs = select_shard(specs, *_parse_shard(args.shard))
+    if args.emulate_ranks < 1:
+        raise FlatnessError(f"--emulate-ranks must be >= 1, got {args.emulate_ranks}")
+    dist_ctx = None
+    if args.ddp or launched_by_torchrun():
+        if args.emulate_ranks > 1:
+            raise FlatnessError("--emulate-ranks is the one-process twin of --ddp: use one of them")
+        dist_ctx = init_distributed(args.backend)
     start = time.perf_counter()
-    results = run_grid(
-        specs,
-        args.out,
-        jobs=args.jobs,
-        data_dir=args.data_dir,
-        download=False if args.no_download else None,
-        progress=not args.quiet,
-        retry_failed=args.retry_failed,
-    )
+    try:
+        results = run_grid(
+            specs,
+            args.out,
+            jobs=args.jobs,
+            data_dir=args.data_dir,
+            download=False if args.no_download else None,
+            progress=not args.quiet,
+            retry_failed=args.retry_failed,
+            dist_ctx=dist_ctx,
+            emulate_ranks=args.emulate_ranks,
+        )
+    finally:
+        if dist_ctx is not None:
+            shutdown()
+    if dist_ctx is not None and not dist_ctx.is_main:
+        return 0
     wall = time.perf_counter() - start
     print(f"{len(specs)} runs in {', '.join(results)}; wall time {wall:.1f} s", file=sys.stderr)
     from .report import write_report
@@ -816,4 +965,22 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--retry-failed", action="store_true", help="re-run runs recorded as failed")
     p.add_argument("--no-plots", action="store_true", help="write the tables but no PNG plots")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="run only the I-th of N disjoint slices of the grid (several machines, one --out)",
+    )
+    p.add_argument(
+        "--ddp",
+        action="store_true",
+        help="train each run with DistributedDataParallel (automatic under torchrun)",
+    )
+    p.add_argument("--backend", choices=("gloo", "nccl"), help="DDP backend (default: nccl on GPU, else gloo)")
+    p.add_argument(
+        "--emulate-ranks",
+        type=int,
+        default=1,
+        metavar="N",
+        help="one process doing the arithmetic of an N-rank DDP run (reference for --ddp)",
+    )
     p.set_defaults(func=_cmd_run)

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from .data import Splits
+from .distributed import take_shard
 from .methods import Method
 from .tasks import TrainConfig, iterate_batches
 from .utils import FlatnessError, call_model, eval_mode, preserved_mode
@@ -167,6 +168,8 @@ def train(
     description: str = "train",
     on_epoch_end: EpochCallback | None = None,
     on_step_end: StepCallback | None = None,
+    shard: tuple[int, int] | None = None,
+    min_batch: int = 1,
 ) -> History:
     """Train ``model`` with ``method`` for ``config.epochs`` epochs; returns the :class:`History`.
 
@@ -186,6 +189,10 @@ def train(
         on_epoch_end: ``f(epoch, record) -> dict | None``; a returned dict is merged into the
             epoch's record (e.g. a curvature measurement). Not counted as training time.
         on_step_end: ``f(global_step, info)`` after each optimisation step (e.g. snapshots).
+        shard: ``(rank, world_size)`` under DDP: every rank draws the same global mini-batches
+            and steps on its own contiguous shard (:func:`flatness.distributed.take_shard`).
+        min_batch: skip global mini-batches with fewer samples (so that no rank's shard is
+            empty; the runner sets it to the number of ranks).
 
     Each epoch's record holds ``epoch`` (1-based), ``seconds`` (training only), ``lr`` (at the
     epoch's end), the mean over steps of every float the method returned (``loss``, and e.g.
@@ -218,6 +225,10 @@ def train(
                     data.x_train, data.y_train, config.batch_size, shuffle=True, generator=generator
                 )
                 for x, y in batches:
+                    if min_batch > 1 and int(y.shape[0]) < min_batch:
+                        continue  # identical on every rank: the global batch sizes agree
+                    if shard is not None:
+                        x, y = take_shard(x, y, *shard)
                     info = method.step(x, y, optimizer)
                     loss = info.get("loss")
                     if loss is None or not math.isfinite(loss):
