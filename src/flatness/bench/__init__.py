@@ -15,6 +15,7 @@ BENCH_MODULES: tuple[str, ...] = (
     "flatness.bench.overhead",
     "flatness.bench.methods",
     "flatness.bench.measures",
+    "flatness.bench.ddp",
 )
 
 
