@@ -15,7 +15,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
-	$(BIN)/flatness demo
+	$(BIN)/flatness run breast-cancer-mlp
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q

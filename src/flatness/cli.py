@@ -50,6 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = bool(os.environ.get("FLATNESS_DEBUG"))
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # e.g. `flatness ... | head`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt:
         print("flatness: interrupted", file=sys.stderr)
         return 130

@@ -60,6 +60,28 @@ def time_interleaved(
     return {name: median_ms(ts) for name, ts in samples.items()}
 
 
+def ratio_result(ms: dict[str, float], batch: int, steps_timed: int) -> dict[str, object]:
+    """``plain_ms``, run facts, then ``NAME_ms`` and ``NAME_ratio`` (= NAME / plain) per case."""
+    import platform
+
+    import torch
+
+    plain = ms["plain"]
+    result: dict[str, object] = {
+        "plain_ms": plain,
+        "batch": batch,
+        "steps_timed_per_case": steps_timed,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+    }
+    for name, value in ms.items():
+        if name != "plain":
+            result[f"{name}_ms"] = value
+            result[f"{name}_ratio"] = value / plain
+    return result
+
+
 def print_result(result: dict[str, object], as_json: bool, title: str) -> None:
     if as_json:
         print(json.dumps(result, sort_keys=True))

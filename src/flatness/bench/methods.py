@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 from collections.abc import Callable
 
 import torch
@@ -30,7 +29,7 @@ from torch import nn
 
 from ..methods import make_method
 from ..models import mlp
-from . import print_result, time_interleaved
+from . import print_result, ratio_result, time_interleaved
 
 __all__ = ["run_methods_bench", "TARGETS", "add_cli"]
 
@@ -97,19 +96,7 @@ def run_methods_bench(
         cases["curvature_vmap"] = method_case("curvature", {"alpha": 0.01, "impl": "vmap"})
     per_round = max(1, steps // rounds)
     ms = time_interleaved(cases, rounds=rounds, reps_per_round=per_round)
-    plain = ms["plain"]
-    result: dict[str, object] = {
-        "plain_ms": plain,
-        "batch": batch,
-        "steps_timed_per_case": rounds * per_round,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "machine": platform.machine(),
-    }
-    for label, value in ms.items():
-        if label != "plain":
-            result[f"{label}_ms"] = value
-            result[f"{label}_ratio"] = value / plain
+    result = ratio_result(ms, batch, rounds * per_round)
     result["targets_met"] = all(float(result[k]) <= v for k, v in TARGETS.items())  # type: ignore[arg-type]
     if profile:
         result["profile_curvature"] = _profile(cases["curvature"])

@@ -8,6 +8,9 @@ time and each case's median step time divided by it.
 - ``fa_m5_k1``: M = 5, every step;
 - ``fa_m5_k10``: M = 5 every 10 steps, timed over whole windows of 10 steps;
 - ``fa_m5_k1_sub32`` / ``fa_m5_k10_sub32``: curvature pass on a 32-sample sub-batch;
+- ``fa_m1_k1_autograd`` / ``fa_m5_k1_autograd``: the same FA steps forced onto generic batched
+  double backward (``backend="autograd"``), the path models other than Linear/activation stacks
+  take;
 - ``reference_m5_k1``: the paper-literal step (a Python loop over probes that recomputes the
   gradient for every probe) for comparison.
 """
@@ -16,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 from collections.abc import Callable
 
 import torch
@@ -24,7 +26,7 @@ from torch import nn
 
 from ..methods import make_method
 from ..models import mlp
-from . import print_result, time_interleaved
+from . import print_result, ratio_result, time_interleaved
 
 __all__ = ["run_overhead", "add_cli"]
 
@@ -98,24 +100,18 @@ def run_overhead(
         f"fa_m5_k10_sub{sub}": window(
             method_case("fa", lam=lam, probes=5, every=10, seed=seed, sub_batch=sub), 10
         ),
+        "fa_m1_k1_autograd": method_case(
+            "fa", lam=lam, probes=1, every=1, seed=seed, backend="autograd"
+        ),
+        "fa_m5_k1_autograd": method_case(
+            "fa", lam=lam, probes=5, every=1, seed=seed, backend="autograd"
+        ),
         "reference_m5_k1": lambda: ref_step(x, y),
     }
     windows = {"fa_m5_k10": 10, f"fa_m5_k10_sub{sub}": 10}
     per_round = max(1, steps // rounds)
     ms = time_interleaved(cases, rounds=rounds, reps_per_round=per_round, per_call_steps=windows)
-    plain = ms["plain"]
-    result: dict[str, object] = {
-        "plain_ms": plain,
-        "batch": batch,
-        "steps_timed_per_case": rounds * per_round,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "machine": platform.machine(),
-    }
-    for name, value in ms.items():
-        if name != "plain":
-            result[f"{name}_ms"] = value
-            result[f"{name}_ratio"] = value / plain
+    result = ratio_result(ms, batch, rounds * per_round)
     return result
 
 
