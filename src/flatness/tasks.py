@@ -3,10 +3,10 @@
 =====================  ==========================  ===========================  =================
 task                   data                        model                        protocol
 =====================  ==========================  ===========================  =================
-``cifar100-mlp``       CIFAR-100, standardised     MLP 3072-512-256-100,        Adam lr 0.01,
-                                                   ReLU, dropout 0.3            warmup + cosine,
-                                                                                10 ep, B 128,
-                                                                                wd 5e-4
+``cifar100-mlp``       CIFAR-100, standardised     MLP 3072-512-256-100,        Adam lr 1e-3,
+                       per channel                 ReLU, dropout 0.3            2-ep warm-up +
+                                                                                cosine, 10 ep,
+                                                                                B 128, wd 5e-4
 ``newsgroups-logreg``  20 Newsgroups TF-IDF        logistic regression          Adam lr 3e-3,
                        (sparse CSR)                (one sparse linear layer)    20 ep, B 32,
                                                                                 wd 1e-4
@@ -213,14 +213,19 @@ class Cifar100MLP(Task):
     paper_table = "Table 1"
     num_classes = 100
     num_features = 3072
-    # lr 0.01 (the paper's initial rate), one warm-up epoch, cosine decay to 0 over 10 epochs.
+    version = 2
+    # Adam at the paper's lr 0.01 kills this MLP within its first ten steps (the first Adam
+    # steps move every weight by ~lr; the second hidden layer dies and the loss stays at
+    # ln 100), with or without warm-up, decoupled decay or another initialisation; 3e-3 and 2e-3
+    # are unstable too. Tuned on the validation split (seed 0): peak lr 1e-3 reached by a linear
+    # warm-up over 2 epochs, then cosine decay to 0.
     config = TrainConfig(
         epochs=10,
         batch_size=128,
-        lr=0.01,
+        lr=1e-3,
         weight_decay=5e-4,
         schedule="cosine",
-        warmup_epochs=1.0,
+        warmup_epochs=2.0,
     )
 
     def _load_raw(self, root: Path, download: bool | None) -> Splits:
