@@ -49,6 +49,7 @@ from .experiments import (
     build_grid,
     default_values,
     format_value,
+    protocol_overrides,
     read_record,
     run_grid,
     write_json,
@@ -497,16 +498,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         raise FlatnessError(f"--seeds must be >= 1, got {args.seeds}")
     if args.jobs < 1:
         raise FlatnessError(f"--jobs must be >= 1, got {args.jobs}")
-    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
-        if value is not None and value < 1:
-            raise FlatnessError(f"{flag} must be >= 1, got {value}")
-    if args.lr is not None and not args.lr > 0:
-        raise FlatnessError(f"--lr must be > 0, got {args.lr}")
-    overrides = {
-        k: v
-        for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr))
-        if v is not None
-    }
+    overrides = protocol_overrides(args)
     _, text = run_comparison(
         args.task,
         args.out,

@@ -831,6 +831,20 @@ def _parse_assignments(items: Sequence[str] | None, what: str) -> dict[str, Any]
     return out
 
 
+def protocol_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The training-protocol flags a user gave (``--epochs``, ``--batch-size``, ``--lr``), checked."""
+    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise FlatnessError(f"{flag} must be >= 1, got {value}")
+    if args.lr is not None and not args.lr > 0:
+        raise FlatnessError(f"--lr must be > 0, got {args.lr}")
+    return {
+        k: v
+        for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr))
+        if v is not None
+    }
+
+
 def _tasks_from_args(names: Sequence[str]) -> list[str]:
     out: list[str] = []
     for name in names:
@@ -852,16 +866,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         bad = [v for v in args.lambdas if not (math.isfinite(v) and v >= 0)]
         if bad:
             raise FlatnessError(f"--lambdas must be finite and >= 0, got {bad[0]:g}")
-    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
-        if value is not None and value < 1:
-            raise FlatnessError(f"{flag} must be >= 1, got {value}")
-    if args.lr is not None and not args.lr > 0:
-        raise FlatnessError(f"--lr must be > 0, got {args.lr}")
-    overrides = {
-        k: v
-        for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr))
-        if v is not None
-    }
+    overrides = protocol_overrides(args)
     method_kwargs = _parse_assignments(args.method_arg, "--method-arg")
     for key, value in (("probes", args.probes), ("every", args.every)):
         if value is not None:
