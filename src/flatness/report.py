@@ -226,7 +226,7 @@ def _protocol_line(g: Group) -> str:
     if c.get("warmup_epochs"):
         sched = f"{c['warmup_epochs']:g}-epoch warm-up, {sched}"
     text = (
-        f"{c['epochs']} epochs, B = {c['batch_size']}, Adam lr {c['lr']:g} ({sched}), "
+        f"{c['epochs']} epoch{'s' if c['epochs'] != 1 else ''}, B = {c['batch_size']}, Adam lr {c['lr']:g} ({sched}), "
         f"L2 weight decay {c['weight_decay']:g}, validation split {c.get('val_fraction', 0):g}"
     )
     if g.method_kwargs:
