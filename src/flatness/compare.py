@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import math
 import statistics
 import sys
@@ -44,10 +43,11 @@ from pathlib import Path
 from typing import Any
 
 from .experiments import (
-    MEASURE_SAMPLES,
+    FLATNESS_KEYS,
     RunSpec,
     build_grid,
     default_values,
+    final_model_extras,
     format_value,
     protocol_overrides,
     read_record,
@@ -56,7 +56,7 @@ from .experiments import (
 )
 from .methods import METHODS
 from .report import welch_p, write_report
-from .tasks import TASKS, TrainConfig, atomic_write_bytes, get_task, iterate_batches, load_checkpoint
+from .tasks import TASKS, atomic_write_bytes, get_task
 from .utils import FlatnessError
 
 __all__ = [
@@ -71,7 +71,6 @@ __all__ = [
 ]
 
 COMPARE_METHODS: tuple[str, ...] = ("none", "fa", "sam", "gnp", "curvature", "nrs", "rpr")
-FLATNESS_KEYS: tuple[str, ...] = ("lambda_max", "hessian_trace")
 
 
 def comparison_grid(method: str) -> list[float | None]:
@@ -218,65 +217,6 @@ def select_and_summarize(
             continue
         r.p_value, r.p_note = welch_p(r.test_accs, base.test_accs)
     return results
-
-
-def _run_extras(
-    record: dict[str, Any],
-    directory: Path,
-    cache: Path,
-    wanted: Sequence[str],
-    data_dir: str | None,
-    download: bool | None,
-) -> dict[str, float]:
-    """``wanted`` of ``final_val_loss`` and :data:`FLATNESS_KEYS` for one run's final model.
-
-    Taken from the run record when it has them, else from ``cache/NAME.json`` (valid while the
-    record's ``finished_at`` matches), else computed from the checkpoint and added to the cache.
-    Validation loss: the task loss over the validation split, eval mode. λ_max and Tr(H):
-    :func:`flatness.measures.final_measures` on the first 1024 training samples in batches of B.
-    """
-    out = {k: float(record[k]) for k in wanted if isinstance(record.get(k), (int, float))}
-    path = cache / f"{record['name']}.json"
-    cached: dict[str, Any] = {}
-    if path.exists():
-        try:
-            cached = json.loads(path.read_text())
-        except ValueError:
-            cached = {}
-        if cached.get("finished_at") != record.get("finished_at"):
-            cached = {}  # the run was redone: its cache entry is stale
-    out.update({k: float(cached[k]) for k in wanted if k not in out and isinstance(cached.get(k), (int, float))})
-    missing = [k for k in wanted if k not in out]
-    if not missing:
-        return out
-    task = get_task(record["task"])
-    config = TrainConfig.from_dict(record["config"])
-    splits = task.load(data_dir, val_fraction=config.val_fraction, download=download)
-    model, _ = load_checkpoint(directory / record["checkpoint"], task=record["task"])
-    new: dict[str, Any] = {}
-    if "final_val_loss" in missing and splits.x_val is not None and splits.y_val is not None:
-        from .train import evaluate
-
-        result = evaluate(model, splits.x_val, splits.y_val, task.predict, config.eval_batch_size, task.loss_fn)
-        new["final_val_loss"] = result["loss"]
-    if any(k in missing for k in FLATNESS_KEYS):
-        from . import measures
-
-        n = min(MEASURE_SAMPLES, int(splits.y_train.shape[0]))
-        batch = min(config.batch_size, n)
-        batches = [
-            b for _, b in zip(range(n // batch), iterate_batches(splits.x_train, splits.y_train, batch, shuffle=False))
-        ]
-        start = time.perf_counter()
-        values = measures.final_measures(model, task.loss_fn, batches, seed=0)
-        new.update({k: float(values[k]) for k in FLATNESS_KEYS})
-        new["measure_samples"], new["measure_batch_size"] = batch * len(batches), batch
-        new["measure_seconds"] = time.perf_counter() - start
-    cached.update(new)
-    cached.update({"name": record["name"], "finished_at": record.get("finished_at")})
-    write_json(path, cached)
-    out.update({k: float(new[k]) for k in missing if k in new})
-    return out
 
 
 def _fmt(mean: float, std: float = math.nan, digits: int = 4, sci: bool = False) -> str:
@@ -446,12 +386,12 @@ def run_comparison(
     cache = compare_dir / "measures"
     for name, record in records.items():  # the validation loss breaks ties in the choice
         if record["status"] == "complete":
-            record.update(_run_extras(record, directory, cache, ["final_val_loss"], data_dir, download))
+            record.update(final_model_extras(record, directory, cache, ["final_val_loss"], data_dir, download))
     results = select_and_summarize(list(records.values()), methods)
     if measures:
         for r in results:
             per_run = [
-                _run_extras(records[name], directory, cache, FLATNESS_KEYS, data_dir, download)
+                final_model_extras(records[name], directory, cache, FLATNESS_KEYS, data_dir, download)
                 for name in r.runs
             ]
             for key in FLATNESS_KEYS:

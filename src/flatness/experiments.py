@@ -62,6 +62,7 @@ from .tasks import (
     atomic_write_bytes,
     get_task,
     iterate_batches,
+    load_checkpoint,
     save_checkpoint,
 )
 from .train import TrainingDiverged, make_optimizer, steps_per_epoch, train
@@ -328,6 +329,68 @@ def measure_final(model: nn.Module, task: Task, splits: Splits, config: TrainCon
             "seconds": time.perf_counter() - start,
         },
     }
+
+
+FLATNESS_KEYS: tuple[str, ...] = ("lambda_max", "hessian_trace")
+
+
+def final_model_extras(
+    record: dict[str, Any],
+    directory: Path,
+    cache: Path,
+    wanted: Sequence[str],
+    data_dir: str | None,
+    download: bool | None,
+) -> dict[str, float]:
+    """``wanted`` of ``final_val_loss`` and :data:`FLATNESS_KEYS` for one run's final model.
+
+    Taken from the run record when it has them, else from ``cache/NAME.json`` (valid while the
+    record's ``finished_at`` matches), else computed from the checkpoint and added to the cache.
+    Validation loss: the task loss over the validation split, eval mode. λ_max and Tr(H):
+    :func:`flatness.measures.final_measures` on the first 1024 training samples in batches of B.
+    """
+    out = {k: float(record[k]) for k in wanted if isinstance(record.get(k), (int, float))}
+    path = cache / f"{record['name']}.json"
+    cached: dict[str, Any] = {}
+    if path.exists():
+        try:
+            cached = json.loads(path.read_text())
+        except ValueError:
+            cached = {}
+        if cached.get("finished_at") != record.get("finished_at"):
+            cached = {}  # the run was redone: its cache entry is stale
+    out.update({k: float(cached[k]) for k in wanted if k not in out and isinstance(cached.get(k), (int, float))})
+    missing = [k for k in wanted if k not in out]
+    if not missing:
+        return out
+    task = get_task(record["task"])
+    config = TrainConfig.from_dict(record["config"])
+    splits = task.load(data_dir, val_fraction=config.val_fraction, download=download)
+    model, _ = load_checkpoint(directory / record["checkpoint"], task=record["task"])
+    new: dict[str, Any] = {}
+    if "final_val_loss" in missing and splits.x_val is not None and splits.y_val is not None:
+        from .train import evaluate
+
+        result = evaluate(model, splits.x_val, splits.y_val, task.predict, config.eval_batch_size, task.loss_fn)
+        new["final_val_loss"] = result["loss"]
+    if any(k in missing for k in FLATNESS_KEYS):
+        from . import measures
+
+        n = min(MEASURE_SAMPLES, int(splits.y_train.shape[0]))
+        batch = min(config.batch_size, n)
+        batches = [
+            b for _, b in zip(range(n // batch), iterate_batches(splits.x_train, splits.y_train, batch, shuffle=False))
+        ]
+        start = time.perf_counter()
+        values = measures.final_measures(model, task.loss_fn, batches, seed=0)
+        new.update({k: float(values[k]) for k in FLATNESS_KEYS})
+        new["measure_samples"], new["measure_batch_size"] = batch * len(batches), batch
+        new["measure_seconds"] = time.perf_counter() - start
+    cached.update(new)
+    cached.update({"name": record["name"], "finished_at": record.get("finished_at")})
+    write_json(path, cached)
+    out.update({k: float(new[k]) for k in missing if k in new})
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -67,6 +67,8 @@ METRICS = (
     "measured_sq_trace_per_B",
     "train_seconds",
     "seconds_per_epoch",
+    "lambda_max",
+    "hessian_trace",
 )
 
 
@@ -251,8 +253,8 @@ def markdown(groups: Sequence[Group]) -> str:
         sym = g.symbol or "setting"
         head = [
             sym, "runs", "Final acc", "Best acc†", "Val-chosen acc", "Avg. flatness (train est.)",
-            "Avg. flatness (measured)", "Final Tr(H²)/B (measured)", "Train time (s)", "s/epoch",
-            "p (final acc)",
+            "Avg. flatness (measured)", "Final Tr(H²)/B (measured)", "λ_max", "Tr(H)",
+            "Train time (s)", "s/epoch", "p (final acc)",
         ]
         if paper:
             head.append("Paper final acc")
@@ -269,6 +271,8 @@ def markdown(groups: Sequence[Group]) -> str:
                 "not computed" if not s["avg_train_sq_trace_per_B"][2] else _fmt(*s["avg_train_sq_trace_per_B"][:2], sci=True),
                 _fmt(*s["avg_epoch_sq_trace_per_B"][:2], sci=True),
                 _fmt(*s["measured_sq_trace_per_B"][:2], sci=True),
+                _fmt(*s["lambda_max"][:2], sci=True) if s["lambda_max"][2] else "not measured",
+                _fmt(*s["hessian_trace"][:2], sci=True) if s["hessian_trace"][2] else "not measured",
                 _fmt(*s["train_seconds"][:2], digits=1),
                 _fmt(s["seconds_per_epoch"][0], math.nan, digits=2),
                 _fmt_p(row),
@@ -291,7 +295,11 @@ def markdown(groups: Sequence[Group]) -> str:
         "Tr(H²)/B measured after each epoch on the first two training batches of B (eval mode, 5 "
         "fixed probes per batch). *Final Tr(H²)/B (measured)*: the final model by one fixed protocol for "
         "every run — first 1024 training samples in fixed batches of B, eval mode, 10 fixed "
-        "Rademacher probes per batch. *Train time*: optimisation steps only (no evaluation).",
+        "Rademacher probes per batch. *λ_max*, *Tr(H)*: the largest Hessian eigenvalue (Lanczos) "
+        "and the Hutchinson trace (30 products) of the final model's training loss on the same "
+        "1024 samples, eval mode (`flatness report --measures` computes them from the checkpoints "
+        "and caches them in `measures/`). *Train time*: optimisation steps only "
+        "(no evaluation).",
         "",
     ]
     return "\n".join(out)
@@ -425,20 +433,49 @@ def plot_group(g: Group, directory: Path) -> list[Path]:
     return written
 
 
-def write_report(directory: str | Path, plots: bool = True) -> str:
+def add_final_measures(
+    directory: Path,
+    records: list[dict[str, Any]],
+    data_dir: str | None = None,
+    progress: bool = False,
+) -> None:
+    """Fill in λ_max and Tr(H) of every complete run from its checkpoint (cached in measures/)."""
+    from .experiments import FLATNESS_KEYS, final_model_extras
+
+    todo = [r for r in records if r["status"] == "complete" and r.get("checkpoint")]
+    todo = [r for r in todo if (directory / r["checkpoint"]).exists()]
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        todo = tqdm(todo, desc="λ_max, Tr(H)", unit="run", leave=False)
+    for r in todo:
+        r.update(final_model_extras(r, directory, directory / "measures", FLATNESS_KEYS, data_dir, None))
+
+
+def write_report(
+    directory: str | Path,
+    plots: bool = True,
+    measures: bool = False,
+    data_dir: str | None = None,
+) -> str:
     """Write ``summary.csv``, ``summary.md`` and (``plots``) PNGs into ``directory``; return the markdown.
 
-    A directory without run records but with sub-directories holding some gets one report per
-    sub-directory.
+    ``measures``: compute the final models' λ_max and Tr(H) from their checkpoints where the
+    records lack them (cached). A directory without run records but with sub-directories holding
+    some gets one report per sub-directory.
     """
     directory = Path(directory)
+    if not directory.is_dir():
+        raise FlatnessError(f"no such results directory: {directory}")
     records = load_records(directory)
     if not records:
         subdirs = [d for d in sorted(directory.iterdir()) if d.is_dir() and any(d.glob("*.json"))]
-        texts = [write_report(d, plots) for d in subdirs if load_records(d)]
+        texts = [write_report(d, plots, measures, data_dir) for d in subdirs if load_records(d)]
         if not texts:
             raise FlatnessError(f"no run records (*.json from `flatness run`) in {directory}")
         return "\n".join(texts)
+    if measures:
+        add_final_measures(directory, records, data_dir, progress=True)
     groups = summarize(records)
     text = markdown(groups)
     try:
@@ -453,7 +490,12 @@ def write_report(directory: str | Path, plots: bool = True) -> str:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    print(write_report(args.directory, plots=not args.no_plots))
+    print(
+        write_report(
+            args.directory, plots=not args.no_plots, measures=args.measures,
+            data_dir=args.data_dir,
+        )
+    )
     return 0
 
 
@@ -465,4 +507,10 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("directory", metavar="DIR", help="a results directory (e.g. runs/breast-cancer-mlp)")
     p.add_argument("--no-plots", action="store_true", help="tables only")
+    p.add_argument(
+        "--measures",
+        action="store_true",
+        help="add λ_max and Tr(H) of every final model (computed from checkpoints once, cached)",
+    )
+    p.add_argument("--data-dir", help="data directory, to measure the final models on their training data")
     p.set_defaults(func=_cmd_report)
