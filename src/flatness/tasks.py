@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +54,7 @@ from .data import (
     split_validation,
 )
 from .models import logistic_regression, mlp
-from .utils import FlatnessError
+from .utils import FlatnessError, atomic_write_bytes
 
 __all__ = [
     "SCHEDULES",
@@ -320,29 +319,6 @@ def iterate_batches(
 # Checkpoints
 
 CHECKPOINT_FORMAT = "flatness-checkpoint"
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], write: Any) -> None:
-    """Call ``write(file_object)`` on a temp file in ``path``'s folder, then rename it to ``path``.
-
-    A reader never sees a half-written ``path``: it is either the old file or the complete new
-    one. The temp file is removed if ``write`` raises.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _input_width(model: nn.Module) -> int | None:

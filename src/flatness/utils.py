@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import tempfile
+from pathlib import Path
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,6 +14,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "FlatnessError",
+    "atomic_write_bytes",
     "unwrap",
     "module_modes",
     "restore_modes",
@@ -125,3 +129,26 @@ def call_model(model: nn.Module, x: Any) -> Tensor:
     if isinstance(x, dict):
         return model(**x)
     return model(x)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], write: Any) -> None:
+    """Call ``write(file_object)`` on a temp file in ``path``'s folder, then rename it to ``path``.
+
+    A reader never sees a half-written ``path``: it is either the old file or the complete new
+    one. The temp file is removed if ``write`` raises.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
