@@ -60,6 +60,29 @@ def time_interleaved(
     return {name: median_ms(ts) for name, ts in samples.items()}
 
 
+def paper_mlp_setup(
+    batch: int, seed: int, quick: bool = False, threads: int | None = None
+) -> tuple[object, object, object, object]:
+    """The benchmarks' shared case: the paper's CIFAR-100 MLP and one synthetic batch.
+
+    Returns ``(model, loss_fn, x, y)``; ``quick`` shrinks the model for smoke tests.
+    """
+    import torch
+    from torch import nn
+
+    from ..models import mlp
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    in_dim, hidden, classes = (3072, (512, 256), 100) if not quick else (64, (32, 16), 10)
+    model = mlp(in_dim, classes, hidden, dropout=0.3)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, in_dim, generator=gen)
+    y = torch.randint(0, classes, (batch,), generator=gen)
+    return model, nn.CrossEntropyLoss(), x, y
+
+
 def ratio_result(ms: dict[str, float], batch: int, steps_timed: int) -> dict[str, object]:
     """``plain_ms``, run facts, then ``NAME_ms`` and ``NAME_ratio`` (= NAME / plain) per case."""
     import platform

@@ -25,11 +25,9 @@ import copy
 from collections.abc import Callable
 
 import torch
-from torch import nn
 
 from ..methods import make_method
-from ..models import mlp
-from . import print_result, ratio_result, time_interleaved
+from . import paper_mlp_setup, print_result, ratio_result, time_interleaved
 
 __all__ = ["run_methods_bench", "TARGETS", "add_cli"]
 
@@ -75,15 +73,7 @@ def run_methods_bench(
     profile: bool = False,
 ) -> dict[str, object]:
     """Run the benchmark and return the figures (milliseconds, ratios, targets_met)."""
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    in_dim, hidden, classes = (3072, (512, 256), 100) if not quick else (64, (32, 16), 10)
-    base = mlp(in_dim, classes, hidden, dropout=0.3)
-    loss_fn = nn.CrossEntropyLoss()
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, in_dim, generator=gen)
-    y = torch.randint(0, classes, (batch,), generator=gen)
+    base, loss_fn, x, y = paper_mlp_setup(batch, seed, quick, threads)
 
     def method_case(name: str, hp: dict[str, object]) -> Callable[[], None]:
         model = copy.deepcopy(base).train()
