@@ -26,7 +26,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -36,7 +35,7 @@ from torch import Tensor, nn
 from ..hutchinson import Distribution, Estimate
 from .functional import LossFn
 from .operator import HessianOperator
-from .trace import Operator, operator_dim, random_matrix
+from .trace import Operator, _estimate, _generator, operator_dim, random_matrix
 
 __all__ = ["sq_trace_of", "hessian_sq_trace"]
 
@@ -54,15 +53,12 @@ def sq_trace_of(
     if num_matvecs < 1:
         raise ValueError(f"num_matvecs must be >= 1, got {num_matvecs}")
     dim = operator_dim(A)
-    gen = generator or torch.Generator().manual_seed(0 if seed is None else int(seed))
+    gen = _generator(generator, seed)
     samples = []
     for start in range(0, num_matvecs, chunk):
         v = random_matrix(dim, min(chunk, num_matvecs - start), dist, gen, A.dtype, A.device)
         samples.append((A @ v).pow(2).sum(0))
-    values = torch.cat(samples).detach().double().cpu()
-    n = values.numel()
-    stderr = float(values.std(unbiased=True)) / math.sqrt(n) if n > 1 else math.nan
-    return Estimate(float(values.mean()), stderr, n)
+    return _estimate(torch.cat(samples))
 
 
 def hessian_sq_trace(
