@@ -9,6 +9,7 @@ import pytest
 
 import flatness.measures
 from flatness.cli import main
+from flatness.experiments import format_value
 from flatness.compare import (
     comparison_grid,
     comparison_specs,
@@ -128,6 +129,13 @@ def test_compare_cli_end_to_end_then_resume(tmp_path, fake_measures, capsys):
     assert measured == 2 * 2  # two methods, two seeds, at the chosen strength only
     records = sorted(p.name for p in (tmp_path / BC).glob("*.json"))
     assert len(records) == 2 * (1 + 2)
+    # the per-method report shows what the comparison measured (one cache), and only that
+    chosen = format_value(methods["sam"]["value"])
+    rows = {line.split(" | ")[0][2:]: line for line in (tmp_path / BC / "summary.md").read_text().splitlines()
+            if line.startswith("| 0.")}
+    assert set(rows) == {"0.01", "0.1"}
+    assert "not measured" not in rows[chosen]
+    assert all("not measured" in line for v, line in rows.items() if v != chosen)
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / BC).glob("*.json")}
 
     assert main(args) == 0  # resumes: no run is trained again, measurements come from the cache

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from flatness.hutchinson import sample_probes, sq_trace
-from flatness.models import SparseLinear, logistic_regression, sparse_linear
+from flatness.models import SparseLinear, logistic_regression, mlp, sparse_linear
 from flatness.penalties import FlatnessPenalty
 from flatness.tasks import (
     TASKS,
@@ -152,6 +152,29 @@ def test_sparse_linear_initialises_like_nn_linear():
 
 # ------------------------------------------------------------------------------------------
 # Models, losses, predictions
+
+
+def test_mlp_weight_scale_scales_default_weights_only():
+    torch.manual_seed(3)
+    full = mlp(12, 5, (8, 6), dropout=0.3)
+    torch.manual_seed(3)
+    half = mlp(12, 5, (8, 6), dropout=0.3, weight_scale=0.5)
+    for a, b in zip(full, half):
+        if isinstance(a, nn.Linear):
+            assert torch.equal(b.weight, 0.5 * a.weight) and torch.equal(b.bias, a.bias)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="weight_scale"):
+            mlp(12, 5, weight_scale=bad)
+
+
+def test_cifar_model_uses_the_tuned_initial_scale():
+    task = get_task("cifar100-mlp")
+    torch.manual_seed(0)
+    model = task.build_model()
+    torch.manual_seed(0)
+    reference = mlp(3072, 100, (512, 256), dropout=0.3)
+    assert [m.out_features for m in model if isinstance(m, nn.Linear)] == [512, 256, 100]
+    assert torch.equal(model[0].weight, task.weight_scale * reference[0].weight)
 
 
 def test_breast_cancer_task_model_loss_predict():

@@ -14,7 +14,8 @@ resumable, ``--jobs``), into ``OUT/TASK/``. Then, per method:
 * flatness of the final models: Tr(H²)/B as recorded by the runner (its fixed measurement
   protocol), and λ_max and Tr(H) from :func:`flatness.measures.final_measures` on the same
   fixed data (the first 1024 training samples in batches of B; cached per run under
-  ``compare/measures/``), unless the run record already holds them;
+  ``OUT/TASK/measures/``, the cache ``flatness report --measures`` uses too), unless the run
+  record already holds them;
 * training time per epoch relative to ``none`` (means over seeds; with ``--jobs`` > 1 runs share
   the cores, so these ratios are rough).
 
@@ -329,7 +330,9 @@ def plot_comparison(task: str, results: Sequence[MethodResult], records: dict[st
     stds = [0.0 if not math.isfinite(r.test_acc_std) else r.test_acc_std for r in results]
     colors = [f"C{i}" for i in range(len(results))]
     left.bar(range(len(results)), means, yerr=stds, capsize=4, color=colors)
-    left.set_xticks(range(len(results)), [f"{r.method}\n{_setting(r)}" for r in results], fontsize=8)
+    # compact "α=1e-04": full-width settings of neighbouring bars overlap
+    ticks = [f"{r.method}\n{_setting(r).replace(' = ', '=')}" for r in results]
+    left.set_xticks(range(len(results)), ticks, fontsize=8, rotation=30, ha="right", rotation_mode="anchor")
     finite = [m for m in means if math.isfinite(m)]
     if finite:
         spread = max(max(finite) - min(finite), max(stds) if stds else 0.0, 0.01)
@@ -383,7 +386,7 @@ def run_comparison(
             raise FlatnessError(f"run {spec.name} left no record in {directory}")
         records[spec.name] = record
     compare_dir = directory / "compare"
-    cache = compare_dir / "measures"
+    cache = directory / "measures"  # shared with `flatness report --measures`: one cache per run
     for name, record in records.items():  # the validation loss breaks ties in the choice
         if record["status"] == "complete":
             record.update(final_model_extras(record, directory, cache, ["final_val_loss"], data_dir, download))
@@ -414,6 +417,8 @@ def run_comparison(
     write_json(compare_dir / "compare.json", summary)
     if plots:
         plot_comparison(task, results, records, compare_dir / "compare.png")
+    # the per-method tables show the λ_max and Tr(H) measured above (same cache); the other
+    # strengths' runs stay "not measured" until `flatness report DIR --measures`
     write_report(directory, plots=plots)
     return results, text
 

@@ -334,6 +334,59 @@ def measure_final(model: nn.Module, task: Task, splits: Splits, config: TrainCon
 FLATNESS_KEYS: tuple[str, ...] = ("lambda_max", "hessian_trace")
 
 
+class StaleCheckpointError(FlatnessError):
+    """A run's checkpoint file was written by another training of that run than its record."""
+
+
+def check_checkpoint_matches(record: dict[str, Any], meta: dict[str, Any], path: Path) -> None:
+    """``StaleCheckpointError`` unless the checkpoint at ``path`` is the one ``record`` wrote.
+
+    Checkpoints carry their run's ``finished_at`` stamp (older ones: its final test accuracy),
+    so results copied between directories cannot silently pair a record with the checkpoint of
+    a different training of the same run.
+    """
+    same_run = meta.get("name", record["name"]) == record["name"]
+    if "finished_at" in meta:
+        same_run = same_run and meta["finished_at"] == record.get("finished_at")
+    else:
+        same_run = same_run and meta.get("final_test_acc") == record.get("final_test_acc")
+    if not same_run:
+        raise StaleCheckpointError(
+            f"checkpoint {path} is not the one run {record['name']} recorded "
+            f"(finished {meta.get('finished_at', 'at an unknown time')}, record {record.get('finished_at')}); "
+            "re-run that run or remove the stale checkpoint"
+        )
+
+
+def _read_cache_entry(record: dict[str, Any], cache: Path) -> dict[str, Any]:
+    path = cache / f"{record['name']}.json"
+    if not path.exists():
+        return {}
+    try:
+        cached = json.loads(path.read_text())
+    except ValueError:
+        return {}
+    if not isinstance(cached, dict) or cached.get("finished_at") != record.get("finished_at"):
+        return {}  # the run was redone: its cache entry is stale
+    return cached
+
+
+def cached_extras(
+    record: dict[str, Any],
+    cache: Path,
+    wanted: Sequence[str],
+    cached: dict[str, Any] | None = None,
+) -> dict[str, float]:
+    """``wanted`` values already known for a run: from its record, else from ``cache/NAME.json``.
+
+    Computes nothing (see :func:`final_model_extras`); keys known nowhere are left out.
+    """
+    out = {k: float(record[k]) for k in wanted if isinstance(record.get(k), (int, float))}
+    cached = _read_cache_entry(record, cache) if cached is None else cached
+    out.update({k: float(cached[k]) for k in wanted if k not in out and isinstance(cached.get(k), (int, float))})
+    return out
+
+
 def final_model_extras(
     record: dict[str, Any],
     directory: Path,
@@ -349,24 +402,16 @@ def final_model_extras(
     Validation loss: the task loss over the validation split, eval mode. λ_max and Tr(H):
     :func:`flatness.measures.final_measures` on the first 1024 training samples in batches of B.
     """
-    out = {k: float(record[k]) for k in wanted if isinstance(record.get(k), (int, float))}
-    path = cache / f"{record['name']}.json"
-    cached: dict[str, Any] = {}
-    if path.exists():
-        try:
-            cached = json.loads(path.read_text())
-        except ValueError:
-            cached = {}
-        if cached.get("finished_at") != record.get("finished_at"):
-            cached = {}  # the run was redone: its cache entry is stale
-    out.update({k: float(cached[k]) for k in wanted if k not in out and isinstance(cached.get(k), (int, float))})
+    cached = _read_cache_entry(record, cache)
+    out = cached_extras(record, cache, wanted, cached)
     missing = [k for k in wanted if k not in out]
     if not missing:
         return out
     task = get_task(record["task"])
     config = TrainConfig.from_dict(record["config"])
     splits = task.load(data_dir, val_fraction=config.val_fraction, download=download)
-    model, _ = load_checkpoint(directory / record["checkpoint"], task=record["task"])
+    model, meta = load_checkpoint(directory / record["checkpoint"], task=record["task"])
+    check_checkpoint_matches(record, meta, directory / record["checkpoint"])
     new: dict[str, Any] = {}
     if "final_val_loss" in missing and splits.x_val is not None and splits.y_val is not None:
         from .train import evaluate
@@ -388,7 +433,7 @@ def final_model_extras(
         new["measure_seconds"] = time.perf_counter() - start
     cached.update(new)
     cached.update({"name": record["name"], "finished_at": record.get("finished_at")})
-    write_json(path, cached)
+    write_json(cache / f"{record['name']}.json", cached)
     out.update({k: float(new[k]) for k in missing if k in new})
     return out
 
@@ -627,7 +672,7 @@ def execute_run(
         "trajectory_file": f"trajectories/{spec.name}.pt" if snapshots else None,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    meta = {k: record[k] for k in ("name", "method", "hparam", "value", "seed", "final_test_acc")}
+    meta = {k: record[k] for k in ("name", "method", "hparam", "value", "seed", "final_test_acc", "finished_at")}
     meta["config"] = spec.config
     save_checkpoint(out / record["checkpoint"], model, task=spec.task, meta=meta)
     if snapshots:

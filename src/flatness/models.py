@@ -34,13 +34,19 @@ def mlp(
     out_features: int,
     hidden: Sequence[int] = (512, 256),
     dropout: float = 0.3,
+    weight_scale: float = 1.0,
 ) -> nn.Sequential:
     """Linear-ReLU-Dropout blocks then a linear output layer (logits).
 
     The paper's CIFAR-100 and Breast-Cancer model is ``mlp(d, c, (512, 256), 0.3)``.
+    ``weight_scale`` multiplies every Linear weight after PyTorch's default initialisation
+    (uniform in ±1/√fan_in); biases keep theirs. It draws no random numbers, so a seed gives the
+    same initial directions for every scale.
     """
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if not (math.isfinite(weight_scale) and weight_scale > 0):
+        raise ValueError(f"weight_scale must be finite and > 0, got {weight_scale}")
     layers: list[nn.Module] = []
     width = in_features
     for h in hidden:
@@ -49,7 +55,13 @@ def mlp(
             layers.append(nn.Dropout(dropout))
         width = h
     layers.append(nn.Linear(width, out_features))
-    return nn.Sequential(*layers)
+    model = nn.Sequential(*layers)
+    if weight_scale != 1.0:
+        with torch.no_grad():
+            for layer in model:
+                if isinstance(layer, nn.Linear):
+                    layer.weight.mul_(weight_scale)
+    return model
 
 
 def sparse_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -30,6 +30,7 @@ import csv
 import io
 import math
 import statistics
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -440,7 +441,7 @@ def add_final_measures(
     progress: bool = False,
 ) -> None:
     """Fill in λ_max and Tr(H) of every complete run from its checkpoint (cached in measures/)."""
-    from .experiments import FLATNESS_KEYS, final_model_extras
+    from .experiments import FLATNESS_KEYS, StaleCheckpointError, final_model_extras
 
     todo = [r for r in records if r["status"] == "complete" and r.get("checkpoint")]
     todo = [r for r in todo if (directory / r["checkpoint"]).exists()]
@@ -449,7 +450,12 @@ def add_final_measures(
 
         todo = tqdm(todo, desc="λ_max, Tr(H)", unit="run", leave=False)
     for r in todo:
-        r.update(final_model_extras(r, directory, directory / "measures", FLATNESS_KEYS, data_dir, None))
+        try:
+            r.update(final_model_extras(r, directory, directory / "measures", FLATNESS_KEYS, data_dir, None))
+        except StaleCheckpointError as exc:  # one bad pairing must not sink the whole report
+            from tqdm.auto import tqdm as _tqdm  # write() keeps the progress bar intact
+
+            _tqdm.write(f"flatness: warning: {exc}; its λ_max and Tr(H) are left out", file=sys.stderr)
 
 
 def write_report(
@@ -461,7 +467,9 @@ def write_report(
     """Write ``summary.csv``, ``summary.md`` and (``plots``) PNGs into ``directory``; return the markdown.
 
     ``measures``: compute the final models' λ_max and Tr(H) from their checkpoints where the
-    records lack them (cached). A directory without run records but with sub-directories holding
+    records lack them (cached in ``directory/measures/``); without it, values already in that
+    cache (from an earlier ``--measures`` or ``flatness compare``) are shown and nothing is
+    computed. A directory without run records but with sub-directories holding
     some gets one report per sub-directory.
     """
     directory = Path(directory)
@@ -476,6 +484,11 @@ def write_report(
         return "\n".join(texts)
     if measures:
         add_final_measures(directory, records, data_dir, progress=True)
+    else:  # what `--measures` or `flatness compare` measured before is shown, nothing computed
+        from .experiments import FLATNESS_KEYS, cached_extras
+
+        for r in records:
+            r.update(cached_extras(r, directory / "measures", FLATNESS_KEYS))
     groups = summarize(records)
     text = markdown(groups)
     try:

@@ -4,9 +4,9 @@
 task                   data                        model                        protocol
 =====================  ==========================  ===========================  =================
 ``cifar100-mlp``       CIFAR-100, standardised     MLP 3072-512-256-100,        Adam lr 1e-3,
-                       per channel                 ReLU, dropout 0.3            2-ep warm-up +
-                                                                                cosine, 10 ep,
-                                                                                B 128, wd 5e-4
+                       per channel                 ReLU, dropout 0.3,           2-ep warm-up +
+                                                   initial weights at half      cosine, 10 ep,
+                                                   PyTorch's default scale      B 128, wd 5e-4
 ``newsgroups-logreg``  20 Newsgroups TF-IDF        logistic regression          Adam lr 3e-3,
                        (sparse CSR)                (one sparse linear layer)    20 ep, B 32,
                                                                                 wd 1e-4
@@ -208,16 +208,20 @@ class Task:
 
 class Cifar100MLP(Task):
     name = "cifar100-mlp"
-    description = "CIFAR-100, MLP 3072-512-256-100 (ReLU, dropout 0.3)"
+    description = "CIFAR-100, MLP 3072-512-256-100 (ReLU, dropout 0.3, initial weights ×0.5)"
     paper_table = "Table 1"
     num_classes = 100
     num_features = 3072
-    version = 2
+    version = 3
     # Adam at the paper's lr 0.01 kills this MLP within its first ten steps (the first Adam
     # steps move every weight by ~lr; the second hidden layer dies and the loss stays at
     # ln 100), with or without warm-up, decoupled decay or another initialisation; 3e-3 and 2e-3
-    # are unstable too. Tuned on the validation split (seed 0): peak lr 1e-3 reached by a linear
-    # warm-up over 2 epochs, then cosine decay to 0.
+    # are unstable too. Tuned on the validation split: peak lr 1e-3 reached by a linear warm-up
+    # over 2 epochs, then cosine decay to 0 (seed 0); then, over seeds 0-2, the initial weights
+    # at half PyTorch's default scale (validation accuracy 0.2631 against 0.2627 at full scale, a
+    # tie within seed noise; LeCun-normal, Flax's default, scored 0.011 lower; a zero output
+    # layer, a quarter scale and Adam beta2 = 0.99 scored lower too).
+    weight_scale = 0.5
     config = TrainConfig(
         epochs=10,
         batch_size=128,
@@ -231,7 +235,9 @@ class Cifar100MLP(Task):
         return load_cifar100(root, download)
 
     def build_model(self, num_features: int | None = None) -> nn.Module:
-        return mlp(self._features(num_features), 100, (512, 256), dropout=0.3)
+        return mlp(
+            self._features(num_features), 100, (512, 256), dropout=0.3, weight_scale=self.weight_scale
+        )
 
 
 class NewsgroupsLogReg(Task):
