@@ -100,6 +100,16 @@ def test_auto_falls_back_to_vmap_for_other_parametrised_modules():
     assert method.impl == "vmap" and method.last_impl == "vmap"
 
 
+def _assert_closed_form_refused_and_vmap_exact(model: nn.Module, reason: str) -> None:
+    """The closed form refuses ``model`` naming ``reason``; the fallback is vmap, equal to a loop."""
+    x, y = tiny_batch()
+    with pytest.raises(ClosedFormUnavailable, match=reason):
+        linear_sq_grad_norms(model, CE, x, y)
+    _, sq, used = per_example_sq_grad_norms(model, CE, x, y)
+    assert used == "vmap"
+    torch.testing.assert_close(sq, _loop_sq_grad_norms(model, x, y), rtol=1e-10, atol=0)
+
+
 def test_a_linear_layer_used_twice_is_not_given_the_closed_form():
     class Twice(nn.Module):
         def __init__(self):
@@ -111,12 +121,7 @@ def test_a_linear_layer_used_twice_is_not_given_the_closed_form():
 
     torch.manual_seed(0)
     model = Twice().double()
-    x, y = tiny_batch()
-    with pytest.raises(ClosedFormUnavailable, match="2 times"):
-        linear_sq_grad_norms(model, CE, x, y)
-    _, sq, used = per_example_sq_grad_norms(model, CE, x, y)
-    assert used == "vmap"
-    torch.testing.assert_close(sq, _loop_sq_grad_norms(model, x, y), rtol=1e-10, atol=0)
+    _assert_closed_form_refused_and_vmap_exact(model, "2 times")
     assert not model.inner._forward_hooks
 
 
@@ -155,12 +160,7 @@ def test_sum_reduction_and_unreduced_losses():
 def test_in_place_activation_after_a_linear_layer_falls_back_to_vmap():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(inplace=True), nn.Linear(5, 3)).double()
-    x, y = tiny_batch()
-    with pytest.raises(ClosedFormUnavailable, match="in place"):
-        linear_sq_grad_norms(model, CE, x, y)
-    _, sq, used = per_example_sq_grad_norms(model, CE, x, y)
-    assert used == "vmap"
-    torch.testing.assert_close(sq, _loop_sq_grad_norms(model, x, y), rtol=1e-10, atol=0)
+    _assert_closed_form_refused_and_vmap_exact(model, "in place")
 
 
 def test_linear_impl_refuses_models_it_does_not_cover():

@@ -202,6 +202,13 @@ def _accepts(method: str, keyword: str) -> bool:
     return keyword in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
+def _rank_kwargs(kwargs: dict[str, Any], rank: int) -> dict[str, Any]:
+    """A method's settings on DDP rank ``rank``: its own random stream (e.g. FA's probes)."""
+    if "seed" not in kwargs:
+        return dict(kwargs)
+    return {**kwargs, "seed": rank_seed(kwargs["seed"], rank)}
+
+
 def default_values(method: str) -> list[float | None]:
     """The default sweep of a method's strength: the paper's λ grid for ``fa``."""
     cls = _method_class(method)
@@ -546,17 +553,15 @@ def execute_run(
                     },
                 )
             torch.manual_seed(rank_seed(spec.seed, dist_ctx.rank))
-            if "seed" in kwargs and _accepts(spec.method, "seed"):
-                kwargs["seed"] = rank_seed(kwargs["seed"], dist_ctx.rank)
-            method = make_method(spec.method, wrap_model(model, dist_ctx), task.loss_fn, **kwargs)
+            method = make_method(
+                spec.method, wrap_model(model, dist_ctx), task.loss_fn, **_rank_kwargs(kwargs, dist_ctx.rank)
+            )
         elif emulate_ranks > 1:
             seeds = [rank_seed(spec.seed, r) for r in range(emulate_ranks)]
-            per_rank = []
-            for r in range(emulate_ranks):
-                rank_kwargs = dict(kwargs)
-                if "seed" in rank_kwargs and _accepts(spec.method, "seed"):
-                    rank_kwargs["seed"] = rank_seed(rank_kwargs["seed"], r)
-                per_rank.append(make_method(spec.method, model, task.loss_fn, **rank_kwargs))
+            per_rank = [
+                make_method(spec.method, model, task.loss_fn, **_rank_kwargs(kwargs, r))
+                for r in range(emulate_ranks)
+            ]
             method = EmulatedRanks(per_rank, seeds)
         else:
             method = make_method(spec.method, model, task.loss_fn, **kwargs)

@@ -444,18 +444,15 @@ def add_final_measures(
     from .experiments import FLATNESS_KEYS, StaleCheckpointError, final_model_extras
 
     todo = [r for r in records if r["status"] == "complete" and r.get("checkpoint")]
-    todo = [r for r in todo if (directory / r["checkpoint"]).exists()]
-    if progress and todo:
-        from tqdm.auto import tqdm
+    from tqdm.auto import tqdm
 
-        todo = tqdm(todo, desc="λ_max, Tr(H)", unit="run", leave=False)
-    for r in todo:
+    todo = [r for r in todo if (directory / r["checkpoint"]).exists()]
+    for r in tqdm(todo, desc="λ_max, Tr(H)", unit="run", leave=False, disable=not (progress and todo)):
         try:
             r.update(final_model_extras(r, directory, directory / "measures", FLATNESS_KEYS, data_dir, None))
         except StaleCheckpointError as exc:  # one bad pairing must not sink the whole report
-            from tqdm.auto import tqdm as _tqdm  # write() keeps the progress bar intact
-
-            _tqdm.write(f"flatness: warning: {exc}; its λ_max and Tr(H) are left out", file=sys.stderr)
+            # tqdm.write keeps the progress bar intact
+            tqdm.write(f"flatness: warning: {exc}; its λ_max and Tr(H) are left out", file=sys.stderr)
 
 
 def write_report(
