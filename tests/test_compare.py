@@ -9,8 +9,8 @@ import pytest
 
 import flatness.measures
 from flatness.cli import main
-from flatness.experiments import format_value
-from flatness.compare import (
+from flatness.experiments.specs import format_value
+from flatness.experiments.compare import (
     comparison_grid,
     comparison_specs,
     plot_comparison,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from flatness import data as D
+from flatness.experiments import data as D
 from flatness.utils import FlatnessError
 
 

@@ -10,8 +10,8 @@ import pytest
 from scipy import stats
 
 from flatness.cli import main
-from flatness.report import summarize, welch_p, write_report
-from flatness.tasks import get_task
+from flatness.experiments.report import summarize, welch_p, write_report
+from flatness.experiments.tasks import get_task
 
 BC = "breast-cancer-mlp"
 

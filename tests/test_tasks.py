@@ -6,17 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from flatness.hutchinson import sample_probes, sq_trace
-from flatness.models import SparseLinear, logistic_regression, mlp, sparse_linear
+from flatness.hutchinson import sq_trace
+from flatness.probes import sample_probes
+from flatness.experiments.models import logistic_regression, mlp
+from flatness.layers import SparseLinear, sparse_linear
 from flatness.penalties import FlatnessPenalty
-from flatness.tasks import (
-    TASKS,
-    TrainConfig,
-    get_task,
-    iterate_batches,
-    load_checkpoint,
-    save_checkpoint,
-)
+from flatness.experiments.checkpoints import load_checkpoint, save_checkpoint
+from flatness.experiments.data import iterate_batches
+from flatness.experiments.tasks import TASKS, TrainConfig, get_task
 from flatness.utils import FlatnessError
 
 from helpers import dense_hessian

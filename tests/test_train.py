@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from flatness.data import Splits
+from flatness.experiments.data import Splits
 from flatness.methods import Method, make_method
-from flatness.tasks import TrainConfig
-from flatness.train import (
+from flatness.experiments.tasks import TrainConfig
+from flatness.experiments.training import (
     TrainingDiverged,
     evaluate,
     lr_factor,

@@ -1,14 +1,22 @@
 """flatness: flatness-aware training of neural networks with PyTorch.
 
 The core is the FA-regularization penalty λ·Tr(H²)/B (:class:`FlatnessPenalty`) built on a
-differentiable Hutchinson estimator of Tr(H²) (:func:`sq_trace`).
+differentiable Hutchinson estimator of Tr(H²) (:func:`sq_trace`). The library is this package's
+top level — :mod:`.probes` (random probes and seeding), :mod:`.hutchinson` (Hessian-vector
+products, Tr(H²) estimators), :mod:`.layerwise` (closed-form per-layer engines),
+:mod:`.penalties`, :mod:`.methods`, :mod:`.measures`, :mod:`.landscape` — and never imports the
+paper's pipeline (:mod:`flatness.experiments`) or the command line (:mod:`flatness.cli`).
 """
 
-from .hutchinson import Estimate, hvp, measure_sq_trace, sample_probes, sq_trace, sq_trace_samples
+from . import _aliases
+from .hutchinson import Estimate, hvp, measure_sq_trace, sq_trace, sq_trace_samples
 from .penalties import FlatnessPenalty, NonFiniteCurvatureError
+from .probes import make_generator, sample_probes
 from .utils import FlatnessError, eval_mode, preserved_mode
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+_aliases.install()  # the 0.1 import paths (flatness.tasks, ...) for one more release
 
 __all__ = [
     "Estimate",
@@ -17,6 +25,7 @@ __all__ = [
     "NonFiniteCurvatureError",
     "eval_mode",
     "hvp",
+    "make_generator",
     "measure_sq_trace",
     "preserved_mode",
     "sample_probes",

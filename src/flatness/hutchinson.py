@@ -30,24 +30,19 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
 
+from .probes import Distribution, make_generator, sample_probes
+
 __all__ = [
-    "Distribution",
-    "DISTRIBUTIONS",
     "Estimate",
-    "sample_probes",
     "hvp",
     "sq_trace",
     "sq_trace_samples",
     "measure_sq_trace",
 ]
-
-Distribution = Literal["rademacher", "gaussian"]
-DISTRIBUTIONS: tuple[str, ...] = ("rademacher", "gaussian")
 
 
 @dataclass(frozen=True)
@@ -60,12 +55,6 @@ class Estimate:
 
     def as_dict(self) -> dict[str, float]:
         return {"value": self.value, "stderr": self.stderr, "num_samples": self.num_samples}
-
-
-def check_distribution(dist: str) -> str:
-    if dist not in DISTRIBUTIONS:
-        raise ValueError(f"unknown probe distribution {dist!r}; expected one of {DISTRIBUTIONS}")
-    return dist
 
 
 def _check_params(params: Sequence[Tensor]) -> list[Tensor]:
@@ -87,75 +76,6 @@ def _check_loss(loss: Tensor) -> None:
         raise ValueError(f"loss must be a scalar tensor, got shape {shape}; reduce it (e.g. mean)")
     if not loss.requires_grad:
         raise ValueError("loss does not require grad: it is not connected to the parameters")
-
-
-def _make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
-    if seed is None:
-        return None
-    gen = torch.Generator(device=device)
-    gen.manual_seed(int(seed))
-    return gen
-
-
-_SHIFTS: dict[torch.device, Tensor] = {}
-_SIGN_BIT = -(2**31)  # 0x80000000 as int32
-_ONE_F32 = 0x3F800000  # bit pattern of 1.0f; with the sign bit set it is -1.0f
-
-
-def _rademacher(
-    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str,
-    dtype: torch.dtype,
-) -> Tensor:
-    """±1 entries from the bits of random int32 words: 32 signs per draw of the generator.
-
-    Bit k of a word is shifted into the sign bit of the float32 pattern of 1.0, so the result is
-    built in three integer passes with no float conversion. Drawing one random number per entry
-    dominated a CPU curvature step on the paper's MLP (1.6 M parameters x M probes).
-    """
-    device = torch.device(device)
-    numel = math.prod(shape)
-    words = torch.randint(
-        -(2**31), 2**31, ((numel + 31) // 32, 1), generator=generator, device=device,
-        dtype=torch.int32,
-    )
-    shifts = _SHIFTS.get(device)
-    if shifts is None:
-        shifts = _SHIFTS[device] = torch.arange(31, -1, -1, dtype=torch.int32, device=device)
-    bits = words.bitwise_left_shift(shifts).bitwise_and_(_SIGN_BIT).bitwise_or_(_ONE_F32)
-    signs = bits.view(torch.float32).reshape(-1)[:numel].reshape(shape)
-    return signs if dtype == torch.float32 else signs.to(dtype)
-
-
-def sample_probes(
-    params: Sequence[Tensor],
-    num: int,
-    dist: Distribution = "rademacher",
-    generator: torch.Generator | None = None,
-    seed: int | None = None,
-) -> list[Tensor]:
-    """Draw ``num`` probe vectors, one block per parameter, each of shape ``(num, *p.shape)``.
-
-    Rademacher entries are ±1, Gaussian entries standard normal; both have E[v vᵀ] = I.
-    Probes are drawn on ``generator``'s device (or the parameters' device for ``seed``) and moved
-    to each parameter's device and dtype, so a seed gives the same probes on CPU and CUDA.
-    """
-    check_distribution(dist)
-    if num < 1:
-        raise ValueError(f"number of probes must be >= 1, got {num}")
-    params = list(params)
-    if generator is None and seed is not None:
-        generator = _make_generator(seed, torch.device("cpu"))
-    gen_device = generator.device if generator is not None else None
-    probes = []
-    for p in params:
-        device = gen_device if gen_device is not None else p.device
-        shape = (num, *p.shape)
-        if dist == "rademacher":
-            v = _rademacher(shape, generator, device, p.dtype)
-        else:
-            v = torch.randn(shape, generator=generator, device=device, dtype=p.dtype)
-        probes.append(v.to(p.device, non_blocking=True))
-    return probes
 
 
 def hvp(
@@ -330,10 +250,12 @@ def measure_sq_trace(
     dist: Distribution = "rademacher",
     *,
     generator: torch.Generator | None = None,
-    seed: int | None = None,
+    seed: int | None = 0,
     batch_probes: int = 20,
 ) -> Estimate:
     """Measurement-only Tr(H²): no graph is kept; returns value, standard error and M.
+
+    Seeding as in :mod:`flatness.probes`; a measure's default is ``seed=0``.
 
     Probes are processed in chunks of ``batch_probes`` to bound memory.
     """
@@ -341,8 +263,7 @@ def measure_sq_trace(
     params = _check_params(params)
     if probes < 1:
         raise ValueError(f"number of probes must be >= 1, got {probes}")
-    if generator is None:
-        generator = _make_generator(0 if seed is None else seed, torch.device("cpu"))
+    generator = make_generator(seed, generator)
     grads = torch.autograd.grad(loss, params, create_graph=True)
     samples = []
     done = 0

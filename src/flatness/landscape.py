@@ -55,6 +55,7 @@ from .measures.functional import (
     trainable_params,
 )
 from .measures.io import save_figure, save_npz
+from .probes import make_generator
 from .utils import FlatnessError, eval_mode
 
 __all__ = [
@@ -150,7 +151,7 @@ def random_direction(
 ) -> Direction:
     """A Gaussian direction over the trainable parameters, filter-normalised by default."""
     theta = trainable_params(model)
-    gen = generator or torch.Generator().manual_seed(0 if seed is None else int(seed))
+    gen = make_generator(seed, generator)
     raw = {n: torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device) for n, t in theta.items()}
     if not normalize:
         if not include_1d:
@@ -292,7 +293,7 @@ def surface_2d(
     data = collect_batches(batches)
     theta = trainable_params(model)
     if directions is None:
-        gen = torch.Generator().manual_seed(0 if seed is None else int(seed))
+        gen = make_generator(seed)
         d1 = random_direction(model, generator=gen, include_1d=include_1d)
         d2 = random_direction(model, generator=gen, include_1d=include_1d)
     else:

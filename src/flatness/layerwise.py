@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .hutchinson import Distribution, sample_probes
+from .probes import Distribution, sample_probes
 
 __all__ = ["supports", "layerwise_sq_trace"]
 

@@ -36,7 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from . import layerwise
-from .hutchinson import Distribution, check_distribution, sq_trace
+from .hutchinson import sq_trace
+from .probes import Distribution, check_distribution, make_generator
 from .utils import batch_size, call_model, eval_mode, take_first, unwrap
 
 __all__ = ["FlatnessPenalty", "NonFiniteCurvatureError"]
@@ -128,10 +129,7 @@ class FlatnessPenalty:
         self.eval_during_curvature = eval_during_curvature
         self.on_nonfinite = on_nonfinite
         self._params = list(params) if params is not None else None
-        if generator is None and seed is not None:
-            generator = torch.Generator(device="cpu")
-            generator.manual_seed(int(seed))
-        self.generator = generator
+        self.generator = make_generator(seed, generator)
         self.calls = 0
         self.last_sq_trace: float | None = None
         self.last_penalty: float | None = None

@@ -41,11 +41,11 @@ import torch
 from curvlinops.papyan2020traces.spectrum import lanczos_approximate_spectrum_from_iter
 from torch import Tensor, nn
 
-from ..hutchinson import Distribution
+from ..probes import Distribution, make_generator, random_matrix
 from .functional import LossFn
 from .io import save_figure, save_npz
 from .operator import HessianOperator
-from .trace import Operator, operator_dim, random_matrix
+from .trace import Operator, operator_dim
 
 __all__ = ["SpectralDensity", "lanczos", "density_of", "spectral_density", "plot_spectral_density"]
 
@@ -133,7 +133,7 @@ def density_of(
     if num_steps < 2 or num_repeats < 1:
         raise ValueError("SLQ needs num_steps >= 2 and num_repeats >= 1")
     dim = operator_dim(A)
-    gen = torch.Generator().manual_seed(0 if seed is None else int(seed))
+    gen = make_generator(seed)
     iters = []
     for _ in range(num_repeats):
         v0 = random_matrix(dim, 1, dist, gen, A.dtype, A.device)[:, 0]

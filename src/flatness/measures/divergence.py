@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..hutchinson import Estimate
+from ..probes import make_generator
 from ..utils import FlatnessError, eval_mode
 from .functional import Batch, call_at, collect_batches, select_params
 
@@ -98,7 +99,7 @@ def model_divergence(
     data = collect_batches(batches)
     named = select_params(model, params)
     dim = sum(p.numel() for _, p in named)
-    gen = torch.Generator().manual_seed(0 if seed is None else int(seed))
+    gen = make_generator(seed)
     values = []
     with eval_mode(model):
         for _ in range(samples):

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from ..hutchinson import Estimate
+from ..layers import LINEAR_TYPES
 from ..utils import FlatnessError, batch_size, call_model, eval_mode
 from .functional import LossFn, collect_batches, select_params
 
@@ -110,13 +111,6 @@ def per_example_sq_grad_norms(
     return torch.cat(norms)
 
 
-def _linear_types() -> tuple[type, ...]:
-    from .. import models
-
-    sparse = getattr(models, "SparseLinear", None)
-    return (nn.Linear,) if sparse is None else (nn.Linear, sparse)
-
-
 def _row_sq_norms(a: Tensor) -> Tensor:
     if a.layout == torch.sparse_csr:
         rows = torch.repeat_interleave(
@@ -140,7 +134,7 @@ def linear_sq_grad_norms(
     """
     named = select_params(model, params)
     wanted = {id(p) for _, p in named}
-    layers = [m for m in model.modules() if isinstance(m, _linear_types())]
+    layers = [m for m in model.modules() if isinstance(m, LINEAR_TYPES)]
     owned = {id(p) for m in layers for p in m.parameters(recurse=False)}
     if not wanted <= owned:
         return None

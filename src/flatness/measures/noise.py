@@ -33,6 +33,7 @@ import torch
 from scipy import stats
 from torch import Tensor, nn
 
+from ..probes import make_generator
 from ..utils import FlatnessError, eval_mode
 from .functional import LossFn, collect_batches, evaluate_at, require_finite, select_params
 
@@ -84,7 +85,7 @@ def noisy_loss(
     data = collect_batches(batches)
     named = select_params(model, params)
     theta = {n: p.detach() for n, p in named}
-    gen = torch.Generator().manual_seed(0 if seed is None else int(seed))
+    gen = make_generator(seed)
     values = []
     with eval_mode(model):
         base = require_finite(evaluate_at(model, loss_fn, data, theta)[0], "the loss")

@@ -41,8 +41,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ..probes import make_generator
 from ..utils import eval_mode
-from .functional import LossFn, call_at, collect_batches, evaluate_at, require_finite, select_params
+from .functional import LossFn, call_at, collect_batches, require_finite, select_params
 
 __all__ = ["Sharpness", "Region", "eps_sharpness", "adaptive_sharpness"]
 
@@ -115,7 +116,7 @@ def eps_sharpness(
     theta = [p.detach() for _, p in named]
     scale = [p.abs() + eta if adaptive else torch.ones_like(p) for p in theta]
     alpha = 2.5 * eps / max(steps, 1) if step_size is None else float(step_size)
-    gen = torch.Generator().manual_seed(0 if seed is None else int(seed))
+    gen = make_generator(seed)
 
     def project(u: list[Tensor]) -> list[Tensor]:
         if region == "box":

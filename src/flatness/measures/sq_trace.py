@@ -32,10 +32,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..hutchinson import Distribution, Estimate
+from ..hutchinson import Estimate
+from ..probes import Distribution, make_generator, random_matrix
 from .functional import LossFn
 from .operator import HessianOperator
-from .trace import Operator, _estimate, _generator, operator_dim, random_matrix
+from .trace import Operator, _estimate, operator_dim
 
 __all__ = ["sq_trace_of", "hessian_sq_trace"]
 
@@ -45,7 +46,7 @@ def sq_trace_of(
     num_matvecs: int = 100,
     dist: Distribution = "rademacher",
     *,
-    seed: int | None = None,
+    seed: int | None = 0,
     generator: torch.Generator | None = None,
     chunk: int = 20,
 ) -> Estimate:
@@ -53,7 +54,7 @@ def sq_trace_of(
     if num_matvecs < 1:
         raise ValueError(f"num_matvecs must be >= 1, got {num_matvecs}")
     dim = operator_dim(A)
-    gen = _generator(generator, seed)
+    gen = make_generator(seed, generator)
     samples = []
     for start in range(0, num_matvecs, chunk):
         v = random_matrix(dim, min(chunk, num_matvecs - start), dist, gen, A.dtype, A.device)

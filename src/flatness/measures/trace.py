@@ -42,13 +42,13 @@ import torch
 from curvlinops._torch_base import PyTorchLinearOperator
 from torch import Tensor, nn
 
-from ..hutchinson import Distribution, Estimate, check_distribution
+from ..hutchinson import Estimate
+from ..probes import Distribution, make_generator, random_matrix
 from .functional import LossFn
 from .operator import HessianOperator
 
 __all__ = [
     "Operator",
-    "random_matrix",
     "apply_chunked",
     "hutchinson_trace",
     "hutchpp_trace",
@@ -71,33 +71,9 @@ def operator_dtype_device(A: Operator) -> tuple[torch.dtype, torch.device]:
     return A.dtype, A.device
 
 
-def random_matrix(
-    dim: int,
-    num: int,
-    dist: Distribution,
-    generator: torch.Generator,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> Tensor:
-    """``(dim, num)`` probes: ±1 (``"rademacher"``) or N(0, 1) (``"gaussian"``), drawn on CPU."""
-    check_distribution(dist)
-    if dist == "rademacher":
-        g = torch.randint(0, 2, (dim, num), generator=generator, dtype=torch.int8)
-        g = g.to(dtype).mul_(2).sub_(1)
-    else:
-        g = torch.randn(dim, num, generator=generator, dtype=dtype)
-    return g.to(device)
-
-
 def apply_chunked(A: Operator, X: Tensor, chunk: int) -> Tensor:
     """``A @ X`` computed ``chunk`` columns at a time (bounds the memory of the products)."""
     return torch.cat([A @ X[:, s : s + chunk] for s in range(0, X.shape[1], chunk)], dim=1)
-
-
-def _generator(generator: torch.Generator | None, seed: int | None) -> torch.Generator:
-    if generator is not None:
-        return generator
-    return torch.Generator().manual_seed(0 if seed is None else int(seed))
 
 
 def _estimate(samples: Tensor, offset: float = 0.0) -> Estimate:
@@ -112,7 +88,7 @@ def hutchinson_trace(
     num_matvecs: int = 100,
     dist: Distribution = "rademacher",
     *,
-    seed: int | None = None,
+    seed: int | None = 0,
     generator: torch.Generator | None = None,
     chunk: int = 20,
 ) -> Estimate:
@@ -121,7 +97,7 @@ def hutchinson_trace(
         raise ValueError(f"num_matvecs must be >= 1, got {num_matvecs}")
     dim = operator_dim(A)
     dtype, device = operator_dtype_device(A)
-    gen = _generator(generator, seed)
+    gen = make_generator(seed, generator)
     samples = []
     for start in range(0, num_matvecs, chunk):
         g = random_matrix(dim, min(chunk, num_matvecs - start), dist, gen, dtype, device)
@@ -134,7 +110,7 @@ def hutchpp_trace(
     num_matvecs: int = 99,
     dist: Distribution = "rademacher",
     *,
-    seed: int | None = None,
+    seed: int | None = 0,
     generator: torch.Generator | None = None,
     chunk: int = 20,
 ) -> Estimate:
@@ -146,7 +122,7 @@ def hutchpp_trace(
         raise ValueError(f"Hutch++ needs num_matvecs >= 3, got {num_matvecs}")
     dim = operator_dim(A)
     dtype, device = operator_dtype_device(A)
-    gen = _generator(generator, seed)
+    gen = make_generator(seed, generator)
     num_sketch = num_matvecs // 3
     num_rest = num_matvecs - 2 * num_sketch
     sketch = random_matrix(dim, num_sketch, dist, gen, dtype, device)

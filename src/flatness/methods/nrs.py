@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ..probes import make_generator, rademacher
 from ..utils import call_model
 from .base import LossFn, Method, register_method
 from .perturb import RandomReplay, require_nonnegative
@@ -84,14 +85,7 @@ def ball_direction(
         direction = torch.randn(numel, generator=generator, device=gen_device, dtype=dtype)
         length = torch.linalg.vector_norm(direction).double().clamp_min(1e-30)
     else:
-        # 64 random bits per draw, unpacked to one sign per weight
-        words = torch.randint(
-            -(2**63), 2**63 - 1, ((numel + 63) // 64,), generator=generator, device=gen_device,
-            dtype=torch.int64,
-        )
-        shifts = torch.arange(8, dtype=torch.uint8, device=gen_device)
-        bits = (words.view(torch.uint8).unsqueeze(1) >> shifts).bitwise_and_(1).reshape(-1)
-        direction = bits[:numel].to(dtype).mul_(2).sub_(1)
+        direction = rademacher((numel,), generator, gen_device, dtype)
         length = torch.tensor(float(numel), dtype=torch.float64, device=gen_device).sqrt()
     scale = (radius / length).to(dtype)
     return direction.to(device), scale.to(device)
@@ -161,10 +155,7 @@ class _RandomNeighbour(Method):
         if dist not in BALL_DISTRIBUTIONS:
             raise ValueError(f"dist must be one of {BALL_DISTRIBUTIONS}, got {dist!r}")
         self.dist = dist
-        self.generator: torch.Generator | None = None
-        if seed is not None:
-            self.generator = torch.Generator(device="cpu")
-            self.generator.manual_seed(int(seed))
+        self.generator = make_generator(seed)
 
     def _named_trainable(self) -> dict[str, Tensor]:
         named = {n: p for n, p in self.model.named_parameters() if p.requires_grad}

@@ -19,7 +19,6 @@ a quiet machine's wall time would be.
 
 from __future__ import annotations
 
-import argparse
 import platform
 import time
 from typing import Any
@@ -27,12 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..landscape import surface_2d
-from ..measures import hessian_trace, top_eigenvalues
+from ...landscape import surface_2d
+from ...measures import hessian_trace, top_eigenvalues
 from ..models import mlp
-from . import print_result
 
-__all__ = ["run_measures_bench", "add_cli"]
+__all__ = ["run_measures_bench"]
 
 TARGET_EIG_TRACE_S = 60.0
 TARGET_SURFACE_S = 300.0
@@ -121,27 +119,3 @@ def run_measures_bench(
         "machine": platform.machine(),
         "quick": quick,
     }
-
-
-def _cmd(args: argparse.Namespace) -> int:
-    if args.examples < 1 or args.matvecs < 1 or args.grid < 2 or args.train_steps < 0:
-        raise ValueError("--examples, --matvecs must be >= 1, --grid >= 2, --train-steps >= 0")
-    result = run_measures_bench(
-        examples=args.examples, matvecs=args.matvecs, grid=args.grid, train_steps=args.train_steps,
-        threads=args.threads, data_dir=args.data_dir, quick=args.quick,
-    )
-    print_result(result, args.json, "Flatness measures on the CIFAR-100 MLP (seconds, one run each)")
-    return 0
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("measures", help="λ_max + Tr(H) and a 21×21 surface on the CIFAR-100 MLP")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--examples", type=int, default=1000)
-    p.add_argument("--matvecs", type=int, default=100, help="Hutchinson products for Tr(H)")
-    p.add_argument("--grid", type=int, default=21, help="points per axis of the 2D surface")
-    p.add_argument("--train-steps", type=int, default=50, help="Adam steps before measuring")
-    p.add_argument("--data-dir", default=None, help="where CIFAR-100 is looked for")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--quick", action="store_true", help="tiny model and data, for smoke tests")
-    p.set_defaults(func=_cmd)

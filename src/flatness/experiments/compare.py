@@ -32,33 +32,23 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import io
 import math
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .experiments import (
-    FLATNESS_KEYS,
-    RunSpec,
-    build_grid,
-    default_values,
-    final_model_extras,
-    format_value,
-    protocol_overrides,
-    read_record,
-    run_grid,
-    write_json,
-)
-from .methods import METHODS
+from ..methods import METHODS
+from ..utils import FlatnessError, atomic_write_bytes
+from .measure import FLATNESS_KEYS, final_model_extras
+from .record import read_record, write_json
 from .report import welch_p, write_report
-from .tasks import TASKS, atomic_write_bytes, get_task
-from .utils import FlatnessError
+from .runner import run_grid
+from .specs import RunSpec, build_grid, default_values, format_value
+from .tasks import TASKS, get_task
 
 __all__ = [
     "COMPARE_METHODS",
@@ -68,7 +58,6 @@ __all__ = [
     "select_and_summarize",
     "comparison_markdown",
     "run_comparison",
-    "add_cli",
 ]
 
 COMPARE_METHODS: tuple[str, ...] = ("none", "fa", "sam", "gnp", "curvature", "nrs", "rpr")
@@ -421,72 +410,3 @@ def run_comparison(
     # strengths' runs stay "not measured" until `flatness report DIR --measures`
     write_report(directory, plots=plots)
     return results, text
-
-
-def _parse_grids(items: Sequence[str] | None) -> dict[str, list[float]]:
-    grids: dict[str, list[float]] = {}
-    for item in items or []:
-        method, sep, raw = item.partition("=")
-        if not sep or not method or not raw:
-            raise FlatnessError(f"--grid must look like METHOD=V1,V2,..., got {item!r}")
-        try:
-            grids[method] = [float(v) for v in raw.split(",")]
-        except ValueError:
-            raise FlatnessError(f"--grid values must be numbers, got {raw!r}") from None
-    return grids
-
-
-def _cmd_compare(args: argparse.Namespace) -> int:
-    if args.task not in TASKS:
-        raise FlatnessError(f"unknown task {args.task!r}; expected one of {', '.join(TASKS)}")
-    if args.seeds < 1:
-        raise FlatnessError(f"--seeds must be >= 1, got {args.seeds}")
-    if args.jobs < 1:
-        raise FlatnessError(f"--jobs must be >= 1, got {args.jobs}")
-    overrides = protocol_overrides(args)
-    _, text = run_comparison(
-        args.task,
-        args.out,
-        methods=args.methods or COMPARE_METHODS,
-        seeds=args.seeds,
-        grids=_parse_grids(args.grid),
-        config_overrides=overrides,
-        jobs=args.jobs,
-        data_dir=args.data_dir,
-        download=False if args.no_download else None,
-        progress=not args.quiet,
-        measures=not args.no_measures,
-        plots=not args.no_plots,
-    )
-    print(text)
-    print(f"written to {Path(args.out) / args.task / 'compare'}", file=sys.stderr)
-    return 0
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "compare",
-        help="every method at its validation-chosen strength: accuracy, p-values, flatness, time",
-        description=(
-            "Train each method's small grid over seeds on TASK (resumable, reusing `flatness run` "
-            "records in OUT/TASK), choose each method's strength on the validation split, and "
-            "write OUT/TASK/compare/summary.md, compare.json and compare.png."
-        ),
-    )
-    p.add_argument("task", metavar="TASK", help=f"one of {', '.join(TASKS)}")
-    p.add_argument("--methods", nargs="+", metavar="NAME",
-                   help=f"methods to compare (default: {' '.join(COMPARE_METHODS)}; none is always included)")
-    p.add_argument("--grid", action="append", metavar="METHOD=V1,V2",
-                   help="override a method's grid of strengths (repeatable)")
-    p.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1 (default 3)")
-    p.add_argument("--epochs", type=int, help="override the task's number of epochs")
-    p.add_argument("--batch-size", type=int, help="override the task's batch size B")
-    p.add_argument("--lr", type=float, help="override the task's learning rate")
-    p.add_argument("--data-dir", help="data directory (default: $FLATNESS_DATA or ~/.cache/flatness)")
-    p.add_argument("--out", default="runs", help="results root; runs in OUT/TASK (default: runs)")
-    p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (default 1)")
-    p.add_argument("--no-download", action="store_true", help="never download missing data")
-    p.add_argument("--no-measures", action="store_true", help="skip λ_max and Tr(H) of the final models")
-    p.add_argument("--no-plots", action="store_true", help="tables only")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=_cmd_compare)

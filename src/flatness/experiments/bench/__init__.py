@@ -1,32 +1,14 @@
-"""Benchmarks: ``flatness bench NAME [--json]``; figures are ratios to a plain step in one run.
+"""Benchmarks behind ``flatness bench NAME``: one module per benchmark, shared timing helpers.
 
-Each module in ``BENCH_MODULES`` defines ``add_cli(subparsers)`` for its benchmark.
+Every figure is a ratio of median step times measured interleaved in one run
+(:func:`time_interleaved`), so that a noisy machine slows every case alike.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable
-
-BENCH_MODULES: tuple[str, ...] = (
-    "flatness.bench.overhead",
-    "flatness.bench.methods",
-    "flatness.bench.measures",
-    "flatness.bench.ddp",
-)
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    import importlib
-
-    parser = sub.add_parser("bench", help="speed and memory benchmarks (ratios in one run)")
-    bench_sub = parser.add_subparsers(dest="bench", metavar="BENCHMARK", parser_class=type(parser))
-    bench_sub.required = True
-    for name in BENCH_MODULES:
-        importlib.import_module(name).add_cli(bench_sub)
 
 
 def median_ms(times: list[float]) -> float:
@@ -103,14 +85,3 @@ def ratio_result(ms: dict[str, float], batch: int, steps_timed: int) -> dict[str
             result[f"{name}_ms"] = value
             result[f"{name}_ratio"] = value / plain
     return result
-
-
-def print_result(result: dict[str, object], as_json: bool, title: str) -> None:
-    if as_json:
-        print(json.dumps(result, sort_keys=True))
-        return
-    print(title)
-    width = max(len(k) for k in result)
-    for key, value in result.items():
-        text = f"{value:.3f}" if isinstance(value, float) else str(value)
-        print(f"  {key:<{width}}  {text}")

@@ -36,8 +36,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .methods import Method
-from .utils import FlatnessError, batch_size
+from ..methods import Method
+from ..probes import rank_seed
+from ..utils import FlatnessError, batch_size
 
 __all__ = [
     "DistContext",
@@ -102,14 +103,6 @@ def shutdown() -> None:
 
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def rank_seed(seed: int, rank: int) -> int:
-    """The seed of rank ``rank``'s own random streams (probes, dropout) in run ``seed``.
-
-    Rank 0 keeps ``seed`` itself, so a one-process run is the one-rank case of a DDP run.
-    """
-    return int(seed) + 1_000_003 * int(rank)
 
 
 def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:

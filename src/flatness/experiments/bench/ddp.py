@@ -8,7 +8,6 @@ every 10 steps). Both worlds are started by this command (torch.multiprocessing,
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import time
@@ -18,9 +17,8 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from . import print_result
 
-__all__ = ["run_ddp_scaling", "add_cli"]
+__all__ = ["run_ddp_scaling"]
 
 
 def _free_port() -> int:
@@ -33,8 +31,9 @@ def _worker(rank: int, world: int, port: int, method: str, steps: int, batch: in
             queue: Any) -> None:
     import torch.distributed as dist
 
-    from ..distributed import DistContext, rank_seed, take_shard, wrap_model
-    from ..methods import make_method
+    from ...methods import make_method
+    from ...probes import rank_seed
+    from ..distributed import DistContext, take_shard, wrap_model
     from ..models import mlp
 
     torch.set_num_threads(1)
@@ -89,20 +88,3 @@ def run_ddp_scaling(steps: int = 40, batch: int = 128, quick: bool = False) -> d
         result[f"{label}_scaling"] = two / one
     result["cores"] = os.cpu_count()
     return result
-
-
-def _cmd(args: argparse.Namespace) -> int:
-    if args.steps < 10 or args.batch < 2:
-        raise ValueError("--steps must be >= 10 and --batch >= 2")
-    result = run_ddp_scaling(args.steps, args.batch, args.quick)
-    print_result(result, args.json, "DDP scaling on CPU (gloo): samples per second, 2 ranks vs 1")
-    return 0
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("ddp", help="2-rank vs 1-rank gloo throughput of the CIFAR-100 MLP")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--steps", type=int, default=40, help="timed steps per world size (>= 10)")
-    p.add_argument("--batch", type=int, default=128, help="global mini-batch size")
-    p.add_argument("--quick", action="store_true", help="tiny model, for smoke tests")
-    p.set_defaults(func=_cmd)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .utils import FlatnessError, take_first
+from ..utils import FlatnessError, take_first
 
 __all__ = ["add_cli", "load_for_task", "measure_command", "landscape_command"]
 
@@ -66,7 +66,9 @@ def load_for_task(
     Raises:
         FlatnessError: unknown task, missing data, or a checkpoint that does not fit the task.
     """
-    from .tasks import get_task, iterate_batches, load_checkpoint
+    from ..experiments.checkpoints import load_checkpoint
+    from ..experiments.data import iterate_batches
+    from ..experiments.tasks import get_task
 
     task = get_task(task_name)
     if examples < 1:
@@ -121,7 +123,7 @@ def _print(result: dict[str, Any], as_json: bool) -> None:
 
 
 def _parse_measures(raw: Sequence[str] | None) -> list[str]:
-    from .measures import DEFAULT_MEASURES, MEASURES
+    from ..measures import DEFAULT_MEASURES, MEASURES
 
     if not raw:
         return list(DEFAULT_MEASURES)
@@ -138,8 +140,8 @@ def _parse_measures(raw: Sequence[str] | None) -> list[str]:
 
 
 def measure_command(args: argparse.Namespace) -> int:
-    from .measures import MeasureOptions, compute_measures, plot_spectral_density, spectral_density
-    from .measures.io import save_json
+    from ..measures import MeasureOptions, compute_measures, plot_spectral_density, spectral_density
+    from ..measures.io import save_json
 
     names = _parse_measures(args.measures)
     if "spectral_density" in names and not args.plot_dir:
@@ -227,8 +229,8 @@ def _accuracy(task: Any) -> Callable[[Tensor, Tensor], Tensor]:
 
 
 def landscape_command(args: argparse.Namespace) -> int:
-    from .landscape import interpolate, pca_surface, plot_surface, surface_1d, surface_2d
-    from .tasks import load_checkpoint
+    from ..landscape import interpolate, pca_surface, plot_surface, surface_1d, surface_2d
+    from ..experiments.checkpoints import load_checkpoint
 
     if args.kind not in KINDS:
         raise FlatnessError(f"--kind must be one of {', '.join(KINDS)}")

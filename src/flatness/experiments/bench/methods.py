@@ -20,16 +20,15 @@ and ``nrs_ratio`` <= 2.2; ``targets_met`` says whether this run met them all.
 
 from __future__ import annotations
 
-import argparse
 import copy
 from collections.abc import Callable
 
 import torch
 
-from ..methods import make_method
-from . import paper_mlp_setup, print_result, ratio_result, time_interleaved
+from ...methods import make_method
+from . import paper_mlp_setup, ratio_result, time_interleaved
 
-__all__ = ["run_methods_bench", "TARGETS", "add_cli"]
+__all__ = ["run_methods_bench", "TARGETS"]
 
 TARGETS: dict[str, float] = {
     "curvature_ratio": 1.5,
@@ -92,40 +91,3 @@ def run_methods_bench(
         result["profile_curvature"] = _profile(cases["curvature"])
         result["profile_plain"] = _profile(cases["plain"])
     return result
-
-
-def _cmd(args: argparse.Namespace) -> int:
-    if args.steps < 1 or args.rounds < 1:
-        raise ValueError("--steps and --rounds must be >= 1")
-    if args.batch < 1:
-        raise ValueError("--batch must be >= 1")
-    result = run_methods_bench(
-        batch=args.batch,
-        steps=args.steps,
-        rounds=args.rounds,
-        threads=args.threads,
-        quick=args.quick,
-        vmap=args.vmap,
-        profile=args.profile,
-    )
-    if args.json:  # profiles, if asked for, travel inside the JSON object as strings
-        print_result(result, True, "")
-        return 0
-    tables = {k: result.pop(k) for k in ("profile_curvature", "profile_plain") if k in result}
-    print_result(result, False, "Training methods: median step time and ratio to a plain step")
-    for key, table in tables.items():
-        print(f"\n{key}:\n{table}")
-    return 0
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("methods", help="step time of each method vs a plain step (CIFAR-100 MLP)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--steps", type=int, default=24, help="timed steps per case")
-    p.add_argument("--rounds", type=int, default=4, help="interleaved timing rounds")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--quick", action="store_true", help="tiny model, for smoke tests")
-    p.add_argument("--vmap", action="store_true", help="also time the per-example vmap fallback")
-    p.add_argument("--profile", action="store_true", help="print a profile of a curvature step")
-    p.set_defaults(func=_cmd)

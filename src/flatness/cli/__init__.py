@@ -16,16 +16,15 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from . import __version__
-from .utils import FlatnessError
+from .. import __version__
+from ..utils import FlatnessError
 
+# One module per command group; each defines ``add_cli(subparsers)``.
 COMMAND_MODULES: tuple[str, ...] = (
-    "flatness.demo",
-    "flatness.bench",
-    "flatness.experiments",
-    "flatness.report",
-    "flatness.compare",
-    "flatness.inspect_cli",
+    "flatness.cli.demo",
+    "flatness.cli.bench",
+    "flatness.cli.run",
+    "flatness.cli.inspect",
 )
 
 

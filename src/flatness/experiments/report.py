@@ -25,7 +25,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import math
@@ -36,9 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .experiments import read_record
-from .tasks import TASKS, atomic_write_bytes
-from .utils import FlatnessError
+from ..utils import FlatnessError, atomic_write_bytes
+from .record import read_record
+from .tasks import TASKS
 
 __all__ = [
     "PAPER_FINAL_ACC",
@@ -49,7 +48,6 @@ __all__ = [
     "welch_p",
     "markdown",
     "write_report",
-    "add_cli",
 ]
 
 # The paper's final test accuracies (its Tables 1–3), for comparison in the tables.
@@ -441,7 +439,8 @@ def add_final_measures(
     progress: bool = False,
 ) -> None:
     """Fill in λ_max and Tr(H) of every complete run from its checkpoint (cached in measures/)."""
-    from .experiments import FLATNESS_KEYS, StaleCheckpointError, final_model_extras
+    from .checkpoints import StaleCheckpointError
+    from .measure import FLATNESS_KEYS, final_model_extras
 
     todo = [r for r in records if r["status"] == "complete" and r.get("checkpoint")]
     from tqdm.auto import tqdm
@@ -482,7 +481,7 @@ def write_report(
     if measures:
         add_final_measures(directory, records, data_dir, progress=True)
     else:  # what `--measures` or `flatness compare` measured before is shown, nothing computed
-        from .experiments import FLATNESS_KEYS, cached_extras
+        from .measure import FLATNESS_KEYS, cached_extras
 
         for r in records:
             r.update(cached_extras(r, directory / "measures", FLATNESS_KEYS))
@@ -497,30 +496,3 @@ def write_report(
     except PermissionError as exc:
         raise FlatnessError(f"cannot write the report into {directory}: {exc.strerror}") from None
     return text
-
-
-def _cmd_report(args: argparse.Namespace) -> int:
-    print(
-        write_report(
-            args.directory, plots=not args.no_plots, measures=args.measures,
-            data_dir=args.data_dir,
-        )
-    )
-    return 0
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "report",
-        help="tables, t-tests and plots of a results directory",
-        description="Summarise the run records in DIR into summary.md, summary.csv and PNG plots.",
-    )
-    p.add_argument("directory", metavar="DIR", help="a results directory (e.g. runs/breast-cancer-mlp)")
-    p.add_argument("--no-plots", action="store_true", help="tables only")
-    p.add_argument(
-        "--measures",
-        action="store_true",
-        help="add λ_max and Tr(H) of every final model (computed from checkpoints once, cached)",
-    )
-    p.add_argument("--data-dir", help="data directory, to measure the final models on their training data")
-    p.set_defaults(func=_cmd_report)

@@ -17,17 +17,16 @@ time and each case's median step time divided by it.
 
 from __future__ import annotations
 
-import argparse
 import copy
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from ..methods import make_method
-from . import paper_mlp_setup, print_result, ratio_result, time_interleaved
+from ...methods import make_method
+from . import paper_mlp_setup, ratio_result, time_interleaved
 
-__all__ = ["run_overhead", "add_cli"]
+__all__ = ["run_overhead"]
 
 
 def _reference_step(
@@ -104,24 +103,3 @@ def run_overhead(
     ms = time_interleaved(cases, rounds=rounds, reps_per_round=per_round, per_call_steps=windows)
     result = ratio_result(ms, batch, rounds * per_round)
     return result
-
-
-def _cmd(args: argparse.Namespace) -> int:
-    if args.steps < 1 or args.rounds < 1:
-        raise ValueError("--steps and --rounds must be >= 1")
-    result = run_overhead(
-        batch=args.batch, steps=args.steps, rounds=args.rounds, threads=args.threads, quick=args.quick
-    )
-    print_result(result, args.json, "FA penalty overhead (median step time, ratio to a plain step)")
-    return 0
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("overhead", help="FA penalty step time vs a plain step (CIFAR-100 MLP shape)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--steps", type=int, default=24, help="timed steps (or windows) per case (>= 20)")
-    p.add_argument("--rounds", type=int, default=4, help="interleaved timing rounds")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--quick", action="store_true", help="tiny model, for smoke tests")
-    p.set_defaults(func=_cmd)

@@ -12,11 +12,11 @@ import time
 import torch
 from torch import nn
 
-from .data import load_breast_cancer
-from .hutchinson import measure_sq_trace
-from .methods import make_method
-from .models import mlp
-from .utils import eval_mode
+from ..experiments.data import load_breast_cancer
+from ..experiments.models import mlp
+from ..hutchinson import measure_sq_trace
+from ..methods import make_method
+from ..utils import eval_mode
 
 __all__ = ["run_demo"]
 

@@ -33,7 +33,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .utils import FlatnessError
+from ..utils import FlatnessError
 
 __all__ = [
     "DATA_ENV",
@@ -484,3 +484,34 @@ def load_newsgroups(
         torch.from_numpy(test_y),
         len(names),
     )
+
+
+def iterate_batches(
+    x: Tensor,
+    y: Tensor,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    generator: torch.Generator | None = None,
+    drop_last: bool = False,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Mini-batches ``(x[idx], y[idx])`` of a dense or sparse (CSR/COO) ``x``.
+
+    With ``shuffle`` the order is a fresh permutation from ``generator`` (reproducible for a
+    seeded generator); otherwise the data order. The last batch may be smaller unless
+    ``drop_last``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = int(y.shape[0])
+    if int(x.shape[0]) != n:
+        raise ValueError(f"x has {x.shape[0]} rows but y has {n}")
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    for idx in order.split(batch_size):
+        if drop_last and len(idx) < batch_size:
+            return
+        if not shuffle and x.layout == torch.strided:
+            start = int(idx[0])
+            yield x[start : start + len(idx)], y[start : start + len(idx)]  # views, no copy
+        else:
+            yield select_rows(x, idx), y[idx]

@@ -1,67 +1,32 @@
-r"""The paper's models: a ReLU MLP with dropout, and multinomial logistic regression.
+r"""Layers the library's closed forms know about: :class:`SparseLinear` for sparse inputs.
 
-Logistic regression on TF-IDF text takes sparse inputs: :class:`SparseLinear` computes
-:math:`x W^\top + b` for a sparse CSR (or COO) batch ``x`` without densifying it, as a gather of
-the weight columns of the non-zero features and a scatter-add per row:
+:class:`SparseLinear` computes :math:`x W^\top + b` for a sparse CSR (or COO) batch ``x``
+without densifying it, as a gather of the weight columns of the non-zero features and a
+scatter-add per row:
 
 .. math:: (x W^\top)_{i c} = \sum_{k:\, \mathrm{row}(k) = i} \mathrm{val}_k \, W_{c,\, \mathrm{col}(k)}
 
 Both ops are ordinary dense autograd ops with batching rules, so gradients, Hessian-vector
-products (batched over probes) and the FA penalty's third-order backward all work through it.
+products (batched over probes) and the FA penalty's third-order backward all work through it
+(``torch.sparse.mm`` has no batching rule for batched Hessian-vector products).
 
 Example:
     >>> import torch
-    >>> from flatness.models import logistic_regression
-    >>> model = logistic_regression(5, 3)
+    >>> from flatness.layers import SparseLinear
+    >>> layer = SparseLinear(5, 3)
     >>> x = torch.tensor([[0.0, 1.0, 0.0, 0.0, 2.0], [0.5, 0.0, 0.0, 0.0, 0.0]])
-    >>> torch.allclose(model(x.to_sparse_csr()), model(x))
+    >>> torch.allclose(layer(x.to_sparse_csr()), layer(x))
     True
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["mlp", "logistic_regression", "SparseLinear", "sparse_linear"]
-
-
-def mlp(
-    in_features: int,
-    out_features: int,
-    hidden: Sequence[int] = (512, 256),
-    dropout: float = 0.3,
-    weight_scale: float = 1.0,
-) -> nn.Sequential:
-    """Linear-ReLU-Dropout blocks then a linear output layer (logits).
-
-    The paper's CIFAR-100 and Breast-Cancer model is ``mlp(d, c, (512, 256), 0.3)``.
-    ``weight_scale`` multiplies every Linear weight after PyTorch's default initialisation
-    (uniform in ±1/√fan_in); biases keep theirs. It draws no random numbers, so a seed gives the
-    same initial directions for every scale.
-    """
-    if not 0 <= dropout < 1:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    if not (math.isfinite(weight_scale) and weight_scale > 0):
-        raise ValueError(f"weight_scale must be finite and > 0, got {weight_scale}")
-    layers: list[nn.Module] = []
-    width = in_features
-    for h in hidden:
-        layers += [nn.Linear(width, h), nn.ReLU()]
-        if dropout > 0:
-            layers.append(nn.Dropout(dropout))
-        width = h
-    layers.append(nn.Linear(width, out_features))
-    model = nn.Sequential(*layers)
-    if weight_scale != 1.0:
-        with torch.no_grad():
-            for layer in model:
-                if isinstance(layer, nn.Linear):
-                    layer.weight.mul_(weight_scale)
-    return model
+__all__ = ["SparseLinear", "sparse_linear", "LINEAR_TYPES"]
 
 
 def sparse_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -79,6 +44,30 @@ def sparse_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
     contrib = weight.index_select(1, col) * val.to(weight.dtype)  # (out, nnz)
     out = weight.new_zeros(weight.shape[0], x.shape[0]).index_add(1, rows, contrib).t()
     return out if bias is None else out + bias
+    """A linear layer (``weight`` is (out, in) as in :class:`torch.nn.Linear`) for sparse inputs.
+
+    Dense inputs go through ``F.linear``; sparse CSR/COO inputs through :func:`sparse_linear`.
+    Initialised like :class:`torch.nn.Linear`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return sparse_linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 class SparseLinear(nn.Module):
@@ -108,9 +97,5 @@ class SparseLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def logistic_regression(in_features: int, num_classes: int) -> SparseLinear:
-    """One linear layer; softmax cross-entropy on its logits is multinomial logistic regression.
-
-    Accepts dense or sparse (CSR/COO) inputs; a dense input behaves exactly like ``nn.Linear``.
-    """
-    return SparseLinear(in_features, num_classes)
+# Layers whose weight acts as ``x @ weight.T + bias`` on (batch, features) inputs.
+LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, SparseLinear)

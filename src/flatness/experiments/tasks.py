@@ -21,7 +21,8 @@ does not depend on a run's seed.
 
 Example:
     >>> import torch
-    >>> from flatness.tasks import get_task, iterate_batches
+    >>> from flatness.experiments.data import iterate_batches
+    >>> from flatness.experiments.tasks import get_task
     >>> task = get_task("breast-cancer-mlp")
     >>> splits = task.load()
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -35,13 +36,10 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from .data import (
@@ -50,11 +48,10 @@ from .data import (
     load_breast_cancer,
     load_cifar100,
     load_newsgroups,
-    select_rows,
     split_validation,
 )
+from ..utils import FlatnessError
 from .models import logistic_regression, mlp
-from .utils import FlatnessError, atomic_write_bytes
 
 __all__ = [
     "SCHEDULES",
@@ -62,10 +59,6 @@ __all__ = [
     "Task",
     "TASKS",
     "get_task",
-    "iterate_batches",
-    "save_checkpoint",
-    "load_checkpoint",
-    "atomic_write_bytes",
 ]
 
 SCHEDULES: tuple[str, ...] = ("constant", "cosine", "linear")
@@ -289,95 +282,3 @@ def get_task(name: str) -> Task:
     if name not in TASKS:
         raise FlatnessError(f"unknown task {name!r}; expected one of: {', '.join(TASKS)}")
     return TASKS[name]
-
-
-def iterate_batches(
-    x: Tensor,
-    y: Tensor,
-    batch_size: int,
-    *,
-    shuffle: bool,
-    generator: torch.Generator | None = None,
-    drop_last: bool = False,
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """Mini-batches ``(x[idx], y[idx])`` of a dense or sparse (CSR/COO) ``x``.
-
-    With ``shuffle`` the order is a fresh permutation from ``generator`` (reproducible for a
-    seeded generator); otherwise the data order. The last batch may be smaller unless
-    ``drop_last``.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    n = int(y.shape[0])
-    if int(x.shape[0]) != n:
-        raise ValueError(f"x has {x.shape[0]} rows but y has {n}")
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    for idx in order.split(batch_size):
-        if drop_last and len(idx) < batch_size:
-            return
-        if not shuffle and x.layout == torch.strided:
-            start = int(idx[0])
-            yield x[start : start + len(idx)], y[start : start + len(idx)]  # views, no copy
-        else:
-            yield select_rows(x, idx), y[idx]
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints
-
-CHECKPOINT_FORMAT = "flatness-checkpoint"
-
-
-def _input_width(model: nn.Module) -> int | None:
-    for module in model.modules():
-        width = getattr(module, "in_features", None)
-        if isinstance(width, int):
-            return width
-    return None
-
-
-def save_checkpoint(
-    path: str | os.PathLike[str], model: nn.Module, *, task: str, meta: dict[str, Any]
-) -> None:
-    """Write the model's weights with its task name and ``meta`` (plain JSON-like data), atomically."""
-    get_task(task)
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "version": 1,
-        "task": task,
-        "num_features": _input_width(model),
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        "meta": meta,
-    }
-    atomic_write_bytes(path, lambda fh: torch.save(payload, fh))
-
-
-def load_checkpoint(
-    path: str | os.PathLike[str], task: str | None = None
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the task's model from a checkpoint; returns ``(model, meta)``, model in eval mode.
-
-    ``FlatnessError`` if the file is missing, is not a flatness checkpoint, belongs to another
-    task than ``task``, or its weights do not fit the task's model.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FlatnessError(f"checkpoint {path} does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise FlatnessError(f"{path} is not a readable flatness checkpoint ({type(exc).__name__})") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise FlatnessError(f"{path} is not a flatness checkpoint")
-    saved_task = payload.get("task")
-    if task is not None and saved_task != task:
-        raise FlatnessError(f"{path} is a checkpoint of task {saved_task!r}, not {task!r}")
-    task_obj = get_task(str(saved_task))
-    model = task_obj.build_model(num_features=payload.get("num_features"))
-    try:
-        model.load_state_dict(payload["state_dict"])
-    except (RuntimeError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FlatnessError(f"{path} does not fit the {saved_task} model: {first}") from None
-    model.eval()
-    return model, dict(payload.get("meta") or {})

@@ -38,11 +38,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .data import Splits
+from ..methods import Method
+from ..utils import FlatnessError, call_model, eval_mode, preserved_mode
+from .data import Splits, iterate_batches
 from .distributed import take_shard
-from .methods import Method
-from .tasks import TrainConfig, iterate_batches
-from .utils import FlatnessError, call_model, eval_mode, preserved_mode
+from .tasks import TrainConfig
 
 __all__ = [
     "TrainingDiverged",

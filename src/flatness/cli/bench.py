@@ -1,0 +1,135 @@
+"""``flatness bench NAME [--json]``: speed benchmarks; figures are ratios to a plain step in one run.
+
+The benchmarks themselves live in :mod:`flatness.experiments.bench`; this module parses their
+arguments and prints one table or one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..experiments.bench.ddp import run_ddp_scaling
+from ..experiments.bench.measures import run_measures_bench
+from ..experiments.bench.methods import run_methods_bench
+from ..experiments.bench.overhead import run_overhead
+
+__all__ = ["add_cli", "print_result"]
+
+
+def print_result(result: dict[str, object], as_json: bool, title: str) -> None:
+    if as_json:
+        print(json.dumps(result, sort_keys=True))
+        return
+    print(title)
+    width = max(len(k) for k in result)
+    for key, value in result.items():
+        text = f"{value:.3f}" if isinstance(value, float) else str(value)
+        print(f"  {key:<{width}}  {text}")
+
+
+def _cmd_overhead(args: argparse.Namespace) -> int:
+    if args.steps < 1 or args.rounds < 1:
+        raise ValueError("--steps and --rounds must be >= 1")
+    result = run_overhead(
+        batch=args.batch, steps=args.steps, rounds=args.rounds, threads=args.threads, quick=args.quick
+    )
+    print_result(result, args.json, "FA penalty overhead (median step time, ratio to a plain step)")
+    return 0
+
+
+def _add_overhead(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("overhead", help="FA penalty step time vs a plain step (CIFAR-100 MLP shape)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--steps", type=int, default=24, help="timed steps (or windows) per case (>= 20)")
+    p.add_argument("--rounds", type=int, default=4, help="interleaved timing rounds")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--quick", action="store_true", help="tiny model, for smoke tests")
+    p.set_defaults(func=_cmd_overhead)
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    if args.steps < 1 or args.rounds < 1:
+        raise ValueError("--steps and --rounds must be >= 1")
+    if args.batch < 1:
+        raise ValueError("--batch must be >= 1")
+    result = run_methods_bench(
+        batch=args.batch,
+        steps=args.steps,
+        rounds=args.rounds,
+        threads=args.threads,
+        quick=args.quick,
+        vmap=args.vmap,
+        profile=args.profile,
+    )
+    if args.json:  # profiles, if asked for, travel inside the JSON object as strings
+        print_result(result, True, "")
+        return 0
+    tables = {k: result.pop(k) for k in ("profile_curvature", "profile_plain") if k in result}
+    print_result(result, False, "Training methods: median step time and ratio to a plain step")
+    for key, table in tables.items():
+        print(f"\n{key}:\n{table}")
+    return 0
+
+
+def _add_methods(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("methods", help="step time of each method vs a plain step (CIFAR-100 MLP)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--steps", type=int, default=24, help="timed steps per case")
+    p.add_argument("--rounds", type=int, default=4, help="interleaved timing rounds")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--quick", action="store_true", help="tiny model, for smoke tests")
+    p.add_argument("--vmap", action="store_true", help="also time the per-example vmap fallback")
+    p.add_argument("--profile", action="store_true", help="print a profile of a curvature step")
+    p.set_defaults(func=_cmd_methods)
+
+
+def _cmd_measures(args: argparse.Namespace) -> int:
+    if args.examples < 1 or args.matvecs < 1 or args.grid < 2 or args.train_steps < 0:
+        raise ValueError("--examples, --matvecs must be >= 1, --grid >= 2, --train-steps >= 0")
+    result = run_measures_bench(
+        examples=args.examples, matvecs=args.matvecs, grid=args.grid, train_steps=args.train_steps,
+        threads=args.threads, data_dir=args.data_dir, quick=args.quick,
+    )
+    print_result(result, args.json, "Flatness measures on the CIFAR-100 MLP (seconds, one run each)")
+    return 0
+
+
+def _add_measures(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("measures", help="λ_max + Tr(H) and a 21×21 surface on the CIFAR-100 MLP")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--examples", type=int, default=1000)
+    p.add_argument("--matvecs", type=int, default=100, help="Hutchinson products for Tr(H)")
+    p.add_argument("--grid", type=int, default=21, help="points per axis of the 2D surface")
+    p.add_argument("--train-steps", type=int, default=50, help="Adam steps before measuring")
+    p.add_argument("--data-dir", default=None, help="where CIFAR-100 is looked for")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--quick", action="store_true", help="tiny model and data, for smoke tests")
+    p.set_defaults(func=_cmd_measures)
+
+
+def _cmd_ddp(args: argparse.Namespace) -> int:
+    if args.steps < 10 or args.batch < 2:
+        raise ValueError("--steps must be >= 10 and --batch >= 2")
+    result = run_ddp_scaling(args.steps, args.batch, args.quick)
+    print_result(result, args.json, "DDP scaling on CPU (gloo): samples per second, 2 ranks vs 1")
+    return 0
+
+
+def _add_ddp(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ddp", help="2-rank vs 1-rank gloo throughput of the CIFAR-100 MLP")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--steps", type=int, default=40, help="timed steps per world size (>= 10)")
+    p.add_argument("--batch", type=int, default=128, help="global mini-batch size")
+    p.add_argument("--quick", action="store_true", help="tiny model, for smoke tests")
+    p.set_defaults(func=_cmd_ddp)
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("bench", help="speed and memory benchmarks (ratios in one run)")
+    bench_sub = parser.add_subparsers(dest="bench", metavar="BENCHMARK", parser_class=type(parser))
+    bench_sub.required = True
+    for add in (_add_overhead, _add_methods, _add_measures, _add_ddp):
+        add(bench_sub)

@@ -1,0 +1,300 @@
+"""``flatness run``, ``flatness report`` and ``flatness compare``: sweeps and their tables.
+
+The work is done by :mod:`flatness.experiments` (runner, report, compare); this module parses
+and checks the command lines, every argument before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..experiments.compare import COMPARE_METHODS, run_comparison
+from ..experiments.distributed import init_distributed, launched_by_torchrun, shutdown
+from ..experiments.report import write_report
+from ..experiments.runner import run_grid
+from ..experiments.specs import RunSpec, accepts, build_grid, parse_shard, select_shard
+from ..experiments.tasks import TASKS, get_task
+from ..utils import FlatnessError
+
+__all__ = ["add_cli", "protocol_overrides"]
+
+
+
+def _parse_assignments(items: Sequence[str] | None, what: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise FlatnessError(f"{what} must look like KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(raw)
+        except ValueError:
+            out[key] = raw  # a bare word: a string value
+    return out
+
+
+def protocol_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The training-protocol flags a user gave (``--epochs``, ``--batch-size``, ``--lr``), checked."""
+    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise FlatnessError(f"{flag} must be >= 1, got {value}")
+    if args.lr is not None and not args.lr > 0:
+        raise FlatnessError(f"--lr must be > 0, got {args.lr}")
+    return {
+        k: v
+        for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr))
+        if v is not None
+    }
+
+
+def _tasks_from_args(names: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    for name in names:
+        if name == "all":
+            out += list(TASKS)
+        else:
+            get_task(name)
+            out.append(name)
+    return list(dict.fromkeys(out))
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    tasks = _tasks_from_args(args.tasks)
+    if args.seeds < 1:
+        raise FlatnessError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.jobs < 1:
+        raise FlatnessError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.lambdas is not None:
+        bad = [v for v in args.lambdas if not (math.isfinite(v) and v >= 0)]
+        if bad:
+            raise FlatnessError(f"--lambdas must be finite and >= 0, got {bad[0]:g}")
+    overrides = protocol_overrides(args)
+    method_kwargs = _parse_assignments(args.method_arg, "--method-arg")
+    for key, value in (("probes", args.probes), ("every", args.every)):
+        if value is not None:
+            if value < 1:
+                raise FlatnessError(f"--{key} must be >= 1, got {value}")
+            if not accepts(args.method, key):
+                raise FlatnessError(f"method {args.method!r} takes no --{key}")
+            method_kwargs[key] = value
+    specs: list[RunSpec] = []
+    for task in tasks:
+        specs += build_grid(
+            task,
+            args.method,
+            args.lambdas,
+            args.seeds,
+            config_overrides=overrides,
+            method_kwargs=method_kwargs,
+            trajectory=args.trajectory,
+        )
+    if args.shard:
+        specs = select_shard(specs, *parse_shard(args.shard))
+    if args.emulate_ranks < 1:
+        raise FlatnessError(f"--emulate-ranks must be >= 1, got {args.emulate_ranks}")
+    dist_ctx = None
+    if args.ddp or launched_by_torchrun():
+        if args.emulate_ranks > 1:
+            raise FlatnessError("--emulate-ranks is the one-process twin of --ddp: use one of them")
+        dist_ctx = init_distributed(args.backend)
+    start = time.perf_counter()
+    try:
+        results = run_grid(
+            specs,
+            args.out,
+            jobs=args.jobs,
+            data_dir=args.data_dir,
+            download=False if args.no_download else None,
+            progress=not args.quiet,
+            retry_failed=args.retry_failed,
+            dist_ctx=dist_ctx,
+            emulate_ranks=args.emulate_ranks,
+        )
+    finally:
+        if dist_ctx is not None:
+            shutdown()
+    if dist_ctx is not None and not dist_ctx.is_main:
+        return 0
+    wall = time.perf_counter() - start
+    print(f"{len(specs)} runs in {', '.join(results)}; wall time {wall:.1f} s", file=sys.stderr)
+    for directory in results:
+        text = write_report(directory, plots=not args.no_plots)
+        print(text)
+    return 0
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run",
+        help="sweep a method's strength over seeds on a paper task (resumable)",
+        description=(
+            "Train TASK (cifar100-mlp, newsgroups-logreg, breast-cancer-mlp, or 'all') for every "
+            "strength and seed, write one JSON per run, checkpoints, summary.md/csv and plots "
+            "under OUT/TASK/. Re-running the same command skips finished runs."
+        ),
+    )
+    p.add_argument("tasks", nargs="+", metavar="TASK", help=f"one of {', '.join(TASKS)}, or 'all'")
+    p.add_argument("--method", default="fa", help="training method (default: fa)")
+    p.add_argument(
+        "--lambdas",
+        "--values",
+        dest="lambdas",
+        type=float,
+        nargs="+",
+        metavar="V",
+        help="strengths of the method's hyper-parameter (default for fa: 0 0.001 0.01 0.1 1)",
+    )
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1 (default 3)")
+    p.add_argument("--epochs", type=int, help="override the task's number of epochs")
+    p.add_argument("--batch-size", type=int, help="override the task's batch size B")
+    p.add_argument("--lr", type=float, help="override the task's learning rate")
+    p.add_argument("--probes", type=int, help="Hutchinson probes M per curvature step (fa: 5)")
+    p.add_argument("--every", type=int, help="curvature step every K steps (fa: 10)")
+    p.add_argument(
+        "--method-arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="extra keyword argument of the method (repeatable; VALUE is JSON or a word)",
+    )
+    p.add_argument("--data-dir", help="data directory (default: $FLATNESS_DATA or ~/.cache/flatness)")
+    p.add_argument("--out", default="runs", help="results root; a folder per task (default: runs)")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (default 1)")
+    p.add_argument(
+        "--trajectory",
+        type=int,
+        default=0,
+        metavar="N",
+        help="keep N weight snapshots evenly along training (for landscape plots; default 0)",
+    )
+    p.add_argument("--no-download", action="store_true", help="never download missing data")
+    p.add_argument("--retry-failed", action="store_true", help="re-run runs recorded as failed")
+    p.add_argument("--no-plots", action="store_true", help="write the tables but no PNG plots")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="run only the I-th of N disjoint slices of the grid (several machines, one --out)",
+    )
+    p.add_argument(
+        "--ddp",
+        action="store_true",
+        help="train each run with DistributedDataParallel (automatic under torchrun)",
+    )
+    p.add_argument("--backend", choices=("gloo", "nccl"), help="DDP backend (default: nccl on GPU, else gloo)")
+    p.add_argument(
+        "--emulate-ranks",
+        type=int,
+        default=1,
+        metavar="N",
+        help="one process doing the arithmetic of an N-rank DDP run (reference for --ddp)",
+    )
+    p.set_defaults(func=_cmd_run)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    print(
+        write_report(
+            args.directory, plots=not args.no_plots, measures=args.measures,
+            data_dir=args.data_dir,
+        )
+    )
+    return 0
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="tables, t-tests and plots of a results directory",
+        description="Summarise the run records in DIR into summary.md, summary.csv and PNG plots.",
+    )
+    p.add_argument("directory", metavar="DIR", help="a results directory (e.g. runs/breast-cancer-mlp)")
+    p.add_argument("--no-plots", action="store_true", help="tables only")
+    p.add_argument(
+        "--measures",
+        action="store_true",
+        help="add λ_max and Tr(H) of every final model (computed from checkpoints once, cached)",
+    )
+    p.add_argument("--data-dir", help="data directory, to measure the final models on their training data")
+    p.set_defaults(func=_cmd_report)
+
+
+def _parse_grids(items: Sequence[str] | None) -> dict[str, list[float]]:
+    grids: dict[str, list[float]] = {}
+    for item in items or []:
+        method, sep, raw = item.partition("=")
+        if not sep or not method or not raw:
+            raise FlatnessError(f"--grid must look like METHOD=V1,V2,..., got {item!r}")
+        try:
+            grids[method] = [float(v) for v in raw.split(",")]
+        except ValueError:
+            raise FlatnessError(f"--grid values must be numbers, got {raw!r}") from None
+    return grids
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    if args.task not in TASKS:
+        raise FlatnessError(f"unknown task {args.task!r}; expected one of {', '.join(TASKS)}")
+    if args.seeds < 1:
+        raise FlatnessError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.jobs < 1:
+        raise FlatnessError(f"--jobs must be >= 1, got {args.jobs}")
+    overrides = protocol_overrides(args)
+    _, text = run_comparison(
+        args.task,
+        args.out,
+        methods=args.methods or COMPARE_METHODS,
+        seeds=args.seeds,
+        grids=_parse_grids(args.grid),
+        config_overrides=overrides,
+        jobs=args.jobs,
+        data_dir=args.data_dir,
+        download=False if args.no_download else None,
+        progress=not args.quiet,
+        measures=not args.no_measures,
+        plots=not args.no_plots,
+    )
+    print(text)
+    print(f"written to {Path(args.out) / args.task / 'compare'}", file=sys.stderr)
+    return 0
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="every method at its validation-chosen strength: accuracy, p-values, flatness, time",
+        description=(
+            "Train each method's small grid over seeds on TASK (resumable, reusing `flatness run` "
+            "records in OUT/TASK), choose each method's strength on the validation split, and "
+            "write OUT/TASK/compare/summary.md, compare.json and compare.png."
+        ),
+    )
+    p.add_argument("task", metavar="TASK", help=f"one of {', '.join(TASKS)}")
+    p.add_argument("--methods", nargs="+", metavar="NAME",
+                   help=f"methods to compare (default: {' '.join(COMPARE_METHODS)}; none is always included)")
+    p.add_argument("--grid", action="append", metavar="METHOD=V1,V2",
+                   help="override a method's grid of strengths (repeatable)")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1 (default 3)")
+    p.add_argument("--epochs", type=int, help="override the task's number of epochs")
+    p.add_argument("--batch-size", type=int, help="override the task's batch size B")
+    p.add_argument("--lr", type=float, help="override the task's learning rate")
+    p.add_argument("--data-dir", help="data directory (default: $FLATNESS_DATA or ~/.cache/flatness)")
+    p.add_argument("--out", default="runs", help="results root; runs in OUT/TASK (default: runs)")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (default 1)")
+    p.add_argument("--no-download", action="store_true", help="never download missing data")
+    p.add_argument("--no-measures", action="store_true", help="skip λ_max and Tr(H) of the final models")
+    p.add_argument("--no-plots", action="store_true", help="tables only")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_compare)
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    _add_run(sub)
+    _add_report(sub)
+    _add_compare(sub)
