@@ -25,7 +25,7 @@ accuracy per method; accuracy vs measured Tr(H²)/B per run). The runner's own p
 report (``OUT/TASK/summary.md``) is refreshed too.
 
 Example:
-    >>> from flatness.compare import comparison_grid
+    >>> from flatness.experiments.compare import comparison_grid
     >>> comparison_grid("sam"), comparison_grid("none"), comparison_grid("fa")
     ([0.01, 0.05, 0.1], [None], [0.001, 0.01, 0.1, 1.0])
 """

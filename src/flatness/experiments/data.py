@@ -15,7 +15,7 @@ file goes where (or how it is downloaded), and a damaged one says so.
 * Breast Cancer Wisconsin: bundled with scikit-learn.
 
 Example:
-    >>> from flatness.data import load_breast_cancer, split_validation
+    >>> from flatness.experiments.data import load_breast_cancer, split_validation
     >>> splits = split_validation(load_breast_cancer(), 0.1)
     >>> splits.x_train.shape[0] + splits.x_val.shape[0], splits.x_test.shape[0]
     (455, 114)

@@ -16,7 +16,7 @@ with fewer than 2 runs on a side, or identical values on both sides (zero varian
 p-value is reported as ``n/a`` with the reason.
 
 Example:
-    >>> from flatness.report import welch_p
+    >>> from flatness.experiments.report import welch_p
     >>> welch_p([0.95, 0.96, 0.97], [0.95, 0.96, 0.97])[0]
     1.0
     >>> welch_p([0.9, 0.9, 0.9], [0.9, 0.9, 0.9])

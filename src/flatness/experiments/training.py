@@ -13,8 +13,8 @@ warm-up from ``lr/10`` to ``lr`` over ``warmup_epochs``, then ``constant``, ``co
 Example:
     >>> import torch
     >>> from flatness.methods import make_method
-    >>> from flatness.tasks import get_task
-    >>> from flatness.train import make_optimizer, train
+    >>> from flatness.experiments.tasks import get_task
+    >>> from flatness.experiments.training import make_optimizer, train
     >>> task = get_task("breast-cancer-mlp")
     >>> data = task.load()
     >>> config = task.config.replace(epochs=2)
