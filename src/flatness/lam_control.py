@@ -57,7 +57,7 @@ from typing import Any
 
 from .schedules import Decision
 
-__all__ = ["GradRatioController", "CurvatureSpikeController"]
+__all__ = ["CurvatureSpikeController", "GradRatioController"]
 
 
 def _positive(name: str, value: float, *, allow_inf: bool = False) -> float:

@@ -37,15 +37,15 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 __all__ = [
-    "Schedule",
     "Constant",
-    "WarmUp",
     "Cosine",
-    "Step",
-    "Join",
-    "parse_schedule",
     "Decision",
+    "Join",
+    "Schedule",
     "ScheduledLam",
+    "Step",
+    "WarmUp",
+    "parse_schedule",
 ]
 
 
