@@ -1,0 +1,198 @@
+r"""Tr(H²) by Hutchinson with the output layer's own Hessian block as an exact control variate.
+
+For a model whose output is :math:`z = \tilde a W^\top` (the output Linear layer, bias folded
+into :math:`\tilde a = [a, 1]`) and a loss that is a sum of per-example terms, the Hessian block
+of the output layer's parameters is, exactly,
+
+.. math::
+
+    H_{LL} = \sum_i (\tilde a_i \tilde a_i^\top) \otimes \Omega_i, \qquad
+    \Omega_i = \frac{\partial^2 L}{\partial z_i^2}, \qquad
+    \lVert H_{LL} \rVert_F^2 = \sum_{i,j} (\tilde a_i^\top \tilde a_j)^2 \langle \Omega_i, \Omega_j \rangle_F,
+
+(no term through activations: z is linear in W given a). With probes v whose output-layer block
+is :math:`v_L`, the estimator
+
+.. math::
+
+    \widehat{\operatorname{Tr}(H^2)} = \lVert H_{LL} \rVert_F^2
+        + \frac{1}{M} \sum_{j=1}^{M} \bigl(\lVert H v_j \rVert^2 - \lVert H_{LL} v_{j,L} \rVert^2\bigr)
+
+is unbiased (:math:`\mathbb{E}\lVert H_{LL} v_L \rVert^2 = \lVert H_{LL} \rVert_F^2` for
+:math:`\mathbb{E}[v v^\top] = I`), and so is its gradient. It is unbiased for any loss; the
+per-example structure only decides how much variance it removes. The subtracted term moves with
+the sampled one: on the CIFAR-100 MLP after 700 Adam steps the output layer's columns hold 58% of
+Tr(H²) and 83% of Hutchinson's variance, and the control variate leaves 20–24% of the variance
+at about the cost of the plain estimate (``flatness bench variance``). For a model that is one
+Linear layer (logistic regression) every draw is exact.
+
+The closed-form terms cost O(N²(C² + n)) for N examples, C outputs and n inputs of the output
+layer — a few small matrix products, no Hessian-vector product. Ω_i comes from C batched
+backward passes through the loss alone (any loss of the output, not only cross-entropy).
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from flatness.control_variate import cv_sq_trace
+    >>> from flatness.hutchinson import sq_trace
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Linear(4, 3).double()  # one layer: the control variate is exact
+    >>> x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    >>> loss_fn = nn.CrossEntropyLoss()
+    >>> a = cv_sq_trace(model, loss_fn, x, y, probes=1, seed=0)
+    >>> b = cv_sq_trace(model, loss_fn, x, y, probes=1, seed=1)
+    >>> ref = sq_trace(loss_fn(model(x), y), list(model.parameters()), probes=400, seed=0)
+    >>> bool(torch.isclose(a, b)), abs(float(a.detach() / ref.detach()) - 1) < 0.1
+    (True, True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .hutchinson import sq_trace
+from .layers import LINEAR_TYPES, sparse_linear
+from .probes import Distribution, make_generator, sample_probes
+from .utils import call_model
+
+__all__ = ["OutputLayer", "cv_sq_trace", "output_layer"]
+
+SqNormMean = Callable[[Sequence[Tensor]], Tensor]
+
+
+@dataclass
+class OutputLayer:
+    """The output Linear layer's Hessian factors on one batch (tensors keep their graphs).
+
+    ``inputs``: its input, (N, n) rows (dense or sparse); ``omega``: Ω_i, (N, C, C);
+    ``weight`` / ``bias``: its parameters; ``loss``: the task loss of the same forward pass.
+    """
+
+    module: nn.Module
+    inputs: Tensor
+    omega: Tensor
+    loss: Tensor
+
+    @property
+    def weight(self) -> Tensor:
+        return self.module.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.module.bias
+
+    def _gram(self) -> Tensor:
+        """K_ij = ã_i·ã_j (with the bias's column of ones when there is a bias)."""
+        a = self.inputs.to_dense() if self.inputs.layout != torch.strided else self.inputs
+        k = a @ a.T
+        return k + 1 if self.bias is not None else k
+
+    def sq_norm(self) -> Tensor:
+        """‖H_LL‖²_F = Σ_ij K_ij² ⟨Ω_i, Ω_j⟩, differentiable."""
+        flat = self.omega.flatten(1)
+        return ((self._gram().square()) * (flat @ flat.T)).sum()
+
+    def sq_norms(self, v_weight: Tensor, v_bias: Tensor | None) -> Tensor:
+        """‖H_LL v_j‖² for M probes: ``v_weight`` (M, C, n), ``v_bias`` (M, C) or None; → (M,)."""
+        if self.inputs.layout != torch.strided:
+            u = torch.stack([sparse_linear(self.inputs, w) for w in v_weight])
+        else:
+            u = torch.matmul(self.inputs, v_weight.transpose(1, 2))  # (M, N, C): V ã_i
+        if v_bias is not None:
+            u = u + v_bias.unsqueeze(1)
+        w = torch.einsum("icd,mid->mic", self.omega, u)  # Ω_i V ã_i
+        # (H_LL v)_W = Σ_i w_i ã_iᵀ: its squared norm by the N×N Gram route
+        return (torch.matmul(w, w.transpose(1, 2)) * self._gram()).sum((1, 2))
+
+
+def output_layer(model: nn.Module, loss_fn: Callable[[Tensor, Any], Tensor], x: Any, y: Any) -> OutputLayer:
+    """Run ``loss_fn(model(x), y)`` once and return the output layer's factors.
+
+    The output layer is the Linear (or :class:`~flatness.layers.SparseLinear`) module whose
+    output is the model's output; its input and output are captured by forward hooks held only
+    during this call. Leading dimensions beyond the batch (tokens) are folded into the rows.
+
+    Raises:
+        ValueError: the model's output is not the output of a Linear layer, or that layer ran
+            more than once in the forward pass.
+    """
+    seen: dict[int, list[tuple[nn.Module, Tensor, Tensor]]] = {}
+
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+        seen.setdefault(id(module), []).append((module, args[0], output))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, LINEAR_TYPES)]
+    try:
+        out = call_model(model, x)
+    finally:
+        for h in handles:
+            h.remove()
+    found = [calls for calls in seen.values() if any(o is out for _, _, o in calls)]
+    if not found:
+        raise ValueError(
+            "the control variate needs a model whose output is the output of a Linear layer"
+        )
+    if len(found[0]) != 1:
+        raise ValueError("the output Linear layer runs more than once per forward pass")
+    module, inputs, _ = found[0][0]
+    z = out.reshape(-1, out.shape[-1])
+    if inputs.layout == torch.strided:
+        inputs = inputs.reshape(-1, inputs.shape[-1])
+    loss = loss_fn(out, y)
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        raise ValueError("loss must be a scalar tensor; reduce it (e.g. mean)")
+    (g,) = torch.autograd.grad(loss, out, create_graph=True)
+    classes = z.shape[1]
+    basis = torch.eye(classes, dtype=z.dtype, device=z.device)
+    seeds = basis.unsqueeze(1).expand(classes, z.shape[0], classes).reshape(classes, *out.shape)
+    (rows,) = torch.autograd.grad(g, out, grad_outputs=seeds, create_graph=True, is_grads_batched=True)
+    # rows[c, i, :] = Σ_j Ω_ij[c, :], which is Ω_i's row c for a per-example loss
+    omega = rows.reshape(classes, -1, classes).transpose(0, 1)
+    return OutputLayer(module, inputs, omega, loss)
+
+
+def cv_sq_trace(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Any], Tensor],
+    x: Any,
+    y: Any,
+    probes: int = 5,
+    dist: Distribution = "rademacher",
+    *,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    sq_norm_mean: SqNormMean | None = None,
+) -> Tensor:
+    r"""‖H_LL‖² + (1/M) Σ_j (‖H v_j‖² − ‖H_LL v_{j,L}‖²), differentiable; all trainable parameters.
+
+    Args:
+        model, loss_fn, x, y: the loss ``loss_fn(model(x), y)`` (run the model in the mode the
+            curvature pass needs; this function does not change modes).
+        probes: M >= 1.
+        dist, generator, seed: the probes, drawn as :func:`flatness.sample_probes` draws them
+            for the model's trainable parameters.
+        sq_norm_mean: ``f(vectors) -> (1/M) Σ_j ‖H v_j‖²`` for the same loss (e.g.
+            :func:`flatness.layerwise.layerwise_sq_trace` with ``probe_vectors=``); default
+            :func:`flatness.sq_trace` on the loss of this call's own forward pass (no second
+            forward).
+    """
+    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
+        raise ValueError(f"probes (M) must be an integer >= 1, got {probes!r}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    layer = output_layer(model, loss_fn, x, y)
+    index = {id(p): i for i, p in enumerate(params)}
+    if id(layer.weight) not in index or (layer.bias is not None and id(layer.bias) not in index):
+        raise ValueError("the output layer's parameters must be trainable")
+    vectors = sample_probes(params, probes, dist, generator=make_generator(seed, generator))
+    v_bias = vectors[index[id(layer.bias)]] if layer.bias is not None else None
+    subtracted = layer.sq_norms(vectors[index[id(layer.weight)]], v_bias).mean()
+    if sq_norm_mean is None:
+        sampled = sq_trace(layer.loss, params, probe_vectors=vectors)
+    else:
+        sampled = sq_norm_mean(vectors)
+    return layer.sq_norm() + sampled - subtracted

@@ -1,0 +1,114 @@
+"""The output-layer control variate: exact identities against a dense float64 Hessian."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import dense_hessian, flat_params, loss_of_flat, tiny_batch, tiny_mlp
+from torch import nn
+
+from flatness.control_variate import cv_sq_trace, output_layer
+from flatness.hutchinson import sq_trace
+from flatness.layerwise import layerwise_sq_trace
+from flatness.probes import sample_probes
+
+CE = nn.functional.cross_entropy
+
+
+def _last_block(model: nn.Module, H: torch.Tensor) -> torch.Tensor:
+    """The rows/columns of the dense Hessian that belong to the output layer (the last params)."""
+    sizes = [p.numel() for p in model.parameters()]
+    last = sizes[-2] + sizes[-1]
+    return H[-last:, -last:]
+
+
+def test_closed_forms_match_the_dense_block():
+    model = tiny_mlp(seed=3)
+    x, y = tiny_batch(n=7)
+    H = dense_hessian(model, x, y)
+    block = _last_block(model, H)
+    layer = output_layer(model, CE, x, y)
+    assert float(layer.sq_norm().detach()) == pytest.approx(float(block.square().sum()), rel=1e-10)
+    params = list(model.parameters())
+    v = sample_probes(params, 4, seed=0)
+    got = layer.sq_norms(v[-2], v[-1])
+    flat_last = torch.cat([v[-2].flatten(1), v[-1]], dim=1)  # (M, C·n + C), parameter order
+    want = (flat_last @ block).square().sum(1)
+    assert torch.allclose(got, want, rtol=1e-10)
+
+
+def test_each_draw_is_the_identity_and_the_mean_is_unbiased():
+    model = tiny_mlp(seed=4)
+    x, y = tiny_batch(seed=2, n=6)
+    H = dense_hessian(model, x, y)
+    block = _last_block(model, H)
+    n_last = block.shape[0]
+    params = list(model.parameters())
+
+    def by_hand(v: torch.Tensor) -> torch.Tensor:  # (draws, M, d) probes -> (draws,) estimates
+        cv = (v @ H).square().sum(-1) - (v[..., -n_last:] @ block).square().sum(-1)
+        return block.square().sum() + cv.mean(-1)
+
+    for seed in range(20):  # the library's estimate is the dense formula, draw by draw
+        est = cv_sq_trace(model, CE, x, y, probes=2, seed=seed)
+        v = torch.cat([b.flatten(1) for b in sample_probes(params, 2, seed=seed)], dim=1)
+        assert float(est.detach()) == pytest.approx(float(by_hand(v[None])), rel=1e-9)
+    # so its mean and variance are the dense formula's, over many Rademacher draws
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randint(0, 2, (20000, 1, H.shape[0]), generator=gen, dtype=torch.float64) * 2 - 1
+    values = by_hand(v)
+    plain = (v @ H).square().sum(-1)[:, 0]
+    exact = torch.trace(H @ H)
+    assert abs(float(values.mean() - exact)) < 4 * float(values.std() / math.sqrt(len(values)))
+    assert float(values.var()) < 0.8 * float(plain.var())
+
+
+def test_one_layer_model_is_exact_for_every_draw_with_exact_gradient():
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3).double()
+    x, y = tiny_batch(seed=5, n=9, d_in=5)
+    H = dense_hessian(model, x, y)
+    exact = torch.trace(H @ H)
+    draws = [cv_sq_trace(model, CE, x, y, probes=1, seed=s) for s in range(3)]
+    for d in draws:
+        assert float(d.detach()) == pytest.approx(float(exact), rel=1e-10)
+    # the gradient of every draw is ∇Tr(H²), from the dense Hessian differentiated by autograd
+    theta = flat_params(model).requires_grad_(True)
+    f = loss_of_flat(model, x, y)
+    dense_grad = torch.autograd.grad(
+        torch.trace(torch.linalg.matrix_power(torch.autograd.functional.hessian(f, theta, create_graph=True), 2)),
+        theta,
+    )[0]
+    grads = torch.autograd.grad(draws[1], list(model.parameters()))
+    assert torch.allclose(torch.cat([g.flatten() for g in grads]), dense_grad, rtol=1e-8)
+
+
+def test_layerwise_engine_gives_the_same_estimate():
+    model = tiny_mlp(seed=6)
+    x, y = tiny_batch(seed=7)
+    default = cv_sq_trace(model, CE, x, y, probes=3, seed=11)
+    fast = cv_sq_trace(
+        model, CE, x, y, probes=3, seed=11,
+        sq_norm_mean=lambda vecs: layerwise_sq_trace(model, CE, x, y, probe_vectors=vecs),
+    )
+    assert torch.isclose(default, fast, rtol=1e-10)
+    # and the plain part agrees with sq_trace on the same probes
+    v = sample_probes(list(model.parameters()), 3, seed=11)
+    plain = sq_trace(CE(model(x), y), list(model.parameters()), probe_vectors=v)
+    layer = output_layer(model, CE, x, y)
+    assert torch.isclose(default, layer.sq_norm() + plain - layer.sq_norms(v[-2], v[-1]).mean(), rtol=1e-10)
+
+
+def test_refuses_models_without_an_output_linear():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh()).double()
+    x, y = tiny_batch()
+    with pytest.raises(ValueError, match="output of a Linear"):
+        cv_sq_trace(model, CE, x, y, probes=1, seed=0)
+    shared = nn.Linear(3, 3).double()
+    twice = nn.Sequential(shared, nn.Tanh(), shared)
+    with pytest.raises(ValueError, match="more than once"):
+        cv_sq_trace(twice, CE, x, y, probes=1, seed=0)
+    with pytest.raises(ValueError, match="probes"):
+        cv_sq_trace(tiny_mlp(), CE, x, y, probes=0)
