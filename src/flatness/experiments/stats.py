@@ -177,16 +177,30 @@ def _t_interval(mean: float, se: float, df: float, confidence: float) -> tuple[f
 
 
 def _solve_increasing(f: Callable[[float], float], target: float, start: float) -> float:
-    """The x with f(x) = target for an increasing f, by bracket expansion then Brent."""
+    """The x with f(x) = target for an increasing f, by bracket expansion then Brent (else nan)."""
     lo, hi, step = start - 1.0, start + 1.0, 1.0
-    for _ in range(60):
-        if f(lo) > target:
-            lo, step = lo - step, step * 2
-        elif f(hi) < target:
-            hi, step = hi + step, step * 2
-        else:
-            return float(optimize.brentq(lambda x: f(x) - target, lo, hi, xtol=1e-10))
+    try:
+        for _ in range(60):
+            if f(lo) > target:
+                lo, step = lo - step, step * 2
+            elif f(hi) < target:
+                hi, step = hi + step, step * 2
+            else:
+                return float(optimize.brentq(lambda x: f(x) - target, lo, hi, xtol=1e-10))
+    except ValueError:  # f undefined somewhere on the way
+        pass
     return math.nan
+
+
+def _nct_sf(x: float, df: float, lam: float) -> float:
+    """P(T ≥ x) for T noncentral t; scipy's ``sf`` and ``cdf`` each return nan at some far-tail
+    points (scipy 1.17), where the other one is still defined."""
+    value = float(sps.nct.sf(x, df, lam))
+    if math.isnan(value):
+        value = 1.0 - float(sps.nct.cdf(x, df, lam))
+    if math.isnan(value):
+        raise ValueError(f"noncentral t undefined at x={x}, df={df}, nc={lam}")
+    return value
 
 
 def _noncentrality_interval(t: float, df: float, confidence: float) -> tuple[float, float]:
@@ -195,7 +209,7 @@ def _noncentrality_interval(t: float, df: float, confidence: float) -> tuple[flo
         return _NAN2
 
     def upper_tail(lam: float) -> float:  # P(T ≥ t | λ): increasing in λ
-        return float(sps.nct.sf(t, df, lam))
+        return _nct_sf(t, df, lam)
 
     tail = (1 - confidence) / 2
     return _solve_increasing(upper_tail, tail, t), _solve_increasing(upper_tail, 1 - tail, t)
@@ -214,8 +228,8 @@ def minimum_detectable_effect(se: float, df: float, alpha: float = ALPHA, power:
         return math.nan
     crit = float(sps.t.ppf(1 - alpha / 2, df))
 
-    def rejection(lam: float) -> float:
-        return float(sps.nct.sf(crit, df, lam) + sps.nct.cdf(-crit, df, lam))
+    def rejection(lam: float) -> float:  # P(|T| ≥ crit | λ)
+        return _nct_sf(crit, df, lam) + 1.0 - _nct_sf(-crit, df, lam)
 
     return _solve_increasing(rejection, power, crit) * se
 
