@@ -81,7 +81,7 @@ def _group_table(g: Group) -> list[str]:
     head = [
         g.symbol or "setting", "runs", "Final acc", "Best acc†", "Val-chosen acc", "Avg. flatness (train est.)",
         "Avg. flatness (measured)", "Final Tr(H²)/B (measured)", "λ_max", "Tr(H)",
-        "Train time (s)", "s/epoch", "p t / Holm (final acc)",
+        "Train time (s)", "s/epoch", "p (final acc), t / Holm",
     ]
     if paper:
         head.append("Paper final acc")
@@ -124,7 +124,7 @@ def _columns_note() -> str:
         f"protocol for every run — {final_flatness_note()}. *λ_max*, *Tr(H)*: {final_measures_note()} "
         "(`flatness report --measures` computes them from the checkpoints and caches them in "
         "`measures/`). *Train time*: optimisation steps only (no evaluation), from the run records. "
-        "*p t / Holm*: the paired t-test of final test accuracy against the baseline, raw / "
+        "*p (final acc), t / Holm*: the paired t-test of final test accuracy against the baseline, raw / "
         "Holm-adjusted (details in each group's statistics table)."
     )
 
