@@ -56,9 +56,9 @@ import torch
 from torch import Tensor, nn
 
 from .hutchinson import sq_trace
-from .layers import LINEAR_TYPES, sparse_linear
+from .layers import sparse_linear
+from .linear_io import input_gram, linear_calls
 from .probes import Distribution, make_generator, sample_probes
-from .utils import call_model
 
 __all__ = ["OutputLayer", "cv_sq_trace", "output_layer"]
 
@@ -87,10 +87,7 @@ class OutputLayer:
         return self.module.bias
 
     def _gram(self) -> Tensor:
-        """K_ij = ã_i·ã_j (with the bias's column of ones when there is a bias)."""
-        a = self.inputs.to_dense() if self.inputs.layout != torch.strided else self.inputs
-        k = a @ a.T
-        return k + 1 if self.bias is not None else k
+        return input_gram(self.inputs, self.bias is not None)
 
     def sq_norm(self) -> Tensor:
         """‖H_LL‖²_F = Σ_ij K_ij² ⟨Ω_i, Ω_j⟩, differentiable."""
@@ -121,28 +118,17 @@ def output_layer(model: nn.Module, loss_fn: Callable[[Tensor, Any], Tensor], x: 
         ValueError: the model's output is not the output of a Linear layer, or that layer ran
             more than once in the forward pass.
     """
-    seen: dict[int, list[tuple[nn.Module, Tensor, Tensor]]] = {}
-
-    def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-        seen.setdefault(id(module), []).append((module, args[0], output))
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, LINEAR_TYPES)]
-    try:
-        out = call_model(model, x)
-    finally:
-        for h in handles:
-            h.remove()
-    found = [calls for calls in seen.values() if any(o is out for _, _, o in calls)]
+    out, calls = linear_calls(model, x)
+    found = [c for c in calls if c.output is out]
     if not found:
         raise ValueError(
             "the control variate needs a model whose output is the output of a Linear layer"
         )
-    if len(found[0]) != 1:
+    module = found[0].module
+    if sum(c.module is module for c in calls) != 1:
         raise ValueError("the output Linear layer runs more than once per forward pass")
-    module, inputs, _ = found[0][0]
+    inputs = found[0].inputs
     z = out.reshape(-1, out.shape[-1])
-    if inputs.layout == torch.strided:
-        inputs = inputs.reshape(-1, inputs.shape[-1])
     loss = loss_fn(out, y)
     if not isinstance(loss, Tensor) or loss.dim() != 0:
         raise ValueError("loss must be a scalar tensor; reduce it (e.g. mean)")

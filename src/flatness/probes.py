@@ -38,15 +38,16 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "Distribution",
     "DISTRIBUTIONS",
+    "Distribution",
+    "categorical",
     "check_distribution",
-    "make_generator",
-    "rank_seed",
-    "rademacher",
     "draw",
-    "sample_probes",
+    "make_generator",
+    "rademacher",
     "random_matrix",
+    "rank_seed",
+    "sample_probes",
 ]
 
 Distribution = Literal["rademacher", "gaussian"]
@@ -166,3 +167,16 @@ def random_matrix(
 ) -> Tensor:
     """``(dim, num)`` probes (one per column) for a matrix-free operator on flat vectors."""
     return draw((dim, num), dist, generator, device, dtype)
+
+
+def categorical(
+    probs: Tensor, generator: torch.Generator | None = None
+) -> Tensor:
+    """One class id per row of ``probs`` (N, C), drawn with probabilities ``probs`` (no grad).
+
+    Drawn on ``generator``'s device (a CPU generator for a seed) and returned on ``probs``'
+    device: the sampled labels of K-FAC's Fisher factors (:mod:`flatness.kfac`).
+    """
+    gen_device = generator.device if generator is not None else probs.device
+    draws = torch.multinomial(probs.detach().to(gen_device), 1, generator=generator)
+    return draws.squeeze(1).to(probs.device)

@@ -1,0 +1,100 @@
+"""K-FAC Tr(H²): the Kronecker identity on dense factors, sampled-label Fisher, gradients, sharing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import tiny_batch, tiny_mlp
+from torch import nn
+
+from flatness.kfac import kfac_sq_trace, kronecker_factors, share_prefix
+from flatness.probes import categorical
+from flatness.utils import eval_mode
+
+CE = nn.CrossEntropyLoss()
+
+
+def test_product_of_traces_is_the_trace_of_the_dense_kronecker_square():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).double()
+    x, _ = tiny_batch(seed=2, n=6, d_in=4)
+    (f,) = kronecker_factors(model, CE, x, seed=5)
+    n = x.shape[0]
+    a_rows = torch.cat([x, torch.ones(n, 1, dtype=x.dtype)], dim=1)
+    A = a_rows.T @ a_rows / n
+    # G from the sampled labels by hand: for softmax cross-entropy g_i = p_i − onehot(ŷ_i)
+    p = model(x).softmax(1).detach()
+    labels = categorical(p, torch.Generator().manual_seed(5))
+    g_rows = p - nn.functional.one_hot(labels, 3).double()
+    assert torch.allclose(f.grads.detach(), g_rows, atol=1e-12)
+    G = g_rows.T @ g_rows / n
+    kron = torch.kron(A, G)
+    dense = torch.trace(kron @ kron)
+    assert float((f.sq_trace_a() * f.sq_trace_g()).detach()) == pytest.approx(float(dense), rel=1e-12)
+    assert float(kfac_sq_trace(model, CE, x, seed=5).detach()) == pytest.approx(float(dense), rel=1e-12)
+
+
+def test_one_example_equals_the_sampled_fisher_of_autograd():
+    torch.manual_seed(1)
+    model = nn.Linear(5, 4).double()
+    x = torch.randn(1, 5, dtype=torch.float64)
+    value = kfac_sq_trace(model, CE, x, seed=3)
+    label = categorical(model(x).softmax(1), torch.Generator().manual_seed(3))
+    grads = torch.autograd.grad(CE(model(x), label), list(model.parameters()))
+    flat = torch.cat([g.flatten() for g in grads])
+    fisher = torch.outer(flat, flat)  # the one-sample Fisher, exactly Kronecker for one example
+    assert float(value.detach()) == pytest.approx(float(fisher.square().sum()), rel=1e-12)
+
+
+def test_gradient_matches_finite_differences():
+    model = tiny_mlp(seed=2)
+    x, y = tiny_batch(seed=3)
+    params = list(model.parameters())
+    (grad,) = torch.autograd.grad(kfac_sq_trace(model, CE, x, y, seed=0), [params[0]])
+    step = 1e-6
+    for index in [(0, 0), (2, 1), (3, 2)]:
+        with torch.no_grad():
+            params[0][index] += step
+            up = float(kfac_sq_trace(model, CE, x, y, seed=0))
+            params[0][index] -= 2 * step
+            down = float(kfac_sq_trace(model, CE, x, y, seed=0))
+            params[0][index] += step
+        assert float(grad[index]) == pytest.approx((up - down) / (2 * step), rel=1e-5, abs=1e-9)
+
+
+def test_shared_prefix_gives_the_same_value_and_gradient():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(6, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 5), nn.Tanh(), nn.Linear(5, 3)
+    ).double()
+    x, y = tiny_batch(seed=4, n=10, d_in=6)
+    params = list(model.parameters())
+    with eval_mode(model):
+        alone = kfac_sq_trace(model, CE, x, y, seed=1)
+    grads_alone = torch.autograd.grad(alone, params)
+    model.train()
+    with share_prefix(model) as prefix:
+        CE(model(x), y)  # the task's train-mode forward, dropout on
+    assert prefix.length == 2 and prefix.output is not None
+    with eval_mode(model):
+        shared = kfac_sq_trace(model, CE, x, y, seed=1, prefix=prefix)
+    assert torch.isclose(shared, alone, rtol=1e-12)
+    for a, b in zip(torch.autograd.grad(shared, params), grads_alone):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)
+    # a prefix recorded on another batch is not used
+    with share_prefix(model) as stale:
+        model(x + 1)
+    with eval_mode(model):
+        assert torch.isclose(kfac_sq_trace(model, CE, x, y, seed=1, prefix=stale), alone, rtol=1e-12)
+
+
+def test_refusals():
+    x, y = tiny_batch()
+    extra = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Linear(3, 3)).double()
+    with pytest.raises(ValueError, match="not covered"):
+        kfac_sq_trace(extra, CE, x, y, seed=0)
+    shared = nn.Linear(3, 3).double()
+    with pytest.raises(ValueError, match="once per forward"):
+        kfac_sq_trace(nn.Sequential(shared, nn.Tanh(), shared), CE, x, y, seed=0)
+    with pytest.raises(ValueError, match="logits"):
+        kfac_sq_trace(nn.Sequential(nn.Linear(3, 6), nn.Unflatten(1, (2, 3))).double(), CE, x, y, seed=0)
