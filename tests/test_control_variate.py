@@ -12,7 +12,9 @@ from torch import nn
 from flatness.control_variate import cv_sq_trace, output_layer
 from flatness.hutchinson import sq_trace
 from flatness.layerwise import layerwise_sq_trace
+from flatness.linear_io import share_prefix
 from flatness.probes import sample_probes
+from flatness.utils import eval_mode
 
 CE = nn.functional.cross_entropy
 
@@ -37,6 +39,27 @@ def test_closed_forms_match_the_dense_block():
     flat_last = torch.cat([v[-2].flatten(1), v[-1]], dim=1)  # (M, C·n + C), parameter order
     want = (flat_last @ block).square().sum(1)
     assert torch.allclose(got, want, rtol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "loss_fn, softmax_form",
+    [
+        (lambda out, y: CE(out, y, label_smoothing=0.1), True),
+        (lambda out, y: CE(out, y, reduction="sum"), True),
+        (lambda out, y: CE(out, y, weight=torch.tensor([1.0, 2.0, 0.5], dtype=out.dtype)), False),
+        (lambda out, y: (out - nn.functional.one_hot(y, 3).to(out.dtype)).pow(4).mean(), False),
+    ],
+)
+def test_softmax_and_generic_output_hessians(loss_fn, softmax_form):
+    model = tiny_mlp(seed=8)
+    x, y = tiny_batch(seed=9, n=5)
+    block = _last_block(model, dense_hessian(model, x, y, loss_fn))
+    layer = output_layer(model, loss_fn, x, y)
+    assert (layer.probs is not None) == softmax_form
+    assert float(layer.sq_norm().detach()) == pytest.approx(float(block.square().sum()), rel=1e-9)
+    v = sample_probes(list(model.parameters()), 2, seed=1)
+    want = (torch.cat([v[-2].flatten(1), v[-1]], dim=1) @ block).square().sum(1)
+    assert torch.allclose(layer.sq_norms(v[-2], v[-1]).detach(), want, rtol=1e-9)
 
 
 def test_each_draw_is_the_identity_and_the_mean_is_unbiased():
@@ -99,6 +122,24 @@ def test_layerwise_engine_gives_the_same_estimate():
     plain = sq_trace(CE(model(x), y), list(model.parameters()), probe_vectors=v)
     layer = output_layer(model, CE, x, y)
     assert torch.isclose(default, layer.sq_norm() + plain - layer.sq_norms(v[-2], v[-1]).mean(), rtol=1e-10)
+
+
+def test_shared_prefix_gives_the_same_estimate_and_gradient():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Dropout(0.5), nn.Linear(6, 3)).double()
+    x, y = tiny_batch(seed=3, n=8, d_in=4)
+    params = list(model.parameters())
+    with eval_mode(model):
+        alone = cv_sq_trace(model, CE, x, y, probes=2, seed=4)
+    grads_alone = torch.autograd.grad(alone, params)
+    model.train()
+    with share_prefix(model) as prefix:
+        CE(model(x), y)  # the task's forward, dropout on
+    with eval_mode(model):
+        shared = cv_sq_trace(model, CE, x, y, probes=2, seed=4, prefix=prefix)
+    assert torch.isclose(shared, alone, rtol=1e-12)
+    for a, b in zip(torch.autograd.grad(shared, params), grads_alone):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)
 
 
 def test_refuses_models_without_an_output_linear():

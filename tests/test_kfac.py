@@ -7,7 +7,8 @@ import torch
 from helpers import tiny_batch, tiny_mlp
 from torch import nn
 
-from flatness.kfac import kfac_sq_trace, kronecker_factors, share_prefix
+from flatness.kfac import kfac_sq_trace, kronecker_factors
+from flatness.linear_io import share_prefix
 from flatness.probes import categorical
 from flatness.utils import eval_mode
 

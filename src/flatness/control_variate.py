@@ -26,9 +26,11 @@ Tr(H²) and 83% of Hutchinson's variance, and the control variate leaves 20–24
 at about the cost of the plain estimate (``flatness bench variance``). For a model that is one
 Linear layer (logistic regression) every draw is exact.
 
-The closed-form terms cost O(N²(C² + n)) for N examples, C outputs and n inputs of the output
-layer — a few small matrix products, no Hessian-vector product. Ω_i comes from C batched
-backward passes through the loss alone (any loss of the output, not only cross-entropy).
+The closed-form terms are a few small matrix products, no Hessian-vector product: for softmax
+cross-entropy, Ω_i = s·(diag(p_i) − p_i p_iᵀ) (recognised by one output-space product on a fixed
+direction) and they cost O(N²(C + n)) for N examples, C classes and n inputs of the output
+layer; for any other loss of the output, Ω_i comes from C batched backward passes through the
+loss alone and the cost is O(N²(C² + n)).
 
 Example:
     >>> import torch
@@ -57,7 +59,7 @@ from torch import Tensor, nn
 
 from .hutchinson import sq_trace
 from .layers import sparse_linear
-from .linear_io import input_gram, linear_calls
+from .linear_io import SharedPrefix, input_gram, linear_calls
 from .probes import Distribution, make_generator, sample_probes
 
 __all__ = ["OutputLayer", "cv_sq_trace", "output_layer"]
@@ -69,14 +71,17 @@ SqNormMean = Callable[[Sequence[Tensor]], Tensor]
 class OutputLayer:
     """The output Linear layer's Hessian factors on one batch (tensors keep their graphs).
 
-    ``inputs``: its input, (N, n) rows (dense or sparse); ``omega``: Ω_i, (N, C, C);
-    ``weight`` / ``bias``: its parameters; ``loss``: the task loss of the same forward pass.
+    ``inputs``: its input, (N, n) rows (dense or sparse); ``loss``: the task loss of the same
+    forward pass. The output Hessians Ω_i are either ``scale``·(diag(p_i) − p_i p_iᵀ) with
+    ``probs`` = p (softmax cross-entropy: O(N²C) algebra) or explicit in ``omega`` (N, C, C).
     """
 
     module: nn.Module
     inputs: Tensor
-    omega: Tensor
     loss: Tensor
+    probs: Tensor | None = None
+    scale: float = 1.0
+    omega: Tensor | None = None
 
     @property
     def weight(self) -> Tensor:
@@ -89,10 +94,26 @@ class OutputLayer:
     def _gram(self) -> Tensor:
         return input_gram(self.inputs, self.bias is not None)
 
+    def _omega_gram(self) -> Tensor:
+        """⟨Ω_i, Ω_j⟩_F for all pairs, (N, N)."""
+        if self.probs is None:
+            assert self.omega is not None
+            flat = self.omega.flatten(1)
+            return flat @ flat.T
+        p = self.probs
+        pp, cross = p @ p.T, p @ p.square().T  # Σ_c p_ic p_jc, Σ_c p_ic p_jc²
+        return self.scale**2 * (pp - cross - cross.T + pp.square())
+
+    def _omega_apply(self, u: Tensor) -> Tensor:
+        """Ω_i u_i for tangents u (M, N, C)."""
+        if self.probs is None:
+            return torch.einsum("icd,mid->mic", self.omega, u)
+        p = self.probs
+        return self.scale * (p * u - p * (p * u).sum(-1, keepdim=True))
+
     def sq_norm(self) -> Tensor:
         """‖H_LL‖²_F = Σ_ij K_ij² ⟨Ω_i, Ω_j⟩, differentiable."""
-        flat = self.omega.flatten(1)
-        return ((self._gram().square()) * (flat @ flat.T)).sum()
+        return (self._gram().square() * self._omega_gram()).sum()
 
     def sq_norms(self, v_weight: Tensor, v_bias: Tensor | None) -> Tensor:
         """‖H_LL v_j‖² for M probes: ``v_weight`` (M, C, n), ``v_bias`` (M, C) or None; → (M,)."""
@@ -102,23 +123,52 @@ class OutputLayer:
             u = torch.matmul(self.inputs, v_weight.transpose(1, 2))  # (M, N, C): V ã_i
         if v_bias is not None:
             u = u + v_bias.unsqueeze(1)
-        w = torch.einsum("icd,mid->mic", self.omega, u)  # Ω_i V ã_i
+        w = self._omega_apply(u)  # Ω_i V ã_i
         # (H_LL v)_W = Σ_i w_i ã_iᵀ: its squared norm by the N×N Gram route
         return (torch.matmul(w, w.transpose(1, 2)) * self._gram()).sum((1, 2))
 
 
-def output_layer(model: nn.Module, loss_fn: Callable[[Tensor, Any], Tensor], x: Any, y: Any) -> OutputLayer:
+def _softmax_scale(g: Tensor, out: Tensor, z: Tensor) -> tuple[Tensor, float] | None:
+    """(p, s) if the loss's output Hessian is s·(diag(p) − ppᵀ) per row, checked on one
+    fixed direction r (softmax cross-entropy, with or without label smoothing), else None."""
+    rows, classes = z.shape
+    r = torch.sin(torch.arange(rows * classes, dtype=z.dtype, device=z.device) * 0.7 + 0.3)
+    r = r.reshape(out.shape)
+    (hr,) = torch.autograd.grad(g, out, grad_outputs=r, retain_graph=True)
+    p = z.softmax(dim=1)
+    pd, rr = p.detach(), r.reshape(rows, classes)
+    fr = pd * rr - pd * (pd * rr).sum(1, keepdim=True)
+    hr = hr.reshape(rows, classes)
+    denom = float(fr.square().sum())
+    if denom == 0.0:
+        return None
+    scale = float((hr * fr).sum()) / denom
+    tol = 1e-4 if z.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+    if float((hr - scale * fr).norm()) > tol * float(hr.norm()):
+        return None
+    return p, scale
+
+
+def output_layer(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Any], Tensor],
+    x: Any,
+    y: Any,
+    prefix: SharedPrefix | None = None,
+) -> OutputLayer:
     """Run ``loss_fn(model(x), y)`` once and return the output layer's factors.
 
     The output layer is the Linear (or :class:`~flatness.layers.SparseLinear`) module whose
     output is the model's output; its input and output are captured by forward hooks held only
     during this call. Leading dimensions beyond the batch (tokens) are folded into the rows.
+    ``prefix`` (:func:`flatness.linear_io.share_prefix`) starts from the task forward's
+    mode-independent prefix instead of running the whole model.
 
     Raises:
         ValueError: the model's output is not the output of a Linear layer, or that layer ran
             more than once in the forward pass.
     """
-    out, calls = linear_calls(model, x)
+    out, calls = linear_calls(model, x, prefix)
     found = [c for c in calls if c.output is out]
     if not found:
         raise ValueError(
@@ -133,13 +183,16 @@ def output_layer(model: nn.Module, loss_fn: Callable[[Tensor, Any], Tensor], x: 
     if not isinstance(loss, Tensor) or loss.dim() != 0:
         raise ValueError("loss must be a scalar tensor; reduce it (e.g. mean)")
     (g,) = torch.autograd.grad(loss, out, create_graph=True)
+    softmax = _softmax_scale(g, out, z)
+    if softmax is not None:
+        return OutputLayer(module, inputs, loss, probs=softmax[0], scale=softmax[1])
     classes = z.shape[1]
     basis = torch.eye(classes, dtype=z.dtype, device=z.device)
     seeds = basis.unsqueeze(1).expand(classes, z.shape[0], classes).reshape(classes, *out.shape)
     (rows,) = torch.autograd.grad(g, out, grad_outputs=seeds, create_graph=True, is_grads_batched=True)
     # rows[c, i, :] = Σ_j Ω_ij[c, :], which is Ω_i's row c for a per-example loss
     omega = rows.reshape(classes, -1, classes).transpose(0, 1)
-    return OutputLayer(module, inputs, omega, loss)
+    return OutputLayer(module, inputs, loss, omega=omega)
 
 
 def cv_sq_trace(
@@ -153,6 +206,7 @@ def cv_sq_trace(
     generator: torch.Generator | None = None,
     seed: int | None = None,
     sq_norm_mean: SqNormMean | None = None,
+    prefix: SharedPrefix | None = None,
 ) -> Tensor:
     r"""‖H_LL‖² + (1/M) Σ_j (‖H v_j‖² − ‖H_LL v_{j,L}‖²), differentiable; all trainable parameters.
 
@@ -166,11 +220,12 @@ def cv_sq_trace(
             :func:`flatness.layerwise.layerwise_sq_trace` with ``probe_vectors=``); default
             :func:`flatness.sq_trace` on the loss of this call's own forward pass (no second
             forward).
+        prefix: the task forward's shared prefix (:func:`flatness.linear_io.share_prefix`).
     """
     if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
         raise ValueError(f"probes (M) must be an integer >= 1, got {probes!r}")
     params = [p for p in model.parameters() if p.requires_grad]
-    layer = output_layer(model, loss_fn, x, y)
+    layer = output_layer(model, loss_fn, x, y, prefix)
     index = {id(p): i for i, p in enumerate(params)}
     if id(layer.weight) not in index or (layer.bias is not None and id(layer.bias) not in index):
         raise ValueError("the output layer's parameters must be trainable")

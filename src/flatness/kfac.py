@@ -48,9 +48,8 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -104,63 +103,6 @@ class KroneckerFactors:
         return _sq_frobenius_of_second_moment(self.grads) / self.rows**2
 
 
-def _prefix_length(model: nn.Module) -> int:
-    """How many leading modules of a Sequential compute the same function in train and eval mode."""
-    if not isinstance(model, nn.Sequential):
-        return 0
-    length = 0
-    for module in model:
-        free = isinstance(module, _MODE_FREE) or (isinstance(module, nn.Dropout) and module.p == 0)
-        if not free or list(module.children()):
-            break
-        length += 1
-    return length
-
-
-@dataclass
-class SharedPrefix:
-    """A forward pass's mode-independent prefix: its input, output and Linear calls."""
-
-    length: int
-    source: Any = None
-    output: Tensor | None = None
-    calls: list[LinearCall] = field(default_factory=list)
-
-
-@contextlib.contextmanager
-def share_prefix(model: nn.Module) -> Iterator[SharedPrefix]:
-    """Record, during the body's forward pass (e.g. the task loss's), the output of ``model``'s
-    mode-independent prefix — the leading Linear/activation modules of a Sequential, which give
-    the same values with dropout on or off — so that :func:`kronecker_factors` can start its
-    pass there. The two passes then share the prefix's forward and, in the one backward of
-    task loss + penalty, its weight gradients: for the paper's MLP, the 3072 × 512 input layer.
-    Nothing is recorded for other models (the K-FAC pass then runs the whole model).
-    """
-    prefix = SharedPrefix(_prefix_length(model))
-    if prefix.length == 0:
-        yield prefix
-        return
-    last = model[prefix.length - 1]
-
-    def start(module: nn.Module, args: tuple[Any, ...]) -> None:
-        prefix.source, prefix.calls = args[0], []
-
-    def linear(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-        prefix.calls.append(LinearCall(module, args[0].reshape(-1, args[0].shape[-1]), output))
-
-    def end(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-        prefix.output = output
-
-    handles = [model[0].register_forward_pre_hook(start)]
-    handles += [model[i].register_forward_hook(linear) for i in range(prefix.length) if isinstance(model[i], LINEAR_TYPES)]
-    handles.append(last.register_forward_hook(end))
-    try:
-        yield prefix
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def kronecker_factors(
     model: nn.Module,
     loss_fn: Callable[[Tensor, Any], Tensor],
@@ -174,7 +116,9 @@ def kronecker_factors(
     """The factors of every Linear layer of ``model`` on the batch ``x`` (graphs kept).
 
     ``y`` is not used: the labels are sampled from the softmax of the model's output (seeding
-    as in :mod:`flatness.probes`). Run the model in the mode the curvature pass needs.
+    as in :mod:`flatness.probes`). Run the model in the mode the curvature pass needs;
+    ``prefix`` (:func:`flatness.linear_io.share_prefix`) starts the pass from the task forward's
+    mode-independent prefix.
 
     Raises:
         ValueError: a trainable parameter outside the Linear layers, a Linear layer that runs
@@ -182,12 +126,7 @@ def kronecker_factors(
     """
     differentiable = torch.is_grad_enabled()
     with torch.enable_grad():  # Γ needs autograd; under no_grad the factors come back detached
-        if prefix is not None and prefix.output is not None and prefix.source is x:
-            rest = model[prefix.length :]
-            out, calls = linear_calls(rest, prefix.output) if len(rest) else (prefix.output, [])
-            calls = prefix.calls + calls
-        else:
-            out, calls = linear_calls(model, x)
+        out, calls = linear_calls(model, x, prefix)
         modules = [c.module for c in calls]
         if len({id(m) for m in modules}) != len(modules):
             raise ValueError("K-FAC needs every Linear layer to run once per forward pass")

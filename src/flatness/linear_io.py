@@ -5,7 +5,8 @@ The closed-form curvature pieces built on Linear layers (the output layer's Hess
 the input rows :math:`\tilde a_i = [a_i, 1]` and the output tensor (with its graph).
 :func:`linear_calls` runs the model once with forward hooks held only for that call;
 :func:`input_gram` is the N×N Gram matrix :math:`\tilde a_i^\top \tilde a_j` of the rows, for
-dense or sparse inputs.
+dense or sparse inputs. :func:`share_prefix` lets such a pass reuse the task forward's leading
+Linear/activation modules, whose values do not depend on train or eval mode.
 
 Example:
     >>> import torch
@@ -21,7 +22,9 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,7 +33,10 @@ from torch import Tensor, nn
 from .layers import LINEAR_TYPES
 from .utils import call_model
 
-__all__ = ["LinearCall", "input_gram", "linear_calls"]
+__all__ = ["LinearCall", "SharedPrefix", "input_gram", "linear_calls", "share_prefix"]
+
+# Modules whose output is the same in train and eval mode (Dropout only with p = 0).
+_MODE_FREE = (*LINEAR_TYPES, nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.Identity, nn.Flatten)
 
 
 @dataclass
@@ -42,13 +48,23 @@ class LinearCall:
     output: Tensor
 
 
-def linear_calls(model: nn.Module, x: Any) -> tuple[Tensor, list[LinearCall]]:
+def linear_calls(
+    model: nn.Module, x: Any, prefix: SharedPrefix | None = None
+) -> tuple[Tensor, list[LinearCall]]:
     """``model(x)`` and the calls of its Linear layers, in call order.
 
     Inputs and outputs keep their graphs; leading dimensions beyond the batch (tokens) are
     folded into the rows of ``inputs`` (the ``output`` is the tensor the layer returned).
     Hooks are registered for this call only and removed also when the forward pass raises.
+    With a ``prefix`` recorded on this same ``x`` (:func:`share_prefix`), only the rest of the
+    model runs, from the prefix's output, and the prefix's calls come first.
     """
+    if prefix is not None and prefix.output is not None and prefix.source is x:
+        rest = model[prefix.length :]
+        if not len(rest):
+            return prefix.output, list(prefix.calls)
+        out, calls = linear_calls(rest, prefix.output)
+        return out, prefix.calls + calls
     calls: list[LinearCall] = []
 
     def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
@@ -71,3 +87,60 @@ def input_gram(inputs: Tensor, bias: bool) -> Tensor:
     dense = inputs.to_dense() if inputs.layout != torch.strided else inputs
     gram = dense @ dense.T
     return gram + 1 if bias else gram
+
+
+def _prefix_length(model: nn.Module) -> int:
+    """How many leading modules of a Sequential compute the same function in train and eval mode."""
+    if not isinstance(model, nn.Sequential):
+        return 0
+    length = 0
+    for module in model:
+        free = isinstance(module, _MODE_FREE) or (isinstance(module, nn.Dropout) and module.p == 0)
+        if not free or list(module.children()):
+            break
+        length += 1
+    return length
+
+
+@dataclass
+class SharedPrefix:
+    """A forward pass's mode-independent prefix: its input, output and Linear calls."""
+
+    length: int
+    source: Any = None
+    output: Tensor | None = None
+    calls: list[LinearCall] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def share_prefix(model: nn.Module) -> Iterator[SharedPrefix]:
+    """Record, during the body's forward pass (e.g. the task loss's), the output of ``model``'s
+    mode-independent prefix — the leading Linear/activation modules of a Sequential, which give
+    the same values with dropout on or off — so that a curvature pass (:mod:`flatness.kfac`,
+    :mod:`flatness.control_variate`) can start there. The two passes then share the prefix's forward and, in the one backward of
+    task loss + penalty, its weight gradients: for the paper's MLP, the 3072 × 512 input layer.
+    Nothing is recorded for other models (the K-FAC pass then runs the whole model).
+    """
+    prefix = SharedPrefix(_prefix_length(model))
+    if prefix.length == 0:
+        yield prefix
+        return
+    last = model[prefix.length - 1]
+
+    def start(module: nn.Module, args: tuple[Any, ...]) -> None:
+        prefix.source, prefix.calls = args[0], []
+
+    def linear(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+        prefix.calls.append(LinearCall(module, args[0].reshape(-1, args[0].shape[-1]), output))
+
+    def end(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+        prefix.output = output
+
+    handles = [model[0].register_forward_pre_hook(start)]
+    handles += [model[i].register_forward_hook(linear) for i in range(prefix.length) if isinstance(model[i], LINEAR_TYPES)]
+    handles.append(last.register_forward_hook(end))
+    try:
+        yield prefix
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -13,6 +13,7 @@ from ..experiments.bench.ddp import run_ddp_scaling
 from ..experiments.bench.measures import run_measures_bench
 from ..experiments.bench.methods import run_methods_bench
 from ..experiments.bench.overhead import run_overhead
+from ..experiments.bench.variance import run_variance_bench
 
 __all__ = ["add_cli", "print_result"]
 
@@ -127,9 +128,39 @@ def _add_ddp(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_ddp)
 
 
+def _cmd_variance(args: argparse.Namespace) -> int:
+    if args.batch < 2 or args.draws < 10 or args.grad_draws < 2 or args.steps < 1 or args.rounds < 1:
+        raise ValueError("--batch >= 2, --draws >= 10, --grad-draws >= 2, --steps and --rounds >= 1")
+    if args.train_steps < 0 or args.examples < args.batch:
+        raise ValueError("--train-steps must be >= 0 and --examples >= --batch")
+    result = run_variance_bench(
+        batch=args.batch, train_steps=args.train_steps, examples=args.examples, draws=args.draws,
+        grad_draws=args.grad_draws, steps=args.steps, rounds=args.rounds, threads=args.threads,
+        data_dir=args.data_dir, quick=args.quick,
+    )
+    print_result(result, args.json, "Tr(H²) estimators: variance × time relative to Hutchinson M = 5")
+    return 0
+
+
+def _add_variance(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("variance", help="variance × time of the penalty's Tr(H²) estimators (CIFAR-100 MLP)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--train-steps", type=int, default=500, help="Adam steps before measuring")
+    p.add_argument("--examples", type=int, default=10000, help="CIFAR-100 training images used")
+    p.add_argument("--draws", type=int, default=200, help="single-probe draws per estimator")
+    p.add_argument("--grad-draws", type=int, default=12, help="draws for the gradient variance")
+    p.add_argument("--steps", type=int, default=12, help="timed calls per estimator")
+    p.add_argument("--rounds", type=int, default=4, help="interleaved timing rounds")
+    p.add_argument("--data-dir", default=None, help="where CIFAR-100 is looked for")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--quick", action="store_true", help="tiny model and data, for smoke tests")
+    p.set_defaults(func=_cmd_variance)
+
+
 def add_cli(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("bench", help="speed and memory benchmarks (ratios in one run)")
     bench_sub = parser.add_subparsers(dest="bench", metavar="BENCHMARK", parser_class=type(parser))
     bench_sub.required = True
-    for add in (_add_overhead, _add_methods, _add_measures, _add_ddp):
+    for add in (_add_overhead, _add_methods, _add_measures, _add_ddp, _add_variance):
         add(bench_sub)
