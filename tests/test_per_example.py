@@ -62,6 +62,8 @@ def _models():
                                  nn.Flatten(), nn.Linear(15, 3)), (2, 8)),
         "cnn_bn_eval": (nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(),
                                       nn.Flatten(), nn.Linear(12, 3)), (1, 4, 4)),
+        "mlp_bn_eval": (nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Tanh(),
+                                      nn.Linear(4, 3)), (5,)),
         "mixed_vmap_only": (nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(),
                                           nn.Linear(8, 4), Gain(4), nn.Linear(4, 3)), (1, 4, 4)),
     }
@@ -73,7 +75,7 @@ MODELS = list(_models())
 def _setup(name, n=7):
     model, shape = _models()[name]
     model = model.double()
-    if name == "cnn_bn_eval":  # non-trivial running statistics
+    if name in ("cnn_bn_eval", "mlp_bn_eval"):  # non-trivial running statistics
         bn = model[1]
         bn.running_mean.uniform_(-0.5, 0.5)
         bn.running_var.uniform_(0.5, 2.0)
@@ -120,7 +122,9 @@ def test_closed_form_equals_vmap_and_the_per_example_loop(name):
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
-@pytest.mark.parametrize("name", ["mlp", "inplace_relu", "conv2d", "conv1d", "cnn_bn_eval", "sequence"])
+@pytest.mark.parametrize(
+    "name", ["mlp", "inplace_relu", "conv2d", "conv1d", "cnn_bn_eval", "mlp_bn_eval", "sequence"]
+)
 def test_closed_form_is_differentiable_like_the_loop(name):
     model, x, y = _setup(name)
     fast = per_example_sq_grad_norms(model, CE, x, y, impl="closed-form", create_graph=True)
@@ -160,7 +164,7 @@ def _fixed_stats_reference(model, x):
         dims = [0, *range(2, a.dim())]
         stats[module] = (a.mean(dims).detach(), a.var(dims, unbiased=False).detach())
 
-    bns = [m for m in ref.modules() if isinstance(m, nn.BatchNorm2d)]
+    bns = [m for m in ref.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
     handles = [m.register_forward_pre_hook(grab) for m in bns]
     with torch.no_grad():
         ref(x)
@@ -176,7 +180,8 @@ def test_train_mode_batchnorm_holds_the_batch_statistics_fixed():
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(inplace=True),
-        nn.Conv2d(3, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3),
+        nn.Conv2d(3, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(8, 4),
+        nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3),
     ).double().train()
     x = torch.randn(6, 1, 4, 4, dtype=torch.float64)
     y = torch.randint(0, 3, (6,))

@@ -240,12 +240,14 @@ def _layer_sq_norms(m: nn.Module, a: Tensor, delta: Tensor, wanted: set[int], n:
             mean, var = _batch_stats(a)
         else:
             mean, var = m.running_mean, m.running_var
-        sum_dims = list(range(2, a.dim()))
+        def per_channel(t: Tensor) -> Tensor:  # (n, C, *spatial) → (n, C); dim=[] would sum all
+            return t.flatten(2).sum(dim=2) if t.dim() > 2 else t
+
         if weight is not None and id(weight) in wanted:
             xhat = _normalised(a, mean, var, m.eps)
-            sq = sq + (delta * xhat).sum(dim=sum_dims).square().sum(dim=1)
+            sq = sq + per_channel(delta * xhat).square().sum(dim=1)
         if bias is not None and id(bias) in wanted:
-            sq = sq + delta.sum(dim=sum_dims).square().sum(dim=1)
+            sq = sq + per_channel(delta).square().sum(dim=1)
         return sq
     if isinstance(m, CONV_TYPES):
         kernel, stride, padding, dilation = _conv_geometry(m)
