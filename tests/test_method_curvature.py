@@ -1,5 +1,6 @@
 """Curvature regularization: the per-layer closed form (Geng et al. eq. 12) equals the vmap
-per-example fallback and a plain loop over examples, in value and in gradient."""
+per-example fallback and a plain loop over examples, in value and in gradient; the method's
+step follows the gradient of loss + α·mean ‖∇ℓ_i‖² (also on BatchNorm CNNs and attention)."""
 
 import warnings
 
@@ -8,13 +9,21 @@ import torch
 from torch import nn
 
 from flatness.methods import make_method
-from flatness.methods.curvature import (
+from flatness.per_example import (
     ClosedFormUnavailable,
-    linear_sq_grad_norms,
+    closed_form_sq_grad_norms,
     per_example_sq_grad_norms,
     vmap_sq_grad_norms,
 )
 from helpers import tiny_batch, tiny_mlp
+
+
+def linear_sq_grad_norms(model, loss_fn, x, y):
+    return closed_form_sq_grad_norms(model, loss_fn, x, y, create_graph=True)
+
+
+def _engine(model, loss_fn, x, y, impl="auto"):
+    return per_example_sq_grad_norms(model, loss_fn, x, y, impl=impl, create_graph=True)
 
 CE = nn.CrossEntropyLoss()
 
@@ -47,7 +56,7 @@ def test_closed_form_equals_vmap_and_loop_in_value_and_gradient(make_model):
     d_out = model[-1].out_features
     x, y = tiny_batch(n=9, d_in=d_in, d_out=d_out)
     loss_c, sq_c = linear_sq_grad_norms(model, CE, x, y)
-    loss_v, sq_v = vmap_sq_grad_norms(model, CE, x, y)
+    loss_v, sq_v = vmap_sq_grad_norms(model, CE, x, y, create_graph=True)
     sq_loop = _loop_sq_grad_norms(model, x, y)
     torch.testing.assert_close(sq_c, sq_v, rtol=1e-6, atol=0)
     torch.testing.assert_close(sq_c, sq_loop, rtol=1e-10, atol=0)
@@ -64,7 +73,7 @@ def test_method_step_follows_the_gradient_of_loss_plus_alpha_mean_sq_norm():
     expected = torch.autograd.grad(total, list(model.parameters()))
     method = make_method("curvature", model, CE, alpha=alpha)
     info = method.step(x, y, torch.optim.SGD(model.parameters(), lr=0.0))
-    assert method.last_impl == "linear"
+    assert method.last_impl == "closed-form"
     for p, e in zip(model.parameters(), expected):
         torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)
     assert info["penalty"] == pytest.approx(alpha * info["mean_sq_grad_norm"], rel=1e-12)
@@ -87,7 +96,7 @@ def test_auto_falls_back_to_vmap_for_other_parametrised_modules():
     x, y = tiny_batch()
     with pytest.raises(ClosedFormUnavailable):
         linear_sq_grad_norms(model, CE, x, y)
-    _, sq, used = per_example_sq_grad_norms(model, CE, x, y, impl="auto")
+    _, sq, used = _engine(model, CE, x, y, impl="auto")
     assert used == "vmap"
     torch.testing.assert_close(sq, _loop_sq_grad_norms(model, x, y), rtol=1e-10, atol=0)
     method = make_method("curvature", model, CE, alpha=0.1)
@@ -105,7 +114,7 @@ def _assert_closed_form_refused_and_vmap_exact(model: nn.Module, reason: str) ->
     x, y = tiny_batch()
     with pytest.raises(ClosedFormUnavailable, match=reason):
         linear_sq_grad_norms(model, CE, x, y)
-    _, sq, used = per_example_sq_grad_norms(model, CE, x, y)
+    _, sq, used = _engine(model, CE, x, y)
     assert used == "vmap"
     torch.testing.assert_close(sq, _loop_sq_grad_norms(model, x, y), rtol=1e-10, atol=0)
 
@@ -157,15 +166,25 @@ def test_sum_reduction_and_unreduced_losses():
         linear_sq_grad_norms(model, nn.CrossEntropyLoss(reduction="none"), x, y)
 
 
-def test_in_place_activation_after_a_linear_layer_falls_back_to_vmap():
+def test_in_place_activation_after_a_linear_layer_keeps_the_closed_form_exact():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(inplace=True), nn.Linear(5, 3)).double()
-    _assert_closed_form_refused_and_vmap_exact(model, "in place")
+    x, y = tiny_batch()
+    _, sq, used = _engine(model, CE, x, y)
+    assert used == "closed-form"  # the modified output is detected; the pass re-run on copies
+    torch.testing.assert_close(sq, _loop_sq_grad_norms(model, x, y), rtol=1e-10, atol=0)
+    expected = torch.autograd.grad(CE(model(x), y) + 0.3 * _loop_sq_grad_norms(model, x, y).mean(),
+                                   list(model.parameters()))
+    method = make_method("curvature", model, CE, alpha=0.3)
+    method.step(x, y, torch.optim.SGD(model.parameters(), lr=0.0))
+    assert method.last_impl == "closed-form"
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)
 
 
 def test_linear_impl_refuses_models_it_does_not_cover():
     model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 3)).double()
     x, y = tiny_batch()
-    method = make_method("curvature", model, CE, alpha=0.1, impl="linear")
+    method = make_method("curvature", model, CE, alpha=0.1, impl="closed-form")
     with pytest.raises(ClosedFormUnavailable, match="nn.Linear"):
         method.step(x, y, torch.optim.SGD(model.parameters(), lr=0.1))

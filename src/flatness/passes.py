@@ -52,6 +52,7 @@ from typing import Literal
 
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.modules.dropout import _DropoutNd
 
 from .utils import preserved_mode
 
@@ -64,6 +65,7 @@ __all__ = [
     "math_attention",
     "curvature_pass",
     "measure_pass",
+    "is_curvature_function",
 ]
 
 Function = Literal["deployed", "batch_stats"]
@@ -150,3 +152,13 @@ def measure_pass(model: nn.Module, function: Function = "deployed") -> Iterator[
         model.eval()
         stack.enter_context(math_attention())
         yield model
+
+
+def is_curvature_function(model: nn.Module) -> bool:
+    """Whether ``model``'s forward, as it stands, already computes what :func:`curvature_pass`
+    would: no dropout or attention module and no norm layer in train mode (then a method may
+    take its curvature quantities from the main pass instead of running an extra one)."""
+    for m in model.modules():
+        if m.training and isinstance(m, (_NormBase, _DropoutNd, nn.MultiheadAttention)):
+            return False
+    return True

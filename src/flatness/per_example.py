@@ -75,6 +75,8 @@ __all__ = [
     "PER_EXAMPLE_IMPLS",
     "PerExampleNorms",
     "ClosedFormUnavailable",
+    "InPlaceModification",
+    "ClosedForm",
     "per_example_sq_grad_norms",
     "closed_form_sq_grad_norms",
     "vmap_sq_grad_norms",
@@ -231,9 +233,9 @@ def _conv_geometry(m: nn.Module) -> tuple[tuple[int, int], ...]:
     return tuple(kernel), tuple(stride), tuple(padding), tuple(dilation)  # type: ignore[return-value]
 
 
-def _layer_sq_norms(m: nn.Module, a: Tensor, delta: Tensor, wanted: set[int], n: int) -> Tensor:
-    """Σ over ``m``'s wanted parameters of ‖∇ ℓ_i‖², shape (n,)."""
-    sq = delta.new_zeros(n)
+def _add_layer_sq_norms(sq: Tensor, m: nn.Module, a: Tensor, delta: Tensor, wanted: set[int]) -> Tensor:
+    """``sq`` + ‖∇ ℓ_i‖² of each of ``m``'s wanted parameters, shape (n,)."""
+    n = sq.shape[0]
     weight, bias = getattr(m, "weight", None), getattr(m, "bias", None)
     if isinstance(m, _BatchNorm):
         if m.training or m.running_mean is None:  # batch statistics, held fixed
@@ -264,7 +266,7 @@ def _layer_sq_norms(m: nn.Module, a: Tensor, delta: Tensor, wanted: set[int], n:
     # Linear / SparseLinear: (n, ..., in) → (n, ..., out)
     if id(weight) in wanted:
         if delta.dim() == 2:
-            sq = sq + delta.square().sum(dim=1) * _row_sq_norms(a).to(delta.dtype)
+            sq = sq + delta.square().sum(dim=1) * _row_sq_norms(a).to(sq.dtype)
         else:
             sq = sq + _matrix_sq_norms(delta.reshape(n, -1, delta.shape[-1]),
                                        a.reshape(n, -1, a.shape[-1]))
@@ -330,42 +332,62 @@ def _recording(
             h.remove()
 
 
-class _InPlace(Exception):
+class InPlaceModification(ClosedFormUnavailable):
     """A recorded layer input or output was modified in place after the layer ran."""
 
 
-def _closed_form_pass(
-    model: nn.Module, loss_fn: LossFn, x: Any, y: Any, layers: list[nn.Module],
-    wanted: set[int], create_graph: bool, copy: bool,
-) -> tuple[Tensor, Tensor]:
-    n = batch_size(x)
-    with _recording(layers, copy) as records, fixed_batch_statistics(coupling_batch_norms(model)):
-        loss = loss_fn(call_model(model, x), y)
-    inputs, outputs = [], []
-    for m in layers:
-        calls = records[m]
-        if len(calls) != 1:
-            raise ClosedFormUnavailable(f"a {type(m).__name__} layer ran {len(calls)} times in one forward")
-        a, z, a_version, z_version = calls[0]
-        if not isinstance(a, Tensor) or not isinstance(z, Tensor) or a.shape[0] != n or z.shape[0] != n:
-            raise ClosedFormUnavailable("the closed form needs batch-first layer inputs and outputs")
-        if isinstance(m, LINEAR_TYPES) and a.dim() > 2 and _sequence_first(model):
-            raise ClosedFormUnavailable("a sequence-first module: the batch is not the first dimension")
-        if z._version != z_version or (a.layout == torch.strided and a._version != a_version):
-            raise _InPlace
-        inputs.append(a)
-        outputs.append(z)
-    deltas = torch.autograd.grad(
-        loss * sum_scale(loss_fn, n), outputs, create_graph=create_graph, allow_unused=True
-    )
-    sq = torch.zeros(n, dtype=loss.dtype, device=loss.device)
-    with torch.set_grad_enabled(create_graph):
-        for m, a, delta in zip(layers, inputs, deltas):
-            if delta is None:  # this layer does not reach the loss: zero gradient
-                continue
-            a = a if create_graph else a.detach()
-            sq = sq + _layer_sq_norms(m, a, delta, wanted, n).to(sq.dtype)
-    return loss, sq
+class ClosedForm:
+    """Closed-form per-example norms of a forward pass the caller runs inside :meth:`record`.
+
+    ``ClosedForm(model, params)`` raises :class:`ClosedFormUnavailable` for models it does not
+    cover; :meth:`sq_norms` raises it for a pass it cannot use (a layer run twice, inputs that
+    are not batch-first, or :class:`InPlaceModification`: record again with ``copy=True``).
+    """
+
+    def __init__(self, model: nn.Module, params: Sequence[Tensor] | None = None) -> None:
+        self.model = model
+        params = _trainable(model) if params is None else list(params)
+        self.wanted = {id(p) for p in params}
+        self.layers = _covered_layers(model, params)
+        self._records: dict[nn.Module, list[tuple[Any, Tensor, int, int]]] = {}
+
+    @contextlib.contextmanager
+    def record(self, copy: bool = False) -> Iterator[None]:
+        """Record the covered layers' inputs and outputs of the forward pass in the body
+        (train-mode BatchNorm on fixed batch statistics, see the module docs)."""
+        with _recording(self.layers, copy) as records, \
+                fixed_batch_statistics(coupling_batch_norms(self.model)):
+            self._records = records
+            yield
+
+    def sq_norms(self, loss: Tensor, loss_fn: LossFn, n: int, *, create_graph: bool) -> Tensor:
+        """‖∇θ ℓ_i‖² (n,) from the recorded pass whose batch loss is ``loss``."""
+        inputs, outputs = [], []
+        for m in self.layers:
+            calls = self._records.get(m, [])
+            if len(calls) != 1:
+                raise ClosedFormUnavailable(
+                    f"a {type(m).__name__} layer ran {len(calls)} times in one forward"
+                )
+            a, z, a_version, z_version = calls[0]
+            if not isinstance(a, Tensor) or not isinstance(z, Tensor) or a.shape[0] != n or z.shape[0] != n:
+                raise ClosedFormUnavailable("the closed form needs batch-first layer inputs and outputs")
+            if isinstance(m, LINEAR_TYPES) and a.dim() > 2 and _sequence_first(self.model):
+                raise ClosedFormUnavailable("a sequence-first module: the batch is not the first dimension")
+            if z._version != z_version or (a.layout == torch.strided and a._version != a_version):
+                raise InPlaceModification("a layer's input or output was modified in place")
+            inputs.append(a)
+            outputs.append(z)
+        deltas = torch.autograd.grad(
+            loss * sum_scale(loss_fn, n), outputs, create_graph=create_graph, allow_unused=True
+        )
+        sq = torch.zeros(n, dtype=loss.dtype, device=loss.device)
+        with torch.set_grad_enabled(create_graph):
+            for m, a, delta in zip(self.layers, inputs, deltas):
+                if delta is None:  # this layer does not reach the loss: zero gradient
+                    continue
+                sq = _add_layer_sq_norms(sq, m, a if create_graph else a.detach(), delta, self.wanted)
+        return sq
 
 
 def closed_form_sq_grad_norms(
@@ -374,15 +396,20 @@ def closed_form_sq_grad_norms(
 ) -> tuple[Tensor, Tensor]:
     """(batch loss, ‖∇θ ℓ_i‖² per example) by the closed forms (module docs).
 
-    Raises :class:`ClosedFormUnavailable` (naming the reason) where they do not apply.
+    Raises :class:`ClosedFormUnavailable` (naming the reason) where they do not apply. A pass
+    whose layer inputs or outputs are modified in place is run again on copies.
     """
-    params = _trainable(model) if params is None else list(params)
-    wanted = {id(p) for p in params}
-    layers = _covered_layers(model, params)
+    closed = ClosedForm(model, params)
+    n = batch_size(x)
+    with closed.record():
+        loss = loss_fn(call_model(model, x), y)
     try:
-        return _closed_form_pass(model, loss_fn, x, y, layers, wanted, create_graph, copy=False)
-    except _InPlace:  # e.g. ReLU(inplace=True) after a layer: again, on copies
-        return _closed_form_pass(model, loss_fn, x, y, layers, wanted, create_graph, copy=True)
+        return loss, closed.sq_norms(loss, loss_fn, n, create_graph=create_graph)
+    except InPlaceModification:  # e.g. ReLU(inplace=True) after a layer: again, on copies
+        pass
+    with closed.record(copy=True):
+        loss = loss_fn(call_model(model, x), y)
+    return loss, closed.sq_norms(loss, loss_fn, n, create_graph=create_graph)
 
 
 # ----------------------------------------------------------------------------- vmap fallback
@@ -425,6 +452,16 @@ def _call_at(model: nn.Module, params: dict[str, Tensor], x: Any) -> Tensor:
     if isinstance(x, dict):
         return functional_call(model, params, (), x)
     return functional_call(model, params, (x,))
+
+
+_TRANSFORM_MESSAGES = ("vmap", "transform", "batching rule", "functorch")
+
+
+def _transform_limitation(exc: BaseException) -> bool:
+    """Whether ``exc`` says torch.func cannot transform an op (``.item()``, data-dependent
+    control flow, in-place ops on captured tensors, a missing batching rule)."""
+    text = str(exc).lower()
+    return any(m in text for m in _TRANSFORM_MESSAGES)
 
 
 def _loop_chunk(
@@ -484,7 +521,9 @@ def vmap_sq_grad_norms(
                 try:
                     grads, loss_i = per_example(named, xs, ys)
                     sq = sum(g.flatten(1).square().sum(dim=1) for g in grads.values())
-                except (RuntimeError, NotImplementedError):  # no batching rule for some op
+                except (RuntimeError, NotImplementedError) as exc:
+                    if not _transform_limitation(exc):
+                        raise  # the model's own error, not vmap's
                     loss_i, sq = _loop_chunk(model, loss_fn, named, xs, ys, stop - start, create_graph)
             losses.append(loss_i)
             sqs.append(sq)
