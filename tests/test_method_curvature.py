@@ -2,6 +2,7 @@
 per-example fallback and a plain loop over examples, in value and in gradient; the method's
 step follows the gradient of loss + α·mean ‖∇ℓ_i‖² (also on BatchNorm CNNs and attention)."""
 
+import copy
 import warnings
 
 import pytest
@@ -188,3 +189,130 @@ def test_linear_impl_refuses_models_it_does_not_cover():
     method = make_method("curvature", model, CE, alpha=0.1, impl="closed-form")
     with pytest.raises(ClosedFormUnavailable, match="nn.Linear"):
         method.step(x, y, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+# ---------------------------------------------------------------- BatchNorm nets and attention
+
+
+class Block(nn.Module):
+    """A ResNet basic block: conv-BN-ReLU-conv-BN, identity skip added in place, ReLU."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        out = torch.relu_(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x
+        return torch.relu_(out)
+
+
+def small_resnet(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
+        Block(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+    ).double().train()
+
+
+def _fixed_statistics_copy(model, x):
+    """The model with every BatchNorm in eval mode on the batch's (dropout-off) statistics."""
+    ref = copy.deepcopy(model).eval()
+    bns = [m for m in ref.modules() if isinstance(m, nn.BatchNorm2d)]
+    stats = {}
+
+    def grab(module, inputs):
+        a = inputs[0]
+        stats[module] = (a.mean((0, 2, 3)), a.var((0, 2, 3), unbiased=False))
+
+    for m in bns:
+        m.train()
+    handles = [m.register_forward_pre_hook(grab) for m in bns]
+    with torch.no_grad():
+        ref(x)
+    for h in handles:
+        h.remove()
+    for m in bns:
+        m.eval()
+        m.running_mean, m.running_var = stats[m]
+    return ref
+
+
+@pytest.mark.parametrize("impl", ["closed-form", "vmap"])
+def test_on_a_resnet_block_the_step_holds_batch_statistics_fixed(impl):
+    model = small_resnet()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 2, 4, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,), generator=g)
+    alpha = 0.2
+    fixed = _fixed_statistics_copy(model, x)
+    train_copy = copy.deepcopy(model)
+    expected = [
+        a + b for a, b in zip(
+            torch.autograd.grad(CE(train_copy(x), y), list(train_copy.parameters())),
+            torch.autograd.grad(alpha * _loop_sq_grad_norms(fixed, x, y).mean(), list(fixed.parameters())),
+        )
+    ]
+    method = make_method("curvature", model, CE, alpha=alpha, impl=impl)
+    info = method.step(x, y, torch.optim.SGD(model.parameters(), lr=0.0))
+    assert method.last_impl == impl
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, e, rtol=1e-9, atol=1e-12)
+    assert info["mean_sq_grad_norm"] == pytest.approx(
+        float(_loop_sq_grad_norms(fixed, x, y).mean()), rel=1e-10)
+    for a, b in zip(model.buffers(), train_copy.buffers()):  # one BN update: the task loss's
+        assert torch.equal(a, b)
+
+
+def test_on_a_transformer_the_vmap_fallback_uses_the_math_kernel():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(4, 8), nn.TransformerEncoderLayer(8, 2, 16, dropout=0.1, batch_first=True),
+        nn.Flatten(), nn.Linear(24, 3),
+    ).double()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,), generator=g)
+    alpha = 0.1
+    reference = copy.deepcopy(model)
+    torch.manual_seed(7)  # the task loss's dropout mask, as the method will draw it
+    task = torch.autograd.grad(CE(reference(x), y), list(reference.parameters()))
+    reference.eval()  # the curvature pass: dropout off
+    with sdpa_kernel([SDPBackend.MATH]):
+        penalty = torch.autograd.grad(
+            alpha * _loop_sq_grad_norms(reference, x, y).mean(), list(reference.parameters()))
+    method = make_method("curvature", model, CE, alpha=alpha)
+    torch.manual_seed(7)
+    with pytest.warns(RuntimeWarning, match="vmap"):
+        method.step(x, y, torch.optim.SGD(model.parameters(), lr=0.0))
+    assert method.last_impl == "vmap" and model.training
+    for p, a, b in zip(model.parameters(), task, penalty):
+        torch.testing.assert_close(p.grad, a + b, rtol=1e-8, atol=1e-11)
+
+
+def test_on_a_multihead_attention_model_training_reduces_the_loss():
+    class Attend(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(6, 2, batch_first=True)
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x):
+            out, _ = self.attn(x, x, x, need_weights=False)
+            return self.head(out.mean(1))
+
+    torch.manual_seed(0)
+    model = Attend()
+    x, y = torch.randn(16, 4, 6), torch.randint(0, 3, (16,))
+    method = make_method("curvature", model, CE, alpha=0.01, impl="vmap")
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    start = float(CE(model(x), y))
+    for _ in range(15):
+        method.step(x, y, opt)
+    assert float(CE(model(x), y)) < 0.8 * start

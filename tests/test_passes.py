@@ -144,3 +144,40 @@ def test_penalty_works_on_a_transformer_through_the_math_attention_kernel():
     (CE(model(x), y) + penalty(x, y)).backward()
     assert math.isfinite(penalty.last_sq_trace) and penalty.last_sq_trace > 0
     assert all(p.grad is not None for p in model.parameters())
+
+
+# ----------------------------------------------------------------- every method's extra passes
+
+METHOD_SETTINGS = {
+    "none": ("none", {}),
+    "fa": ("fa", {"lam": 0.1, "probes": 2, "every": 1, "seed": 0}),
+    "sam": ("sam", {"rho": 0.1}),
+    "gnp": ("gnp", {"rho": 0.1}),
+    "gnp_exact": ("gnp", {"rho": 0.1, "form": "exact"}),
+    "curvature": ("curvature", {"alpha": 0.1}),
+    "curvature_vmap": ("curvature", {"alpha": 0.1, "impl": "vmap"}),
+    "nrs": ("nrs", {"eps": 0.3, "seed": 0}),
+    "rpr_eps0": ("rpr", {"eps": 0.0, "seed": 0}),  # its one pass is at θ + δθ: at ε = 0, at θ
+    "sam+fa": ("sam+fa", {"rho": 0.1, "lam": 0.1, "probes": 2, "every": 1, "seed": 0}),
+    "curvature+nrs": ("curvature+nrs", {"alpha": 0.1, "eps": 0.3, "seed": 0}),
+}
+
+
+@pytest.mark.parametrize("label", list(METHOD_SETTINGS))
+def test_each_method_updates_running_statistics_once_per_step(label):
+    """After a step, BatchNorm's running statistics are those of one plain train-mode forward
+    at θ: every extra pass (perturbed, neighbour, curvature) leaves them bitwise unchanged."""
+    from flatness.methods import make_method
+
+    name, hp = METHOD_SETTINGS[label]
+    model = nn.Sequential(tiny_cnn(), nn.Dropout(0.2))
+    x, y = cnn_batch()
+    reference = copy.deepcopy(model)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        reference(x)
+    torch.manual_seed(3)
+    make_method(name, model, CE, **hp).step(x, y, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert _same(_buffers(reference), _buffers(model))
+    assert int(model[0][1].num_batches_tracked) == 8
+    assert all(m.training for m in model.modules())

@@ -269,3 +269,23 @@ def test_unreduced_losses_and_bad_impl_are_refused():
         per_example_sq_grad_norms(model, CE, x, y, impl="loop")
     total = per_example_sq_grad_norms(model, nn.CrossEntropyLoss(reduction="sum"), x, y)
     torch.testing.assert_close(total.sq_norms, _loop(model, x, y), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("norm", [nn.LayerNorm(6), nn.GroupNorm(2, 6)])
+def test_differentiable_vmap_through_layer_and_group_norm_matches_the_loop(norm):
+    """torch's batched backward of the fused norm kernels is wrong when differentiated again;
+    the engine computes them from elementary ops there."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), norm, nn.Tanh(), nn.Linear(6, 3)).double()
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.5, 0.5)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,), generator=g)
+    got = per_example_sq_grad_norms(model, CE, x, y, create_graph=True)
+    assert got.impl == "vmap"
+    expected = _loop(model, x, y, create_graph=True)
+    torch.testing.assert_close(got.sq_norms, expected, rtol=1e-10, atol=1e-14)
+    for a, b in zip(_grad_of_mean(model, got.sq_norms), _grad_of_mean(model, expected)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.overrides import TorchFunctionMode
 
 from .layers import LINEAR_TYPES
 from .passes import math_attention
@@ -464,6 +465,50 @@ def _transform_limitation(exc: BaseException) -> bool:
     return any(m in text for m in _TRANSFORM_MESSAGES)
 
 
+class _CompositeNormalisation(TorchFunctionMode):
+    """``F.layer_norm`` and ``F.group_norm`` as compositions of elementary ops.
+
+    Differentiating *through* ``vmap(grad(...))`` of the fused norm kernels gives wrong
+    gradients in torch (their batched backward rule for the input gradient is incorrect,
+    pytorch/functorch#534; measured: on a Linear-LayerNorm-Linear net a gradient entry of the
+    mean squared norm came out 1.4 % off), so
+    the differentiable vmap pass computes them from mean/var/rsqrt, which have plain rules.
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = dict(kwargs or {})
+        if func is F.layer_norm:
+            return _layer_norm(*args, **kwargs)
+        if func is F.group_norm:
+            return _group_norm(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _layer_norm(
+    x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None = None,
+    bias: Tensor | None = None, eps: float = 1e-5,
+) -> Tensor:
+    dims = tuple(range(-len(normalized_shape), 0))
+    mean = x.mean(dim=dims, keepdim=True)
+    out = (x - mean) * torch.rsqrt(x.var(dim=dims, unbiased=False, keepdim=True) + eps)
+    if weight is not None:
+        out = out * weight
+    return out if bias is None else out + bias
+
+
+def _group_norm(
+    x: Tensor, num_groups: int, weight: Tensor | None = None, bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    grouped = x.reshape(x.shape[0], num_groups, -1)
+    mean = grouped.mean(dim=2, keepdim=True)
+    out = ((grouped - mean) * torch.rsqrt(grouped.var(dim=2, unbiased=False, keepdim=True) + eps))
+    out = out.reshape(x.shape)
+    if weight is not None:
+        out = out * _channel_view(weight, out)
+    return out if bias is None else out + _channel_view(bias, out)
+
+
 def _loop_chunk(
     model: nn.Module, loss_fn: LossFn, named: dict[str, Tensor], xs: Any, ys: Any, m: int,
     create_graph: bool,
@@ -513,7 +558,8 @@ def vmap_sq_grad_norms(
     per_example = vmap(grad_and_value(example_loss), in_dims=(None, 0, 0), randomness="different")
     losses, sqs = [], []
     # the math attention kernel: the fused ones lack batching rules (and double backward)
-    with fixed_batch_statistics(coupled, stats), math_attention():
+    composite = _CompositeNormalisation() if create_graph else contextlib.nullcontext()
+    with fixed_batch_statistics(coupled, stats), math_attention(), composite:
         for start in range(0, n, chunk):
             stop = min(n, start + chunk)
             xs, ys = _rows(x, start, stop), _rows(y, start, stop)
