@@ -316,3 +316,35 @@ def test_on_a_multihead_attention_model_training_reduces_the_loss():
     for _ in range(15):
         method.step(x, y, opt)
     assert float(CE(model(x), y)) < 0.8 * start
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_curvature_trains_newsgroups_logreg_on_sparse_inputs(real_data_dir, tmp_path):
+    """The supported task × method pair that used to fail ("the vmap per-example form does not
+    support sparse inputs"): SparseLinear on CSR batches gets the closed form."""
+    import json
+
+    from flatness.cli import main
+
+    code = main([
+        "run", "newsgroups-logreg", "--method", "curvature", "--lambdas", "0.001",
+        "--seeds", "1", "--epochs", "1", "--data-dir", str(real_data_dir),
+        "--out", str(tmp_path), "--quiet", "--no-plots",
+    ])
+    assert code == 0
+    [path] = (tmp_path / "newsgroups-logreg").glob("curvature_alpha0.001_seed0*.json")
+    record = json.loads(path.read_text())
+    assert record["method"] == "curvature" and record["final_test_acc"] > 0.5
+
+
+@pytest.mark.parametrize("dropout, passes", [(0.0, 1), (0.3, 2)])
+def test_the_task_loss_pass_doubles_as_the_curvature_pass_when_it_can(dropout, passes):
+    """No active dropout or BatchNorm: one forward per step; else a separate (dropout-off)
+    curvature pass."""
+    model = tiny_mlp(dropout=dropout)
+    calls = []
+    model[0].register_forward_hook(lambda *args: calls.append(1))
+    x, y = tiny_batch()
+    make_method("curvature", model, CE, alpha=0.1).step(x, y, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert len(calls) == passes

@@ -156,9 +156,11 @@ def measure_pass(model: nn.Module, function: Function = "deployed") -> Iterator[
 
 def is_curvature_function(model: nn.Module) -> bool:
     """Whether ``model``'s forward, as it stands, already computes what :func:`curvature_pass`
-    would: no dropout or attention module and no norm layer in train mode (then a method may
+    would: no active dropout, attention or norm layer in train mode (then a method may
     take its curvature quantities from the main pass instead of running an extra one)."""
     for m in model.modules():
-        if m.training and isinstance(m, (_NormBase, _DropoutNd, nn.MultiheadAttention)):
+        if not m.training:
+            continue
+        if isinstance(m, (_NormBase, nn.MultiheadAttention)) or (isinstance(m, _DropoutNd) and m.p > 0):
             return False
     return True
