@@ -15,7 +15,6 @@ from flatness.per_example import (
     _matrix_sq_norms,
     closed_form_sq_grad_norms,
     per_example_sq_grad_norms,
-    vmap_sq_grad_norms,
 )
 
 CE = nn.CrossEntropyLoss()

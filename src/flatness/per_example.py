@@ -1,8 +1,7 @@
 r"""Per-example squared gradient norms :math:`\lVert \nabla_\theta \ell_i \rVert^2`: the one engine.
 
-Used by the curvature method (:mod:`flatness.methods.curvature`, differentiable: it
-back-propagates through the norms) and the empirical Fisher trace
-(:mod:`flatness.measures.fisher`, detached).
+Used by the curvature method (differentiable: it back-propagates through the norms) and the
+empirical Fisher trace (detached).
 
 **Closed forms** (``impl="closed-form"``), from one forward pass and one backward pass to the
 layer outputs. A layer :math:`z_{it} = W a_{it} + b` applied at T positions per example
@@ -27,8 +26,8 @@ in place afterwards (``ReLU(inplace=True)``) is detected by its version counter 
 re-run with the layer's input and output copied (the right value, one more forward).
 
 **Fallback** (``impl="vmap"``, any model): ``torch.func.vmap(grad(...))`` over chunks of
-examples (sparse inputs densified one chunk at a time); where an op has no batching rule, a loop
-over examples. ``impl="auto"`` takes the closed form when it applies.
+examples (sparse inputs densified chunk by chunk; a loop over examples where torch.func cannot
+transform an op). ``impl="auto"`` takes the closed form when it applies.
 
 **BatchNorm with batch statistics** couples the examples of a batch, so the per-example losses
 are not functions of one example each. The engine holds the batch statistics fixed: each such
@@ -37,10 +36,8 @@ in the same forward pass and treated as constants (detached) — the function va
 train-mode one, the per-example gradients (and the curvature penalty's gradient) do not flow
 through the statistics. BatchNorm with running statistics (eval mode) needs nothing special.
 
-The model is run as it is: wrap the call in :func:`flatness.passes.curvature_pass` (training:
-dropout off, BatchNorm on batch statistics, running statistics untouched) or
-:func:`flatness.passes.measure_pass` (measures). ``loss_fn`` is the batch mean (or sum, by its
-``reduction``) of per-example losses.
+The model is run as it is (wrap the call in :func:`flatness.passes.curvature_pass` or
+:func:`flatness.passes.measure_pass`). ``loss_fn`` is the batch mean (or sum) of per-example losses.
 
 Example:
     >>> import torch
@@ -129,10 +126,6 @@ def coupling_batch_norms(model: nn.Module) -> list[_BatchNorm]:
     ]
 
 
-def _stat_dims(a: Tensor) -> list[int]:
-    return [0, *range(2, a.dim())]
-
-
 def _channel_view(t: Tensor, like: Tensor) -> Tensor:
     return t.view(1, -1, *([1] * (like.dim() - 2)))
 
@@ -142,7 +135,7 @@ def _normalised(a: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:
 
 
 def _batch_stats(a: Tensor) -> tuple[Tensor, Tensor]:
-    dims = _stat_dims(a)
+    dims = [0, *range(2, a.dim())]  # all but the channels
     a = a.detach()
     return a.mean(dim=dims), a.var(dim=dims, unbiased=False)
 
@@ -265,12 +258,15 @@ def _add_layer_sq_norms(sq: Tensor, m: nn.Module, a: Tensor, delta: Tensor, want
             sq = sq + delta.flatten(2).sum(dim=2).square().sum(dim=1)
         return sq
     # Linear / SparseLinear: (n, ..., in) → (n, ..., out)
+    if delta.dim() == 2:  # ‖δ_i‖²‖a_i‖² and ‖δ_i‖² (one ‖δ_i‖² for both)
+        sq_delta = delta.square().sum(dim=1)
+        if id(weight) in wanted:
+            sq = sq + sq_delta * _row_sq_norms(a).to(sq.dtype)
+        if bias is not None and id(bias) in wanted:
+            sq = sq + sq_delta
+        return sq
     if id(weight) in wanted:
-        if delta.dim() == 2:
-            sq = sq + delta.square().sum(dim=1) * _row_sq_norms(a).to(sq.dtype)
-        else:
-            sq = sq + _matrix_sq_norms(delta.reshape(n, -1, delta.shape[-1]),
-                                       a.reshape(n, -1, a.shape[-1]))
+        sq = sq + _matrix_sq_norms(delta.reshape(n, -1, delta.shape[-1]), a.reshape(n, -1, a.shape[-1]))
     if bias is not None and id(bias) in wanted:
         summed = delta.reshape(n, -1, delta.shape[-1]).sum(dim=1)
         sq = sq + summed.square().sum(dim=1)
@@ -465,23 +461,19 @@ def _transform_limitation(exc: BaseException) -> bool:
     return any(m in text for m in _TRANSFORM_MESSAGES)
 
 
-class _CompositeNormalisation(TorchFunctionMode):
-    """``F.layer_norm`` and ``F.group_norm`` as compositions of elementary ops.
+class _CompositeLayerNorm(TorchFunctionMode):
+    """``F.layer_norm`` as a composition of elementary ops.
 
-    Differentiating *through* ``vmap(grad(...))`` of the fused norm kernels gives wrong
-    gradients in torch (their batched backward rule for the input gradient is incorrect,
+    Differentiating *through* ``vmap(grad(...))`` of the fused layer-norm kernel gives wrong
+    gradients in torch (its batched backward rule for the input gradient is incorrect,
     pytorch/functorch#534; measured: on a Linear-LayerNorm-Linear net a gradient entry of the
-    mean squared norm came out 1.4 % off), so
-    the differentiable vmap pass computes them from mean/var/rsqrt, which have plain rules.
+    mean squared norm came out 1.4 % off), so the differentiable vmap pass computes it from
+    mean/var/rsqrt, which have plain rules.
     """
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = dict(kwargs or {})
-        if func is F.layer_norm:
-            return _layer_norm(*args, **kwargs)
-        if func is F.group_norm:
-            return _group_norm(*args, **kwargs)
-        return func(*args, **kwargs)
+        return _layer_norm(*args, **kwargs) if func is F.layer_norm else func(*args, **kwargs)
 
 
 def _layer_norm(
@@ -494,19 +486,6 @@ def _layer_norm(
     if weight is not None:
         out = out * weight
     return out if bias is None else out + bias
-
-
-def _group_norm(
-    x: Tensor, num_groups: int, weight: Tensor | None = None, bias: Tensor | None = None,
-    eps: float = 1e-5,
-) -> Tensor:
-    grouped = x.reshape(x.shape[0], num_groups, -1)
-    mean = grouped.mean(dim=2, keepdim=True)
-    out = ((grouped - mean) * torch.rsqrt(grouped.var(dim=2, unbiased=False, keepdim=True) + eps))
-    out = out.reshape(x.shape)
-    if weight is not None:
-        out = out * _channel_view(weight, out)
-    return out if bias is None else out + _channel_view(bias, out)
 
 
 def _loop_chunk(
@@ -558,7 +537,7 @@ def vmap_sq_grad_norms(
     per_example = vmap(grad_and_value(example_loss), in_dims=(None, 0, 0), randomness="different")
     losses, sqs = [], []
     # the math attention kernel: the fused ones lack batching rules (and double backward)
-    composite = _CompositeNormalisation() if create_graph else contextlib.nullcontext()
+    composite = _CompositeLayerNorm() if create_graph else contextlib.nullcontext()
     with fixed_batch_statistics(coupled, stats), math_attention(), composite:
         for start in range(0, n, chunk):
             stop = min(n, start + chunk)

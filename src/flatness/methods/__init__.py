@@ -4,24 +4,13 @@ one step driver), looked up by name; ``"a+b"`` composes two (see :mod:`.base`, :
 Each method module registers itself with :func:`register_method` when imported below.
 """
 
-from .base import (
-    METHODS,
-    Evaluation,
-    Here,
-    Method,
-    Point,
-    Term,
-    make_method,
-    method_class,
-    method_hparam,
-    register_method,
-)
+from .base import METHODS, Evaluation, Here, Method, Point, Term, register_method
 from . import fa as _fa  # noqa: F401  (registers "fa")
 from . import sam as _sam  # noqa: F401  (registers "sam")
 from . import gnp as _gnp  # noqa: F401  (registers "gnp")
 from . import curvature as _curvature  # noqa: F401  (registers "curvature")
 from . import nrs as _nrs  # noqa: F401  (registers "nrs" and "rpr")
-from .compose import compose
+from .compose import compose, make_method, method_class, method_hparam
 
 __all__ = [
     "METHODS",

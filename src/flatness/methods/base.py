@@ -15,7 +15,8 @@ calls :meth:`Method.objective` = task loss + terms, one forward pass), and calls
 ``optimizer.step()`` exactly once. So methods **compose**: ``"sam+fa"`` is SAM's point with FA's
 term — the SAM ascent from the task-loss gradient at θ, then the gradient of task loss + FA
 penalty at θ + ε̂, θ restored, one optimizer step — configuration, not new code
-(:func:`flatness.methods.compose.compose`; at most one component may move the point).
+(:mod:`flatness.methods.compose`, where :func:`make_method` looks names up; at most one
+component may move the point).
 
 **Passes and BatchNorm** (:mod:`flatness.passes`). The step's *main pass* is its first forward
 pass (at θ; for RPR at θ + δθ, its only one): dropout draws the step's mask and BatchNorm
@@ -73,10 +74,7 @@ __all__ = [
     "Term",
     "Evaluation",
     "register_method",
-    "make_method",
-    "method_class",
     "METHODS",
-    "method_hparam",
 ]
 
 LossFn = Callable[[Tensor, Any], Tensor]
@@ -88,27 +86,6 @@ def register_method(cls: type["Method"]) -> type["Method"]:
     """Class decorator: make ``cls`` available as ``make_method(cls.name, ...)``."""
     METHODS[cls.name] = cls
     return cls
-
-
-def method_class(name: str) -> type["Method"]:
-    """The class of method ``name``: a registered one, or a composition ``"a+b"``."""
-    if "+" in name:
-        from .compose import compose
-
-        return compose(name.split("+"))
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; expected one of {sorted(METHODS)} or A+B")
-    return METHODS[name]
-
-
-def make_method(name: str, model: nn.Module, loss_fn: LossFn, **hparams: Any) -> "Method":
-    """Build the method called ``name`` (e.g. ``"fa"``, ``"sam+fa"``) for ``model``."""
-    return method_class(name)(model, loss_fn, **hparams)
-
-
-def method_hparam(name: str) -> str | None:
-    """The name of the method's main hyper-parameter (swept like λ), or None."""
-    return method_class(name).hparam
 
 
 @dataclass

@@ -1,4 +1,5 @@
-r"""Methods composed by name: ``"sam+fa"`` = SAM's point with FA's term (see :mod:`.base`).
+r"""Methods composed by name: ``"sam+fa"`` = SAM's point with FA's term (see :mod:`.base`), and
+the lookup of any method by name (:func:`make_method`, :func:`method_class`).
 
 A composition builds each component as it would be built alone (each validates its own
 settings), takes the one component that moves the evaluation point (SAM, GNP's finite
@@ -35,7 +36,7 @@ from torch import nn
 
 from .base import METHODS, Here, LossFn, Method
 
-__all__ = ["compose", "ComposedMethod"]
+__all__ = ["compose", "ComposedMethod", "method_class", "make_method", "method_hparam"]
 
 
 class ComposedMethod(Method):
@@ -119,3 +120,22 @@ def _compose(names: tuple[str, ...]) -> type[Method]:
 def compose(names: Sequence[str]) -> type[Method]:
     """The method class of the composition of the registered methods ``names`` (module docs)."""
     return _compose(tuple(names))
+
+
+def method_class(name: str) -> type[Method]:
+    """The class of method ``name``: a registered one, or a composition ``"a+b"``."""
+    if "+" in name:
+        return compose(name.split("+"))
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; expected one of {sorted(METHODS)} or A+B")
+    return METHODS[name]
+
+
+def make_method(name: str, model: nn.Module, loss_fn: LossFn, **hparams: Any) -> Method:
+    """Build the method called ``name`` (e.g. ``"fa"``, ``"sam+fa"``) for ``model``."""
+    return method_class(name)(model, loss_fn, **hparams)
+
+
+def method_hparam(name: str) -> str | None:
+    """The name of the method's main hyper-parameter (swept like λ), or None."""
+    return method_class(name).hparam

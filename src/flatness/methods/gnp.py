@@ -49,7 +49,6 @@ from .perturb import (
     require_nonnegative,
     require_positive,
     stash_for,
-    trainable_parameters,
 )
 
 __all__ = ["GradientNormPenalty", "GradientNormTerm", "FiniteDifferencePoint", "GNP_FORMS"]

@@ -54,7 +54,6 @@ from .perturb import (
     perturbed,
     require_nonnegative,
     stash_for,
-    trainable_parameters,
 )
 
 __all__ = ["sam_direction", "sam_perturbation", "AscentPoint", "SharpnessAware", "SAM"]
