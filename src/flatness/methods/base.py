@@ -46,7 +46,7 @@ Example (a composed method, and a new term in a few lines):
     >>> class LogitPenalty(Term):  # β·mean ‖f(x)‖², evaluated wherever the point says
     ...     def __call__(self, ev, info):
     ...         value = ev.logits.square().sum(dim=1).mean()
-    ...         info["logit_norm"] = float(value)
+    ...         info["logit_norm"] = float(value.detach())
     ...         return 0.1 * value
     >>> sorted(Method(model, nn.CrossEntropyLoss(), terms=[LogitPenalty()]).step(x, y, opt))
     ['logit_norm', 'loss']
