@@ -55,9 +55,9 @@ import statistics
 from collections import deque
 from typing import Any
 
-from .schedules import Decision
+from .schedules import Constant, Decision, Schedule, ScheduledLam, parse_schedule
 
-__all__ = ["CurvatureSpikeController", "GradRatioController"]
+__all__ = ["CurvatureSpikeController", "GradRatioController", "make_policy", "parse_controller"]
 
 
 def _positive(name: str, value: float, *, allow_inf: bool = False) -> float:
@@ -281,3 +281,58 @@ class CurvatureSpikeController:
             f"window={self.window}, every_min={self.every_min}, every_max={self.every_max}, "
             f"boost={self.boost})"
         )
+
+
+def parse_controller(spec: str, lam: float, every: int = 1) -> GradRatioController | CurvatureSpikeController:
+    """A controller from its short form; ``lam`` and ``every`` are the penalty's λ and interval.
+
+    - ``ratio[:TARGET[:SMOOTHING]]``: :class:`GradRatioController` with ``lam_max = lam`` (λ
+      never exceeds the given strength), target ρ (default 0.1), smoothing β (default 0.9);
+    - ``spike[:FACTOR[:BOOST]]``: :class:`CurvatureSpikeController` with base λ = ``lam``,
+      factor (default 2), boost (default 2), the pass every step after a spike and at most
+      every ``every`` steps when calm.
+    """
+    name, *args = spec.split(":")
+    try:
+        values = [float(a) for a in args]
+    except ValueError:
+        raise ValueError(f"λ controller {spec!r}: its arguments must be numbers") from None
+    if name == "ratio" and len(values) <= 2:
+        target = values[0] if values else 0.1
+        smoothing = values[1] if len(values) > 1 else 0.9
+        return GradRatioController(target, every=every, smoothing=smoothing, lam_max=lam)
+    if name == "spike" and len(values) <= 2:
+        factor = values[0] if values else 2.0
+        boost = values[1] if len(values) > 1 else 2.0
+        return CurvatureSpikeController(lam, factor=factor, every_max=every, boost=boost)
+    raise ValueError(
+        f"unknown λ controller {spec!r}; expected ratio[:TARGET[:SMOOTHING]] or spike[:FACTOR[:BOOST]]"
+    )
+
+
+def make_policy(
+    lam: float,
+    every: int = 1,
+    lam_schedule: str | Schedule | None = None,
+    lam_control: str | Any | None = None,
+    total_steps: int | None = None,
+) -> Any:
+    """The λ-policy of a penalty: a fixed λ, a schedule, or a controller (one of them).
+
+    ``lam_schedule`` as text (:func:`flatness.schedules.parse_schedule`) needs ``total_steps``;
+    ``lam_control`` as text: :func:`parse_controller`; objects are used as given. λ = 0 is
+    never active, whatever else is asked.
+    """
+    if lam_schedule is not None and lam_control is not None:
+        raise ValueError("give a λ schedule or a λ controller, not both")
+    if lam == 0:
+        return ScheduledLam(Constant(0.0), every)
+    if lam_control is not None:
+        return parse_controller(lam_control, lam, every) if isinstance(lam_control, str) else lam_control
+    if isinstance(lam_schedule, str):
+        if total_steps is None:
+            raise ValueError(
+                f"the λ schedule {lam_schedule!r} needs total_steps, the length of the run in steps"
+            )
+        return ScheduledLam(parse_schedule(lam_schedule, lam, total_steps), every)
+    return ScheduledLam(Constant(lam) if lam_schedule is None else lam_schedule, every)

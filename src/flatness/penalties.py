@@ -28,18 +28,23 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from . import layerwise
+from .control_variate import cv_sq_trace
 from .hutchinson import sq_trace
-from .probes import Distribution, check_distribution, make_generator
+from .kfac import kfac_sq_trace
+from .lam_control import make_policy
+from .linear_io import SharedPrefix, share_prefix
 from .passes import curvature_pass
+from .probes import Distribution, check_distribution, make_generator
 from .utils import batch_size, call_model, take_first, unwrap
 
 __all__ = ["FlatnessPenalty", "NonFiniteCurvatureError"]
@@ -74,9 +79,23 @@ class FlatnessPenalty:
             (:mod:`flatness.layerwise`) when the model is a supported stack of Linear layers and
             activations, else generic double backward (``"autograd"``); both give the same
             estimate for the same probes. ``"layerwise"`` insists on the closed form.
+            ``"kfac"``: the Kronecker-factored approximation Σ_l Tr(A_l²)·Tr(G_l²) of
+            :mod:`flatness.kfac` instead of Hutchinson (no probes; Linear layers only).
+        estimator: ``"hutchinson"`` (default) or ``"cv"``: Hutchinson with the output layer's
+            exact Hessian block as a control variate (:mod:`flatness.control_variate`; unbiased,
+            lower variance at about the same cost; ``flatness bench variance``).
+        lam_schedule: λ over the steps (calls): a :mod:`flatness.schedules` schedule, or its
+            short form (``"warmup:0.1+cosine"``, fractions of ``total_steps``); λ = 0 skips the
+            pass. ``lam`` is the peak.
+        lam_control: an adaptive λ (:mod:`flatness.lam_control`): ``"ratio[:ρ[:β]]"`` sets λ ≤
+            ``lam`` so that the penalty's gradient norm is ρ × the task gradient's;
+            ``"spike[:FACTOR[:BOOST]]"`` runs the pass every step and raises λ after a
+            Tr(H²) spike and backs off to every ``every`` steps otherwise; or a controller object.
+        total_steps: the length of the run in steps (for a text ``lam_schedule``).
 
-    After a curvature pass, ``last_sq_trace`` holds the Tr(H²) estimate (a float) and
-    ``last_penalty`` the value added to the loss.
+    After a curvature pass, ``last_sq_trace`` holds the Tr(H²) estimate (a float),
+    ``last_lam`` the λ applied and ``last_penalty`` the value added to the loss; ``policy`` is
+    the λ-policy (its ``log`` holds its decisions).
     """
 
     def __init__(
@@ -90,11 +109,15 @@ class FlatnessPenalty:
         *,
         seed: int | None = None,
         generator: torch.Generator | None = None,
-        sub_batch: int | float | None = None,
+        sub_batch: float | None = None,
         eval_during_curvature: bool = True,
         on_nonfinite: Literal["raise", "skip"] = "raise",
         params: Sequence[Tensor] | None = None,
-        backend: Literal["auto", "autograd", "layerwise"] = "auto",
+        backend: Literal["auto", "autograd", "layerwise", "kfac"] = "auto",
+        estimator: Literal["hutchinson", "cv"] = "hutchinson",
+        lam_schedule: Any = None,
+        lam_control: Any = None,
+        total_steps: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -114,11 +137,20 @@ class FlatnessPenalty:
                 raise ValueError(f"a fractional sub_batch must be in (0, 1], got {sub_batch}")
             if isinstance(sub_batch, int) and sub_batch < 1:
                 raise ValueError(f"sub_batch must be >= 1, got {sub_batch}")
-        if backend not in ("auto", "autograd", "layerwise"):
-            raise ValueError(f"backend must be 'auto', 'autograd' or 'layerwise', got {backend!r}")
-        if backend == "layerwise" and params is not None:
-            raise ValueError("backend='layerwise' penalises all of the model's parameters: drop params")
+        if backend not in ("auto", "autograd", "layerwise", "kfac"):
+            raise ValueError(
+                f"backend must be 'auto', 'autograd', 'layerwise' or 'kfac', got {backend!r}"
+            )
+        if estimator not in ("hutchinson", "cv"):
+            raise ValueError(f"estimator must be 'hutchinson' or 'cv', got {estimator!r}")
+        if backend == "kfac" and estimator != "hutchinson":
+            raise ValueError("backend='kfac' uses no probes: drop estimator")
+        for name, used in (("backend='layerwise'", backend == "layerwise"), ("backend='kfac'", backend == "kfac"), ("estimator='cv'", estimator == "cv")):
+            if used and params is not None:
+                raise ValueError(f"{name} penalises all of the model's parameters: drop params")
         self.backend = backend
+        self.estimator = estimator
+        self.policy = make_policy(float(lam), every, lam_schedule, lam_control, total_steps)
         self.model = model
         # Under DDP the curvature pass runs on the wrapped module: it is built out of place with
         # autograd.grad(create_graph=True) on the local batch, and the one ordinary backward() of
@@ -137,6 +169,9 @@ class FlatnessPenalty:
         self.calls = 0
         self.last_sq_trace: float | None = None
         self.last_penalty: float | None = None
+        self.last_lam: float | None = None
+        self._prefix: SharedPrefix | None = None
+        self._pending_hook: Any = None
 
     @property
     def params(self) -> list[Tensor]:
@@ -146,8 +181,23 @@ class FlatnessPenalty:
 
     def is_active(self, call: int | None = None) -> bool:
         """Whether call number ``call`` (default: the next one) computes the curvature term."""
-        call = self.calls if call is None else call
-        return self.lam > 0 and call % self.every == 0
+        return self.policy.decide(self.calls if call is None else call).active
+
+    @contextlib.contextmanager
+    def sharing(self) -> Iterator[None]:
+        """Wrap the task loss's forward pass: the next curvature pass reuses its prefix.
+
+        Only for ``backend="kfac"`` and ``estimator="cv"``, whose closed forms run their own
+        forward pass: they start from the output of the model's leading Linear/activation
+        modules recorded here (:func:`flatness.linear_io.share_prefix`), so that the input
+        layer's forward and weight gradient are computed once for both.
+        """
+        if not (self.backend == "kfac" or self.estimator == "cv") or not self.is_active():
+            yield
+            return
+        with share_prefix(self.local_model) as prefix:
+            yield
+        self._prefix = prefix
 
     def _curvature_batch(self, x: Any, y: Any) -> tuple[Any, Any]:
         if self.sub_batch is None:
@@ -157,34 +207,26 @@ class FlatnessPenalty:
         n = max(1, min(n, full))
         return take_first(x, n), take_first(y, n)
 
-    def __call__(self, x: Any, y: Any) -> Tensor:
-        """The penalty for this mini-batch: λ·Tr(H²)/B with graph, or an exact zero."""
-        active = self.is_active()
+    def __call__(self, x: Any, y: Any, *, log: dict[str, float] | None = None) -> Tensor:
+        """The penalty for this mini-batch: λ·Tr(H²)/B with graph, or an exact zero.
+
+        ``log``: a dict that receives the floats of this step's λ decision (``lam``; the
+        controllers' measurements), e.g. a training step's logged values.
+        """
+        step = self.calls
+        decision = self.policy.decide(step)
         self.calls += 1
+        prefix, self._prefix = self._prefix, None
         params = self.params
         if not params:
             raise ValueError("the model has no parameters that require grad")
         ref = params[0]
-        if not active:
+        if not decision.active:
             return torch.zeros((), device=ref.device, dtype=ref.dtype)
         full_batch = batch_size(x)
         cx, cy = self._curvature_batch(x, y)
         with curvature_pass(self.local_model, dropout=not self.eval_during_curvature):
-            if self.backend == "layerwise" or (
-                self.backend == "auto"
-                and self._params is None
-                and layerwise.supports(self.local_model, cx)
-            ):
-                estimate = layerwise.layerwise_sq_trace(
-                    self.local_model, self.loss_fn, cx, cy, self.probes, self.dist,
-                    generator=self.generator,
-                )
-            else:
-                loss = self.loss_fn(call_model(self.local_model, cx), cy)
-                estimate = sq_trace(
-                    loss, params, self.probes, self.dist, generator=self.generator,
-                    create_graph=True,
-                )
+            estimate = self._estimate(cx, cy, params, prefix)
         value = float(estimate.detach())
         if not math.isfinite(value):
             message = (
@@ -195,10 +237,81 @@ class FlatnessPenalty:
                 raise NonFiniteCurvatureError(message)
             warnings.warn(message + " (step skipped)", RuntimeWarning, stacklevel=2)
             return torch.zeros((), device=ref.device, dtype=ref.dtype)
-        penalty = self.lam * estimate / full_batch
+        unit = estimate / full_batch
+        if getattr(self.policy, "needs_grad_norms", False):
+            lam = float(self.policy.lam)
+            penalty = self._ratio_surrogate(unit, params, step, lam, prefix is not None, log)
+        else:
+            lam = float(self.policy.update(step, sq_trace=value))
+            penalty = lam * unit
+            entry = self.policy.log[-1] if self.policy.log else {}
+            if log is not None and entry.get("step") == step and "next_interval" in entry:
+                log["lam_interval"] = float(entry["next_interval"])
+                log["lam_spike"] = float(str(entry["reason"]).startswith("spike"))
+        if log is not None:
+            log["lam"] = lam
+        self.last_lam = lam
         self.last_sq_trace = value
-        self.last_penalty = self.lam * value / full_batch
+        self.last_penalty = lam * value / full_batch
         return penalty
+
+    def _estimate(self, cx: Any, cy: Any, params: list[Tensor], prefix: SharedPrefix | None) -> Tensor:
+        """Tr(H²) on the curvature batch by the chosen backend and estimator, with graph."""
+        model = self.local_model
+        if self.backend == "kfac":
+            return kfac_sq_trace(model, self.loss_fn, cx, cy, generator=self.generator, prefix=prefix)
+        closed_form = self.backend == "layerwise" or (
+            self.backend == "auto" and self._params is None and layerwise.supports(model, cx)
+        )
+        if self.estimator == "cv":
+            engine = None
+            if closed_form:
+                def engine(vectors: Sequence[Tensor]) -> Tensor:
+                    return layerwise.layerwise_sq_trace(model, self.loss_fn, cx, cy, probe_vectors=vectors)
+            return cv_sq_trace(
+                model, self.loss_fn, cx, cy, self.probes, self.dist, generator=self.generator,
+                sq_norm_mean=engine, prefix=prefix,
+            )
+        if closed_form:
+            return layerwise.layerwise_sq_trace(
+                model, self.loss_fn, cx, cy, self.probes, self.dist, generator=self.generator
+            )
+        loss = self.loss_fn(call_model(model, cx), cy)
+        return sq_trace(loss, params, self.probes, self.dist, generator=self.generator, create_graph=True)
+
+    def _ratio_surrogate(
+        self, unit: Tensor, params: list[Tensor], step: int, lam: float, shared: bool,
+        log: dict[str, float] | None,
+    ) -> Tensor:
+        """λ·Tr(H²)/B for a gradient-ratio controller: value λ·P, gradient λ·g_P.
+
+        g_P = ∇(Tr(H²)/B) is computed here, by the backward the penalty needs anyway (its graph
+        is its own, so this is no extra work), and enters the loss through a surrogate whose
+        gradient is λ·g_P. A hook on the parameters' gradients (``register_multi_grad_hook``)
+        reads the step's backward: its gradient minus λ·g_P is the task gradient (plus any other
+        term's), whose norm goes to the controller with ‖g_P‖ — O(d) work, no extra pass. The
+        new λ applies from the next active step (λ = 0 on the first one: it only measures).
+        """
+        grads = torch.autograd.grad(unit, params, allow_unused=True, retain_graph=shared)
+        g_pen = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
+        pen_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in g_pen])))
+        if self._pending_hook is not None:
+            self._pending_hook.remove()
+
+        def hook(step_grads: Sequence[Tensor | None]) -> None:
+            handle, self._pending_hook = self._pending_hook, None
+            if handle is not None:
+                handle.remove()
+            task = [g - lam * gp for g, gp in zip(step_grads, g_pen) if g is not None]
+            task_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in task]))) if task else 0.0
+            self.policy.update(step, task_grad_norm=task_norm, penalty_grad_norm=pen_norm)
+            if log is not None:
+                log["task_grad_norm"] = task_norm
+                log["penalty_grad_norm"] = pen_norm
+
+        self._pending_hook = torch.autograd.graph.register_multi_grad_hook(params, hook, mode="all")
+        linear = sum((p * (lam * g)).sum() for p, g in zip(params, g_pen))
+        return lam * unit.detach() + linear - linear.detach()
 
     def state_dict(self) -> dict[str, Any]:
         """Schedule position and generator state, to resume a run exactly."""
@@ -206,6 +319,7 @@ class FlatnessPenalty:
             "calls": self.calls,
             "generator": None if self.generator is None else self.generator.get_state(),
             "last_sq_trace": self.last_sq_trace,
+            "policy": self.policy.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -215,9 +329,12 @@ class FlatnessPenalty:
                 self.generator = torch.Generator(device="cpu")
             self.generator.set_state(state["generator"])
         self.last_sq_trace = state.get("last_sq_trace")
+        if "policy" in state:
+            self.policy.load_state_dict(state["policy"])
 
     def __repr__(self) -> str:
         return (
             f"FlatnessPenalty(lam={self.lam}, probes={self.probes}, every={self.every}, "
-            f"dist={self.dist!r}, sub_batch={self.sub_batch})"
+            f"dist={self.dist!r}, sub_batch={self.sub_batch}, backend={self.backend!r}, "
+            f"estimator={self.estimator!r}, policy={self.policy!r})"
         )

@@ -262,15 +262,18 @@ class ScheduledLam:
         self.every = _check_steps("every", every, 1)
         self.log: list[dict[str, Any]] = []
         self._was_active: bool | None = None
+        self._last_step: int | None = None
 
     def decide(self, step: int) -> Decision:
+        """λ(step) and whether the pass runs; logged once per step (active steps, changes)."""
         lam = float(self.schedule(step))
         active = lam > 0 and step % self.every == 0
         reason = "schedule" if lam > 0 else "schedule: λ = 0"
         decision = Decision(step, lam, active, reason)
-        if active or active != self._was_active:
-            self.log.append(decision.as_dict())
-        self._was_active = active
+        if step != self._last_step:
+            if active or active != self._was_active:
+                self.log.append(decision.as_dict())
+            self._was_active, self._last_step = active, step
         return decision
 
     def update(self, step: int, **measurements: float) -> float:
@@ -283,10 +286,11 @@ class ScheduledLam:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"was_active": self._was_active}
+        return {"was_active": self._was_active, "last_step": self._last_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._was_active = state.get("was_active")
+        self._last_step = state.get("last_step")
 
     def __repr__(self) -> str:
         return f"ScheduledLam({self.schedule!r}, every={self.every})"

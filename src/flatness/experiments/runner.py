@@ -101,6 +101,9 @@ def execute_run(
         kwargs[spec.hparam] = spec.value
     if accepts(spec.method, "seed") and "seed" not in kwargs:
         kwargs["seed"] = spec.seed  # the method's own randomness (e.g. FA's probes)
+    if accepts(spec.method, "total_steps") and "total_steps" not in kwargs:
+        # the run's length, for schedules given as fractions of it (FA's lam_schedule)
+        kwargs["total_steps"] = config.epochs * steps_per_epoch(int(splits.y_train.shape[0]), config.batch_size)
     torch.manual_seed(spec.seed)
     model = task.build_model(num_features=splits.num_features)
     world = dist_ctx.world_size if dist_ctx is not None else emulate_ranks

@@ -7,6 +7,7 @@ The penalty is a :class:`PenaltyTerm` at the step's point; its curvature pass is
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Any, ClassVar
 
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 from ..penalties import FlatnessPenalty
 from .base import Evaluation, LossFn, Method, Term, register_method
 
-__all__ = ["FlatnessAware", "PenaltyTerm", "PAPER_GRID"]
+__all__ = ["PAPER_GRID", "FlatnessAware", "PenaltyTerm"]
 
 PAPER_GRID: tuple[float, ...] = (0.0, 0.001, 0.01, 0.1, 1.0)  # the paper's λ sweep
 
@@ -25,7 +26,9 @@ class PenaltyTerm(Term):
 
     The penalty is built out of place (``autograd.grad(create_graph=True)``) and added to the
     task loss before one ordinary ``backward()``, which is also what DDP needs. Logs
-    ``penalty`` and ``sq_trace`` on the steps that compute it.
+    ``penalty``, ``sq_trace`` and ``lam`` (the λ applied; with a controller also its
+    measurements) on the steps that compute it: the training loop averages them per epoch
+    into the run record, with ``lam_steps`` the number of curvature steps.
     """
 
     def __init__(self, penalty: FlatnessPenalty) -> None:
@@ -33,11 +36,15 @@ class PenaltyTerm(Term):
 
     def __call__(self, evaluation: Evaluation, info: dict[str, float]) -> Tensor:
         curvature_step = self.penalty.is_active()
-        value = self.penalty(evaluation.x, evaluation.y)
+        value = self.penalty(evaluation.x, evaluation.y, log=info)
         if curvature_step:
             info["penalty"] = float(self.penalty.last_penalty or 0.0)
             info["sq_trace"] = float(self.penalty.last_sq_trace or 0.0)
         return value
+
+    def observe(self, model: nn.Module) -> contextlib.AbstractContextManager[Any]:
+        """K-FAC and the control variate reuse the task forward's leading layers."""
+        return self.penalty.sharing()
 
     def state_dict(self) -> dict[str, Any]:
         return {"penalty": self.penalty.state_dict()}
