@@ -151,6 +151,8 @@ class FlatnessPenalty:
         self.backend = backend
         self.estimator = estimator
         self.policy = make_policy(float(lam), every, lam_schedule, lam_control, total_steps)
+        # a fixed λ is not logged per step (the run's settings hold it)
+        self._varying_lam = lam_schedule is not None or lam_control is not None
         self.model = model
         # Under DDP the curvature pass runs on the wrapped module: it is built out of place with
         # autograd.grad(create_graph=True) on the local batch, and the one ordinary backward() of
@@ -210,8 +212,8 @@ class FlatnessPenalty:
     def __call__(self, x: Any, y: Any, *, log: dict[str, float] | None = None) -> Tensor:
         """The penalty for this mini-batch: λ·Tr(H²)/B with graph, or an exact zero.
 
-        ``log``: a dict that receives the floats of this step's λ decision (``lam``; the
-        controllers' measurements), e.g. a training step's logged values.
+        ``log``: a dict that receives the floats of this step's λ decision (``lam`` when λ
+        varies; the controllers' measurements), e.g. a training step's logged values.
         """
         step = self.calls
         decision = self.policy.decide(step)
@@ -248,7 +250,7 @@ class FlatnessPenalty:
             if log is not None and entry.get("step") == step and "next_interval" in entry:
                 log["lam_interval"] = float(entry["next_interval"])
                 log["lam_spike"] = float(str(entry["reason"]).startswith("spike"))
-        if log is not None:
+        if log is not None and self._varying_lam:
             log["lam"] = lam
         self.last_lam = lam
         self.last_sq_trace = value

@@ -26,8 +26,8 @@ class PenaltyTerm(Term):
 
     The penalty is built out of place (``autograd.grad(create_graph=True)``) and added to the
     task loss before one ordinary ``backward()``, which is also what DDP needs. Logs
-    ``penalty``, ``sq_trace`` and ``lam`` (the λ applied; with a controller also its
-    measurements) on the steps that compute it: the training loop averages them per epoch
+    ``penalty``, ``sq_trace`` and, with a λ schedule or controller, ``lam`` (the λ applied)
+    and the controller's measurements on the steps that compute it: the training loop averages them per epoch
     into the run record, with ``lam_steps`` the number of curvature steps.
     """
 
