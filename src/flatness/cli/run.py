@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..experiments.compare import COMPARE_METHODS, run_comparison
+from ..experiments.equal_compute import run_equal_compute
 from ..experiments.distributed import init_distributed, launched_by_torchrun, shutdown
 from ..experiments.report import write_report
 from ..experiments.runner import run_grid
@@ -251,23 +252,39 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise FlatnessError(f"--jobs must be >= 1, got {args.jobs}")
     overrides = protocol_overrides(args)
-    _, text = run_comparison(
-        args.task,
-        args.out,
+    method_kwargs = _parse_method_args(args.method_arg)
+    common = dict(
         methods=args.methods or COMPARE_METHODS,
         seeds=args.seeds,
         grids=_parse_grids(args.grid),
         config_overrides=overrides,
+        method_kwargs=method_kwargs,
         jobs=args.jobs,
         data_dir=args.data_dir,
         download=False if args.no_download else None,
         progress=not args.quiet,
-        measures=not args.no_measures,
         plots=not args.no_plots,
     )
+    if args.equal_compute:
+        if not (math.isfinite(args.max_budget_factor) and args.max_budget_factor >= 1):
+            raise FlatnessError(f"--max-budget-factor must be >= 1, got {args.max_budget_factor}")
+        _, text = run_equal_compute(args.task, args.out, max_factor=args.max_budget_factor, **common)
+    else:
+        _, text = run_comparison(args.task, args.out, measures=not args.no_measures, **common)
     print(text)
     print(f"written to {Path(args.out) / args.task / 'compare'}", file=sys.stderr)
     return 0
+
+
+def _parse_method_args(items: Sequence[str] | None) -> dict[str, dict[str, Any]]:
+    """``--method-arg METHOD:KEY=VALUE`` of compare, grouped by method."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        method, sep, assignment = item.partition(":")
+        if not sep or not method:
+            raise FlatnessError(f"--method-arg must look like METHOD:KEY=VALUE, got {item!r}")
+        out.setdefault(method, {}).update(_parse_assignments([assignment], "--method-arg"))
+    return out
 
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:
@@ -296,6 +313,13 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-measures", action="store_true", help="skip λ_max and Tr(H) of the final models")
     p.add_argument("--no-plots", action="store_true", help="tables only")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--method-arg", action="append", metavar="METHOD:KEY=VALUE",
+                   help="a setting of one compared method, e.g. fa:estimator=cv (repeatable)")
+    p.add_argument("--equal-compute", action="store_true",
+                   help="set every method x strength against `none` trained for the same wall-clock "
+                        "budget (more epochs); writes equal_compute.md/.json/.png")
+    p.add_argument("--max-budget-factor", type=float, default=10.0,
+                   help="with --equal-compute: at most this many times the protocol's epochs for `none`")
     p.set_defaults(func=_cmd_compare)
 
 

@@ -56,7 +56,7 @@ from .plots import figure, save_png
 from .record import read_record, write_json
 from .report import write_report
 from .runner import run_grid
-from .specs import RunSpec, build_grid, default_values, format_value
+from .specs import RunSpec, build_grid, default_values, format_value, method_class
 from .stats import Comparison, adjust_holm, compare_samples, mean_std
 from .tables import (
     comparison_note,
@@ -103,14 +103,19 @@ def comparison_specs(
     *,
     grids: dict[str, Sequence[float]] | None = None,
     config_overrides: dict[str, Any] | None = None,
+    method_kwargs: dict[str, dict[str, Any]] | None = None,
 ) -> list[RunSpec]:
-    """All runs of a comparison: each method's grid times the seeds (``none`` always included)."""
+    """All runs of a comparison: each method's grid times the seeds (``none`` always included).
+
+    Methods may be compositions (``"sam+fa"``); ``method_kwargs[method]`` are its settings.
+    """
     if "none" not in methods:
         methods = ["none", *methods]
     grids = grids or {}
-    unknown = [m for m in [*methods, *grids] if m not in METHODS]
+    method_kwargs = method_kwargs or {}
+    unknown = [m for m in [*methods, *grids, *method_kwargs] if not _known(m)]
     if unknown:
-        raise FlatnessError(f"unknown method(s) {unknown}; expected some of {sorted(METHODS)}")
+        raise FlatnessError(f"unknown method(s) {unknown}; expected some of {sorted(METHODS)} or A+B")
     specs: list[RunSpec] = []
     for method in dict.fromkeys(methods):
         values = grids.get(method)
@@ -123,8 +128,17 @@ def comparison_specs(
             None if grid == [None] else grid,
             seeds,
             config_overrides=config_overrides,
+            method_kwargs=method_kwargs.get(method),
         )
     return specs
+
+
+def _known(method: str) -> bool:
+    try:
+        method_class(method)
+    except FlatnessError:
+        return False
+    return True
 
 
 @dataclass
@@ -377,6 +391,7 @@ def run_comparison(
     seeds: int = 3,
     grids: dict[str, Sequence[float]] | None = None,
     config_overrides: dict[str, Any] | None = None,
+    method_kwargs: dict[str, dict[str, Any]] | None = None,
     jobs: int = 1,
     data_dir: str | None = None,
     download: bool | None = None,
@@ -386,7 +401,9 @@ def run_comparison(
 ) -> tuple[list[MethodResult], str]:
     """Train what is missing, choose, measure, and write ``OUT/TASK/compare/``; returns the results and markdown."""
     get_task(task)
-    specs = comparison_specs(task, methods, seeds, grids=grids, config_overrides=config_overrides)
+    specs = comparison_specs(
+        task, methods, seeds, grids=grids, config_overrides=config_overrides, method_kwargs=method_kwargs
+    )
     start = time.perf_counter()
     run_grid(specs, out_root, jobs=jobs, data_dir=data_dir, download=download, progress=progress)
     directory = Path(out_root) / task

@@ -1,0 +1,88 @@
+"""End to end on breast-cancer-mlp at toy size: adaptive λ, K-FAC, the control variate and
+FA + SAM in the training loop and through ``flatness run``; ``flatness compare --equal-compute``."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from flatness.cli import main
+from flatness.experiments.tasks import get_task
+from flatness.experiments.training import make_optimizer, train
+from flatness.methods import make_method
+
+
+def _run(tmp_path, *args: str) -> dict:
+    out = tmp_path / "runs"
+    code = main(["run", "breast-cancer-mlp", "--seeds", "1", "--epochs", "1", "--out", str(out),
+                 "--quiet", *args])
+    assert code == 0
+    (record,) = [json.loads(p.read_text()) for p in (out / "breast-cancer-mlp").glob("*.json")]
+    assert record["status"] == "complete"
+    return record
+
+
+@pytest.mark.parametrize(
+    "method, kwargs, logged",
+    [
+        ("fa", {"lam": 0.1, "lam_schedule": "warmup:0.5+cosine", "total_steps": 7, "every": 2}, "lam"),
+        ("fa", {"lam": 1.0, "lam_control": "ratio:0.1", "every": 2}, "task_grad_norm"),
+        ("fa", {"lam": 0.1, "lam_control": "spike:2", "every": 2}, "lam_spike"),
+        ("fa", {"lam": 0.1, "backend": "kfac"}, "sq_trace"),
+        ("fa", {"lam": 0.1, "estimator": "cv"}, "sq_trace"),
+        ("sam+fa", {"rho": 0.05, "lam": 0.1, "backend": "kfac"}, "perturbed_loss"),
+    ],
+)
+def test_each_option_trains_on_the_task(method, kwargs, logged):
+    task = get_task("breast-cancer-mlp")
+    data = task.load()
+    config = task.config.replace(epochs=1, batch_size=64)  # 7 steps
+    torch.manual_seed(0)
+    model = task.build_model()
+    trainer = make_method(method, model, task.loss_fn, probes=2, seed=0, **kwargs)
+    history = train(model, trainer, make_optimizer(model, config), data, config,
+                    predict=task.predict, generator=torch.Generator().manual_seed(0))
+    (epoch,) = history.epochs
+    assert math.isfinite(epoch[logged]) and epoch.get("sq_trace", 0) >= 0
+    assert 0.5 < epoch["test_acc"] <= 1
+
+
+def test_a_schedule_through_the_cli_is_in_the_run_record(tmp_path):
+    out = tmp_path / "runs"
+    code = main(["run", "breast-cancer-mlp", "--seeds", "1", "--epochs", "1", "--out", str(out),
+                 "--quiet", "--no-plots", "--method", "fa", "--lambdas", "0.1",
+                 "--method-arg", "lam_schedule=delay:0.5+warmup:0.2+cosine"])
+    assert code == 0
+    (record,) = [json.loads(p.read_text()) for p in (out / "breast-cancer-mlp").glob("*.json")]
+    assert record["status"] == "complete"
+    # 13 steps: no pass while λ = 0 (the first 6 or 7 steps), then λ every 10th step: step 10
+    assert record["curves"]["lam"][0] > 0 and record["curves"]["lam_steps"] == [1]
+
+
+def test_a_bad_schedule_is_a_one_line_error(tmp_path, capsys):
+    code = main(["run", "breast-cancer-mlp", "--method", "fa", "--lambdas", "0.1", "--seeds", "1",
+                 "--epochs", "1", "--out", str(tmp_path), "--quiet", "--method-arg", "lam_schedule=nope:3"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flatness: error:") and "λ schedule" in err and len(err.strip().splitlines()) == 1
+
+
+def test_compare_equal_compute_writes_table_and_plot(tmp_path, capsys):
+    out = tmp_path / "runs"
+    code = main(["compare", "breast-cancer-mlp", "--equal-compute", "--methods", "sam+fa",
+                 "--grid", "sam+fa=0.05", "--method-arg", "sam+fa:lam=0.1", "--seeds", "1",
+                 "--epochs", "1", "--out", str(out), "--quiet"])
+    assert code == 0
+    compare = out / "breast-cancer-mlp" / "compare"
+    summary = json.loads((compare / "equal_compute.json").read_text())
+    (config,) = summary["configurations"]
+    assert config["method"] == "sam+fa" and config["budget_epochs"] >= 1
+    assert str(config["budget_epochs"]) in summary["baselines"]
+    assert (compare / "equal_compute.png").stat().st_size > 0
+    assert "`sam+fa` ρ = 0.05" in (compare / "equal_compute.md").read_text()
+    code = main(["compare", "breast-cancer-mlp", "--equal-compute", "--max-budget-factor", "0.5",
+                 "--out", str(out)])
+    assert code == 2 and "max-budget-factor" in capsys.readouterr().err
