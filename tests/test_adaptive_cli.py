@@ -50,16 +50,23 @@ def test_each_option_trains_on_the_task(method, kwargs, logged):
     assert 0.5 < epoch["test_acc"] <= 1
 
 
-def test_a_schedule_through_the_cli_is_in_the_run_record(tmp_path):
+def test_a_schedule_through_the_cli_is_in_the_run_record_with_kfac_measured(tmp_path, capsys):
     out = tmp_path / "runs"
     code = main(["run", "breast-cancer-mlp", "--seeds", "1", "--epochs", "1", "--out", str(out),
-                 "--quiet", "--no-plots", "--method", "fa", "--lambdas", "0.1",
+                 "--quiet", "--no-plots", "--method", "fa", "--lambdas", "0", "0.1",
                  "--method-arg", "lam_schedule=delay:0.5+warmup:0.2+cosine"])
     assert code == 0
-    (record,) = [json.loads(p.read_text()) for p in (out / "breast-cancer-mlp").glob("*.json")]
-    assert record["status"] == "complete"
-    # 13 steps: no pass while λ = 0 (the first 6 or 7 steps), then λ every 10th step: step 10
-    assert record["curves"]["lam"][0] > 0 and record["curves"]["lam_steps"] == [1]
+    records = {r["value"]: r for r in (json.loads(p.read_text()) for p in (out / "breast-cancer-mlp").glob("*.json"))}
+    assert all(r["status"] == "complete" for r in records.values())
+    # 13 steps: no pass while λ = 0 (the first 6 or 7 steps), then every 10th step: step 10
+    assert records[0.1]["curves"]["lam"][0] > 0 and records[0.1]["curves"]["lam_steps"] == [1]
+    assert "lam" not in records[0.0]["curves"]  # λ = 0: never active
+    for r in records.values():
+        assert r["measured_kfac_sq_trace_per_B"] > 0
+    capsys.readouterr()
+    assert main(["report", str(out / "breast-cancer-mlp"), "--kfac-agreement"]) == 0
+    assert "Kendall τ" in capsys.readouterr().out
+    assert (out / "breast-cancer-mlp" / "kfac_agreement.json").exists()
 
 
 def test_a_bad_schedule_is_a_one_line_error(tmp_path, capsys):

@@ -47,6 +47,21 @@ def test_one_example_equals_the_sampled_fisher_of_autograd():
     assert float(value.detach()) == pytest.approx(float(fisher.square().sum()), rel=1e-12)
 
 
+def test_one_logit_samples_bernoulli_labels():
+    torch.manual_seed(2)
+    model = nn.Linear(3, 1).double()
+    x = torch.randn(64, 3, dtype=torch.float64)
+
+    def bce(out, y):
+        return nn.functional.binary_cross_entropy_with_logits(out.squeeze(-1), y.to(out.dtype))
+
+    (f,) = kronecker_factors(model, bce, x, seed=0)
+    p = torch.sigmoid(model(x)).detach()
+    labels = categorical(torch.cat([1 - p, p], dim=1), torch.Generator().manual_seed(0))
+    assert 0 < int(labels.sum()) < 64  # both labels drawn
+    assert torch.allclose(f.grads.detach(), p - labels.unsqueeze(1).double(), atol=1e-12)
+
+
 def test_gradient_matches_finite_differences():
     model = tiny_mlp(seed=2)
     x, y = tiny_batch(seed=3)

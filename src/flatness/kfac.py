@@ -26,8 +26,9 @@ each factor by the cheaper of its d×d and N×N Gram matrices. One forward pass 
 pass to the layer outputs (not to the weights), no probes and no Hessian-vector product; the
 sampled labels are held fixed when the value is differentiated.
 
-The loss is taken to be a batch mean of per-example losses of the logits and class ids
-(cross-entropy); every trainable parameter must belong to a Linear layer
+The loss is taken to be a batch mean of per-example losses of the logits and class ids:
+cross-entropy over C >= 2 logits (labels sampled from their softmax) or binary cross-entropy on
+one logit (labels from Bernoulli(sigmoid)); every trainable parameter must belong to a Linear layer
 (:data:`flatness.layers.LINEAR_TYPES`) that runs once per forward pass.
 
 Example:
@@ -56,13 +57,22 @@ import torch
 from torch import Tensor, nn
 
 from .layers import LINEAR_TYPES
-from .linear_io import LinearCall, input_gram, linear_calls
+from .linear_io import input_gram, linear_calls
 from .probes import categorical, make_generator
 
 __all__ = ["KroneckerFactors", "SharedPrefix", "kfac_sq_trace", "kronecker_factors", "share_prefix"]
 
 # Modules whose output is the same in train and eval mode (Dropout only with p = 0).
 _MODE_FREE = (*LINEAR_TYPES, nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.Identity, nn.Flatten)
+
+
+def _predictive(logits: Tensor) -> Tensor:
+    """The model's predictive distribution over class ids: softmax of C >= 2 logits, or
+    Bernoulli(sigmoid) over {0, 1} for one logit (binary cross-entropy)."""
+    if logits.shape[1] == 1:
+        p = torch.sigmoid(logits)
+        return torch.cat([1 - p, p], dim=1)
+    return logits.softmax(dim=1)
 
 
 def _sq_frobenius_of_second_moment(rows: Tensor) -> Tensor:
@@ -136,7 +146,7 @@ def kronecker_factors(
             raise ValueError(f"K-FAC covers Linear layers only; not covered: {uncovered}")
         if out.dim() != 2:
             raise ValueError(f"K-FAC needs (N, C) logits, got an output of shape {tuple(out.shape)}")
-        labels = categorical(out.detach().softmax(dim=1), make_generator(seed, generator))
+        labels = categorical(_predictive(out.detach()), make_generator(seed, generator))
         # the loss is a batch mean: N × it is the sum of the per-example losses
         sampled = loss_fn(out, labels) * out.shape[0]
         outputs = [c.output for c in calls]

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..experiments.compare import COMPARE_METHODS, run_comparison
 from ..experiments.equal_compute import run_equal_compute
+from ..experiments.kfac_agreement import write_kfac_agreement
 from ..experiments.distributed import init_distributed, launched_by_torchrun, shutdown
 from ..experiments.report import write_report
 from ..experiments.runner import run_grid
@@ -205,6 +206,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    if args.kfac_agreement:
+        print(write_kfac_agreement(args.directory))
+        return 0
     print(
         write_report(
             args.directory, plots=not args.no_plots, measures=args.measures,
@@ -228,6 +232,8 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
         help="add λ_max and Tr(H) of every final model (computed from checkpoints once, cached)",
     )
     p.add_argument("--data-dir", help="data directory, to measure the final models on their training data")
+    p.add_argument("--kfac-agreement", action="store_true",
+                   help="instead: K-FAC against Hutchinson Tr(H²)/B of the final models (kfac_agreement.md)")
     p.set_defaults(func=_cmd_report)
 
 

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..hutchinson import measure_sq_trace
+from ..kfac import kfac_sq_trace
 from ..utils import eval_mode
 from .checkpoints import check_checkpoint_matches, load_checkpoint
 from .data import Splits, iterate_batches
@@ -30,17 +31,18 @@ from .record import write_json
 from .tasks import Task, TrainConfig, get_task
 
 __all__ = [
-    "MEASURE_SAMPLES",
-    "MEASURE_PROBES",
-    "MEASURE_SEED",
     "EPOCH_MEASURE_BATCHES",
     "EPOCH_MEASURE_PROBES",
     "FINAL_TRACE_MATVECS",
     "FLATNESS_KEYS",
-    "measure_sq_trace_per_B",
-    "measure_final",
+    "MEASURE_PROBES",
+    "MEASURE_SAMPLES",
+    "MEASURE_SEED",
     "cached_extras",
     "final_model_extras",
+    "measure_final",
+    "measure_kfac_per_B",
+    "measure_sq_trace_per_B",
 ]
 
 # The fixed flatness-measurement protocol (identical for every run of a task).
@@ -99,17 +101,50 @@ def measure_sq_trace_per_B(
     }
 
 
+def measure_kfac_per_B(
+    model: nn.Module,
+    task: Task,
+    x: Tensor,
+    y: Tensor,
+    batch_size: int,
+    *,
+    num_samples: int = MEASURE_SAMPLES,
+    seed: int = MEASURE_SEED,
+) -> float | None:
+    """Mean over the batches of :func:`measure_sq_trace_per_B` of the K-FAC Tr(H_b²)/B
+    (:mod:`flatness.kfac`, labels sampled from a generator seeded with ``seed``), or ``None``
+    for a model K-FAC does not cover (parameters outside Linear layers)."""
+    n = min(num_samples, int(y.shape[0]))
+    n_batches = n // batch_size
+    if n_batches == 0:
+        batch_size, n_batches = n, 1
+    generator = torch.Generator().manual_seed(seed)
+    values = []
+    with eval_mode(model), torch.no_grad():
+        for _, (xb, yb) in zip(range(n_batches), iterate_batches(x, y, batch_size, shuffle=False)):
+            try:
+                values.append(float(kfac_sq_trace(model, task.loss_fn, xb, yb, generator=generator)) / batch_size)
+            except ValueError:
+                return None
+    return sum(values) / len(values)
+
+
 def measure_final(model: nn.Module, task: Task, splits: Splits, config: TrainConfig) -> dict[str, Any]:
     """Every measurement of a final model, as flat record entries (extend here, e.g. λ_max).
 
     ``measured_sq_trace_per_B`` is Tr(H²)/B by the fixed protocol of this module; the training
     set is the one the model was trained on (validation split excluded).
+    ``measured_kfac_sq_trace_per_B`` is the K-FAC approximation of the same quantity on the
+    same batches (absent for models K-FAC does not cover).
     """
     start = time.perf_counter()
     m = measure_sq_trace_per_B(model, task, splits.x_train, splits.y_train, config.batch_size)
+    kfac = measure_kfac_per_B(model, task, splits.x_train, splits.y_train, config.batch_size)
+    extra = {} if kfac is None else {"measured_kfac_sq_trace_per_B": kfac}
     return {
         "measured_sq_trace_per_B": m["value"],
         "measured_sq_trace_per_B_stderr": m["stderr"],
+        **extra,
         "measurement": {
             "what": "mean over fixed batches of Tr(H_b^2)/B, eval mode, Rademacher probes",
             "samples": m["samples"],
