@@ -56,14 +56,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .layers import LINEAR_TYPES
-from .linear_io import input_gram, linear_calls
+from .linear_io import SharedPrefix, input_gram, linear_calls
 from .probes import categorical, make_generator
 
-__all__ = ["KroneckerFactors", "SharedPrefix", "kfac_sq_trace", "kronecker_factors", "share_prefix"]
-
-# Modules whose output is the same in train and eval mode (Dropout only with p = 0).
-_MODE_FREE = (*LINEAR_TYPES, nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.Identity, nn.Flatten)
+__all__ = ["KroneckerFactors", "kfac_sq_trace", "kronecker_factors"]
 
 
 def _predictive(logits: Tensor) -> Tensor:

@@ -145,11 +145,16 @@ def _markdown(task: str, config: dict[str, Any], configs: Sequence[Configuration
             f"{fmt(c.test_acc, c.test_acc_std)} | {fmt(c.baseline_acc)} | {c.budget_epochs} | {delta} |"
         )
     out += [
-        "", f"*Train time*: optimisation seconds per run (no evaluation), median (min–max) over seeds, "
-        f"from the run records (the median: one slow run, e.g. the first of a process, does not set the budget). *× `none`*: over `none` at its protocol's {epochs} epochs. *E′*: the epochs "
-        f"of the budget-matched `none` run, round({epochs} × ratio), at least {epochs} and at most "
-        f"{max_factor:g} × {epochs}; its own train time is in `equal_compute.json`. Budgets are wall "
-        "clock on the machine that trained the runs (with parallel jobs, runs shared its cores).",
+        "",
+        (
+            "*Train time*: optimisation seconds per run (no evaluation), median (min–max) over "
+            "seeds, from the run records (the median: one slow run, e.g. the first of a process, "
+            f"does not set the budget). *× `none`*: over `none` at its protocol's {epochs} epochs. "
+            f"*E′*: the epochs of the budget-matched `none` run, round({epochs} × ratio), at least "
+            f"{epochs} and at most {max_factor:g} × {epochs}; its own train time is in "
+            "`equal_compute.json`. Budgets are wall clock on the machine that trained the runs "
+            "(with parallel jobs, runs shared its cores)."
+        ),
     ]
     compared = [(c.label, c.vs_baseline) for c in configs if c.vs_baseline is not None]
     if compared:

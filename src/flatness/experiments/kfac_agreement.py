@@ -90,15 +90,20 @@ def _markdown(directory: Path, result: dict[str, Any]) -> str:
     lo_r, hi_r = result["ratio_range"]
     out += [
         "",
-        f"Over the {result['models']} final models: Kendall τ = {result['kendall_tau']:.3f} "
-        f"(95% bootstrap interval {low:.3f} to {high:.3f}) between the two; K-FAC / Hutchinson "
-        f"median {result['ratio_median']:.3f} (range {lo_r:.3f}–{hi_r:.3f}).",
+        (
+            f"Over the {result['models']} final models: Kendall τ = {result['kendall_tau']:.3f} "
+            f"(95% bootstrap interval {low:.3f} to {high:.3f}) between the two; K-FAC / Hutchinson "
+            f"median {result['ratio_median']:.3f} (range {lo_r:.3f}–{hi_r:.3f})."
+        ),
         "",
-        "Both on the runner's fixed measurement batches (the first 1024 training samples in batches "
-        "of B, eval mode): Hutchinson with 10 Rademacher probes per batch, K-FAC Σ_l Tr(A_l²)·Tr(G_l²) "
-        "with labels sampled from the model (one draw per example, a fixed seed). K-FAC keeps only "
-        "the Gauss-Newton part of each layer's diagonal block, as a Kronecker product; the rest of "
-        "Tr(H²) — cross-layer blocks and the second-order terms — it does not see.",
+        (
+            "Both on the runner's fixed measurement batches (the first 1024 training samples in "
+            "batches of B, eval mode): Hutchinson with 10 Rademacher probes per batch, K-FAC "
+            "Σ_l Tr(A_l²)·Tr(G_l²) with labels sampled from the model (one draw per example, a "
+            "fixed seed). K-FAC keeps only the Gauss-Newton part of each layer's diagonal block, "
+            "as a Kronecker product; the rest of Tr(H²) — cross-layer blocks and the second-order "
+            "terms — it does not see."
+        ),
         "",
     ]
     return "\n".join(out)
