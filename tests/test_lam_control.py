@@ -57,7 +57,7 @@ def test_scheduled_policy_skips_zero_lam_and_logs_transitions():
     assert [d.lam for d in decisions] == [0, 0, 0.3, 0.3, 0.3, 0.3]
     log = policy.pop_log()
     assert [e["step"] for e in log] == [0, 2, 3, 4, 5]  # transitions and active steps
-    assert log[0]["reason"] == "schedule: λ = 0" and policy.log == []
+    assert log[0]["reason"] == "schedule: λ = 0" and not policy.log
 
 
 def _quartic(c: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,7 @@ import statistics
 from collections import deque
 from typing import Any
 
-from .schedules import Constant, Decision, Schedule, ScheduledLam, parse_schedule
+from .schedules import LOG_LENGTH, Constant, Decision, Schedule, ScheduledLam, parse_schedule
 
 __all__ = ["CurvatureSpikeController", "GradRatioController", "make_policy", "parse_controller"]
 
@@ -111,7 +111,7 @@ class GradRatioController:
         if self.lam_min > self.lam_max:
             raise ValueError(f"lam_min ({lam_min}) must not exceed lam_max ({lam_max})")
         self.log_every = _interval("log_every", log_every)
-        self.log: list[dict[str, Any]] = []
+        self.log: deque[dict[str, Any]] = deque(maxlen=LOG_LENGTH)
         self._log_mean = 0.0  # β-EMA of log λ*, before bias correction
         self._weight = 0.0  # β-EMA of 1 (the bias correction)
         self.lam = self.lam_min  # last applied λ
@@ -154,7 +154,7 @@ class GradRatioController:
         return self.lam
 
     def pop_log(self) -> list[dict[str, Any]]:
-        out, self.log = self.log, []
+        out, self.log = list(self.log), deque(maxlen=LOG_LENGTH)
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -222,7 +222,7 @@ class CurvatureSpikeController:
         self.interval = self.every_min
         self.next_active = 0
         self.boosted = False
-        self.log: list[dict[str, Any]] = []
+        self.log: deque[dict[str, Any]] = deque(maxlen=LOG_LENGTH)
 
     @property
     def lam(self) -> float:
@@ -258,7 +258,7 @@ class CurvatureSpikeController:
         return self.lam
 
     def pop_log(self) -> list[dict[str, Any]]:
-        out, self.log = self.log, []
+        out, self.log = list(self.log), deque(maxlen=LOG_LENGTH)
         return out
 
     def state_dict(self) -> dict[str, Any]:

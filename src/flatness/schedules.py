@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -47,6 +48,9 @@ __all__ = [
     "WarmUp",
     "parse_schedule",
 ]
+
+
+LOG_LENGTH = 4096  # decisions kept in a policy's log (the oldest go first); pop_log() drains it
 
 
 class Schedule(Protocol):
@@ -246,7 +250,8 @@ class ScheduledLam:
     step, :meth:`update` after the curvature quantities of an active step are known (returns the
     λ to apply on this step), ``log`` (the decisions of active steps and of every change of
     activity), :meth:`pop_log`, :meth:`state_dict` / :meth:`load_state_dict`.
-    ``needs_grad_norms`` says whether :meth:`update` needs the two gradient norms.
+    ``needs_grad_norms`` says whether :meth:`update` needs the two gradient norms. The log keeps
+    the last :data:`LOG_LENGTH` decisions.
 
     Example:
         >>> from flatness.schedules import ScheduledLam, WarmUp
@@ -260,7 +265,7 @@ class ScheduledLam:
     def __init__(self, schedule: Schedule, every: int = 1) -> None:
         self.schedule = schedule
         self.every = _check_steps("every", every, 1)
-        self.log: list[dict[str, Any]] = []
+        self.log: deque[dict[str, Any]] = deque(maxlen=LOG_LENGTH)
         self._was_active: bool | None = None
         self._last_step: int | None = None
 
@@ -282,7 +287,7 @@ class ScheduledLam:
 
     def pop_log(self) -> list[dict[str, Any]]:
         """The decisions logged since the last call (e.g. one epoch's, for the run record)."""
-        out, self.log = self.log, []
+        out, self.log = list(self.log), deque(maxlen=LOG_LENGTH)
         return out
 
     def state_dict(self) -> dict[str, Any]:

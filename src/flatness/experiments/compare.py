@@ -116,6 +116,10 @@ def comparison_specs(
     unknown = [m for m in [*methods, *grids, *method_kwargs] if not _known(m)]
     if unknown:
         raise FlatnessError(f"unknown method(s) {unknown}; expected some of {sorted(METHODS)} or A+B")
+    for method, kwargs in method_kwargs.items():
+        bad = [k for k in kwargs if not method_class(method).accepts(k)]
+        if bad:
+            raise FlatnessError(f"method {method!r} takes no setting {bad[0]!r}")
     specs: list[RunSpec] = []
     for method in dict.fromkeys(methods):
         values = grids.get(method)
