@@ -293,6 +293,7 @@ class FlatnessPenalty:
         reads the step's backward: its gradient minus λ·g_P is the task gradient (plus any other
         term's), whose norm goes to the controller with ‖g_P‖ — O(d) work, no extra pass. The
         new λ applies from the next active step (λ = 0 on the first one: it only measures).
+        Under DDP the hook sees this rank's gradients: each rank's controller follows its own.
         """
         grads = torch.autograd.grad(unit, params, allow_unused=True, retain_graph=shared)
         g_pen = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]

@@ -11,6 +11,7 @@ time and each case's median step time divided by it.
 - ``fa_m1_k1_autograd`` / ``fa_m5_k1_autograd``: the same FA steps forced onto generic batched
   double backward (``backend="autograd"``), the path models other than Linear/activation stacks
   take;
+- ``fa_kfac_k1``: the K-FAC penalty (``backend="kfac"``, :mod:`flatness.kfac`) every step;
 - ``reference_m5_k1``: the paper-literal step (a Python loop over probes that recomputes the
   gradient for every probe) for comparison.
 """
@@ -96,6 +97,7 @@ def run_overhead(
         "fa_m5_k1_autograd": method_case(
             "fa", lam=lam, probes=5, every=1, seed=seed, backend="autograd"
         ),
+        "fa_kfac_k1": method_case("fa", lam=lam, every=1, seed=seed, backend="kfac"),
         "reference_m5_k1": lambda: ref_step(x, y),
     }
     windows = {"fa_m5_k10": 10, f"fa_m5_k10_sub{sub}": 10}
