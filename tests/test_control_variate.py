@@ -153,3 +153,13 @@ def test_refuses_models_without_an_output_linear():
         cv_sq_trace(twice, CE, x, y, probes=1, seed=0)
     with pytest.raises(ValueError, match="probes"):
         cv_sq_trace(tiny_mlp(), CE, x, y, probes=0)
+
+
+def test_in_place_activations_give_the_same_estimate():
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    inplace = nn.Sequential(nn.Linear(3, 5), nn.ReLU(inplace=True), nn.Linear(5, 3)).double()
+    inplace.load_state_dict(plain.state_dict())
+    x, y = tiny_batch(seed=3)
+    a, b = cv_sq_trace(plain, CE, x, y, probes=2, seed=0), cv_sq_trace(inplace, CE, x, y, probes=2, seed=0)
+    assert torch.isclose(a, b, rtol=1e-12)

@@ -114,3 +114,19 @@ def test_refusals():
         kfac_sq_trace(nn.Sequential(shared, nn.Tanh(), shared), CE, x, y, seed=0)
     with pytest.raises(ValueError, match="logits"):
         kfac_sq_trace(nn.Sequential(nn.Linear(3, 6), nn.Unflatten(1, (2, 3))).double(), CE, x, y, seed=0)
+
+
+def test_in_place_activations_give_the_same_value_and_gradient():
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    inplace = nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=True), nn.Linear(8, 3)).double()
+    inplace.load_state_dict(plain.state_dict())
+    x, _ = tiny_batch(seed=6, n=10, d_in=4)
+    a, b = kfac_sq_trace(plain, CE, x, seed=0), kfac_sq_trace(inplace, CE, x, seed=0)
+    assert torch.isclose(a, b, rtol=1e-12)
+    for ga, gb in zip(torch.autograd.grad(a, list(plain.parameters())),
+                      torch.autograd.grad(b, list(inplace.parameters()))):
+        assert torch.allclose(ga, gb, rtol=1e-10)
+    with share_prefix(inplace) as prefix:  # nothing is shared past an in-place module
+        inplace(x)
+    assert prefix.length == 0 and prefix.output is None

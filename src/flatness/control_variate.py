@@ -170,7 +170,7 @@ def output_layer(
             more than once in the forward pass.
     """
     out, calls = linear_calls(model, x, prefix)
-    found = [c for c in calls if c.output is out]
+    found = [c for c in calls if c.passed_on is out]
     if not found:
         raise ValueError(
             "the control variate needs a model whose output is the output of a Linear layer"

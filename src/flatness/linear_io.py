@@ -41,11 +41,24 @@ _MODE_FREE = (*LINEAR_TYPES, nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU
 
 @dataclass
 class LinearCall:
-    """One call of a Linear layer: the module, its input rows (N, n) and its output (N, m)."""
+    """One call of a Linear layer: the module, its input rows (N, n) and its output (N, m).
+
+    ``passed_on`` is the tensor the forward pass continued with: ``output`` itself, or a copy of
+    it when the model has in-place modules (which would otherwise overwrite ``output``).
+    """
 
     module: nn.Module
     inputs: Tensor
     output: Tensor
+    passed_on: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.passed_on is None:
+            self.passed_on = self.output
+
+
+def _has_inplace(model: nn.Module) -> bool:
+    return any(getattr(m, "inplace", False) for m in model.modules())
 
 
 def linear_calls(
@@ -54,7 +67,10 @@ def linear_calls(
     """``model(x)`` and the calls of its Linear layers, in call order.
 
     Inputs and outputs keep their graphs; leading dimensions beyond the batch (tokens) are
-    folded into the rows of ``inputs`` (the ``output`` is the tensor the layer returned).
+    folded into the rows of ``inputs`` (the ``output`` is the tensor the layer returned). In a
+    model with in-place modules (``ReLU(inplace=True)``) the pass continues with a copy of each
+    output, so that ``output`` keeps the layer's values; and an input row tensor changed in place
+    after the layer used it is refused (``ValueError``) rather than differentiated wrongly.
     Hooks are registered for this call only and removed also when the forward pass raises.
     With a ``prefix`` recorded on this same ``x`` (:func:`share_prefix`), only the rest of the
     model runs, from the prefix's output, and the prefix's calls come first.
@@ -66,12 +82,17 @@ def linear_calls(
         out, calls = linear_calls(rest, prefix.output)
         return out, prefix.calls + calls
     calls: list[LinearCall] = []
+    versions: list[tuple[Tensor, int]] = []
+    copy = _has_inplace(model)
 
-    def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
         inputs = args[0]
         if inputs.layout == torch.strided:
+            versions.append((inputs, inputs._version))
             inputs = inputs.reshape(-1, inputs.shape[-1])
-        calls.append(LinearCall(module, inputs, output))
+        passed_on = output.clone() if copy else output
+        calls.append(LinearCall(module, inputs, output, passed_on))
+        return passed_on if copy else None
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, LINEAR_TYPES)]
     try:
@@ -79,6 +100,8 @@ def linear_calls(
     finally:
         for handle in handles:
             handle.remove()
+    if any(t._version != v for t, v in versions):
+        raise ValueError("a Linear layer's input was changed in place after the layer used it")
     return out, calls
 
 
@@ -119,9 +142,10 @@ def share_prefix(model: nn.Module) -> Iterator[SharedPrefix]:
     the same values with dropout on or off — so that a curvature pass (:mod:`flatness.kfac`,
     :mod:`flatness.control_variate`) can start there. The two passes then share the prefix's forward and, in the one backward of
     task loss + penalty, its weight gradients: for the paper's MLP, the 3072 × 512 input layer.
-    Nothing is recorded for other models (the K-FAC pass then runs the whole model).
+    Nothing is recorded for other models or for models with in-place modules (the pass then
+    runs the whole model).
     """
-    prefix = SharedPrefix(_prefix_length(model))
+    prefix = SharedPrefix(0 if _has_inplace(model) else _prefix_length(model))
     if prefix.length == 0:
         yield prefix
         return
