@@ -114,8 +114,8 @@ def input_gram(inputs: Tensor, bias: bool) -> Tensor:
 
 def _prefix_length(model: nn.Module) -> int:
     """How many leading modules of a Sequential compute the same function in train and eval mode."""
-    if not isinstance(model, nn.Sequential):
-        return 0
+    if type(model) is not nn.Sequential or model._forward_hooks or model._forward_pre_hooks:
+        return 0  # a subclass may run its modules otherwise; hooks may change what they see
     length = 0
     for module in model:
         free = isinstance(module, _MODE_FREE) or (isinstance(module, nn.Dropout) and module.p == 0)
