@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ..utils import FlatnessError, atomic_write_bytes
-from .record import read_record
+from .record import RunRecord, load_records
 from .tasks import TASKS
 
 __all__ = [
@@ -71,21 +71,6 @@ METRICS = (
 )
 
 
-def load_records(directory: str | Path) -> list[dict[str, Any]]:
-    """The finished run records in ``directory`` (complete and failed), sorted by name."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FlatnessError(f"results directory {directory} does not exist")
-    records = []
-    for path in sorted(directory.glob("*.json")):
-        if path.name.startswith("."):
-            continue
-        record = read_record(path)
-        if record is not None:
-            records.append(record)
-    return records
-
-
 def _mean_std(values: Sequence[float | None]) -> tuple[float, float, int]:
     xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     if not xs:
@@ -115,15 +100,15 @@ class Row:
     """All runs of one strength in a group, summarised over seeds."""
 
     value: float | None
-    runs: list[dict[str, Any]]
-    failed: list[dict[str, Any]]
+    runs: list[RunRecord]
+    failed: list[RunRecord]
     stats: dict[str, tuple[float, float, int]] = field(default_factory=dict)
     p_value: float = math.nan
     p_note: str = "baseline"
 
     @property
     def seeds(self) -> list[int]:
-        return sorted(r["seed"] for r in self.runs)
+        return sorted(r.seed for r in self.runs)
 
 
 @dataclass
@@ -154,29 +139,29 @@ class Group:
         return SYMBOLS.get(self.hparam or "", self.hparam or "")
 
 
-def summarize(records: Sequence[dict[str, Any]]) -> list[Group]:
+def summarize(records: Sequence[RunRecord]) -> list[Group]:
     """Group records and compute per-strength statistics and p-values against the baseline."""
-    keyed: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    keyed: dict[tuple[Any, ...], list[RunRecord]] = {}
     for r in records:
-        key = (r["task"], r["method"], r.get("hparam"), r.get("variant_id", ""), r.get("protocol_id", ""))
+        key = (r.task, r.method, r.hparam, r.variant_id, r.protocol_id)
         keyed.setdefault(key, []).append(r)
     groups = []
     for (task, method, hparam, variant, protocol), recs in sorted(keyed.items(), key=lambda kv: str(kv[0])):
-        by_value: dict[Any, list[dict[str, Any]]] = {}
+        by_value: dict[Any, list[RunRecord]] = {}
         for r in recs:
-            by_value.setdefault(r.get("value"), []).append(r)
+            by_value.setdefault(r.value, []).append(r)
         rows = []
         for value in sorted(by_value, key=lambda v: -1.0 if v is None else float(v)):
-            runs = [r for r in by_value[value] if r["status"] == "complete"]
-            failed = [r for r in by_value[value] if r["status"] != "complete"]
+            runs = [r for r in by_value[value] if r.complete]
+            failed = [r for r in by_value[value] if not r.complete]
             row = Row(value, runs, failed)
             row.stats = {m: _mean_std([r.get(m) for r in runs]) for m in METRICS}
             rows.append(row)
         groups.append(
-            Group(task, method, hparam, variant, protocol, recs[0]["config"], recs[0].get("method_kwargs", {}), rows)
+            Group(task, method, hparam, variant, protocol, recs[0].config, recs[0].method_kwargs, rows)
         )
     for g in groups:
-        base_runs: list[dict[str, Any]] | None = None
+        base_runs: list[RunRecord] | None = None
         zero = [row for row in g.rows if row.value == 0]
         if zero and zero[0].runs:
             base_runs, g.baseline = zero[0].runs, f"{g.symbol} = 0"
@@ -195,7 +180,7 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[Group]:
                 row.p_note = "baseline"
                 continue
             row.p_value, row.p_note = welch_p(
-                [r["final_test_acc"] for r in row.runs], [r["final_test_acc"] for r in base_runs]
+                [r.final_test_acc for r in row.runs], [r.final_test_acc for r in base_runs]
             )
     return groups
 
@@ -282,7 +267,7 @@ def markdown(groups: Sequence[Group]) -> str:
             out.append("| " + " | ".join(cells) + " |")
         for row in g.rows:
             for r in row.failed:
-                out.append(f"\nFailed: `{r['name']}`: {r.get('error')}")
+                out.append(f"\nFailed: `{r.name}`: {r.error}")
         out.append("")
     out += [
         "Columns. *Final acc*: test accuracy after the last epoch. *Best acc†*: the best test "
@@ -410,7 +395,7 @@ def plot_group(g: Group, directory: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for r in rows:
-        curves = [run["curves"]["test_acc"] for run in r.runs if run.get("curves")]
+        curves = [run.curves["test_acc"] for run in r.runs if run.curves.get("test_acc")]
         if not curves:
             continue
         n = min(len(c) for c in curves)
@@ -434,7 +419,7 @@ def plot_group(g: Group, directory: Path) -> list[Path]:
 
 def add_final_measures(
     directory: Path,
-    records: list[dict[str, Any]],
+    records: list[RunRecord],
     data_dir: str | None = None,
     progress: bool = False,
 ) -> None:
@@ -442,13 +427,13 @@ def add_final_measures(
     from .checkpoints import StaleCheckpointError
     from .measure import FLATNESS_KEYS, final_model_extras
 
-    todo = [r for r in records if r["status"] == "complete" and r.get("checkpoint")]
+    todo = [r for r in records if r.complete and r.checkpoint]
     from tqdm.auto import tqdm
 
-    todo = [r for r in todo if (directory / r["checkpoint"]).exists()]
+    todo = [r for r in todo if (directory / str(r.checkpoint)).exists()]
     for r in tqdm(todo, desc="λ_max, Tr(H)", unit="run", leave=False, disable=not (progress and todo)):
         try:
-            r.update(final_model_extras(r, directory, directory / "measures", FLATNESS_KEYS, data_dir, None))
+            r.extras.update(final_model_extras(r, directory, directory / "measures", FLATNESS_KEYS, data_dir, None))
         except StaleCheckpointError as exc:  # one bad pairing must not sink the whole report
             # tqdm.write keeps the progress bar intact
             tqdm.write(f"flatness: warning: {exc}; its λ_max and Tr(H) are left out", file=sys.stderr)
@@ -484,7 +469,7 @@ def write_report(
         from .measure import FLATNESS_KEYS, cached_extras
 
         for r in records:
-            r.update(cached_extras(r, directory / "measures", FLATNESS_KEYS))
+            r.extras.update(cached_extras(r, directory / "measures", FLATNESS_KEYS))
     groups = summarize(records)
     text = markdown(groups)
     try:
