@@ -37,6 +37,7 @@ class LineProgress:
         self.n = 0
         self.postfix = ""
         self.start = self.last = time.monotonic()
+        self.shown: tuple[int, str] | None = None  # count and postfix of the last line written
 
     def _line(self) -> str:
         share = f"{100 * self.n / self.total:.0f} %, " if self.total else ""
@@ -49,7 +50,7 @@ class LineProgress:
         now = time.monotonic()
         if now - self.last >= self.interval:
             self.last = now
-            self.write(self._line())
+            self._show()
 
     def set_postfix(self, **values: Any) -> None:
         self.postfix = " ".join(f"{k}={v}" for k, v in values.items())
@@ -57,9 +58,13 @@ class LineProgress:
     def write(self, message: str) -> None:
         print(message, file=self.stream, flush=True)
 
+    def _show(self) -> None:
+        self.shown = (self.n, self.postfix)
+        self.write(self._line())
+
     def close(self) -> None:
-        if self.leave:
-            self.write(self._line())
+        if self.leave and self.shown != (self.n, self.postfix):
+            self._show()
 
 
 def progress_bar(
