@@ -17,11 +17,12 @@ instead of a p-value. The footnotes take their numbers from the measurement prot
 (:mod:`.measure`) and each group's training config.
 
 Example:
+    >>> from flatness.experiments.record import RunRecord
     >>> from flatness.experiments.report import markdown, summarize
-    >>> records = [{"format": "flatness-run", "status": "complete", "name": f"fa_lam{v:g}_seed{s}",
-    ...             "task": "breast-cancer-mlp", "method": "fa", "hparam": "lam", "value": v,
-    ...             "seed": s, "config": {"epochs": 1, "batch_size": 32, "lr": 1e-3,
-    ...             "weight_decay": 0.0}, "final_test_acc": acc}
+    >>> records = [RunRecord(status="complete", name=f"fa_lam{v:g}_seed{s}",
+    ...             task="breast-cancer-mlp", method="fa", hparam="lam", value=v,
+    ...             seed=s, config={"epochs": 1, "batch_size": 32, "lr": 1e-3,
+    ...             "weight_decay": 0.0}, final_test_acc=acc)
     ...            for v, accs in ((0.0, (0.90, 0.92, 0.91)), (0.1, (0.93, 0.93, 0.95)))
     ...            for s, acc in enumerate(accs)]
     >>> (group,) = summarize(records)
