@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from flatness.cli import main
+from flatness.experiments.record import load_records
 from flatness.experiments.tasks import get_task
 from flatness.experiments.training import make_optimizer, train
 from flatness.methods import make_method
@@ -56,13 +57,13 @@ def test_a_schedule_through_the_cli_is_in_the_run_record_with_kfac_measured(tmp_
                  "--quiet", "--no-plots", "--method", "fa", "--lambdas", "0", "0.1",
                  "--method-arg", "lam_schedule=delay:0.5+warmup:0.2+cosine"])
     assert code == 0
-    records = {r["value"]: r for r in (json.loads(p.read_text()) for p in (out / "breast-cancer-mlp").glob("*.json"))}
-    assert all(r["status"] == "complete" for r in records.values())
+    records = {r.value: r for r in load_records(out / "breast-cancer-mlp")}
+    assert all(r.complete for r in records.values())
     # 13 steps: no pass while λ = 0 (the first 6 or 7 steps), then every 10th step: step 10
-    assert records[0.1]["curves"]["lam"][0] > 0 and records[0.1]["curves"]["lam_steps"] == [1]
-    assert "lam" not in records[0.0]["curves"]  # λ = 0: never active
+    assert records[0.1].curves["lam"][0] > 0 and records[0.1].curves["lam_steps"] == [1]
+    assert "lam" not in records[0.0].curves  # λ = 0: never active
     for r in records.values():
-        assert r["measured_kfac_sq_trace_per_B"] > 0
+        assert r.get("measured_kfac_sq_trace_per_B") > 0
     capsys.readouterr()
     assert main(["report", str(out / "breast-cancer-mlp"), "--kfac-agreement"]) == 0
     assert "Kendall τ" in capsys.readouterr().out

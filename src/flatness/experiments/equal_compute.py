@@ -45,7 +45,7 @@ from ..utils import FlatnessError, atomic_write_bytes
 from .compare import COMPARE_METHODS, comparison_specs
 from .groups import SYMBOLS
 from .plots import figure, save_png
-from .record import read_record, write_json
+from .record import RunRecord, read_record, write_json
 from .runner import run_grid
 from .specs import RunSpec, build_grid, format_value
 from .stats import Comparison, adjust_holm, compare_samples, mean_std
@@ -100,25 +100,25 @@ class Configuration:
         return f"`{self.method}` {SYMBOLS.get(self.hparam, self.hparam)} = {format_value(float(self.value))}"
 
 
-def _configurations(records: Sequence[dict[str, Any]]) -> list[Configuration]:
-    groups: dict[tuple[str, Any], list[dict[str, Any]]] = {}
+def _configurations(records: Sequence[RunRecord]) -> list[Configuration]:
+    groups: dict[tuple[str, Any], list[RunRecord]] = {}
     for r in records:
-        if r.get("status") == "complete":
-            groups.setdefault((r["method"], r.get("value")), []).append(r)
+        if r.complete:
+            groups.setdefault((r.method, r.value), []).append(r)
     out = []
     for (method, value), runs in groups.items():
-        runs = sorted(runs, key=lambda r: r["seed"])
-        times = [float(r["train_seconds"]) for r in runs]
-        acc, acc_std, _ = mean_std([r["final_test_acc"] for r in runs])
+        runs = sorted(runs, key=lambda r: r.seed)
+        times = [float(r.get("train_seconds")) for r in runs]
+        acc, acc_std, _ = mean_std([r.final_test_acc for r in runs])
         out.append(Configuration(
-            method, runs[0].get("hparam"), value, [r["name"] for r in runs],
+            method, runs[0].hparam, value, [r.name for r in runs],
             statistics.median(times), (min(times), max(times)),
-            acc, acc_std, {int(r["seed"]): float(r["final_test_acc"]) for r in runs},
+            acc, acc_std, {int(r.seed): float(r.get("final_test_acc")) for r in runs},
         ))
     return out
 
 
-def _read(specs: Sequence[RunSpec], directory: Path) -> list[dict[str, Any]]:
+def _read(specs: Sequence[RunSpec], directory: Path) -> list[RunRecord]:
     records = []
     for spec in specs:
         record = read_record(directory / f"{spec.name}.json")

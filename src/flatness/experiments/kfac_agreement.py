@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from ..utils import FlatnessError, atomic_write_bytes
-from .groups import SYMBOLS, load_records
-from .record import write_json
+from .groups import SYMBOLS
+from .record import load_records, write_json
 from .specs import format_value
 from .stats import kendall_tau_ci, mean_std
 
@@ -38,8 +38,11 @@ HUTCHINSON = "measured_sq_trace_per_B"
 KFAC = "measured_kfac_sq_trace_per_B"
 
 
-def agreement(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Both measurements per group and over all models (records lacking either are left out)."""
+def agreement(records: Sequence[Any]) -> dict[str, Any]:
+    """Both measurements per group and over all models (records lacking either are left out).
+
+    ``records``: :class:`~flatness.experiments.record.RunRecord`\ s (or dicts of their fields).
+    """
     runs = [
         r for r in records
         if r.get("status") == "complete" and isinstance(r.get(HUTCHINSON), (int, float))
@@ -47,17 +50,17 @@ def agreement(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     ]
     if not runs:
         raise FlatnessError(f"no complete run records with both {HUTCHINSON} and {KFAC}")
-    groups: dict[tuple[str, Any, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, Any, str], list[Any]] = {}
     for r in runs:
-        groups.setdefault((r["method"], r.get("value"), r.get("variant_id", "")), []).append(r)
+        groups.setdefault((r.get("method"), r.get("value"), r.get("variant_id") or ""), []).append(r)
     rows = []
     for (method, value, variant), mine in sorted(groups.items(), key=lambda kv: str(kv[0])):
-        hutch, hutch_std, n = mean_std([r[HUTCHINSON] for r in mine])
-        kfac, kfac_std, _ = mean_std([r[KFAC] for r in mine])
+        hutch, hutch_std, n = mean_std([r.get(HUTCHINSON) for r in mine])
+        kfac, kfac_std, _ = mean_std([r.get(KFAC) for r in mine])
         rows.append({"method": method, "hparam": mine[0].get("hparam"), "value": value,
                      "variant_id": variant, "runs": n, "hutchinson": hutch, "hutchinson_std": hutch_std,
                      "kfac": kfac, "kfac_std": kfac_std, "ratio": kfac / hutch if hutch else math.nan})
-    x, y = [r[HUTCHINSON] for r in runs], [r[KFAC] for r in runs]
+    x, y = [r.get(HUTCHINSON) for r in runs], [r.get(KFAC) for r in runs]
     tau, low, high = kendall_tau_ci(x, y)
     ratios = [k / h for h, k in zip(x, y) if h > 0]
     return {
