@@ -39,7 +39,7 @@ KFAC = "measured_kfac_sq_trace_per_B"
 
 
 def agreement(records: Sequence[Any]) -> dict[str, Any]:
-    """Both measurements per group and over all models (records lacking either are left out).
+    r"""Both measurements per group and over all models (records lacking either are left out).
 
     ``records``: :class:`~flatness.experiments.record.RunRecord`\ s (or dicts of their fields).
     """
