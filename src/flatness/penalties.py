@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from . import layerwise
 from .hutchinson import sq_trace
-from .probes import Distribution, check_distribution, make_generator
+from .probes import Distribution, check_distribution, make_generator, sample_probes
 from .utils import batch_size, call_model, eval_mode, take_first, unwrap
 
 __all__ = ["FlatnessPenalty", "NonFiniteCurvatureError"]
@@ -67,12 +67,20 @@ class FlatnessPenalty:
             warn and return zero for that step.
         params: the parameters to penalise (default: all of ``model``'s trainable ones).
         backend: ``"auto"`` (default) uses the closed-form layer-wise estimator
-            (:mod:`flatness.layerwise`) when the model is a supported stack of Linear layers and
-            activations, else generic double backward (``"autograd"``); both give the same
-            estimate for the same probes. ``"layerwise"`` insists on the closed form.
+            (:mod:`flatness.layerwise`) when the model is structurally a supported stack of
+            Linear layers and activations (:func:`flatness.layerwise.unsupported_reason`), else
+            generic double backward (``"autograd"``); both give the same estimate for the same
+            probes. What the structure cannot show is that ``loss_fn`` depends on the model
+            output alone, so ``"auto"`` computes its first curvature pass both ways with the
+            same probes and keeps the closed form only if they agree (relative difference
+            <= 1e-8 in float64, 1e-4 in float32); otherwise it warns once and uses autograd
+            from then on. ``"layerwise"`` is the explicit declaration that the loss is a
+            function of the output: no check against autograd, and a ``ValueError`` naming the
+            reason when the model is not covered.
 
     After a curvature pass, ``last_sq_trace`` holds the Tr(H²) estimate (a float) and
-    ``last_penalty`` the value added to the loss.
+    ``last_penalty`` the value added to the loss. :meth:`loss_and_penalty` computes the task
+    loss and the penalty together, sharing the input layer's product on the closed-form path.
     """
 
     def __init__(
@@ -133,6 +141,8 @@ class FlatnessPenalty:
         self.calls = 0
         self.last_sq_trace: float | None = None
         self.last_penalty: float | None = None
+        # "auto": None until the first curvature pass compared the closed form with autograd.
+        self._layerwise_agrees: bool | None = None
 
     @property
     def params(self) -> list[Tensor]:
@@ -155,46 +165,104 @@ class FlatnessPenalty:
 
     def __call__(self, x: Any, y: Any) -> Tensor:
         """The penalty for this mini-batch: λ·Tr(H²)/B with graph, or an exact zero."""
+        return self._penalty(x, y, None)
+
+    def loss_and_penalty(self, x: Any, y: Any) -> tuple[Tensor, Tensor]:
+        """``(loss_fn(model(x), y), self(x, y))``, the task loss in the model's current mode.
+
+        On the closed-form path (once checked, see ``backend``) the model runs once up to its
+        first Linear layer and that output is shared by both (the two passes differ only after
+        it); otherwise this is exactly the two calls. Probes and dropout masks are drawn in the
+        same order either way.
+        """
+        if batch_size(x) == 0:
+            raise ValueError("empty batch: x holds no samples")
+        if self.is_active() and self.model is self.local_model:
+            with eval_mode(self.model) if self.eval_during_curvature else contextlib.nullcontext():
+                fast = self._backend(self._curvature_batch(x, y)[0]) == "layerwise"
+            pair = layerwise.task_loss_and_first_linear(self.model, self.loss_fn, x, y) if fast else None
+            if pair is not None:
+                loss, first = pair
+                return loss, self._penalty(x, y, first)
+        return self.loss_fn(call_model(self.model, x), y), self._penalty(x, y, None)
+
+    def _backend(self, cx: Any) -> str:
+        """``"layerwise"``, ``"autograd"`` or ``"verify"`` (auto's first pass) for batch ``cx``."""
+        if self.backend == "autograd":
+            return "autograd"
+        reason = layerwise.unsupported_reason(self.local_model, cx)
+        if self.backend == "layerwise":
+            if reason is not None:
+                raise ValueError(f"backend='layerwise' cannot compute this model's Tr(H²): {reason}")
+            return "layerwise"
+        if self._params is not None or reason is not None or self._layerwise_agrees is False:
+            return "autograd"
+        return "layerwise" if self._layerwise_agrees else "verify"
+
+    def _estimate(self, cx: Any, cy: Any, params: list[Tensor], first: Tensor | None) -> Tensor:
+        """The Tr(H²) estimate with graph, by the chosen backend (inside the pass's mode)."""
+        backend = self._backend(cx)
+        if backend == "layerwise":
+            return layerwise.layerwise_sq_trace(
+                self.local_model, self.loss_fn, cx, cy, self.probes, self.dist,
+                generator=self.generator, first_linear_output=first,
+            )
+        vecs = sample_probes(params, self.probes, self.dist, generator=self.generator)
+        loss = self.loss_fn(call_model(self.local_model, cx), cy)
+        slow = sq_trace(loss, params, probe_vectors=vecs, create_graph=True)
+        if backend == "autograd":
+            return slow
+        fast = layerwise.layerwise_sq_trace(self.local_model, self.loss_fn, cx, cy, probe_vectors=vecs)
+        a, b = float(fast.detach()), float(slow.detach())
+        if not (math.isfinite(a) and math.isfinite(b)):
+            return slow  # nothing to compare: check again on the next pass
+        rtol = {torch.float64: 1e-8, torch.float32: 1e-4}.get(slow.dtype, 1e-2)
+        self._layerwise_agrees = abs(a - b) <= rtol * max(abs(a), abs(b))
+        if not self._layerwise_agrees:
+            warnings.warn(
+                f"the layer-wise closed form gives Tr(H²) = {a:.6g} where autograd gives {b:.6g}: "
+                "loss_fn is not a function of the model output alone (e.g. it adds a weight "
+                "penalty), so this penalty uses autograd from now on; pass backend='autograd' "
+                "to skip the check",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return slow
+        return fast
+
+    def _penalty(self, x: Any, y: Any, first: Tensor | None) -> Tensor:
         active = self.is_active()
         self.calls += 1
         params = self.params
         if not params:
             raise ValueError("the model has no parameters that require grad")
+        full_batch = batch_size(x)
+        if full_batch == 0:
+            raise ValueError("empty batch: x holds no samples")
         ref = params[0]
         if not active:
             return torch.zeros((), device=ref.device, dtype=ref.dtype)
-        full_batch = batch_size(x)
         cx, cy = self._curvature_batch(x, y)
+        if first is not None:
+            first = first[: batch_size(cx)]
         ctx = eval_mode(self.model) if self.eval_during_curvature else contextlib.nullcontext()
         with ctx:
-            if self.backend == "layerwise" or (
-                self.backend == "auto"
-                and self._params is None
-                and layerwise.supports(self.local_model, cx)
-            ):
-                estimate = layerwise.layerwise_sq_trace(
-                    self.local_model, self.loss_fn, cx, cy, self.probes, self.dist,
-                    generator=self.generator,
-                )
-            else:
-                loss = self.loss_fn(call_model(self.local_model, cx), cy)
-                estimate = sq_trace(
-                    loss, params, self.probes, self.dist, generator=self.generator,
-                    create_graph=True,
-                )
-        value = float(estimate.detach())
-        if not math.isfinite(value):
+            estimate = self._estimate(cx, cy, params, first)
+        penalty = self.lam * estimate / full_batch
+        value, penalty_value = float(estimate.detach()), float(penalty.detach())
+        if not (math.isfinite(value) and math.isfinite(penalty_value)):
+            what = "Tr(H²) estimate" if not math.isfinite(value) else "penalty λ·Tr(H²)/B"
+            shown = value if not math.isfinite(value) else penalty_value
             message = (
-                f"non-finite Tr(H²) estimate ({value}) at call {self.calls - 1}; "
+                f"non-finite {what} ({shown}) at call {self.calls - 1}; "
                 "lower the learning rate or λ, or pass on_nonfinite='skip'"
             )
             if self.on_nonfinite == "raise":
                 raise NonFiniteCurvatureError(message)
-            warnings.warn(message + " (step skipped)", RuntimeWarning, stacklevel=2)
+            warnings.warn(message + " (step skipped)", RuntimeWarning, stacklevel=3)
             return torch.zeros((), device=ref.device, dtype=ref.dtype)
-        penalty = self.lam * estimate / full_batch
         self.last_sq_trace = value
-        self.last_penalty = self.lam * value / full_batch
+        self.last_penalty = penalty_value
         return penalty
 
     def state_dict(self) -> dict[str, Any]:

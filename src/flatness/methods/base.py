@@ -61,7 +61,9 @@ class Method:
     hyper-parameters in ``__init__`` (clear ``ValueError``) and implement :meth:`step`, which
     must zero gradients, compute, back-propagate and call ``optimizer.step()`` exactly once. A
     step must leave the model's train/eval modes as it found them and no perturbed weights
-    behind, also when it raises. Returned values are Python floats for logging.
+    behind, also when it raises. Returned values are for logging: Python floats or 0-d tensors
+    (detached; the training loop converts those once per epoch, so a step need not wait for the
+    device).
     """
 
     name: str = ""
@@ -91,9 +93,9 @@ class Plain(Method):
     name = "none"
     hparam = None
 
-    def step(self, x: Any, y: Any, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    def step(self, x: Any, y: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         loss = self.task_loss(x, y)
         loss.backward()
         optimizer.step()
-        return {"loss": float(loss.detach())}
+        return {"loss": loss.detach()}

@@ -28,14 +28,13 @@ class FlatnessAware(Method):
         super().__init__(model, loss_fn)
         self.penalty = FlatnessPenalty(model, loss_fn, lam=lam, **kwargs)
 
-    def step(self, x: Any, y: Any, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    def step(self, x: Any, y: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
-        loss = self.task_loss(x, y)
         curvature_step = self.penalty.is_active()
-        penalty = self.penalty(x, y)
+        loss, penalty = self.penalty.loss_and_penalty(x, y)  # task loss as self.task_loss(x, y)
         (loss + penalty).backward()
         optimizer.step()
-        info = {"loss": float(loss.detach())}
+        info = {"loss": loss.detach()}
         if curvature_step:
             info["penalty"] = float(self.penalty.last_penalty or 0.0)
             info["sq_trace"] = float(self.penalty.last_sq_trace or 0.0)
