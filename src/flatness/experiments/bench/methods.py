@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 
 from ...methods import make_method
-from . import paper_mlp_setup, ratio_result, time_interleaved
+from . import paper_mlp_setup, ratio_result, time_interleaved, training_adam
 
 __all__ = ["run_methods_bench", "TARGETS"]
 
@@ -76,7 +76,7 @@ def run_methods_bench(
 
     def method_case(name: str, hp: dict[str, object]) -> Callable[[], None]:
         model = copy.deepcopy(base).train()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        opt = training_adam(model, 1e-4)
         method = make_method(name, model, loss_fn, **hp)
         return lambda: method.step(x, y, opt) and None
 
@@ -84,8 +84,9 @@ def run_methods_bench(
     if vmap:
         cases["curvature_vmap"] = method_case("curvature", {"alpha": 0.01, "impl": "vmap"})
     per_round = max(1, steps // rounds)
-    ms = time_interleaved(cases, rounds=rounds, reps_per_round=per_round)
-    result = ratio_result(ms, batch, rounds * per_round)
+    cpu: dict[str, float] = {}
+    ms = time_interleaved(cases, rounds=rounds, reps_per_round=per_round, cpu_ms=cpu)
+    result = ratio_result(ms, batch, rounds * per_round, cpu)
     result["targets_met"] = all(float(result[k]) <= v for k, v in TARGETS.items())  # type: ignore[arg-type]
     if profile:
         result["profile_curvature"] = _profile(cases["curvature"])
