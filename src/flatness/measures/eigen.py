@@ -155,7 +155,7 @@ def _random_unit(dim: int, gen: torch.Generator | None, like: Tensor) -> Tensor:
     return v / torch.linalg.vector_norm(v)
 
 
-def lanczos_top(
+def _lanczos_top(
     A: Operator,
     k: int,
     *,
@@ -264,7 +264,7 @@ def eigenvalues_of(
         order = torch.argsort(values, descending=True)[:k]
         vals, vecs, matvecs = values[order].cpu().numpy(), vectors[:, order].to(H.dtype), dim
     else:
-        vals, vecs, matvecs = lanczos_top(
+        vals, vecs, matvecs = _lanczos_top(
             H, k, tol=tol, seed=seed, num_vectors=num_vectors, max_restarts=max_restarts
         )
     if not np.all(np.isfinite(vals)):
