@@ -102,7 +102,7 @@ def test_layerwise_backend_refuses_unsupported_models():
 
 
 def test_wide_hidden_layers_take_the_gram_route_and_match():
-    """B(d_in + d_out) < d_in d_out on the hidden layers: the shared-Gram expansion is used."""
+    """B(d_in + d_out)(2M + 1) < 2M d_in d_out on the hidden layers: the Gram expansion is used."""
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(40, 32), nn.Tanh(), nn.Linear(32, 24), nn.ReLU(),
                           nn.Linear(24, 3)).double()

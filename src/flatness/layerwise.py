@@ -215,7 +215,8 @@ def _frobenius_sq(u: Tensor, x: Tensor, g: Tensor | None, x_dot: Tensor | None) 
             return (torch.matmul(u, u.transpose(1, 2)) * (x @ x.T)).sum()
         return torch.matmul(u.transpose(1, 2), x).pow(2).sum()
     assert g is not None
-    if b * (d_in + d_out) < d_out * d_in:
+    # multiply-adds: Gram 2MB²(d_in + d_out) + B²(d_in + d_out) shared; explicit 2MB d_in d_out
+    if b * (d_in + d_out) * (2 * m + 1) < 2 * m * d_out * d_in:
         uu = torch.matmul(u, u.transpose(1, 2))
         ug = torch.matmul(u, g.T)
         xd = torch.matmul(x, x_dot.transpose(1, 2))

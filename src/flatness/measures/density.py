@@ -107,15 +107,15 @@ def lanczos(
     basis = torch.empty(steps, dim, dtype=v0.dtype, device=v0.device)  # row j = v_j
     alphas: list[Tensor] = []
     betas: list[Tensor] = []
-    v = v0 / torch.linalg.vector_norm(v0)
+    torch.div(v0, torch.linalg.vector_norm(v0), out=basis[0])
     for j in range(steps):
-        basis[j] = v
+        v = basis[j]
         w = (A @ v).to(v.dtype)
         alpha = torch.dot(w, v)
         alphas.append(alpha)
         if j == steps - 1:
             break
-        w = w - alpha * v
+        w.sub_(v, alpha=float(alpha))
         if j > 0:
             w.sub_(basis[j - 1], alpha=float(betas[-1]))
         # One Gram-Schmidt pass against the whole basis keeps it orthogonal in floating point.
@@ -125,7 +125,7 @@ def lanczos(
         if float(beta) <= breakdown_tol * max(1.0, float(alpha.abs())):
             break
         betas.append(beta)
-        v = w / beta
+        torch.div(w, beta, out=basis[j + 1])
     return torch.stack(alphas), (torch.stack(betas) if betas else alphas[0].new_zeros(0))
 
 
