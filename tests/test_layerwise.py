@@ -261,8 +261,7 @@ def test_an_empty_batch_is_a_clear_error():
     pen = FlatnessPenalty(model, CE, lam=1.0)
     with pytest.raises(ValueError, match="empty batch"):
         pen(x, y)
-    with pytest.raises(ValueError, match="empty batch"):
-        pen.loss_and_penalty(x, y)
+    assert pen.calls == 0
 
 
 def test_a_non_finite_penalty_is_caught_like_a_non_finite_estimate():
@@ -295,10 +294,14 @@ def test_shared_first_layer_gives_the_separate_loss_and_penalty(sub_batch):
             torch.manual_seed(10 + step)  # the same dropout masks on both sides
             model.zero_grad()
             if fused:
-                loss, penalty = pen.loss_and_penalty(x, y)
+                with pen.sharing_first_layer():
+                    loss = CE(model(x), y)
+                shared = pen._shared is not None
             else:
                 loss = CE(model(x), y)
-                penalty = pen(x, y)
+            penalty = pen(x, y)
+            if fused:  # the first call checks the closed form against autograd: nothing shared
+                assert shared == (step > 0)
             (loss + penalty).backward()
             out.append([float(loss.detach()), float(penalty.detach())])
         grads.append([p.grad.clone() for p in model.parameters()])
@@ -306,4 +309,35 @@ def test_shared_first_layer_gives_the_separate_loss_and_penalty(sub_batch):
         assert model.training and pen._layerwise_agrees
     assert sum(values[0], []) == pytest.approx(sum(values[1], []), rel=1e-12)
     for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+def test_fa_method_shares_the_first_layer_and_trains_like_the_plain_loop():
+    from flatness.methods import make_method
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 7), nn.ReLU(), nn.Dropout(0.3), nn.Linear(7, 3)).double()
+    x, y = _data()
+    method_model, loop_model = copy.deepcopy(base), copy.deepcopy(base)
+    method = make_method("fa", method_model, CE, lam=0.5, probes=2, seed=0)
+    opt_a = torch.optim.SGD(method_model.parameters(), lr=0.1)
+    pen = FlatnessPenalty(loop_model, CE, lam=0.5, probes=2, seed=0)
+    opt_b = torch.optim.SGD(loop_model.parameters(), lr=0.1)
+    used = []
+    original = method.penalty._penalty
+
+    def spy(x, y, first):
+        used.append(first is not None)
+        return original(x, y, first)
+
+    method.penalty._penalty = spy
+    for step in range(3):
+        torch.manual_seed(step)
+        method.step(x, y, opt_a)
+        torch.manual_seed(step)
+        opt_b.zero_grad()
+        (CE(loop_model(x), y) + pen(x, y)).backward()
+        opt_b.step()
+    assert used == [False, True, True]  # the first pass checks the closed form against autograd
+    for a, b in zip(method_model.parameters(), loop_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)

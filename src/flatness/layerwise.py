@@ -28,9 +28,10 @@ What the structure cannot show is that the loss depends on the model output only
 adds, say, an L2 term on the weights has a different Hessian): the estimate assumes it, and
 :class:`flatness.FlatnessPenalty` checks it against autograd on its first call.
 
-For training, :func:`task_loss_and_first_linear` runs the model once up to its first Linear and
-shares that output between the task loss (train mode) and the curvature pass (eval mode), which
-differ only after it: one input-layer product forward and one backward are saved.
+In training, the task loss (train mode) and the curvature pass (eval mode) differ only after the
+first Linear: :meth:`flatness.FlatnessPenalty.sharing_first_layer` hands the task loss's first
+Linear output to ``layerwise_sq_trace(first_linear_output=...)``, which saves one input-layer
+product forward and one backward.
 
 Example:
     >>> import torch
@@ -60,7 +61,7 @@ from torch.nn.modules import module as _module_globals
 
 from .probes import Distribution, sample_probes
 
-__all__ = ["supports", "unsupported_reason", "layerwise_sq_trace", "task_loss_and_first_linear"]
+__all__ = ["supports", "unsupported_reason", "layerwise_sq_trace"]
 
 _ACTIVATIONS: tuple[type[nn.Module], ...] = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid)
 _PASSTHROUGH: tuple[type[nn.Module], ...] = (nn.Identity, nn.Dropout, nn.Flatten)
@@ -138,32 +139,6 @@ def supports(model: nn.Module, x: Any, params: Sequence[Tensor] | None = None) -
 
 def _first_linear(model: nn.Sequential) -> int:
     return next(i for i, m in enumerate(model) if type(m) is nn.Linear)
-
-
-def task_loss_and_first_linear(
-    model: nn.Sequential, loss_fn: Callable[[Tensor, Any], Tensor], x: Tensor, y: Any
-) -> tuple[Tensor, Tensor] | None:
-    """``(loss_fn(model(x), y), z)`` with ``z`` the first Linear's output, or ``None``.
-
-    For a model that :func:`unsupported_reason` accepts in eval mode. Computes ``model(x)`` in
-    the model's current mode module by module, as ``Sequential.forward`` does, and keeps the
-    first Linear's output ``z`` for :func:`layerwise_sq_trace` (``first_linear_output=z``) in
-    eval mode. ``None`` when that output could differ between the two modes (an active Dropout
-    before the first Linear) or a module works in place (it would overwrite ``z``).
-    """
-    modules = list(model)
-    first = _first_linear(model)
-    if any(getattr(m, "inplace", False) for m in modules) or any(
-        type(m) is nn.Dropout and m.training and m.p > 0 for m in modules[:first]
-    ):
-        return None
-    h = x
-    for m in modules[: first + 1]:
-        h = m(h)
-    z = h
-    for m in modules[first + 1 :]:
-        h = m(h)
-    return loss_fn(h, y), z
 
 
 def _act_derivatives(m: nn.Module, z: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -251,7 +226,7 @@ def layerwise_sq_trace(
     dropout-off curvature pass). Probes are drawn exactly as :func:`flatness.sample_probes` draws
     them for ``list(model.parameters())``, so a seed gives the same estimate on both paths.
     ``first_linear_output``: the first Linear's output on ``x``, already computed (and shared with
-    the task loss, see :func:`task_loss_and_first_linear`).
+    the task loss, see :meth:`flatness.FlatnessPenalty.sharing_first_layer`).
 
     Raises:
         ValueError: the model or input is not covered (the message says why).

@@ -6,8 +6,10 @@ r"""The flatness-aware (FA) penalty λ·Tr(H²)/B as a drop-in term for any trai
 
 where H is the Hessian of the task loss on the mini-batch, B the batch size and v_j Rademacher or
 Gaussian probes (FA-regularization paper, eq. 3 and Algorithms 1–2). The curvature term is computed
-on every ``every``-th call, with the model in eval mode (dropout off), and is an exact zero on the
-other calls.
+on every ``every``-th call and is an exact zero on the other calls. The curvature pass computes
+the same function as the task loss (:func:`flatness.passes.curvature_pass`): BatchNorm with the
+batch's statistics, its running statistics left bitwise unchanged, dropout off (the paper), and
+the math attention kernel (fused attention kernels have no double backward).
 
 Example:
     >>> import torch
@@ -29,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -37,8 +39,9 @@ from torch import Tensor, nn
 
 from . import layerwise
 from .hutchinson import sq_trace
+from .passes import curvature_pass
 from .probes import Distribution, check_distribution, make_generator, sample_probes
-from .utils import batch_size, call_model, eval_mode, take_first, unwrap
+from .utils import batch_size, call_model, take_first, unwrap
 
 __all__ = ["FlatnessPenalty", "NonFiniteCurvatureError"]
 
@@ -62,7 +65,9 @@ class FlatnessPenalty:
         sub_batch: curvature pass on only the first ``sub_batch`` samples (int) or that fraction
             of the batch (float in (0, 1]); the result is still divided by the full B, so that it
             estimates the same λ·Tr(H²)/B with fewer samples.
-        eval_during_curvature: run the curvature pass in eval mode (the paper: dropout off).
+        eval_during_curvature: dropout off in the curvature pass (the paper; default). With
+            ``False`` the modules keep their modes (dropout on). Either way BatchNorm uses batch
+            statistics and its running statistics are not updated (:mod:`flatness.passes`).
         on_nonfinite: ``"raise"`` (default) a :class:`NonFiniteCurvatureError`, or ``"skip"``:
             warn and return zero for that step.
         params: the parameters to penalise (default: all of ``model``'s trainable ones).
@@ -79,8 +84,8 @@ class FlatnessPenalty:
             reason when the model is not covered.
 
     After a curvature pass, ``last_sq_trace`` holds the Tr(H²) estimate (a float) and
-    ``last_penalty`` the value added to the loss. :meth:`loss_and_penalty` computes the task
-    loss and the penalty together, sharing the input layer's product on the closed-form path.
+    ``last_penalty`` the value added to the loss. Computing the task loss inside
+    :meth:`sharing_first_layer` lets the next call reuse the input layer's product.
     """
 
     def __init__(
@@ -143,6 +148,7 @@ class FlatnessPenalty:
         self.last_penalty: float | None = None
         # "auto": None until the first curvature pass compared the closed form with autograd.
         self._layerwise_agrees: bool | None = None
+        self._shared: tuple[Any, Tensor] | None = None  # (input, first Linear's output)
 
     @property
     def params(self) -> list[Tensor]:
@@ -165,26 +171,62 @@ class FlatnessPenalty:
 
     def __call__(self, x: Any, y: Any) -> Tensor:
         """The penalty for this mini-batch: λ·Tr(H²)/B with graph, or an exact zero."""
-        return self._penalty(x, y, None)
+        shared, self._shared = self._shared, None
+        return self._penalty(x, y, shared[1] if shared is not None and shared[0] is x else None)
 
-    def loss_and_penalty(self, x: Any, y: Any) -> tuple[Tensor, Tensor]:
-        """``(loss_fn(model(x), y), self(x, y))``, the task loss in the model's current mode.
+    @contextlib.contextmanager
+    def sharing_first_layer(self) -> Iterator[None]:
+        """Around the task loss's forward pass: share its first Linear layer's output with the
+        next call's curvature pass, which then skips that product, forward and backward.
 
-        On the closed-form path (once checked, see ``backend``) the model runs once up to its
-        first Linear layer and that output is shared by both (the two passes differ only after
-        it); otherwise this is exactly the two calls. Probes and dropout masks are drawn in the
-        same order either way.
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> from flatness import FlatnessPenalty
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 3))
+            >>> penalty = FlatnessPenalty(model, nn.CrossEntropyLoss(), lam=0.01, seed=0)
+            >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+            >>> for _ in range(2):  # the first call checks the closed form against autograd
+            ...     with penalty.sharing_first_layer():
+            ...         loss = nn.functional.cross_entropy(model(x), y)
+            ...     (loss + penalty(x, y)).backward()
+
+        The output is kept only on the closed-form path (once ``backend="auto"`` has checked it,
+        see the class docs), for the unwrapped model, when nothing before the first Linear
+        differs between the two passes (an active dropout) and no module works in place; and it
+        is used only if the next call gets the very input tensor the forward pass got.
+        Otherwise the call computes everything itself, as without this context.
         """
-        if batch_size(x) == 0:
-            raise ValueError("empty batch: x holds no samples")
-        if self.is_active() and self.model is self.local_model:
-            with eval_mode(self.model) if self.eval_during_curvature else contextlib.nullcontext():
-                fast = self._backend(self._curvature_batch(x, y)[0]) == "layerwise"
-            pair = layerwise.task_loss_and_first_linear(self.model, self.loss_fn, x, y) if fast else None
-            if pair is not None:
-                loss, first = pair
-                return loss, self._penalty(x, y, first)
-        return self.loss_fn(call_model(self.model, x), y), self._penalty(x, y, None)
+        self._shared = None
+        model = self.model
+        if (
+            not self.is_active()
+            or self.backend == "autograd"
+            or (self.backend == "auto" and not self._layerwise_agrees)
+            or model is not self.local_model
+            or type(model) is not nn.Sequential
+        ):
+            yield
+            return
+        modules = list(model)
+        first = next((i for i, m in enumerate(modules) if type(m) is nn.Linear), None)
+        if first is None or any(getattr(m, "inplace", False) for m in modules) or any(
+            type(m) is nn.Dropout and m.training and m.p > 0 for m in modules[:first]
+        ):
+            yield
+            return
+        seen: dict[str, Any] = {}
+        handles = [
+            model.register_forward_pre_hook(lambda mod, args: seen.setdefault("x", args[0])),
+            modules[first].register_forward_hook(lambda mod, args, out: seen.setdefault("z", out)),
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+        if "x" in seen and "z" in seen:
+            self._shared = (seen["x"], seen["z"])
 
     def _backend(self, cx: Any) -> str:
         """``"layerwise"``, ``"autograd"`` or ``"verify"`` (auto's first pass) for batch ``cx``."""
@@ -202,6 +244,8 @@ class FlatnessPenalty:
     def _estimate(self, cx: Any, cy: Any, params: list[Tensor], first: Tensor | None) -> Tensor:
         """The Tr(H²) estimate with graph, by the chosen backend (inside the pass's mode)."""
         backend = self._backend(cx)
+        if backend != "layerwise":
+            first = None
         if backend == "layerwise":
             return layerwise.layerwise_sq_trace(
                 self.local_model, self.loss_fn, cx, cy, self.probes, self.dist,
@@ -231,22 +275,21 @@ class FlatnessPenalty:
         return fast
 
     def _penalty(self, x: Any, y: Any, first: Tensor | None) -> Tensor:
+        full_batch = batch_size(x)
+        if full_batch == 0:
+            raise ValueError("empty batch: x holds no samples")
         active = self.is_active()
         self.calls += 1
         params = self.params
         if not params:
             raise ValueError("the model has no parameters that require grad")
-        full_batch = batch_size(x)
-        if full_batch == 0:
-            raise ValueError("empty batch: x holds no samples")
         ref = params[0]
         if not active:
             return torch.zeros((), device=ref.device, dtype=ref.dtype)
         cx, cy = self._curvature_batch(x, y)
         if first is not None:
             first = first[: batch_size(cx)]
-        ctx = eval_mode(self.model) if self.eval_during_curvature else contextlib.nullcontext()
-        with ctx:
+        with curvature_pass(self.local_model, dropout=not self.eval_during_curvature):
             estimate = self._estimate(cx, cy, params, first)
         penalty = self.lam * estimate / full_batch
         value, penalty_value = float(estimate.detach()), float(penalty.detach())

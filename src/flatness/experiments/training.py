@@ -154,7 +154,7 @@ def evaluate(
 
 
 # Methods may return 0-d tensors (no host synchronisation per step): their losses are checked
-# for divergence every _SYNC_EVERY steps and at the end of each epoch, in one transfer.
+# for divergence every _SYNC_EVERY steps and at the end of each epoch (one wait for the device).
 _SYNC_EVERY = 50
 
 

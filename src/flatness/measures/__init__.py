@@ -25,7 +25,8 @@ from .eigen import (
     module_params,
     top_eigenvalues,
 )
-from .fisher import fisher_trace, per_example_sq_grad_norms
+from ..per_example import per_example_sq_grad_norms
+from .fisher import fisher_trace
 from .noise import NoisyLoss, noisy_loss
 from .operator import HessianOperator, LinearOperator
 from .sharpness import Sharpness, adaptive_sharpness, eps_sharpness
