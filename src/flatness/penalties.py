@@ -309,11 +309,13 @@ class FlatnessPenalty:
         return penalty
 
     def state_dict(self) -> dict[str, Any]:
-        """Schedule position and generator state, to resume a run exactly."""
+        """Schedule position, generator state and the closed-form check's verdict, to resume a
+        run exactly."""
         return {
             "calls": self.calls,
             "generator": None if self.generator is None else self.generator.get_state(),
             "last_sq_trace": self.last_sq_trace,
+            "layerwise_agrees": self._layerwise_agrees,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -323,6 +325,7 @@ class FlatnessPenalty:
                 self.generator = torch.Generator(device="cpu")
             self.generator.set_state(state["generator"])
         self.last_sq_trace = state.get("last_sq_trace")
+        self._layerwise_agrees = state.get("layerwise_agrees")
 
     def __repr__(self) -> str:
         return (
