@@ -23,8 +23,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 
-import torch
-
 from ...methods import make_method
 from . import paper_mlp_setup, ratio_result, time_interleaved, training_adam
 
