@@ -1,7 +1,7 @@
 """``flatness bench ddp``: samples per second of 2 gloo ranks vs 1, in one run.
 
-The paper's CIFAR-100 MLP shape on synthetic data, Adam, a global mini-batch of B = 128 split
-over the ranks (each rank one torch thread), for a plain step and the FA step (M = 5 probes
+The paper's CIFAR-100 MLP shape on synthetic data, Adam (fused, as in training), a global
+mini-batch of B = 128 split over the ranks (each rank one torch thread), for a plain step and the FA step (M = 5 probes
 every 10 steps). Both worlds are started by this command (torch.multiprocessing, gloo on
 127.0.0.1), one after the other; ``scaling = samples/s (2 ranks) / samples/s (1 rank)``.
 """
