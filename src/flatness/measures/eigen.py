@@ -108,46 +108,63 @@ class _Lanczos:
     j: int = 0
     matvecs: int = 0
     w: Tensor | None = None  # the last residual direction, orthogonal to the basis
+    beta: float | None = None  # ‖w‖ when the newest basis vector is w / ‖w‖, else None
 
     def expand(self) -> float:
         """Multiply the newest basis vector by A and orthogonalise the result: returns its norm β."""
         V, j = self.V, self.j
-        w = (self.A @ V[j]).to(V.dtype)
+        v = V[j]
+        w = (self.A @ v).to(V.dtype)
         self.matvecs += 1
+        # α first (an exact projection on v), then one pass against the whole basis; a second
+        # pass only when that one cancels much of what is left (Daniel-Gragg-Kaufman-Stewart).
+        alpha = torch.dot(w, v)
+        w.sub_(v, alpha=float(alpha))
+        if self.beta is not None:  # v_j = w_{j-1} / β: the three-term recurrence's other term
+            w.sub_(V[j - 1], alpha=self.beta)
         known = V[: j + 1]
-        h = known @ w
         before = float(torch.linalg.vector_norm(w))
+        h = known @ w
         w.addmv_(known.T, h, alpha=-1.0)
-        if float(torch.linalg.vector_norm(w)) < 0.7 * before:  # cancellation: orthogonalise again
+        if float(torch.linalg.vector_norm(w)) < 0.7 * before:
             h2 = known @ w
             w.addmv_(known.T, h2, alpha=-1.0)
             h = h + h2
+        h[j] += alpha
+        if self.beta is not None:
+            h[j - 1] += self.beta
         h64 = h.double().cpu()
         self.T[: j + 1, j] = h64
         self.T[j, : j + 1] = h64
         self.j = j + 1
         self.w = w
+        self.beta = None  # until push() makes w / β the next basis vector
         return float(torch.linalg.vector_norm(w))
 
     def ritz(self) -> tuple[Tensor, Tensor]:
         """Ritz values (ascending) and their coordinates in the basis, float64."""
         return torch.linalg.eigh(self.T[: self.j, : self.j])
 
-    def push(self, v: Tensor) -> None:
-        """Make ``v`` the next basis vector, orthogonalised against the basis and normalised."""
+    def push(self, v: Tensor, orthogonalise: bool = False) -> None:
+        """Make ``v`` the next basis vector, normalised; ``orthogonalise`` it against the basis
+        first (twice) unless it is a residual direction, which already is orthogonal."""
         known = self.V[: self.j]
-        if self.j:
-            v = v - known.T @ (known @ v)
-        self.V[self.j] = v / torch.linalg.vector_norm(v)
+        if orthogonalise and self.j:
+            for _ in range(2):
+                v = v - known.T @ (known @ v)
+        norm = float(torch.linalg.vector_norm(v))
+        self.V[self.j] = v / norm
+        self.beta = norm if v is self.w else None
 
-    def restart(self, coords: Tensor, theta: Tensor, nxt: Tensor) -> None:
+    def restart(self, coords: Tensor, theta: Tensor, nxt: Tensor, orthogonalise: bool) -> None:
         """Keep the Ritz vectors ``V[:j]ᵀ coords`` (values ``theta``), then continue with ``nxt``."""
         keep = coords.shape[1]
         self.V[:keep] = coords.T.to(self.V.dtype).to(self.V.device) @ self.V[: self.j]
         self.T.zero_()
         self.T[:keep, :keep] = torch.diag(theta)
         self.j = keep
-        self.push(nxt)
+        self.push(nxt, orthogonalise)
+        self.beta = None  # the new vector couples to every kept Ritz vector, not just the last
 
 
 def _random_unit(dim: int, gen: torch.Generator | None, like: Tensor) -> Tensor:
@@ -178,7 +195,7 @@ def _lanczos_top(
     gen = make_generator(seed)
     run = _Lanczos(A, torch.empty(m, dim, dtype=dtype, device=device),
                    torch.zeros(m, m, dtype=torch.float64))
-    run.push(_random_unit(dim, gen, run.V))
+    run.push(_random_unit(dim, gen, run.V), orthogonalise=True)
     eps = torch.finfo(dtype).eps
     restarts = 0
     verify = max(10, k)
@@ -199,7 +216,7 @@ def _lanczos_top(
                 # k Ritz vectors and a fresh random vector, and accept only if no new Ritz value
                 # enters the top k within the next ``verify`` products.
                 verified, done = True, False
-                run.restart(coords[:, -k:], theta[-k:], _random_unit(dim, gen, run.V))
+                run.restart(coords[:, -k:], theta[-k:], _random_unit(dim, gen, run.V), True)
                 min_j = min(m, k + verify)
                 continue
             if run.j == dim or done:
@@ -211,9 +228,9 @@ def _lanczos_top(
                 # eigenvalue may lie outside it. Continue from a random orthogonal vector.
                 invariant = True
                 if run.j < m:
-                    run.push(_random_unit(dim, gen, run.V))
+                    run.push(_random_unit(dim, gen, run.V), orthogonalise=True)
             elif run.j < m:
-                run.push(run.w / beta)
+                run.push(run.w)
         restarts += 1
         if restarts > (max_restarts if max_restarts is not None else 300):
             raise FlatnessError(
@@ -222,8 +239,10 @@ def _lanczos_top(
             )
         keep = max(k, min(m - 1, k + (m - k) // 2))
         theta, coords = run.ritz()
-        nxt = _random_unit(dim, gen, run.V) if beta <= 1e-12 * scale else run.w
-        run.restart(coords[:, -keep:], theta[-keep:], nxt)
+        if beta <= 1e-12 * scale:  # no residual direction to continue from
+            run.restart(coords[:, -keep:], theta[-keep:], _random_unit(dim, gen, run.V), True)
+        else:
+            run.restart(coords[:, -keep:], theta[-keep:], run.w, False)
 
 
 def eigenvalues_of(
@@ -285,7 +304,7 @@ def top_eigenvalues(
     seed: int | None = 0,
     max_restarts: int | None = None,
     return_eigenvectors: bool = False,
-    max_vectors: int = 10,
+    max_vectors: int | None = None,
     num_vectors: int | None = None,
 ) -> Spectrum:
     """The k largest eigenvalues of H = ∇²L over ``batches`` (all parameters, or ``params``).

@@ -164,5 +164,5 @@ def hessian_trace(
     }
     if method not in estimators:
         raise ValueError(f"unknown trace method {method!r}; expected one of {sorted(estimators)}")
-    H = HessianOperator(model, loss_fn, batches, params, max_vectors=chunk)
+    H = HessianOperator(model, loss_fn, batches, params)
     return estimators[method](H, num_matvecs, dist, seed=seed, chunk=chunk)
