@@ -100,7 +100,7 @@ def hutchinson_trace(
     samples = []
     for start in range(0, num_matvecs, chunk):
         g = random_matrix(dim, min(chunk, num_matvecs - start), dist, gen, dtype, device)
-        samples.append((g * (A @ g)).sum(0))
+        samples.append((g.T @ (A @ g)).diagonal())  # gᵢᵀ A gᵢ: one pass over both (P, k) blocks
     return _estimate(torch.cat(samples))
 
 
