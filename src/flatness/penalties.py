@@ -44,7 +44,7 @@ from .kfac import kfac_sq_trace
 from .lam_control import make_policy
 from .linear_io import SharedPrefix, share_prefix
 from .passes import curvature_pass
-from .probes import Distribution, check_distribution, make_generator
+from .probes import Distribution, check_distribution, make_generator, sample_probes
 from .utils import batch_size, call_model, take_first, unwrap
 
 __all__ = ["FlatnessPenalty", "NonFiniteCurvatureError"]
@@ -76,9 +76,16 @@ class FlatnessPenalty:
             warn and return zero for that step.
         params: the parameters to penalise (default: all of ``model``'s trainable ones).
         backend: ``"auto"`` (default) uses the closed-form layer-wise estimator
-            (:mod:`flatness.layerwise`) when the model is a supported stack of Linear layers and
-            activations, else generic double backward (``"autograd"``); both give the same
-            estimate for the same probes. ``"layerwise"`` insists on the closed form.
+            (:mod:`flatness.layerwise`) when the model is structurally a supported stack of
+            Linear layers and activations (:func:`flatness.layerwise.unsupported_reason`), else
+            generic double backward (``"autograd"``); both give the same estimate for the same
+            probes. What the structure cannot show is that ``loss_fn`` depends on the model
+            output alone, so ``"auto"`` computes its first curvature pass both ways with the
+            same probes and keeps the closed form only if they agree (relative difference
+            <= 1e-8 in float64, 1e-4 in float32); otherwise it warns once and uses autograd
+            from then on. ``"layerwise"`` is the explicit declaration that the loss is a
+            function of the output: no check against autograd, and a ``ValueError`` naming the
+            reason when the model is not covered.
             ``"kfac"``: the Kronecker-factored approximation Σ_l Tr(A_l²)·Tr(G_l²) of
             :mod:`flatness.kfac` instead of Hutchinson (no probes; Linear layers only).
         estimator: ``"hutchinson"`` (default) or ``"cv"``: Hutchinson with the output layer's
@@ -95,7 +102,8 @@ class FlatnessPenalty:
 
     After a curvature pass, ``last_sq_trace`` holds the Tr(H²) estimate (a float),
     ``last_lam`` the λ applied and ``last_penalty`` the value added to the loss; ``policy`` is
-    the λ-policy (its ``log`` holds its decisions).
+    the λ-policy (its ``log`` holds its decisions). Computing the task loss inside
+    :meth:`sharing` lets the next call reuse the task forward's input layer.
     """
 
     def __init__(
@@ -109,7 +117,7 @@ class FlatnessPenalty:
         *,
         seed: int | None = None,
         generator: torch.Generator | None = None,
-        sub_batch: float | None = None,
+        sub_batch: int | float | None = None,
         eval_during_curvature: bool = True,
         on_nonfinite: Literal["raise", "skip"] = "raise",
         params: Sequence[Tensor] | None = None,
@@ -172,7 +180,10 @@ class FlatnessPenalty:
         self.last_sq_trace: float | None = None
         self.last_penalty: float | None = None
         self.last_lam: float | None = None
-        self._prefix: SharedPrefix | None = None
+        # "auto": None until the first curvature pass compared the closed form with autograd.
+        self._layerwise_agrees: bool | None = None
+        self._shared: tuple[Any, Tensor] | None = None  # (input, first Linear's output)
+        self._prefix: SharedPrefix | None = None  # the task forward's prefix (kfac, cv)
         self._pending_hook: Any = None
 
     @property
@@ -184,22 +195,6 @@ class FlatnessPenalty:
     def is_active(self, call: int | None = None) -> bool:
         """Whether call number ``call`` (default: the next one) computes the curvature term."""
         return self.policy.decide(self.calls if call is None else call).active
-
-    @contextlib.contextmanager
-    def sharing(self) -> Iterator[None]:
-        """Wrap the task loss's forward pass: the next curvature pass reuses its prefix.
-
-        Only for ``backend="kfac"`` and ``estimator="cv"``, whose closed forms run their own
-        forward pass: they start from the output of the model's leading Linear/activation
-        modules recorded here (:func:`flatness.linear_io.share_prefix`), so that the input
-        layer's forward and weight gradient are computed once for both.
-        """
-        if not (self.backend == "kfac" or self.estimator == "cv") or not self.is_active():
-            yield
-            return
-        with share_prefix(self.local_model) as prefix:
-            yield
-        self._prefix = prefix
 
     def _curvature_batch(self, x: Any, y: Any) -> tuple[Any, Any]:
         if self.sub_batch is None:
@@ -215,34 +210,196 @@ class FlatnessPenalty:
         ``log``: a dict that receives the floats of this step's λ decision (``lam`` when λ
         varies; the controllers' measurements), e.g. a training step's logged values.
         """
+        shared, self._shared = self._shared, None
+        prefix, self._prefix = self._prefix, None
+        first = shared[1] if shared is not None and shared[0] is x else None
+        return self._penalty(x, y, first, prefix, log)
+
+    @contextlib.contextmanager
+    def sharing(self) -> Iterator[None]:
+        """Around the task loss's forward pass: the next curvature pass reuses its input layer.
+
+        For ``backend="kfac"`` and ``estimator="cv"``, whose closed forms run a forward pass of
+        their own, the output of the model's leading Linear/activation modules is recorded
+        (:func:`flatness.linear_io.share_prefix`); otherwise :meth:`sharing_first_layer`.
+        """
+        if not (self.backend == "kfac" or self.estimator == "cv"):
+            with self.sharing_first_layer():
+                yield
+            return
+        if not self.is_active():
+            yield
+            return
+        with share_prefix(self.local_model) as prefix:
+            yield
+        self._prefix = prefix
+
+    @contextlib.contextmanager
+    def sharing_first_layer(self) -> Iterator[None]:
+        """Around the task loss's forward pass: share its first Linear layer's output with the
+        next call's curvature pass, which then skips that product, forward and backward.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> from flatness import FlatnessPenalty
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 3))
+            >>> penalty = FlatnessPenalty(model, nn.CrossEntropyLoss(), lam=0.01, seed=0)
+            >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+            >>> for _ in range(2):  # the first call checks the closed form against autograd
+            ...     with penalty.sharing_first_layer():
+            ...         loss = nn.functional.cross_entropy(model(x), y)
+            ...     (loss + penalty(x, y)).backward()
+
+        The output is kept only on the closed-form path (once ``backend="auto"`` has checked it,
+        see the class docs), for the unwrapped model, when nothing before the first Linear
+        differs between the two passes (an active dropout) and no module works in place; and it
+        is used only if the next call gets the very input tensor the forward pass got.
+        Otherwise the call computes everything itself, as without this context.
+        """
+        self._shared = None
+        model = self.model
+        if (
+            not self.is_active()
+            or self.backend in ("autograd", "kfac")
+            or self.estimator == "cv"
+            or (self.backend == "auto" and not self._layerwise_agrees)
+            or model is not self.local_model
+            or type(model) is not nn.Sequential
+        ):
+            yield
+            return
+        modules = list(model)
+        first = next((i for i, m in enumerate(modules) if type(m) is nn.Linear), None)
+        if first is None or any(getattr(m, "inplace", False) for m in modules) or any(
+            type(m) is nn.Dropout and m.training and m.p > 0 for m in modules[:first]
+        ):
+            yield
+            return
+        seen: dict[str, Any] = {}
+        handles = [
+            model.register_forward_pre_hook(lambda mod, args: seen.setdefault("x", args[0])),
+            modules[first].register_forward_hook(lambda mod, args, out: seen.setdefault("z", out)),
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+        if "x" in seen and "z" in seen:
+            self._shared = (seen["x"], seen["z"])
+
+    def _backend(self, cx: Any) -> str:
+        """``"layerwise"``, ``"autograd"`` or ``"verify"`` (auto's first pass) for batch ``cx``."""
+        if self.backend == "autograd":
+            return "autograd"
+        reason = layerwise.unsupported_reason(self.local_model, cx)
+        if self.backend == "layerwise":
+            if reason is not None:
+                raise ValueError(f"backend='layerwise' cannot compute this model's Tr(H²): {reason}")
+            return "layerwise"
+        if self._params is not None or reason is not None or self._layerwise_agrees is False:
+            return "autograd"
+        return "layerwise" if self._layerwise_agrees else "verify"
+
+    def _engine(
+        self, cx: Any, cy: Any, params: list[Tensor], first: Tensor | None
+    ) -> Callable[[Sequence[Tensor]], Tensor]:
+        """(1/M) Σ_j ‖H v_j‖² for given probe vectors, by the chosen backend (with graph)."""
+        backend = self._backend(cx)
+        model = self.local_model
+        if backend == "layerwise":
+            def fast(vecs: Sequence[Tensor]) -> Tensor:
+                return layerwise.layerwise_sq_trace(
+                    model, self.loss_fn, cx, cy, probe_vectors=vecs, first_linear_output=first
+                )
+            return fast
+
+        def slow(vecs: Sequence[Tensor]) -> Tensor:
+            loss = self.loss_fn(call_model(model, cx), cy)
+            return sq_trace(loss, params, probe_vectors=vecs, create_graph=True)
+
+        if backend == "autograd":
+            return slow
+        return lambda vecs: self._verified(cx, cy, vecs, slow(vecs))
+
+    def _verified(self, cx: Any, cy: Any, vecs: Sequence[Tensor], slow: Tensor) -> Tensor:
+        """auto's first pass: the closed form on the same probes, kept if it agrees."""
+        fast = layerwise.layerwise_sq_trace(self.local_model, self.loss_fn, cx, cy, probe_vectors=vecs)
+        a, b = float(fast.detach()), float(slow.detach())
+        if not (math.isfinite(a) and math.isfinite(b)):
+            return slow  # nothing to compare: check again on the next pass
+        rtol = {torch.float64: 1e-8, torch.float32: 1e-4}.get(slow.dtype, 1e-2)
+        self._layerwise_agrees = abs(a - b) <= rtol * max(abs(a), abs(b))
+        if not self._layerwise_agrees:
+            warnings.warn(
+                f"the layer-wise closed form gives Tr(H²) = {a:.6g} where autograd gives {b:.6g}: "
+                "loss_fn is not a function of the model output alone (e.g. it adds a weight "
+                "penalty), so this penalty uses autograd from now on; pass backend='autograd' "
+                "to skip the check",
+                RuntimeWarning,
+                stacklevel=6,
+            )
+            return slow
+        return fast
+
+    def _estimate(
+        self, cx: Any, cy: Any, params: list[Tensor], first: Tensor | None, prefix: SharedPrefix | None
+    ) -> Tensor:
+        """The Tr(H²) estimate with graph, by the chosen backend and estimator (inside the pass)."""
+        model = self.local_model
+        if self.backend == "kfac":
+            return kfac_sq_trace(model, self.loss_fn, cx, cy, generator=self.generator, prefix=prefix)
+        if self.estimator == "cv":
+            if prefix is not None and prefix.source is cx and prefix.calls:
+                first = prefix.calls[0].output  # the task forward's input-layer output
+            return cv_sq_trace(
+                model, self.loss_fn, cx, cy, self.probes, self.dist, generator=self.generator,
+                sq_norm_mean=self._engine(cx, cy, params, first), prefix=prefix,
+            )
+        vecs = sample_probes(params, self.probes, self.dist, generator=self.generator)
+        return self._engine(cx, cy, params, first)(vecs)
+
+    def _penalty(
+        self, x: Any, y: Any, first: Tensor | None, prefix: SharedPrefix | None,
+        log: dict[str, float] | None,
+    ) -> Tensor:
+        full_batch = batch_size(x)
+        if full_batch == 0:
+            raise ValueError("empty batch: x holds no samples")
         step = self.calls
         decision = self.policy.decide(step)
         self.calls += 1
-        prefix, self._prefix = self._prefix, None
         params = self.params
         if not params:
             raise ValueError("the model has no parameters that require grad")
         ref = params[0]
         if not decision.active:
             return torch.zeros((), device=ref.device, dtype=ref.dtype)
-        full_batch = batch_size(x)
         cx, cy = self._curvature_batch(x, y)
+        if first is not None:
+            first = first[: batch_size(cx)]
         with curvature_pass(self.local_model, dropout=not self.eval_during_curvature):
-            estimate = self._estimate(cx, cy, params, prefix)
+            estimate = self._estimate(cx, cy, params, first, prefix)
         value = float(estimate.detach())
-        if not math.isfinite(value):
+        ratio_control = getattr(self.policy, "needs_grad_norms", False)
+        lam = float(self.policy.lam) if ratio_control else float(self.policy.decide(step).lam)
+        # in the estimate's dtype: λ·Tr(H²)/B may overflow float32 where Tr(H²) does not
+        penalty_value = float(lam * estimate.detach() / full_batch)
+        if not (math.isfinite(value) and math.isfinite(penalty_value)):
+            what = "Tr(H²) estimate" if not math.isfinite(value) else "penalty λ·Tr(H²)/B"
+            shown = value if not math.isfinite(value) else penalty_value
             message = (
-                f"non-finite Tr(H²) estimate ({value}) at call {self.calls - 1}; "
+                f"non-finite {what} ({shown}) at call {self.calls - 1}; "
                 "lower the learning rate or λ, or pass on_nonfinite='skip'"
             )
             if self.on_nonfinite == "raise":
                 raise NonFiniteCurvatureError(message)
-            warnings.warn(message + " (step skipped)", RuntimeWarning, stacklevel=2)
+            warnings.warn(message + " (step skipped)", RuntimeWarning, stacklevel=3)
             return torch.zeros((), device=ref.device, dtype=ref.dtype)
         unit = estimate / full_batch
-        if getattr(self.policy, "needs_grad_norms", False):
-            lam = float(self.policy.lam)
-            penalty = self._ratio_surrogate(unit, params, step, lam, prefix is not None, log)
+        if ratio_control:
+            penalty = self._ratio_surrogate(unit, params, step, lam, prefix is not None or first is not None, log)
         else:
             lam = float(self.policy.update(step, sq_trace=value))
             penalty = lam * unit
@@ -256,30 +413,6 @@ class FlatnessPenalty:
         self.last_sq_trace = value
         self.last_penalty = lam * value / full_batch
         return penalty
-
-    def _estimate(self, cx: Any, cy: Any, params: list[Tensor], prefix: SharedPrefix | None) -> Tensor:
-        """Tr(H²) on the curvature batch by the chosen backend and estimator, with graph."""
-        model = self.local_model
-        if self.backend == "kfac":
-            return kfac_sq_trace(model, self.loss_fn, cx, cy, generator=self.generator, prefix=prefix)
-        closed_form = self.backend == "layerwise" or (
-            self.backend == "auto" and self._params is None and layerwise.supports(model, cx)
-        )
-        if self.estimator == "cv":
-            engine = None
-            if closed_form:
-                def engine(vectors: Sequence[Tensor]) -> Tensor:
-                    return layerwise.layerwise_sq_trace(model, self.loss_fn, cx, cy, probe_vectors=vectors)
-            return cv_sq_trace(
-                model, self.loss_fn, cx, cy, self.probes, self.dist, generator=self.generator,
-                sq_norm_mean=engine, prefix=prefix,
-            )
-        if closed_form:
-            return layerwise.layerwise_sq_trace(
-                model, self.loss_fn, cx, cy, self.probes, self.dist, generator=self.generator
-            )
-        loss = self.loss_fn(call_model(model, cx), cy)
-        return sq_trace(loss, params, self.probes, self.dist, generator=self.generator, create_graph=True)
 
     def _ratio_surrogate(
         self, unit: Tensor, params: list[Tensor], step: int, lam: float, shared: bool,
@@ -317,11 +450,13 @@ class FlatnessPenalty:
         return lam * unit.detach() + linear - linear.detach()
 
     def state_dict(self) -> dict[str, Any]:
-        """Schedule position and generator state, to resume a run exactly."""
+        """Schedule position, generator state and the closed-form check's verdict, to resume a
+        run exactly."""
         return {
             "calls": self.calls,
             "generator": None if self.generator is None else self.generator.get_state(),
             "last_sq_trace": self.last_sq_trace,
+            "layerwise_agrees": self._layerwise_agrees,
             "policy": self.policy.state_dict(),
         }
 
@@ -332,6 +467,7 @@ class FlatnessPenalty:
                 self.generator = torch.Generator(device="cpu")
             self.generator.set_state(state["generator"])
         self.last_sq_trace = state.get("last_sq_trace")
+        self._layerwise_agrees = state.get("layerwise_agrees")
         if "policy" in state:
             self.policy.load_state_dict(state["policy"])
 

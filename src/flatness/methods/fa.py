@@ -43,7 +43,7 @@ class PenaltyTerm(Term):
         return value
 
     def observe(self, model: nn.Module) -> contextlib.AbstractContextManager[Any]:
-        """K-FAC and the control variate reuse the task forward's leading layers."""
+        """The curvature pass reuses the task forward's input layer (see ``penalty.sharing``)."""
         return self.penalty.sharing()
 
     def state_dict(self) -> dict[str, Any]:
