@@ -123,3 +123,23 @@ def test_fa_step_with_a_shared_prefix_equals_the_unshared_update(kwargs):
     (loss + alone(x, y)).backward()
     for a, b in zip(shared, _grads(model)):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("dropout", [0.3, 0.0])
+@pytest.mark.parametrize("kwargs", [{"backend": "kfac"}, {"estimator": "cv", "probes": 2}])
+def test_a_sub_batch_shares_the_first_rows_of_the_prefix(kwargs, dropout):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Dropout(dropout), nn.Linear(6, 3)).double()
+    x, y = tiny_batch(seed=5, n=8, d_in=4)
+    method = make_method("fa", model, CE, lam=0.3, seed=1, sub_batch=3, **kwargs)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    torch.manual_seed(11)
+    method.step(x, y, opt)
+    shared = _grads(model)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(11)
+    loss = CE(model(x), y)
+    alone = FlatnessPenalty(model, CE, lam=0.3, seed=1, sub_batch=3, **kwargs)
+    (loss + alone(x, y)).backward()  # no shared prefix: the pass runs the sub-batch itself
+    for a, b in zip(shared, _grads(model)):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)

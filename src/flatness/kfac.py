@@ -153,6 +153,8 @@ def kronecker_factors(
     for call, grad in zip(calls, grads):
         if grad is None:
             grad = torch.zeros_like(call.output)
+        if call.rows is not None:
+            grad = grad[: call.rows]
         inputs = call.inputs if differentiable else call.inputs.detach()
         factors.append(
             KroneckerFactors(

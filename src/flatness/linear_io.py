@@ -44,13 +44,16 @@ class LinearCall:
     """One call of a Linear layer: the module, its input rows (N, n) and its output (N, m).
 
     ``passed_on`` is the tensor the forward pass continued with: ``output`` itself, or a copy of
-    it when the model has in-place modules (which would otherwise overwrite ``output``).
+    it when the model has in-place modules (which would otherwise overwrite ``output``). With
+    ``rows`` set (a sub-batch of a shared prefix), ``output`` is the whole batch's tensor — what
+    a gradient must be taken with respect to — and only its first ``rows`` rows are this call's.
     """
 
     module: nn.Module
     inputs: Tensor
     output: Tensor
     passed_on: Tensor | None = None
+    rows: int | None = None  # only the first ``rows`` rows of ``output`` belong to this call
 
     def __post_init__(self) -> None:
         if self.passed_on is None:
@@ -133,6 +136,21 @@ class SharedPrefix:
     source: Any = None
     output: Tensor | None = None
     calls: list[LinearCall] = field(default_factory=list)
+
+    def first_rows(self, source: Any) -> SharedPrefix:
+        """The prefix of ``source``, the first rows of this prefix's 2-D input (a sub-batch):
+        the prefix works row by row, so its values for those rows are the first rows of its own."""
+        if self.output is None or not isinstance(self.source, Tensor) or self.source.dim() != 2:
+            return SharedPrefix(self.length)
+        if not isinstance(source, Tensor) or source.data_ptr() != self.source.data_ptr():
+            return SharedPrefix(self.length)  # not a leading slice of the recorded input
+        n = int(source.shape[0])
+        output = self.output[:n]
+        calls = [
+            LinearCall(c.module, c.inputs[:n], c.output, output if c.passed_on is self.output else c.passed_on[:n], n)
+            for c in self.calls
+        ]
+        return SharedPrefix(self.length, source, output, calls)
 
 
 @contextlib.contextmanager

@@ -379,6 +379,8 @@ class FlatnessPenalty:
         cx, cy = self._curvature_batch(x, y)
         if first is not None:
             first = first[: batch_size(cx)]
+        if prefix is not None and cx is not x and prefix.source is x:
+            prefix = prefix.first_rows(cx)  # a sub-batch: the first rows of the shared prefix
         with curvature_pass(self.local_model, dropout=not self.eval_during_curvature):
             estimate = self._estimate(cx, cy, params, first, prefix)
         value = float(estimate.detach())

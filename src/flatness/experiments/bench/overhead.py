@@ -13,7 +13,8 @@ over threads; steadier than wall time on a machine shared with other work).
 - ``fa_m1_k1_autograd`` / ``fa_m5_k1_autograd``: the same FA steps forced onto generic batched
   double backward (``backend="autograd"``), the path models other than Linear/activation stacks
   take;
-- ``fa_kfac_k1``: the K-FAC penalty (``backend="kfac"``, :mod:`flatness.kfac`) every step;
+- ``fa_kfac_k1`` / ``fa_kfac_k1_sub32``: the K-FAC penalty (``backend="kfac"``,
+  :mod:`flatness.kfac`) every step, on the whole batch / its first 32 samples;
 - ``reference_m5_k1``: the paper-literal step (a Python loop over probes that recomputes the
   gradient for every probe) for comparison.
 
@@ -107,6 +108,9 @@ def run_overhead(
             "fa", lam=lam, probes=5, every=1, seed=seed, backend="autograd"
         ),
         "fa_kfac_k1": method_case("fa", lam=lam, every=1, seed=seed, backend="kfac"),
+        f"fa_kfac_k1_sub{sub}": method_case(
+            "fa", lam=lam, every=1, seed=seed, backend="kfac", sub_batch=sub
+        ),
         "reference_m5_k1": lambda: ref_step(x, y),
     }
     windows = {"fa_m5_k10": 10, f"fa_m5_k10_sub{sub}": 10}
