@@ -101,8 +101,8 @@ def execute_run(
         kwargs[spec.hparam] = spec.value
     if accepts(spec.method, "seed") and "seed" not in kwargs:
         kwargs["seed"] = spec.seed  # the method's own randomness (e.g. FA's probes)
-    torch.manual_seed(spec.seed)
-    model = task.build_model(num_features=splits.num_features)
+    torch.manual_seed(spec.seed)  # what checkpoints.initial_model replays
+    model = task.build_model(num_features=splits.num_features, **spec.model_kwargs)
     world = dist_ctx.world_size if dist_ctx is not None else emulate_ranks
     is_main = dist_ctx is None or dist_ctx.is_main
     try:
@@ -246,7 +246,7 @@ def execute_run(
     }
     meta = {k: record[k] for k in ("name", "method", "hparam", "value", "seed", "final_test_acc", "finished_at")}
     meta["config"] = spec.config
-    save_checkpoint(out / record["checkpoint"], model, task=spec.task, meta=meta)
+    save_checkpoint(out / record["checkpoint"], model, task=spec.task, meta=meta, model_kwargs=spec.model_kwargs)
     if snapshots:
         payload = {
             "format": "flatness-trajectory",
