@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "flatness.cli.bench",
     "flatness.cli.run",
     "flatness.cli.inspect",
+    "flatness.cli.study",
 )
 
 
