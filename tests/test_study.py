@@ -10,8 +10,12 @@ import pytest
 import torch
 
 from flatness.cli import main
-from flatness.experiments import study as study_module
-from flatness.experiments.checkpoints import checkpoint_initial_model, initial_model, load_checkpoint
+from flatness.experiments import study_population
+from flatness.experiments.checkpoints import (
+    checkpoint_initial_model,
+    initial_model,
+    load_checkpoint,
+)
 from flatness.experiments.runner import execute_run
 from flatness.experiments.specs import RunSpec, build_grid, identity
 from flatness.experiments.study import AXES, get_grid, parse_method_label, run_study
@@ -120,7 +124,7 @@ def test_small_study_resumes_without_work(small_study: tuple[Path, str], monkeyp
     def no_measuring(*args: object, **kwargs: object) -> None:
         raise AssertionError("a cached measurement was recomputed")
 
-    monkeypatch.setattr(study_module, "compute_measures", no_measuring)
+    monkeypatch.setattr(study_population, "compute_measures", no_measuring)
     messages: list[str] = []
     run_study("breast-cancer-mlp", "small", out, progress=False, plots=False, resamples=200,
               log=messages.append)

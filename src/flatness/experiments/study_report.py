@@ -31,8 +31,19 @@ import numpy as np
 
 from ..utils import atomic_write_bytes
 from .record import read_record, write_json
-from .stats import AxisCoefficient, granulated_kendall, kendall_with_interval, mean_granulated
-from .study import AXES, STUDY_MEASURES, Population, StudyGrid, measurement_inputs
+from .stats import (
+    AxisCoefficient,
+    granulated_kendall,
+    kendall_with_interval,
+    mean_granulated,
+)
+from .study_population import (
+    AXES,
+    STUDY_MEASURES,
+    Population,
+    StudyGrid,
+    measurement_inputs,
+)
 
 __all__ = ["RANKED", "varied_axes", "rank_measures", "plane_fractions", "write_study_report",
            "write_reparam_report"]
@@ -302,7 +313,6 @@ def write_reparam_report(
     for alpha in alphas:
         drift, changes = reparametrization_check(model, task.loss_fn, batches, STUDY_MEASURES, alpha, 0, options)
         results.append((alpha, drift, {c.key: c for c in changes}))
-    labels = dict(RANKED)
     lines = [f"# Reparametrisation check (Dinh et al., 2017): {population.task}, model `{reference['name']}`",
              "", "First linear layer × α (weight and bias), second ÷ α: the same function "
              f"(largest output change {max(d for _, d, _ in results):.2e}). Invariant: relative change ≤ {rtol:g}.",

@@ -58,7 +58,13 @@ import torch
 from torch import Tensor, nn
 
 from ..utils import FlatnessError, batch_size, eval_mode
-from .functional import LossFn, collect_batches, evaluate_at, require_finite, select_params
+from .functional import (
+    LossFn,
+    collect_batches,
+    evaluate_at,
+    require_finite,
+    select_params,
+)
 from .margin import zero_one_error
 from .noise import noisy_loss
 
