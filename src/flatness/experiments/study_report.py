@@ -12,7 +12,8 @@ r"""Tables and plots of a study (:mod:`flatness.experiments.study`), written int
 * ``scatter_AXIS.png`` — each measure against the accuracy gap, coloured by one varied axis.
 * ``plane.md`` / ``plane.png`` — Geng et al.'s Fig. 2 from the same population: per method
   strength, the fraction of its models (each a point of a learning-rate × weight-decay plane)
-  whose test accuracy reaches each threshold (the population's test-accuracy deciles).
+  whose test accuracy reaches each threshold (the 10/25/50/75/90th percentiles of the
+  population's test accuracy), pooled over the planes at the centre and at the alternatives.
 * ``reparam.md`` / ``reparam.json`` (``--reparam``) — Dinh et al.'s rescaling of one model: each
   measure before and after α = 10 and α = 0.1 (:func:`flatness.measures.reparametrization_check`).
 """
@@ -161,7 +162,8 @@ def _markdown(population: Population, grid: StudyGrid, ranking: list[dict[str, A
         "Kendall τ (Jiang et al.'s, ties count 0) between each measure and the accuracy gap, test "
         "accuracy and loss gap (test − train), with bootstrap 95% intervals over models; ψ per axis: τ "
         "with the accuracy gap over models differing in that axis only, averaged over the other axes' "
-        "settings (interval over cells); Ψ: mean of the ψ. τ > 0: the measure predicts a larger gap.",
+        "settings (interval over cells); Ψ: mean of the ψ. τ > 0 with a gap: the measure predicts a "
+        "larger gap; τ > 0 with test accuracy: larger values go with higher test accuracy.",
         "",
     ]
     head = ["measure", "τ gap", "τ test acc", "τ loss gap", *[f"ψ {SHORT[a]}" for a in axes], "Ψ"]
@@ -185,7 +187,10 @@ def _markdown(population: Population, grid: StudyGrid, ranking: list[dict[str, A
         lines.append(f"Measures that failed on some models (left out there): {', '.join(failed)} "
                      f"({len(population.errors)} models; reasons in population.json).")
     lines += ["", "## Share of the learning-rate × weight-decay plane above test-accuracy thresholds",
-              "", "(Geng et al.'s Fig. 2; thresholds: the population's test-accuracy deciles.)", ""]
+              "", "(Geng et al.'s Fig. 2: the share of each method strength's models, i.e. of its lr × wd "
+              "plane pooled over the centre and the alternative settings of the other axes, whose test "
+              "accuracy reaches each threshold; thresholds: the 10/25/50/75/90th percentiles of the "
+              "population's test accuracy.)", ""]
     head = ["method", "models", *[f"≥ {t:.4f}" for t in plane["thresholds"]]]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m, v in plane["methods"].items():
