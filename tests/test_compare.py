@@ -9,13 +9,17 @@ import pytest
 
 import flatness.measures
 from flatness.cli import main
-from flatness.experiments.specs import format_value
+from flatness.experiments import measure
 from flatness.experiments.compare import (
     comparison_grid,
+    comparison_markdown,
     comparison_specs,
     plot_comparison,
     select_and_summarize,
 )
+from flatness.experiments.specs import format_value
+from flatness.experiments.stats import holm
+from flatness.experiments.tasks import get_task
 from flatness.utils import FlatnessError
 
 BC = "breast-cancer-mlp"
@@ -42,6 +46,8 @@ def test_grids_drop_zero_and_always_include_none():
     assert 0.0 not in comparison_grid("fa") and comparison_grid("fa")
     for method in ("sam", "gnp", "curvature", "nrs", "rpr"):
         assert all(v > 0 for v in comparison_grid(method))
+    # gnp at ρ = its finite-difference radius (0.1) is SAM at ρ = 0.1: shown once, as sam
+    assert 0.1 in comparison_grid("sam") and 0.1 not in comparison_grid("gnp")
     specs = comparison_specs(BC, ["sam"], seeds=2, grids={"sam": [0.05]})
     assert [s.name for s in specs] == ["none_seed0", "none_seed1", "sam_rho0.05_seed0", "sam_rho0.05_seed1"]
     with pytest.raises(FlatnessError, match="unknown method"):
@@ -53,7 +59,7 @@ def test_grids_drop_zero_and_always_include_none():
 def test_strength_is_chosen_on_validation_not_test():
     records = [_record("none", None, s, 0.90, 0.80 + 0.01 * s) for s in range(3)]
     # ρ = 0.01: best validation; ρ = 0.1: best test (must not be chosen)
-    records += [_record("sam", 0.01, s, 0.95, 0.85 + 0.01 * s, seconds=2.0) for s in range(3)]
+    records += [_record("sam", 0.01, s, 0.95, (0.85, 0.87, 0.86)[s], seconds=2.0) for s in range(3)]
     records += [_record("sam", 0.1, s, 0.91, 0.99, seconds=2.0) for s in range(3)]
     results = {r.method: r for r in select_and_summarize(records, ["sam"])}
     sam, none = results["sam"], results["none"]
@@ -62,9 +68,11 @@ def test_strength_is_chosen_on_validation_not_test():
     assert sam.time_ratio == pytest.approx(2.0) and none.time_ratio == pytest.approx(1.0)
     from scipy import stats
 
-    expected = stats.ttest_ind([0.85, 0.86, 0.87], [0.80, 0.81, 0.82], equal_var=False).pvalue
-    assert sam.p_value == pytest.approx(expected)
-    assert none.p_note == "baseline" and math.isnan(none.p_value)
+    c = sam.vs_none  # paired by seed: same seed, same initial weights and data order
+    assert c.paired and c.n_pairs == 3
+    assert c.p_t == pytest.approx(stats.ttest_rel([0.85, 0.87, 0.86], [0.80, 0.81, 0.82]).pvalue)
+    assert c.p_t_holm == pytest.approx(c.p_t)  # a family of one
+    assert none.role == "baseline" and none.vs_none is None
     assert sam.flatness["measured_sq_trace_per_B"] == pytest.approx(1.5)
 
 
@@ -102,7 +110,6 @@ def fake_measures(monkeypatch):
     return calls
 
 
-@pytest.mark.filterwarnings("ignore:Precision loss occurred")
 def test_compare_cli_end_to_end_then_resume(tmp_path, fake_measures, capsys):
     args = [
         "compare", BC, "--methods", "sam", "--grid", "sam=0.01,0.1", "--seeds", "2",
@@ -132,7 +139,7 @@ def test_compare_cli_end_to_end_then_resume(tmp_path, fake_measures, capsys):
     # the per-method report shows what the comparison measured (one cache), and only that
     chosen = format_value(methods["sam"]["value"])
     rows = {line.split(" | ")[0][2:]: line for line in (tmp_path / BC / "summary.md").read_text().splitlines()
-            if line.startswith("| 0.")}
+            if line.startswith("| 0.") and line.split(" | ")[1].isdigit()}  # the results table
     assert set(rows) == {"0.01", "0.1"}
     assert "not measured" not in rows[chosen]
     assert all("not measured" in line for v, line in rows.items() if v != chosen)
@@ -171,3 +178,60 @@ def test_plot_is_written(tmp_path):
     plot_comparison(BC, results, {r["name"]: r for r in records}, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["compare.png"]  # no temp file left
+
+
+def test_holm_across_methods_and_notes_in_the_table():
+    records = [_record("none", None, s, 0.90, (0.80, 0.82, 0.81, 0.83)[s]) for s in range(4)]
+    sam_acc = (0.82, 0.83, 0.84, 0.84)
+    records += [_record("sam", 0.05, s, 0.95, sam_acc[s]) for s in range(4)]
+    records += [_record("nrs", 0.1, s, 0.93, (0.80, 0.83, 0.80, 0.85)[s], hparam="eps") for s in range(4)]
+    # rpr: every seed exactly as `none` -> a note instead of a p-value
+    records += [_record("rpr", 0.5, s, 0.91, (0.80, 0.82, 0.81, 0.83)[s], hparam="eps") for s in range(4)]
+    results = {r.method: r for r in select_and_summarize(records, ["sam", "nrs", "rpr"])}
+    from scipy import stats
+
+    raw = [stats.ttest_rel([r["final_test_acc"] for r in records if r["method"] == m],
+                           [0.80, 0.82, 0.81, 0.83]).pvalue for m in ("sam", "nrs")]
+    assert [results[m].vs_none.p_t for m in ("sam", "nrs")] == pytest.approx(raw)
+    assert [results[m].vs_none.p_t_holm for m in ("sam", "nrs")] == pytest.approx(holm(raw))
+    rpr = results["rpr"].vs_none
+    assert math.isnan(rpr.p_t) and rpr.note == "identical values on every pair"
+    text = comparison_markdown(BC, list(results.values()), get_task(BC).config.as_dict())
+    sam = results["sam"].vs_none
+    assert f"| {sam.p_t:.2g} / {sam.p_t_holm:.2g} |" in text  # raw / Holm in the main table
+    line = next(x for x in text.splitlines() if x.startswith("| `sam` ρ = 0.05 | 4 pairs |"))
+    assert f"| {sam.p_t:.2g} | {sam.p_t_holm:.2g} | {sam.p_wilcoxon:.2g} | {sam.p_wilcoxon_holm:.2g} |" in line
+    assert f"{sam.difference:+.4f} [{sam.ci[0]:+.4f}, {sam.ci[1]:+.4f}]" in line and f"| {sam.mde:.4f} |" in line
+    assert "| n/a (identical values on every pair) |" in text and "p = 0 " not in text
+    assert "Holm–Bonferroni adjustment over the 2 tests of this table" in text
+    assert "*MDE* (minimum detectable effect)" in text
+    assert f"ln 2 = {math.log(2):.2f}" in text  # the loss scale, from the task's class count
+
+
+def test_gnp_at_its_radius_is_sam_shown_once():
+    records = [_record("none", None, s, 0.90, 0.80 + 0.01 * s) for s in range(2)]
+    records += [_record("sam", 0.1, s, 0.97, (0.85, 0.84)[s]) for s in range(2)]
+    # gnp's best validation accuracy is at ρ = 0.1 = r, i.e. SAM's configuration: not chosen
+    records += [_record("gnp", 0.1, s, 0.97, (0.85, 0.84)[s]) for s in range(2)]
+    records += [_record("gnp", 0.05, s, 0.93, (0.83, 0.85)[s]) for s in range(2)]
+    results = {r.method: r for r in select_and_summarize(records, ["sam", "gnp"])}
+    assert results["gnp"].value == 0.05 and results["sam"].value == 0.1
+    text = comparison_markdown(BC, list(results.values()), get_task(BC).config.as_dict())
+    assert "ρ = 0.1: 0.9700 ± 0.0000 / n/a (≡ `sam` ρ = 0.1, not chosen for gnp)" in text
+    assert "at ρ = r, c = 1 and it is SAM's update at ρ = r" in text
+    assert text.count("| `gnp` |") == 1 and "| `gnp` | ρ = 0.05 |" in text
+
+
+def test_footnotes_follow_the_measurement_protocol(monkeypatch):
+    records = [_record("none", None, s, 0.9, 0.8 + 0.01 * s) for s in range(2)]
+    records += [_record("sam", 0.05, s, 0.95, (0.85, 0.84)[s]) for s in range(2)]
+    results = select_and_summarize(records, ["sam"])
+    config = get_task(BC).config.as_dict()
+    assert f"first {measure.MEASURE_SAMPLES} training samples" in comparison_markdown(BC, results, config)
+    monkeypatch.setattr(measure, "MEASURE_SAMPLES", 512)
+    monkeypatch.setattr(measure, "MEASURE_PROBES", 3)
+    text = comparison_markdown(BC, results, config)
+    assert "first 512 training samples" in text and "3 fixed Rademacher probes" in text
+    assert "1024" not in text
+    changed = get_task(BC).config.replace(epochs=7, batch_size=64).as_dict()
+    assert "7 epochs, B = 64" in comparison_markdown(BC, results, changed)

@@ -1,4 +1,5 @@
-"""Report: grouping, Welch p-values (incl. degenerate cases), summary files, plots, CLI."""
+"""Report: grouping, paired statistics against the baseline (incl. degenerate cases), summary
+files, footnotes that follow the protocol, plots, CLI."""
 
 from __future__ import annotations
 
@@ -6,11 +7,14 @@ import csv
 import json
 import math
 
+import numpy as np
 import pytest
 from scipy import stats
 
 from flatness.cli import main
-from flatness.experiments.report import summarize, welch_p, write_report
+from flatness.experiments import measure
+from flatness.experiments.report import markdown, summarize, write_report
+from flatness.experiments.stats import holm
 from flatness.experiments.tasks import get_task
 
 BC = "breast-cancer-mlp"
@@ -56,15 +60,6 @@ def _write(directory, records):
         (directory / f"{r['name']}.json").write_text(json.dumps(r))
 
 
-def test_welch_p_matches_scipy_and_handles_degenerate_cases():
-    a, b = [0.95, 0.96, 0.97], [0.91, 0.93, 0.92]
-    assert welch_p(a, b)[0] == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue)
-    p, note = welch_p([0.9, 0.9, 0.9], [0.9, 0.9, 0.9])
-    assert math.isnan(p) and "identical" in note
-    assert welch_p([0.9, 0.9], [0.8, 0.8]) == (0.0, "zero variance, different means")
-    assert math.isnan(welch_p([0.9], [0.8, 0.7])[0])
-
-
 def test_summarize_groups_by_method_and_protocol_with_baselines():
     records = [_record(v, s, 0.9 + 0.01 * s + v / 10) for v in (0.0, 0.01, 0.1) for s in range(3)]
     records += [_record(0.01, 0, 0.5, status="failed")]
@@ -74,19 +69,77 @@ def test_summarize_groups_by_method_and_protocol_with_baselines():
     groups = {(g.method, g.protocol_id): g for g in summarize(records)}
     fa = groups[("fa", "")]
     assert [row.value for row in fa.rows] == [0.0, 0.01, 0.1]
-    assert fa.rows[0].p_note == "baseline" and fa.baseline == "λ = 0"
+    assert fa.rows[0].role == "baseline" and fa.rows[0].vs_baseline is None and fa.baseline == "λ = 0"
     row = fa.rows[1]
     assert len(row.runs) == 3 and len(row.failed) == 1 and row.seeds == [0, 1, 2]
     mean, std, n = row.stats["final_test_acc"]
     assert n == 3 and mean == pytest.approx(0.911) and std == pytest.approx(0.01)
-    assert row.p_value == pytest.approx(
-        stats.ttest_ind([0.901, 0.911, 0.921], [0.9, 0.91, 0.92], equal_var=False).pvalue
-    )
+    # every seed gains exactly 0.001 over λ = 0: zero variance, a note and no p-value
+    c = row.vs_baseline
+    assert c.n_pairs == 3 and c.difference == pytest.approx(0.001) and math.isnan(c.p_t)
+    assert "zero variance" in c.note
+    c = fa.rows[2].vs_baseline  # gains 0.01 each: zero variance too
+    assert math.isnan(c.p_t) and math.isnan(c.p_t_holm)
     assert fa.rows[0].stats["avg_train_sq_trace_per_B"][2] == 0  # λ = 0 computes no penalty
     sam = groups[("sam", "")]
-    assert sam.baseline == "method none" and 0 <= sam.rows[0].p_value <= 1
+    assert sam.baseline == "method none"
+    c = sam.rows[0].vs_baseline  # seeds 0, 1 of `none` pair with sam's; seed 2 is left out
+    assert c.n_pairs == 2 and c.left_out == 1 and c.paired
+    assert c.p_t == pytest.approx(stats.ttest_rel([0.8, 0.8], [0.9, 0.91]).pvalue)
     other_protocol = groups[("fa", "abc123")]
-    assert other_protocol.rows[0].p_note == "baseline"
+    assert other_protocol.rows[0].role == "baseline"
+
+
+def test_paired_tests_with_holm_across_the_rows_of_a_group():
+    accs = {0.0: [0.90, 0.92, 0.91, 0.93], 0.01: [0.92, 0.93, 0.94, 0.94], 0.1: [0.89, 0.93, 0.90, 0.92],
+            1.0: [0.80, 0.85, 0.81, 0.86]}
+    records = [_record(v, s, a) for v, row in accs.items() for s, a in enumerate(row)]
+    (g,) = summarize(records)
+    cs = [row.vs_baseline for row in g.rows[1:]]
+    raw = [stats.ttest_rel(accs[v], accs[0.0]).pvalue for v in (0.01, 0.1, 1.0)]
+    assert [c.p_t for c in cs] == pytest.approx(raw)
+    assert [c.p_t_holm for c in cs] == pytest.approx(holm(raw))
+    wil = [stats.wilcoxon(np.subtract(accs[v], accs[0.0])).pvalue for v in (0.01, 0.1, 1.0)]
+    assert [c.p_wilcoxon for c in cs] == pytest.approx(wil)
+    assert [c.p_wilcoxon_holm for c in cs] == pytest.approx(holm(wil))
+    md = markdown([g])
+    row = next(line for line in md.splitlines() if line.startswith("| 1 | 4 pairs |"))
+    c = cs[2]
+    cells = [x.strip() for x in row.strip("|").split("|")]
+    assert cells[2] == f"{c.difference:+.4f} [{c.ci[0]:+.4f}, {c.ci[1]:+.4f}]"
+    assert cells[3].startswith(f"d_z = {c.effect:+.2f} [")
+    assert cells[4:8] == [f"{c.p_t:.2g}", f"{c.p_t_holm:.2g}", f"{c.p_wilcoxon:.2g}", f"{c.p_wilcoxon_holm:.2g}"]
+    assert cells[8] == f"{c.mde:.4f}"
+    assert f"| {c.p_t:.2g} / {c.p_t_holm:.2g} |" in md  # raw / Holm in the results table too
+    assert "Holm–Bonferroni adjustment over the 3 tests of this table" in md
+    assert "with 4 pairs its two-sided p cannot fall below 0.12" in md
+    assert "*MDE* (minimum detectable effect)" in md and "with 4 pairs" in md
+
+
+def test_footnotes_follow_the_measurement_protocol(monkeypatch):
+    records = [_record(v, s, 0.9 + 0.01 * s) for v in (0.0, 0.1) for s in range(2)]
+    before = markdown(summarize(records))
+    assert f"first {measure.MEASURE_SAMPLES} training samples" in before
+    assert f"{measure.MEASURE_PROBES} fixed Rademacher probes per batch" in before
+    assert f"first {measure.EPOCH_MEASURE_BATCHES} training batches" in before
+    monkeypatch.setattr(measure, "MEASURE_SAMPLES", 2048)
+    monkeypatch.setattr(measure, "MEASURE_PROBES", 7)
+    monkeypatch.setattr(measure, "EPOCH_MEASURE_BATCHES", 1)
+    monkeypatch.setattr(measure, "EPOCH_MEASURE_PROBES", 3)
+    monkeypatch.setattr(measure, "FINAL_TRACE_MATVECS", 12)
+    after = markdown(summarize(records))
+    assert "first 1024 training samples" not in after
+    assert "first 2048 training samples" in after and "7 fixed Rademacher probes per batch" in after
+    assert "first 1 training batch of B (eval mode, 3 fixed probes per batch)" in after
+    assert f"({measure.FINAL_TRACE_MATVECS} Hessian-vector products)" in after and "(30 Hessian" not in after
+
+
+def test_gnp_at_its_radius_is_marked_as_sam():
+    records = [_record(None, s, 0.9 + 0.01 * s, method="none", hparam=None) for s in range(2)]
+    records += [_record(v, s, 0.9, method="gnp", hparam="rho") for v in (0.05, 0.1) for s in range(2)]
+    md = markdown(summarize(records))
+    assert "| 0.1 (≡ SAM ρ = 0.1) |" in md and "| 0.05 |" in md
+    assert "c = ρ/r = 1, which is exactly SAM's update at ρ = 0.1" in md
 
 
 def test_write_report_files_and_tables(tmp_path):
@@ -98,7 +151,9 @@ def test_write_report_files_and_tables(tmp_path):
     assert md == text and "(the paper's Table 3)" in md
     assert "| λ | runs | Final acc | Best acc† | Val-chosen acc |" in md
     assert "| 0 | 3 | 0.9550 ± 0.0050 |" in md and "not computed" in md
-    assert md.count(" | 1 | 0.5") == 2  # identical accuracies on both sides: p = 1
+    # identical accuracies on every seed: a note, never a p-value
+    assert md.count("| n/a (identical values on every pair) |") == 2
+    assert "| n/a: identical values on every pair |" in md
     assert "0.5556" in md  # the paper's column
     rows = list(csv.DictReader((d / "summary.csv").open()))
     assert [r["value"] for r in rows] == ["0.0", "0.001", "0.01"] and rows[0]["runs"] == "3"

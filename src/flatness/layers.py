@@ -44,30 +44,6 @@ def sparse_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
     contrib = weight.index_select(1, col) * val.to(weight.dtype)  # (out, nnz)
     out = weight.new_zeros(weight.shape[0], x.shape[0]).index_add(1, rows, contrib).t()
     return out if bias is None else out + bias
-    """A linear layer (``weight`` is (out, in) as in :class:`torch.nn.Linear`) for sparse inputs.
-
-    Dense inputs go through ``F.linear``; sparse CSR/COO inputs through :func:`sparse_linear`.
-    Initialised like :class:`torch.nn.Linear`.
-    """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
-            nn.init.uniform_(self.bias, -bound, bound)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return sparse_linear(x, self.weight, self.bias)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 class SparseLinear(nn.Module):

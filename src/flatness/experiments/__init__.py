@@ -7,7 +7,8 @@ Everything here builds on the library (:mod:`flatness`) and nothing in the libra
 - :mod:`.specs` (what identifies a run), :mod:`.record` (the typed run record),
   :mod:`.checkpoints`, :mod:`.measure` (fixed measurement protocols), :mod:`.runner`
   (one run, a resumable grid of runs), :mod:`.distributed` (DDP);
-- :mod:`.report`, :mod:`.compare` (tables, statistics, plots); :mod:`.bench` (benchmarks).
+- :mod:`.stats` (the one statistics module), :mod:`.groups`, :mod:`.tables`, :mod:`.plots`,
+  :mod:`.report`, :mod:`.compare` (tables, statistics, plots); :mod:`.bench` (benchmarks).
 
 The most used names are importable from here (loaded on first use):
 ``build_grid``, ``run_grid``, ``execute_run``, ``RunSpec``, ``get_task``, ``train``.

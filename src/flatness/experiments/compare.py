@@ -9,13 +9,16 @@ resumable, ``--jobs``), into ``OUT/TASK/``. Then, per method:
   model's validation accuracy, ties broken by the lower mean validation loss (then the smaller
   strength); test accuracy never enters the choice. Small validation sets (Breast Cancer: 46
   samples) often tie on accuracy, hence the loss;
-* at that strength: final test accuracy, mean ± std over seeds; Welch's t-test p-value against
-  ``none`` (``scipy.stats.ttest_ind(equal_var=False)``);
+* at that strength: final test accuracy, mean ± std over seeds, compared with ``none`` paired by
+  seed (same seed: same initial weights and data order) by
+  :func:`flatness.experiments.stats.compare_samples`: the mean difference with its 95 %
+  interval, d_z, paired t and Wilcoxon p-values raw and Holm-adjusted over the methods of the
+  table, and the minimum detectable effect at the seed count used;
 * flatness of the final models: Tr(H²)/B as recorded by the runner (its fixed measurement
-  protocol), and λ_max and Tr(H) from :func:`flatness.measures.final_measures` on the same
-  fixed data (the first 1024 training samples in batches of B; cached per run under
-  ``OUT/TASK/measures/``, the cache ``flatness report --measures`` uses too), unless the run
-  record already holds them;
+  protocol, :mod:`flatness.experiments.measure`), and λ_max and Tr(H) from
+  :func:`flatness.measures.final_measures` on the same fixed training samples (cached per run
+  under ``OUT/TASK/measures/``, the cache ``flatness report --measures`` uses too), unless the
+  run record already holds them;
 * training time per epoch relative to ``none`` (means over seeds; with ``--jobs`` > 1 runs share
   the cores, so these ratios are rough).
 
@@ -24,17 +27,21 @@ grid of validation accuracies), ``compare.json`` (every number) and ``compare.pn
 accuracy per method; accuracy vs measured Tr(H²)/B per run). The runner's own per-method
 report (``OUT/TASK/summary.md``) is refreshed too.
 
+``gnp`` at ρ equal to its finite-difference radius r is SAM at ρ = r (c = ρ/r = 1,
+:func:`flatness.experiments.groups.sam_twin`): that configuration is left out of gnp's grid,
+and, when its runs exist anyway, shown in gnp's grid marked as SAM and never chosen for gnp.
+
 Example:
     >>> from flatness.experiments.compare import comparison_grid
     >>> comparison_grid("sam"), comparison_grid("none"), comparison_grid("fa")
     ([0.01, 0.05, 0.1], [None], [0.001, 0.01, 0.1, 1.0])
+    >>> comparison_grid("gnp")  # ρ = 0.1 = r would be SAM at ρ = 0.1
+    [0.01, 0.05]
 """
 
 from __future__ import annotations
 
-import io
 import math
-import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -43,11 +50,23 @@ from typing import Any
 
 from ..methods import METHODS
 from ..utils import FlatnessError, atomic_write_bytes
+from .groups import SYMBOLS, sam_twin
 from .measure import FLATNESS_KEYS, final_model_extras
+from .plots import figure, save_png
 from .record import read_record, write_json
-from .report import welch_p, write_report
+from .report import write_report
 from .runner import run_grid
 from .specs import RunSpec, build_grid, default_values, format_value
+from .stats import Comparison, adjust_holm, compare_samples, mean_std
+from .tables import (
+    comparison_note,
+    comparison_table,
+    final_flatness_note,
+    final_measures_note,
+    fmt,
+    p_cell,
+    protocol_line,
+)
 from .tasks import TASKS, get_task
 
 __all__ = [
@@ -64,11 +83,14 @@ COMPARE_METHODS: tuple[str, ...] = ("none", "fa", "sam", "gnp", "curvature", "nr
 
 
 def comparison_grid(method: str) -> list[float | None]:
-    """The strengths tried for ``method``: its default grid without 0 (``none`` covers 0)."""
+    """The strengths tried for ``method``: its default grid without 0 (``none`` covers 0).
+
+    Configurations identical to another method's (gnp at ρ = r is SAM) are left out.
+    """
     values = default_values(method)
     if values == [None]:
         return [None]
-    grid = [v for v in values if v is not None and v > 0]
+    grid = [v for v in values if v is not None and v > 0 and sam_twin(method, v, {}) is None]
     if not grid:
         raise FlatnessError(f"method {method!r} has no positive strength in its grid")
     return grid
@@ -120,20 +142,13 @@ class MethodResult:
     test_acc_std: float
     val_acc: float
     val_loss: float = math.nan
-    test_accs: list[float] = field(default_factory=list)  # per seed, for the t-test
-    p_value: float = math.nan
-    p_note: str = ""
+    test_accs: list[float] = field(default_factory=list)  # per seed (same order as seeds)
+    vs_none: Comparison | None = None  # test accuracy against `none`, paired by seed, Holm-adjusted
+    role: str = ""  # "baseline" (`none` itself), "no `none` runs", or "" (compared)
     flatness: dict[str, float] = field(default_factory=dict)  # key -> mean over seeds
     flatness_std: dict[str, float] = field(default_factory=dict)
     seconds_per_epoch: float = math.nan
     time_ratio: float = math.nan
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    if not xs:
-        return math.nan, math.nan
-    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else math.nan
 
 
 def select_and_summarize(
@@ -144,7 +159,8 @@ def select_and_summarize(
     ``records`` are run records of one task and protocol (complete or failed), optionally with
     ``final_val_loss`` (the tie-break). Per-run flatness entries listed in :data:`FLATNESS_KEYS`
     (and ``measured_sq_trace_per_B``) are averaged when present. ``none`` is the baseline of the
-    p-values and time ratios.
+    tests (paired by seed, Holm over the methods) and of the time ratios. A grid entry that is
+    another method's configuration (``sam_rho``: gnp at ρ = r is SAM) is never chosen.
     """
     results: list[MethodResult] = []
     for method in dict.fromkeys(["none", *methods]):
@@ -157,12 +173,13 @@ def select_and_summarize(
         grid = []
         for value in sorted(by_value, key=lambda v: -1.0 if v is None else float(v)):
             done = [r for r in by_value[value] if r["status"] == "complete"]
-            mean, std = _mean_std([r.get("final_val_acc") for r in done])
-            loss, loss_std = _mean_std([r.get("final_val_loss") for r in done])
+            mean, std, _ = mean_std([r.get("final_val_acc") for r in done])
+            loss, loss_std, _ = mean_std([r.get("final_val_loss") for r in done])
+            twin = sam_twin(method, value, mine[0].get("method_kwargs") or {})
             grid.append({"value": value, "val_acc": mean, "val_acc_std": std, "val_loss": loss,
                          "val_loss_std": loss_std, "runs": len(done),
-                         "failed": len(by_value[value]) - len(done)})
-        usable = [g for g in grid if g["runs"] and math.isfinite(g["val_acc"])]
+                         "failed": len(by_value[value]) - len(done), "sam_rho": twin})
+        usable = [g for g in grid if g["runs"] and math.isfinite(g["val_acc"]) and g["sam_rho"] is None]
         if not usable:
             continue
 
@@ -175,7 +192,7 @@ def select_and_summarize(
             (r for r in by_value[best["value"]] if r["status"] == "complete"), key=lambda r: r["seed"]
         )
         failed = [r["name"] for r in by_value[best["value"]] if r["status"] != "complete"]
-        test, test_std = _mean_std([r["final_test_acc"] for r in chosen])
+        test, test_std, _ = mean_std([r["final_test_acc"] for r in chosen])
         result = MethodResult(
             method=method,
             hparam=mine[0].get("hparam"),
@@ -193,36 +210,51 @@ def select_and_summarize(
         for key in ("measured_sq_trace_per_B", *FLATNESS_KEYS):
             values = [r[key] for r in chosen if isinstance(r.get(key), (int, float))]
             if len(values) == len(chosen):
-                result.flatness[key], result.flatness_std[key] = _mean_std(values)
-        result.seconds_per_epoch = _mean_std([r.get("seconds_per_epoch") for r in chosen])[0]
+                result.flatness[key], result.flatness_std[key], _ = mean_std(values)
+        result.seconds_per_epoch = mean_std([r.get("seconds_per_epoch") for r in chosen])[0]
         results.append(result)
     base = next((r for r in results if r.method == "none"), None)
     for r in results:
         if base is None:
-            r.p_note = "no `none` runs"
+            r.role = "no `none` runs"
             continue
         r.time_ratio = r.seconds_per_epoch / base.seconds_per_epoch
         if r is base:
-            r.p_note = "baseline"
+            r.role = "baseline"
             continue
-        r.p_value, r.p_note = welch_p(r.test_accs, base.test_accs)
+        r.vs_none = compare_samples(dict(zip(r.seeds, r.test_accs)), dict(zip(base.seeds, base.test_accs)))
+    compared = [r for r in results if r.vs_none is not None]
+    for r, c in zip(compared, adjust_holm([r.vs_none for r in compared if r.vs_none is not None])):
+        r.vs_none = c
     return results
-
-
-def _fmt(mean: float, std: float = math.nan, digits: int = 4, sci: bool = False) -> str:
-    if not math.isfinite(mean):
-        return "n/a"
-    f = (lambda x: f"{x:.3g}") if sci else (lambda x: f"{x:.{digits}f}")
-    return f(mean) if not math.isfinite(std) else f"{f(mean)} ± {f(std)}"
-
-
-SYMBOLS = {"lam": "λ", "rho": "ρ", "alpha": "α", "eps": "ε"}
 
 
 def _setting(r: MethodResult) -> str:
     if r.hparam is None or r.value is None:
         return "—"
     return f"{SYMBOLS.get(r.hparam, r.hparam)} = {format_value(float(r.value))}"
+
+
+def _twin_note(results: Sequence[MethodResult]) -> str:
+    twins = sorted({g["sam_rho"] for r in results for g in r.grid if g.get("sam_rho") is not None})
+    radii = ", ".join(f"{x:g}" for x in twins)
+    if not twins and not any(r.method == "gnp" for r in results):
+        return ""
+    text = (
+        "`gnp` (finite-difference form) steps along (1 − c)·g + c·∇L(θ + r·ĝ) with c = ρ/r, r its "
+        "finite-difference radius: at ρ = r, c = 1 and it is SAM's update at ρ = r. "
+    )
+    if twins:
+        return text + f"Its runs at ρ = r = {radii} are SAM's configuration: marked in gnp's grid, never chosen for gnp."
+    return text + "That configuration is left out of gnp's grid: it is `sam` at ρ = r."
+
+
+def _loss_scale(task: str) -> str:
+    task_obj = TASKS.get(task)
+    k = getattr(task_obj, "num_classes", 0)
+    if not k or k < 2:
+        return ""
+    return f" For scale: the uniform prediction over the {k} classes has loss ln {k} = {math.log(k):.2f}."
 
 
 def comparison_markdown(
@@ -239,31 +271,21 @@ def comparison_markdown(
     if task_obj is not None:
         out.append(f"{task_obj.description}.")
     out += [
-        f"Protocol: {config['epochs']} epochs, B = {config['batch_size']}, Adam lr {config['lr']:g}, "
-        f"L2 weight decay {config['weight_decay']:g}, validation split {config.get('val_fraction', 0):g}. "
-        f"Seeds: {seeds}; mean ± std over seeds.",
+        f"Protocol: {protocol_line(config)}. Seeds: {seeds}; mean ± std over seeds.",
         "",
-        "| method | chosen on val. | val acc | val loss | test acc | p vs none | Tr(H²)/B | λ_max | Tr(H) | time/epoch vs none |",
+        "| method | chosen on val. | val acc | val loss | test acc | p t / Holm vs none | Tr(H²)/B | λ_max | Tr(H) | time/epoch vs none |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        f = r.flatness
-        if r.p_note == "baseline":
-            p = "—"
-        elif math.isfinite(r.p_value):
-            p = f"{r.p_value:.3g}" + (f" ({r.p_note})" if r.p_note else "")
-        else:
-            p = f"n/a ({r.p_note})"
+        f, sd = r.flatness, r.flatness_std
         cells = [
             f"`{r.method}`" + (f" ({len(r.failed)} failed)" if r.failed else ""),
             _setting(r),
-            _fmt(r.val_acc),
-            _fmt(r.val_loss),
-            _fmt(r.test_acc, r.test_acc_std),
-            p,
-            _fmt(f.get("measured_sq_trace_per_B", math.nan), r.flatness_std.get("measured_sq_trace_per_B", math.nan), sci=True),
-            _fmt(f.get("lambda_max", math.nan), r.flatness_std.get("lambda_max", math.nan), sci=True),
-            _fmt(f.get("hessian_trace", math.nan), r.flatness_std.get("hessian_trace", math.nan), sci=True),
+            fmt(r.val_acc),
+            fmt(r.val_loss),
+            fmt(r.test_acc, r.test_acc_std),
+            p_cell(r.vs_none, r.role),
+            *(fmt(f.get(k, math.nan), sd.get(k, math.nan), sci=True) for k in ("measured_sq_trace_per_B", *FLATNESS_KEYS)),
             "n/a" if not math.isfinite(r.time_ratio) else f"{r.time_ratio:.2f}× ({r.seconds_per_epoch:.2f} s)",
         ]
         out.append("| " + " | ".join(cells) + " |")
@@ -272,16 +294,22 @@ def comparison_markdown(
         "*Chosen on val.*: the strength with the highest mean final validation accuracy over the "
         "seeds, ties broken by the lower mean validation loss (validation split carved from the "
         "training set; the test set plays no part). "
-        "*Test acc*: final test accuracy at that strength. *p*: Welch's t-test of the final test "
-        "accuracies against `none`. *Tr(H²)/B*: the runner's fixed measurement of the final model "
-        "(first 1024 training samples, eval mode, fixed Rademacher probes). *λ_max*, *Tr(H)*: "
-        "largest Hessian eigenvalue and Hutchinson trace of the training loss on the same samples "
+        "*Test acc*: final test accuracy at that strength. *p t / Holm*: paired t-test of the final "
+        "test accuracies against `none`, raw / Holm-adjusted over the methods (the statistics table "
+        f"below has the rest). *Tr(H²)/B*: the runner's fixed measurement of the final model "
+        f"({final_flatness_note()}). *λ_max*, *Tr(H)*: {final_measures_note()} "
         "(`flatness.measures.final_measures`). *Time/epoch*: optimisation time per epoch (no "
-        "evaluation), relative to `none`.",
-        "",
-        "## Grids (mean final validation accuracy / loss over seeds)",
-        "",
+        "evaluation) from the run records, relative to `none`.",
     ]
+    compared = [(r, r.vs_none) for r in results if r.vs_none is not None]
+    if compared:
+        out += ["", "## Final test accuracy against `none`", ""]
+        out += comparison_table("method", [(f"`{r.method}` {_setting(r)}", c) for r, c in compared])
+        out += ["", comparison_note("the final test accuracy", "`none`", [c for _, c in compared])]
+    twin = _twin_note(results)
+    if twin:
+        out += ["", twin]
+    out += ["", "## Grids (mean final validation accuracy / loss over seeds)", "", _loss_scale(task).strip(), ""]
     for r in results:
         if r.hparam is None:
             continue
@@ -289,10 +317,12 @@ def comparison_markdown(
         cells = []
         for g in r.grid:
             mark = " **(chosen)**" if g["value"] == r.value else ""
+            if g.get("sam_rho") is not None:
+                mark = f" (≡ `sam` ρ = {g['sam_rho']:g}, not chosen for {r.method})"
             extra = f", {g['failed']} failed" if g["failed"] else ""
             cells.append(
-                f"{sym} = {format_value(float(g['value']))}: {_fmt(g['val_acc'], g['val_acc_std'])}"
-                f" / {_fmt(g['val_loss'])}{extra}{mark}"
+                f"{sym} = {format_value(float(g['value']))}: {fmt(g['val_acc'], g['val_acc_std'])}"
+                f" / {fmt(g['val_loss'])}{extra}{mark}"
             )
         out.append(f"- `{r.method}`: " + "; ".join(cells))
     if run_seconds is not None:
@@ -308,12 +338,7 @@ def comparison_markdown(
 
 def plot_comparison(task: str, results: Sequence[MethodResult], records: dict[str, dict[str, Any]], path: Path) -> None:
     """``compare.png``: test accuracy per method; accuracy vs measured Tr(H²)/B per run."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, right) = figure(2, figsize=(11, 4))
     names = [r.method for r in results]
     means = [r.test_acc for r in results]
     stds = [0.0 if not math.isfinite(r.test_acc_std) else r.test_acc_std for r in results]
@@ -341,10 +366,7 @@ def plot_comparison(task: str, results: Sequence[MethodResult], records: dict[st
     right.grid(alpha=0.3, which="both")
     if names:
         right.legend(fontsize=8)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, lambda fh: fh.write(buf.getvalue()))
+    save_png(fig, path)
 
 
 def run_comparison(
@@ -387,7 +409,7 @@ def run_comparison(
                 for name in r.runs
             ]
             for key in FLATNESS_KEYS:
-                r.flatness[key], r.flatness_std[key] = _mean_std([m[key] for m in per_run])
+                r.flatness[key], r.flatness_std[key], _ = mean_std([m[key] for m in per_run])
     wall = time.perf_counter() - start
     config = specs[0].config
     seconds = sum(float(r.get("total_seconds") or 0.0) for r in records.values())

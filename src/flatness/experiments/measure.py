@@ -35,6 +35,7 @@ __all__ = [
     "MEASURE_SEED",
     "EPOCH_MEASURE_BATCHES",
     "EPOCH_MEASURE_PROBES",
+    "FINAL_TRACE_MATVECS",
     "FLATNESS_KEYS",
     "measure_sq_trace_per_B",
     "measure_final",
@@ -50,6 +51,8 @@ MEASURE_SEED = 20240601
 # two batches of B, 5 probes each.
 EPOCH_MEASURE_BATCHES = 2
 EPOCH_MEASURE_PROBES = 5
+# Hutchinson products of the final model's Tr(H) (:func:`final_model_extras`).
+FINAL_TRACE_MATVECS = 30
 
 
 def measure_sq_trace_per_B(
@@ -190,7 +193,7 @@ def final_model_extras(
             b for _, b in zip(range(n // batch), iterate_batches(splits.x_train, splits.y_train, batch, shuffle=False))
         ]
         start = time.perf_counter()
-        values = measures.final_measures(model, task.loss_fn, batches, seed=0)
+        values = measures.final_measures(model, task.loss_fn, batches, seed=0, matvecs=FINAL_TRACE_MATVECS)
         new.update({k: float(values[k]) for k in FLATNESS_KEYS})
         new["measure_samples"], new["measure_batch_size"] = batch * len(batches), batch
         new["measure_seconds"] = time.perf_counter() - start

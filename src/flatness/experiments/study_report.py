@@ -1,6 +1,6 @@
 r"""Tables and plots of a study (:mod:`flatness.experiments.study`), written into ``OUT/TASK/study/GRID/``.
 
-* ``ranking.md`` / ``ranking.csv`` / ``ranking.json`` — one row per measure: Kendall τ with the
+* ``ranking.md`` / ``ranking.csv`` / ``ranking.json`` — one row per measure: Kendall's τ_b with the
   accuracy gap (train − test, eval mode), with test accuracy and with the loss gap, each with a
   bootstrap 95% interval resampling the models; Jiang et al.'s granulated coefficient ψ per
   axis (models differing in that axis only, averaged over the other axes' settings; interval
@@ -106,9 +106,10 @@ def rank_measures(population: Population, resamples: int = 1000, seed: int = 0) 
         if np.isfinite(values).sum() < 3:
             continue
         entry: dict[str, Any] = {"measure": key, "label": label, "models": int(np.isfinite(values).sum())}
+        finite = np.isfinite(values)
         for target, _ in TARGETS:
-            r = kendall_with_interval(values, _target(population, target), resamples=resamples, seed=seed)
-            entry[f"tau_{target}"], entry[f"tau_{target}_low"], entry[f"tau_{target}_high"] = r.tau, r.low, r.high
+            tau = kendall_tau_ci(values[finite], _target(population, target)[finite], resamples, seed)
+            entry[f"tau_{target}"], entry[f"tau_{target}_low"], entry[f"tau_{target}_high"] = tau
         psi: dict[str, AxisCoefficient] = granulated_kendall(values, gap, settings, axes,
                                                               resamples=resamples, seed=seed)
         for axis, c in psi.items():
@@ -159,10 +160,10 @@ def _markdown(population: Population, grid: StudyGrid, ranking: list[dict[str, A
         f"Time: training {population.train_seconds:.0f} s (sum of the run records), measuring "
         f"{population.measure_seconds:.0f} s.",
         "",
-        "Kendall τ (Jiang et al.'s, ties count 0) between each measure and the accuracy gap, test "
+        "Kendall's τ_b between each measure and the accuracy gap, test "
         "accuracy and loss gap (test − train), with bootstrap 95% intervals over models; ψ per axis: τ "
         "with the accuracy gap over models differing in that axis only, averaged over the other axes' "
-        "settings (interval over cells); Ψ: mean of the ψ. τ > 0 with a gap: the measure predicts a "
+        "settings (τ_a within a cell: a tie counts 0; interval over cells); Ψ: mean of the ψ. τ > 0 with a gap: the measure predicts a "
         "larger gap; τ > 0 with test accuracy: larger values go with higher test accuracy.",
         "",
     ]

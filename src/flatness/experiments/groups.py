@@ -1,0 +1,204 @@
+"""Run records grouped for the report, and each strength compared with its baseline.
+
+A *group* is every run of one (task, method, method settings, protocol); its *rows* are the
+strengths, each summarised over seeds (:func:`flatness.experiments.stats.mean_std`). The
+baseline of a group is its strength-0 row, or else the ``none`` method's runs with the same
+protocol in the same directory. Each other row's final test accuracy is compared with the
+baseline's, paired by seed (same seed: same initial weights and data order), by
+:func:`flatness.experiments.stats.compare_samples`; the p-values of a group's rows are
+Holm-adjusted together (one table, one family).
+
+Example:
+    >>> from flatness.experiments.groups import sam_twin
+    >>> sam_twin("gnp", 0.1, {}), sam_twin("gnp", 0.05, {}), sam_twin("gnp", 0.1, {"squared": True})
+    (0.1, None, None)
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..methods import METHODS
+from ..utils import FlatnessError
+from .record import read_record
+from .stats import Comparison, adjust_holm, compare_samples, mean_std
+
+__all__ = [
+    "PAPER_FINAL_ACC",
+    "SYMBOLS",
+    "METRICS",
+    "load_records",
+    "sam_twin",
+    "Row",
+    "Group",
+    "summarize",
+]
+
+# The paper's final test accuracies (its Tables 1–3), for comparison in the tables.
+PAPER_FINAL_ACC: dict[str, dict[float, float]] = {
+    "cifar100-mlp": {0.0: 0.2633, 0.001: 0.2633, 0.01: 0.2700, 0.1: 0.2667, 1.0: 0.2583},
+    "newsgroups-logreg": {0.0: 0.0535, 0.001: 0.0535, 0.01: 0.0534, 0.1: 0.053, 1.0: 0.053},
+    "breast-cancer-mlp": {0.0: 0.5556, 0.001: 0.5585, 0.01: 0.5859},
+}
+SYMBOLS = {"lam": "λ", "rho": "ρ", "alpha": "α", "eps": "ε"}
+METRICS = (
+    "final_test_acc",
+    "best_test_acc",
+    "val_chosen_test_acc",
+    "avg_train_sq_trace_per_B",
+    "avg_epoch_sq_trace_per_B",
+    "measured_sq_trace_per_B",
+    "train_seconds",
+    "seconds_per_epoch",
+    "lambda_max",
+    "hessian_trace",
+)
+
+
+def load_records(directory: str | Path) -> list[dict[str, Any]]:
+    """The finished run records in ``directory`` (complete and failed), sorted by name."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FlatnessError(f"results directory {directory} does not exist")
+    records = []
+    for path in sorted(directory.glob("*.json")):
+        if path.name.startswith("."):
+            continue
+        record = read_record(path)
+        if record is not None:
+            records.append(record)
+    return records
+
+
+def sam_twin(method: str, value: float | None, method_kwargs: Mapping[str, Any]) -> float | None:
+    """The SAM radius that a ``gnp`` configuration *is*, else ``None``.
+
+    gnp's finite-difference form (non-squared norm) steps along (1 − c)·g + c·∇L(θ + r·ĝ) with
+    c = ρ/r, r its ``fd_radius``: at ρ = r, c = 1 and the step is SAM's with radius ρ = r
+    (:mod:`flatness.methods.gnp`). Tables show that configuration once, as SAM.
+    """
+    if method != "gnp" or value is None or "gnp" not in METHODS:
+        return None
+    params = inspect.signature(METHODS["gnp"]).parameters
+    settings = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+    settings.update(method_kwargs)
+    radius = settings.get("fd_radius")
+    if settings.get("form") != "fd" or settings.get("squared") or radius is None:
+        return None
+    return float(radius) if math.isclose(float(value), float(radius), rel_tol=1e-9) else None
+
+
+@dataclass
+class Row:
+    """All runs of one strength in a group, summarised over seeds.
+
+    ``vs_baseline``: the final-accuracy comparison with the group's baseline (Holm-adjusted
+    over the group); ``role``: ``"baseline"``, ``"no baseline"`` or ``""`` (compared).
+    ``sam_rho``: set when this is a gnp configuration identical to SAM at that ρ.
+    """
+
+    value: float | None
+    runs: list[dict[str, Any]]
+    failed: list[dict[str, Any]]
+    stats: dict[str, tuple[float, float, int]] = field(default_factory=dict)
+    vs_baseline: Comparison | None = None
+    role: str = ""
+    sam_rho: float | None = None
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted(r["seed"] for r in self.runs)
+
+    def by_seed(self, metric: str) -> dict[int, float | None]:
+        """``{seed: metric}`` over the complete runs (the pairing key of the tests)."""
+        return {int(r["seed"]): r.get(metric) for r in self.runs}
+
+
+@dataclass
+class Group:
+    """Runs of one task, method, method settings and protocol, by strength."""
+
+    task: str
+    method: str
+    hparam: str | None
+    variant_id: str
+    protocol_id: str
+    config: dict[str, Any]
+    method_kwargs: dict[str, Any]
+    rows: list[Row]
+    baseline: str = ""
+
+    @property
+    def slug(self) -> str:
+        parts = [self.method]
+        if self.variant_id:
+            parts.append(f"k{self.variant_id}")
+        if self.protocol_id:
+            parts.append(f"p{self.protocol_id}")
+        return "_".join(parts)
+
+    @property
+    def symbol(self) -> str:
+        return SYMBOLS.get(self.hparam or "", self.hparam or "")
+
+    @property
+    def comparisons(self) -> list[tuple[Row, Comparison]]:
+        """The rows compared with the baseline, in table order."""
+        return [(row, row.vs_baseline) for row in self.rows if row.vs_baseline is not None]
+
+
+def _group_rows(recs: Sequence[dict[str, Any]]) -> list[Row]:
+    by_value: dict[Any, list[dict[str, Any]]] = {}
+    for r in recs:
+        by_value.setdefault(r.get("value"), []).append(r)
+    rows = []
+    for value in sorted(by_value, key=lambda v: -1.0 if v is None else float(v)):
+        runs = [r for r in by_value[value] if r["status"] == "complete"]
+        failed = [r for r in by_value[value] if r["status"] != "complete"]
+        row = Row(value, runs, failed)
+        row.stats = {m: mean_std([r.get(m) for r in runs]) for m in METRICS}
+        rows.append(row)
+    return rows
+
+
+def summarize(records: Sequence[dict[str, Any]]) -> list[Group]:
+    """Group records; per strength, statistics over seeds and the comparison with the baseline."""
+    keyed: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in records:
+        key = (r["task"], r["method"], r.get("hparam"), r.get("variant_id", ""), r.get("protocol_id", ""))
+        keyed.setdefault(key, []).append(r)
+    groups = []
+    for (task, method, hparam, variant, protocol), recs in sorted(keyed.items(), key=lambda kv: str(kv[0])):
+        kwargs = recs[0].get("method_kwargs", {})
+        rows = _group_rows(recs)
+        for row in rows:
+            row.sam_rho = sam_twin(method, row.value, kwargs)
+        groups.append(Group(task, method, hparam, variant, protocol, recs[0]["config"], kwargs, rows))
+    for g in groups:
+        base: Row | None = None
+        zero = [row for row in g.rows if row.value == 0]
+        if zero and zero[0].runs:
+            base, g.baseline = zero[0], f"{g.symbol} = 0"
+        else:
+            plain = [
+                h for h in groups
+                if h.method == "none" and h.task == g.task and h.protocol_id == g.protocol_id and h is not g
+            ]
+            if plain and plain[0].rows and plain[0].rows[0].runs:
+                base, g.baseline = plain[0].rows[0], "method none"
+        for row in g.rows:
+            if base is None:
+                row.role = "no baseline"
+            elif row is base:
+                row.role = "baseline"
+            else:
+                row.vs_baseline = compare_samples(row.by_seed("final_test_acc"), base.by_seed("final_test_acc"))
+        adjusted = iter(adjust_holm([c for _, c in g.comparisons]))
+        for row, _ in g.comparisons:
+            row.vs_baseline = next(adjusted)
+    return groups
