@@ -35,7 +35,7 @@ from .record import read_record, write_json
 from .stats import (
     AxisCoefficient,
     granulated_kendall,
-    kendall_with_interval,
+    kendall_tau_ci,
     mean_granulated,
 )
 from .study_population import (
