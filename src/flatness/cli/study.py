@@ -62,7 +62,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("task", metavar="TASK", help="breast-cancer-mlp or cifar100-mlp")
-    p.add_argument("--grid", default="small", help=f"the population (default small); grids: {', '.join(grids)}")
+    p.add_argument("--grid", default=None,
+                   help=f"the population (default: small, or full where a task has no small one); {', '.join(grids)}")
     p.add_argument("--out", default="runs", help="results root; runs in OUT/TASK (default: runs)")
     p.add_argument("--jobs", type=int, default=1, help="training runs in parallel processes (default 1)")
     p.add_argument("--shard", metavar="I/N", help="train and measure only the I-th of N slices (no report)")

@@ -63,7 +63,7 @@ __all__ = ["AXES", "GRIDS", "StudyGrid", "get_grid", "parse_method_label", "run_
 
 def run_study(
     task: str,
-    grid_name: str = "small",
+    grid_name: str | None = None,
     out_root: str | Path = "runs",
     *,
     jobs: int = 1,
@@ -84,6 +84,7 @@ def run_study(
     """
     say = log or (lambda msg: print(msg, file=sys.stderr))
     grid = get_grid(task, grid_name)
+    grid_name = grid.name
     entries = grid.entries()
     if resamples < 100:
         raise FlatnessError(f"--resamples must be >= 100, got {resamples}")
