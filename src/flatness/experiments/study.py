@@ -19,7 +19,7 @@ Jiang et al.'s granulated coefficient Ψ needs, at a fraction of the full factor
 (:attr:`flatness.experiments.specs.RunSpec.model_kwargs`).
 
 **Measurements** (:func:`measure_run`) use one fixed protocol for every model: the first
-1,024 training examples in their stored order, in batches of 256, eval mode, seed 0, the
+1,024 training examples in their stored order, as one batch, eval mode, seed 0, the
 options of :data:`STUDY_OPTIONS`; the initial weights for the distance from initialisation are
 rebuilt from the run's seed (:func:`flatness.experiments.checkpoints.initial_model`). The
 model's eval-mode accuracy and loss on the whole training and test splits are measured from
