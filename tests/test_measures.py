@@ -12,6 +12,7 @@ from flatness import FlatnessError
 from flatness.probes import make_generator, random_matrix
 from flatness.measures import (
     HessianOperator,
+    MeasureOptions,
     adaptive_sharpness,
     compute_measures,
     density_of,
@@ -495,14 +496,15 @@ def test_fisher_linear_shortcut_equals_per_example_gradients():
     model[0].bias.requires_grad_(False)  # a frozen bias is left out of both
     x, y = tiny_batch(seed=2, n=20, d_in=5)
     data = [(x[:8], y[:8]), (x[8:], y[8:])]
-    fast = fisher_trace(model, CE, data, method="linear")
+    fast = fisher_trace(model, CE, data, method="closed-form")
     slow = fisher_trace(model, CE, data, method="vmap")
     assert fast.value == pytest.approx(slow.value, rel=1e-10)
     assert fast.stderr == pytest.approx(slow.stderr, rel=1e-8)
-    bn = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).double().eval()
+    ln = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Linear(4, 3)).double().eval()
     with pytest.raises(FlatnessError, match="does not apply"):
-        fisher_trace(bn, CE, data, method="linear")
-    assert fisher_trace(bn, CE, data).value > 0  # auto: falls back to vmap
+        fisher_trace(ln, CE, data, method="closed-form")
+    assert fisher_trace(ln, CE, data).value == pytest.approx(  # auto: falls back to vmap
+        fisher_trace(ln, CE, data, method="vmap").value, rel=1e-12)
 
 
 def test_fisher_on_sparse_logistic_regression_both_ways():
@@ -513,8 +515,61 @@ def test_fisher_on_sparse_logistic_regression_both_ways():
     x = torch.randn(9, 12, dtype=torch.float64) * (torch.rand(9, 12) < 0.3)
     y = torch.randint(0, 4, (9,))
     data = [(x.to_sparse_csr(), y)]
-    fast = fisher_trace(model, CE, data, method="linear").value
+    fast = fisher_trace(model, CE, data, method="closed-form").value
     assert fast == pytest.approx(fisher_trace(model, CE, data, method="vmap").value, rel=1e-10)
     assert fast == pytest.approx(fisher_trace(model, CE, [(x, y)], method="vmap").value, rel=1e-10)
     op = HessianOperator(model, CE, data)
     torch.testing.assert_close(op.dense(), dense_hessian(model, x, y), rtol=1e-10, atol=1e-12)
+
+
+def _per_example_loop(model, x, y):
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = []
+    for i in range(len(x)):
+        g = torch.autograd.grad(CE(model(x[i : i + 1]), y[i : i + 1]), params)
+        out.append(float(sum(t.pow(2).sum() for t in g)))
+    return np.mean(out)
+
+
+def test_fisher_with_in_place_relu_equals_fisher_without():
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                          nn.Linear(8, 3)).double()
+    inplace = copy.deepcopy(plain)
+    inplace[1].inplace = inplace[3].inplace = True
+    x, y = tiny_batch(seed=2, n=20, d_in=5)
+    data = [(x[:8], y[:8]), (x[8:], y[8:])]
+    expected = _per_example_loop(plain, x, y)
+    for method in ("auto", "closed-form", "vmap"):
+        assert fisher_trace(plain, CE, data, method=method).value == pytest.approx(expected, rel=1e-10)
+        assert fisher_trace(inplace, CE, data, method=method).value == pytest.approx(expected, rel=1e-10)
+
+
+def test_fisher_of_a_batchnorm_cnn_deployed_or_with_batch_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8, 3)).double()
+    with torch.no_grad():
+        model[1].running_mean.fill_(0.5)
+        model[1].running_var.fill_(4.0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(10, 1, 4, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (10,), generator=g)
+    state = copy.deepcopy(model.state_dict())
+    deployed = fisher_trace(model, CE, [(x, y)])
+    assert deployed.value == pytest.approx(_per_example_loop(copy.deepcopy(model).eval(), x, y), rel=1e-10)
+    batch = fisher_trace(model, CE, [(x, y)], function="batch_stats")
+    reference = copy.deepcopy(model).eval()  # each example normalised with the batch's statistics
+    with torch.no_grad():
+        h = model[0](x)
+        reference[1].running_mean = h.mean(dim=(0, 2, 3))
+        reference[1].running_var = h.var(dim=(0, 2, 3), unbiased=False)
+    assert batch.value == pytest.approx(_per_example_loop(reference, x, y), rel=1e-10)
+    assert batch.value != pytest.approx(deployed.value, rel=1e-3)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    out = compute_measures(model, CE, [(x, y)], ["fisher_trace"],
+                           options=MeasureOptions(function="batch_stats"))
+    assert out["fisher_trace"] == pytest.approx(batch.value, rel=1e-12)
+    with pytest.raises(FlatnessError, match="function"):
+        MeasureOptions(function="train")

@@ -135,6 +135,12 @@ def test_bad_hyperparameters_raise_a_clear_error(name, param, value):
 
 
 def test_bad_choices_raise_a_clear_error():
+    with pytest.raises(ValueError, match="unknown method"):
+        make_method("sam+adam", nn.Linear(2, 2), CE)
+    with pytest.raises(ValueError, match="at most one"):
+        make_method("sam+rpr", nn.Linear(2, 2), CE)
+    with pytest.raises(TypeError, match="probes"):
+        make_method("sam+nrs", nn.Linear(2, 2), CE, probes=3)
     with pytest.raises(ValueError, match="form"):
         make_method("gnp", nn.Linear(2, 2), CE, form="spectral")
     with pytest.raises(ValueError, match="impl"):

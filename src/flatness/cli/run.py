@@ -141,7 +141,12 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("tasks", nargs="+", metavar="TASK", help=f"one of {', '.join(TASKS)}, or 'all'")
-    p.add_argument("--method", default="fa", help="training method (default: fa)")
+    p.add_argument(
+        "--method",
+        default="fa",
+        help="training method (default: fa); A+B composes two, e.g. sam+fa: --lambdas sweeps the "
+        "first one's strength, --method-arg KEY=VALUE (or A.KEY=VALUE) sets the others",
+    )
     p.add_argument(
         "--lambdas",
         "--values",

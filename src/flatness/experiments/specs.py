@@ -3,7 +3,10 @@
 A *run* is one (task, method, strength, seed, protocol, model settings) combination. ``NAME`` is
 e.g. ``fa_lam0.01_seed0``; a non-default protocol, method setting or model setting (width,
 dropout: :attr:`RunSpec.model_kwargs`) appends a short tag (``_pXXXXXX`` / ``_kXXXXXX`` /
-``_mXXXXXX``), so different protocols never share a file.
+``_mXXXXXX``), so different protocols never share a file. A method's default
+settings and default sweep are its class attributes ``protocol_defaults`` and ``default_grid``
+(:mod:`flatness.methods.base`): no method is special-cased here. A composed method
+(``sam+fa``) sweeps its first component's strength; the others' come from ``method_kwargs``.
 
 Example:
     >>> from flatness.experiments.specs import build_grid
@@ -16,21 +19,19 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..methods import METHODS, Method
+from ..methods import Method
+from ..methods import method_class as _method_class
 from ..probes import rank_seed
 from ..utils import FlatnessError
 from .tasks import get_task
 
 __all__ = [
-    "PAPER_GRID",
-    "DEFAULT_METHOD_KWARGS",
     "RunSpec",
     "format_value",
     "default_values",
@@ -38,10 +39,6 @@ __all__ = [
     "select_shard",
     "parse_shard",
 ]
-
-PAPER_GRID: tuple[float, ...] = (0.0, 0.001, 0.01, 0.1, 1.0)
-# Method settings that are the default protocol (no tag in run names).
-DEFAULT_METHOD_KWARGS: dict[str, dict[str, Any]] = {"fa": {"probes": 5, "every": 10}}
 
 
 def _short_hash(obj: Any) -> str:
@@ -79,7 +76,7 @@ class RunSpec:
     @property
     def variant_id(self) -> str:
         """``""`` for the method's default settings, else a short hash of its keyword arguments."""
-        default = DEFAULT_METHOD_KWARGS.get(self.method, {})
+        default = method_class(self.method).protocol_defaults
         return "" if self.method_kwargs == default else _short_hash(self.method_kwargs)
 
     @property
@@ -137,15 +134,16 @@ class RunSpec:
 
 
 def method_class(method: str) -> type[Method]:
-    if method not in METHODS:
-        raise FlatnessError(f"unknown method {method!r}; expected one of: {', '.join(sorted(METHODS))}")
-    return METHODS[method]
+    """The method's class (registered, or composed as ``a+b``); a clear error otherwise."""
+    try:
+        return _method_class(method)
+    except ValueError as exc:
+        raise FlatnessError(str(exc)) from None
 
 
 def accepts(method: str, keyword: str) -> bool:
-    """Whether the method's constructor takes ``keyword`` (by name or through ``**kwargs``)."""
-    params = inspect.signature(method_class(method).__init__).parameters
-    return keyword in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    """Whether the method's constructor takes ``keyword``."""
+    return method_class(method).accepts(keyword)
 
 
 def rank_kwargs(kwargs: dict[str, Any], rank: int) -> dict[str, Any]:
@@ -156,13 +154,11 @@ def rank_kwargs(kwargs: dict[str, Any], rank: int) -> dict[str, Any]:
 
 
 def default_values(method: str) -> list[float | None]:
-    """The default sweep of a method's strength: the paper's λ grid for ``fa``."""
+    """The default sweep of a method's strength (its ``default_grid``; fa: the paper's λ grid)."""
     cls = method_class(method)
     if cls.hparam is None:
         return [None]
-    if method == "fa":
-        return list(PAPER_GRID)
-    grid = getattr(cls, "default_grid", None)
+    grid = cls.default_grid
     if not grid:
         raise FlatnessError(f"method {method!r} has no default grid: give its values with --lambdas")
     return [float(v) for v in grid]
@@ -182,7 +178,7 @@ def build_grid(
     """The runs of one sweep: every strength in ``values`` times every seed.
 
     ``seeds`` is a count (seeds 0..N-1) or explicit seeds. ``method_kwargs`` default to the
-    method's default protocol (``fa``: 5 probes every 10 steps). ``model_kwargs`` are model
+    method's ``protocol_defaults`` (``fa``: 5 probes every 10 steps). ``model_kwargs`` are model
     settings of the task (:attr:`flatness.experiments.tasks.Task.model_defaults`); those equal
     to the default are dropped, so a default model keeps its plain run name.
     """
@@ -206,7 +202,7 @@ def build_grid(
         config = task_obj.config.replace(**(config_overrides or {}))
     except (TypeError, ValueError) as exc:
         raise FlatnessError(f"invalid training protocol for {task}: {exc}") from None
-    kwargs = dict(DEFAULT_METHOD_KWARGS.get(method, {}))
+    kwargs = dict(cls.protocol_defaults)
     kwargs.update(method_kwargs or {})
     if trajectory < 0:
         raise FlatnessError(f"--trajectory must be >= 0, got {trajectory}")

@@ -20,7 +20,8 @@ to its parameters or buffers.
 from .density import SpectralDensity, density_of, lanczos, plot_spectral_density, spectral_density
 from .divergence import kl_from_logits, model_divergence
 from .eigen import Spectrum, last_layer, layer_top_eigenvalues, module_params, top_eigenvalues
-from .fisher import fisher_trace, per_example_sq_grad_norms
+from ..per_example import per_example_sq_grad_norms
+from .fisher import fisher_trace
 from .margin import Margin, margins_of, output_margin, zero_one_error
 from .noise import NoisyLoss, noisy_loss
 from .norms import distance_from_init, parameter_norm, path_norm

@@ -7,6 +7,11 @@ Every measure and landscape evaluates a loss averaged over *all* batches of a da
 where ``loss_fn`` returns each batch's mean loss, and evaluates it at *other* parameters
 θ + δ with :func:`torch.func.functional_call`, so the user's model is never written to.
 
+These helpers run the model as it is; the measures put it in the measured function first
+(:func:`flatness.passes.measure_pass`: ``"deployed"`` = eval mode, the default, or
+``"batch_stats"`` = BatchNorm on each batch's statistics), e.g.
+``with measure_pass(model, "batch_stats"): loss_at(model, ...)``.
+
 Example:
     >>> import torch
     >>> from torch import nn

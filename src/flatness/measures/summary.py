@@ -4,6 +4,12 @@
 the empirical Fisher trace and the loss). :func:`compute_measures` runs any of
 :data:`MEASURES` by name with shared options.
 
+Which function is measured (``MeasureOptions.function``, ``final_measures(function=...)``):
+``"deployed"`` (default) is the model as it predicts — eval mode, BatchNorm with its running
+statistics, dropout off; ``"batch_stats"`` is the function training differentiated — BatchNorm
+with the statistics of each measured batch (so they depend on the measurement batch size),
+dropout off. Running statistics are never written (:func:`flatness.passes.measure_pass`).
+
 Example:
     >>> import torch
     >>> from torch import nn
@@ -24,6 +30,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..passes import FUNCTIONS, Function, measure_pass
 from ..utils import FlatnessError, eval_mode
 from .divergence import model_divergence
 from .eigen import last_layer, top_eigenvalues
@@ -61,6 +68,11 @@ class MeasureOptions:
     margin_quantile: float = 0.1
     pacbayes_deviation: float = 0.1
     pacbayes_samples: int = 10
+    function: Function = "deployed"
+
+    def __post_init__(self) -> None:
+        if self.function not in FUNCTIONS:
+            raise FlatnessError(f"function must be one of {FUNCTIONS}, got {self.function!r}")
 
 
 Measure = Callable[[nn.Module, LossFn, list[Batch], MeasureOptions], dict[str, Any]]
@@ -208,11 +220,12 @@ def compute_measures(
     options = options or MeasureOptions()
     data = collect_batches(batches)
     out: dict[str, Any] = {}
-    for name in dict.fromkeys(measures):  # keep order, drop repeats
-        start = time.perf_counter()
-        out.update(MEASURES[name](model, loss_fn, data, options))
-        if timings:
-            out[f"seconds_{name}"] = time.perf_counter() - start
+    with measure_pass(model, options.function):
+        for name in dict.fromkeys(measures):  # keep order, drop repeats
+            start = time.perf_counter()
+            out.update(MEASURES[name](model, loss_fn, data, options))
+            if timings:
+                out[f"seconds_{name}"] = time.perf_counter() - start
     return out
 
 
@@ -223,16 +236,18 @@ def final_measures(
     seed: int = 0,
     *,
     matvecs: int = 30,
+    function: Function = "deployed",
 ) -> dict[str, float]:
     """The cheap end-of-run set: ``loss``, ``lambda_max``, ``hessian_trace`` (+ ``_stderr``),
-    ``fisher_trace``. λ_max to 1e-3 relative, Tr(H) by Hutchinson with ``matvecs`` products.
+    ``fisher_trace``. λ_max to 1e-3 relative, Tr(H) by Hutchinson with ``matvecs`` products;
+    ``function`` as in the module docs.
     """
     data = collect_batches(batches)
-    with eval_mode(model):
+    with measure_pass(model, function):
         loss = evaluate_at(model, loss_fn, data, trainable_params(model))[0]
-    spec = top_eigenvalues(model, loss_fn, data, 1, tol=1e-3, seed=seed)
-    trace = hessian_trace(model, loss_fn, data, matvecs, seed=seed)
-    fisher = fisher_trace(model, loss_fn, data)
+        spec = top_eigenvalues(model, loss_fn, data, 1, tol=1e-3, seed=seed)
+        trace = hessian_trace(model, loss_fn, data, matvecs, seed=seed)
+        fisher = fisher_trace(model, loss_fn, data, function=function)
     return {
         "loss": loss,
         "lambda_max": spec.lambda_max,

@@ -1,13 +1,27 @@
-"""Training methods behind one interface (:class:`Method`), looked up by name.
+"""Training methods behind one template (:class:`Method` = a :class:`Point` + :class:`Term`\\ s +
+one step driver), looked up by name; ``"a+b"`` composes two (see :mod:`.base`, :mod:`.compose`).
 
 Each method module registers itself with :func:`register_method` when imported below.
 """
 
-from .base import METHODS, Method, make_method, method_hparam, register_method
+from .base import METHODS, Evaluation, Here, Method, Point, Term, register_method
 from . import fa as _fa  # noqa: F401  (registers "fa")
 from . import sam as _sam  # noqa: F401  (registers "sam")
 from . import gnp as _gnp  # noqa: F401  (registers "gnp")
 from . import curvature as _curvature  # noqa: F401  (registers "curvature")
 from . import nrs as _nrs  # noqa: F401  (registers "nrs" and "rpr")
+from .compose import compose, make_method, method_class, method_hparam
 
-__all__ = ["METHODS", "Method", "make_method", "method_hparam", "register_method"]
+__all__ = [
+    "METHODS",
+    "Method",
+    "Point",
+    "Here",
+    "Term",
+    "Evaluation",
+    "make_method",
+    "method_class",
+    "method_hparam",
+    "register_method",
+    "compose",
+]

@@ -18,8 +18,9 @@ Two ways to get it:
   forward/backward passes. With ``c = 1`` this is exactly SAM with radius r. The error is O(r);
   the two forms agree as r → 0.
 
-Dropout: the finite-difference pass replays the clean pass's random state, so both gradients
-are of the same sub-network (otherwise the difference would be dominated by the mask change).
+Dropout and BatchNorm: the finite-difference pass replays the clean pass's random state, so both
+gradients are of the same sub-network (otherwise the difference would be dominated by the mask
+change), and leaves BatchNorm's running statistics unchanged (:mod:`flatness.passes`).
 
 Example:
     >>> import torch
@@ -40,7 +41,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .base import LossFn, Method, register_method
+from .base import Evaluation, LossFn, Method, Point, Term, register_method
 from .perturb import (
     RandomReplay,
     global_norm,
@@ -48,14 +49,69 @@ from .perturb import (
     require_nonnegative,
     require_positive,
     stash_for,
-    trainable_parameters,
 )
 
-__all__ = ["GradientNormPenalty", "GNP_FORMS"]
+__all__ = ["GradientNormPenalty", "GradientNormTerm", "FiniteDifferencePoint", "GNP_FORMS"]
 
 Form = Literal["fd", "exact"]
 GNP_FORMS: tuple[str, ...] = ("fd", "exact")
 _TINY = 1e-12
+
+
+class GradientNormTerm(Term):
+    """ρ‖∇L‖ (or ρ‖∇L‖²) at the evaluation point by double backward (``form="exact"``).
+
+    Logs ``grad_norm``.
+    """
+
+    def __init__(self, rho: float, squared: bool = False) -> None:
+        self.rho = rho
+        self.squared = squared
+
+    def __call__(self, evaluation: Evaluation, info: dict[str, float]) -> Tensor:
+        grads = torch.autograd.grad(
+            evaluation.loss, evaluation.params, create_graph=True, allow_unused=True
+        )
+        sq_norm = sum((g.square().sum() for g in grads if g is not None), torch.zeros(()))
+        info["grad_norm"] = float(sq_norm.detach().sqrt())
+        # clamp: d‖g‖ is undefined at g = 0; there the penalty's gradient is taken as 0
+        penalty = sq_norm if self.squared else sq_norm.clamp_min(_TINY**2).sqrt()
+        return self.rho * penalty
+
+
+class FiniteDifferencePoint(Point):
+    """Zhao et al.'s update (1 - c)·g + c·∇(objective)(θ + r ĝ), c = ρ/r (or 2ρ‖g‖/r).
+
+    The main pass at θ gives g; the objective at θ + r ĝ is an extra pass (the dropout mask
+    replayed, BatchNorm running statistics frozen); θ is restored exactly. Logs ``loss`` and
+    ``grad_norm``.
+    """
+
+    def __init__(self, rho: float, squared: bool, fd_radius: float) -> None:
+        self.rho, self.squared, self.fd_radius = rho, squared, fd_radius
+        self._stash: list[Tensor] | None = None  # reused copies of θ for the exact restore
+
+    def run(self, method: Method, x: Any, y: Any, params: list[Tensor], info: dict[str, float]) -> None:
+        replay = RandomReplay.capture(params)
+        loss = method.task_loss(x, y)
+        info["loss"] = float(loss.detach())
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        norm = global_norm(grads).to(params[0].device)
+        info["grad_norm"] = float(norm)
+        r = self.fd_radius
+        self._stash = stash_for(params, self._stash)
+        with perturbed(params, grads, r / (norm + _TINY), self._stash):
+            objective = method.objective(x, y, params, replay, info, main=False, loss_key=None)
+            far = torch.autograd.grad(objective, params, allow_unused=True)
+        # direction (1 - c)·g + c·∇L(θ + r ĝ), built in place in the far gradients
+        c = self.rho * (2.0 * norm if self.squared else torch.ones_like(norm)) / r
+        with torch.no_grad():
+            for p, g, h in zip(params, grads, far):
+                if g is None and h is None:
+                    continue
+                g = torch.zeros_like(p) if g is None else g
+                h = torch.zeros_like(p) if h is None else h
+                p.grad = h.lerp_(g, (1.0 - c).to(h.dtype))
 
 
 @register_method
@@ -64,14 +120,15 @@ class GradientNormPenalty(Method):
 
     Args:
         rho: penalty strength ρ >= 0.
-        form: ``"fd"`` (finite difference, two passes) or ``"exact"`` (double backward).
+        form: ``"fd"`` (finite difference, two passes: :class:`FiniteDifferencePoint`) or
+            ``"exact"`` (double backward: :class:`GradientNormTerm`).
         squared: penalise ‖∇L‖² instead of ‖∇L‖.
         fd_radius: the finite-difference step r > 0 along the unit gradient (``form="fd"``).
     """
 
     name = "gnp"
     hparam = "rho"
-    default_grid: tuple[float, ...] = (0.01, 0.05, 0.1)
+    default_grid = (0.01, 0.05, 0.1)
 
     def __init__(
         self,
@@ -82,53 +139,17 @@ class GradientNormPenalty(Method):
         squared: bool = False,
         fd_radius: float = 0.1,
     ) -> None:
-        super().__init__(model, loss_fn)
         self.rho = require_nonnegative("rho (ρ)", rho)
         if form not in GNP_FORMS:
             raise ValueError(f"form must be one of {GNP_FORMS}, got {form!r}")
         self.form = form
         self.squared = bool(squared)
         self.fd_radius = require_positive("fd_radius (r)", fd_radius)
-        self._stash: list[Tensor] | None = None  # reused copies of θ for the exact restore
-
-    def step(self, x: Any, y: Any, optimizer: torch.optim.Optimizer) -> dict[str, float]:
-        params = trainable_parameters(self.model)
-        optimizer.zero_grad(set_to_none=True)
-        if self.form == "exact":
-            loss, norm = self._exact(x, y, params)
+        if form == "exact":
+            super().__init__(model, loss_fn, terms=[GradientNormTerm(self.rho, self.squared)])
         else:
-            loss, norm = self._finite_difference(x, y, params)
-        optimizer.step()
-        return {"loss": float(loss.detach()), "grad_norm": float(norm)}
-
-    def _exact(self, x: Any, y: Any, params: list[Tensor]) -> tuple[Tensor, Tensor]:
-        loss = self.task_loss(x, y)
-        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-        sq_norm = sum((g.square().sum() for g in grads if g is not None), torch.zeros(()))
-        # clamp: d‖g‖ is undefined at g = 0; there the penalty's gradient is taken as 0
-        penalty = sq_norm if self.squared else sq_norm.clamp_min(_TINY**2).sqrt()
-        (loss + self.rho * penalty).backward()
-        return loss, sq_norm.detach().sqrt()
-
-    def _finite_difference(self, x: Any, y: Any, params: list[Tensor]) -> tuple[Tensor, Tensor]:
-        replay = RandomReplay.capture(params)
-        loss = self.task_loss(x, y)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        norm = global_norm(grads).to(params[0].device)
-        r = self.fd_radius
-        self._stash = stash_for(params, self._stash)
-        with perturbed(params, grads, r / (norm + _TINY), self._stash), replay():
-            far = torch.autograd.grad(self.task_loss(x, y), params, allow_unused=True)
-        # direction (1 - c)·g + c·∇L(θ + r ĝ), built in place in the far gradients
-        c = self.rho * (2.0 * norm if self.squared else torch.ones_like(norm)) / r
-        with torch.no_grad():
-            for p, g, h in zip(params, grads, far):
-                if g is None and h is None:
-                    continue
-                g = torch.zeros_like(p) if g is None else g
-                h = torch.zeros_like(p) if h is None else h
-                p.grad = h.lerp_(g, (1.0 - c).to(h.dtype))
-        return loss, norm
+            point = FiniteDifferencePoint(self.rho, self.squared, self.fd_radius)
+            super().__init__(model, loss_fn, point=point)
 
     def __repr__(self) -> str:
         return (

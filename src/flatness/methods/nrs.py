@@ -16,12 +16,16 @@ Gaussian direction, which makes δθ exactly uniform in the ball but costs about
 forward pass to draw on a CPU (1.7 M weights: ~7 ms with torch's generator). :math:`f` is the predicted class distribution: softmax of the logits,
 or a Bernoulli for a single logit. The KL term is differentiated through both arguments.
 
-The neighbour :math:`f(\cdot;\theta+\delta\theta)` is evaluated with
+NRS's neighbour :math:`f(\cdot;\theta+\delta\theta)` is evaluated with
 ``torch.func.functional_call`` on the tensors ``p + δ``: the model's own weights are never
-modified, so there is nothing to restore and the gradient reaches θ through both passes.
+modified, so there is nothing to restore and the gradient reaches θ through both passes
+(:class:`NeighbourTerm`). RPR moves the weights to θ + δθ in place, evaluates the loss there as
+the step's only pass and restores them exactly (:class:`RandomPoint`).
 
-Dropout: the neighbour's pass replays the clean pass's random state (same mask), so at ε = 0
-the two outputs are identical and the KL term is exactly zero.
+Dropout and BatchNorm: NRS's neighbour pass replays the clean pass's random state (same mask),
+so at ε = 0 the two outputs are identical and the KL term is exactly zero; it is an extra pass,
+so BatchNorm's running statistics are updated by the clean pass only. RPR's one pass is its
+main pass (it updates them, from the neighbour's activations).
 
 Example:
     >>> import torch
@@ -44,10 +48,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ..passes import frozen_running_stats
 from ..probes import make_generator, rademacher
-from ..utils import call_model
-from .base import LossFn, Method, register_method
-from .perturb import RandomReplay, require_nonnegative
+from ..utils import unwrap
+from .base import Evaluation, LossFn, Method, Point, Term, register_method
+from .perturb import RandomReplay, perturbed, require_nonnegative
 
 BallDistribution = Literal["gaussian", "rademacher"]
 BALL_DISTRIBUTIONS: tuple[str, ...] = ("gaussian", "rademacher")
@@ -57,6 +62,8 @@ __all__ = [
     "ball_direction",
     "sample_in_ball",
     "model_divergence",
+    "NeighbourTerm",
+    "RandomPoint",
     "NeighborhoodRegionSmoothing",
     "RandomPerturbation",
 ]
@@ -136,46 +143,24 @@ def _call_with(model: nn.Module, params: dict[str, Tensor], x: Any) -> Tensor:
     return functional_call(model, params, (x,))
 
 
-class _RandomNeighbour(Method):
-    """Shared by NRS and RPR: draws δθ in the ε-ball and evaluates the neighbour."""
+class _Ball:
+    """δθ drawn from the ε-ball over all trainable weights, from its own generator."""
 
-    hparam = "eps"
-    default_grid: tuple[float, ...] = (0.05, 0.1, 0.5)  # the NRS paper's ε search
-
-    def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: LossFn,
-        eps: float = 0.1,
-        seed: int | None = None,
-        dist: BallDistribution = "rademacher",
-    ) -> None:
-        super().__init__(model, loss_fn)
+    def __init__(self, eps: float, seed: int | None, dist: BallDistribution) -> None:
         self.eps = require_nonnegative("eps (ε)", eps)
         if dist not in BALL_DISTRIBUTIONS:
             raise ValueError(f"dist must be one of {BALL_DISTRIBUTIONS}, got {dist!r}")
         self.dist = dist
         self.generator = make_generator(seed)
 
-    def _named_trainable(self) -> dict[str, Tensor]:
-        named = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        if not named:
-            raise ValueError("the model has no parameters that require grad")
-        return named
-
-    def neighbour(self, named: dict[str, Tensor], x: Any) -> Tensor:
-        """Logits of the model at θ + δθ, δθ fresh from the ε-ball; differentiable in θ."""
-        params = list(named.values())
+    def draw(self, params: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+        """(directions shaped like ``params``, 0-d scale): δθ = scale·direction."""
         direction, scale = ball_direction(
             sum(p.numel() for p in params), self.eps, self.dist, self.generator,
             params[0].device, params[0].dtype,
         )
         chunks = direction.split([p.numel() for p in params])
-        shifted = {
-            n: torch.addcmul(p, c.view_as(p).to(p.dtype), scale)
-            for (n, p), c in zip(named.items(), chunks)
-        }
-        return _call_with(self.model, shifted, x)
+        return [c.view_as(p).to(p.dtype) for c, p in zip(chunks, params)], scale
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": None if self.generator is None else self.generator.get_state()}
@@ -187,8 +172,48 @@ class _RandomNeighbour(Method):
             self.generator.set_state(state["generator"])
 
 
+class NeighbourTerm(_Ball, Term):
+    """α·KL(f(θ) ‖ f(θ+δθ)) + L(θ+δθ) at the evaluation point θ (NRS eq. 3 without L(θ)).
+
+    The neighbour is evaluated with ``functional_call`` on ``p + δ`` (differentiable in θ, the
+    weights never written), in an extra pass: the main pass's dropout mask replayed, BatchNorm
+    running statistics frozen. Logs ``kl`` and ``perturbed_loss``.
+    """
+
+    def __init__(self, eps: float, alpha: float, seed: int | None, dist: BallDistribution) -> None:
+        super().__init__(eps, seed, dist)
+        self.alpha = require_nonnegative("alpha (α)", alpha)
+
+    def __call__(self, evaluation: Evaluation, info: dict[str, float]) -> Tensor:
+        model = evaluation.model
+        named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        directions, scale = self.draw(list(named.values()))
+        shifted = {n: torch.addcmul(p, d, scale) for (n, p), d in zip(named.items(), directions)}
+        with evaluation.replay(), frozen_running_stats(unwrap(model)):
+            neighbour_logits = _call_with(model, shifted, evaluation.x)
+        perturbed_loss = evaluation.loss_fn(neighbour_logits, evaluation.y)
+        kl = model_divergence(evaluation.logits, neighbour_logits)
+        info["kl"] = float(kl.detach())
+        info["perturbed_loss"] = float(perturbed_loss.detach())
+        return self.alpha * kl + perturbed_loss
+
+
+class RandomPoint(_Ball, Point):
+    """RPR's point θ + δθ: the objective there, as the step's main (and only) pass.
+
+    The weights are moved in place and restored exactly (so any term sees the neighbour); the
+    gradient at θ + δθ is the update's. Logs ``loss`` (at θ + δθ).
+    """
+
+    def run(self, method: Method, x: Any, y: Any, params: list[Tensor], info: dict[str, float]) -> None:
+        directions, scale = self.draw(params)
+        with perturbed(params, directions, scale):
+            replay = RandomReplay.capture(params)
+            method.objective(x, y, params, replay, info, main=True).backward()
+
+
 @register_method
-class NeighborhoodRegionSmoothing(_RandomNeighbour):
+class NeighborhoodRegionSmoothing(Method):
     """``--method nrs``: L(θ) + α·KL(f(θ) ‖ f(θ+δθ)) + L(θ+δθ); ``eps`` (ε) is swept.
 
     Args:
@@ -200,6 +225,8 @@ class NeighborhoodRegionSmoothing(_RandomNeighbour):
     """
 
     name = "nrs"
+    hparam = "eps"
+    default_grid = (0.05, 0.1, 0.5)  # the NRS paper's ε search
 
     def __init__(
         self,
@@ -210,47 +237,36 @@ class NeighborhoodRegionSmoothing(_RandomNeighbour):
         seed: int | None = None,
         dist: BallDistribution = "rademacher",
     ) -> None:
-        super().__init__(model, loss_fn, eps=eps, seed=seed, dist=dist)
-        self.alpha = require_nonnegative("alpha (α)", alpha)
-
-    def step(self, x: Any, y: Any, optimizer: torch.optim.Optimizer) -> dict[str, float]:
-        named = self._named_trainable()
-        optimizer.zero_grad(set_to_none=True)
-        replay = RandomReplay.capture(named.values())
-        logits = call_model(self.model, x)
-        loss = self.loss_fn(logits, y)
-        with replay():
-            neighbour_logits = self.neighbour(named, x)
-        perturbed_loss = self.loss_fn(neighbour_logits, y)
-        kl = model_divergence(logits, neighbour_logits)
-        (loss + self.alpha * kl + perturbed_loss).backward()
-        optimizer.step()
-        return {
-            "loss": float(loss.detach()),
-            "kl": float(kl.detach()),
-            "perturbed_loss": float(perturbed_loss.detach()),
-        }
+        term = NeighbourTerm(eps, alpha, seed, dist)
+        super().__init__(model, loss_fn, terms=[term])
+        self.eps, self.alpha = term.eps, term.alpha
 
     def __repr__(self) -> str:
         return f"NeighborhoodRegionSmoothing(eps={self.eps}, alpha={self.alpha})"
 
 
 @register_method
-class RandomPerturbation(_RandomNeighbour):
+class RandomPerturbation(Method):
     """``--method rpr``: train on L(θ+δθ) only (the NRS paper's control); ``eps`` is swept.
 
     ``loss`` in the step's info is the loss at the neighbour θ + δθ (the only one computed).
     """
 
     name = "rpr"
+    hparam = "eps"
+    default_grid = (0.05, 0.1, 0.5)  # the NRS paper's ε search
 
-    def step(self, x: Any, y: Any, optimizer: torch.optim.Optimizer) -> dict[str, float]:
-        named = self._named_trainable()
-        optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.neighbour(named, x), y)
-        loss.backward()
-        optimizer.step()
-        return {"loss": float(loss.detach())}
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        eps: float = 0.1,
+        seed: int | None = None,
+        dist: BallDistribution = "rademacher",
+    ) -> None:
+        point = RandomPoint(eps, seed, dist)
+        super().__init__(model, loss_fn, point=point)
+        self.eps = point.eps
 
     def __repr__(self) -> str:
         return f"RandomPerturbation(eps={self.eps})"

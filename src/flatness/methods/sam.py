@@ -12,9 +12,11 @@ with :math:`T = I` (SAM) or :math:`T = \operatorname{diag}(|\theta|)` (adaptive 
 al. 2021). One update: gradient at θ, ascend to θ + ε̂, gradient there, restore θ, and let
 the base optimizer step with the gradient taken at θ + ε̂ (two forward/backward passes).
 
-Dropout: :class:`SharpnessAware` reuses the clean pass's dropout mask for the perturbed pass
-(the random state is replayed), so both gradients belong to the same sub-network of the same
-mini-batch. The :class:`SAM` wrapper leaves that to the user's closure.
+Dropout and BatchNorm: :class:`SharpnessAware` reuses the clean pass's dropout mask for the
+perturbed pass (the random state is replayed), so both gradients belong to the same sub-network
+of the same mini-batch, and the perturbed pass leaves BatchNorm's running statistics unchanged
+(it normalises with its own batch statistics, like standard SAM implementations that freeze BN
+statistics in the second pass). The :class:`SAM` wrapper leaves both to the user's closure.
 
 Example (the method, behind the common interface):
     >>> import torch
@@ -45,17 +47,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import LossFn, Method, register_method
+from .base import LossFn, Method, Point, register_method
 from .perturb import (
     RandomReplay,
     global_norm,
     perturbed,
     require_nonnegative,
     stash_for,
-    trainable_parameters,
 )
 
-__all__ = ["sam_direction", "sam_perturbation", "SharpnessAware", "SAM"]
+__all__ = ["sam_direction", "sam_perturbation", "AscentPoint", "SharpnessAware", "SAM"]
 
 _TINY = 1e-12  # keeps ε̂ finite when the gradient vanishes
 
@@ -85,6 +86,33 @@ def sam_perturbation(
         return [None if d is None else d * scale.to(d.device) for d in directions]
 
 
+class AscentPoint(Point):
+    """SAM's point θ + ε̂: a main pass at θ for the gradient, then the objective at θ + ε̂.
+
+    The perturbed pass is an extra pass (the clean pass's dropout mask replayed, BatchNorm
+    running statistics frozen); the gradient taken there lands in ``.grad`` and θ is restored
+    exactly. Logs ``loss`` (at θ) and ``perturbed_loss`` (at θ + ε̂).
+    """
+
+    def __init__(self, rho: float, adaptive: bool = False) -> None:
+        self.rho = require_nonnegative("rho (ρ)", rho)
+        self.adaptive = bool(adaptive)
+        self._stash: list[Tensor] | None = None  # reused copies of θ for the exact restore
+
+    def run(self, method: Method, x: Any, y: Any, params: list[Tensor], info: dict[str, float]) -> None:
+        replay = RandomReplay.capture(params)
+        loss = method.task_loss(x, y)
+        info["loss"] = float(loss.detach())
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        directions, scale = sam_direction(params, grads, self.rho, self.adaptive)
+        self._stash = stash_for(params, self._stash)
+        with perturbed(params, directions, scale.to(params[0].device), self._stash):
+            objective = method.objective(
+                x, y, params, replay, info, main=False, loss_key="perturbed_loss"
+            )
+            objective.backward()  # the gradient at θ + ε̂ lands in .grad
+
+
 @register_method
 class SharpnessAware(Method):
     """``--method sam``: SAM around any torch optimizer; ``rho`` (ρ >= 0) is swept.
@@ -96,29 +124,14 @@ class SharpnessAware(Method):
 
     name = "sam"
     hparam = "rho"
-    default_grid: tuple[float, ...] = (0.01, 0.05, 0.1)
+    default_grid = (0.01, 0.05, 0.1)
 
     def __init__(
         self, model: nn.Module, loss_fn: LossFn, rho: float = 0.05, adaptive: bool = False
     ) -> None:
-        super().__init__(model, loss_fn)
-        self.rho = require_nonnegative("rho (ρ)", rho)
-        self.adaptive = bool(adaptive)
-        self._stash: list[Tensor] | None = None  # reused copies of θ for the exact restore
-
-    def step(self, x: Any, y: Any, optimizer: torch.optim.Optimizer) -> dict[str, float]:
-        params = trainable_parameters(self.model)
-        optimizer.zero_grad(set_to_none=True)
-        replay = RandomReplay.capture(params)
-        loss = self.task_loss(x, y)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        directions, scale = sam_direction(params, grads, self.rho, self.adaptive)
-        self._stash = stash_for(params, self._stash)
-        with perturbed(params, directions, scale.to(params[0].device), self._stash), replay():
-            perturbed_loss = self.task_loss(x, y)
-            perturbed_loss.backward()  # the gradient at θ + ε̂ lands in .grad
-        optimizer.step()
-        return {"loss": float(loss.detach()), "perturbed_loss": float(perturbed_loss.detach())}
+        point = AscentPoint(rho, adaptive)
+        super().__init__(model, loss_fn, point=point)
+        self.rho, self.adaptive = point.rho, point.adaptive
 
     def __repr__(self) -> str:
         return f"SharpnessAware(rho={self.rho}, adaptive={self.adaptive})"

@@ -43,7 +43,7 @@ CASES: dict[str, tuple[str, dict[str, object]]] = {
     "sam": ("sam", {"rho": 0.05}),
     "gnp": ("gnp", {"rho": 0.05, "form": "fd"}),
     "gnp_exact": ("gnp", {"rho": 0.05, "form": "exact"}),
-    "curvature": ("curvature", {"alpha": 0.01, "impl": "linear"}),
+    "curvature": ("curvature", {"alpha": 0.01, "impl": "closed-form"}),
     "nrs": ("nrs", {"eps": 0.1, "alpha": 1.0, "seed": 0}),
     "nrs_gaussian": ("nrs", {"eps": 0.1, "alpha": 1.0, "seed": 0, "dist": "gaussian"}),
     "rpr": ("rpr", {"eps": 0.1, "seed": 0}),
