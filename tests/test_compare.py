@@ -10,6 +10,7 @@ import pytest
 import flatness.measures
 from flatness.cli import main
 from flatness.experiments import measure
+from flatness.experiments.record import RunRecord
 from flatness.experiments.compare import (
     comparison_grid,
     comparison_markdown,
@@ -26,19 +27,19 @@ BC = "breast-cancer-mlp"
 
 
 def _record(method, value, seed, val, test, seconds=1.0, hparam="rho", status="complete"):
-    return {
-        "name": f"{method}_{value}_{seed}",
-        "task": BC,
-        "method": method,
-        "hparam": None if method == "none" else hparam,
-        "value": value,
-        "seed": seed,
-        "status": status,
-        "final_val_acc": val,
-        "final_test_acc": test,
-        "seconds_per_epoch": seconds,
-        "measured_sq_trace_per_B": 0.5 + seed,
-    }
+    return RunRecord(
+        name=f"{method}_{value}_{seed}",
+        task=BC,
+        method=method,
+        hparam=None if method == "none" else hparam,
+        value=value,
+        seed=seed,
+        status=status,
+        final_val_acc=val,
+        final_test_acc=test,
+        seconds_per_epoch=seconds,
+        measured_sq_trace_per_B=0.5 + seed,
+    )
 
 
 def test_grids_drop_zero_and_always_include_none():
@@ -81,7 +82,7 @@ def test_equal_validation_accuracy_is_decided_by_validation_loss():
     for value, loss in ((0.01, 0.30), (0.05, 0.20), (0.1, 0.25)):
         for s in range(2):
             r = _record("gnp", value, s, 0.95, 0.5 if value == 0.1 else 0.9)
-            r["final_val_loss"] = loss
+            r.final_val_loss = loss
             records.append(r)
     gnp = {r.method: r for r in select_and_summarize(records, ["gnp"])}["gnp"]
     assert gnp.value == 0.05 and gnp.val_loss == pytest.approx(0.20)
@@ -175,7 +176,7 @@ def test_plot_is_written(tmp_path):
     records += [_record("sam", 0.05, s, 0.95, 0.85 + 0.01 * s) for s in range(2)]
     results = select_and_summarize(records, ["sam"])
     path = tmp_path / "compare.png"
-    plot_comparison(BC, results, {r["name"]: r for r in records}, path)
+    plot_comparison(BC, results, {r.name: r for r in records}, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["compare.png"]  # no temp file left
 
@@ -190,7 +191,7 @@ def test_holm_across_methods_and_notes_in_the_table():
     results = {r.method: r for r in select_and_summarize(records, ["sam", "nrs", "rpr"])}
     from scipy import stats
 
-    raw = [stats.ttest_rel([r["final_test_acc"] for r in records if r["method"] == m],
+    raw = [stats.ttest_rel([r.final_test_acc for r in records if r.method == m],
                            [0.80, 0.82, 0.81, 0.83]).pvalue for m in ("sam", "nrs")]
     assert [results[m].vs_none.p_t for m in ("sam", "nrs")] == pytest.approx(raw)
     assert [results[m].vs_none.p_t_holm for m in ("sam", "nrs")] == pytest.approx(holm(raw))

@@ -119,8 +119,29 @@ def test_cifar_missing_and_corrupt_archives_give_clear_errors(tmp_path):
     with pytest.raises(FlatnessError, match="corrupted"):
         D.load_cifar100(tmp_path, download=False)
     _tar_with(tmp_path / D.CIFAR100_ARCHIVE, {"something/else": b"x"})
-    with pytest.raises(FlatnessError, match="not a CIFAR-100 python archive"):
+    with pytest.raises(FlatnessError, match=r"is corrupted \(it has no file cifar-100-python/train\)"):
         D.load_cifar100(tmp_path, download=False)
+
+
+def test_truncated_cifar_archive_and_missing_member_say_corrupted(tmp_path):
+    archive = tmp_path / D.CIFAR100_ARCHIVE
+    _tar_with(archive, {"cifar-100-python/train": _cifar_pickle(200, 0)})  # no test part
+    with pytest.raises(FlatnessError) as info:
+        D.load_cifar100(tmp_path, download=False)
+    assert str(info.value).startswith(f"{archive} is corrupted (it has no file cifar-100-python/test)")
+    full = io.BytesIO()
+    with tarfile.open(fileobj=full, mode="w:gz") as tar:
+        for part, n in (("train", 200), ("test", 100)):
+            payload = _cifar_pickle(n, 0)
+            info_ = tarfile.TarInfo(f"cifar-100-python/{part}")
+            info_.size = len(payload)
+            tar.addfile(info_, io.BytesIO(payload))
+    archive.write_bytes(full.getvalue()[: len(full.getvalue()) // 2])  # an interrupted copy
+    with pytest.raises(FlatnessError) as info:
+        D.load_cifar100(tmp_path, download=False)
+    message = str(info.value)
+    assert message.startswith(f"{archive} is corrupted (") and "\n" not in message
+    assert "not found" not in message
 
 
 def test_cifar_reader_refuses_code_in_pickles(tmp_path):
@@ -198,6 +219,19 @@ def test_newsgroups_archive_reader_and_canonical_order(tmp_path):
     (tmp_path / "bad" / D.NEWSGROUPS_ARCHIVE).write_bytes(b"garbage")
     with pytest.raises(FlatnessError, match="corrupted"):
         D._newsgroups_from_archive(tmp_path / "bad" / D.NEWSGROUPS_ARCHIVE)
+    # an archive without its test folder, and a truncated one
+    partial = tmp_path / "partial" / D.NEWSGROUPS_ARCHIVE
+    partial.parent.mkdir()
+    _tar_with(partial, {k: v for k, v in docs.items() if "train" in k})
+    with pytest.raises(FlatnessError) as info:
+        D._newsgroups_from_archive(partial)
+    assert str(info.value) == f"{partial} is corrupted (it has no folder 20news-bydate-test/)"
+    cut = tmp_path / "cut" / D.NEWSGROUPS_ARCHIVE
+    cut.parent.mkdir()
+    cut.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(FlatnessError) as info:
+        D._newsgroups_from_archive(cut)
+    assert str(info.value).startswith(f"{cut} is corrupted (")
 
 
 @pytest.mark.data

@@ -17,7 +17,7 @@ from torch import nn
 
 from flatness.cli import main
 from flatness.experiments.measure import measure_sq_trace_per_B
-from flatness.experiments.record import read_record
+from flatness.experiments.record import RunRecord, read_record
 from flatness.experiments.runner import run_grid
 from flatness.experiments.specs import RunSpec, build_grid
 from flatness.methods import METHODS, Method
@@ -82,7 +82,7 @@ def test_measured_flatness_is_a_fixed_unbiased_protocol():
     assert partial["samples"] == 6  # full batches of B only
 
 
-def _records(directory: Path) -> dict[str, dict]:
+def _records(directory: Path) -> dict[str, RunRecord | None]:
     return {p.stem: read_record(p) for p in sorted(directory.glob("*.json"))}
 
 
@@ -94,26 +94,37 @@ def test_cli_run_writes_records_checkpoints_report_and_resumes(tmp_path, capsys)
     assert "| λ | runs | Final acc" in printed and "p (final acc)" in printed
     d = out / BC
     records = _records(d)
-    assert len(records) == 4 and all(r["status"] == "complete" for r in records.values())
+    assert len(records) == 4 and all(r.status == "complete" for r in records.values())
+    assert all(json.loads(p.read_text())["version"] == 2 for p in d.glob("*.json"))
     r = next(r for name, r in records.items() if name.startswith("fa_lam0_seed0"))
-    assert r["measured_sq_trace_per_B"] > 0  # measured for λ = 0 too
-    assert r["avg_train_sq_trace_per_B"] is None  # no penalty, nothing to average
-    assert len(r["curves"]["test_acc"]) == 2 and len(r["curves"]["sq_trace_per_B"]) == 2
-    assert r["val_chosen_epoch"] in (1, 2) and r["train_seconds"] > 0 and r["seconds_per_epoch"] > 0
+    assert r.measured_sq_trace_per_B > 0  # measured for λ = 0 too
+    assert r.avg_train_sq_trace_per_B is None  # no penalty, nothing to average
+    assert len(r.curves["test_acc"]) == 2 and len(r.curves["sq_trace_per_B"]) == 2
+    assert r.val_chosen_epoch in (1, 2) and r.train_seconds > 0 and r.seconds_per_epoch > 0
     fa = next(r for name, r in records.items() if name.startswith("fa_lam0.01_seed1"))
-    assert fa["avg_train_sq_trace_per_B"] > 0 and fa["method_kwargs"] == {"probes": 5, "every": 10}
-    # the checkpoint is the final model: it reproduces the recorded final accuracy
-    model, meta = load_checkpoint(d / r["checkpoint"], task=BC)
+    assert fa.avg_train_sq_trace_per_B > 0 and fa.method_kwargs == {"probes": 5, "every": 10}
+    # every epoch: eval-mode loss and accuracy on train (all 409 samples), validation and test
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc"):
+        assert len(r.curves[key]) == 2 and all(v is not None for v in r.curves[key])
+        assert getattr(r, f"final_{key}") == r.curves[key][-1]
+    assert r.train_eval_samples == r.train_samples == 409
+    # the checkpoint is the final model: it reproduces the recorded final values
+    model, meta = load_checkpoint(d / r.checkpoint, task=BC)
     task = get_task(BC)
     splits = task.load()
-    assert evaluate(model, splits.x_test, splits.y_test, task.predict)["acc"] == r["final_test_acc"]
+    for name, x, y in (("train", splits.x_train, splits.y_train), ("val", splits.x_val, splits.y_val),
+                       ("test", splits.x_test, splits.y_test)):
+        result = evaluate(model, x, y, task.predict, loss_fn=task.loss_fn)
+        assert result["acc"] == getattr(r, f"final_{name}_acc")
+        assert result["loss"] == pytest.approx(getattr(r, f"final_{name}_loss"), rel=1e-6)
     assert meta["seed"] == 0
-    traj = torch.load(d / r["trajectory_file"], weights_only=True)
-    assert traj["steps"] == [0, r["steps"] // 2, r["steps"]] and len(traj["state_dicts"]) == 3
+    traj = torch.load(d / r.trajectory_file, weights_only=True)
+    assert traj["steps"] == [0, r.steps // 2, r.steps] and len(traj["state_dicts"]) == 3
     for name in ("summary.md", "summary.csv"):
         assert (d / name).is_file()
     assert len(list(d.glob("*.png"))) == 3
     assert not [p for p in d.rglob(".*") if p.is_file()]  # no temp files left
+    assert not list(d.glob("*.claim"))  # claims released
 
     stamps = {p: p.stat().st_mtime_ns for p in d.glob("*.json")}
     assert main(args) == 0
@@ -136,13 +147,13 @@ def test_kill_9_loses_only_runs_in_flight_and_resume_finishes(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)  # the runner and its worker processes
         proc.wait()
     finished = _records(out / BC)
-    assert all(r is not None and r["status"] == "complete" for r in finished.values())
+    assert all(r is not None and r.status == "complete" for r in finished.values())
     for p in (out / BC).glob("*.json"):
         json.loads(p.read_text())  # every JSON present is whole
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     done = _records(out / BC)
-    assert len(done) == 4 and all(r["status"] == "complete" for r in done.values())
+    assert len(done) == 4 and all(r.status == "complete" for r in done.values())
 
 
 class _Diverging(Method):
@@ -165,10 +176,10 @@ def test_diverged_runs_are_recorded_as_failed_and_not_rerun(tmp_path, monkeypatc
     monkeypatch.setitem(METHODS, _Diverging.name, _Diverging)
     specs = build_grid(BC, _Diverging.name, [0.0, 1.0], seeds=1, config_overrides={"epochs": 1})
     results = run_grid(specs, tmp_path, progress=False, log=lambda m: None)
-    statuses = sorted(r["status"] for r in results[str(tmp_path / BC)])
+    statuses = sorted(r.status for r in results[str(tmp_path / BC)])
     assert statuses == ["complete", "failed"]
     failed = read_record(tmp_path / BC / f"{specs[1].name}.json")
-    assert "TrainingDiverged" in failed["error"]
+    assert "TrainingDiverged" in failed.error and failed.final_test_acc is None
     messages = []
     run_grid(specs, tmp_path, progress=False, log=messages.append)
     assert messages == ["2 of 2 runs already finished; skipping them"]
@@ -215,7 +226,7 @@ def test_a_record_with_other_settings_is_never_overwritten(tmp_path, capsys):
     spec = build_grid(BC, "fa", [0.0], seeds=1, config_overrides={"epochs": 2})[0]
     path = out / BC / f"{spec.name}.json"
     path.parent.mkdir(parents=True)
-    record = {"format": "flatness-run", "status": "complete", "task_version": 1, **spec.as_dict()}
+    record = {"format": "flatness-run", "name": spec.name, "status": "complete", "task_version": 1, **spec.as_dict()}
     args = ["run", BC, "--lambdas", "0", "--seeds", "1", "--out", str(out), *QUICK]
     for key, value, message in (("value", 5.0, "other settings"), ("task_version", 0, "version 0")):
         path.write_text(json.dumps({**record, key: value}))

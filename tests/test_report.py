@@ -4,7 +4,7 @@ files, footnotes that follow the protocol, plots, CLI."""
 from __future__ import annotations
 
 import csv
-import json
+import dataclasses
 import math
 
 import numpy as np
@@ -13,6 +13,7 @@ from scipy import stats
 
 from flatness.cli import main
 from flatness.experiments import measure
+from flatness.experiments.record import RunRecord, write_record
 from flatness.experiments.report import markdown, summarize, write_report
 from flatness.experiments.stats import holm
 from flatness.experiments.tasks import get_task
@@ -22,23 +23,21 @@ BC = "breast-cancer-mlp"
 
 def _record(value, seed, acc, *, method="fa", hparam="lam", status="complete", protocol_id="", flat=1.0):
     name = f"{method}" + (f"_{hparam}{value:g}" if hparam else "") + f"_seed{seed}" + (f"_p{protocol_id}" if protocol_id else "")
-    r = {
-        "format": "flatness-run",
-        "status": status,
-        "name": name,
-        "task": BC,
-        "method": method,
-        "hparam": hparam,
-        "value": value,
-        "seed": seed,
-        "config": get_task(BC).config.as_dict(),
-        "method_kwargs": {"probes": 5, "every": 10} if method == "fa" else {},
-        "trajectory": 0,
-        "protocol_id": protocol_id,
-        "variant_id": "",
-    }
+    r = RunRecord(
+        status=status,
+        name=name,
+        task=BC,
+        method=method,
+        hparam=hparam,
+        value=value,
+        seed=seed,
+        config=get_task(BC).config.as_dict(),
+        method_kwargs={"probes": 5, "every": 10} if method == "fa" else {},
+        protocol_id=protocol_id,
+    )
     if status == "complete":
-        r.update(
+        r = dataclasses.replace(
+            r,
             final_test_acc=acc,
             best_test_acc=acc + 0.01,
             val_chosen_test_acc=acc - 0.01,
@@ -50,14 +49,14 @@ def _record(value, seed, acc, *, method="fa", hparam="lam", status="complete", p
             curves={"test_acc": [acc - 0.02, acc - 0.01, acc]},
         )
     else:
-        r["error"] = "TrainingDiverged: loss is nan"
+        r.error = "TrainingDiverged: loss is nan"
     return r
 
 
 def _write(directory, records):
     directory.mkdir(parents=True, exist_ok=True)
     for r in records:
-        (directory / f"{r['name']}.json").write_text(json.dumps(r))
+        write_record(directory / f"{r.name}.json", r)
 
 
 def test_summarize_groups_by_method_and_protocol_with_baselines():

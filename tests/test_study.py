@@ -40,22 +40,22 @@ def test_initial_weights_are_rebuilt_exactly(tmp_path: Path) -> None:
                          model_kwargs={"hidden": [16, 8], "dropout": 0.0}, trajectory=2)
     state = torch.get_rng_state()
     record = execute_run(spec, tmp_path)
-    assert record["status"] == "complete"
-    snapshots = torch.load(tmp_path / record["trajectory_file"], weights_only=True)
+    assert record.complete and record.model_kwargs == spec.model_kwargs
+    snapshots = torch.load(tmp_path / str(record.trajectory_file), weights_only=True)
     assert snapshots["steps"][0] == 0
     first = snapshots["state_dicts"][0]
     rebuilt = initial_model("breast-cancer-mlp", 3, model_kwargs=spec.model_kwargs)
     assert rebuilt.state_dict().keys() == first.keys()
     assert all(torch.equal(rebuilt.state_dict()[k], first[k]) for k in first)
-    from_checkpoint = checkpoint_initial_model(tmp_path / record["checkpoint"])
+    from_checkpoint = checkpoint_initial_model(tmp_path / str(record.checkpoint))
     assert all(torch.equal(from_checkpoint.state_dict()[k], first[k]) for k in first)
-    model, _ = load_checkpoint(tmp_path / record["checkpoint"])  # built with the run's widths
+    model, _ = load_checkpoint(tmp_path / str(record.checkpoint))  # built with the run's widths
     assert model[0].weight.shape == (16, 30) and not torch.equal(model[0].weight, first["0.weight"])
     torch.set_rng_state(state)
     initial_model("breast-cancer-mlp", 3)
     assert torch.equal(torch.get_rng_state(), state)  # the caller's random state is kept
     # `flatness measure` rebuilds the same initial weights from the checkpoint
-    assert main(["measure", str(tmp_path / record["checkpoint"]), "--task", "breast-cancer-mlp",
+    assert main(["measure", str(tmp_path / str(record.checkpoint)), "--task", "breast-cancer-mlp",
                  "--measures", "distance_from_init", "--json", "--out", str(tmp_path / "m.json")]) == 0
     measured = json.loads((tmp_path / "m.json").read_text())
     assert measured["distance_from_init"] == pytest.approx(distance_from_init(model, rebuilt))
@@ -106,12 +106,13 @@ def test_small_study_end_to_end(small_study: tuple[Path, str]) -> None:
     rows = list(csv.DictReader((study_dir / "population.csv").open()))
     assert len(rows) == 8
     population = json.loads((study_dir / "population.json").read_text())
-    for row in population["rows"]:  # the study's own evaluation agrees with the run record
+    for row in population["rows"]:  # the gap is the record's; the study's own evaluation agrees
         record = json.loads((out / "breast-cancer-mlp" / f"{row['name']}.json").read_text())
         cached = json.loads((out / "breast-cancer-mlp" / "study" / "measures" / f"{row['name']}.json").read_text())
-        assert cached["evaluation"]["test_acc"] == pytest.approx(record["final_test_acc"])
-        assert row["generalization"]["gap_acc"] == pytest.approx(
-            cached["evaluation"]["train_acc"] - record["final_test_acc"])
+        assert row["generalization"]["gap_acc"] == record["final_train_acc"] - record["final_test_acc"]
+        assert row["generalization"]["gap_loss"] == record["final_test_loss"] - record["final_train_loss"]
+        for key in ("train_acc", "test_acc", "train_loss", "test_loss"):
+            assert cached["evaluation"][key] == pytest.approx(record[f"final_{key}"], rel=1e-5), key
     reparam = json.loads((study_dir / "reparam.json").read_text())
     verdict = {m["measure"]: m["invariant"] for m in reparam["measures"]}
     assert verdict["adaptive_sharpness"] and verdict["path_norm"] and not verdict["lambda_max"]

@@ -1,13 +1,15 @@
-"""Small helpers shared across the package: model modes, batches, errors."""
+"""Small helpers shared across the package: model modes, batches, errors, atomic file writes."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import os
-import tempfile
+import secrets
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from collections.abc import Iterator
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import Tensor, nn
@@ -131,24 +133,72 @@ def call_model(model: nn.Module, x: Any) -> Tensor:
     return model(x)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], write: Any) -> None:
-    """Call ``write(file_object)`` on a temp file in ``path``'s folder, then rename it to ``path``.
+def _create_temp_file(path: Path) -> tuple[int, Path]:
+    """A new, empty, uniquely named file next to ``path``, opened for writing.
 
-    A reader never sees a half-written ``path``: it is either the old file or the complete new
-    one. The temp file is removed if ``write`` raises.
+    Created with mode 0666 so that the process umask (and any default ACL) applies as to any
+    new file (``tempfile.mkstemp`` would make it 0600, which ``os.replace`` keeps).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object]) -> None:
+    """Call ``write(file_object)``, then put the bytes it wrote at ``path`` atomically.
+
+    The content is produced in memory first (so a serialiser such as ``torch.save`` never meets
+    a full disk half-way), then written to a temp file in ``path``'s folder, flushed to disk and
+    renamed to ``path``: a reader sees either the old file or the complete new one. The file
+    honours the umask like any new file. On any error the temp file is removed and ``path`` is
+    left as it was; a full disk (or quota) becomes one :class:`FlatnessError` naming ``path``,
+    other errors of type ``OSError`` name ``path`` (not the temp file).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> target = pathlib.Path(tempfile.mkdtemp()) / "out.txt"
+        >>> atomic_write_bytes(target, lambda fh: fh.write(b"done"))
+        >>> target.read_bytes(), [p.name for p in target.parent.iterdir()]
+        (b'done', ['out.txt'])
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    buffer = io.BytesIO()
+    write(buffer)
+    data = memoryview(buffer.getbuffer())
     try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _create_temp_file(path)
+    except OSError as exc:
+        raise _naming(exc, path) from None
+    try:
         try:
+            while data:
+                data = data[os.write(fd, data) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+            raise FlatnessError(
+                f"disk full: could not write {path} ({exc.strerror}); nothing was written there"
+            ) from None
+        if isinstance(exc, OSError):
+            raise _naming(exc, path) from None
         raise
+
+
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _naming(exc: OSError, path: Path) -> OSError:
+    """``exc`` about ``path`` (the file being written), not about the temp file beside it."""
+    if exc.errno is None:
+        return exc
+    return type(exc)(exc.errno, exc.strerror, str(path))

@@ -2,8 +2,9 @@
 
 Each subcommand lives with the code it drives: a module listed in ``COMMAND_MODULES`` defines
 ``add_cli(subparsers)``, which adds its parser and sets ``func(args) -> int`` on it.
-User errors (:class:`flatness.FlatnessError`, ``ValueError``, missing files) become one line on
-stderr and exit code 2; anything unexpected one line and exit code 1 (``FLATNESS_DEBUG=1`` shows
+User errors (:class:`flatness.FlatnessError`, ``ValueError``) and every ``OSError`` (missing or
+unwritable files, a read-only or full disk: ``PATH: reason``) become one line on stderr and exit
+code 2; anything unexpected one line and exit code 1 (``FLATNESS_DEBUG=1`` shows
 the traceback).
 """
 
@@ -44,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _os_error_line(exc: OSError) -> str:
+    """``PATH: reason`` (both paths of a rename), e.g. ``runs/x.json: Read-only file system``."""
+    paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return f"{' -> '.join(paths)}: {reason}" if paths else reason
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -56,10 +64,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("flatness: interrupted", file=sys.stderr)
         return 130
-    except (FlatnessError, ValueError, FileNotFoundError, PermissionError) as exc:
+    except (FlatnessError, ValueError, OSError) as exc:
         if debug:
             traceback.print_exc()
-        print(f"flatness: error: {exc}", file=sys.stderr)
+        message = _os_error_line(exc) if isinstance(exc, OSError) else " ".join(str(exc).split())
+        print(f"flatness: error: {message}", file=sys.stderr)
         return 2
     except Exception as exc:  # never a traceback for a CLI user
         if debug:

@@ -40,18 +40,38 @@ def _parse_assignments(items: Sequence[str] | None, what: str) -> dict[str, Any]
     return out
 
 
+PROTOCOL_FLAGS = ("epochs", "batch_size", "lr", "warmup_epochs", "train_eval_samples")
+
+
 def protocol_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The training-protocol flags a user gave (``--epochs``, ``--batch-size``, ``--lr``), checked."""
-    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
+    """The training-protocol flags a user gave (``--epochs``, ``--lr``, ...), checked."""
+    for flag in ("epochs", "batch_size", "train_eval_samples"):
+        value = getattr(args, flag)
         if value is not None and value < 1:
-            raise FlatnessError(f"{flag} must be >= 1, got {value}")
-    if args.lr is not None and not args.lr > 0:
-        raise FlatnessError(f"--lr must be > 0, got {args.lr}")
-    return {
-        k: v
-        for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr))
-        if v is not None
-    }
+            raise FlatnessError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise FlatnessError(f"--lr must be finite and > 0, got {args.lr}")
+    if args.warmup_epochs is not None and not (math.isfinite(args.warmup_epochs) and args.warmup_epochs >= 0):
+        raise FlatnessError(f"--warmup-epochs must be finite and >= 0, got {args.warmup_epochs}")
+    return {k: getattr(args, k) for k in PROTOCOL_FLAGS if getattr(args, k) is not None}
+
+
+def _add_protocol_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--epochs", type=int, help="override the task's number of epochs (a warm-up keeps its share)")
+    p.add_argument("--batch-size", type=int, help="override the task's batch size B")
+    p.add_argument("--lr", type=float, help="override the task's learning rate")
+    p.add_argument(
+        "--warmup-epochs",
+        type=float,
+        metavar="E",
+        help="learning-rate warm-up length in epochs (default: the task's, scaled with --epochs)",
+    )
+    p.add_argument(
+        "--train-eval-samples",
+        type=int,
+        metavar="N",
+        help="evaluate the training loss/accuracy each epoch on the first N training samples (default: all)",
+    )
 
 
 def _tasks_from_args(names: Sequence[str]) -> list[str]:
@@ -157,9 +177,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         help="strengths of the method's hyper-parameter (default for fa: 0 0.001 0.01 0.1 1)",
     )
     p.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1 (default 3)")
-    p.add_argument("--epochs", type=int, help="override the task's number of epochs")
-    p.add_argument("--batch-size", type=int, help="override the task's batch size B")
-    p.add_argument("--lr", type=float, help="override the task's learning rate")
+    _add_protocol_flags(p)
     p.add_argument("--probes", type=int, help="Hutchinson probes M per curvature step (fa: 5)")
     p.add_argument("--every", type=int, help="curvature step every K steps (fa: 10)")
     p.add_argument(
@@ -286,9 +304,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grid", action="append", metavar="METHOD=V1,V2",
                    help="override a method's grid of strengths (repeatable)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1 (default 3)")
-    p.add_argument("--epochs", type=int, help="override the task's number of epochs")
-    p.add_argument("--batch-size", type=int, help="override the task's batch size B")
-    p.add_argument("--lr", type=float, help="override the task's learning rate")
+    _add_protocol_flags(p)
     p.add_argument("--data-dir", help="data directory (default: $FLATNESS_DATA or ~/.cache/flatness)")
     p.add_argument("--out", default="runs", help="results root; runs in OUT/TASK (default: runs)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (default 1)")

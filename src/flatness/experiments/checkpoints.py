@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..utils import FlatnessError, atomic_write_bytes
+from .record import RunRecord
 from .tasks import get_task
 
 __all__ = [
@@ -104,22 +105,22 @@ class StaleCheckpointError(FlatnessError):
     """A run's checkpoint file was written by another training of that run than its record."""
 
 
-def check_checkpoint_matches(record: dict[str, Any], meta: dict[str, Any], path: Path) -> None:
+def check_checkpoint_matches(record: RunRecord, meta: dict[str, Any], path: Path) -> None:
     """``StaleCheckpointError`` unless the checkpoint at ``path`` is the one ``record`` wrote.
 
     Checkpoints carry their run's ``finished_at`` stamp (older ones: its final test accuracy),
     so results copied between directories cannot silently pair a record with the checkpoint of
     a different training of the same run.
     """
-    same_run = meta.get("name", record["name"]) == record["name"]
+    same_run = meta.get("name", record.name) == record.name
     if "finished_at" in meta:
-        same_run = same_run and meta["finished_at"] == record.get("finished_at")
+        same_run = same_run and meta["finished_at"] == record.finished_at
     else:
-        same_run = same_run and meta.get("final_test_acc") == record.get("final_test_acc")
+        same_run = same_run and meta.get("final_test_acc") == record.final_test_acc
     if not same_run:
         raise StaleCheckpointError(
-            f"checkpoint {path} is not the one run {record['name']} recorded "
-            f"(finished {meta.get('finished_at', 'at an unknown time')}, record {record.get('finished_at')}); "
+            f"checkpoint {path} is not the one run {record.name} recorded "
+            f"(finished {meta.get('finished_at', 'at an unknown time')}, record {record.finished_at}); "
             "re-run that run or remove the stale checkpoint"
         )
 

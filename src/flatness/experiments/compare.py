@@ -53,7 +53,7 @@ from ..utils import FlatnessError, atomic_write_bytes
 from .groups import SYMBOLS, sam_twin
 from .measure import FLATNESS_KEYS, final_model_extras
 from .plots import figure, save_png
-from .record import read_record, write_json
+from .record import RunRecord, read_record, write_json
 from .report import write_report
 from .runner import run_grid
 from .specs import RunSpec, build_grid, default_values, format_value
@@ -152,7 +152,7 @@ class MethodResult:
 
 
 def select_and_summarize(
-    records: Sequence[dict[str, Any]], methods: Sequence[str] = COMPARE_METHODS
+    records: Sequence[RunRecord], methods: Sequence[str] = COMPARE_METHODS
 ) -> list[MethodResult]:
     """Choose each method's strength on validation accuracy and summarise its runs there.
 
@@ -164,18 +164,18 @@ def select_and_summarize(
     """
     results: list[MethodResult] = []
     for method in dict.fromkeys(["none", *methods]):
-        mine = [r for r in records if r["method"] == method]
+        mine = [r for r in records if r.method == method]
         if not mine:
             continue
-        by_value: dict[Any, list[dict[str, Any]]] = {}
+        by_value: dict[Any, list[RunRecord]] = {}
         for r in mine:
-            by_value.setdefault(r.get("value"), []).append(r)
+            by_value.setdefault(r.value, []).append(r)
         grid = []
         for value in sorted(by_value, key=lambda v: -1.0 if v is None else float(v)):
-            done = [r for r in by_value[value] if r["status"] == "complete"]
+            done = [r for r in by_value[value] if r.complete]
             mean, std, _ = mean_std([r.get("final_val_acc") for r in done])
             loss, loss_std, _ = mean_std([r.get("final_val_loss") for r in done])
-            twin = sam_twin(method, value, mine[0].get("method_kwargs") or {})
+            twin = sam_twin(method, value, mine[0].method_kwargs)
             grid.append({"value": value, "val_acc": mean, "val_acc_std": std, "val_loss": loss,
                          "val_loss_std": loss_std, "runs": len(done),
                          "failed": len(by_value[value]) - len(done), "sam_rho": twin})
@@ -189,26 +189,26 @@ def select_and_summarize(
 
         best = max(usable, key=preference)
         chosen = sorted(
-            (r for r in by_value[best["value"]] if r["status"] == "complete"), key=lambda r: r["seed"]
+            (r for r in by_value[best["value"]] if r.complete), key=lambda r: r.seed
         )
-        failed = [r["name"] for r in by_value[best["value"]] if r["status"] != "complete"]
-        test, test_std, _ = mean_std([r["final_test_acc"] for r in chosen])
+        failed = [r.name for r in by_value[best["value"]] if not r.complete]
+        test, test_std, _ = mean_std([r.final_test_acc for r in chosen])
         result = MethodResult(
             method=method,
-            hparam=mine[0].get("hparam"),
+            hparam=mine[0].hparam,
             value=best["value"],
             grid=grid,
-            runs=[r["name"] for r in chosen],
-            seeds=[int(r["seed"]) for r in chosen],
+            runs=[r.name for r in chosen],
+            seeds=[r.seed for r in chosen],
             failed=failed,
             test_acc=test,
             test_acc_std=test_std,
             val_acc=best["val_acc"],
             val_loss=best["val_loss"],
-            test_accs=[float(r["final_test_acc"]) for r in chosen],
+            test_accs=[float(r.final_test_acc) for r in chosen],
         )
         for key in ("measured_sq_trace_per_B", *FLATNESS_KEYS):
-            values = [r[key] for r in chosen if isinstance(r.get(key), (int, float))]
+            values = [r.get(key) for r in chosen if isinstance(r.get(key), (int, float))]
             if len(values) == len(chosen):
                 result.flatness[key], result.flatness_std[key], _ = mean_std(values)
         result.seconds_per_epoch = mean_std([r.get("seconds_per_epoch") for r in chosen])[0]
@@ -336,7 +336,7 @@ def comparison_markdown(
     return "\n".join(out)
 
 
-def plot_comparison(task: str, results: Sequence[MethodResult], records: dict[str, dict[str, Any]], path: Path) -> None:
+def plot_comparison(task: str, results: Sequence[MethodResult], records: dict[str, RunRecord], path: Path) -> None:
     """``compare.png``: test accuracy per method; accuracy vs measured Tr(H²)/B per run."""
     fig, (left, right) = figure(2, figsize=(11, 4))
     names = [r.method for r in results]
@@ -355,7 +355,7 @@ def plot_comparison(task: str, results: Sequence[MethodResult], records: dict[st
     left.set_title(f"{task}: each method at its val-chosen strength")
     left.grid(alpha=0.3, axis="y")
     for r, color in zip(results, colors):
-        pts = [(records[n].get("measured_sq_trace_per_B"), records[n]["final_test_acc"]) for n in r.runs]
+        pts = [(records[n].measured_sq_trace_per_B, records[n].final_test_acc) for n in r.runs]
         pts = [(x, y) for x, y in pts if isinstance(x, (int, float)) and x > 0]
         if pts:
             right.scatter([p[0] for p in pts], [p[1] for p in pts], color=color, label=r.method)
@@ -399,8 +399,8 @@ def run_comparison(
     compare_dir = directory / "compare"
     cache = directory / "measures"  # shared with `flatness report --measures`: one cache per run
     for name, record in records.items():  # the validation loss breaks ties in the choice
-        if record["status"] == "complete":
-            record.update(final_model_extras(record, directory, cache, ["final_val_loss"], data_dir, download))
+        if record.complete:
+            record.extras.update(final_model_extras(record, directory, cache, ["final_val_loss"], data_dir, download))
     results = select_and_summarize(list(records.values()), methods)
     if measures:
         for r in results:
@@ -412,7 +412,7 @@ def run_comparison(
                 r.flatness[key], r.flatness_std[key], _ = mean_std([m[key] for m in per_run])
     wall = time.perf_counter() - start
     config = specs[0].config
-    seconds = sum(float(r.get("total_seconds") or 0.0) for r in records.values())
+    seconds = sum(float(r.total_seconds or 0.0) for r in records.values())
     text = comparison_markdown(task, results, config, wall, (len(records), seconds))
     summary = {
         "format": "flatness-compare",

@@ -33,6 +33,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import warnings
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -286,17 +287,18 @@ def _read_cifar_parts(source: Path) -> dict[str, dict[str, Any]]:
                     parts[part] = _unpickle(fh)
         else:
             with tarfile.open(source, "r:*") as tar:
+                names = set(tar.getnames())
                 for part in ("train", "test"):
-                    member = tar.extractfile(f"{CIFAR100_FOLDER}/{part}")
-                    if member is None:
-                        raise KeyError(part)
-                    parts[part] = _unpickle(member.read())
-    except KeyError as exc:
-        raise FlatnessError(
-            f"{source} is not a CIFAR-100 python archive: no {CIFAR100_FOLDER}/{exc.args[0]} inside"
-        ) from None
-    except (tarfile.TarError, pickle.UnpicklingError, EOFError, OSError, ValueError) as exc:
-        raise FlatnessError(f"{source} is unreadable or corrupted ({_oneline(exc)})") from None
+                    member = f"{CIFAR100_FOLDER}/{part}"
+                    stream = tar.extractfile(member) if member in names else None
+                    if stream is None:
+                        raise FlatnessError(
+                            f"{source} is corrupted (it has no file {member}); "
+                            f"replace it with the archive from {CIFAR100_URL}"
+                        )
+                    parts[part] = _unpickle(stream.read())
+    except (tarfile.TarError, pickle.UnpicklingError, EOFError, OSError, ValueError, zlib.error) as exc:
+        raise FlatnessError(f"{source} is corrupted ({_oneline(exc)})") from None
     return parts
 
 
@@ -385,13 +387,13 @@ def _newsgroups_from_archive(archive: Path) -> tuple[Any, Any]:
         try:
             with tarfile.open(archive, "r:*") as tar:
                 tar.extractall(tmp, filter="data")
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            raise FlatnessError(f"{archive} is unreadable or corrupted ({_oneline(exc)})") from None
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+            raise FlatnessError(f"{archive} is corrupted ({_oneline(exc)})") from None
         parts = []
         for part in ("train", "test"):
             folder = Path(tmp) / f"20news-bydate-{part}"
             if not folder.is_dir():
-                raise FlatnessError(f"{archive} has no 20news-bydate-{part}/ folder inside")
+                raise FlatnessError(f"{archive} is corrupted (it has no folder 20news-bydate-{part}/)")
             parts.append(load_files(str(folder), encoding="latin1"))
     return parts[0], parts[1]
 
@@ -423,7 +425,7 @@ def load_newsgroups_text(
     except Exception as exc:  # sklearn raises OSError/URLError/zlib errors for missing or bad data
         if cache is not None:
             raise FlatnessError(
-                f"{cache / NEWSGROUPS_CACHE} is unreadable or corrupted ({type(exc).__name__}: "
+                f"{cache / NEWSGROUPS_CACHE} is corrupted ({type(exc).__name__}: "
                 f"{_oneline(exc)}); delete it, or put {NEWSGROUPS_ARCHIVE} into {root_path}"
             ) from None
         raise FlatnessError(

@@ -20,12 +20,10 @@ import inspect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ..methods import METHODS
-from ..utils import FlatnessError
-from .record import read_record
+from .record import RunRecord, load_records
 from .stats import Comparison, adjust_holm, compare_samples, mean_std
 
 __all__ = [
@@ -60,21 +58,6 @@ METRICS = (
 )
 
 
-def load_records(directory: str | Path) -> list[dict[str, Any]]:
-    """The finished run records in ``directory`` (complete and failed), sorted by name."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FlatnessError(f"results directory {directory} does not exist")
-    records = []
-    for path in sorted(directory.glob("*.json")):
-        if path.name.startswith("."):
-            continue
-        record = read_record(path)
-        if record is not None:
-            records.append(record)
-    return records
-
-
 def sam_twin(method: str, value: float | None, method_kwargs: Mapping[str, Any]) -> float | None:
     """The SAM radius that a ``gnp`` configuration *is*, else ``None``.
 
@@ -103,8 +86,8 @@ class Row:
     """
 
     value: float | None
-    runs: list[dict[str, Any]]
-    failed: list[dict[str, Any]]
+    runs: list[RunRecord]
+    failed: list[RunRecord]
     stats: dict[str, tuple[float, float, int]] = field(default_factory=dict)
     vs_baseline: Comparison | None = None
     role: str = ""
@@ -112,11 +95,11 @@ class Row:
 
     @property
     def seeds(self) -> list[int]:
-        return sorted(r["seed"] for r in self.runs)
+        return sorted(r.seed for r in self.runs)
 
     def by_seed(self, metric: str) -> dict[int, float | None]:
         """``{seed: metric}`` over the complete runs (the pairing key of the tests)."""
-        return {int(r["seed"]): r.get(metric) for r in self.runs}
+        return {r.seed: r.get(metric) for r in self.runs}
 
 
 @dataclass
@@ -152,33 +135,33 @@ class Group:
         return [(row, row.vs_baseline) for row in self.rows if row.vs_baseline is not None]
 
 
-def _group_rows(recs: Sequence[dict[str, Any]]) -> list[Row]:
-    by_value: dict[Any, list[dict[str, Any]]] = {}
+def _group_rows(recs: Sequence[RunRecord]) -> list[Row]:
+    by_value: dict[Any, list[RunRecord]] = {}
     for r in recs:
-        by_value.setdefault(r.get("value"), []).append(r)
+        by_value.setdefault(r.value, []).append(r)
     rows = []
     for value in sorted(by_value, key=lambda v: -1.0 if v is None else float(v)):
-        runs = [r for r in by_value[value] if r["status"] == "complete"]
-        failed = [r for r in by_value[value] if r["status"] != "complete"]
+        runs = [r for r in by_value[value] if r.complete]
+        failed = [r for r in by_value[value] if not r.complete]
         row = Row(value, runs, failed)
         row.stats = {m: mean_std([r.get(m) for r in runs]) for m in METRICS}
         rows.append(row)
     return rows
 
 
-def summarize(records: Sequence[dict[str, Any]]) -> list[Group]:
+def summarize(records: Sequence[RunRecord]) -> list[Group]:
     """Group records; per strength, statistics over seeds and the comparison with the baseline."""
-    keyed: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    keyed: dict[tuple[Any, ...], list[RunRecord]] = {}
     for r in records:
-        key = (r["task"], r["method"], r.get("hparam"), r.get("variant_id", ""), r.get("protocol_id", ""))
+        key = (r.task, r.method, r.hparam, r.variant_id, r.protocol_id)
         keyed.setdefault(key, []).append(r)
     groups = []
     for (task, method, hparam, variant, protocol), recs in sorted(keyed.items(), key=lambda kv: str(kv[0])):
-        kwargs = recs[0].get("method_kwargs", {})
+        kwargs = recs[0].method_kwargs
         rows = _group_rows(recs)
         for row in rows:
             row.sam_rho = sam_twin(method, row.value, kwargs)
-        groups.append(Group(task, method, hparam, variant, protocol, recs[0]["config"], kwargs, rows))
+        groups.append(Group(task, method, hparam, variant, protocol, recs[0].config, kwargs, rows))
     for g in groups:
         base: Row | None = None
         zero = [row for row in g.rows if row.value == 0]

@@ -26,7 +26,7 @@ from ..hutchinson import measure_sq_trace
 from ..utils import eval_mode
 from .checkpoints import check_checkpoint_matches, load_checkpoint
 from .data import Splits, iterate_batches
-from .record import write_json
+from .record import RunRecord, write_json
 from .tasks import Task, TrainConfig, get_task
 
 __all__ = [
@@ -124,21 +124,21 @@ def measure_final(model: nn.Module, task: Task, splits: Splits, config: TrainCon
 FLATNESS_KEYS: tuple[str, ...] = ("lambda_max", "hessian_trace")
 
 
-def _read_cache_entry(record: dict[str, Any], cache: Path) -> dict[str, Any]:
-    path = cache / f"{record['name']}.json"
+def _read_cache_entry(record: RunRecord, cache: Path) -> dict[str, Any]:
+    path = cache / f"{record.name}.json"
     if not path.exists():
         return {}
     try:
         cached = json.loads(path.read_text())
     except ValueError:
         return {}
-    if not isinstance(cached, dict) or cached.get("finished_at") != record.get("finished_at"):
+    if not isinstance(cached, dict) or cached.get("finished_at") != record.finished_at:
         return {}  # the run was redone: its cache entry is stale
     return cached
 
 
 def cached_extras(
-    record: dict[str, Any],
+    record: RunRecord,
     cache: Path,
     wanted: Sequence[str],
     cached: dict[str, Any] | None = None,
@@ -147,14 +147,14 @@ def cached_extras(
 
     Computes nothing (see :func:`final_model_extras`); keys known nowhere are left out.
     """
-    out = {k: float(record[k]) for k in wanted if isinstance(record.get(k), (int, float))}
+    out = {k: float(record.get(k)) for k in wanted if isinstance(record.get(k), (int, float))}
     cached = _read_cache_entry(record, cache) if cached is None else cached
     out.update({k: float(cached[k]) for k in wanted if k not in out and isinstance(cached.get(k), (int, float))})
     return out
 
 
 def final_model_extras(
-    record: dict[str, Any],
+    record: RunRecord,
     directory: Path,
     cache: Path,
     wanted: Sequence[str],
@@ -173,11 +173,11 @@ def final_model_extras(
     missing = [k for k in wanted if k not in out]
     if not missing:
         return out
-    task = get_task(record["task"])
-    config = TrainConfig.from_dict(record["config"])
+    task = get_task(record.task)
+    config = TrainConfig.from_dict(record.config)
     splits = task.load(data_dir, val_fraction=config.val_fraction, download=download)
-    model, meta = load_checkpoint(directory / record["checkpoint"], task=record["task"])
-    check_checkpoint_matches(record, meta, directory / record["checkpoint"])
+    model, meta = load_checkpoint(directory / str(record.checkpoint), task=record.task)
+    check_checkpoint_matches(record, meta, directory / str(record.checkpoint))
     new: dict[str, Any] = {}
     if "final_val_loss" in missing and splits.x_val is not None and splits.y_val is not None:
         from .training import evaluate
@@ -198,7 +198,7 @@ def final_model_extras(
         new["measure_samples"], new["measure_batch_size"] = batch * len(batches), batch
         new["measure_seconds"] = time.perf_counter() - start
     cached.update(new)
-    cached.update({"name": record["name"], "finished_at": record.get("finished_at")})
-    write_json(cache / f"{record['name']}.json", cached)
+    cached.update({"name": record.name, "finished_at": record.finished_at})
+    write_json(cache / f"{record.name}.json", cached)
     out.update({k: float(new[k]) for k in missing if k in new})
     return out

@@ -104,7 +104,7 @@ def _flatness(g: Group, label: str, path: Path) -> None:
 def _curves(g: Group, path: Path) -> None:
     fig, ax = figure()
     for r in (r for r in g.rows if r.runs):
-        curves = [run["curves"]["test_acc"] for run in r.runs if run.get("curves")]
+        curves = [run.curves["test_acc"] for run in r.runs if run.curves.get("test_acc")]
         if not curves:
             continue
         n = min(len(c) for c in curves)

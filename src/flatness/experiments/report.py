@@ -17,11 +17,12 @@ instead of a p-value. The footnotes take their numbers from the measurement prot
 (:mod:`.measure`) and each group's training config.
 
 Example:
+    >>> from flatness.experiments.record import RunRecord
     >>> from flatness.experiments.report import markdown, summarize
-    >>> records = [{"format": "flatness-run", "status": "complete", "name": f"fa_lam{v:g}_seed{s}",
-    ...             "task": "breast-cancer-mlp", "method": "fa", "hparam": "lam", "value": v,
-    ...             "seed": s, "config": {"epochs": 1, "batch_size": 32, "lr": 1e-3,
-    ...             "weight_decay": 0.0}, "final_test_acc": acc}
+    >>> records = [RunRecord(status="complete", name=f"fa_lam{v:g}_seed{s}",
+    ...             task="breast-cancer-mlp", method="fa", hparam="lam", value=v,
+    ...             seed=s, config={"epochs": 1, "batch_size": 32, "lr": 1e-3,
+    ...             "weight_decay": 0.0}, final_test_acc=acc)
     ...            for v, accs in ((0.0, (0.90, 0.92, 0.91)), (0.1, (0.93, 0.93, 0.95)))
     ...            for s, acc in enumerate(accs)]
     >>> (group,) = summarize(records)
@@ -44,6 +45,7 @@ from typing import Any
 
 from ..utils import FlatnessError, atomic_write_bytes
 from .groups import METRICS, PAPER_FINAL_ACC, Group, Row, load_records, summarize
+from .record import RunRecord
 from .plots import plot_group
 from .tables import (
     comparison_note,
@@ -207,7 +209,7 @@ def csv_text(groups: Sequence[Group]) -> str:
 
 def add_final_measures(
     directory: Path,
-    records: list[dict[str, Any]],
+    records: list[RunRecord],
     data_dir: str | None = None,
     progress: bool = False,
 ) -> None:
@@ -215,13 +217,13 @@ def add_final_measures(
     from .checkpoints import StaleCheckpointError
     from .measure import FLATNESS_KEYS, final_model_extras
 
-    todo = [r for r in records if r["status"] == "complete" and r.get("checkpoint")]
+    todo = [r for r in records if r.complete and r.checkpoint]
     from tqdm.auto import tqdm
 
-    todo = [r for r in todo if (directory / r["checkpoint"]).exists()]
+    todo = [r for r in todo if (directory / str(r.checkpoint)).exists()]
     for r in tqdm(todo, desc="λ_max, Tr(H)", unit="run", leave=False, disable=not (progress and todo)):
         try:
-            r.update(final_model_extras(r, directory, directory / "measures", FLATNESS_KEYS, data_dir, None))
+            r.extras.update(final_model_extras(r, directory, directory / "measures", FLATNESS_KEYS, data_dir, None))
         except StaleCheckpointError as exc:  # one bad pairing must not sink the whole report
             # tqdm.write keeps the progress bar intact
             tqdm.write(f"flatness: warning: {exc}; its λ_max and Tr(H) are left out", file=sys.stderr)
@@ -257,7 +259,7 @@ def write_report(
         from .measure import FLATNESS_KEYS, cached_extras
 
         for r in records:
-            r.update(cached_extras(r, directory / "measures", FLATNESS_KEYS))
+            r.extras.update(cached_extras(r, directory / "measures", FLATNESS_KEYS))
     groups = summarize(records)
     text = markdown(groups)
     try:

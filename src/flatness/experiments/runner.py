@@ -4,8 +4,9 @@ A *run* is one (task, method, strength, seed, protocol) combination. Each run tr
 model with its default protocol (:class:`flatness.experiments.tasks.TrainConfig`, optionally overridden),
 measures the final model, and writes into the results directory ``OUT/TASK/``:
 
-* ``NAME.json`` — the record (written atomically, last): accuracies (final, best over epochs,
-  at the epoch of best validation accuracy), the measured Tr(H²)/B of the final model
+* ``NAME.json`` — the :class:`~flatness.experiments.record.RunRecord` (written atomically,
+  last): final losses and accuracies (train in eval mode, validation, test), best accuracy over
+  epochs and at the epoch of best validation accuracy, the measured Tr(H²)/B of the final model
   (:func:`measure_final`), the paper's average flatness over training, times, per-epoch curves;
 * ``checkpoints/NAME.pt`` — the final model (:func:`flatness.experiments.checkpoints.load_checkpoint`);
 * ``trajectories/NAME.pt`` — ``--trajectory N`` snapshots evenly spaced along training.
@@ -13,7 +14,9 @@ measures the final model, and writes into the results directory ``OUT/TASK/``:
 ``NAME`` is e.g. ``fa_lam0.01_seed0``; a non-default protocol or method setting appends a short
 tag (``_pXXXXXX`` / ``_kXXXXXX``), so different protocols never share a file. Re-running a
 command skips runs whose JSON is complete: a killed sweep resumes where it stopped and loses at
-most the runs in flight. ``--jobs N`` runs N runs at a time in separate processes.
+most the runs in flight. ``--jobs N`` runs N runs at a time in separate processes. Several
+``flatness run`` processes (on one machine or many) may share one ``--out``: each claims a run
+before training it (:mod:`flatness.experiments.claims`) and skips runs others hold.
 
 The final model is measured by :mod:`flatness.experiments.measure`.
 """
@@ -24,6 +27,7 @@ import dataclasses
 import multiprocessing
 import os
 import platform
+import socket
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -39,14 +43,16 @@ from ..methods import make_method
 from ..probes import rank_seed
 from ..utils import FlatnessError, atomic_write_bytes, to_device
 from .checkpoints import save_checkpoint
+from .claims import claim_path, describe_holder, read_claim, try_claim
 from .distributed import DistContext, EmulatedRanks, wrap_model
 from .measure import EPOCH_MEASURE_BATCHES, EPOCH_MEASURE_PROBES, measure_final, measure_sq_trace_per_B
-from .record import RECORD_FORMAT, check_writable, read_record, write_json
+from .progress import progress_bar
+from .record import RECORD_FIELDS, RunRecord, check_writable, read_record, write_record
 from .specs import RunSpec, accepts, identity, rank_kwargs
 from .tasks import TrainConfig, get_task
 from .training import TrainingDiverged, make_optimizer, steps_per_epoch, train
 
-__all__ = ["execute_run", "pending_runs", "run_grid"]
+__all__ = ["execute_run", "claim_and_run", "pending_runs", "run_grid"]
 
 
 def _snapshot_steps(total: int, count: int) -> list[int]:
@@ -82,14 +88,15 @@ def execute_run(
     progress: bool = False,
     dist_ctx: DistContext | None = None,
     emulate_ranks: int = 1,
-) -> dict[str, Any]:
+) -> RunRecord | None:
     """Train and measure one run; write its checkpoint(s) and then its JSON record.
 
     A run that diverges (non-finite loss or curvature) is recorded with ``status: "failed"``;
     data problems raise :class:`FlatnessError` and write nothing.
 
     ``dist_ctx``: this process is one rank of a DDP job (:mod:`flatness.distributed`); every
-    rank calls this with the same spec, rank 0 measures and writes. ``emulate_ranks`` > 1 runs
+    rank calls this with the same spec, rank 0 measures, writes and returns the record (the
+    other ranks ``None``). ``emulate_ranks`` > 1 runs
     the arithmetic of that many DDP ranks in this one process (the reference of the DDP tests).
     """
     out = Path(out_dir)
@@ -137,7 +144,8 @@ def execute_run(
         raise FlatnessError(f"method {spec.method!r} rejects its settings {kwargs}: {message}") from None
     optimizer = make_optimizer(model, config)
     generator = torch.Generator().manual_seed(spec.seed)
-    per_epoch = steps_per_epoch(int(splits.y_train.shape[0]), config.batch_size)
+    per_epoch_samples = int(splits.y_train.shape[0])
+    per_epoch = steps_per_epoch(per_epoch_samples, config.batch_size)
     snap_steps = set(_snapshot_steps(config.epochs * per_epoch, spec.trajectory))
     snapshots: list[tuple[int, dict[str, Tensor]]] = []
     if 0 in snap_steps:
@@ -161,31 +169,41 @@ def execute_run(
         )
         return {"sq_trace_per_B": m["value"]}
 
-    base: dict[str, Any] = {
-        "format": RECORD_FORMAT,
-        "version": 1,
-        "name": spec.name,
-        **spec.as_dict(),
-        "protocol_id": spec.protocol_id,
-        "variant_id": spec.variant_id,
-        "task_version": task.version,
-        "ranks": world,
-        "distributed": None
+    base = RunRecord(
+        name=spec.name,
+        task=spec.task,
+        method=spec.method,
+        hparam=spec.hparam,
+        value=spec.value,
+        seed=spec.seed,
+        status="failed",
+        config=dict(spec.config),
+        method_kwargs=dict(spec.method_kwargs),
+        trajectory=spec.trajectory,
+        model_kwargs=dict(spec.model_kwargs),
+        protocol_id=spec.protocol_id,
+        variant_id=spec.variant_id,
+        task_version=task.version,
+        ranks=world,
+        distributed=None
         if world == 1
         else {
             "world_size": world,
             "backend": "emulated" if dist_ctx is None else dist_ctx.backend,
             "semantics": "per-rank penalty/perturbation on the local shard, gradients averaged",
         },
-        "train_samples": int(splits.y_train.shape[0]),
-        "val_samples": 0 if splits.y_val is None else int(splits.y_val.shape[0]),
-        "test_samples": int(splits.y_test.shape[0]),
-        "environment": {
+        train_samples=int(splits.y_train.shape[0]),
+        val_samples=0 if splits.y_val is None else int(splits.y_val.shape[0]),
+        test_samples=int(splits.y_test.shape[0]),
+        train_eval_samples=min(config.train_eval_samples or per_epoch_samples, per_epoch_samples),
+        environment={
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "python": platform.python_version(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
         },
-    }
+    )
     started = time.perf_counter()
     try:
         history = train(
@@ -205,48 +223,57 @@ def execute_run(
         )
     except (TrainingDiverged, FloatingPointError) as exc:
         if not is_main:
-            return {"status": "failed", "name": spec.name}
-        record = {
-            **base,
-            "status": "failed",
-            "error": f"{type(exc).__name__}: {exc}",
-            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        write_json(out / f"{spec.name}.json", record)
+            return None
+        record = dataclasses.replace(base, error=f"{type(exc).__name__}: {exc}", finished_at=_now())
+        write_record(out / f"{spec.name}.json", record)
         return record
     if not is_main:
-        return {"status": "complete", "name": spec.name, "rank": dist_ctx.rank}
-    measurements = measure_final(model, task, splits, config)
+        return None
+    measurements = measure_final(model, task, splits, config)  # fields, or else extras
     epochs = history.epochs
     test = [e["test_acc"] for e in epochs]
     val = [e.get("val_acc") for e in epochs]
     best_epoch = max(range(len(test)), key=lambda i: test[i])
     chosen = max(range(len(val)), key=lambda i: val[i]) if all(v is not None for v in val) else None
-    record = {
-        **base,
-        "status": "complete",
-        "final_test_acc": test[-1],
-        "best_test_acc": test[best_epoch],
-        "best_test_epoch": best_epoch + 1,
-        "val_chosen_epoch": None if chosen is None else chosen + 1,
-        "val_chosen_test_acc": None if chosen is None else test[chosen],
-        "final_val_acc": val[-1],
-        **measurements,
-        "avg_train_sq_trace_per_B": _avg_train_flatness(epochs, config.batch_size),
-        "avg_epoch_sq_trace_per_B": sum(e["sq_trace_per_B"] for e in epochs) / len(epochs),
-        "train_seconds": history.train_seconds,
-        "seconds_per_epoch": history.train_seconds / len(epochs),
-        "eval_seconds": history.eval_seconds,
-        "total_seconds": time.perf_counter() - started,
-        "steps": history.steps,
-        "curves": {key: [e.get(key) for e in epochs] for key in sorted({k for e in epochs for k in e})},
-        "checkpoint": f"checkpoints/{spec.name}.pt",
-        "trajectory_file": f"trajectories/{spec.name}.pt" if snapshots else None,
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    last = epochs[-1]
+    record = dataclasses.replace(
+        base,
+        status="complete",
+        final_train_loss=last.get("train_loss"),
+        final_train_acc=last.get("train_acc"),
+        final_val_loss=last.get("val_loss"),
+        final_val_acc=last.get("val_acc"),
+        final_test_loss=last.get("test_loss"),
+        final_test_acc=test[-1],
+        best_test_acc=test[best_epoch],
+        best_test_epoch=best_epoch + 1,
+        val_chosen_epoch=None if chosen is None else chosen + 1,
+        val_chosen_test_acc=None if chosen is None else test[chosen],
+        **{k: v for k, v in measurements.items() if k in RECORD_FIELDS},
+        extras={k: v for k, v in measurements.items() if k not in RECORD_FIELDS},
+        avg_train_sq_trace_per_B=_avg_train_flatness(epochs, config.batch_size),
+        avg_epoch_sq_trace_per_B=sum(e["sq_trace_per_B"] for e in epochs) / len(epochs),
+        train_seconds=history.train_seconds,
+        seconds_per_epoch=history.train_seconds / len(epochs),
+        eval_seconds=history.eval_seconds,
+        total_seconds=time.perf_counter() - started,
+        steps=history.steps,
+        curves={key: [e.get(key) for e in epochs] for key in sorted({k for e in epochs for k in e})},
+        checkpoint=f"checkpoints/{spec.name}.pt",
+        trajectory_file=f"trajectories/{spec.name}.pt" if snapshots else None,
+        finished_at=_now(),
+    )
+    meta = {
+        "name": record.name,
+        "method": record.method,
+        "hparam": record.hparam,
+        "value": record.value,
+        "seed": record.seed,
+        "final_test_acc": record.final_test_acc,
+        "finished_at": record.finished_at,
+        "config": spec.config,
     }
-    meta = {k: record[k] for k in ("name", "method", "hparam", "value", "seed", "final_test_acc", "finished_at")}
-    meta["config"] = spec.config
-    save_checkpoint(out / record["checkpoint"], model, task=spec.task, meta=meta, model_kwargs=spec.model_kwargs)
+    save_checkpoint(out / str(record.checkpoint), model, task=spec.task, meta=meta, model_kwargs=spec.model_kwargs)
     if snapshots:
         payload = {
             "format": "flatness-trajectory",
@@ -256,9 +283,13 @@ def execute_run(
             "steps_per_epoch": per_epoch,
             "state_dicts": [sd for _, sd in snapshots],
         }
-        atomic_write_bytes(out / record["trajectory_file"], lambda fh: torch.save(payload, fh))
-    write_json(out / f"{spec.name}.json", record)  # last: its presence marks the run as done
+        atomic_write_bytes(out / str(record.trajectory_file), lambda fh: torch.save(payload, fh))
+    write_record(out / f"{spec.name}.json", record)  # last: its presence marks the run as done
     return record
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,22 +300,44 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _worker_run(spec_dict: dict[str, Any], out_dir: str, data_dir: str | None, download: bool | None) -> dict[str, Any]:
-    record = execute_run(RunSpec.from_dict(spec_dict), out_dir, data_dir=data_dir, download=download)
-    return _brief(record)
+def _worker_run(
+    spec_dict: dict[str, Any], out_dir: str, data_dir: str | None, download: bool | None, retry_failed: bool
+) -> tuple[RunRecord | None, str]:
+    spec = RunSpec.from_dict(spec_dict)
+    return claim_and_run(spec, Path(out_dir), retry_failed, data_dir=data_dir, download=download)
 
 
-def _brief(record: dict[str, Any]) -> dict[str, Any]:
-    keys = ("name", "status", "final_test_acc", "measured_sq_trace_per_B", "train_seconds", "error")
-    return {k: record.get(k) for k in keys}
+def claim_and_run(
+    spec: RunSpec, directory: Path, retry_failed: bool = False, **run_kwargs: Any
+) -> tuple[RunRecord | None, str]:
+    """Claim ``spec`` in ``directory`` and run it (:func:`execute_run`); returns (record, message).
+
+    The record is ``None`` when another live process holds the claim (the run is skipped), or
+    the one another process finished since this one looked.
+    """
+    claim = try_claim(directory, spec.name)
+    if claim is None:
+        holder = read_claim(claim_path(directory, spec.name))
+        return None, f"{spec.name}: being trained by {describe_holder(holder)}; skipped"
+    try:
+        path = directory / f"{spec.name}.json"
+        if path.exists():  # finished by another process after this one looked
+            found = read_record(path)
+            if found is not None and not (found.status == "failed" and retry_failed):
+                return found, f"{spec.name}: finished meanwhile by another process"
+        record = execute_run(spec, directory, **run_kwargs)
+        assert record is not None  # one process: always the main rank
+        return record, _describe(record)
+    finally:
+        claim.release()
 
 
-def _describe(record: dict[str, Any]) -> str:
-    if record.get("status") != "complete":
-        return f"{record['name']}: FAILED ({record.get('error')})"
+def _describe(record: RunRecord) -> str:
+    if not record.complete:
+        return f"{record.name}: FAILED ({record.error})"
     return (
-        f"{record['name']}: final acc {record['final_test_acc']:.4f}, "
-        f"Tr(H²)/B {record['measured_sq_trace_per_B']:.4g}, train {record['train_seconds']:.1f} s"
+        f"{record.name}: final acc {record.final_test_acc:.4f}, "
+        f"Tr(H²)/B {record.measured_sq_trace_per_B:.4g}, train {record.train_seconds:.1f} s"
     )
 
 
@@ -297,11 +350,11 @@ def _available_cores() -> int:
 
 def pending_runs(
     specs: Iterable[RunSpec], out_dir: str | os.PathLike[str], retry_failed: bool = False
-) -> tuple[list[RunSpec], list[dict[str, Any]]]:
+) -> tuple[list[RunSpec], list[RunRecord]]:
     """Split ``specs`` into runs still to do and records already finished in ``out_dir``.
 
-    A finished record whose settings differ from its spec (same file name, other settings) is an
-    error: nothing is overwritten.
+    A finished record whose settings differ from its spec (same file name, other settings), or
+    an unreadable one, is an error: nothing is overwritten.
     """
     todo, done = [], []
     for spec in specs:
@@ -309,20 +362,23 @@ def pending_runs(
         if not path.exists():
             todo.append(spec)
             continue
-        record = read_record(path)
+        try:
+            record = read_record(path)
+        except FlatnessError as exc:
+            raise FlatnessError(f"{exc}; move it away to re-run that run") from None
         if record is None:
             raise FlatnessError(
                 f"{path} exists but is not a finished run record; move it away to re-run that run"
             )
-        if identity(RunSpec.from_dict(record)) != identity(spec):
+        if identity(RunSpec.from_dict(dataclasses.asdict(record))) != identity(spec):
             raise FlatnessError(f"{path} holds a run with other settings; use another --out")
         version = get_task(spec.task).version
-        if record.get("task_version", 1) != version:  # records before versioning: 1
+        if record.task_version != version:
             raise FlatnessError(
-                f"{path} was made by version {record.get('task_version', 1)} of the {spec.task} "
+                f"{path} was made by version {record.task_version} of the {spec.task} "
                 f"protocol (now {version}); use another --out"
             )
-        if record["status"] == "failed" and retry_failed:
+        if record.status == "failed" and retry_failed:
             todo.append(spec)
         else:
             done.append(record)
@@ -341,12 +397,13 @@ def run_grid(
     log: Any = None,
     dist_ctx: DistContext | None = None,
     emulate_ranks: int = 1,
-) -> dict[str, list[dict[str, Any]]]:
+) -> dict[str, list[RunRecord]]:
     """Run every pending spec (``jobs`` at a time), results under ``OUT/TASK/``.
 
-    Returns the finished records (brief form for runs done now) per results directory. Runs
-    already finished are skipped. With ``jobs > 1`` each run is a task for a pool of spawned
-    processes with ``cores // jobs`` torch threads each; the longest runs are started first.
+    Returns the finished records per results directory. Runs already finished are skipped, and
+    so are runs another process has claimed (:func:`claim_and_run`). With ``jobs > 1`` each run
+    is a task for a pool of spawned processes with ``cores // jobs`` torch threads each; the
+    longest runs are started first.
     """
     if jobs < 1:
         raise FlatnessError(f"--jobs must be >= 1, got {jobs}")
@@ -359,7 +416,7 @@ def run_grid(
     for d in dict.fromkeys(dirs.values()):
         check_writable(d)
     todo: list[RunSpec] = []
-    results: dict[str, list[dict[str, Any]]] = {str(d): [] for d in dirs.values()}
+    results: dict[str, list[RunRecord]] = {str(d): [] for d in dirs.values()}
     for task_name in dict.fromkeys(s.task for s in specs):
         task_specs = [s for s in specs if s.task == task_name]
         pending, done = pending_runs(task_specs, dirs[task_name], retry_failed)
@@ -374,32 +431,32 @@ def run_grid(
     todo.sort(key=lambda s: -s.cost)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(todo), desc="runs", unit="run")
+        bar = progress_bar(len(todo), "runs", "run")
         say = bar.write if log is None else say
     try:
         if jobs == 1:
             for spec in todo:
-                record = execute_run(
-                    spec, dirs[spec.task], data_dir=data_dir, download=download, progress=progress,
-                    emulate_ranks=emulate_ranks,
+                record, message = claim_and_run(
+                    spec, dirs[spec.task], retry_failed, data_dir=data_dir, download=download,
+                    progress=progress, emulate_ranks=emulate_ranks,
                 )
-                results[str(dirs[spec.task])].append(_brief(record))
-                say(_describe(record))
+                if record is not None:
+                    results[str(dirs[spec.task])].append(record)
+                say(message)
                 if bar is not None:
                     bar.update(1)
         else:
             threads = max(1, _available_cores() // jobs)
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init, initargs=(threads,)) as pool:
-                futures: dict[Future[dict[str, Any]], RunSpec] = {
+                futures: dict[Future[tuple[RunRecord | None, str]], RunSpec] = {
                     pool.submit(
                         _worker_run,
                         spec.as_dict(),
                         str(dirs[spec.task]),
                         None if data_dir is None else str(data_dir),
                         download,
+                        retry_failed,
                     ): spec
                     for spec in todo
                 }
@@ -408,10 +465,11 @@ def run_grid(
                     while remaining:
                         finished, remaining = wait(remaining, return_when=FIRST_COMPLETED)
                         for fut in finished:
-                            record = fut.result()  # a worker's FlatnessError ends the sweep here
+                            record, message = fut.result()  # a worker's FlatnessError ends the sweep
                             spec = futures[fut]
-                            results[str(dirs[spec.task])].append(record)
-                            say(_describe(record))
+                            if record is not None:
+                                results[str(dirs[spec.task])].append(record)
+                            say(message)
                             if bar is not None:
                                 bar.update(1)
                 except BaseException:
@@ -433,12 +491,15 @@ def _run_grid_ddp(
     progress: bool,
     retry_failed: bool,
     log: Any,
-) -> dict[str, list[dict[str, Any]]]:
-    """Every rank runs the same pending runs in the same order; rank 0 decides which and writes."""
+) -> dict[str, list[RunRecord]]:
+    """Every rank runs the same pending runs in the same order; rank 0 decides which and writes.
+
+    No claims: the ranks of one job must train the same runs (run one DDP job per ``--out``).
+    """
     import torch.distributed as dist
 
     dirs = {spec.task: out_root / spec.task for spec in specs}
-    results: dict[str, list[dict[str, Any]]] = {str(d): [] for d in dirs.values()}
+    results: dict[str, list[RunRecord]] = {str(d): [] for d in dirs.values()}
     plan: list[Any] = [None]
     if ctx.is_main:
         todo: list[RunSpec] = []
@@ -460,7 +521,7 @@ def _run_grid_ddp(
             progress=progress and ctx.is_main, dist_ctx=ctx,
         )
         dist.barrier()  # rank 0 has written the run before anyone starts the next
-        if ctx.is_main:
-            results[str(dirs[spec.task])].append(_brief(record))
+        if record is not None:  # rank 0
+            results[str(dirs[spec.task])].append(record)
             say(_describe(record))
     return results

@@ -178,9 +178,11 @@ def build_grid(
     """The runs of one sweep: every strength in ``values`` times every seed.
 
     ``seeds`` is a count (seeds 0..N-1) or explicit seeds. ``method_kwargs`` default to the
-    method's ``protocol_defaults`` (``fa``: 5 probes every 10 steps). ``model_kwargs`` are model
-    settings of the task (:attr:`flatness.experiments.tasks.Task.model_defaults`); those equal
-    to the default are dropped, so a default model keeps its plain run name.
+    method's ``protocol_defaults`` (``fa``: 5 probes every 10 steps). Overriding ``epochs``
+    without ``warmup_epochs`` scales the task's warm-up by the same factor (the same share of
+    training). ``model_kwargs`` are model settings of the task
+    (:attr:`flatness.experiments.tasks.Task.model_defaults`); those equal to the default are
+    dropped, so a default model keeps its plain run name.
     """
     task_obj = get_task(task)
     cls = method_class(method)
@@ -198,8 +200,13 @@ def build_grid(
             raise FlatnessError(f"{cls.hparam or 'strength'} values must be finite and >= 0, got {v}")
     if len({format_value(v) for v in grid if v is not None}) != len([v for v in grid if v is not None]):
         raise FlatnessError(f"repeated values in the grid: {grid}")
+    overrides = dict(config_overrides or {})
+    default = task_obj.config
     try:
-        config = task_obj.config.replace(**(config_overrides or {}))
+        if "epochs" in overrides and "warmup_epochs" not in overrides and default.warmup_epochs:
+            # the warm-up keeps its share of training (cifar100-mlp: 2 of 10 epochs -> 0.2 of 1)
+            overrides["warmup_epochs"] = default.warmup_epochs * overrides["epochs"] / default.epochs
+        config = default.replace(**overrides)
     except (TypeError, ValueError) as exc:
         raise FlatnessError(f"invalid training protocol for {task}: {exc}") from None
     kwargs = dict(cls.protocol_defaults)

@@ -30,7 +30,7 @@ from ..utils import FlatnessError
 from .checkpoints import check_checkpoint_matches, initial_model, load_checkpoint
 from .data import iterate_batches
 from .measure import MEASURE_SAMPLES
-from .record import read_record, write_json
+from .record import RunRecord, read_record, write_json
 from .specs import RunSpec, build_grid, method_class
 from .tasks import TrainConfig, get_task
 from .training import evaluate
@@ -205,18 +205,18 @@ def _protocol_id() -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
-def _cached(record: dict[str, Any], path: Path) -> dict[str, Any] | None:
+def _cached(record: RunRecord, path: Path) -> dict[str, Any] | None:
     try:
         cached = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    fresh = (isinstance(cached, dict) and cached.get("finished_at") == record.get("finished_at")
+    fresh = (isinstance(cached, dict) and cached.get("finished_at") == record.finished_at
              and cached.get("protocol") == _protocol_id())
     return cached if fresh else None
 
 
 def measurement_inputs(
-    record: dict[str, Any],
+    record: RunRecord,
     directory: Path,
     data_dir: str | None = None,
     download: bool | None = None,
@@ -227,20 +227,20 @@ def measurement_inputs(
     1,024 training examples (one batch), and :data:`STUDY_OPTIONS` with the initial
     weights rebuilt from the run's seed.
     """
-    task = get_task(record["task"])
-    config = TrainConfig.from_dict(record["config"])
+    task = get_task(record.task)
+    config = TrainConfig.from_dict(record.config)
     splits = task.load(data_dir, val_fraction=config.val_fraction, download=download)
-    model, meta = load_checkpoint(directory / record["checkpoint"], task=record["task"])
-    check_checkpoint_matches(record, meta, directory / record["checkpoint"])
-    initial = initial_model(record["task"], int(record["seed"]), num_features=splits.num_features,
-                            model_kwargs=record.get("model_kwargs") or {})
+    model, meta = load_checkpoint(directory / str(record.checkpoint), task=record.task)
+    check_checkpoint_matches(record, meta, directory / str(record.checkpoint))
+    initial = initial_model(record.task, record.seed, num_features=splits.num_features,
+                            model_kwargs=record.model_kwargs)
     n = min(MEASURE_SAMPLES, int(splits.y_train.shape[0]))
     batches = list(iterate_batches(splits.x_train[:n], splits.y_train[:n], MEASURE_BATCH, shuffle=False))
     return task, model, batches, MeasureOptions(**STUDY_OPTIONS, initial=initial.state_dict())
 
 
 def measure_run(
-    record: dict[str, Any],
+    record: RunRecord,
     directory: Path,
     cache: Path,
     data_dir: str | None = None,
@@ -252,12 +252,12 @@ def measure_run(
     "seconds": s}``; ``evaluation`` holds the eval-mode ``train_acc``, ``train_loss``,
     ``test_acc`` and ``test_loss`` on the whole splits.
     """
-    path = cache / f"{record['name']}.json"
+    path = cache / f"{record.name}.json"
     hit = _cached(record, path)
     if hit is not None:
         return hit
     task, model, batches, options = measurement_inputs(record, directory, data_dir, download)
-    config = TrainConfig.from_dict(record["config"])
+    config = TrainConfig.from_dict(record.config)
     splits = task.load(data_dir, val_fraction=config.val_fraction, download=download)
     start = time.perf_counter()
     values: dict[str, float] = {}
@@ -278,8 +278,8 @@ def measure_run(
         result = evaluate(model, x, y, task.predict, config.eval_batch_size, task.loss_fn)
         evaluation[f"{split}_acc"], evaluation[f"{split}_loss"] = result["acc"], result["loss"]
     entry = {
-        "name": record["name"],
-        "finished_at": record.get("finished_at"),
+        "name": record.name,
+        "finished_at": record.finished_at,
         "protocol": _protocol_id(),
         "protocol_settings": _protocol(),
         "measure_samples": sum(int(y.shape[0]) for _, y in batches),
@@ -293,21 +293,22 @@ def measure_run(
     return entry
 
 
-def generalization(record: dict[str, Any], measured: dict[str, Any]) -> dict[str, float]:
+def generalization(record: RunRecord, measured: dict[str, Any]) -> dict[str, float]:
     """The generalisation of one run: accuracies, losses and the gaps (the one place they are read).
 
-    Test accuracy is the record's final one; the eval-mode training accuracy and loss, and the
-    test loss, come from the study's own evaluation of the final checkpoint (the record's
-    per-epoch training loss is a train-mode running mean). ``gap_acc`` = train − test accuracy,
-    ``gap_loss`` = test − train loss: larger means a larger generalisation gap for both.
+    From the run record's final eval-mode values (records of version 2 and later); a version-1
+    record lacks the training ones, which are then taken from the study's own evaluation of the
+    final checkpoint (eval mode, whole splits, ``measured["evaluation"]``). ``gap_acc`` = train −
+    test accuracy, ``gap_loss`` = test − train loss: larger means a larger generalisation gap.
     """
     ev = measured["evaluation"]
     out = {
-        "train_acc": float(ev["train_acc"]),
-        "test_acc": float(record["final_test_acc"]),
-        "train_loss": float(ev["train_loss"]),
-        "test_loss": float(ev["test_loss"]),
+        "train_acc": record.final_train_acc if record.final_train_acc is not None else ev["train_acc"],
+        "test_acc": record.final_test_acc if record.final_test_acc is not None else ev["test_acc"],
+        "train_loss": record.final_train_loss if record.final_train_loss is not None else ev["train_loss"],
+        "test_loss": record.final_test_loss if record.final_test_loss is not None else ev["test_loss"],
     }
+    out = {k: float(v) for k, v in out.items()}
     out["gap_acc"] = out["train_acc"] - out["test_acc"]
     out["gap_loss"] = out["test_loss"] - out["train_loss"]
     return out
@@ -353,15 +354,15 @@ def collect_population(
         record = read_record(directory / f"{spec.name}.json")
         if record is None:
             raise FlatnessError(f"run {spec.name} has no finished record in {directory}")
-        if record["status"] != "complete":
+        if not record.complete:
             failed.append(spec.name)
             continue
         measured = measure_run(record, directory, cache, data_dir, download)
         measure_seconds += float(measured.get("seconds") or 0.0)
-        train_seconds += float(record.get("total_seconds") or 0.0)
+        train_seconds += float(record.total_seconds or 0.0)
         values = dict(measured["values"])
-        if isinstance(record.get("measured_sq_trace_per_B"), (int, float)):
-            values["measured_sq_trace_per_B"] = float(record["measured_sq_trace_per_B"])
+        if record.measured_sq_trace_per_B is not None:
+            values["measured_sq_trace_per_B"] = float(record.measured_sq_trace_per_B)
         if measured["errors"]:
             errors[spec.name] = measured["errors"]
         rows.append({"name": spec.name, "settings": settings,

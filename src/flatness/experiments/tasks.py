@@ -36,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +82,9 @@ class TrainConfig:
         warmup_epochs: linear warm-up from ``lr / 10`` to ``lr`` over this many epochs first.
         final_lr_fraction: end point of a decaying schedule, as a fraction of ``lr``.
         eval_batch_size: batch size of evaluation passes (speed only, no effect on results).
+        train_eval_samples: the per-epoch eval-mode pass over the training set uses its first
+            this many samples (a fixed subset; ``None`` = all). Evaluation only: training is
+            the same whatever its value.
     """
 
     epochs: int
@@ -92,6 +96,11 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     final_lr_fraction: float = 0.0
     eval_batch_size: int = 1024
+    train_eval_samples: int | None = None
+
+    # Fields added after the first protocols: left out of :meth:`as_dict` while at their
+    # default, so the names and records of existing runs stay valid.
+    LATER_FIELDS: typing.ClassVar[tuple[str, ...]] = ("train_eval_samples",)
 
     def __post_init__(self) -> None:
         checks = [
@@ -107,13 +116,22 @@ class TrainConfig:
             (0 <= self.warmup_epochs <= self.epochs, "warmup_epochs must be in [0, epochs]"),
             (0 <= self.final_lr_fraction <= 1, "final_lr_fraction must be in [0, 1]"),
             (self.eval_batch_size >= 1, "eval_batch_size must be >= 1"),
+            (
+                self.train_eval_samples is None
+                or (isinstance(self.train_eval_samples, int) and self.train_eval_samples >= 1),
+                "train_eval_samples must be None or an integer >= 1",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"{message} (got {self.as_dict()})")
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        for f in dataclasses.fields(self):
+            if f.name in self.LATER_FIELDS and out[f.name] == f.default:
+                del out[f.name]
+        return out
 
     def replace(self, **overrides: Any) -> "TrainConfig":
         """A copy with ``overrides`` (unknown field names raise ``ValueError``)."""

@@ -3,8 +3,11 @@
 The loop knows nothing about any method: it shuffles the training split with a seeded
 generator, calls :meth:`flatness.methods.Method.step` on each mini-batch, steps the learning-rate
 schedule, averages whatever floats the steps return (``loss``, ``sq_trace``, ``penalty``, ...)
-per epoch, and evaluates validation and test accuracy after each epoch. Training time excludes
-evaluation and the ``on_epoch_end`` callback.
+per epoch, and after each epoch evaluates the model in eval mode (dropout off) on the training
+set (its first ``config.train_eval_samples`` samples, all by default), the validation and the
+test split: loss and accuracy of each (:func:`evaluate_splits`). Evaluation draws no random
+numbers, so it leaves training unchanged. Training time excludes evaluation and the
+``on_epoch_end`` callback.
 
 Learning-rate schedules (per optimisation step, :func:`make_scheduler`): an optional linear
 warm-up from ``lr/10`` to ``lr`` over ``warmup_epochs``, then ``constant``, ``cosine`` or
@@ -39,9 +42,10 @@ import torch
 from torch import Tensor, nn
 
 from ..methods import Method
-from ..utils import FlatnessError, call_model, eval_mode, preserved_mode
+from ..utils import FlatnessError, call_model, eval_mode, preserved_mode, take_first
 from .data import Splits, iterate_batches
 from .distributed import take_shard
+from .progress import progress_bar
 from .tasks import TrainConfig
 
 __all__ = [
@@ -50,6 +54,7 @@ __all__ = [
     "make_optimizer",
     "make_scheduler",
     "evaluate",
+    "evaluate_splits",
     "steps_per_epoch",
     "train",
 ]
@@ -153,6 +158,32 @@ def evaluate(
     return out
 
 
+def evaluate_splits(
+    model: nn.Module,
+    data: Splits,
+    config: TrainConfig,
+    predict: Predict,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+) -> dict[str, float]:
+    """Eval-mode loss and accuracy on the training, validation and test splits.
+
+    Keys ``train_acc``, ``val_acc``, ``test_acc`` (and ``*_loss`` with ``loss_fn``); no ``val_*``
+    without a validation split. The training set is its first ``config.train_eval_samples``
+    samples (all if ``None``): the same fixed subset every epoch.
+    """
+    n_train = int(data.y_train.shape[0])
+    cap = n_train if config.train_eval_samples is None else min(config.train_eval_samples, n_train)
+    splits = [("train", take_first(data.x_train, cap), data.y_train[:cap])]
+    if data.x_val is not None and data.y_val is not None:
+        splits.append(("val", data.x_val, data.y_val))
+    splits.append(("test", data.x_test, data.y_test))
+    out: dict[str, float] = {}
+    for name, x, y in splits:
+        result = evaluate(model, x, y, predict, config.eval_batch_size, loss_fn)
+        out.update({f"{name}_{key}": value for key, value in result.items()})
+    return out
+
+
 def train(
     model: nn.Module,
     method: Method,
@@ -185,7 +216,8 @@ def train(
             or any object with ``step()``, called after every optimisation step.
         generator: the shuffling generator (seed it for reproducible runs).
         evaluate_every_epoch: evaluate after every epoch (else after the last one only).
-        progress: show a tqdm bar over the epochs' steps.
+        progress: show progress over the epochs' steps (:func:`~.progress.progress_bar`:
+            a bar on a terminal, periodic lines otherwise).
         on_epoch_end: ``f(epoch, record) -> dict | None``; a returned dict is merged into the
             epoch's record (e.g. a curvature measurement). Not counted as training time.
         on_step_end: ``f(global_step, info)`` after each optimisation step (e.g. snapshots).
@@ -197,7 +229,8 @@ def train(
     Each epoch's record holds ``epoch`` (1-based), ``seconds`` (training only), ``lr`` (at the
     epoch's end), the mean over steps of every float the method returned (``loss``, and e.g.
     ``sq_trace`` averaged over the steps that computed it, with ``<key>_steps`` counts), and
-    ``val_acc`` / ``test_acc`` / ``test_loss`` when evaluated.
+    when evaluated :func:`evaluate_splits`' ``train_loss`` / ``train_acc`` / ``val_loss`` /
+    ``val_acc`` / ``test_loss`` / ``test_acc`` (losses if the method has a ``loss_fn``).
 
     Raises:
         TrainingDiverged: the task loss became NaN or infinite.
@@ -209,11 +242,7 @@ def train(
         scheduler = make_scheduler(optimizer, config, per_epoch)
     loss_fn = getattr(method, "loss_fn", None)
     history = History()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=config.epochs * per_epoch, desc=description, unit="step", leave=False)
+    bar = progress_bar(config.epochs * per_epoch, description, "step", leave=False) if progress else None
     try:
         with preserved_mode(model):
             for epoch in range(1, config.epochs + 1):
@@ -259,16 +288,7 @@ def train(
                         record[f"{key}_steps"] = counts[key]
                 start = time.perf_counter()
                 if evaluate_every_epoch or epoch == config.epochs:
-                    if data.x_val is not None and data.y_val is not None:
-                        record["val_acc"] = evaluate(
-                            model, data.x_val, data.y_val, predict, config.eval_batch_size
-                        )["acc"]
-                    test = evaluate(
-                        model, data.x_test, data.y_test, predict, config.eval_batch_size, loss_fn
-                    )
-                    record["test_acc"] = test["acc"]
-                    if "loss" in test:
-                        record["test_loss"] = test["loss"]
+                    record.update(evaluate_splits(model, data, config, predict, loss_fn))
                 if on_epoch_end is not None:
                     extra = on_epoch_end(epoch, record)
                     if extra:

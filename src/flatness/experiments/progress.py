@@ -1,0 +1,86 @@
+"""Progress display of the pipeline: a tqdm bar on a terminal, plain periodic lines otherwise.
+
+A bar redraws itself with carriage returns, which a log file keeps (hundreds of KB per run);
+when stderr is not a terminal, :func:`progress_bar` returns a :class:`LineProgress` instead,
+which writes one ordinary line at most every ``interval`` seconds. Both offer ``update``,
+``set_postfix``, ``write`` and ``close``.
+
+Example:
+    >>> import io
+    >>> out = io.StringIO()  # not a terminal: plain lines
+    >>> bar = progress_bar(650, "fa_lam0.01_seed0", "step", stream=out)
+    >>> for _ in range(650):
+    ...     bar.update(1)
+    >>> bar.set_postfix(epoch=50, test_acc="0.9561")
+    >>> bar.close()
+    >>> print(out.getvalue(), end="")  # doctest: +ELLIPSIS
+    fa_lam0.01_seed0: 650/650 steps (100 %, ... s) epoch=50 test_acc=0.9561
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+__all__ = ["LineProgress", "progress_bar"]
+
+
+class LineProgress:
+    """Counts like a tqdm bar; prints ``DESC: N/TOTAL UNITs (P %, T s) key=value`` lines."""
+
+    def __init__(
+        self, total: int, description: str, unit: str, *, stream: TextIO, interval: float, leave: bool
+    ) -> None:
+        self.total, self.description, self.unit = total, description, unit
+        self.stream, self.interval, self.leave = stream, interval, leave
+        self.n = 0
+        self.postfix = ""
+        self.start = self.last = time.monotonic()
+        self.shown: tuple[int, str] | None = None  # count and postfix of the last line written
+
+    def _line(self) -> str:
+        share = f"{100 * self.n / self.total:.0f} %, " if self.total else ""
+        elapsed = time.monotonic() - self.start
+        text = f"{self.description}: {self.n}/{self.total} {self.unit}s ({share}{elapsed:.0f} s)"
+        return text + (f" {self.postfix}" if self.postfix else "")
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self.last = now
+            self._show()
+
+    def set_postfix(self, **values: Any) -> None:
+        self.postfix = " ".join(f"{k}={v}" for k, v in values.items())
+
+    def write(self, message: str) -> None:
+        print(message, file=self.stream, flush=True)
+
+    def _show(self) -> None:
+        self.shown = (self.n, self.postfix)
+        self.write(self._line())
+
+    def close(self) -> None:
+        if self.leave and self.shown != (self.n, self.postfix):
+            self._show()
+
+
+def progress_bar(
+    total: int,
+    description: str,
+    unit: str,
+    *,
+    leave: bool = True,
+    stream: TextIO | None = None,
+    interval: float = 30.0,
+) -> Any:
+    """A tqdm bar on ``stream`` (default stderr) if it is a terminal, else a :class:`LineProgress`."""
+    stream = sys.stderr if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    if isatty is not None and isatty():
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=description, unit=unit, leave=leave, file=stream)
+    return LineProgress(total, description, unit, stream=stream, interval=interval, leave=leave)
