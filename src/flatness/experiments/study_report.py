@@ -1,7 +1,8 @@
 r"""Tables and plots of a study (:mod:`flatness.experiments.study`), written into ``OUT/TASK/study/GRID/``.
 
 * ``ranking.md`` / ``ranking.csv`` / ``ranking.json`` — one row per measure: Kendall's τ_b with the
-  accuracy gap (train − test, eval mode), with test accuracy and with the loss gap, each with a
+  accuracy gap (train − test, eval mode, from the run records), with test accuracy and with the
+  loss gap (test − train), each with a
   bootstrap 95% interval resampling the models; Jiang et al.'s granulated coefficient ψ per
   axis (models differing in that axis only, averaged over the other axes' settings; interval
   resampling the cells) and its mean Ψ over the varied axes
