@@ -18,15 +18,17 @@ Jiang et al.'s granulated coefficient Ψ needs, at a fraction of the full factor
 ``--jobs``, ``--shard``) in ``OUT/TASK/``; width and dropout travel as the runs' model settings
 (:attr:`flatness.experiments.specs.RunSpec.model_kwargs`).
 
-**Measurements** (:func:`measure_run`) use one fixed protocol for every model: the first
-1,024 training examples in their stored order, as one batch, eval mode, seed 0, the
-options of :data:`STUDY_OPTIONS`; the initial weights for the distance from initialisation are
+**Measurements** (:func:`~flatness.experiments.study_population.measure_run`) use one fixed
+protocol for every model: the first 1,024 training examples in their stored order, as one
+batch, eval mode, seed 0, the options of
+:data:`~flatness.experiments.study_population.STUDY_OPTIONS`; the initial weights for the distance from initialisation are
 rebuilt from the run's seed (:func:`flatness.experiments.checkpoints.initial_model`). The
 generalisation gap is the run record's (final eval-mode training accuracy and loss minus the
 test ones, :func:`flatness.experiments.study_population.generalization`); the study also
 evaluates each checkpoint on the whole training and test splits, which stands in for
-version-1 records that lack the training values. All of it is cached per run in ``OUT/TASK/study/measures/NAME.json``, valid
-while the run's ``finished_at`` stamp and the protocol match: a second call computes nothing.
+version-1 records that lack the training values. All of it is cached per run in
+``OUT/TASK/study/measures/NAME.json``, valid while the run's ``finished_at`` stamp and the
+protocol match: a second call computes nothing.
 A measure that fails on one model (e.g. a PAC-Bayes search on a model whose error noise cannot
 raise) is recorded as missing for that model, with the reason.
 
