@@ -45,7 +45,8 @@ def test_curvature_pass_runs_in_eval_mode_and_restores_modes():
 
     x, y = tiny_batch()
     FlatnessPenalty(model, loss_fn, lam=1.0, probes=2)(x, y)
-    assert seen == [[False] * len(before)]
+    # one loss evaluation per estimate (backend="auto" checks its first pass against autograd)
+    assert seen and all(modes == [False] * len(before) for modes in seen)
     assert [m.training for m in model.modules()] == before
 
 

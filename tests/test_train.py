@@ -115,6 +115,27 @@ class _Exploding(_Recorder):
         return {**info, "loss": math.nan} if self.calls == 3 else info
 
 
+class _ExplodingTensor(_Recorder):
+    """Returns its losses as detached 0-d tensors, as the plain and FA steps do (no sync)."""
+
+    name = "exploding-tensor-test"
+
+    def step(self, x, y, optimizer):
+        info = super().step(x, y, optimizer)
+        loss = torch.tensor(math.nan if self.calls == 3 else float(info["loss"]))
+        return {**info, "loss": loss}
+
+
+def test_tensor_losses_are_averaged_and_a_nan_names_its_step():
+    model = _toy_model()
+    hist = train(model, make_method("none", model, nn.functional.cross_entropy),
+                 make_optimizer(model, CONFIG), _toy_data(), CONFIG)
+    assert all(isinstance(e["loss"], float) and math.isfinite(e["loss"]) for e in hist.epochs)
+    with pytest.raises(TrainingDiverged, match="nan at epoch 1, step 3"):
+        train(model, _ExplodingTensor(model, nn.functional.cross_entropy),
+              make_optimizer(model, CONFIG), _toy_data(), CONFIG)
+
+
 def test_nan_loss_raises_training_diverged_and_restores_mode():
     model = _toy_model()
     model.eval()

@@ -18,9 +18,20 @@ replaces the d_out×d_in product. The only per-probe work on the wide input laye
 constant that needs no backward. Autograd then differentiates the result (the penalty's
 third-order gradient) through these small tensors.
 
-Supported: :class:`torch.nn.Sequential` of ``Linear``, ``ReLU``, ``LeakyReLU``, ``Tanh``,
-``Sigmoid``, ``Identity``, ``Flatten`` and ``Dropout`` (identity in eval mode, the paper's
-curvature pass) on a dense input; any loss of the model output. :func:`supports` tells.
+Supported (:func:`unsupported_reason` says why not, :func:`supports` whether): a model of exactly
+the type :class:`torch.nn.Sequential` (a subclass may override ``forward``) of modules of exactly
+the types ``Linear``, ``ReLU``, ``LeakyReLU``, ``Tanh``, ``Sigmoid``, ``Identity``, ``Flatten``
+(``start_dim=1`` before the first Linear) and ``Dropout`` (identity in eval mode, the paper's
+curvature pass), each used once, with no shared parameter, no forward or backward hook on any
+module and no global module hook, on a dense input that is 2-D where it meets the first Linear.
+What the structure cannot show is that the loss depends on the model output only (a loss that
+adds, say, an L2 term on the weights has a different Hessian): the estimate assumes it, and
+:class:`flatness.FlatnessPenalty` checks it against autograd on its first call.
+
+In training, the task loss (train mode) and the curvature pass (eval mode) differ only after the
+first Linear: :meth:`flatness.FlatnessPenalty.sharing_first_layer` hands the task loss's first
+Linear output to ``layerwise_sq_trace(first_linear_output=...)``, which saves one input-layer
+product forward and one backward.
 
 Example:
     >>> import torch
@@ -46,62 +57,109 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_globals
 
 from .probes import Distribution, sample_probes
 
-__all__ = ["supports", "layerwise_sq_trace"]
+__all__ = ["supports", "unsupported_reason", "layerwise_sq_trace"]
 
-_ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid)
-_IDENTITY = (nn.Identity, nn.Dropout, nn.Flatten)
+_ACTIVATIONS: tuple[type[nn.Module], ...] = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid)
+_PASSTHROUGH: tuple[type[nn.Module], ...] = (nn.Identity, nn.Dropout, nn.Flatten)
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
 
 
-def supports(model: nn.Module, x: Any, params: Sequence[Tensor] | None = None) -> bool:
-    """Whether :func:`layerwise_sq_trace` applies to ``model`` on input ``x``.
+def _hook_reason(model: nn.Module) -> str | None:
+    for name in _GLOBAL_HOOKS:
+        if getattr(_module_globals, name, None):
+            return f"a global module hook is registered ({name.strip('_')})"
+    for mod_name, module in model.named_modules():
+        for name in _HOOK_DICTS:
+            if getattr(module, name, None):
+                where = f"module {mod_name!r}" if mod_name else "the model"
+                return f"{where} has a {name.strip('_').replace('_', ' ')[:-1]}"
+    return None
 
-    Needs a ``Sequential`` of supported modules with at least one ``Linear``, a dense tensor
-    input, Flatten only before the first Linear, Dropout evaluated in eval mode, and ``params``
-    (if given) exactly the model's parameters that require grad, all of them trainable.
+
+def unsupported_reason(
+    model: nn.Module, x: Any, params: Sequence[Tensor] | None = None
+) -> str | None:
+    """Why :func:`layerwise_sq_trace` cannot compute ``model``'s function on ``x``, or ``None``.
+
+    The checks are structural (see the module docstring); dropout counts as active when its
+    module is in training mode with ``p > 0``.
     """
-    if not isinstance(model, nn.Sequential) or not isinstance(x, Tensor) or x.layout != torch.strided:
-        return False
-    seen_linear = False
-    for m in model:
-        if isinstance(m, nn.Linear):
-            seen_linear = True
-        elif isinstance(m, nn.Flatten):
+    if type(model) is not nn.Sequential:
+        return f"the model is a {type(model).__name__}, not exactly an nn.Sequential"
+    if not isinstance(x, Tensor) or x.layout != torch.strided:
+        return "the input is not a dense tensor"
+    modules = list(model)
+    if len({id(m) for m in modules}) != len(modules):
+        return "a module is used twice"
+    hooks = _hook_reason(model)
+    if hooks:
+        return hooks
+    ndim, seen_linear = x.dim(), False
+    for i, m in enumerate(modules):
+        kind = type(m)
+        if kind not in (nn.Linear, *_ACTIVATIONS, *_PASSTHROUGH):
+            return f"module {i} is a {kind.__name__}, which the closed form does not cover"
+        if kind is nn.Dropout and m.training and m.p > 0:
+            return f"module {i} is a Dropout in training mode"
+        if kind is nn.Flatten:
             if seen_linear:
-                return False
-        elif isinstance(m, nn.Dropout):
-            if m.training and m.p > 0:
-                return False
-        elif not isinstance(m, _ELEMENTWISE + _IDENTITY):
-            return False
+                return f"module {i} is a Flatten after a Linear"
+            if (m.start_dim, m.end_dim) != (1, -1):
+                return f"module {i} is a Flatten that does not keep the batch dimension alone"
+            ndim = 2
+        if kind is nn.Linear and not seen_linear:
+            seen_linear = True
+            if ndim != 2:
+                return f"the first Linear gets a {ndim}-D input; only (batch, features) is covered"
     if not seen_linear:
-        return False
+        return "the model has no Linear layer"
     model_params = list(model.parameters())
+    if len(list(model.named_parameters(remove_duplicate=False))) != len(model_params):
+        return "a parameter is shared between layers"
     if not all(p.requires_grad for p in model_params):
-        return False
+        return "some parameters do not require grad"
     if params is not None:
         given = list(params)
         if len(given) != len(model_params) or any(a is not b for a, b in zip(given, model_params)):
-            return False
-    return True
+            return "params is not the list of all the model's parameters"
+    return None
 
 
-def _act_derivatives(m: nn.Module, z: Tensor, out: Tensor) -> tuple[Tensor, Tensor | None]:
-    """σ'(z) and σ''(z) (None where it is zero almost everywhere) of an elementwise module."""
-    if isinstance(m, nn.ReLU):
-        return (z > 0).to(z.dtype), None
-    if isinstance(m, nn.LeakyReLU):
+def supports(model: nn.Module, x: Any, params: Sequence[Tensor] | None = None) -> bool:
+    """Whether :func:`layerwise_sq_trace` applies to ``model`` on input ``x`` (see
+    :func:`unsupported_reason` for why not)."""
+    return unsupported_reason(model, x, params) is None
+
+
+def _first_linear(model: nn.Sequential) -> int:
+    return next(i for i, m in enumerate(model) if type(m) is nn.Linear)
+
+
+def _act_derivatives(m: nn.Module, z: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(σ(z), σ'(z), σ''(z)) of an activation module; σ'' is None where it vanishes a.e.
+
+    The derivatives of ReLU and LeakyReLU are taken from z before the module runs (an in-place
+    module overwrites z).
+    """
+    if type(m) is nn.ReLU:
+        d1 = (z > 0).to(z.dtype)
+        return m(z), d1, None
+    if type(m) is nn.LeakyReLU:
         slope = m.negative_slope
-        return (z > 0).to(z.dtype) * (1 - slope) + slope, None
-    if isinstance(m, nn.Tanh):
+        d1 = (z > 0).to(z.dtype) * (1 - slope) + slope
+        return m(z), d1, None
+    out = m(z)
+    if type(m) is nn.Tanh:
         d1 = 1 - out * out
-        return d1, -2 * out * d1
-    if isinstance(m, nn.Sigmoid):
-        d1 = out * (1 - out)
-        return d1, d1 * (1 - 2 * out)
-    raise TypeError(f"unsupported module {type(m).__name__}")
+        return out, d1, -2 * out * d1
+    d1 = out * (1 - out)  # Sigmoid
+    return out, d1, d1 * (1 - 2 * out)
 
 
 @dataclass
@@ -119,25 +177,34 @@ class _Act:
 
 
 def _frobenius_sq(u: Tensor, x: Tensor, g: Tensor | None, x_dot: Tensor | None) -> Tensor:
-    """Σ_j ‖u_jᵀ x + gᵀ x_dot_j‖²_F by the cheaper of the explicit and the Gram route.
+    """Σ_j ‖u_jᵀ x + gᵀ ẋ_j‖²_F by the cheaper of the explicit and the Gram route.
 
-    u: (M, B, d_out), x: (B, d_in), g: (B, d_out), x_dot: (M, B, d_in). The Gram route uses
-    ‖UᵀV‖² = ⟨U Uᵀ, V Vᵀ⟩ with U = [u; g], V = [x; x_dot] stacked over the batch, which costs
-    O(B²(d_in + d_out)) per probe instead of O(B d_in d_out).
+    u: (M, B, d_out), x: (B, d_in), g: (B, d_out), ẋ: (M, B, d_in). The Gram route expands
+    ‖uᵀx + gᵀẋ‖² = ⟨u uᵀ, x xᵀ⟩ + 2⟨u gᵀ, x ẋᵀ⟩ + ⟨g gᵀ, ẋ ẋᵀ⟩ into B × B matrices, with x xᵀ
+    and g gᵀ shared by the probes: O(B²(d_in + d_out)) per probe instead of O(B d_in d_out).
     """
     m, b, d_out = u.shape
     d_in = x.shape[1]
     if x_dot is None:
         if b * d_in + m * b * d_out < m * d_out * d_in:
             return (torch.matmul(u, u.transpose(1, 2)) * (x @ x.T)).sum()
-        return torch.linalg.vector_norm(torch.matmul(u.transpose(1, 2), x)).square()
+        return torch.matmul(u.transpose(1, 2), x).pow(2).sum()
     assert g is not None
-    if 2 * b * (d_in + d_out) < d_out * d_in:
-        uu = torch.cat([u, g.expand(m, b, d_out)], dim=1)
-        vv = torch.cat([x.expand(m, b, d_in), x_dot], dim=1)
-        return (torch.matmul(uu, uu.transpose(1, 2)) * torch.matmul(vv, vv.transpose(1, 2))).sum()
+    # multiply-adds: Gram 2MB²(d_in + d_out) + B²(d_in + d_out) shared; explicit 2MB d_in d_out
+    if b * (d_in + d_out) * (2 * m + 1) < 2 * m * d_out * d_in:
+        uu = torch.matmul(u, u.transpose(1, 2))
+        ug = torch.matmul(u, g.T)
+        xd = torch.matmul(x, x_dot.transpose(1, 2))
+        dd = torch.matmul(x_dot, x_dot.transpose(1, 2))
+        return (uu * (x @ x.T)).sum() + 2 * (ug * xd).sum() + (dd * (g @ g.T)).sum()
     hv = torch.matmul(u.transpose(1, 2), x) + torch.matmul(g.T, x_dot)
-    return torch.linalg.vector_norm(hv).square()
+    return hv.pow(2).sum()
+
+
+def _probe_product(x: Tensor, v: Tensor) -> Tensor:
+    """x v_jᵀ for every probe j as one matrix product: x (B, d_in), v (M, d_out, d_in) -> (M, B, d_out)."""
+    m, d_out, d_in = v.shape
+    return (x @ v.reshape(m * d_out, d_in).T).view(x.shape[0], m, d_out).transpose(0, 1)
 
 
 def layerwise_sq_trace(
@@ -151,36 +218,45 @@ def layerwise_sq_trace(
     generator: torch.Generator | None = None,
     seed: int | None = None,
     probe_vectors: Sequence[Tensor] | None = None,
+    first_linear_output: Tensor | None = None,
 ) -> Tensor:
     r"""(1/M) Σ_j ‖H v_j‖² for ``loss_fn(model(x), y)``, differentiable w.r.t. the parameters.
 
     The model is run as it is (call it inside :func:`flatness.eval_mode` for the paper's
     dropout-off curvature pass). Probes are drawn exactly as :func:`flatness.sample_probes` draws
     them for ``list(model.parameters())``, so a seed gives the same estimate on both paths.
+    ``first_linear_output``: the first Linear's output on ``x``, already computed (and shared with
+    the task loss, see :meth:`flatness.FlatnessPenalty.sharing_first_layer`).
+
+    Raises:
+        ValueError: the model or input is not covered (the message says why).
     """
-    if not supports(model, x):
-        raise ValueError(
-            "layerwise_sq_trace needs an nn.Sequential of Linear/ReLU/LeakyReLU/Tanh/Sigmoid/"
-            "Identity/Flatten/eval-mode Dropout on a dense input; use flatness.sq_trace instead"
-        )
+    reason = unsupported_reason(model, x)
+    if reason is not None:
+        raise ValueError(f"layerwise_sq_trace cannot compute this model's Tr(H²): {reason}; "
+                         "use flatness.sq_trace instead")
     params = list(model.parameters())
     if probe_vectors is None:
         probe_vectors = sample_probes(params, probes, dist, generator=generator, seed=seed)
     vec_of = {id(p): v for p, v in zip(params, probe_vectors)}
     num = probe_vectors[0].shape[0]
+    first = _first_linear(model)
 
-    # Primal forward, keeping what the explicit backward needs.
+    # Primal forward, keeping what the explicit backward needs. Modules before the first Linear
+    # act on the data (no tangent reaches them).
     records: list[_Linear | _Act | None] = []
     h = x
-    for m in model:
-        if isinstance(m, nn.Linear):
-            records.append(_Linear(m, h))
+    for i, m in enumerate(model):
+        if i < first:
             h = m(h)
-        elif isinstance(m, _ELEMENTWISE):
-            z = h
-            h = m(z)
-            records.append(_Act(*_act_derivatives(m, z, h)))
-        else:  # Dropout (eval), Identity: identity; Flatten: only before the first Linear
+            records.append(None)
+        elif type(m) is nn.Linear:
+            records.append(_Linear(m, h))
+            h = first_linear_output if i == first and first_linear_output is not None else m(h)
+        elif type(m) in _ACTIVATIONS:
+            h, d1, d2 = _act_derivatives(m, h)
+            records.append(_Act(d1, d2))
+        else:  # Dropout (eval), Identity: identity
             h = m(h)
             records.append(None)
     out = h
@@ -194,12 +270,12 @@ def layerwise_sq_trace(
     for m, rec in zip(model, records):
         if isinstance(rec, _Linear):
             rec.x_dot = t
-            tz = torch.matmul(rec.x, vec_of[id(m.weight)].transpose(1, 2))  # constant on layer 1
+            tz = _probe_product(rec.x, vec_of[id(m.weight)])  # a constant on the first layer
             if t is not None:
                 tz = tz + torch.matmul(t, m.weight.T)
             if m.bias is not None:
                 tz = tz + vec_of[id(m.bias)].unsqueeze(1)
-            t = tz
+            t = tz.contiguous()
         elif isinstance(rec, _Act):
             rec.z_dot = t
             t = rec.d1 * t
@@ -219,7 +295,7 @@ def layerwise_sq_trace(
             # (Hv)_W = δ̇ᵀ X + δᵀ Ẋ,  (Hv)_b = Σ_i δ̇_i
             total = total + _frobenius_sq(t_grad, rec.x, g, rec.x_dot)
             if lin.bias is not None:
-                total = total + torch.linalg.vector_norm(t_grad.sum(1)).square()
+                total = total + t_grad.sum(1).pow(2).sum()
             if rec.x_dot is None:  # the input is the data: nothing below needs a signal
                 break
             t_grad = torch.matmul(t_grad, lin.weight) + torch.matmul(g, vec_of[id(lin.weight)])

@@ -28,9 +28,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -38,8 +39,8 @@ from torch import Tensor, nn
 
 from . import layerwise
 from .hutchinson import sq_trace
-from .probes import Distribution, check_distribution, make_generator
 from .passes import curvature_pass
+from .probes import Distribution, check_distribution, make_generator, sample_probes
 from .utils import batch_size, call_model, take_first, unwrap
 
 __all__ = ["FlatnessPenalty", "NonFiniteCurvatureError"]
@@ -71,12 +72,20 @@ class FlatnessPenalty:
             warn and return zero for that step.
         params: the parameters to penalise (default: all of ``model``'s trainable ones).
         backend: ``"auto"`` (default) uses the closed-form layer-wise estimator
-            (:mod:`flatness.layerwise`) when the model is a supported stack of Linear layers and
-            activations, else generic double backward (``"autograd"``); both give the same
-            estimate for the same probes. ``"layerwise"`` insists on the closed form.
+            (:mod:`flatness.layerwise`) when the model is structurally a supported stack of
+            Linear layers and activations (:func:`flatness.layerwise.unsupported_reason`), else
+            generic double backward (``"autograd"``); both give the same estimate for the same
+            probes. What the structure cannot show is that ``loss_fn`` depends on the model
+            output alone, so ``"auto"`` computes its first curvature pass both ways with the
+            same probes and keeps the closed form only if they agree (relative difference
+            <= 1e-8 in float64, 1e-4 in float32); otherwise it warns once and uses autograd
+            from then on. ``"layerwise"`` is the explicit declaration that the loss is a
+            function of the output: no check against autograd, and a ``ValueError`` naming the
+            reason when the model is not covered.
 
     After a curvature pass, ``last_sq_trace`` holds the Tr(H²) estimate (a float) and
-    ``last_penalty`` the value added to the loss.
+    ``last_penalty`` the value added to the loss. Computing the task loss inside
+    :meth:`sharing_first_layer` lets the next call reuse the input layer's product.
     """
 
     def __init__(
@@ -137,6 +146,9 @@ class FlatnessPenalty:
         self.calls = 0
         self.last_sq_trace: float | None = None
         self.last_penalty: float | None = None
+        # "auto": None until the first curvature pass compared the closed form with autograd.
+        self._layerwise_agrees: bool | None = None
+        self._shared: tuple[Any, Tensor] | None = None  # (input, first Linear's output)
 
     @property
     def params(self) -> list[Tensor]:
@@ -159,6 +171,113 @@ class FlatnessPenalty:
 
     def __call__(self, x: Any, y: Any) -> Tensor:
         """The penalty for this mini-batch: λ·Tr(H²)/B with graph, or an exact zero."""
+        shared, self._shared = self._shared, None
+        return self._penalty(x, y, shared[1] if shared is not None and shared[0] is x else None)
+
+    @contextlib.contextmanager
+    def sharing_first_layer(self) -> Iterator[None]:
+        """Around the task loss's forward pass: share its first Linear layer's output with the
+        next call's curvature pass, which then skips that product, forward and backward.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> from flatness import FlatnessPenalty
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 3))
+            >>> penalty = FlatnessPenalty(model, nn.CrossEntropyLoss(), lam=0.01, seed=0)
+            >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+            >>> for _ in range(2):  # the first call checks the closed form against autograd
+            ...     with penalty.sharing_first_layer():
+            ...         loss = nn.functional.cross_entropy(model(x), y)
+            ...     (loss + penalty(x, y)).backward()
+
+        The output is kept only on the closed-form path (once ``backend="auto"`` has checked it,
+        see the class docs), for the unwrapped model, when nothing before the first Linear
+        differs between the two passes (an active dropout) and no module works in place; and it
+        is used only if the next call gets the very input tensor the forward pass got.
+        Otherwise the call computes everything itself, as without this context.
+        """
+        self._shared = None
+        model = self.model
+        if (
+            not self.is_active()
+            or self.backend == "autograd"
+            or (self.backend == "auto" and not self._layerwise_agrees)
+            or model is not self.local_model
+            or type(model) is not nn.Sequential
+        ):
+            yield
+            return
+        modules = list(model)
+        first = next((i for i, m in enumerate(modules) if type(m) is nn.Linear), None)
+        if first is None or any(getattr(m, "inplace", False) for m in modules) or any(
+            type(m) is nn.Dropout and m.training and m.p > 0 for m in modules[:first]
+        ):
+            yield
+            return
+        seen: dict[str, Any] = {}
+        handles = [
+            model.register_forward_pre_hook(lambda mod, args: seen.setdefault("x", args[0])),
+            modules[first].register_forward_hook(lambda mod, args, out: seen.setdefault("z", out)),
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+        if "x" in seen and "z" in seen:
+            self._shared = (seen["x"], seen["z"])
+
+    def _backend(self, cx: Any) -> str:
+        """``"layerwise"``, ``"autograd"`` or ``"verify"`` (auto's first pass) for batch ``cx``."""
+        if self.backend == "autograd":
+            return "autograd"
+        reason = layerwise.unsupported_reason(self.local_model, cx)
+        if self.backend == "layerwise":
+            if reason is not None:
+                raise ValueError(f"backend='layerwise' cannot compute this model's Tr(H²): {reason}")
+            return "layerwise"
+        if self._params is not None or reason is not None or self._layerwise_agrees is False:
+            return "autograd"
+        return "layerwise" if self._layerwise_agrees else "verify"
+
+    def _estimate(self, cx: Any, cy: Any, params: list[Tensor], first: Tensor | None) -> Tensor:
+        """The Tr(H²) estimate with graph, by the chosen backend (inside the pass's mode)."""
+        backend = self._backend(cx)
+        if backend != "layerwise":
+            first = None
+        if backend == "layerwise":
+            return layerwise.layerwise_sq_trace(
+                self.local_model, self.loss_fn, cx, cy, self.probes, self.dist,
+                generator=self.generator, first_linear_output=first,
+            )
+        vecs = sample_probes(params, self.probes, self.dist, generator=self.generator)
+        loss = self.loss_fn(call_model(self.local_model, cx), cy)
+        slow = sq_trace(loss, params, probe_vectors=vecs, create_graph=True)
+        if backend == "autograd":
+            return slow
+        fast = layerwise.layerwise_sq_trace(self.local_model, self.loss_fn, cx, cy, probe_vectors=vecs)
+        a, b = float(fast.detach()), float(slow.detach())
+        if not (math.isfinite(a) and math.isfinite(b)):
+            return slow  # nothing to compare: check again on the next pass
+        rtol = {torch.float64: 1e-8, torch.float32: 1e-4}.get(slow.dtype, 1e-2)
+        self._layerwise_agrees = abs(a - b) <= rtol * max(abs(a), abs(b))
+        if not self._layerwise_agrees:
+            warnings.warn(
+                f"the layer-wise closed form gives Tr(H²) = {a:.6g} where autograd gives {b:.6g}: "
+                "loss_fn is not a function of the model output alone (e.g. it adds a weight "
+                "penalty), so this penalty uses autograd from now on; pass backend='autograd' "
+                "to skip the check",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return slow
+        return fast
+
+    def _penalty(self, x: Any, y: Any, first: Tensor | None) -> Tensor:
+        full_batch = batch_size(x)
+        if full_batch == 0:
+            raise ValueError("empty batch: x holds no samples")
         active = self.is_active()
         self.calls += 1
         params = self.params
@@ -167,45 +286,36 @@ class FlatnessPenalty:
         ref = params[0]
         if not active:
             return torch.zeros((), device=ref.device, dtype=ref.dtype)
-        full_batch = batch_size(x)
         cx, cy = self._curvature_batch(x, y)
+        if first is not None:
+            first = first[: batch_size(cx)]
         with curvature_pass(self.local_model, dropout=not self.eval_during_curvature):
-            if self.backend == "layerwise" or (
-                self.backend == "auto"
-                and self._params is None
-                and layerwise.supports(self.local_model, cx)
-            ):
-                estimate = layerwise.layerwise_sq_trace(
-                    self.local_model, self.loss_fn, cx, cy, self.probes, self.dist,
-                    generator=self.generator,
-                )
-            else:
-                loss = self.loss_fn(call_model(self.local_model, cx), cy)
-                estimate = sq_trace(
-                    loss, params, self.probes, self.dist, generator=self.generator,
-                    create_graph=True,
-                )
-        value = float(estimate.detach())
-        if not math.isfinite(value):
+            estimate = self._estimate(cx, cy, params, first)
+        penalty = self.lam * estimate / full_batch
+        value, penalty_value = float(estimate.detach()), float(penalty.detach())
+        if not (math.isfinite(value) and math.isfinite(penalty_value)):
+            what = "Tr(H²) estimate" if not math.isfinite(value) else "penalty λ·Tr(H²)/B"
+            shown = value if not math.isfinite(value) else penalty_value
             message = (
-                f"non-finite Tr(H²) estimate ({value}) at call {self.calls - 1}; "
+                f"non-finite {what} ({shown}) at call {self.calls - 1}; "
                 "lower the learning rate or λ, or pass on_nonfinite='skip'"
             )
             if self.on_nonfinite == "raise":
                 raise NonFiniteCurvatureError(message)
-            warnings.warn(message + " (step skipped)", RuntimeWarning, stacklevel=2)
+            warnings.warn(message + " (step skipped)", RuntimeWarning, stacklevel=3)
             return torch.zeros((), device=ref.device, dtype=ref.dtype)
-        penalty = self.lam * estimate / full_batch
         self.last_sq_trace = value
-        self.last_penalty = self.lam * value / full_batch
+        self.last_penalty = penalty_value
         return penalty
 
     def state_dict(self) -> dict[str, Any]:
-        """Schedule position and generator state, to resume a run exactly."""
+        """Schedule position, generator state and the closed-form check's verdict, to resume a
+        run exactly."""
         return {
             "calls": self.calls,
             "generator": None if self.generator is None else self.generator.get_state(),
             "last_sq_trace": self.last_sq_trace,
+            "layerwise_agrees": self._layerwise_agrees,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -215,6 +325,7 @@ class FlatnessPenalty:
                 self.generator = torch.Generator(device="cpu")
             self.generator.set_state(state["generator"])
         self.last_sq_trace = state.get("last_sq_trace")
+        self._layerwise_agrees = state.get("layerwise_agrees")
 
     def __repr__(self) -> str:
         return (

@@ -184,6 +184,21 @@ def evaluate_splits(
     return out
 
 
+# Methods may return 0-d tensors (no host synchronisation per step): their losses are checked
+# for divergence every _SYNC_EVERY steps and at the end of each epoch (one wait for the device).
+_SYNC_EVERY = 50
+
+
+def _check_losses(pending: list[tuple[int, Any]], epoch: int) -> None:
+    """Raise :class:`TrainingDiverged` at the first pending step whose loss is missing or not
+    finite; empties ``pending``."""
+    for step, loss in pending:  # after the first value, the device has nothing left to wait for
+        value = None if loss is None else float(loss)
+        if value is None or not math.isfinite(value):
+            raise TrainingDiverged(f"training loss is {value} at epoch {epoch}, step {step}")
+    pending.clear()
+
+
 def train(
     model: nn.Module,
     method: Method,
@@ -247,8 +262,9 @@ def train(
         with preserved_mode(model):
             for epoch in range(1, config.epochs + 1):
                 model.train()
-                sums: dict[str, float] = {}
+                sums: dict[str, Any] = {}
                 counts: dict[str, int] = {}
+                pending: list[tuple[int, Any]] = []
                 start = time.perf_counter()
                 batches = iterate_batches(
                     data.x_train, data.y_train, config.batch_size, shuffle=True, generator=generator
@@ -259,21 +275,22 @@ def train(
                     if shard is not None:
                         x, y = take_shard(x, y, *shard)
                     info = method.step(x, y, optimizer)
-                    loss = info.get("loss")
-                    if loss is None or not math.isfinite(loss):
-                        raise TrainingDiverged(
-                            f"training loss is {loss} at epoch {epoch}, step {history.steps + 1}"
-                        )
+                    pending.append((history.steps + 1, info.get("loss")))
+                    if len(pending) >= _SYNC_EVERY or not isinstance(pending[-1][1], Tensor):
+                        _check_losses(pending, epoch)
                     if scheduler is not None:
                         scheduler.step()
                     history.steps += 1
                     for key, value in info.items():
-                        sums[key] = sums.get(key, 0.0) + float(value)
+                        value = value.detach() if isinstance(value, Tensor) else float(value)
+                        sums[key] = sums.get(key, 0.0) + value
                         counts[key] = counts.get(key, 0) + 1
                     if on_step_end is not None:
                         on_step_end(history.steps, info)
                     if bar is not None:
                         bar.update(1)
+                _check_losses(pending, epoch)
+                sums = {key: float(total) for key, total in sums.items()}  # one sync per epoch
                 seconds = time.perf_counter() - start
                 history.train_seconds += seconds
                 record: dict[str, Any] = {

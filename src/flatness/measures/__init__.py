@@ -1,13 +1,14 @@
 """Flatness measures of a trained model: curvature, sharpness, noise robustness, divergence.
 
-One estimator per module (curvlinops style); every function takes ``(model, loss_fn, batches)``
+One estimator per module; every function takes ``(model, loss_fn, batches)``
 with ``batches`` an iterable of ``(x, y)`` and ``loss_fn`` the batch-mean loss, averages over
 all of the data, runs the model in eval mode and restores its train/eval flags, and never writes
 to its parameters or buffers.
 
-- :mod:`.operator`: :class:`HessianOperator`, the matrix-free data-set Hessian;
+- :mod:`.operator`: :class:`HessianOperator`, the matrix-free data-set Hessian (a
+  :class:`LinearOperator`: ``@``, ``shape``, ``dtype``, ``device``, ``to_scipy()``);
 - :mod:`.trace`: Tr(H) by Hutchinson and Hutch++; :mod:`.sq_trace`: Tr(H²);
-- :mod:`.eigen`: top-k eigenvalues (Lanczos/eigsh), condition number, effective dimension,
+- :mod:`.eigen`: top-k eigenvalues (thick-restart Lanczos), condition number, effective dimension,
   per-layer blocks; :mod:`.density`: SLQ spectral density and its plot;
 - :mod:`.sharpness`: ε-sharpness and adaptive sharpness; :mod:`.noise`: expected loss under
   Gaussian weight noise; :mod:`.fisher`: empirical Fisher trace; :mod:`.divergence`: NRS model
@@ -19,13 +20,20 @@ to its parameters or buffers.
 
 from .density import SpectralDensity, density_of, lanczos, plot_spectral_density, spectral_density
 from .divergence import kl_from_logits, model_divergence
-from .eigen import Spectrum, last_layer, layer_top_eigenvalues, module_params, top_eigenvalues
+from .eigen import (
+    Spectrum,
+    eigenvalues_of,
+    last_layer,
+    layer_top_eigenvalues,
+    module_params,
+    top_eigenvalues,
+)
 from ..per_example import per_example_sq_grad_norms
 from .fisher import fisher_trace
 from .margin import Margin, margins_of, output_margin, zero_one_error
 from .noise import NoisyLoss, noisy_loss
 from .norms import distance_from_init, parameter_norm, path_norm
-from .operator import HessianOperator
+from .operator import HessianOperator, LinearOperator
 from .pac_bayes import PacBayes, pac_bayes
 from .reparam import Change, reparametrization_check, rescale_layers
 from .sharpness import Sharpness, adaptive_sharpness, eps_sharpness
@@ -34,6 +42,7 @@ from .summary import DEFAULT_MEASURES, MEASURES, MeasureOptions, compute_measure
 from .trace import hessian_trace, hutchinson_trace, hutchpp_trace
 
 __all__ = [
+    "LinearOperator",
     "HessianOperator",
     "hutchinson_trace",
     "hutchpp_trace",
@@ -41,6 +50,7 @@ __all__ = [
     "sq_trace_of",
     "hessian_sq_trace",
     "Spectrum",
+    "eigenvalues_of",
     "top_eigenvalues",
     "layer_top_eigenvalues",
     "module_params",

@@ -11,13 +11,16 @@ spectral measure seen from v:
     \approx \frac{1}{R}\sum_{r=1}^R \sum_{j=1}^m \tau_j^{(r)} g_\sigma(t - \theta_j^{(r)}),
 
 exact for polynomials f of degree < 2m, and unbiased for :math:`\operatorname{Tr} f(H)/P` over
-probes (Ghorbani, Krishnan & Xiao, 2019; Papyan, 2020). The Gaussian smoothing g_σ is curvlinops'
-``lanczos_approximate_spectrum_from_iter`` (Papyan's width rule).
+probes (Ghorbani, Krishnan & Xiao, 2019; Papyan, 2020). The smoothing g_σ is Papyan's (2020,
+Algorithm 2 and §D.2): on the Ritz range widened by a relative ``margin`` and mapped to [-1, 1],
+a Gaussian of width :math:`\sigma = \frac{2}{m-1} / \sqrt{8 \ln \kappa}` around each node.
 
 Why not curvlinops' ``lanczos_approximate_spectrum``: its Lanczos (``fast_lanczos``) does not
 reorthogonalise, which creates spurious copies of the outer eigenvalues in floating point, and
-draws its start vector from torch's global random state. Here the Lanczos basis is fully
-reorthogonalised (memory P × m) and probes come from a seed.
+draws its start vector from torch's global random state. Here the Lanczos basis is a
+preallocated ``(m, P)`` matrix, one contiguous row per vector (memory m × P), and every new
+vector gets one full Gram-Schmidt pass against it (two matrix-vector products over the
+basis), after the three-term recurrence; probes come from a seed.
 
 Example:
     >>> import torch
@@ -38,7 +41,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from curvlinops.papyan2020traces.spectrum import lanczos_approximate_spectrum_from_iter
 from torch import Tensor, nn
 
 from ..probes import Distribution, make_generator, random_matrix
@@ -47,7 +49,14 @@ from .io import save_figure, save_npz
 from .operator import HessianOperator
 from .trace import Operator, operator_dim
 
-__all__ = ["SpectralDensity", "lanczos", "density_of", "spectral_density", "plot_spectral_density"]
+__all__ = [
+    "SpectralDensity",
+    "lanczos",
+    "smoothed_density",
+    "density_of",
+    "spectral_density",
+    "plot_spectral_density",
+]
 
 
 @dataclass(frozen=True)
@@ -95,27 +104,62 @@ def lanczos(
     """
     dim = operator_dim(A)
     steps = min(num_steps, dim)
-    basis = torch.zeros(dim, steps, dtype=v0.dtype, device=v0.device)
+    basis = torch.empty(steps, dim, dtype=v0.dtype, device=v0.device)  # row j = v_j
     alphas: list[Tensor] = []
     betas: list[Tensor] = []
-    v = v0 / torch.linalg.vector_norm(v0)
+    torch.div(v0, torch.linalg.vector_norm(v0), out=basis[0])
     for j in range(steps):
-        basis[:, j] = v
-        w = A @ v
+        v = basis[j]
+        w = (A @ v).to(v.dtype)
         alpha = torch.dot(w, v)
         alphas.append(alpha)
         if j == steps - 1:
             break
-        w = w - alpha * v - (betas[-1] * basis[:, j - 1] if j > 0 else 0.0)
-        # Two Gram-Schmidt passes against the whole basis keep it orthogonal in floating point.
-        for _ in range(2):
-            w = w - basis[:, : j + 1] @ (basis[:, : j + 1].T @ w)
+        w.sub_(v, alpha=float(alpha))
+        if j > 0:
+            w.sub_(basis[j - 1], alpha=float(betas[-1]))
+        # One Gram-Schmidt pass against the whole basis keeps it orthogonal in floating point.
+        known = basis[: j + 1]
+        w.addmv_(known.T, known @ w, alpha=-1.0)
         beta = torch.linalg.vector_norm(w)
         if float(beta) <= breakdown_tol * max(1.0, float(alpha.abs())):
             break
         betas.append(beta)
-        v = w / beta
+        torch.div(w, beta, out=basis[j + 1])
     return torch.stack(alphas), (torch.stack(betas) if betas else alphas[0].new_zeros(0))
+
+
+def smoothed_density(
+    nodes: tuple[np.ndarray, ...],
+    weights: tuple[np.ndarray, ...],
+    num_points: int = 1024,
+    kappa: float = 3.0,
+    margin: float = 0.05,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Papyan's Gaussian-smoothed density of quadratures (nodes θ, weights τ), averaged.
+
+    Returns ``(grid, density)``: the grid spans the nodes' range widened by ``margin`` of its
+    width on each side; each quadrature of m nodes puts a Gaussian of width
+    σ = 2 / (m - 1) / sqrt(8 ln κ) (in units of the half-width of the grid) on each node.
+    """
+    if kappa <= 1:
+        raise ValueError(f"kappa must be > 1, got {kappa}")
+    low = min(float(t.min()) for t in nodes)
+    high = max(float(t.max()) for t in nodes)
+    if high - low < 1e-12 * max(1.0, abs(high)):
+        low, high = low - 0.5, high + 0.5  # a point spectrum: give the grid some width
+    pad = margin * (high - low)
+    low, high = low - pad, high + pad
+    center, half = (high + low) / 2, (high - low) / 2
+    unit_grid = np.linspace(-1.0, 1.0, num_points)
+    density = np.zeros(num_points)
+    for theta, tau in zip(nodes, weights):
+        # one node alone (an invariant start vector): the width of a two-node quadrature
+        sigma = 2.0 / (max(len(theta), 2) - 1) / np.sqrt(8.0 * np.log(kappa))
+        z = (unit_grid[None, :] - ((theta - center) / half)[:, None]) / sigma
+        bumps = np.exp(-0.5 * z**2) / (sigma * np.sqrt(2.0 * np.pi))
+        density += (tau / half) @ bumps / len(nodes)
+    return np.linspace(low, high, num_points), density
 
 
 def density_of(
@@ -134,31 +178,17 @@ def density_of(
         raise ValueError("SLQ needs num_steps >= 2 and num_repeats >= 1")
     dim = operator_dim(A)
     gen = make_generator(seed)
-    iters = []
+    nodes, weights = [], []
     for _ in range(num_repeats):
         v0 = random_matrix(dim, 1, dist, gen, A.dtype, A.device)[:, 0]
         alphas, betas = lanczos(A, v0, num_steps)
         T = torch.diag(alphas) + torch.diag(betas, 1) + torch.diag(betas, -1)
         evals, evecs = torch.linalg.eigh(T.double().cpu())
-        iters.append((evals, evecs))
-    nodes = tuple(e.numpy() for e, _ in iters)
-    weights = tuple((u[0, :] ** 2).numpy() for _, u in iters)
-    low = min(float(t.min()) for t in nodes)
-    high = max(float(t.max()) for t in nodes)
-    if high - low < 1e-12 * max(1.0, abs(high)):
-        low, high = low - 0.5, high + 0.5  # a point spectrum: give the grid some width
-    density = np.zeros(num_points)
-    grid = np.zeros(num_points)
-    for evals, evecs in iters:
-        if len(evals) < 2:  # invariant after one step: pad so the smoothing width is defined
-            evals = torch.cat([evals, evals])
-            evecs = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
-        g, d = lanczos_approximate_spectrum_from_iter(
-            (evals, evecs), (low, high), num_points, kappa, margin
-        )
-        grid, density = g.numpy(), density + d.numpy() / num_repeats
+        nodes.append(evals.numpy())
+        weights.append((evecs[0, :] ** 2).numpy())
+    grid, density = smoothed_density(tuple(nodes), tuple(weights), num_points, kappa, margin)
     matvecs = sum(len(t) for t in nodes)
-    return SpectralDensity(nodes, weights, grid, density, dim, matvecs)
+    return SpectralDensity(tuple(nodes), tuple(weights), grid, density, dim, matvecs)
 
 
 def spectral_density(

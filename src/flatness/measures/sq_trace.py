@@ -74,5 +74,5 @@ def hessian_sq_trace(
     chunk: int = 20,
 ) -> Estimate:
     """Tr(H²) of the loss averaged over ``batches``, with its standard error."""
-    H = HessianOperator(model, loss_fn, batches, params, max_vectors=chunk)
+    H = HessianOperator(model, loss_fn, batches, params)
     return sq_trace_of(H, num_matvecs, dist, seed=seed, chunk=chunk)

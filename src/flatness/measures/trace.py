@@ -19,8 +19,8 @@ that of the Hutchinson part *given the sketch Q* (the sketch's own randomness is
 
 Why not curvlinops' ``hutchinson_trace``/``hutchpp_trace``: they return no standard error and
 draw probes from torch's global random state; these take a seed or generator and chunk their
-products. They accept the same operators (a curvlinops ``PyTorchLinearOperator`` such as
-:class:`~flatness.measures.HessianOperator`, or a dense tensor).
+products. They accept a :class:`~flatness.measures.operator.LinearOperator` (such as
+:class:`~flatness.measures.HessianOperator`) or a dense tensor.
 
 Example:
     >>> import torch
@@ -39,13 +39,12 @@ from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
-from curvlinops._torch_base import PyTorchLinearOperator
 from torch import Tensor, nn
 
 from ..hutchinson import Estimate
 from ..probes import Distribution, make_generator, random_matrix
 from .functional import LossFn
-from .operator import HessianOperator
+from .operator import HessianOperator, LinearOperator
 
 __all__ = [
     "Operator",
@@ -56,7 +55,7 @@ __all__ = [
     "TraceMethod",
 ]
 
-Operator = Tensor | PyTorchLinearOperator
+Operator = Tensor | LinearOperator
 TraceMethod = Literal["hutchinson", "hutch++"]
 
 
@@ -101,7 +100,7 @@ def hutchinson_trace(
     samples = []
     for start in range(0, num_matvecs, chunk):
         g = random_matrix(dim, min(chunk, num_matvecs - start), dist, gen, dtype, device)
-        samples.append((g * (A @ g)).sum(0))
+        samples.append((g.T @ (A @ g)).diagonal())  # gᵢᵀ A gᵢ: one pass over both (P, k) blocks
     return _estimate(torch.cat(samples))
 
 
@@ -165,5 +164,5 @@ def hessian_trace(
     }
     if method not in estimators:
         raise ValueError(f"unknown trace method {method!r}; expected one of {sorted(estimators)}")
-    H = HessianOperator(model, loss_fn, batches, params, max_vectors=chunk)
+    H = HessianOperator(model, loss_fn, batches, params)
     return estimators[method](H, num_matvecs, dist, seed=seed, chunk=chunk)

@@ -31,7 +31,9 @@ A method class sets ``name`` (registry key), ``hparam`` (the strength swept in e
 or ``None``), ``default_grid`` (its default sweep) and ``protocol_defaults`` (the settings of
 the experiments' default protocol, which run names leave implicit, e.g. FA's 5 probes every 10
 steps); its ``__init__`` validates its hyper-parameters (clear ``ValueError``) and hands its
-point and terms to :class:`Method`. Returned step values are Python floats for logging.
+point and terms to :class:`Method`. Returned step values are for logging: Python floats, or
+detached 0-d tensors (the task loss) that the training loop converts once per epoch, so that a
+step does not wait for the device.
 
 Example (a composed method, and a new term in a few lines):
     >>> import torch
@@ -217,7 +219,7 @@ class Method:
             logits = call_model(self.model, x)
         loss = self.loss_fn(logits, y)
         if loss_key is not None:
-            info[loss_key] = float(loss.detach())
+            info[loss_key] = loss.detach()  # no host synchronisation per step
         evaluation = Evaluation(self.model, self.loss_fn, x, y, params, logits, loss, replay, main)
         total = loss
         for term in self.terms:

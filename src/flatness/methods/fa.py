@@ -7,6 +7,7 @@ The penalty is a :class:`PenaltyTerm` at the step's point; its curvature pass is
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Any, ClassVar
 
@@ -38,6 +39,10 @@ class PenaltyTerm(Term):
             info["penalty"] = float(self.penalty.last_penalty or 0.0)
             info["sq_trace"] = float(self.penalty.last_sq_trace or 0.0)
         return value
+
+    def observe(self, model: nn.Module) -> contextlib.AbstractContextManager[Any]:
+        # the task loss's input-layer product, reused by the curvature pass (closed form only)
+        return self.penalty.sharing_first_layer()
 
     def state_dict(self) -> dict[str, Any]:
         return {"penalty": self.penalty.state_dict()}

@@ -21,24 +21,32 @@ def time_interleaved(
     reps_per_round: int,
     warmup: int = 3,
     per_call_steps: dict[str, int] | None = None,
+    cpu_ms: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """Median milliseconds per step of each case, timing the cases in interleaved rounds.
 
     Interleaving spreads any drift of the machine (other load, clock changes) over all cases
     alike, so ratios taken from one run stay meaningful. ``per_call_steps[name]`` divides a
     call's time when one call runs several steps (e.g. a whole window of ``every`` steps).
+    ``cpu_ms``, if given, receives the median process CPU time per step of each case (summed
+    over threads): on a machine shared with other work it moves much less than wall time.
     """
     per_call_steps = per_call_steps or {}
     for fn in cases.values():
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {name: [] for name in cases}
+    cpu: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(rounds):
         for name, fn in cases.items():
             for _ in range(reps_per_round):
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 fn()
-                samples[name].append((time.perf_counter() - start) / per_call_steps.get(name, 1))
+                steps = per_call_steps.get(name, 1)
+                samples[name].append((time.perf_counter() - start) / steps)
+                cpu[name].append((time.process_time() - start_cpu) / steps)
+    if cpu_ms is not None:
+        cpu_ms.update({name: median_ms(ts) for name, ts in cpu.items()})
     return {name: median_ms(ts) for name, ts in samples.items()}
 
 
@@ -65,8 +73,21 @@ def paper_mlp_setup(
     return model, nn.CrossEntropyLoss(), x, y
 
 
-def ratio_result(ms: dict[str, float], batch: int, steps_timed: int) -> dict[str, object]:
-    """``plain_ms``, run facts, then ``NAME_ms`` and ``NAME_ratio`` (= NAME / plain) per case."""
+def training_adam(model: object, lr: float) -> object:
+    """The optimiser ``flatness run`` trains with (:func:`~flatness.experiments.training.make_optimizer`:
+    Adam, fused kernel where available), so that every case's step is the one training takes."""
+    from ..tasks import TrainConfig
+    from ..training import make_optimizer
+
+    return make_optimizer(model, TrainConfig(epochs=1, batch_size=1, lr=lr, weight_decay=0.0))  # type: ignore[arg-type]
+
+
+def ratio_result(
+    ms: dict[str, float], batch: int, steps_timed: int, cpu_ms: dict[str, float] | None = None
+) -> dict[str, object]:
+    """``plain_ms``, run facts, then ``NAME_ms`` and ``NAME_ratio`` (= NAME / plain) per case,
+    and ``NAME_cpu_ratio`` from CPU times when ``cpu_ms`` is given."""
+    import os
     import platform
 
     import torch
@@ -79,9 +100,12 @@ def ratio_result(ms: dict[str, float], batch: int, steps_timed: int) -> dict[str
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "machine": platform.machine(),
+        "load_average_1min": os.getloadavg()[0],
     }
     for name, value in ms.items():
         if name != "plain":
             result[f"{name}_ms"] = value
             result[f"{name}_ratio"] = value / plain
+            if cpu_ms is not None:
+                result[f"{name}_cpu_ratio"] = cpu_ms[name] / cpu_ms["plain"]
     return result

@@ -1,7 +1,7 @@
 """``flatness bench ddp``: samples per second of 2 gloo ranks vs 1, in one run.
 
-The paper's CIFAR-100 MLP shape on synthetic data, Adam, a global mini-batch of B = 128 split
-over the ranks (each rank one torch thread), for a plain step and the FA step (M = 5 probes
+The paper's CIFAR-100 MLP shape on synthetic data, Adam (fused, as in training), a global
+mini-batch of B = 128 split over the ranks (each rank one torch thread), for a plain step and the FA step (M = 5 probes
 every 10 steps). Both worlds are started by this command (torch.multiprocessing, gloo on
 127.0.0.1), one after the other; ``scaling = samples/s (2 ranks) / samples/s (1 rank)``.
 """
@@ -35,6 +35,7 @@ def _worker(rank: int, world: int, port: int, method: str, steps: int, batch: in
     from ...probes import rank_seed
     from ..distributed import DistContext, take_shard, wrap_model
     from ..models import mlp
+    from . import training_adam
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -48,7 +49,7 @@ def _worker(rank: int, world: int, port: int, method: str, steps: int, batch: in
         torch.manual_seed(rank_seed(0, rank))
         hp: dict[str, Any] = {"lam": 0.01, "probes": 5, "every": 10, "seed": rank_seed(0, rank)}
         step_method = make_method(method, ddp, nn.CrossEntropyLoss(), **(hp if method == "fa" else {}))
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        opt = training_adam(model, 1e-3)
         gen = torch.Generator().manual_seed(1)
         x = torch.randn(batch, in_dim, generator=gen)
         y = torch.randint(0, classes, (batch,), generator=gen)

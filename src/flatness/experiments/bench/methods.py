@@ -1,7 +1,7 @@
 """``flatness bench methods``: step time of every training method relative to a plain step.
 
-The paper's CIFAR-100 MLP shape (3072-512-256-100, ReLU, dropout 0.3), B = 128, Adam, synthetic
-data; all methods are timed in one process, in interleaved rounds, through the same
+The paper's CIFAR-100 MLP shape (3072-512-256-100, ReLU, dropout 0.3), B = 128, Adam as
+``flatness run`` builds it (fused kernel), synthetic data; all methods are timed in one process, in interleaved rounds, through the same
 ``Method.step`` the training loop calls. Reported: the plain step's median time and, for each
 method, its median step time and the ratio to plain:
 
@@ -23,10 +23,8 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 
-import torch
-
 from ...methods import make_method
-from . import paper_mlp_setup, ratio_result, time_interleaved
+from . import paper_mlp_setup, ratio_result, time_interleaved, training_adam
 
 __all__ = ["run_methods_bench", "TARGETS"]
 
@@ -76,7 +74,7 @@ def run_methods_bench(
 
     def method_case(name: str, hp: dict[str, object]) -> Callable[[], None]:
         model = copy.deepcopy(base).train()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        opt = training_adam(model, 1e-4)
         method = make_method(name, model, loss_fn, **hp)
         return lambda: method.step(x, y, opt) and None
 
@@ -84,8 +82,9 @@ def run_methods_bench(
     if vmap:
         cases["curvature_vmap"] = method_case("curvature", {"alpha": 0.01, "impl": "vmap"})
     per_round = max(1, steps // rounds)
-    ms = time_interleaved(cases, rounds=rounds, reps_per_round=per_round)
-    result = ratio_result(ms, batch, rounds * per_round)
+    cpu: dict[str, float] = {}
+    ms = time_interleaved(cases, rounds=rounds, reps_per_round=per_round, cpu_ms=cpu)
+    result = ratio_result(ms, batch, rounds * per_round, cpu)
     result["targets_met"] = all(float(result[k]) <= v for k, v in TARGETS.items())  # type: ignore[arg-type]
     if profile:
         result["profile_curvature"] = _profile(cases["curvature"])
