@@ -26,6 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "flatness.cli.bench",
     "flatness.cli.run",
     "flatness.cli.inspect",
+    "flatness.cli.study",
 )
 
 

@@ -161,10 +161,13 @@ def measure_command(args: argparse.Namespace) -> int:
         args.checkpoint, args.task, split=args.split, examples=args.examples,
         batch_size=args.batch_size, data_dir=args.data_dir,
     )
+    from ..experiments.checkpoints import checkpoint_initial_model
+
+    initial = checkpoint_initial_model(args.checkpoint, args.task)  # rebuilt from the run's seed
     options = MeasureOptions(
         seed=args.seed, matvecs=args.matvecs, k=args.k, eps=args.eps, adaptive_eps=args.adaptive_eps,
         sharpness_steps=args.sharpness_steps, sigma=args.sigma, noise_samples=args.noise_samples,
-        divergence_eps=args.divergence_eps,
+        divergence_eps=args.divergence_eps, initial=None if initial is None else initial.state_dict(),
     )
     start = time.perf_counter()
     result: dict[str, Any] = {
@@ -336,7 +339,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="measures to compute (space- or comma-separated, or 'all'); default: loss "
                         "hessian_trace hessian_sq_trace lambda_max last_layer_lambda_max "
                         "eps_sharpness fisher_trace; also: hutchpp_trace adaptive_sharpness "
-                        "noise_loss model_divergence spectral_density")
+                        "noise_loss model_divergence spectral_density param_norm path_norm "
+                        "distance_from_init margin pacbayes pacbayes_mag")
     p.add_argument("--matvecs", type=int, default=100, help="Hessian-vector products per trace (100)")
     p.add_argument("--k", type=int, default=3, help="number of top eigenvalues (3)")
     p.add_argument("--eps", type=float, default=1e-3, help="ε of the ε-sharpness box (1e-3)")

@@ -1,7 +1,8 @@
 """Checkpoints of run models: the weights with their task and run metadata, written atomically.
 
 A checkpoint carries its run's ``finished_at`` stamp, so a record is never paired with the
-checkpoint of another training of the same run (:func:`check_checkpoint_matches`).
+checkpoint of another training of the same run (:func:`check_checkpoint_matches`), and the model
+settings it was built with. :func:`initial_model` rebuilds a run's initial weights from its seed.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ __all__ = [
     "load_checkpoint",
     "StaleCheckpointError",
     "check_checkpoint_matches",
+    "initial_model",
+    "checkpoint_initial_model",
 ]
 
 CHECKPOINT_FORMAT = "flatness-checkpoint"
@@ -37,30 +40,29 @@ def _input_width(model: nn.Module) -> int | None:
 
 
 def save_checkpoint(
-    path: str | os.PathLike[str], model: nn.Module, *, task: str, meta: dict[str, Any]
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    *,
+    task: str,
+    meta: dict[str, Any],
+    model_kwargs: dict[str, Any] | None = None,
 ) -> None:
-    """Write the model's weights with its task name and ``meta`` (plain JSON-like data), atomically."""
+    """Write the model's weights with its task name, the model settings it was built with
+    (``task.build_model(**model_kwargs)``) and ``meta`` (plain JSON-like data), atomically."""
     get_task(task)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "version": 1,
         "task": task,
         "num_features": _input_width(model),
+        "model_kwargs": dict(model_kwargs or {}),
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "meta": meta,
     }
     atomic_write_bytes(path, lambda fh: torch.save(payload, fh))
 
 
-def load_checkpoint(
-    path: str | os.PathLike[str], task: str | None = None
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the task's model from a checkpoint; returns ``(model, meta)``, model in eval mode.
-
-    ``FlatnessError`` if the file is missing, is not a flatness checkpoint, belongs to another
-    task than ``task``, or its weights do not fit the task's model.
-    """
-    path = Path(path)
+def _read_payload(path: Path, task: str | None) -> dict[str, Any]:
     if not path.is_file():
         raise FlatnessError(f"checkpoint {path} does not exist")
     try:
@@ -72,8 +74,24 @@ def load_checkpoint(
     saved_task = payload.get("task")
     if task is not None and saved_task != task:
         raise FlatnessError(f"{path} is a checkpoint of task {saved_task!r}, not {task!r}")
-    task_obj = get_task(str(saved_task))
-    model = task_obj.build_model(num_features=payload.get("num_features"))
+    get_task(str(saved_task))
+    return payload
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], task: str | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the task's model from a checkpoint; returns ``(model, meta)``, model in eval mode.
+
+    ``FlatnessError`` if the file is missing, is not a flatness checkpoint, belongs to another
+    task than ``task``, or its weights do not fit the task's model.
+    """
+    path = Path(path)
+    payload = _read_payload(path, task)
+    saved_task = payload["task"]
+    model = get_task(saved_task).build_model(
+        num_features=payload.get("num_features"), **(payload.get("model_kwargs") or {})
+    )
     try:
         model.load_state_dict(payload["state_dict"])
     except (RuntimeError, KeyError) as exc:
@@ -105,3 +123,36 @@ def check_checkpoint_matches(record: RunRecord, meta: dict[str, Any], path: Path
             f"(finished {meta.get('finished_at', 'at an unknown time')}, record {record.finished_at}); "
             "re-run that run or remove the stale checkpoint"
         )
+
+
+def initial_model(
+    task: str,
+    seed: int,
+    *,
+    num_features: int | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """The model a run of ``seed`` started from, rebuilt exactly (eval mode).
+
+    The runner seeds torch's global generator with the run's seed right before
+    ``task.build_model``; this replays that inside ``torch.random.fork_rng``, so the caller's
+    random state is left as it was.
+    """
+    task_obj = get_task(task)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        model = task_obj.build_model(num_features=num_features, **(model_kwargs or {}))
+    return model.eval()
+
+
+def checkpoint_initial_model(path: str | os.PathLike[str], task: str | None = None) -> nn.Module | None:
+    """:func:`initial_model` of the run that wrote the checkpoint at ``path``; ``None`` when the
+    checkpoint does not name its run's seed (not written by the runner)."""
+    payload = _read_payload(Path(path), task)
+    seed = (payload.get("meta") or {}).get("seed")
+    if not isinstance(seed, int):
+        return None
+    return initial_model(
+        payload["task"], seed, num_features=payload.get("num_features"),
+        model_kwargs=payload.get("model_kwargs") or {},
+    )

@@ -62,6 +62,7 @@ class RunRecord:
 
     Identity (a :class:`~flatness.experiments.specs.RunSpec` as plain data): ``name``, ``task``,
     ``method``, ``hparam``, ``value``, ``seed``, ``config``, ``method_kwargs``, ``trajectory``,
+    ``model_kwargs``,
     ``protocol_id``, ``variant_id``, ``task_version``. Results (``None`` for a failed run, which
     has ``error`` instead): final/best/validation-chosen accuracies, final losses, the runner's
     flatness measurements, times, per-epoch ``curves`` (key -> one value per epoch: ``loss`` =
@@ -82,6 +83,7 @@ class RunRecord:
     config: dict[str, Any] = field(default_factory=dict)
     method_kwargs: dict[str, Any] = field(default_factory=dict)
     trajectory: int = 0
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # RunSpec.model_kwargs
     protocol_id: str = ""
     variant_id: str = ""
     task_version: int = 1

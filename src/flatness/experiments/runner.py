@@ -111,8 +111,8 @@ def execute_run(
     if accepts(spec.method, "total_steps") and "total_steps" not in kwargs:
         # the run's length, for schedules given as fractions of it (FA's lam_schedule)
         kwargs["total_steps"] = config.epochs * steps_per_epoch(int(splits.y_train.shape[0]), config.batch_size)
-    torch.manual_seed(spec.seed)
-    model = task.build_model(num_features=splits.num_features)
+    torch.manual_seed(spec.seed)  # what checkpoints.initial_model replays
+    model = task.build_model(num_features=splits.num_features, **spec.model_kwargs)
     world = dist_ctx.world_size if dist_ctx is not None else emulate_ranks
     is_main = dist_ctx is None or dist_ctx.is_main
     try:
@@ -183,6 +183,7 @@ def execute_run(
         config=dict(spec.config),
         method_kwargs=dict(spec.method_kwargs),
         trajectory=spec.trajectory,
+        model_kwargs=dict(spec.model_kwargs),
         protocol_id=spec.protocol_id,
         variant_id=spec.variant_id,
         task_version=task.version,
@@ -275,7 +276,7 @@ def execute_run(
         "finished_at": record.finished_at,
         "config": spec.config,
     }
-    save_checkpoint(out / str(record.checkpoint), model, task=spec.task, meta=meta)
+    save_checkpoint(out / str(record.checkpoint), model, task=spec.task, meta=meta, model_kwargs=spec.model_kwargs)
     if snapshots:
         payload = {
             "format": "flatness-trajectory",

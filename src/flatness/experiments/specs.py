@@ -1,8 +1,9 @@
 """What identifies one run: :class:`RunSpec`, its file name, and the grids of a sweep.
 
-A *run* is one (task, method, strength, seed, protocol) combination. ``NAME`` is e.g.
-``fa_lam0.01_seed0``; a non-default protocol or method setting appends a short tag
-(``_pXXXXXX`` / ``_kXXXXXX``), so different protocols never share a file. A method's default
+A *run* is one (task, method, strength, seed, protocol, model settings) combination. ``NAME`` is
+e.g. ``fa_lam0.01_seed0``; a non-default protocol, method setting or model setting (width,
+dropout: :attr:`RunSpec.model_kwargs`) appends a short tag (``_pXXXXXX`` / ``_kXXXXXX`` /
+``_mXXXXXX``), so different protocols never share a file. A method's default
 settings and default sweep are its class attributes ``protocol_defaults`` and ``default_grid``
 (:mod:`flatness.methods.base`): no method is special-cased here. A composed method
 (``sam+fa``) sweeps its first component's strength; the others' come from ``method_kwargs``.
@@ -63,6 +64,8 @@ class RunSpec:
     config: dict[str, Any]
     method_kwargs: dict[str, Any] = field(default_factory=dict)
     trajectory: int = 0
+    # settings passed to ``task.build_model(**model_kwargs)``: only the non-default ones
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def protocol_id(self) -> str:
@@ -77,12 +80,19 @@ class RunSpec:
         return "" if self.method_kwargs == default else _short_hash(self.method_kwargs)
 
     @property
+    def model_id(self) -> str:
+        """``""`` for the task's default model, else a short hash of the model settings."""
+        return _short_hash(self.model_kwargs) if self.model_kwargs else ""
+
+    @property
     def name(self) -> str:
         parts = [self.method]
         if self.hparam is not None and self.value is not None:
             parts[0] += f"_{self.hparam}{format_value(self.value)}"
         if self.variant_id:
             parts.append(f"k{self.variant_id}")
+        if self.model_id:
+            parts.append(f"m{self.model_id}")
         parts.append(f"seed{self.seed}")
         if self.protocol_id:
             parts.append(f"p{self.protocol_id}")
@@ -105,6 +115,7 @@ class RunSpec:
             "config": dict(self.config),
             "method_kwargs": dict(self.method_kwargs),
             "trajectory": self.trajectory,
+            "model_kwargs": dict(self.model_kwargs),
         }
 
     @classmethod
@@ -118,6 +129,7 @@ class RunSpec:
             config=dict(d["config"]),
             method_kwargs=dict(d.get("method_kwargs") or {}),
             trajectory=int(d.get("trajectory") or 0),
+            model_kwargs=dict(d.get("model_kwargs") or {}),
         )
 
 
@@ -161,13 +173,16 @@ def build_grid(
     config_overrides: dict[str, Any] | None = None,
     method_kwargs: dict[str, Any] | None = None,
     trajectory: int = 0,
+    model_kwargs: dict[str, Any] | None = None,
 ) -> list[RunSpec]:
     """The runs of one sweep: every strength in ``values`` times every seed.
 
     ``seeds`` is a count (seeds 0..N-1) or explicit seeds. ``method_kwargs`` default to the
     method's ``protocol_defaults`` (``fa``: 5 probes every 10 steps). Overriding ``epochs``
     without ``warmup_epochs`` scales the task's warm-up by the same factor (the same share of
-    training).
+    training). ``model_kwargs`` are model settings of the task
+    (:attr:`flatness.experiments.tasks.Task.model_defaults`); those equal to the default are
+    dropped, so a default model keeps its plain run name.
     """
     task_obj = get_task(task)
     cls = method_class(method)
@@ -198,8 +213,10 @@ def build_grid(
     kwargs.update(method_kwargs or {})
     if trajectory < 0:
         raise FlatnessError(f"--trajectory must be >= 0, got {trajectory}")
+    settings = json.loads(json.dumps(task_obj.model_settings(model_kwargs)))  # as records store them
+    model = {k: v for k, v in settings.items() if v != task_obj.model_defaults.get(k)}
     return [
-        RunSpec(task, method, cls.hparam, v, s, config.as_dict(), kwargs, trajectory)
+        RunSpec(task, method, cls.hparam, v, s, config.as_dict(), kwargs, trajectory, model)
         for v in grid
         for s in seed_list
     ]

@@ -34,6 +34,23 @@ at 3 pairs (ν = 2) it is 5.65 (see :func:`minimum_detectable_effect`).
 **Multiple comparisons.** :func:`holm` is the Holm–Bonferroni step-down adjustment over the
 comparisons of one table; :func:`adjust_holm` applies it to the t and Wilcoxon p-values.
 
+**Rank statistics** (``flatness study``): :func:`kendall_tau_ci` is Kendall's τ_b between a
+measure and a target over a population of models with a bootstrap interval resampling the
+models; :func:`granulated_kendall` is Jiang et al.'s (2019) granulated coefficient ψ of one
+hyper-parameter axis,
+
+.. math::
+
+    \psi_i = \frac{1}{m_i} \sum_{\theta_{-i}} \tau\big(\{(\mu(\theta), g(\theta)) :
+        \theta_i \in \Theta_i\}\big),
+
+the mean over the m_i settings θ₋ᵢ of the other axes of τ over the models that differ in axis
+i only, with an interval resampling the cells; Ψ (:func:`mean_granulated`) is the mean of the
+ψ_i. Within a cell τ is Jiang et al.'s :func:`kendall_tau`
+:math:`\frac{1}{n(n-1)}\sum_{i \ne j} \operatorname{sign}(\mu_i-\mu_j)\operatorname{sign}(g_i-g_j)`
+(τ_a: a tie counts 0, so a two-model cell with a tied gap counts 0 rather than being undefined;
+it equals τ_b when nothing ties).
+
 **Degenerate cases.** No p-value is made up: fewer than 2 pairs (runs per side), identical
 values, or zero variance (every pair differs by the same amount; both sides constant) give
 ``nan`` with a :attr:`Comparison.note` saying why, and never a division warning.
@@ -59,7 +76,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from scipy import optimize
@@ -77,6 +95,10 @@ __all__ = [
     "adjust_holm",
     "minimum_detectable_effect",
     "kendall_tau_ci",
+    "kendall_tau",
+    "AxisCoefficient",
+    "granulated_kendall",
+    "mean_granulated",
 ]
 
 ALPHA = 0.05  # two-sided significance level of the MDE
@@ -399,3 +421,104 @@ def kendall_tau_ci(
     tail = (1 - confidence) / 2
     low, high = np.quantile(boots, [tail, 1 - tail])
     return tau, float(low), float(high)
+
+
+# --------------------------------------------------------------------------------------------
+# Jiang et al.'s granulated Kendall coefficient (for `flatness study`): τ over the models that
+# differ in one hyper-parameter axis only, averaged over the other axes' settings
+
+
+def kendall_tau(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
+    """Jiang et al.'s τ (τ_a: ties count 0) over the pairs of ``x`` and ``y``; NaN for < 2 items.
+
+    >>> kendall_tau([1, 2, 3, 4], [1, 3, 2, 4])  # 5 concordant pairs, 1 discordant, of 6
+    0.6666666666666666
+    """
+    a = np.asarray(x, dtype=float)
+    b = np.asarray(y, dtype=float)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"x and y must be 1-d of one length, got {a.shape} and {b.shape}")
+    n = a.size
+    if n < 2:
+        return math.nan
+    s = np.sign(a[:, None] - a[None, :]) * np.sign(b[:, None] - b[None, :])
+    return float(s.sum() / (n * (n - 1)))
+
+
+@dataclass(frozen=True)
+class AxisCoefficient:
+    """ψ of one axis: the mean τ over its cells, the cells' τ, and an interval over cells."""
+
+    axis: str
+    value: float
+    low: float
+    high: float
+    cells: tuple[float, ...] = field(default=())
+
+    @property
+    def num_cells(self) -> int:
+        return len(self.cells)
+
+
+def granulated_kendall(
+    measure: Sequence[float],
+    target: Sequence[float],
+    settings: Sequence[Mapping[str, Any]],
+    axes: Sequence[str],
+    *,
+    resamples: int = 1000,
+    confidence: float = CONFIDENCE,
+    seed: int = 0,
+) -> dict[str, AxisCoefficient]:
+    """ψ_i per axis in ``axes``: the models are grouped by their ``settings`` on the other axes.
+
+    ``settings[k]`` holds model k's value on every axis (hashable values). Models whose measure
+    or target is not finite are left out. An axis with no cell of two or more models gets NaN.
+    The interval is a percentile bootstrap over the axis' cells (resampled with replacement,
+    from the generator :func:`flatness.probes.make_generator` gives for ``seed``).
+
+    >>> settings = [{"lr": lr, "wd": wd} for lr in (1, 2) for wd in (0, 1)]
+    >>> psi = granulated_kendall([1, 2, 3, 4], [1, 2, 4, 3], settings, ["lr", "wd"])
+    >>> psi["lr"].value, psi["wd"].value  # lr: both cells agree; wd: one cell each way
+    (1.0, 0.0)
+    """
+    import torch
+
+    from ..probes import make_generator
+
+    if not (len(measure) == len(target) == len(settings)):
+        raise ValueError("measure, target and settings must have one entry per model")
+    gen = make_generator(seed)
+    mu = np.asarray(measure, dtype=float)
+    g = np.asarray(target, dtype=float)
+    finite = [k for k in range(len(mu)) if math.isfinite(mu[k]) and math.isfinite(g[k])]
+    out: dict[str, AxisCoefficient] = {}
+    for axis in axes:
+        others = [a for a in axes if a != axis]
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for k in finite:
+            groups.setdefault(tuple(settings[k][a] for a in others), []).append(k)
+        cells = [
+            kendall_tau(mu[idx], g[idx])
+            for idx in groups.values()
+            if len({settings[k][axis] for k in idx}) >= 2
+        ]
+        if not cells:
+            out[axis] = AxisCoefficient(axis, math.nan, math.nan, math.nan)
+            continue
+        arr = np.asarray(cells)
+        if arr.size >= 2:
+            idx = torch.randint(0, arr.size, (resamples, arr.size), generator=gen).numpy()
+            means = arr[idx].mean(axis=1)
+            tail = (1 - confidence) / 2
+            low, high = (float(v) for v in np.quantile(means, [tail, 1 - tail]))
+        else:
+            low = high = math.nan
+        out[axis] = AxisCoefficient(axis, float(arr.mean()), low, high, tuple(float(c) for c in cells))
+    return out
+
+
+def mean_granulated(coefficients: Mapping[str, AxisCoefficient]) -> float:
+    """Ψ: the mean of ψ_i over the axes where it is defined (NaN if none is)."""
+    values = [c.value for c in coefficients.values() if math.isfinite(c.value)]
+    return float(np.mean(values)) if values else math.nan

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,9 @@ class Task:
     config: TrainConfig
     num_classes: int = 0
     num_features: int | None = None  # input width; data-dependent tasks set it in ``load``
+    # The model settings ``build_model`` accepts (e.g. hidden widths, dropout) and their defaults;
+    # a run's non-default ones are part of its identity (RunSpec.model_kwargs).
+    model_defaults: dict[str, Any] = {}
 
     def __init__(self) -> None:
         self._cache: dict[tuple[str, float], Splits] = {}
@@ -195,9 +199,20 @@ class Task:
     def clear_cache(self) -> None:
         self._cache.clear()
 
-    def build_model(self, num_features: int | None = None) -> nn.Module:
-        """A freshly initialised model (seed torch's global RNG before calling)."""
+    def build_model(self, num_features: int | None = None, **settings: Any) -> nn.Module:
+        """A freshly initialised model (seed torch's global RNG before calling).
+
+        ``settings`` override :attr:`model_defaults` (see :meth:`model_settings`).
+        """
         raise NotImplementedError
+
+    def model_settings(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """:attr:`model_defaults` with ``overrides``; an unknown name is a ``FlatnessError``."""
+        unknown = sorted(set(overrides or {}) - set(self.model_defaults))
+        if unknown:
+            known = ", ".join(sorted(self.model_defaults)) or "none"
+            raise FlatnessError(f"task {self.name} has no model setting(s) {unknown}; known: {known}")
+        return {**self.model_defaults, **(overrides or {})}
 
     def _features(self, num_features: int | None) -> int:
         width = num_features if num_features is not None else self.num_features
@@ -234,6 +249,7 @@ class Cifar100MLP(Task):
     # layer (0.2615), a quarter scale (0.2608) and Adam beta2 = 0.99 (0.2574). Earlier, at
     # seed 0 without warm-up, LeCun-normal (Flax's default) scored 0.011 below PyTorch's default.
     weight_scale = 0.5
+    model_defaults = {"hidden": [512, 256], "dropout": 0.3}
     config = TrainConfig(
         epochs=10,
         batch_size=128,
@@ -249,9 +265,11 @@ class Cifar100MLP(Task):
     def _load_raw(self, root: Path, download: bool | None) -> Splits:
         return load_cifar100(root, download)
 
-    def build_model(self, num_features: int | None = None) -> nn.Module:
+    def build_model(self, num_features: int | None = None, **settings: Any) -> nn.Module:
+        s = self.model_settings(settings)
         return mlp(
-            self._features(num_features), 100, (512, 256), dropout=0.3, weight_scale=self.weight_scale
+            self._features(num_features), 100, tuple(s["hidden"]), dropout=s["dropout"],
+            weight_scale=self.weight_scale,
         )
 
 
@@ -266,7 +284,8 @@ class NewsgroupsLogReg(Task):
     def _load_raw(self, root: Path, download: bool | None) -> Splits:
         return load_newsgroups(root, download)
 
-    def build_model(self, num_features: int | None = None) -> nn.Module:
+    def build_model(self, num_features: int | None = None, **settings: Any) -> nn.Module:
+        self.model_settings(settings)
         return logistic_regression(self._features(num_features), 20)
 
 
@@ -277,6 +296,7 @@ class BreastCancerMLP(Task):
     num_classes = 2
     num_features = 30
     config = TrainConfig(epochs=50, batch_size=32, lr=1e-3, weight_decay=1e-4)
+    model_defaults = {"hidden": [512, 256], "dropout": 0.3}
 
     def _cache_key(self, root: Path, val_fraction: float) -> tuple[str, float]:
         return ("bundled", val_fraction)  # ships with scikit-learn: no data directory involved
@@ -284,8 +304,9 @@ class BreastCancerMLP(Task):
     def _load_raw(self, root: Path, download: bool | None) -> Splits:
         return load_breast_cancer()
 
-    def build_model(self, num_features: int | None = None) -> nn.Module:
-        return mlp(self._features(num_features), 1, (512, 256), dropout=0.3)
+    def build_model(self, num_features: int | None = None, **settings: Any) -> nn.Module:
+        s = self.model_settings(settings)
+        return mlp(self._features(num_features), 1, tuple(s["hidden"]), dropout=s["dropout"])
 
     def loss_fn(self, logits: Tensor, y: Tensor) -> Tensor:
         """Batch-mean BCE-with-logits on the single logit; ``y`` is float {0, 1}."""

@@ -12,7 +12,10 @@ to its parameters or buffers.
   per-layer blocks; :mod:`.density`: SLQ spectral density and its plot;
 - :mod:`.sharpness`: ε-sharpness and adaptive sharpness; :mod:`.noise`: expected loss under
   Gaussian weight noise; :mod:`.fisher`: empirical Fisher trace; :mod:`.divergence`: NRS model
-  divergence; :mod:`.summary`: several at once, :func:`final_measures`.
+  divergence; :mod:`.summary`: several at once, :func:`final_measures`;
+- reference measures of Jiang et al. (2019): :mod:`.norms` (parameter norm, path norm, distance
+  from initialisation), :mod:`.margin` (output margin), :mod:`.pac_bayes` (PAC-Bayes flatness
+  and bounds); :mod:`.reparam`: the function-preserving rescaling of Dinh et al. (2017).
 """
 
 from .density import SpectralDensity, density_of, lanczos, plot_spectral_density, spectral_density
@@ -27,8 +30,12 @@ from .eigen import (
 )
 from ..per_example import per_example_sq_grad_norms
 from .fisher import fisher_trace
+from .margin import Margin, margins_of, output_margin, zero_one_error
 from .noise import NoisyLoss, noisy_loss
+from .norms import distance_from_init, parameter_norm, path_norm
 from .operator import HessianOperator, LinearOperator
+from .pac_bayes import PacBayes, pac_bayes
+from .reparam import Change, reparametrization_check, rescale_layers
 from .sharpness import Sharpness, adaptive_sharpness, eps_sharpness
 from .sq_trace import hessian_sq_trace, sq_trace_of
 from .summary import DEFAULT_MEASURES, MEASURES, MeasureOptions, compute_measures, final_measures
@@ -67,4 +74,16 @@ __all__ = [
     "DEFAULT_MEASURES",
     "compute_measures",
     "final_measures",
+    "parameter_norm",
+    "path_norm",
+    "distance_from_init",
+    "Margin",
+    "margins_of",
+    "output_margin",
+    "zero_one_error",
+    "PacBayes",
+    "pac_bayes",
+    "Change",
+    "rescale_layers",
+    "reparametrization_check",
 ]

@@ -5,7 +5,9 @@ r"""Expected loss under Gaussian weight noise (local-entropy style), Monte Carlo
     \mathbb{E}_{\xi \sim \mathcal{N}(0, \sigma^2 I)}\, L(\theta + c \odot \xi)
     \approx \frac{1}{n}\sum_{s=1}^{n} L(\theta + c \odot \xi_s),
 
-with c = 1, or c = |θ| (``relative=True``: noise proportional to each weight). A flat minimum
+with c = 1, or c = |θ| (``relative=True``: noise proportional to each weight). With a
+``floor`` ε > 0 each entry's standard deviation is √(σ²c² + ε²) instead of σc (Jiang et al.'s
+magnitude-aware noise, ``relative=True``: variance σ²θ_i² + ε²). A flat minimum
 keeps this close to L(θ); the increase over L(θ) is reported as well. The confidence interval is
 Student's t over the n samples (``scipy.stats.t``). Weights are perturbed functionally
 (``torch.func.functional_call``); the model is never written to.
@@ -68,16 +70,21 @@ def noisy_loss(
     samples: int = 20,
     *,
     relative: bool = False,
+    floor: float = 0.0,
     confidence: float = 0.95,
     seed: int | None = 0,
     params: Iterable[Tensor] | None = None,
 ) -> NoisyLoss:
     """E L(θ + σ·c·ξ), ξ ~ N(0, I), over ``batches``, from ``samples`` draws.
 
+    ``floor`` ε >= 0: noise of standard deviation √(σ²c² + ε²) per entry (ε = 0: σc exactly).
+
     A draw whose loss is not finite is an error (the expectation would be infinite).
     """
     if not (math.isfinite(sigma) and sigma > 0):
         raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
+    if not (math.isfinite(floor) and floor >= 0):
+        raise ValueError(f"floor must be a finite number >= 0, got {floor!r}")
     if samples < 2:
         raise ValueError(f"samples must be >= 2 for a confidence interval, got {samples}")
     if not 0 < confidence < 1:
@@ -93,7 +100,10 @@ def noisy_loss(
             perturbed = {}
             for n, t in theta.items():
                 xi = torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device)
-                perturbed[n] = t + sigma * (t.abs() if relative else 1.0) * xi
+                scale = sigma * (t.abs() if relative else torch.ones_like(t))
+                if floor > 0:
+                    scale = torch.sqrt(scale**2 + floor**2)
+                perturbed[n] = t + scale * xi
             values.append(evaluate_at(model, loss_fn, data, perturbed)[0])
     arr = np.asarray(values)
     if not np.all(np.isfinite(arr)):

@@ -24,11 +24,11 @@ Example:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..passes import FUNCTIONS, Function, measure_pass
 from ..utils import FlatnessError, eval_mode
@@ -36,7 +36,10 @@ from .divergence import model_divergence
 from .eigen import last_layer, top_eigenvalues
 from .fisher import fisher_trace
 from .functional import Batch, LossFn, collect_batches, evaluate_at, trainable_params
+from .margin import output_margin
 from .noise import noisy_loss
+from .norms import distance_from_init, parameter_norm, path_norm
+from .pac_bayes import pac_bayes
 from .sharpness import adaptive_sharpness, eps_sharpness
 from .sq_trace import hessian_sq_trace
 from .trace import hessian_trace
@@ -59,6 +62,12 @@ class MeasureOptions:
     noise_samples: int = 20
     divergence_eps: float = 0.1
     divergence_samples: int = 10
+    # Jiang et al.'s reference measures: the initial weights (for distance_from_init and the
+    # PAC-Bayes init bounds), the margin quantile, the PAC-Bayes error deviation and draws
+    initial: Mapping[str, Tensor] | None = None
+    margin_quantile: float = 0.1
+    pacbayes_deviation: float = 0.1
+    pacbayes_samples: int = 10
     function: Function = "deployed"
 
     def __post_init__(self) -> None:
@@ -128,6 +137,43 @@ def _divergence(model: nn.Module, loss_fn: LossFn, data: list[Batch], o: Measure
             "model_divergence_eps": o.divergence_eps}
 
 
+def _param_norm(model: nn.Module, loss_fn: LossFn, data: list[Batch], o: MeasureOptions) -> dict[str, Any]:
+    return {"param_norm": parameter_norm(model)}
+
+
+def _path_norm(model: nn.Module, loss_fn: LossFn, data: list[Batch], o: MeasureOptions) -> dict[str, Any]:
+    return {"path_norm": path_norm(model, data[0].x)}
+
+
+def _distance(model: nn.Module, loss_fn: LossFn, data: list[Batch], o: MeasureOptions) -> dict[str, Any]:
+    if o.initial is None:
+        raise FlatnessError("distance_from_init needs the initial weights (MeasureOptions.initial)")
+    return {"distance_from_init": distance_from_init(model, o.initial)}
+
+
+def _margin(model: nn.Module, loss_fn: LossFn, data: list[Batch], o: MeasureOptions) -> dict[str, Any]:
+    m = output_margin(model, data, o.margin_quantile)
+    return {"output_margin": m.value, "inverse_margin_sq": m.inverse_sq, "margin_quantile": m.quantile}
+
+
+def _pac_bayes(model: nn.Module, loss_fn: LossFn, data: list[Batch], o: MeasureOptions, mag: bool) -> dict[str, Any]:
+    r = pac_bayes(model, loss_fn, data, o.pacbayes_deviation, magnitude_aware=mag, initial=o.initial,
+                  samples=o.pacbayes_samples, seed=o.seed)
+    key = "pacbayes_mag" if mag else "pacbayes"
+    out = {f"{key}_sigma": r.sigma, f"{key}_flatness": r.flatness, f"{key}_orig": r.bound_orig}
+    if r.bound_init is not None:
+        out[f"{key}_init"] = r.bound_init
+    return out
+
+
+def _pacbayes_plain(model: nn.Module, loss_fn: LossFn, data: list[Batch], o: MeasureOptions) -> dict[str, Any]:
+    return _pac_bayes(model, loss_fn, data, o, mag=False)
+
+
+def _pacbayes_mag(model: nn.Module, loss_fn: LossFn, data: list[Batch], o: MeasureOptions) -> dict[str, Any]:
+    return _pac_bayes(model, loss_fn, data, o, mag=True)
+
+
 MEASURES: dict[str, Measure] = {
     "loss": _loss,
     "hessian_trace": _trace,
@@ -140,6 +186,12 @@ MEASURES: dict[str, Measure] = {
     "noise_loss": _noise,
     "fisher_trace": _fisher,
     "model_divergence": _divergence,
+    "param_norm": _param_norm,
+    "path_norm": _path_norm,
+    "distance_from_init": _distance,
+    "margin": _margin,
+    "pacbayes": _pacbayes_plain,
+    "pacbayes_mag": _pacbayes_mag,
 }
 """Measure names → functions returning their JSON keys (``lambda_max`` also gives the top-k)."""
 

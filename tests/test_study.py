@@ -1,0 +1,150 @@
+"""`flatness study`: model settings of runs, initial weights, the grid design, and the small study end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from flatness.cli import main
+from flatness.experiments import study_population
+from flatness.experiments.checkpoints import (
+    checkpoint_initial_model,
+    initial_model,
+    load_checkpoint,
+)
+from flatness.experiments.runner import execute_run
+from flatness.experiments.specs import RunSpec, build_grid, identity
+from flatness.experiments.study import AXES, get_grid, parse_method_label, run_study
+from flatness.measures import distance_from_init
+from flatness.utils import FlatnessError
+
+
+def test_model_settings_are_part_of_the_run_identity() -> None:
+    (default,) = build_grid("breast-cancer-mlp", "none", None, [0], model_kwargs={"dropout": 0.3})
+    assert default.model_kwargs == {} and "_m" not in default.name  # the default is dropped
+    (narrow,) = build_grid("breast-cancer-mlp", "none", None, [0], model_kwargs={"hidden": (16, 8)})
+    assert narrow.model_kwargs == {"hidden": [16, 8]} and "_m" in narrow.name
+    assert identity(RunSpec.from_dict(json.loads(json.dumps(narrow.as_dict())))) == identity(narrow)
+    with pytest.raises(FlatnessError, match="no model setting"):
+        build_grid("breast-cancer-mlp", "none", None, [0], model_kwargs={"depth": 3})
+    with pytest.raises(FlatnessError, match="no model setting"):
+        build_grid("newsgroups-logreg", "none", None, [0], model_kwargs={"dropout": 0.1})
+
+
+def test_initial_weights_are_rebuilt_exactly(tmp_path: Path) -> None:
+    (spec,) = build_grid("breast-cancer-mlp", "none", None, [3], config_overrides={"epochs": 1},
+                         model_kwargs={"hidden": [16, 8], "dropout": 0.0}, trajectory=2)
+    state = torch.get_rng_state()
+    record = execute_run(spec, tmp_path)
+    assert record.complete and record.model_kwargs == spec.model_kwargs
+    snapshots = torch.load(tmp_path / str(record.trajectory_file), weights_only=True)
+    assert snapshots["steps"][0] == 0
+    first = snapshots["state_dicts"][0]
+    rebuilt = initial_model("breast-cancer-mlp", 3, model_kwargs=spec.model_kwargs)
+    assert rebuilt.state_dict().keys() == first.keys()
+    assert all(torch.equal(rebuilt.state_dict()[k], first[k]) for k in first)
+    from_checkpoint = checkpoint_initial_model(tmp_path / str(record.checkpoint))
+    assert all(torch.equal(from_checkpoint.state_dict()[k], first[k]) for k in first)
+    model, _ = load_checkpoint(tmp_path / str(record.checkpoint))  # built with the run's widths
+    assert model[0].weight.shape == (16, 30) and not torch.equal(model[0].weight, first["0.weight"])
+    torch.set_rng_state(state)
+    initial_model("breast-cancer-mlp", 3)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's random state is kept
+    # `flatness measure` rebuilds the same initial weights from the checkpoint
+    assert main(["measure", str(tmp_path / str(record.checkpoint)), "--task", "breast-cancer-mlp",
+                 "--measures", "distance_from_init", "--json", "--out", str(tmp_path / "m.json")]) == 0
+    measured = json.loads((tmp_path / "m.json").read_text())
+    assert measured["distance_from_init"] == pytest.approx(distance_from_init(model, rebuilt))
+
+
+def test_grid_is_a_star_around_a_crossed_plane() -> None:
+    grid = get_grid("breast-cancer-mlp", "full")
+    entries = grid.entries()
+    assert len(entries) == 36 * 5 and len({s.name for s, _ in entries}) == len(entries)
+    for axis in AXES:  # every axis takes two or more values, with all others fixed somewhere
+        values = {settings[axis] for _, settings in entries}
+        assert len(values) >= 2, axis
+    spec, settings = next(e for e in entries if e[1]["width"] == 0.25 and e[1]["method"] == "sam:0.05")
+    assert spec.model_kwargs["hidden"] == [128, 64] and spec.method == "sam" and spec.value == 0.05
+    assert spec.config["lr"] == settings["lr"] and spec.config["weight_decay"] == settings["weight_decay"]
+    assert len(get_grid("cifar100-mlp", "full").entries()) >= 60
+    assert parse_method_label("fa:0.1") == ("fa", 0.1) and parse_method_label("none") == ("none", None)
+    for bad in ("fa", "none:1", "fa:x", "nope:1"):
+        with pytest.raises(FlatnessError):
+            parse_method_label(bad)
+
+
+@pytest.fixture(scope="module")
+def small_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("study")
+    text = run_study("breast-cancer-mlp", "small", out, progress=False, reparam=True, resamples=200,
+                     log=lambda msg: None)
+    return out, text
+
+
+@pytest.mark.slow
+def test_small_study_end_to_end(small_study: tuple[Path, str]) -> None:
+    out, text = small_study
+    study_dir = out / "breast-cancer-mlp" / "study" / "small"
+    for name in ("ranking.md", "ranking.csv", "ranking.json", "population.csv", "population.json",
+                 "plane.png", "scatter_lr.png", "scatter_method.png", "reparam.md", "reparam.json"):
+        assert (study_dir / name).is_file(), name
+    ranking = json.loads((study_dir / "ranking.json").read_text())
+    keys = {m["measure"] for m in ranking["measures"]}
+    for key in ("lambda_max", "hessian_trace", "hessian_sq_trace", "eps_sharpness", "adaptive_sharpness",
+                "fisher_trace", "noise_loss_increase", "param_norm", "path_norm", "distance_from_init",
+                "inverse_margin_sq", "pacbayes_flatness", "pacbayes_mag_flatness", "measured_sq_trace_per_B"):
+        assert key in keys, key
+    assert ranking["axes"] == ["lr", "weight_decay", "method"]
+    first = ranking["measures"][0]
+    assert -1 <= first["tau_gap_acc"] <= 1 and first["psi_lr_cells"] == 4
+    assert "| measure | τ gap |" in text and "Reparametrisation check" in text
+    rows = list(csv.DictReader((study_dir / "population.csv").open()))
+    assert len(rows) == 8
+    population = json.loads((study_dir / "population.json").read_text())
+    for row in population["rows"]:  # the gap is the record's; the study's own evaluation agrees
+        record = json.loads((out / "breast-cancer-mlp" / f"{row['name']}.json").read_text())
+        cached = json.loads((out / "breast-cancer-mlp" / "study" / "measures" / f"{row['name']}.json").read_text())
+        assert row["generalization"]["gap_acc"] == record["final_train_acc"] - record["final_test_acc"]
+        assert row["generalization"]["gap_loss"] == record["final_test_loss"] - record["final_train_loss"]
+        for key in ("train_acc", "test_acc", "train_loss", "test_loss"):
+            assert cached["evaluation"][key] == pytest.approx(record[f"final_{key}"], rel=1e-5), key
+    reparam = json.loads((study_dir / "reparam.json").read_text())
+    verdict = {m["measure"]: m["invariant"] for m in reparam["measures"]}
+    assert verdict["adaptive_sharpness"] and verdict["path_norm"] and not verdict["lambda_max"]
+
+
+@pytest.mark.slow
+def test_small_study_resumes_without_work(small_study: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    out, _ = small_study
+
+    def no_measuring(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a cached measurement was recomputed")
+
+    monkeypatch.setattr(study_population, "compute_measures", no_measuring)
+    messages: list[str] = []
+    run_study("breast-cancer-mlp", "small", out, progress=False, plots=False, resamples=200,
+              log=messages.append)
+    assert "8 of 8 runs already finished; skipping them" in messages
+
+
+def test_study_cli_rejects_bad_input(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    cases = [
+        (["study", "breast-cancer-mlp", "--grid", "huge"], "no study grid"),
+        (["study", "newsgroups-logreg"], "no study grid"),
+        (["study", "breast-cancer-mlp", "--jobs", "0"], "--jobs"),
+        (["study", "breast-cancer-mlp", "--shard", "1/2", "--reparam"], "--reparam"),
+        (["study", "breast-cancer-mlp", "--shard", "x"], "--shard"),
+        (["study", "breast-cancer-mlp", "--resamples", "5"], "--resamples"),
+    ]
+    for argv, message in cases:
+        assert main([*argv, "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("flatness: error:") and message in err, (argv, err)
+    assert not any(tmp_path.iterdir())  # nothing started
+    assert main(["study", "breast-cancer-mlp", "--list"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 8
