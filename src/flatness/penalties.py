@@ -227,7 +227,7 @@ class FlatnessPenalty:
             with self.sharing_first_layer():
                 yield
             return
-        if not self.is_active():
+        if not self.is_active() or self.model is not self.local_model:  # not under DDP, as below
             yield
             return
         with share_prefix(self.local_model) as prefix:
