@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..utils import FlatnessError, atomic_write_bytes
-from .tasks import get_task
+from .tasks import TrainConfig, get_task
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -72,7 +72,11 @@ def load_checkpoint(
     if task is not None and saved_task != task:
         raise FlatnessError(f"{path} is a checkpoint of task {saved_task!r}, not {task!r}")
     task_obj = get_task(str(saved_task))
-    model = task_obj.build_model(num_features=payload.get("num_features"))
+    config = (payload.get("meta") or {}).get("config")
+    model = task_obj.build_model(
+        num_features=payload.get("num_features"),
+        config=None if config is None else TrainConfig.from_dict(config),
+    )
     try:
         model.load_state_dict(payload["state_dict"])
     except (RuntimeError, KeyError) as exc:

@@ -172,7 +172,7 @@ def final_model_extras(
         return out
     task = get_task(record["task"])
     config = TrainConfig.from_dict(record["config"])
-    splits = task.load(data_dir, val_fraction=config.val_fraction, download=download)
+    splits = task.splits(config, data_dir, download)
     model, meta = load_checkpoint(directory / record["checkpoint"], task=record["task"])
     check_checkpoint_matches(record, meta, directory / record["checkpoint"])
     new: dict[str, Any] = {}

@@ -82,6 +82,7 @@ def execute_run(
     progress: bool = False,
     dist_ctx: DistContext | None = None,
     emulate_ranks: int = 1,
+    device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
     """Train and measure one run; write its checkpoint(s) and then its JSON record.
 
@@ -91,34 +92,36 @@ def execute_run(
     ``dist_ctx``: this process is one rank of a DDP job (:mod:`flatness.distributed`); every
     rank calls this with the same spec, rank 0 measures and writes. ``emulate_ranks`` > 1 runs
     the arithmetic of that many DDP ranks in this one process (the reference of the DDP tests).
+    ``device``: where model and data live (a DDP rank uses its context's device).
     """
     out = Path(out_dir)
     task = get_task(spec.task)
     config = TrainConfig.from_dict(spec.config)
-    splits = task.load(data_dir, val_fraction=config.val_fraction, download=download)
+    splits = task.splits(config, data_dir, download)
     kwargs = dict(spec.method_kwargs)
     if spec.hparam is not None and spec.value is not None:
         kwargs[spec.hparam] = spec.value
     if accepts(spec.method, "seed") and "seed" not in kwargs:
         kwargs["seed"] = spec.seed  # the method's own randomness (e.g. FA's probes)
     torch.manual_seed(spec.seed)
-    model = task.build_model(num_features=splits.num_features)
+    model = task.build_model(num_features=splits.num_features, config=config)
     world = dist_ctx.world_size if dist_ctx is not None else emulate_ranks
     is_main = dist_ctx is None or dist_ctx.is_main
+    device = torch.device(dist_ctx.device if dist_ctx is not None else device)
+    if device.type != "cpu":
+        model = model.to(device)
+        splits = dataclasses.replace(
+            splits,
+            **{
+                f.name: to_device(getattr(splits, f.name), device)
+                for f in dataclasses.fields(splits)
+                if isinstance(getattr(splits, f.name), Tensor)
+            },
+        )
     try:
         if dist_ctx is not None:
             # identical initial weights on every rank (DDP also broadcasts rank 0's), then each
             # rank's own streams: dropout from the global generator, probes from the method's
-            if dist_ctx.device.type != "cpu":
-                model = model.to(dist_ctx.device)
-                splits = dataclasses.replace(
-                    splits,
-                    **{
-                        f.name: to_device(getattr(splits, f.name), dist_ctx.device)
-                        for f in dataclasses.fields(splits)
-                        if isinstance(getattr(splits, f.name), Tensor)
-                    },
-                )
             torch.manual_seed(rank_seed(spec.seed, dist_ctx.rank))
             method = make_method(
                 spec.method, wrap_model(model, dist_ctx), task.loss_fn, **rank_kwargs(kwargs, dist_ctx.rank)
@@ -184,6 +187,7 @@ def execute_run(
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "python": platform.python_version(),
+            "device": str(device),
         },
     }
     started = time.perf_counter()
@@ -202,6 +206,7 @@ def execute_run(
             on_step_end=on_step_end if snap_steps else None,
             shard=None if dist_ctx is None else (dist_ctx.rank, dist_ctx.world_size),
             min_batch=world,
+            augment=task.augment if config.augment else None,
         )
     except (TrainingDiverged, FloatingPointError) as exc:
         if not is_main:
@@ -269,8 +274,10 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _worker_run(spec_dict: dict[str, Any], out_dir: str, data_dir: str | None, download: bool | None) -> dict[str, Any]:
-    record = execute_run(RunSpec.from_dict(spec_dict), out_dir, data_dir=data_dir, download=download)
+def _worker_run(
+    spec_dict: dict[str, Any], out_dir: str, data_dir: str | None, download: bool | None, device: str = "cpu"
+) -> dict[str, Any]:
+    record = execute_run(RunSpec.from_dict(spec_dict), out_dir, data_dir=data_dir, download=download, device=device)
     return _brief(record)
 
 
@@ -341,8 +348,9 @@ def run_grid(
     log: Any = None,
     dist_ctx: DistContext | None = None,
     emulate_ranks: int = 1,
+    device: str = "cpu",
 ) -> dict[str, list[dict[str, Any]]]:
-    """Run every pending spec (``jobs`` at a time), results under ``OUT/TASK/``.
+    """Run every pending spec (``jobs`` at a time, on ``device``), results under ``OUT/TASK/``.
 
     Returns the finished records (brief form for runs done now) per results directory. Runs
     already finished are skipped. With ``jobs > 1`` each run is a task for a pool of spawned
@@ -383,7 +391,7 @@ def run_grid(
             for spec in todo:
                 record = execute_run(
                     spec, dirs[spec.task], data_dir=data_dir, download=download, progress=progress,
-                    emulate_ranks=emulate_ranks,
+                    emulate_ranks=emulate_ranks, device=device,
                 )
                 results[str(dirs[spec.task])].append(_brief(record))
                 say(_describe(record))
@@ -400,6 +408,7 @@ def run_grid(
                         str(dirs[spec.task]),
                         None if data_dir is None else str(data_dir),
                         download,
+                        device,
                     ): spec
                     for spec in todo
                 }

@@ -69,9 +69,12 @@ class RunSpec:
 
     @property
     def protocol_id(self) -> str:
-        """``""`` for the task's default protocol, else a short hash of the training config."""
-        default = get_task(self.task).config.as_dict()
-        return "" if self.config == default else _short_hash(self.config)
+        """``""`` for the task's default protocol, the name of another of its named protocols
+        (e.g. ``gpu``), else a short hash of the training config."""
+        task = get_task(self.task)
+        if self.config == task.config.as_dict():
+            return ""
+        return task.protocol_name(self.config) or _short_hash(self.config)
 
     @property
     def variant_id(self) -> str:
@@ -165,11 +168,13 @@ def build_grid(
     config_overrides: dict[str, Any] | None = None,
     method_kwargs: dict[str, Any] | None = None,
     trajectory: int = 0,
+    protocol: str | None = None,
 ) -> list[RunSpec]:
     """The runs of one sweep: every strength in ``values`` times every seed.
 
     ``seeds`` is a count (seeds 0..N-1) or explicit seeds. ``method_kwargs`` default to the
-    method's default protocol (``fa``: 5 probes every 10 steps).
+    method's default protocol (``fa``: 5 probes every 10 steps). ``protocol`` names one of the
+    task's training protocols (default: its first, ``config``); ``config_overrides`` apply on top.
     """
     task_obj = get_task(task)
     cls = method_class(method)
@@ -188,7 +193,8 @@ def build_grid(
     if len({format_value(v) for v in grid if v is not None}) != len([v for v in grid if v is not None]):
         raise FlatnessError(f"repeated values in the grid: {grid}")
     try:
-        config = task_obj.config.replace(**(config_overrides or {}))
+        base = task_obj.config if protocol is None else task_obj.protocol(protocol)
+        config = base.replace(**(config_overrides or {}))
     except (TypeError, ValueError) as exc:
         raise FlatnessError(f"invalid training protocol for {task}: {exc}") from None
     kwargs = dict(DEFAULT_METHOD_KWARGS.get(method, {}))

@@ -40,14 +40,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from torch import Tensor, nn
 
+from .architectures import ARCHITECTURES, build_architecture
+from .augment import cifar_augment
 from .data import (
     Splits,
     data_dir,
     load_breast_cancer,
     load_cifar100,
     load_newsgroups,
+    select_rows,
     split_validation,
 )
 from ..utils import FlatnessError
@@ -62,7 +67,9 @@ __all__ = [
 ]
 
 SCHEDULES: tuple[str, ...] = ("constant", "cosine", "linear")
+OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd")
 VALIDATION_SPLIT_SEED = 0
+SUBSET_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,17 @@ class TrainConfig:
         warmup_epochs: linear warm-up from ``lr / 10`` to ``lr`` over this many epochs first.
         final_lr_fraction: end point of a decaying schedule, as a fraction of ``lr``.
         eval_batch_size: batch size of evaluation passes (speed only, no effect on results).
+        optimizer: ``"adam"`` (L2 weight decay added to the gradient, the paper's), ``"adamw"``
+            (decoupled weight decay) or ``"sgd"`` (with ``momentum``, optionally Nesterov; L2
+            weight decay).
+        momentum: SGD's momentum (ignored by Adam/AdamW).
+        nesterov: SGD with Nesterov momentum.
+        model: the architecture (:data:`flatness.experiments.architectures.ARCHITECTURES`) for
+            tasks that offer several; ``""`` for the task's only model.
+        augment: apply the task's training augmentation (:meth:`Task.augment`) per mini-batch.
+        train_subset, val_subset, test_subset: train / validate / test on a fixed stratified
+            subset of that many samples of the split (0: the whole split); the subsets do not
+            depend on a run's seed.
     """
 
     epochs: int
@@ -91,6 +109,14 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     final_lr_fraction: float = 0.0
     eval_batch_size: int = 1024
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    nesterov: bool = False
+    model: str = ""
+    augment: bool = False
+    train_subset: int = 0
+    val_subset: int = 0
+    test_subset: int = 0
 
     def __post_init__(self) -> None:
         checks = [
@@ -106,13 +132,32 @@ class TrainConfig:
             (0 <= self.warmup_epochs <= self.epochs, "warmup_epochs must be in [0, epochs]"),
             (0 <= self.final_lr_fraction <= 1, "final_lr_fraction must be in [0, 1]"),
             (self.eval_batch_size >= 1, "eval_batch_size must be >= 1"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}"),
+            (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
+            (not self.nesterov or (self.optimizer == "sgd" and self.momentum > 0),
+             "nesterov needs optimizer 'sgd' with momentum > 0"),
+            (isinstance(self.model, str), "model must be an architecture name or ''"),
+            (all(isinstance(n, int) and n >= 0 for n in self._subsets()),
+             "train_subset, val_subset and test_subset must be integers >= 0 (0: all)"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"{message} (got {self.as_dict()})")
 
+    def _subsets(self) -> tuple[int, int, int]:
+        return (self.train_subset, self.val_subset, self.test_subset)
+
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as plain data; the later fields are left out while at their defaults.
+
+        So configs (and the names and identities of runs) from before those fields existed
+        stay the same.
+        """
+        out = dataclasses.asdict(self)
+        for name, default in _LATER_FIELDS.items():
+            if out[name] == default:
+                del out[name]
+        return out
 
     def replace(self, **overrides: Any) -> "TrainConfig":
         """A copy with ``overrides`` (unknown field names raise ``ValueError``)."""
@@ -129,6 +174,27 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training-config field(s) {unknown}; known: {sorted(known)}")
         return cls(**values)
+
+
+# Fields added after the first results were recorded, with their defaults (see ``as_dict``).
+_LATER_FIELDS: dict[str, Any] = {
+    f.name: f.default
+    for f in dataclasses.fields(TrainConfig)
+    if f.name in ("optimizer", "momentum", "nesterov", "model", "augment",
+                  "train_subset", "val_subset", "test_subset")
+}
+
+
+def stratified_subset(x: Tensor, y: Tensor, size: int, seed: int = SUBSET_SEED) -> tuple[Tensor, Tensor]:
+    """A fixed class-stratified subset of ``size`` rows (all rows if ``size`` is 0 or too large)."""
+    n = int(y.shape[0])
+    if size <= 0 or size >= n:
+        return x, y
+    from sklearn.model_selection import train_test_split
+
+    keep, _ = train_test_split(np.arange(n), train_size=size, stratify=y.cpu().numpy(), random_state=seed)
+    index = torch.from_numpy(np.sort(np.asarray(keep)))
+    return select_rows(x, index), y[index]
 
 
 class Task:
@@ -177,9 +243,51 @@ class Task:
     def clear_cache(self) -> None:
         self._cache.clear()
 
-    def build_model(self, num_features: int | None = None) -> nn.Module:
-        """A freshly initialised model (seed torch's global RNG before calling)."""
+    @property
+    def protocols(self) -> dict[str, TrainConfig]:
+        """The named default protocols (``flatness run --protocol NAME``); ``config`` is the first."""
+        return {"cpu": self.config}
+
+    def protocol(self, name: str) -> TrainConfig:
+        """The protocol called ``name``; ``FlatnessError`` listing the task's protocols otherwise."""
+        if name not in self.protocols:
+            raise FlatnessError(
+                f"task {self.name} has no {name!r} protocol; it has: {', '.join(self.protocols)}"
+            )
+        return self.protocols[name]
+
+    def protocol_name(self, config: dict[str, Any] | TrainConfig) -> str | None:
+        """The name of the default protocol equal to ``config``, else ``None``."""
+        values = config.as_dict() if isinstance(config, TrainConfig) else config
+        return next((k for k, c in self.protocols.items() if c.as_dict() == values), None)
+
+    def splits(
+        self, config: TrainConfig, data_dir_: str | Path | None = None, download: bool | None = None
+    ) -> Splits:
+        """:meth:`load` with ``config``'s validation fraction, cut to its fixed subsets."""
+        data = self.load(data_dir_, val_fraction=config.val_fraction, download=download)
+        if not any(config._subsets()):
+            return data
+        x_tr, y_tr = stratified_subset(data.x_train, data.y_train, config.train_subset)
+        x_te, y_te = stratified_subset(data.x_test, data.y_test, config.test_subset)
+        x_va, y_va = data.x_val, data.y_val
+        if x_va is not None and y_va is not None:
+            x_va, y_va = stratified_subset(x_va, y_va, config.val_subset)
+        return dataclasses.replace(
+            data, x_train=x_tr, y_train=y_tr, x_val=x_va, y_val=y_va, x_test=x_te, y_test=y_te
+        )
+
+    def build_model(self, num_features: int | None = None, config: TrainConfig | None = None) -> nn.Module:
+        """A freshly initialised model (seed torch's global RNG before calling).
+
+        ``config`` chooses the architecture of tasks with several (its ``model`` field);
+        default: the task's default protocol.
+        """
         raise NotImplementedError
+
+    def augment(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The training augmentation of a mini-batch (identity unless the task has one)."""
+        return x
 
     def _features(self, num_features: int | None) -> int:
         width = num_features if num_features is not None else self.num_features
@@ -228,7 +336,7 @@ class Cifar100MLP(Task):
     def _load_raw(self, root: Path, download: bool | None) -> Splits:
         return load_cifar100(root, download)
 
-    def build_model(self, num_features: int | None = None) -> nn.Module:
+    def build_model(self, num_features: int | None = None, config: TrainConfig | None = None) -> nn.Module:
         return mlp(
             self._features(num_features), 100, (512, 256), dropout=0.3, weight_scale=self.weight_scale
         )
@@ -245,7 +353,7 @@ class NewsgroupsLogReg(Task):
     def _load_raw(self, root: Path, download: bool | None) -> Splits:
         return load_newsgroups(root, download)
 
-    def build_model(self, num_features: int | None = None) -> nn.Module:
+    def build_model(self, num_features: int | None = None, config: TrainConfig | None = None) -> nn.Module:
         return logistic_regression(self._features(num_features), 20)
 
 
@@ -263,7 +371,7 @@ class BreastCancerMLP(Task):
     def _load_raw(self, root: Path, download: bool | None) -> Splits:
         return load_breast_cancer()
 
-    def build_model(self, num_features: int | None = None) -> nn.Module:
+    def build_model(self, num_features: int | None = None, config: TrainConfig | None = None) -> nn.Module:
         return mlp(self._features(num_features), 1, (512, 256), dropout=0.3)
 
     def loss_fn(self, logits: Tensor, y: Tensor) -> Tensor:
@@ -274,7 +382,106 @@ class BreastCancerMLP(Task):
         return (logits.squeeze(-1) > 0).long()
 
 
-TASKS: dict[str, Task] = {t.name: t for t in (Cifar100MLP(), NewsgroupsLogReg(), BreastCancerMLP())}
+class Cifar100Images(Task):
+    """CIFAR-100 images for a convolutional or attention model, trained with augmentation.
+
+    Two default protocols: ``cpu`` (``config``; a small model on fixed stratified subsets, sized
+    to finish a run in under 10 minutes on 2 CPU cores including the per-epoch evaluation and
+    the final measurement) and ``gpu`` (the seed paper's setting on the full splits).
+    """
+
+    num_classes = 100
+    num_features = 3072
+    gpu_config: TrainConfig
+
+    @property
+    def protocols(self) -> dict[str, TrainConfig]:
+        return {"cpu": self.config, "gpu": self.gpu_config}
+
+    def _load_raw(self, root: Path, download: bool | None) -> Splits:
+        return load_cifar100(root, download)
+
+    def build_model(self, num_features: int | None = None, config: TrainConfig | None = None) -> nn.Module:
+        name = (config or self.config).model or self.config.model
+        if name not in ARCHITECTURES:
+            raise FlatnessError(f"task {self.name}: unknown model {name!r}; expected one of {sorted(ARCHITECTURES)}")
+        return build_architecture(name, self.num_classes)
+
+    def augment(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """4-pixel zero padding, random 32×32 crop, random horizontal flip (:mod:`.augment`)."""
+        return cifar_augment(x, generator)
+
+
+# The CPU protocols share their data: fixed stratified subsets of the 45k training split, the
+# 5k validation split and the 10k test split (SUBSET_SEED), and the standard augmentation.
+CPU_SUBSETS: dict[str, Any] = {"train_subset": 5000, "val_subset": 1000, "test_subset": 2000, "augment": True}
+CPU_SUBSET_NOTE = (
+    "CPU protocol on SUBSETS: 5,000 of the 45,000 training images (stratified, fixed), "
+    "1,000 of 5,000 validation and 2,000 of 10,000 test images"
+)
+SGD_CNN = {"optimizer": "sgd", "momentum": 0.9, "schedule": "cosine"}
+
+
+class Cifar100ResNet(Cifar100Images):
+    name = "cifar100-resnet"
+    description = (
+        "CIFAR-100 with pad-4 crop + flip augmentation; " + CPU_SUBSET_NOTE + ", ResNet-20 "
+        "(He et al., width 16, BatchNorm, option-A shortcuts). GPU protocol: ResNet-18 (CIFAR "
+        "variant) on the full splits, 200 epochs"
+    )
+    config = TrainConfig(
+        epochs=8, batch_size=128, lr=0.1, weight_decay=5e-4, model="resnet20", **SGD_CNN, **CPU_SUBSETS
+    )
+    # NRS (Table 1): ResNet-18, SGD momentum 0.9, cosine schedule, lr 0.1, wd 5e-4, B 128, 200 ep.
+    gpu_config = TrainConfig(
+        epochs=200, batch_size=128, lr=0.1, weight_decay=5e-4, model="resnet18", augment=True, **SGD_CNN
+    )
+
+
+class Cifar100AllConv(Cifar100Images):
+    name = "cifar100-allconv"
+    description = (
+        "CIFAR-100 with pad-4 crop + flip augmentation; " + CPU_SUBSET_NOTE + ", All-CNN-C at "
+        "width 32 (Geng et al.'s nine-layer all-convolutional net, no BatchNorm). GPU protocol: "
+        "All-CNN-C at width 96 on the full splits, 200 epochs"
+    )
+    config = TrainConfig(
+        epochs=8, batch_size=128, lr=0.05, weight_decay=1e-3, model="allconv-small", **SGD_CNN, **CPU_SUBSETS
+    )
+    # Geng et al. give "SGD with momentum", lr and wd tuned; the values are All-CNN-C's
+    # (Springenberg et al.: momentum 0.9, wd 1e-3, lr from {0.25, 0.1, 0.05, 0.01}), with a
+    # cosine schedule over 200 epochs and a 5-epoch warm-up to start the BatchNorm-free net.
+    gpu_config = TrainConfig(
+        epochs=200, batch_size=128, lr=0.05, weight_decay=1e-3, model="allconv", augment=True,
+        warmup_epochs=5.0, **SGD_CNN,
+    )
+
+
+class Cifar100ViT(Cifar100Images):
+    name = "cifar100-vit"
+    description = (
+        "CIFAR-100 with pad-4 crop + flip augmentation; " + CPU_SUBSET_NOTE + ", ViT (patch 4, "
+        "dim 96, depth 4, 3 heads, MLP ratio 2, class token). GPU protocol: ViT-Ti (dim 192, "
+        "depth 12, 3 heads) on the full splits, 300 epochs"
+    )
+    config = TrainConfig(
+        epochs=8, batch_size=128, lr=1e-3, weight_decay=0.3, optimizer="adamw", schedule="cosine",
+        warmup_epochs=1.0, model="vit-small", **CPU_SUBSETS,
+    )
+    # NRS, ViT "Basic" strategy: Adam, lr 1e-3, weight decay 0.3 (decoupled: AdamW), 300 epochs,
+    # B 256, patch 4; cosine schedule as for their CNNs.
+    gpu_config = TrainConfig(
+        epochs=300, batch_size=256, lr=1e-3, weight_decay=0.3, optimizer="adamw", schedule="cosine",
+        model="vit-tiny", augment=True,
+    )
+
+
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in (
+        Cifar100MLP(), NewsgroupsLogReg(), BreastCancerMLP(), Cifar100ResNet(), Cifar100AllConv(), Cifar100ViT()
+    )
+}
 
 
 def get_task(name: str) -> Task:
