@@ -6,8 +6,10 @@ r"""The flatness-aware (FA) penalty λ·Tr(H²)/B as a drop-in term for any trai
 
 where H is the Hessian of the task loss on the mini-batch, B the batch size and v_j Rademacher or
 Gaussian probes (FA-regularization paper, eq. 3 and Algorithms 1–2). The curvature term is computed
-on every ``every``-th call, with the model in eval mode (dropout off), and is an exact zero on the
-other calls.
+on every ``every``-th call and is an exact zero on the other calls. The curvature pass computes
+the same function as the task loss (:func:`flatness.passes.curvature_pass`): BatchNorm with the
+batch's statistics, its running statistics left bitwise unchanged, dropout off (the paper), and
+the math attention kernel (fused attention kernels have no double backward).
 
 Example:
     >>> import torch
@@ -26,7 +28,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -38,7 +39,8 @@ from torch import Tensor, nn
 from . import layerwise
 from .hutchinson import sq_trace
 from .probes import Distribution, check_distribution, make_generator
-from .utils import batch_size, call_model, eval_mode, take_first, unwrap
+from .passes import curvature_pass
+from .utils import batch_size, call_model, take_first, unwrap
 
 __all__ = ["FlatnessPenalty", "NonFiniteCurvatureError"]
 
@@ -62,7 +64,9 @@ class FlatnessPenalty:
         sub_batch: curvature pass on only the first ``sub_batch`` samples (int) or that fraction
             of the batch (float in (0, 1]); the result is still divided by the full B, so that it
             estimates the same λ·Tr(H²)/B with fewer samples.
-        eval_during_curvature: run the curvature pass in eval mode (the paper: dropout off).
+        eval_during_curvature: dropout off in the curvature pass (the paper; default). With
+            ``False`` the modules keep their modes (dropout on). Either way BatchNorm uses batch
+            statistics and its running statistics are not updated (:mod:`flatness.passes`).
         on_nonfinite: ``"raise"`` (default) a :class:`NonFiniteCurvatureError`, or ``"skip"``:
             warn and return zero for that step.
         params: the parameters to penalise (default: all of ``model``'s trainable ones).
@@ -165,8 +169,7 @@ class FlatnessPenalty:
             return torch.zeros((), device=ref.device, dtype=ref.dtype)
         full_batch = batch_size(x)
         cx, cy = self._curvature_batch(x, y)
-        ctx = eval_mode(self.model) if self.eval_during_curvature else contextlib.nullcontext()
-        with ctx:
+        with curvature_pass(self.local_model, dropout=not self.eval_during_curvature):
             if self.backend == "layerwise" or (
                 self.backend == "auto"
                 and self._params is None

@@ -1,0 +1,152 @@
+r"""Which function an extra pass computes: the one policy for BatchNorm, dropout and attention.
+
+A training step computes the task loss once, in train mode (the *main pass*: dropout draws its
+mask, BatchNorm normalises with the batch's statistics and updates its running statistics).
+Everything else a method evaluates on the same step is an *extra pass* — the FA penalty's
+curvature pass, the curvature method's per-example pass, SAM's and GNP's perturbed pass, NRS's
+neighbour pass — and follows one policy:
+
+- **BatchNorm uses the statistics of the batch it sees** (what the task loss differentiates) and
+  its running statistics and ``num_batches_tracked`` stay **bitwise unchanged** (an extra pass
+  must not count as a second mini-batch): :func:`frozen_running_stats`. A norm layer the user
+  keeps in eval mode (frozen BN) keeps normalising with its running statistics.
+- **Curvature passes** (second-order: FA penalty, curvature method) also turn **dropout off**
+  (the FA paper) and select PyTorch's math attention kernel, because the fused kernels (flash,
+  memory-efficient, the CPU flash kernel) have no double backward: :func:`curvature_pass`.
+- **Perturbed passes** (SAM, GNP, NRS) keep dropout but replay the main pass's mask (see
+  :class:`flatness.methods.perturb.RandomReplay`), and freeze the running statistics.
+
+Measures evaluate a trained model: by default the **deployed** function (eval mode: BatchNorm
+with its running statistics, dropout off), or with ``function="batch_stats"`` the function
+training differentiated (BatchNorm with each measured batch's statistics, dropout off):
+:func:`measure_pass`. Both leave every running statistic untouched.
+
+How: a norm layer made to use batch statistics gets ``track_running_stats=False`` and its
+``running_mean``/``running_var`` references set aside (``None``) for the body, which is
+PyTorch's own "batch statistics in both modes, nothing updated" configuration; the buffer
+tensors themselves are never written to, and flags, references and train/eval modes are put
+back on exit, also when the body raises.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from flatness.passes import curvature_pass
+    >>> model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5)).train()
+    >>> before = [b.clone() for b in model[1].buffers()]
+    >>> x = torch.randn(8, 4)
+    >>> with curvature_pass(model):
+    ...     out = model(x)          # batch statistics, no dropout
+    >>> all(torch.equal(a, b) for a, b in zip(before, model[1].buffers()))
+    True
+    >>> torch.allclose(out, model[1](model[0](x)))  # the train-mode BN (dropout off)
+    True
+    >>> model.training and model[2].training  # modes restored
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from typing import Literal
+
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+
+from .utils import preserved_mode
+
+__all__ = [
+    "Function",
+    "FUNCTIONS",
+    "norm_layers",
+    "batch_statistics",
+    "frozen_running_stats",
+    "math_attention",
+    "curvature_pass",
+    "measure_pass",
+]
+
+Function = Literal["deployed", "batch_stats"]
+FUNCTIONS: tuple[str, ...] = ("deployed", "batch_stats")
+
+
+def norm_layers(model: nn.Module) -> list[_NormBase]:
+    """BatchNorm / InstanceNorm layers of ``model`` (those that may keep running statistics)."""
+    return [m for m in model.modules() if isinstance(m, _NormBase)]
+
+
+@contextlib.contextmanager
+def batch_statistics(layers: Iterable[_NormBase]) -> Iterator[None]:
+    """The body runs ``layers`` on the statistics of their input batch, in either mode,
+    updating nothing; their flags and running-statistics references are restored on exit."""
+    saved = [(m, m.track_running_stats, m.running_mean, m.running_var) for m in layers]
+    try:
+        for m, *_ in saved:
+            m.track_running_stats = False
+            m.running_mean = None
+            m.running_var = None
+        yield
+    finally:
+        for m, track, mean, var in saved:
+            m.track_running_stats = track
+            m.running_mean = mean
+            m.running_var = var
+
+
+def frozen_running_stats(model: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """Norm layers in train mode keep normalising with batch statistics but update nothing;
+    the rest of the model (modes, dropout) is left as it is."""
+    return batch_statistics([m for m in norm_layers(model) if m.training])
+
+
+@contextlib.contextmanager
+def math_attention() -> Iterator[None]:
+    """Scaled-dot-product attention restricted to the math kernel (it has a double backward)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3: no kernel selection; nothing to do
+        yield
+        return
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
+@contextlib.contextmanager
+def curvature_pass(
+    model: nn.Module, *, dropout: bool = False, attention_math: bool = True
+) -> Iterator[nn.Module]:
+    """An extra pass computing the task loss's function (see the module docs).
+
+    Norm layers in train mode use batch statistics and leave their running statistics bitwise
+    unchanged; with ``dropout=False`` (default) every module is put in eval mode for the body
+    (dropout off), with ``dropout=True`` modes are kept; ``attention_math`` selects the math
+    SDPA kernel. Everything is restored on exit, also when the body raises.
+    """
+    training_norms = [m for m in norm_layers(model) if m.training]
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(preserved_mode(model))
+        stack.enter_context(batch_statistics(training_norms))
+        if not dropout:
+            model.eval()
+        if attention_math:
+            stack.enter_context(math_attention())
+        yield model
+
+
+@contextlib.contextmanager
+def measure_pass(model: nn.Module, function: Function = "deployed") -> Iterator[nn.Module]:
+    """Eval mode (dropout off), and norm layers as ``function`` says (see the module docs).
+
+    ``"deployed"``: running statistics (the model as it predicts); ``"batch_stats"``: every norm
+    layer on the statistics of the batch it sees, running statistics untouched. The math
+    attention kernel is selected (measures take Hessian-vector products).
+    """
+    if function not in FUNCTIONS:
+        raise ValueError(f"function must be one of {FUNCTIONS}, got {function!r}")
+    layers = norm_layers(model) if function == "batch_stats" else []
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(preserved_mode(model))
+        stack.enter_context(batch_statistics(layers))
+        model.eval()
+        stack.enter_context(math_attention())
+        yield model
