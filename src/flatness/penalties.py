@@ -38,11 +38,15 @@ from torch import Tensor, nn
 
 from . import layerwise
 from .hutchinson import sq_trace
-from .probes import Distribution, check_distribution, make_generator
+from .probes import Distribution, check_distribution, make_generator, sample_probes
+from .finite_difference import FrozenKinks, fd_sq_trace, same_function_in_train_mode
+from .finite_difference import surrogate as fd_surrogate
 from .passes import curvature_pass
 from .utils import batch_size, call_model, take_first, unwrap
 
-__all__ = ["FlatnessPenalty", "NonFiniteCurvatureError"]
+__all__ = ["BACKENDS", "FlatnessPenalty", "NonFiniteCurvatureError"]
+
+BACKENDS: tuple[str, ...] = ("auto", "autograd", "layerwise", "finite-difference")
 
 
 class NonFiniteCurvatureError(FloatingPointError):
@@ -74,6 +78,13 @@ class FlatnessPenalty:
             (:mod:`flatness.layerwise`) when the model is a supported stack of Linear layers and
             activations, else generic double backward (``"autograd"``); both give the same
             estimate for the same probes. ``"layerwise"`` insists on the closed form.
+            ``"finite-difference"``: the first-order estimator of
+            :mod:`flatness.finite_difference` — no double backward (works with
+            ``torch.compile``\ d models and fused attention kernels), 1 + 3M gradient
+            evaluations per curvature step (3M through :meth:`objective`); the returned term has
+            the value λ·Tr(H²)/B and the finite-difference gradient.
+        fd_step: the relative step ``h`` of the finite-difference backend
+            (:func:`flatness.finite_difference.step_sizes`; default by dtype).
 
     After a curvature pass, ``last_sq_trace`` holds the Tr(H²) estimate (a float) and
     ``last_penalty`` the value added to the loss.
@@ -94,7 +105,8 @@ class FlatnessPenalty:
         eval_during_curvature: bool = True,
         on_nonfinite: Literal["raise", "skip"] = "raise",
         params: Sequence[Tensor] | None = None,
-        backend: Literal["auto", "autograd", "layerwise"] = "auto",
+        backend: Literal["auto", "autograd", "layerwise", "finite-difference"] = "auto",
+        fd_step: float | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -114,11 +126,14 @@ class FlatnessPenalty:
                 raise ValueError(f"a fractional sub_batch must be in (0, 1], got {sub_batch}")
             if isinstance(sub_batch, int) and sub_batch < 1:
                 raise ValueError(f"sub_batch must be >= 1, got {sub_batch}")
-        if backend not in ("auto", "autograd", "layerwise"):
-            raise ValueError(f"backend must be 'auto', 'autograd' or 'layerwise', got {backend!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if fd_step is not None and not (math.isfinite(fd_step) and fd_step > 0):
+            raise ValueError(f"fd_step must be a finite number > 0, got {fd_step!r}")
         if backend == "layerwise" and params is not None:
             raise ValueError("backend='layerwise' penalises all of the model's parameters: drop params")
         self.backend = backend
+        self.fd_step = fd_step
         self.model = model
         # Under DDP the curvature pass runs on the wrapped module: it is built out of place with
         # autograd.grad(create_graph=True) on the local batch, and the one ordinary backward() of
@@ -159,6 +174,38 @@ class FlatnessPenalty:
 
     def __call__(self, x: Any, y: Any) -> Tensor:
         """The penalty for this mini-batch: λ·Tr(H²)/B with graph, or an exact zero."""
+        return self._penalty(x, y)
+
+    def objective(self, x: Any, y: Any) -> tuple[Tensor, Tensor]:
+        """``(task_loss, task_loss + self(x, y))`` on this mini-batch, the second to back-propagate.
+
+        The task loss is ``loss_fn(model(x), y)`` with the model in its current modes. The
+        finite-difference backend takes its g(θ) (and ReLU masks) from the task pass when that
+        is the curvature pass's function — the full batch is the curvature batch, all trainable
+        parameters are penalised and the model is deterministic in train mode
+        (:func:`flatness.finite_difference.same_function_in_train_mode`) — which saves one
+        gradient evaluation per curvature step; the sum is then a surrogate with the value of
+        the sum and the gradient ∇L + ∇penalty, applied by its ``backward()``.
+        """
+        if not (
+            self.backend == "finite-difference"
+            and self.is_active()
+            and self.sub_batch is None
+            and self._params is None
+            and same_function_in_train_mode(self.local_model)
+        ):
+            loss = self.loss_fn(call_model(self.model, x), y)
+            return loss, loss + self._penalty(x, y)
+        params = self.params
+        kinks = FrozenKinks()
+        with kinks.recording():
+            loss = self.loss_fn(call_model(self.model, x), y)
+        grads = torch.autograd.grad(loss, params)
+        return loss.detach(), fd_surrogate(params, loss, grads) + self._penalty(x, y, grads, kinks)
+
+    def _penalty(
+        self, x: Any, y: Any, grad0: Sequence[Tensor] | None = None, kinks: FrozenKinks | None = None
+    ) -> Tensor:
         active = self.is_active()
         self.calls += 1
         params = self.params
@@ -169,22 +216,31 @@ class FlatnessPenalty:
             return torch.zeros((), device=ref.device, dtype=ref.dtype)
         full_batch = batch_size(x)
         cx, cy = self._curvature_batch(x, y)
-        with curvature_pass(self.local_model, dropout=not self.eval_during_curvature):
-            if self.backend == "layerwise" or (
-                self.backend == "auto"
-                and self._params is None
-                and layerwise.supports(self.local_model, cx)
-            ):
-                estimate = layerwise.layerwise_sq_trace(
-                    self.local_model, self.loss_fn, cx, cy, self.probes, self.dist,
-                    generator=self.generator,
-                )
-            else:
-                loss = self.loss_fn(call_model(self.local_model, cx), cy)
-                estimate = sq_trace(
-                    loss, params, self.probes, self.dist, generator=self.generator,
-                    create_graph=True,
-                )
+        if self.backend == "finite-difference":
+            probes = sample_probes(params, self.probes, self.dist, generator=self.generator)
+            fd = fd_sq_trace(
+                self.local_model, self.loss_fn, cx, cy, params, probes, h=self.fd_step, grad0=grad0,
+                kinks=kinks, dropout=not self.eval_during_curvature,
+            )
+            assert fd.grads is not None
+            estimate = fd_surrogate(params, fd.values.mean(), fd.grads)
+        else:
+            with curvature_pass(self.local_model, dropout=not self.eval_during_curvature):
+                if self.backend == "layerwise" or (
+                    self.backend == "auto"
+                    and self._params is None
+                    and layerwise.supports(self.local_model, cx)
+                ):
+                    estimate = layerwise.layerwise_sq_trace(
+                        self.local_model, self.loss_fn, cx, cy, self.probes, self.dist,
+                        generator=self.generator,
+                    )
+                else:
+                    loss = self.loss_fn(call_model(self.local_model, cx), cy)
+                    estimate = sq_trace(
+                        loss, params, self.probes, self.dist, generator=self.generator,
+                        create_graph=True,
+                    )
         value = float(estimate.detach())
         if not math.isfinite(value):
             message = (

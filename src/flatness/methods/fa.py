@@ -30,10 +30,9 @@ class FlatnessAware(Method):
 
     def step(self, x: Any, y: Any, optimizer: torch.optim.Optimizer) -> dict[str, float]:
         optimizer.zero_grad(set_to_none=True)
-        loss = self.task_loss(x, y)
         curvature_step = self.penalty.is_active()
-        penalty = self.penalty(x, y)
-        (loss + penalty).backward()
+        loss, total = self.penalty.objective(x, y)  # task loss + penalty, one backward()
+        total.backward()
         optimizer.step()
         info = {"loss": float(loss.detach())}
         if curvature_step:
