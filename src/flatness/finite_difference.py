@@ -14,7 +14,7 @@ are estimated by forward differences:
 One probe costs three gradient evaluations beyond :math:`g(\theta)` (which all probes share, and
 which a training step can take from its own task gradient, see :func:`fd_sq_trace`), and no
 double backward: the estimator works where autograd's second derivatives do not —
-``torch.compile``\ d models, fused attention kernels — and its result is a gradient, carried to
+models compiled with ``torch.compile``, fused attention kernels — and its result is a gradient, carried to
 the parameters by a surrogate term (:func:`surrogate`) so that one ``backward()`` (and DDP's
 all-reduce) applies it. The errors are :math:`O(r + s)` truncation plus rounding that grows like
 :math:`\varepsilon\lVert g\rVert / (r s)`; both vanish as the steps shrink towards the optimum

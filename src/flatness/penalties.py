@@ -80,7 +80,7 @@ class FlatnessPenalty:
             estimate for the same probes. ``"layerwise"`` insists on the closed form.
             ``"finite-difference"``: the first-order estimator of
             :mod:`flatness.finite_difference` — no double backward (works with
-            ``torch.compile``\ d models and fused attention kernels), 1 + 3M gradient
+            models compiled with ``torch.compile`` and fused attention kernels), 1 + 3M gradient
             evaluations per curvature step (3M through :meth:`objective`); the returned term has
             the value λ·Tr(H²)/B and the finite-difference gradient.
         fd_step: the relative step ``h`` of the finite-difference backend
