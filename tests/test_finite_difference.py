@@ -18,7 +18,11 @@ from torch import nn
 from flatness import FlatnessPenalty
 from flatness.experiments.architectures import VisionTransformer
 from flatness.experiments.distributed import EmulatedRanks, take_shard
-from flatness.finite_difference import fd_sq_trace, same_function_in_train_mode, step_sizes
+from flatness.finite_difference import (
+    fd_sq_trace,
+    same_function_in_train_mode,
+    step_sizes,
+)
 from flatness.hutchinson import sq_trace
 from flatness.methods import make_method
 from flatness.passes import curvature_pass

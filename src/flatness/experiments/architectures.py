@@ -237,7 +237,7 @@ class EncoderBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float = 0.0) -> None:
         super().__init__()
-        hidden = int(round(dim * mlp_ratio))
+        hidden = round(dim * mlp_ratio)
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, heads, dropout)
         self.norm2 = nn.LayerNorm(dim)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..hutchinson import measure_sq_trace
-from ..utils import eval_mode
+from ..passes import measure_pass
 from .checkpoints import check_checkpoint_matches, load_checkpoint
 from .data import Splits, iterate_batches
 from .record import write_json
@@ -77,7 +77,7 @@ def measure_sq_trace_per_B(
     params = [p for p in model.parameters() if p.requires_grad]
     generator = torch.Generator().manual_seed(seed)
     values, variances = [], []
-    with eval_mode(model):
+    with measure_pass(model):  # eval mode; math attention kernel (HVPs need double backward)
         batches = iterate_batches(x, y, batch_size, shuffle=False)
         for _, (xb, yb) in zip(range(n_batches), batches):
             loss = task.loss_fn(model(xb), yb)

@@ -43,6 +43,12 @@ PAPER_GRID: tuple[float, ...] = (0.0, 0.001, 0.01, 0.1, 1.0)
 DEFAULT_METHOD_KWARGS: dict[str, dict[str, Any]] = {"fa": {"probes": 5, "every": 10}}
 
 
+def default_method_kwargs(task: str, method: str) -> dict[str, Any]:
+    """The method's default protocol on ``task``: :data:`DEFAULT_METHOD_KWARGS`, then the task's
+    own ``method_defaults`` (e.g. the first-order FA backend on the CIFAR image tasks)."""
+    return {**DEFAULT_METHOD_KWARGS.get(method, {}), **get_task(task).method_defaults.get(method, {})}
+
+
 def _short_hash(obj: Any) -> str:
     text = json.dumps(obj, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:6]
@@ -79,7 +85,7 @@ class RunSpec:
     @property
     def variant_id(self) -> str:
         """``""`` for the method's default settings, else a short hash of its keyword arguments."""
-        default = DEFAULT_METHOD_KWARGS.get(self.method, {})
+        default = default_method_kwargs(self.task, self.method)
         return "" if self.method_kwargs == default else _short_hash(self.method_kwargs)
 
     @property
@@ -197,7 +203,7 @@ def build_grid(
         config = base.replace(**(config_overrides or {}))
     except (TypeError, ValueError) as exc:
         raise FlatnessError(f"invalid training protocol for {task}: {exc}") from None
-    kwargs = dict(DEFAULT_METHOD_KWARGS.get(method, {}))
+    kwargs = default_method_kwargs(task, method)
     kwargs.update(method_kwargs or {})
     if trajectory < 0:
         raise FlatnessError(f"--trajectory must be >= 0, got {trajectory}")
