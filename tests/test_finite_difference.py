@@ -20,6 +20,7 @@ from flatness.experiments.architectures import VisionTransformer
 from flatness.experiments.distributed import EmulatedRanks, take_shard
 from flatness.finite_difference import (
     fd_sq_trace,
+    relative_step,
     same_function_in_train_mode,
     step_sizes,
 )
@@ -178,9 +179,14 @@ def test_penalty_backend_value_gradient_and_objective():
     assert float(total) == float(loss)
 
 
-def test_penalty_rejects_a_bad_step():
-    with pytest.raises(ValueError, match="fd_step"):
-        FlatnessPenalty(smooth_cnn(), CE, backend="finite-difference", fd_step=0.0)
+def test_step_settings_are_checked():
+    assert relative_step(torch.float32) == (3e-3, 1e-4) and relative_step(torch.float64, 1e-3) == (1e-3, 1e-3)
+    with pytest.raises(ValueError, match="relative steps"):
+        relative_step(torch.float32, (1e-3, 0.0))
+    for bad in (0.0, (1e-3,), (1e-3, float("nan"))):
+        with pytest.raises(ValueError, match="fd_step"):
+            FlatnessPenalty(smooth_cnn(), CE, backend="finite-difference", fd_step=bad)
+    FlatnessPenalty(smooth_cnn(), CE, backend="finite-difference", fd_step=(1e-4, 1e-5))
     with pytest.raises(ValueError, match="backend"):
         FlatnessPenalty(smooth_cnn(), CE, backend="finite-differences")
 

@@ -83,8 +83,9 @@ class FlatnessPenalty:
             models compiled with ``torch.compile`` and fused attention kernels), 1 + 3M gradient
             evaluations per curvature step (3M through :meth:`objective`); the returned term has
             the value λ·Tr(H²)/B and the finite-difference gradient.
-        fd_step: the relative step ``h`` of the finite-difference backend
-            (:func:`flatness.finite_difference.step_sizes`; default by dtype).
+        fd_step: the relative steps ``(h_v, h_u)`` (or one number for both) of the
+            finite-difference backend (:func:`flatness.finite_difference.step_sizes`; default
+            by dtype, :data:`flatness.finite_difference.RELATIVE_STEP`).
 
     After a curvature pass, ``last_sq_trace`` holds the Tr(H²) estimate (a float) and
     ``last_penalty`` the value added to the loss.
@@ -106,7 +107,7 @@ class FlatnessPenalty:
         on_nonfinite: Literal["raise", "skip"] = "raise",
         params: Sequence[Tensor] | None = None,
         backend: Literal["auto", "autograd", "layerwise", "finite-difference"] = "auto",
-        fd_step: float | None = None,
+        fd_step: float | tuple[float, float] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -128,8 +129,10 @@ class FlatnessPenalty:
                 raise ValueError(f"sub_batch must be >= 1, got {sub_batch}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if fd_step is not None and not (math.isfinite(fd_step) and fd_step > 0):
-            raise ValueError(f"fd_step must be a finite number > 0, got {fd_step!r}")
+        if fd_step is not None:
+            steps = (fd_step, fd_step) if isinstance(fd_step, (int, float)) else tuple(fd_step)
+            if len(steps) != 2 or not all(isinstance(h, (int, float)) and math.isfinite(h) and h > 0 for h in steps):
+                raise ValueError(f"fd_step must be a finite number > 0 or a pair of them, got {fd_step!r}")
         if backend == "layerwise" and params is not None:
             raise ValueError("backend='layerwise' penalises all of the model's parameters: drop params")
         self.backend = backend
