@@ -20,7 +20,10 @@ from helpers import dense_hessian
 
 
 def test_registry_and_unknown_task():
-    assert set(TASKS) == {"cifar100-mlp", "newsgroups-logreg", "breast-cancer-mlp"}
+    assert set(TASKS) == {
+        "cifar100-mlp", "newsgroups-logreg", "breast-cancer-mlp",
+        "cifar100-resnet", "cifar100-allconv", "cifar100-vit",
+    }
     with pytest.raises(FlatnessError, match="breast-cancer-mlp"):
         get_task("mnist")
 
@@ -47,7 +50,7 @@ def test_train_config_replace_rejects_unknown_fields():
     c = get_task("breast-cancer-mlp").config
     assert c.replace(epochs=3).epochs == 3 and c.epochs == 50
     with pytest.raises(ValueError, match="unknown"):
-        c.replace(momentum=0.9)
+        c.replace(beta3=0.9)
     assert TrainConfig.from_dict(c.as_dict()) == c
 
 

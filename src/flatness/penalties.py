@@ -39,6 +39,8 @@ from torch import Tensor, nn
 
 from . import layerwise
 from .control_variate import cv_sq_trace
+from .finite_difference import FrozenKinks, fd_sq_trace, same_function_in_train_mode
+from .finite_difference import surrogate as fd_surrogate
 from .hutchinson import sq_trace
 from .kfac import kfac_sq_trace
 from .lam_control import make_policy
@@ -47,7 +49,9 @@ from .passes import curvature_pass
 from .probes import Distribution, check_distribution, make_generator, sample_probes
 from .utils import batch_size, call_model, take_first, unwrap
 
-__all__ = ["FlatnessPenalty", "NonFiniteCurvatureError"]
+__all__ = ["BACKENDS", "FlatnessPenalty", "NonFiniteCurvatureError"]
+
+BACKENDS: tuple[str, ...] = ("auto", "autograd", "layerwise", "finite-difference", "kfac")
 
 
 class NonFiniteCurvatureError(FloatingPointError):
@@ -86,8 +90,16 @@ class FlatnessPenalty:
             from then on. ``"layerwise"`` is the explicit declaration that the loss is a
             function of the output: no check against autograd, and a ``ValueError`` naming the
             reason when the model is not covered.
+            ``"finite-difference"``: the first-order estimator of
+            :mod:`flatness.finite_difference` — no double backward (works with models compiled
+            with ``torch.compile`` and fused attention kernels), 1 + 3M gradient evaluations per
+            curvature step (3M through :meth:`objective`); the returned term has the value
+            λ·Tr(H²)/B and the finite-difference gradient.
             ``"kfac"``: the Kronecker-factored approximation Σ_l Tr(A_l²)·Tr(G_l²) of
             :mod:`flatness.kfac` instead of Hutchinson (no probes; Linear layers only).
+        fd_step: the relative steps ``(h_v, h_u)`` (or one number for both) of the
+            finite-difference backend (:func:`flatness.finite_difference.step_sizes`; default
+            by dtype, :data:`flatness.finite_difference.RELATIVE_STEP`).
         estimator: ``"hutchinson"`` (default) or ``"cv"``: Hutchinson with the output layer's
             exact Hessian block as a control variate (:mod:`flatness.control_variate`; unbiased,
             lower variance at about the same cost; ``flatness bench variance``).
@@ -121,8 +133,9 @@ class FlatnessPenalty:
         eval_during_curvature: bool = True,
         on_nonfinite: Literal["raise", "skip"] = "raise",
         params: Sequence[Tensor] | None = None,
-        backend: Literal["auto", "autograd", "layerwise", "kfac"] = "auto",
+        backend: Literal["auto", "autograd", "layerwise", "finite-difference", "kfac"] = "auto",
         estimator: Literal["hutchinson", "cv"] = "hutchinson",
+        fd_step: float | tuple[float, float] | None = None,
         lam_schedule: Any = None,
         lam_control: Any = None,
         total_steps: int | None = None,
@@ -145,19 +158,24 @@ class FlatnessPenalty:
                 raise ValueError(f"a fractional sub_batch must be in (0, 1], got {sub_batch}")
             if isinstance(sub_batch, int) and sub_batch < 1:
                 raise ValueError(f"sub_batch must be >= 1, got {sub_batch}")
-        if backend not in ("auto", "autograd", "layerwise", "kfac"):
-            raise ValueError(
-                f"backend must be 'auto', 'autograd', 'layerwise' or 'kfac', got {backend!r}"
-            )
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
         if estimator not in ("hutchinson", "cv"):
             raise ValueError(f"estimator must be 'hutchinson' or 'cv', got {estimator!r}")
-        if backend == "kfac" and estimator != "hutchinson":
-            raise ValueError("backend='kfac' uses no probes: drop estimator")
+        if backend in ("kfac", "finite-difference") and estimator != "hutchinson":
+            raise ValueError(f"backend={backend!r} has its own estimator: drop estimator")
+        if fd_step is not None:
+            steps = (fd_step, fd_step) if isinstance(fd_step, (int, float)) else tuple(fd_step)
+            if len(steps) != 2 or not all(
+                isinstance(h, (int, float)) and math.isfinite(h) and h > 0 for h in steps
+            ):
+                raise ValueError(f"fd_step must be a finite number > 0 or a pair of them, got {fd_step!r}")
         for name, used in (("backend='layerwise'", backend == "layerwise"), ("backend='kfac'", backend == "kfac"), ("estimator='cv'", estimator == "cv")):
             if used and params is not None:
                 raise ValueError(f"{name} penalises all of the model's parameters: drop params")
         self.backend = backend
         self.estimator = estimator
+        self.fd_step = fd_step
         self.policy = make_policy(float(lam), every, lam_schedule, lam_control, total_steps)
         # a fixed λ is not logged per step (the run's settings hold it)
         self._varying_lam = lam_schedule is not None or lam_control is not None
@@ -215,6 +233,44 @@ class FlatnessPenalty:
         first = shared[1] if shared is not None and shared[0] is x else None
         return self._penalty(x, y, first, prefix, log)
 
+    def objective(self, x: Any, y: Any) -> tuple[Tensor, Tensor]:
+        """``(task_loss, task_loss + self(x, y))`` on this mini-batch, the second to back-propagate.
+
+        The task loss is ``loss_fn(model(x), y)`` with the model in its current modes. The
+        finite-difference backend takes its g(θ) (and ReLU masks) from the task pass when that
+        is the curvature pass's function — the full batch is the curvature batch, all trainable
+        parameters are penalised and the model is deterministic in train mode
+        (:func:`flatness.finite_difference.same_function_in_train_mode`) — which saves one
+        gradient evaluation per curvature step; the sum is then a surrogate with the value of
+        the sum and the gradient ∇L + ∇penalty, applied by its ``backward()``.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> from flatness import FlatnessPenalty
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+            >>> penalty = FlatnessPenalty(model, nn.CrossEntropyLoss(), backend="finite-difference", seed=0)
+            >>> loss, total = penalty.objective(torch.randn(16, 4), torch.randint(0, 3, (16,)))
+            >>> total.backward()
+        """
+        if not (
+            self.backend == "finite-difference"
+            and self.is_active()
+            and self.sub_batch is None
+            and self._params is None
+            and not getattr(self.policy, "needs_grad_norms", False)
+            and same_function_in_train_mode(self.local_model)
+        ):
+            loss = self.loss_fn(call_model(self.model, x), y)
+            return loss, loss + self(x, y)
+        params = self.params
+        kinks = FrozenKinks()
+        with kinks.recording():
+            loss = self.loss_fn(call_model(self.model, x), y)
+        grads = torch.autograd.grad(loss, params)
+        penalty = self._penalty(x, y, None, None, None, grad0=grads, kinks=kinks)
+        return loss.detach(), fd_surrogate(params, loss.detach(), grads) + penalty
+
     @contextlib.contextmanager
     def sharing(self) -> Iterator[None]:
         """Around the task loss's forward pass: the next curvature pass reuses its input layer.
@@ -261,7 +317,7 @@ class FlatnessPenalty:
         model = self.model
         if (
             not self.is_active()
-            or self.backend in ("autograd", "kfac")
+            or self.backend in ("autograd", "kfac", "finite-difference")
             or self.estimator == "cv"
             or (self.backend == "auto" and not self._layerwise_agrees)
             or model is not self.local_model
@@ -360,9 +416,23 @@ class FlatnessPenalty:
         vecs = sample_probes(params, self.probes, self.dist, generator=self.generator)
         return self._engine(cx, cy, params, first)(vecs)
 
+    def _finite_difference(
+        self, cx: Any, cy: Any, params: list[Tensor], grad0: Sequence[Tensor] | None, kinks: FrozenKinks | None
+    ) -> Tensor:
+        """The first-order Tr(H²) estimate: its value, and its gradient through a surrogate."""
+        probes = sample_probes(params, self.probes, self.dist, generator=self.generator)
+        fd = fd_sq_trace(
+            self.local_model, self.loss_fn, cx, cy, params, probes, h=self.fd_step, grad0=grad0,
+            kinks=kinks, dropout=not self.eval_during_curvature,
+        )
+        if fd.grads is None:
+            raise RuntimeError("the finite-difference estimator returned no gradient")
+        return fd_surrogate(params, fd.values.mean(), fd.grads)
+
     def _penalty(
         self, x: Any, y: Any, first: Tensor | None, prefix: SharedPrefix | None,
-        log: dict[str, float] | None,
+        log: dict[str, float] | None, *, grad0: Sequence[Tensor] | None = None,
+        kinks: FrozenKinks | None = None,
     ) -> Tensor:
         full_batch = batch_size(x)
         if full_batch == 0:
@@ -381,8 +451,11 @@ class FlatnessPenalty:
             first = first[: batch_size(cx)]
         if prefix is not None and cx is not x and prefix.source is x:
             prefix = prefix.first_rows(cx)  # a sub-batch: the first rows of the shared prefix
-        with curvature_pass(self.local_model, dropout=not self.eval_during_curvature):
-            estimate = self._estimate(cx, cy, params, first, prefix)
+        if self.backend == "finite-difference":  # its own passes (curvature_pass policy)
+            estimate = self._finite_difference(cx, cy, params, grad0, kinks)
+        else:
+            with curvature_pass(self.local_model, dropout=not self.eval_during_curvature):
+                estimate = self._estimate(cx, cy, params, first, prefix)
         value = float(estimate.detach())
         ratio_control = getattr(self.policy, "needs_grad_norms", False)
         lam = float(self.policy.lam) if ratio_control else float(self.policy.decide(step).lam)

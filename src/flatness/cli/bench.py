@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..experiments.bench.arch import run_arch_bench
 from ..experiments.bench.ddp import run_ddp_scaling
 from ..experiments.bench.measures import run_measures_bench
 from ..experiments.bench.methods import run_methods_bench
@@ -164,9 +165,30 @@ def _add_variance(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_variance)
 
 
+def _cmd_arch(args: argparse.Namespace) -> int:
+    if args.rounds < 1 or args.reps < 1 or args.batch < 2:
+        raise ValueError("--rounds and --reps must be >= 1 and --batch >= 2")
+    result = run_arch_bench(
+        batch=args.batch, rounds=args.rounds, reps=args.reps, threads=args.threads, quick=args.quick
+    )
+    print_result(result, args.json, "FA on ResNet-20 and a small ViT: step time ratios to a plain SGD step")
+    return 0
+
+
+def _add_arch(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("arch", help="FA (autograd vs first-order) on ResNet-20 and a small ViT, CIFAR shapes")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
+    p.add_argument("--reps", type=int, default=2, help="timed steps (or windows) per case and round")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--quick", action="store_true", help="tiny models, for smoke tests")
+    p.set_defaults(func=_cmd_arch)
+
+
 def add_cli(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("bench", help="speed and memory benchmarks (ratios in one run)")
     bench_sub = parser.add_subparsers(dest="bench", metavar="BENCHMARK", parser_class=type(parser))
     bench_sub.required = True
-    for add in (_add_overhead, _add_methods, _add_measures, _add_ddp, _add_variance):
+    for add in (_add_overhead, _add_methods, _add_measures, _add_ddp, _add_variance, _add_arch):
         add(bench_sub)

@@ -22,10 +22,10 @@ from ..experiments.distributed import init_distributed, launched_by_torchrun, sh
 from ..experiments.report import write_report
 from ..experiments.runner import run_grid
 from ..experiments.specs import RunSpec, accepts, build_grid, parse_shard, select_shard
-from ..experiments.tasks import TASKS, get_task
+from ..experiments.tasks import PAPER_TASKS, TASKS, get_task
 from ..utils import FlatnessError
 
-__all__ = ["add_cli", "protocol_overrides"]
+__all__ = ["add_cli", "check_device", "protocol_overrides"]
 
 
 
@@ -76,11 +76,29 @@ def _add_protocol_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def check_device(name: str) -> str:
+    """``name`` if it is ``cpu``, ``cuda`` or ``cuda:N`` and usable here, else a ``FlatnessError``."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise FlatnessError(f"--device must be cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise FlatnessError(f"--device must be cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FlatnessError("--device cuda: this machine has no usable CUDA device")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise FlatnessError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    return name
+
+
 def _tasks_from_args(names: Sequence[str]) -> list[str]:
     out: list[str] = []
     for name in names:
         if name == "all":
-            out += list(TASKS)
+            out += list(PAPER_TASKS)
         else:
             get_task(name)
             out.append(name)
@@ -98,6 +116,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if bad:
             raise FlatnessError(f"--lambdas must be finite and >= 0, got {bad[0]:g}")
     overrides = protocol_overrides(args)
+    if args.protocol is not None:
+        for task in tasks:
+            get_task(task).protocol(args.protocol)
+    check_device(args.device)
     method_kwargs = _parse_assignments(args.method_arg, "--method-arg")
     for key, value in (("probes", args.probes), ("every", args.every)):
         if value is not None:
@@ -116,6 +138,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             config_overrides=overrides,
             method_kwargs=method_kwargs,
             trajectory=args.trajectory,
+            protocol=args.protocol,
         )
     if args.shard:
         specs = select_shard(specs, *parse_shard(args.shard))
@@ -138,6 +161,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             retry_failed=args.retry_failed,
             dist_ctx=dist_ctx,
             emulate_ranks=args.emulate_ranks,
+            device=args.device,
         )
     finally:
         if dist_ctx is not None:
@@ -157,12 +181,12 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         "run",
         help="sweep a method's strength over seeds on a paper task (resumable)",
         description=(
-            "Train TASK (cifar100-mlp, newsgroups-logreg, breast-cancer-mlp, or 'all') for every "
+            f"Train TASK ({', '.join(TASKS)}, or 'all' for the paper's three) for every "
             "strength and seed, write one JSON per run, checkpoints, summary.md/csv and plots "
             "under OUT/TASK/. Re-running the same command skips finished runs."
         ),
     )
-    p.add_argument("tasks", nargs="+", metavar="TASK", help=f"one of {', '.join(TASKS)}, or 'all'")
+    p.add_argument("tasks", nargs="+", metavar="TASK", help=f"one of {', '.join(TASKS)}, or 'all' ({', '.join(PAPER_TASKS)})")
     p.add_argument(
         "--method",
         default="fa",
@@ -180,6 +204,15 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1 (default 3)")
     _add_protocol_flags(p)
+    p.add_argument(
+        "--protocol",
+        metavar="NAME",
+        help="the task's named training protocol: cpu (default) or gpu for the CIFAR image tasks; "
+        "a non-default protocol is part of the run names",
+    )
+    p.add_argument(
+        "--device", default="cpu", help="cpu (default), cuda or cuda:N (under --ddp each rank uses its own device)"
+    )
     p.add_argument("--probes", type=int, help="Hutchinson probes M per curvature step (fa: 5)")
     p.add_argument("--every", type=int, help="curvature step every K steps (fa: 10)")
     p.add_argument(

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..utils import FlatnessError, atomic_write_bytes
 from .record import RunRecord
-from .tasks import get_task
+from .tasks import TrainConfig, get_task
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -89,8 +89,11 @@ def load_checkpoint(
     path = Path(path)
     payload = _read_payload(path, task)
     saved_task = payload["task"]
+    config = (payload.get("meta") or {}).get("config")
     model = get_task(saved_task).build_model(
-        num_features=payload.get("num_features"), **(payload.get("model_kwargs") or {})
+        num_features=payload.get("num_features"),
+        config=None if config is None else TrainConfig.from_dict(config),
+        **(payload.get("model_kwargs") or {}),
     )
     try:
         model.load_state_dict(payload["state_dict"])
@@ -131,17 +134,20 @@ def initial_model(
     *,
     num_features: int | None = None,
     model_kwargs: dict[str, Any] | None = None,
+    config: dict[str, Any] | None = None,
 ) -> nn.Module:
     """The model a run of ``seed`` started from, rebuilt exactly (eval mode).
 
     The runner seeds torch's global generator with the run's seed right before
     ``task.build_model``; this replays that inside ``torch.random.fork_rng``, so the caller's
-    random state is left as it was.
+    random state is left as it was. ``config``: the run's training config (it names the
+    architecture of tasks with several).
     """
     task_obj = get_task(task)
+    train_config = None if config is None else TrainConfig.from_dict(config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        model = task_obj.build_model(num_features=num_features, **(model_kwargs or {}))
+        model = task_obj.build_model(num_features=num_features, config=train_config, **(model_kwargs or {}))
     return model.eval()
 
 
@@ -154,5 +160,5 @@ def checkpoint_initial_model(path: str | os.PathLike[str], task: str | None = No
         return None
     return initial_model(
         payload["task"], seed, num_features=payload.get("num_features"),
-        model_kwargs=payload.get("model_kwargs") or {},
+        model_kwargs=payload.get("model_kwargs") or {}, config=(payload.get("meta") or {}).get("config"),
     )

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ..hutchinson import measure_sq_trace
 from ..kfac import kfac_sq_trace
+from ..passes import measure_pass
 from ..utils import eval_mode
 from .checkpoints import check_checkpoint_matches, load_checkpoint
 from .data import Splits, iterate_batches
@@ -82,7 +83,7 @@ def measure_sq_trace_per_B(
     params = [p for p in model.parameters() if p.requires_grad]
     generator = torch.Generator().manual_seed(seed)
     values, variances = [], []
-    with eval_mode(model):
+    with measure_pass(model):  # eval mode; math attention kernel (HVPs need double backward)
         batches = iterate_batches(x, y, batch_size, shuffle=False)
         for _, (xb, yb) in zip(range(n_batches), batches):
             loss = task.loss_fn(model(xb), yb)
@@ -210,7 +211,7 @@ def final_model_extras(
         return out
     task = get_task(record.task)
     config = TrainConfig.from_dict(record.config)
-    splits = task.load(data_dir, val_fraction=config.val_fraction, download=download)
+    splits = task.splits(config, data_dir, download)
     model, meta = load_checkpoint(directory / str(record.checkpoint), task=record.task)
     check_checkpoint_matches(record, meta, directory / str(record.checkpoint))
     new: dict[str, Any] = {}

@@ -88,6 +88,7 @@ def execute_run(
     progress: bool = False,
     dist_ctx: DistContext | None = None,
     emulate_ranks: int = 1,
+    device: str | torch.device = "cpu",
 ) -> RunRecord | None:
     """Train and measure one run; write its checkpoint(s) and then its JSON record.
 
@@ -98,11 +99,12 @@ def execute_run(
     rank calls this with the same spec, rank 0 measures, writes and returns the record (the
     other ranks ``None``). ``emulate_ranks`` > 1 runs
     the arithmetic of that many DDP ranks in this one process (the reference of the DDP tests).
+    ``device``: where model and data live (a DDP rank uses its context's device).
     """
     out = Path(out_dir)
     task = get_task(spec.task)
     config = TrainConfig.from_dict(spec.config)
-    splits = task.load(data_dir, val_fraction=config.val_fraction, download=download)
+    splits = task.splits(config, data_dir, download)
     kwargs = dict(spec.method_kwargs)
     if spec.hparam is not None and spec.value is not None:
         kwargs[spec.hparam] = spec.value
@@ -112,23 +114,24 @@ def execute_run(
         # the run's length, for schedules given as fractions of it (FA's lam_schedule)
         kwargs["total_steps"] = config.epochs * steps_per_epoch(int(splits.y_train.shape[0]), config.batch_size)
     torch.manual_seed(spec.seed)  # what checkpoints.initial_model replays
-    model = task.build_model(num_features=splits.num_features, **spec.model_kwargs)
+    model = task.build_model(num_features=splits.num_features, config=config, **spec.model_kwargs)
     world = dist_ctx.world_size if dist_ctx is not None else emulate_ranks
     is_main = dist_ctx is None or dist_ctx.is_main
+    device = torch.device(dist_ctx.device if dist_ctx is not None else device)
+    if device.type != "cpu":
+        model = model.to(device)
+        splits = dataclasses.replace(
+            splits,
+            **{
+                f.name: to_device(getattr(splits, f.name), device)
+                for f in dataclasses.fields(splits)
+                if isinstance(getattr(splits, f.name), Tensor)
+            },
+        )
     try:
         if dist_ctx is not None:
             # identical initial weights on every rank (DDP also broadcasts rank 0's), then each
             # rank's own streams: dropout from the global generator, probes from the method's
-            if dist_ctx.device.type != "cpu":
-                model = model.to(dist_ctx.device)
-                splits = dataclasses.replace(
-                    splits,
-                    **{
-                        f.name: to_device(getattr(splits, f.name), dist_ctx.device)
-                        for f in dataclasses.fields(splits)
-                        if isinstance(getattr(splits, f.name), Tensor)
-                    },
-                )
             torch.manual_seed(rank_seed(spec.seed, dist_ctx.rank))
             method = make_method(
                 spec.method, wrap_model(model, dist_ctx), task.loss_fn, **rank_kwargs(kwargs, dist_ctx.rank)
@@ -205,6 +208,7 @@ def execute_run(
             "python": platform.python_version(),
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "device": str(device),
         },
     )
     started = time.perf_counter()
@@ -223,6 +227,7 @@ def execute_run(
             on_step_end=on_step_end if snap_steps else None,
             shard=None if dist_ctx is None else (dist_ctx.rank, dist_ctx.world_size),
             min_batch=world,
+            augment=task.augment if config.augment else None,
         )
     except (TrainingDiverged, FloatingPointError) as exc:
         if not is_main:
@@ -304,10 +309,15 @@ def _worker_init(threads: int) -> None:
 
 
 def _worker_run(
-    spec_dict: dict[str, Any], out_dir: str, data_dir: str | None, download: bool | None, retry_failed: bool
+    spec_dict: dict[str, Any],
+    out_dir: str,
+    data_dir: str | None,
+    download: bool | None,
+    retry_failed: bool,
+    device: str = "cpu",
 ) -> tuple[RunRecord | None, str]:
     spec = RunSpec.from_dict(spec_dict)
-    return claim_and_run(spec, Path(out_dir), retry_failed, data_dir=data_dir, download=download)
+    return claim_and_run(spec, Path(out_dir), retry_failed, data_dir=data_dir, download=download, device=device)
 
 
 def claim_and_run(
@@ -400,8 +410,9 @@ def run_grid(
     log: Any = None,
     dist_ctx: DistContext | None = None,
     emulate_ranks: int = 1,
+    device: str = "cpu",
 ) -> dict[str, list[RunRecord]]:
-    """Run every pending spec (``jobs`` at a time), results under ``OUT/TASK/``.
+    """Run every pending spec (``jobs`` at a time, on ``device``), results under ``OUT/TASK/``.
 
     Returns the finished records per results directory. Runs already finished are skipped, and
     so are runs another process has claimed (:func:`claim_and_run`). With ``jobs > 1`` each run
@@ -441,7 +452,7 @@ def run_grid(
             for spec in todo:
                 record, message = claim_and_run(
                     spec, dirs[spec.task], retry_failed, data_dir=data_dir, download=download,
-                    progress=progress, emulate_ranks=emulate_ranks,
+                    progress=progress, emulate_ranks=emulate_ranks, device=device,
                 )
                 if record is not None:
                     results[str(dirs[spec.task])].append(record)
@@ -460,6 +471,7 @@ def run_grid(
                         None if data_dir is None else str(data_dir),
                         download,
                         retry_failed,
+                        device,
                     ): spec
                     for spec in todo
                 }

@@ -41,6 +41,12 @@ __all__ = [
 ]
 
 
+def default_method_kwargs(task: str, method: str) -> dict[str, Any]:
+    """The method's default protocol on ``task``: its class's ``protocol_defaults``, then the
+    task's own ``method_defaults`` (e.g. the first-order FA backend on the CIFAR image tasks)."""
+    return {**method_class(method).protocol_defaults, **get_task(task).method_defaults.get(method, {})}
+
+
 def _short_hash(obj: Any) -> str:
     text = json.dumps(obj, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:6]
@@ -69,14 +75,17 @@ class RunSpec:
 
     @property
     def protocol_id(self) -> str:
-        """``""`` for the task's default protocol, else a short hash of the training config."""
-        default = get_task(self.task).config.as_dict()
-        return "" if self.config == default else _short_hash(self.config)
+        """``""`` for the task's default protocol, the name of another of its named protocols
+        (e.g. ``gpu``), else a short hash of the training config."""
+        task = get_task(self.task)
+        if self.config == task.config.as_dict():
+            return ""
+        return task.protocol_name(self.config) or _short_hash(self.config)
 
     @property
     def variant_id(self) -> str:
         """``""`` for the method's default settings, else a short hash of its keyword arguments."""
-        default = method_class(self.method).protocol_defaults
+        default = default_method_kwargs(self.task, self.method)
         return "" if self.method_kwargs == default else _short_hash(self.method_kwargs)
 
     @property
@@ -174,12 +183,15 @@ def build_grid(
     method_kwargs: dict[str, Any] | None = None,
     trajectory: int = 0,
     model_kwargs: dict[str, Any] | None = None,
+    protocol: str | None = None,
 ) -> list[RunSpec]:
     """The runs of one sweep: every strength in ``values`` times every seed.
 
     ``seeds`` is a count (seeds 0..N-1) or explicit seeds. ``method_kwargs`` default to the
-    method's ``protocol_defaults`` (``fa``: 5 probes every 10 steps). Overriding ``epochs``
-    without ``warmup_epochs`` scales the task's warm-up by the same factor (the same share of
+    method's ``protocol_defaults`` then the task's ``method_defaults`` (``fa``: 5 probes every
+    10 steps). ``protocol`` names one of the task's training protocols (default: its first,
+    ``config``); ``config_overrides`` apply on top. Overriding ``epochs`` without
+    ``warmup_epochs`` scales the protocol's warm-up by the same factor (the same share of
     training). ``model_kwargs`` are model settings of the task
     (:attr:`flatness.experiments.tasks.Task.model_defaults`); those equal to the default are
     dropped, so a default model keeps its plain run name.
@@ -201,15 +213,15 @@ def build_grid(
     if len({format_value(v) for v in grid if v is not None}) != len([v for v in grid if v is not None]):
         raise FlatnessError(f"repeated values in the grid: {grid}")
     overrides = dict(config_overrides or {})
-    default = task_obj.config
     try:
+        default = task_obj.config if protocol is None else task_obj.protocol(protocol)
         if "epochs" in overrides and "warmup_epochs" not in overrides and default.warmup_epochs:
             # the warm-up keeps its share of training (cifar100-mlp: 2 of 10 epochs -> 0.2 of 1)
             overrides["warmup_epochs"] = default.warmup_epochs * overrides["epochs"] / default.epochs
         config = default.replace(**overrides)
     except (TypeError, ValueError) as exc:
         raise FlatnessError(f"invalid training protocol for {task}: {exc}") from None
-    kwargs = dict(cls.protocol_defaults)
+    kwargs = default_method_kwargs(task, method)
     kwargs.update(method_kwargs or {})
     if trajectory < 0:
         raise FlatnessError(f"--trajectory must be >= 0, got {trajectory}")

@@ -229,11 +229,11 @@ def measurement_inputs(
     """
     task = get_task(record.task)
     config = TrainConfig.from_dict(record.config)
-    splits = task.load(data_dir, val_fraction=config.val_fraction, download=download)
+    splits = task.splits(config, data_dir, download)
     model, meta = load_checkpoint(directory / str(record.checkpoint), task=record.task)
     check_checkpoint_matches(record, meta, directory / str(record.checkpoint))
     initial = initial_model(record.task, record.seed, num_features=splits.num_features,
-                            model_kwargs=record.model_kwargs)
+                            model_kwargs=record.model_kwargs, config=record.config)
     n = min(MEASURE_SAMPLES, int(splits.y_train.shape[0]))
     batches = list(iterate_batches(splits.x_train[:n], splits.y_train[:n], MEASURE_BATCH, shuffle=False))
     return task, model, batches, MeasureOptions(**STUDY_OPTIONS, initial=initial.state_dict())
@@ -258,7 +258,7 @@ def measure_run(
         return hit
     task, model, batches, options = measurement_inputs(record, directory, data_dir, download)
     config = TrainConfig.from_dict(record.config)
-    splits = task.load(data_dir, val_fraction=config.val_fraction, download=download)
+    splits = task.splits(config, data_dir, download)
     start = time.perf_counter()
     values: dict[str, float] = {}
     errors: dict[str, str] = {}
