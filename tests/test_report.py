@@ -172,3 +172,18 @@ def test_report_cli_on_a_parent_directory_and_errors(tmp_path, capsys):
         assert main(["report", str(tmp_path / target)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("flatness: error:")
+
+
+def test_flatness_compared_on_log10_with_holm():
+    flats = {0.0: [4.0, 5.0, 6.0, 5.5], 0.1: [2.0, 2.4, 3.1, 2.9], 1.0: [40.0, 61.0, 55.0, 70.0]}
+    records = [_record(v, s, 0.9, flat=f) for v, row in flats.items() for s, f in enumerate(row)]
+    (g,) = summarize(records)
+    cs = [row.flatness_vs_baseline for row in g.rows[1:]]
+    base = np.log10(flats[0.0])
+    diffs = [np.log10(flats[v]) - base for v in (0.1, 1.0)]
+    assert [c.difference for c in cs] == pytest.approx([d.mean() for d in diffs])
+    raw = [stats.ttest_rel(np.log10(flats[v]), base).pvalue for v in (0.1, 1.0)]
+    assert [c.p_t_holm for c in cs] == pytest.approx(holm(raw))
+    md = markdown([g])
+    assert "Final Tr(H²)/B (measured), log10, against λ = 0:" in md
+    assert f"| 1 | 4 pairs | {cs[1].difference:+.2f} [" in md

@@ -44,6 +44,8 @@ PAPER_FINAL_ACC: dict[str, dict[float, float]] = {
     "breast-cancer-mlp": {0.0: 0.5556, 0.001: 0.5585, 0.01: 0.5859},
 }
 SYMBOLS = {"lam": "λ", "rho": "ρ", "alpha": "α", "eps": "ε"}
+# the curvature every run has, by one fixed protocol (its second comparison with the baseline)
+FLATNESS_METRIC = "measured_sq_trace_per_B"
 METRICS = (
     "final_test_acc",
     "best_test_acc",
@@ -81,7 +83,8 @@ class Row:
     """All runs of one strength in a group, summarised over seeds.
 
     ``vs_baseline``: the final-accuracy comparison with the group's baseline (Holm-adjusted
-    over the group); ``role``: ``"baseline"``, ``"no baseline"`` or ``""`` (compared).
+    over the group); ``flatness_vs_baseline``: the same for log10 of the final measured
+    Tr(H²)/B (a ratio of curvatures is what compares across strengths); ``role``: ``"baseline"``, ``"no baseline"`` or ``""`` (compared).
     ``sam_rho``: set when this is a gnp configuration identical to SAM at that ρ.
     """
 
@@ -90,6 +93,7 @@ class Row:
     failed: list[RunRecord]
     stats: dict[str, tuple[float, float, int]] = field(default_factory=dict)
     vs_baseline: Comparison | None = None
+    flatness_vs_baseline: Comparison | None = None
     role: str = ""
     sam_rho: float | None = None
 
@@ -100,6 +104,13 @@ class Row:
     def by_seed(self, metric: str) -> dict[int, float | None]:
         """``{seed: metric}`` over the complete runs (the pairing key of the tests)."""
         return {r.seed: r.get(metric) for r in self.runs}
+
+    def log10_by_seed(self, metric: str) -> dict[int, float | None]:
+        """``{seed: log10(metric)}``; ``None`` where the value is missing or not positive."""
+        return {
+            seed: math.log10(v) if isinstance(v, (int, float)) and v > 0 else None
+            for seed, v in self.by_seed(metric).items()
+        }
 
 
 @dataclass
@@ -133,6 +144,11 @@ class Group:
     def comparisons(self) -> list[tuple[Row, Comparison]]:
         """The rows compared with the baseline, in table order."""
         return [(row, row.vs_baseline) for row in self.rows if row.vs_baseline is not None]
+
+    @property
+    def flatness_comparisons(self) -> list[tuple[Row, Comparison]]:
+        """The rows' log10 final Tr(H²)/B compared with the baseline's, in table order."""
+        return [(row, row.flatness_vs_baseline) for row in self.rows if row.flatness_vs_baseline is not None]
 
 
 def _group_rows(recs: Sequence[RunRecord]) -> list[Row]:
@@ -181,7 +197,13 @@ def summarize(records: Sequence[RunRecord]) -> list[Group]:
                 row.role = "baseline"
             else:
                 row.vs_baseline = compare_samples(row.by_seed("final_test_acc"), base.by_seed("final_test_acc"))
+                row.flatness_vs_baseline = compare_samples(
+                    row.log10_by_seed(FLATNESS_METRIC), base.log10_by_seed(FLATNESS_METRIC)
+                )
         adjusted = iter(adjust_holm([c for _, c in g.comparisons]))
         for row, _ in g.comparisons:
             row.vs_baseline = next(adjusted)
+        adjusted = iter(adjust_holm([c for _, c in g.flatness_comparisons]))
+        for row, _ in g.flatness_comparisons:
+            row.flatness_vs_baseline = next(adjusted)
     return groups

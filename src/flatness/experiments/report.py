@@ -159,6 +159,13 @@ def markdown(groups: Sequence[Group]) -> str:
             out += comparison_table(sym, [(_label(row), c) for row, c in g.comparisons])
             out += ["", comparison_note("the final test accuracy", f"the baseline ({g.baseline})",
                                         [c for _, c in g.comparisons])]
+        if g.flatness_comparisons:
+            sym = g.symbol or "setting"
+            out += ["", f"Final Tr(H²)/B (measured), log10, against {g.baseline}:", ""]
+            out += comparison_table(sym, [(_label(row), c) for row, c in g.flatness_comparisons], digits=2)
+            out += ["", comparison_note("log10 of the final measured Tr(H²)/B", f"the baseline ({g.baseline})",
+                                        [c for _, c in g.flatness_comparisons], digits=2)
+                    + " A Δ of -0.30 halves Tr(H²)/B; +1 multiplies it by 10."]
         out.append("")
     out += [_columns_note(), ""]
     return "\n".join(out)
