@@ -15,7 +15,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
-	$(BIN)/flatness run breast-cancer-mlp
+	$(BIN)/flatness run breast-cancer-mlp --measures
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q

@@ -232,3 +232,15 @@ def test_a_record_with_other_settings_is_never_overwritten(tmp_path, capsys):
         path.write_text(json.dumps({**record, key: value}))
         assert message in _cli_error(args, capsys)
         assert json.loads(path.read_text())[key] == value
+
+
+def test_run_with_measures_fills_lambda_max_in_the_table(tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert main(["run", BC, "--lambdas", "0", "--seeds", "1", "--out", str(out), "--measures", *QUICK]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("| λ | runs |")).split("|")
+    row = next(line for line in lines if line.startswith("| 0 | 1 |")).split("|")
+    (cached,) = (out / BC / "measures").glob("fa_lam0_seed0*.json")
+    values = json.loads(cached.read_text())
+    assert row[header.index(" λ_max ")].strip() == f"{values['lambda_max']:.3g}"
+    assert values["lambda_max"] > 0 and values["hessian_trace"] > 0

@@ -171,7 +171,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - start
     print(f"{len(specs)} runs in {', '.join(results)}; wall time {wall:.1f} s", file=sys.stderr)
     for directory in results:
-        text = write_report(directory, plots=not args.no_plots)
+        text = write_report(directory, plots=not args.no_plots, measures=args.measures, data_dir=args.data_dir)
         print(text)
     return 0
 
@@ -234,6 +234,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-download", action="store_true", help="never download missing data")
     p.add_argument("--retry-failed", action="store_true", help="re-run runs recorded as failed")
     p.add_argument("--no-plots", action="store_true", help="write the tables but no PNG plots")
+    p.add_argument(
+        "--measures",
+        action="store_true",
+        help="the report also computes each final model's λ_max and Tr(H) (as `flatness report --measures`)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
         "--shard",
