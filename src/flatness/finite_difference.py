@@ -299,7 +299,7 @@ def fd_sq_trace(
     elif not freeze_kinks:
         kinks = None
 
-    ctx = curvature_pass(model, dropout=dropout, attention_math=False) if policy else contextlib.nullcontext()
+    ctx = curvature_pass(model, dropout=dropout, attention_math=False, exact_norms=False) if policy else contextlib.nullcontext()
     with ctx, _replayed_rng(device) as rewind:
 
         def gradient(shifts: Sequence[tuple[float, Sequence[Tensor]]]) -> list[Tensor]:

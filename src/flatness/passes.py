@@ -13,6 +13,11 @@ neighbour pass — and follows one policy:
 - **Curvature passes** (second-order: FA penalty, curvature method) also turn **dropout off**
   (the FA paper) and select PyTorch's math attention kernel, because the fused kernels (flash,
   memory-efficient, the CPU flash kernel) have no double backward: :func:`curvature_pass`.
+  They also compute batch-statistics BatchNorm, LayerNorm and GroupNorm from primitive
+  operations (:class:`ExactNormDerivatives`): PyTorch's fused norm kernels give correct first
+  and second derivatives but silently wrong third ones (their saved statistics carry no
+  autograd history; pytorch/pytorch#186256, #175754, reproduced on torch 2.13), and the
+  gradient of the FA penalty ‖Hv‖² is a third derivative.
 - **Perturbed passes** (SAM, GNP, NRS) keep dropout but replay the main pass's mask (see
   :class:`flatness.methods.perturb.RandomReplay`), and freeze the running statistics.
 
@@ -50,8 +55,11 @@ import contextlib
 from collections.abc import Iterable, Iterator
 from typing import Literal
 
-from torch import nn
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _NormBase
+from torch.overrides import TorchFunctionMode
 from torch.nn.modules.dropout import _DropoutNd
 
 from .utils import preserved_mode
@@ -63,6 +71,7 @@ __all__ = [
     "batch_statistics",
     "frozen_running_stats",
     "math_attention",
+    "ExactNormDerivatives",
     "curvature_pass",
     "measure_pass",
     "is_curvature_function",
@@ -113,16 +122,83 @@ def math_attention() -> Iterator[None]:
         yield
 
 
+def _normalise(x: Tensor, dims: list[int], eps: float) -> Tensor:
+    mean = x.mean(dim=dims, keepdim=True)
+    var = (x - mean).square().mean(dim=dims, keepdim=True)  # biased, as the fused kernels
+    return (x - mean) * torch.rsqrt(var + eps)
+
+
+def _affine(y: Tensor, weight: Tensor | None, bias: Tensor | None, shape: list[int]) -> Tensor:
+    if weight is not None:
+        y = y * weight.reshape(shape)
+    if bias is not None:
+        y = y + bias.reshape(shape)
+    return y
+
+
+class ExactNormDerivatives(TorchFunctionMode):
+    """Norm layers that normalise with their input's statistics, from primitive operations.
+
+    Inside this mode, ``F.batch_norm`` without running statistics (batch statistics, nothing
+    to update: how :func:`batch_statistics` configures BatchNorm), ``F.layer_norm`` and
+    ``F.group_norm`` are computed as mean, variance and ``rsqrt`` — the same function, whose
+    derivatives of every order autograd gets right. BatchNorm with running statistics (eval
+    mode: an affine map, exact in the fused kernel) and everything else run unchanged.
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(6, 3, dtype=torch.float64)
+        >>> with ExactNormDerivatives():
+        ...     y = torch.nn.functional.layer_norm(x, (3,))
+        >>> torch.allclose(y, torch.nn.functional.layer_norm(x, (3,)))
+        True
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = dict(kwargs or {})
+        if func is F.batch_norm:
+            return self._batch_norm(func, *args, **kwargs)
+        if func is F.layer_norm:
+            return self._layer_norm(*args, **kwargs)
+        if func is F.group_norm:
+            return self._group_norm(*args, **kwargs)
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _batch_norm(func, input, running_mean, running_var, weight=None, bias=None,  # type: ignore[no-untyped-def]
+                    training=False, momentum=0.1, eps=1e-5):
+        if running_mean is not None or running_var is not None:
+            return func(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        dims = [0, *range(2, input.dim())]
+        shape = [1, -1] + [1] * (input.dim() - 2)
+        return _affine(_normalise(input, dims, eps), weight, bias, shape)
+
+    @staticmethod
+    def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):  # type: ignore[no-untyped-def]
+        k = len(tuple(normalized_shape))
+        dims = list(range(input.dim() - k, input.dim()))
+        return _affine(_normalise(input, dims, eps), weight, bias, list(normalized_shape))
+
+    @staticmethod
+    def _group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):  # type: ignore[no-untyped-def]
+        n, c = input.shape[0], input.shape[1]
+        grouped = input.reshape(n, num_groups, -1)
+        y = _normalise(grouped, [2], eps).reshape(input.shape)
+        return _affine(y, weight, bias, [1, c] + [1] * (input.dim() - 2))
+
+
 @contextlib.contextmanager
 def curvature_pass(
-    model: nn.Module, *, dropout: bool = False, attention_math: bool = True
+    model: nn.Module, *, dropout: bool = False, attention_math: bool = True, exact_norms: bool = True
 ) -> Iterator[nn.Module]:
     """An extra pass computing the task loss's function (see the module docs).
 
     Norm layers in train mode use batch statistics and leave their running statistics bitwise
     unchanged; with ``dropout=False`` (default) every module is put in eval mode for the body
     (dropout off), with ``dropout=True`` modes are kept; ``attention_math`` selects the math
-    SDPA kernel. Everything is restored on exit, also when the body raises.
+    SDPA kernel; ``exact_norms`` computes batch-statistics norm layers from primitives
+    (:class:`ExactNormDerivatives`; only third and higher derivatives need it). Everything is
+    restored on exit, also when the body raises.
     """
     training_norms = [m for m in norm_layers(model) if m.training]
     with contextlib.ExitStack() as stack:
@@ -132,6 +208,8 @@ def curvature_pass(
             model.eval()
         if attention_math:
             stack.enter_context(math_attention())
+        if exact_norms:
+            stack.enter_context(ExactNormDerivatives())
         yield model
 
 
