@@ -70,6 +70,13 @@ def test_measure_prints_one_json_object(run_dir, capsys, tmp_path):
     assert result["examples"] == 64 and len(result["top_eigenvalues"]) == 2
     # Cauchy interlacing: a diagonal block's λ_max cannot exceed the full Hessian's
     assert result["last_layer_lambda_max"] <= result["lambda_max"] * (1 + 1e-3)
+    assert result["function"] == "deployed"
+    # this MLP has no BatchNorm: the function training differentiated (dropout off) is the same
+    code, out, err = _run(capsys, "measure", ckpt, "--task", TASK, *FAST, "--json", "--measures", "loss",
+                          "--function", "batch_stats")
+    assert code == 0, err
+    other = json.loads(out)
+    assert other["function"] == "batch_stats" and other["loss"] == pytest.approx(result["loss"], rel=1e-6)
 
 
 def test_measure_text_output_and_extra_measures(run_dir, capsys, tmp_path):

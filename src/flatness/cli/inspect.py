@@ -168,12 +168,14 @@ def measure_command(args: argparse.Namespace) -> int:
         seed=args.seed, matvecs=args.matvecs, k=args.k, eps=args.eps, adaptive_eps=args.adaptive_eps,
         sharpness_steps=args.sharpness_steps, sigma=args.sigma, noise_samples=args.noise_samples,
         divergence_eps=args.divergence_eps, initial=None if initial is None else initial.state_dict(),
+        function=args.function,
     )
     start = time.perf_counter()
     result: dict[str, Any] = {
         "checkpoint": str(args.checkpoint),
         "task": args.task,
         "split": args.split,
+        "function": args.function,
         "examples": sum(int(y.shape[0]) for _, y in batches),
         "num_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
@@ -341,6 +343,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                         "eps_sharpness fisher_trace; also: hutchpp_trace adaptive_sharpness "
                         "noise_loss model_divergence spectral_density param_norm path_norm "
                         "distance_from_init margin pacbayes pacbayes_mag")
+    p.add_argument("--function", default="deployed", choices=("deployed", "batch_stats"),
+                   help="the function measured: deployed = eval mode, BatchNorm on running statistics "
+                        "(default); batch_stats = BatchNorm on each batch's statistics (as trained)")
     p.add_argument("--matvecs", type=int, default=100, help="Hessian-vector products per trace (100)")
     p.add_argument("--k", type=int, default=3, help="number of top eigenvalues (3)")
     p.add_argument("--eps", type=float, default=1e-3, help="ε of the ε-sharpness box (1e-3)")
