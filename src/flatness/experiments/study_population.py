@@ -41,7 +41,6 @@ __all__ = [
     "StudyGrid",
     "GRIDS",
     "get_grid",
-    "method_label",
     "parse_method_label",
     "generalization",
     "measurement_inputs",
@@ -59,11 +58,6 @@ STUDY_OPTIONS: dict[str, Any] = {
 }
 STUDY_MEASURES: tuple[str, ...] = tuple(MEASURES)
 CACHE_VERSION = 1
-
-
-def method_label(method: str, value: float | None) -> str:
-    """A method at one strength as an axis value: ``none``, ``fa:0.1``, ``sam:0.05``."""
-    return method if value is None else f"{method}:{value:g}"
 
 
 def parse_method_label(label: str) -> tuple[str, float | None]:

@@ -98,6 +98,17 @@ def ball_direction(
     return direction.to(device), scale.to(device)
 
 
+def _shaped_ball_direction(
+    params: list[Tensor], eps: float, dist: BallDistribution, generator: torch.Generator | None
+) -> tuple[list[Tensor], Tensor]:
+    """:func:`ball_direction` over all ``params`` as one vector, split into their shapes."""
+    direction, scale = ball_direction(
+        sum(p.numel() for p in params), eps, dist, generator, params[0].device, params[0].dtype
+    )
+    chunks = direction.split([p.numel() for p in params])
+    return [c.view_as(p).to(p.dtype) for c, p in zip(chunks, params)], scale
+
+
 def sample_in_ball(
     params: list[Tensor],
     eps: float,
@@ -107,13 +118,11 @@ def sample_in_ball(
     """δ in the Euclidean ε-ball of all ``params`` taken as one vector, shaped like ``params``.
 
     Radius ε·U^(1/d), U ~ U(0, 1), d the number of weights (in high dimension ‖δ‖ ≈ ε); the
-    direction as in :func:`ball_direction` (``"gaussian"``: δ uniform in the ball).
+    direction as in :func:`ball_direction` (``"gaussian"``: δ uniform in the ball). RPR's and
+    NRS's neighbours are drawn this way.
     """
-    direction, scale = ball_direction(
-        sum(p.numel() for p in params), eps, dist, generator, params[0].device, params[0].dtype
-    )
-    chunks = direction.mul_(scale).split([p.numel() for p in params])
-    return [c.view_as(p).to(p.dtype) for c, p in zip(chunks, params)]
+    directions, scale = _shaped_ball_direction(params, eps, dist, generator)
+    return [d * scale for d in directions]
 
 
 def model_divergence(logits: Tensor, neighbour_logits: Tensor) -> Tensor:
@@ -155,12 +164,7 @@ class _Ball:
 
     def draw(self, params: list[Tensor]) -> tuple[list[Tensor], Tensor]:
         """(directions shaped like ``params``, 0-d scale): δθ = scale·direction."""
-        direction, scale = ball_direction(
-            sum(p.numel() for p in params), self.eps, self.dist, self.generator,
-            params[0].device, params[0].dtype,
-        )
-        chunks = direction.split([p.numel() for p in params])
-        return [c.view_as(p).to(p.dtype) for c, p in zip(chunks, params)], scale
+        return _shaped_ball_direction(params, self.eps, self.dist, self.generator)
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": None if self.generator is None else self.generator.get_state()}
