@@ -148,7 +148,7 @@ def test_two_processes_on_one_out_train_each_run_exactly_once(tmp_path):
              for _ in range(2)]
     logs = [p.communicate(timeout=600)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs
-    trained = [set(re.findall(r"^(\S+): final acc", log, re.MULTILINE)) for log in logs]
+    trained = [set(re.findall(rf"^{BC}/(\S+): final acc", log, re.MULTILINE)) for log in logs]
     names = {p.stem for p in (out / BC).glob("*.json")}
     assert len(names) == 4 and trained[0] | trained[1] == names  # every run trained ...
     assert not trained[0] & trained[1]  # ... by exactly one of the processes

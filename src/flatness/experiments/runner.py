@@ -347,9 +347,9 @@ def claim_and_run(
 
 def _describe(record: RunRecord) -> str:
     if not record.complete:
-        return f"{record.name}: FAILED ({record.error})"
+        return f"{record.task}/{record.name}: FAILED ({record.error})"
     return (
-        f"{record.name}: final acc {record.final_test_acc:.4f}, "
+        f"{record.task}/{record.name}: final acc {record.final_test_acc:.4f}, "
         f"Tr(H²)/B {record.measured_sq_trace_per_B:.4g}, train {record.train_seconds:.1f} s"
     )
 
