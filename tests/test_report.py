@@ -187,3 +187,13 @@ def test_flatness_compared_on_log10_with_holm():
     md = markdown([g])
     assert "Final Tr(H²)/B (measured), log10, against λ = 0:" in md
     assert f"| 1 | 4 pairs | {cs[1].difference:+.2f} [" in md
+
+
+def test_protocol_line_names_the_optimizer_and_the_subset():
+    from flatness.experiments.tables import protocol_line
+
+    resnet = get_task("cifar100-resnet").config.as_dict()
+    line = protocol_line(resnet)
+    assert "SGD (momentum 0.9) lr 0.1" in line and "training subset of 10,000 samples" in line
+    assert "Adam lr 0.001" in protocol_line(get_task(BC).config.as_dict())
+    assert "AdamW lr 0.001" in protocol_line(get_task("cifar100-vit").config.as_dict())

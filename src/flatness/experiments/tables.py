@@ -65,10 +65,26 @@ def protocol_line(config: Mapping[str, Any], method_kwargs: Mapping[str, Any] | 
         sched = f"{sched} decay to {c.get('final_lr_fraction', 0):g}·lr"
     if c.get("warmup_epochs"):
         sched = f"{c['warmup_epochs']:g}-epoch warm-up, {sched}"
+    optimizer = c.get("optimizer", "adam")
+    if optimizer == "sgd":
+        name = f"SGD (momentum {c.get('momentum', 0.9):g}{', Nesterov' if c.get('nesterov') else ''})"
+        decay = "L2 weight decay"
+    else:
+        name = {"adam": "Adam", "adamw": "AdamW"}.get(optimizer, optimizer)
+        decay = "decoupled weight decay" if optimizer == "adamw" else "L2 weight decay"
     text = (
-        f"{c['epochs']} epoch{'s' if c['epochs'] != 1 else ''}, B = {c['batch_size']}, Adam lr {c['lr']:g} ({sched}), "
-        f"L2 weight decay {c['weight_decay']:g}, validation split {c.get('val_fraction', 0):g}"
+        f"{c['epochs']} epoch{'s' if c['epochs'] != 1 else ''}, B = {c['batch_size']}, {name} lr {c['lr']:g} ({sched}), "
+        f"{decay} {c['weight_decay']:g}, validation split {c.get('val_fraction', 0):g}"
     )
+    extras = []
+    if c.get("augment"):
+        extras.append("crop + flip augmentation")
+    if c.get("train_subset"):
+        extras.append(f"training subset of {c['train_subset']:,} samples")
+    if c.get("model"):
+        extras.append(f"model {c['model']}")
+    if extras:
+        text += ", " + ", ".join(extras)
     if method_kwargs:
         text += "; method settings " + ", ".join(f"{k}={v}" for k, v in sorted(method_kwargs.items()))
     return text
@@ -164,10 +180,13 @@ def comparison_note(what: str, against: str, comparisons: Sequence[Comparison], 
         parts.append(
             "Rows shown as `a vs b` are unpaired: Welch's t-test; effect g: Hedges' g (pooled SD)."
         )
-    parts.append(
-        f"*Holm*: Holm–Bonferroni adjustment over the {_plural(len(tested), 'test')} of this table "
-        "(each kind of test its own family). Effect intervals invert the noncentral t distribution."
-    )
+    if tested:
+        parts.append(
+            f"*Holm*: Holm–Bonferroni adjustment over the {_plural(len(tested), 'test')} of this table "
+            "(each kind of test its own family). Effect intervals invert the noncentral t distribution."
+        )
+    else:
+        parts.append("No comparison here can be tested (see its note).")
     mdes = [c.mde for c in comparisons if math.isfinite(c.mde)]
     if mdes:
         ns = sorted({c.n_pairs if c.paired else min(c.n_a, c.n_b) for c in comparisons if math.isfinite(c.mde)})
