@@ -23,6 +23,8 @@ from flatness.experiments.tasks import get_task
 
 BC = "breast-cancer-mlp"
 RESULTS = Path(__file__).resolve().parents[1] / "results"
+# version-1 records as release 0.1 committed them (results/ now holds version 2)
+V1_RECORDS = Path(__file__).resolve().parent / "data" / "v1_records"
 
 
 def _record(**changes) -> RunRecord:
@@ -49,8 +51,8 @@ def test_round_trip_keeps_every_field_and_extras(tmp_path):
 
 
 def test_committed_version_1_records_are_read_and_match_their_runs():
-    paths = sorted(RESULTS.glob("*/*.json"))
-    assert len(paths) > 100 and all(json.loads(p.read_text())["version"] == 1 for p in paths)
+    paths = sorted(V1_RECORDS.glob("*/*.json"))
+    assert len(paths) == 6 and all(json.loads(p.read_text())["version"] == 1 for p in paths)
     for directory in sorted({p.parent for p in paths}):
         for record in load_records(directory):
             assert record.complete and record.final_test_acc is not None
@@ -58,8 +60,15 @@ def test_committed_version_1_records_are_read_and_match_their_runs():
             assert record.final_test_loss == record.curves["test_loss"][-1]  # v1 had it as a curve
     # the committed runs count as done for the command that made them (same identity)
     specs = build_grid(BC, "fa", [0.0, 0.01], seeds=3)
-    todo, done = pending_runs(specs, RESULTS / BC)
+    todo, done = pending_runs(specs, V1_RECORDS / BC)
     assert todo == [] and len(done) == 6
+
+
+def test_committed_results_are_version_2_records():
+    paths = sorted(RESULTS.glob("*/*.json"))
+    assert len(paths) > 100 and all(json.loads(p.read_text())["version"] == 2 for p in paths)
+    for directory in sorted({p.parent for p in paths}):
+        assert all(r.complete and r.final_train_loss is not None for r in load_records(directory))
 
 
 @pytest.mark.parametrize(
