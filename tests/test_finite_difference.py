@@ -286,6 +286,10 @@ _DDP_SCRIPT = textwrap.dedent(
         method.step(*take_shard(x, y, rank, world), opt)
     if rank == 0:
         torch.save(model.state_dict(), {out!r})
+    # release DDP's reducer before its process group: freed after it, at interpreter exit, its
+    # threads abort the process ("terminate called without an active exception")
+    del method, ddp
+    dist.barrier()
     dist.destroy_process_group()
     """
 )
