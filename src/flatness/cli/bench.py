@@ -30,6 +30,12 @@ def print_result(result: dict[str, object], as_json: bool, title: str) -> None:
         print(f"  {key:<{width}}  {text}")
 
 
+def _threads_and_quick(p: argparse.ArgumentParser, tiny: str) -> None:
+    """The flags every benchmark shares after its own: thread count and the smoke-test size."""
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--quick", action="store_true", help=f"{tiny}, for smoke tests")
+
+
 def _cmd_overhead(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.rounds < 1:
         raise ValueError("--steps and --rounds must be >= 1")
@@ -46,8 +52,7 @@ def _add_overhead(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=24, help="timed steps (or windows) per case (>= 20)")
     p.add_argument("--rounds", type=int, default=4, help="interleaved timing rounds")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--quick", action="store_true", help="tiny model, for smoke tests")
+    _threads_and_quick(p, "tiny model")
     p.set_defaults(func=_cmd_overhead)
 
 
@@ -81,8 +86,7 @@ def _add_methods(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=24, help="timed steps per case")
     p.add_argument("--rounds", type=int, default=4, help="interleaved timing rounds")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--quick", action="store_true", help="tiny model, for smoke tests")
+    _threads_and_quick(p, "tiny model")
     p.add_argument("--vmap", action="store_true", help="also time the per-example vmap fallback")
     p.add_argument("--profile", action="store_true", help="print a profile of a curvature step")
     p.set_defaults(func=_cmd_methods)
@@ -113,8 +117,7 @@ def _add_measures(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grid", type=int, default=21, help="points per axis of the 2D surface")
     p.add_argument("--train-steps", type=int, default=50, help="Adam steps before measuring")
     p.add_argument("--data-dir", default=None, help="where CIFAR-100 is looked for")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--quick", action="store_true", help="tiny model and data, for smoke tests")
+    _threads_and_quick(p, "tiny model and data")
     p.set_defaults(func=_cmd_measures)
 
 
@@ -160,8 +163,7 @@ def _add_variance(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=12, help="timed calls per estimator")
     p.add_argument("--rounds", type=int, default=4, help="interleaved timing rounds")
     p.add_argument("--data-dir", default=None, help="where CIFAR-100 is looked for")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--quick", action="store_true", help="tiny model and data, for smoke tests")
+    _threads_and_quick(p, "tiny model and data")
     p.set_defaults(func=_cmd_variance)
 
 
@@ -181,8 +183,7 @@ def _add_arch(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     p.add_argument("--reps", type=int, default=2, help="timed steps (or windows) per case and round")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--quick", action="store_true", help="tiny models, for smoke tests")
+    _threads_and_quick(p, "tiny models")
     p.set_defaults(func=_cmd_arch)
 
 
