@@ -197,3 +197,59 @@ def test_protocol_line_names_the_optimizer_and_the_subset():
     assert "SGD (momentum 0.9) lr 0.1" in line and "training subset of 10,000 samples" in line
     assert "Adam lr 0.001" in protocol_line(get_task(BC).config.as_dict())
     assert "AdamW lr 0.001" in protocol_line(get_task("cifar100-vit").config.as_dict())
+
+
+def test_variants_and_compositions_against_their_reference():
+    """A λ controller's runs against fixed λ at the same λ; sam+fa against sam at the same ρ;
+    paired by seed, Holm over each table, cost as the ratio of mean training seconds."""
+    fixed = {1.0: [0.10, 0.12, 0.09, 0.11], 0.1: [0.25, 0.26, 0.25, 0.27]}
+    ratio = {1.0: [0.24, 0.25, 0.26, 0.24], 0.1: [0.26, 0.26, 0.27, 0.27]}
+    records = [_record(v, s, a) for v, row in fixed.items() for s, a in enumerate(row)]
+    for v, row in ratio.items():
+        for s, a in enumerate(row):
+            r = _record(v, s, a)
+            records.append(dataclasses.replace(
+                r, name=r.name + "_kabc", variant_id="abc", train_seconds=2 * r.train_seconds,
+                method_kwargs={**r.method_kwargs, "lam_control": "ratio:0.1"}))
+    sam = [0.30, 0.31, 0.30, 0.32]
+    records += [_record(0.05, s, a, method="sam", hparam="rho") for s, a in enumerate(sam)]
+    both = [0.31, 0.30, 0.33, 0.33]
+    for s, a in enumerate(both):
+        r = _record(0.05, s, a, method="sam+fa", hparam="rho")
+        records.append(dataclasses.replace(r, variant_id="def", method_kwargs={"lam": 0.01}))
+    groups = {(g.method, g.variant_id): g for g in summarize(records)}
+    assert groups[("fa", "")].reference == "" and not groups[("fa", "")].reference_comparisons()
+    g = groups[("fa", "abc")]
+    assert g.reference.startswith("`fa`")
+    cs = [c for _, c in g.reference_comparisons()]
+    raw = [stats.ttest_rel(ratio[v], fixed[v]).pvalue for v in (0.1, 1.0)]
+    assert [c.p_t for c in cs] == pytest.approx(raw) and [c.p_t_holm for c in cs] == pytest.approx(holm(raw))
+    assert cs[1].difference == pytest.approx(np.mean(np.subtract(ratio[1.0], fixed[1.0])))
+    md = markdown(list(groups.values()))
+    assert "### Against `fa`, default settings" not in md  # the fixed group is the reference
+    assert "0.1: ×2.00; 1: ×2.00" in md
+    g = groups[("sam+fa", "def")]
+    (c,) = [c for _, c in g.reference_comparisons()]
+    assert g.reference.startswith("`sam`") and c.p_t == pytest.approx(stats.ttest_rel(both, sam).pvalue)
+    assert c.n_pairs == 4 and "### Against `sam`" in md
+
+
+def test_a_detectably_sharper_strength_gets_its_one_line_reason():
+    flat = {0.0: [1.0, 1.2, 0.9, 1.1, 1.0], 1.0: [100.0, 150.0, 80.0, 120.0, 90.0]}
+    records = []
+    for v, row in flat.items():
+        for s, f in enumerate(row):
+            r = _record(v, s, 0.95, flat=f)
+            records.append(dataclasses.replace(r, final_train_loss=0.02 if v else 0.0004))
+    (g,) = summarize(records)
+    why = [line for line in markdown([g]).splitlines() if line.startswith("Why Tr(H²)/B can rise")]
+    assert len(why) == 1 and "0.02 against 0.0004" in why[0]
+    # the same curvatures without the loss gap: a rise the training loss does not explain
+    same_loss = [dataclasses.replace(r, final_train_loss=0.0004) for r in records]
+    (why,) = [line for line in markdown(summarize(same_loss)).splitlines() if line.startswith("Why")]
+    assert "not explained by the training loss" in why
+    # no rise, no line
+    (g,) = summarize([r for r in records if r.value == 0.0] + [
+        dataclasses.replace(r, measured_sq_trace_per_B=r.measured_sq_trace_per_B / 100)
+        for r in records if r.value == 1.0])
+    assert "Why Tr(H²)/B" not in markdown([g])

@@ -174,7 +174,7 @@ def test_cifar_model_uses_the_tuned_initial_scale():
     torch.manual_seed(0)
     reference = mlp(3072, 100, (512, 256), dropout=0.3)
     assert [m.out_features for m in model if isinstance(m, nn.Linear)] == [512, 256, 100]
-    assert torch.equal(model[0].weight, task.weight_scale * reference[0].weight)
+    assert torch.equal(model[0].weight, task.model_defaults["weight_scale"] * reference[0].weight)
 
 
 def test_breast_cancer_task_model_loss_predict():

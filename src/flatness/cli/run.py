@@ -121,6 +121,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             get_task(task).protocol(args.protocol)
     check_device(args.device)
     method_kwargs = _parse_assignments(args.method_arg, "--method-arg")
+    model_kwargs = _parse_assignments(args.model_arg, "--model-arg")
     for key, value in (("probes", args.probes), ("every", args.every)):
         if value is not None:
             if value < 1:
@@ -138,6 +139,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             config_overrides=overrides,
             method_kwargs=method_kwargs,
             trajectory=args.trajectory,
+            model_kwargs=model_kwargs,
             protocol=args.protocol,
         )
     if args.shard:
@@ -220,6 +222,13 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         action="append",
         metavar="KEY=VALUE",
         help="extra keyword argument of the method (repeatable; VALUE is JSON or a word)",
+    )
+    p.add_argument(
+        "--model-arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a model setting of the task, e.g. weight_scale=1.0 or hidden=[256,128] (repeatable; "
+        "VALUE is JSON or a word); a non-default setting is part of the run names",
     )
     p.add_argument("--data-dir", help="data directory (default: $FLATNESS_DATA or ~/.cache/flatness)")
     p.add_argument("--out", default="runs", help="results root; a folder per task (default: runs)")

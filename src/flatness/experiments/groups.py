@@ -6,7 +6,10 @@ baseline of a group is its strength-0 row, or else the ``none`` method's runs wi
 protocol in the same directory. Each other row's final test accuracy is compared with the
 baseline's, paired by seed (same seed: same initial weights and data order), by
 :func:`flatness.experiments.stats.compare_samples`; the p-values of a group's rows are
-Holm-adjusted together (one table, one family).
+Holm-adjusted together (one table, one family). A group with non-default method settings (a
+λ schedule or controller) or a composed method (``sam+fa``) is also set against its
+*reference* (:func:`reference_group`: fixed λ; ``sam`` alone) at the same strength, paired by
+seed, Holm-adjusted over that table.
 
 Example:
     >>> from flatness.experiments.groups import sam_twin
@@ -32,6 +35,7 @@ __all__ = [
     "METRICS",
     "load_records",
     "sam_twin",
+    "reference_group",
     "Row",
     "Group",
     "summarize",
@@ -48,6 +52,7 @@ SYMBOLS = {"lam": "λ", "rho": "ρ", "alpha": "α", "eps": "ε"}
 FLATNESS_METRIC = "measured_sq_trace_per_B"
 METRICS = (
     "final_test_acc",
+    "final_train_loss",
     "best_test_acc",
     "val_chosen_test_acc",
     "avg_train_sq_trace_per_B",
@@ -86,6 +91,8 @@ class Row:
     over the group); ``flatness_vs_baseline``: the same for log10 of the final measured
     Tr(H²)/B (a ratio of curvatures is what compares across strengths); ``role``: ``"baseline"``, ``"no baseline"`` or ``""`` (compared).
     ``sam_rho``: set when this is a gnp configuration identical to SAM at that ρ.
+    ``reference``/``vs_reference``/``flatness_vs_reference``: the same strength of the group's
+    reference (:func:`reference_group`) and the two comparisons with it.
     """
 
     value: float | None
@@ -96,6 +103,9 @@ class Row:
     flatness_vs_baseline: Comparison | None = None
     role: str = ""
     sam_rho: float | None = None
+    vs_reference: Comparison | None = None
+    flatness_vs_reference: Comparison | None = None
+    reference: Row | None = None
 
     @property
     def seeds(self) -> list[int]:
@@ -126,6 +136,7 @@ class Group:
     method_kwargs: dict[str, Any]
     rows: list[Row]
     baseline: str = ""
+    reference: str = ""
 
     @property
     def slug(self) -> str:
@@ -149,6 +160,60 @@ class Group:
     def flatness_comparisons(self) -> list[tuple[Row, Comparison]]:
         """The rows' log10 final Tr(H²)/B compared with the baseline's, in table order."""
         return [(row, row.flatness_vs_baseline) for row in self.rows if row.flatness_vs_baseline is not None]
+
+    def reference_comparisons(self, flatness: bool = False) -> list[tuple[Row, Comparison]]:
+        """The rows compared with the same strength of the reference group, in table order."""
+        pairs = [(row, row.flatness_vs_reference if flatness else row.vs_reference) for row in self.rows]
+        return [(row, c) for row, c in pairs if c is not None]
+
+
+def reference_group(g: Group, groups: Sequence[Group]) -> Group | None:
+    """What a configured variant is measured against, strength by strength.
+
+    A group with non-default method settings (a λ schedule or controller, another estimator)
+    is set against the same method with its default settings (fixed λ); a composed method
+    ``A+B`` without such a group against ``A`` alone (``sam+fa`` against ``sam`` at the same ρ).
+    Same task and protocol; ``None`` when there is no such group.
+    """
+    same = [h for h in groups if h is not g and h.task == g.task and h.protocol_id == g.protocol_id
+            and not h.variant_id]
+    if g.variant_id:
+        fixed = [h for h in same if h.method == g.method and h.hparam == g.hparam]
+        if fixed:
+            return fixed[0]
+    if "+" in g.method:
+        first = [h for h in same if h.method == g.method.split("+")[0]]
+        if first:
+            return first[0]
+    return None
+
+
+def _settings_label(g: Group) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(g.method_kwargs.items())) or "default settings"
+
+
+def _compare_with_reference(g: Group, groups: Sequence[Group]) -> None:
+    ref = reference_group(g, groups)
+    if ref is None:
+        return
+    g.reference = f"`{ref.method}`, {_settings_label(ref)}"
+    by_value = {row.value: row for row in ref.rows if row.runs}
+    for row in g.rows:
+        other = by_value.get(row.value)
+        if other is None or not row.runs:
+            continue
+        row.reference = other
+        row.vs_reference = compare_samples(row.by_seed("final_test_acc"), other.by_seed("final_test_acc"))
+        row.flatness_vs_reference = compare_samples(
+            row.log10_by_seed(FLATNESS_METRIC), other.log10_by_seed(FLATNESS_METRIC)
+        )
+    for flatness in (False, True):
+        compared = g.reference_comparisons(flatness)
+        for (row, _), c in zip(compared, adjust_holm([c for _, c in compared])):
+            if flatness:
+                row.flatness_vs_reference = c
+            else:
+                row.vs_reference = c
 
 
 def _group_rows(recs: Sequence[RunRecord]) -> list[Row]:
@@ -206,4 +271,6 @@ def summarize(records: Sequence[RunRecord]) -> list[Group]:
         adjusted = iter(adjust_holm([c for _, c in g.flatness_comparisons]))
         for row, _ in g.flatness_comparisons:
             row.flatness_vs_baseline = next(adjusted)
+    for g in groups:
+        _compare_with_reference(g, groups)
     return groups

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..layers import SparseLinear
 
-__all__ = ["mlp", "logistic_regression"]
+__all__ = ["mlp", "logistic_regression", "check_mlp_setting"]
 
 
 def mlp(
@@ -58,6 +59,30 @@ def mlp(
                 if isinstance(layer, nn.Linear):
                     layer.weight.mul_(weight_scale)
     return model
+
+
+def check_mlp_setting(name: str, value: Any) -> Any:
+    """A keyword of :func:`mlp` (``hidden``, ``dropout``, ``weight_scale``) checked and normalised.
+
+    Values come as JSON gives them (a command line's ``weight_scale=1``): ``hidden`` becomes a
+    list of positive ints, the others floats, so ``1`` and ``1.0`` name the same run. An invalid
+    value is a ``ValueError`` saying what is expected.
+    """
+    if name == "hidden":
+        if not isinstance(value, (list, tuple)) or not all(
+            isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in value
+        ):
+            raise ValueError(f"hidden must be a list of positive integers (e.g. [512,256]), got {value!r}")
+        return [int(h) for h in value]
+    if name not in ("dropout", "weight_scale"):
+        raise ValueError(f"mlp takes no setting {name!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if name == "dropout" and not 0 <= value < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {value!r}")
+    if name == "weight_scale" and value <= 0:
+        raise ValueError(f"weight_scale must be > 0, got {value!r}")
+    return float(value)
 
 
 def logistic_regression(in_features: int, num_classes: int) -> SparseLinear:

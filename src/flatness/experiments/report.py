@@ -114,6 +114,56 @@ def _group_table(g: Group) -> list[str]:
     return out
 
 
+def _sharper_note(g: Group) -> list[str]:
+    """One line where a strength left the final model detectably *sharper* than the baseline,
+    with the reason the records show when they show it: a training loss kept away from zero."""
+    base = next((row for row in g.rows if row.role == "baseline"), None)
+    if base is None and g.baseline == "method none":
+        return []  # the baseline lives in another group; its loss is in that group's table
+    sharper = [row for row, c in g.flatness_comparisons
+               if c.difference > 0 and math.isfinite(c.p_t_holm) and c.p_t_holm < 0.05]
+    if not sharper:
+        return []
+    row = sharper[-1]
+    loss, base_loss = row.stats["final_train_loss"][0], base.stats["final_train_loss"][0] if base else math.nan
+    line = f"Why Tr(H²)/B can rise under the penalty here ({g.symbol} = {_label(row)}): "
+    if math.isfinite(loss) and math.isfinite(base_loss) and loss > 2 * base_loss:
+        line += (f"the final training loss is {loss:.3g} against {base_loss:.3g} at the baseline — near zero "
+                 "loss the cross-entropy Hessian shrinks with the loss (its output block is diag(p) − ppᵀ), "
+                 "so a penalty that keeps the loss off zero leaves a less confident, higher-curvature model.")
+    else:
+        line += ("not explained by the training loss (within 2× of the baseline's); the penalty is estimated "
+                 "on mini-batches with dropout off, the measure on the final eval-mode model.")
+    return ["", line]
+
+
+def _time_ratio(row: Row) -> float:
+    mine, ref = row.stats["train_seconds"][0], row.reference.stats["train_seconds"][0] if row.reference else math.nan
+    return mine / ref if math.isfinite(mine) and math.isfinite(ref) and ref > 0 else math.nan
+
+
+def _reference_section(g: Group) -> list[str]:
+    """This group against its reference (fixed λ, or the first method of a composition)."""
+    acc, flat = g.reference_comparisons(), g.reference_comparisons(flatness=True)
+    if not acc and not flat:
+        return []
+    sym = g.symbol or "setting"
+    out = ["", f"### Against {g.reference}, at the same {sym}", ""]
+    if acc:
+        out += comparison_table(sym, [(_label(row), c) for row, c in acc])
+        out += ["", comparison_note("the final test accuracy", f"the reference ({g.reference})", [c for _, c in acc])]
+    if flat:
+        out += ["", "Final Tr(H²)/B (measured), log10:", ""]
+        out += comparison_table(sym, [(_label(row), c) for row, c in flat], digits=2)
+        out += ["", comparison_note("log10 of the final measured Tr(H²)/B", f"the reference ({g.reference})",
+                                    [c for _, c in flat], digits=2)]
+    costs = [f"{_label(row)}: ×{_time_ratio(row):.2f}" for row, _ in acc if math.isfinite(_time_ratio(row))]
+    if costs:
+        out += ["", "Cost: mean training seconds over the reference's at the same strength "
+                    f"(from the run records; runs that shared the machine differently are not comparable): {'; '.join(costs)}."]
+    return out
+
+
 def _columns_note() -> str:
     return (
         "Columns. *Final acc*: test accuracy after the last epoch. *Best acc†*: the best test "
@@ -166,6 +216,8 @@ def markdown(groups: Sequence[Group]) -> str:
             out += ["", comparison_note("log10 of the final measured Tr(H²)/B", f"the baseline ({g.baseline})",
                                         [c for _, c in g.flatness_comparisons], digits=2)
                     + " A Δ of -0.30 halves Tr(H²)/B; +1 multiplies it by 10."]
+            out += _sharper_note(g)
+        out += _reference_section(g)
         out.append("")
     out += [_columns_note(), ""]
     return "\n".join(out)
@@ -178,6 +230,13 @@ _STAT_FIELDS = [
 CSV_FIELDS = [
     "task", "method", "hparam", "value", "variant_id", "protocol_id", "runs", "failed", "seeds",
 ] + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")] + _STAT_FIELDS
+# this strength against the same strength of the group's reference (fixed λ; SAM alone)
+_REF_FIELDS = [
+    "reference", "ref_acc_difference", "ref_acc_p_t", "ref_acc_p_t_holm", "ref_acc_p_wilcoxon",
+    "ref_acc_p_wilcoxon_holm", "ref_log10_sq_trace_difference", "ref_log10_sq_trace_p_t",
+    "ref_log10_sq_trace_p_t_holm", "ref_time_ratio",
+]
+CSV_FIELDS += _REF_FIELDS
 
 
 def _num(x: float) -> str:
@@ -210,6 +269,16 @@ def csv_text(groups: Sequence[Group]) -> str:
                     p_t_holm=_num(c.p_t_holm), p_wilcoxon=_num(c.p_wilcoxon),
                     p_wilcoxon_holm=_num(c.p_wilcoxon_holm), mde=_num(c.mde), p_note=c.note,
                 )
+            a, f = row.vs_reference, row.flatness_vs_reference
+            if a is not None:
+                line.update(
+                    reference=g.reference, ref_acc_difference=_num(a.difference), ref_acc_p_t=_num(a.p_t),
+                    ref_acc_p_t_holm=_num(a.p_t_holm), ref_acc_p_wilcoxon=_num(a.p_wilcoxon),
+                    ref_acc_p_wilcoxon_holm=_num(a.p_wilcoxon_holm), ref_time_ratio=_num(_time_ratio(row)),
+                )
+            if f is not None:
+                line.update(ref_log10_sq_trace_difference=_num(f.difference), ref_log10_sq_trace_p_t=_num(f.p_t),
+                            ref_log10_sq_trace_p_t_holm=_num(f.p_t_holm))
             writer.writerow(line)
     return buf.getvalue()
 
