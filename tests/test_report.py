@@ -253,3 +253,14 @@ def test_a_detectably_sharper_strength_gets_its_one_line_reason():
         dataclasses.replace(r, measured_sq_trace_per_B=r.measured_sq_trace_per_B / 100)
         for r in records if r.value == 1.0])
     assert "Why Tr(H²)/B" not in markdown([g])
+
+
+def test_runs_of_another_model_setting_form_their_own_group():
+    records = [_record(None, s, 0.9, method="none", hparam=None) for s in range(3)]
+    records += [dataclasses.replace(r, name=r.name + "_mabc", model_kwargs={"weight_scale": 1.0},
+                                    final_test_acc=0.8) for r in records]
+    groups = summarize(records)
+    assert len(groups) == 2
+    other = next(g for g in groups if g.model_id)
+    assert other.rows[0].stats["final_test_acc"][0] == pytest.approx(0.8)
+    assert "model weight_scale=1.0" in markdown(groups) and other.slug.startswith("none_m")

@@ -27,6 +27,7 @@ from typing import Any
 
 from ..methods import METHODS
 from .record import RunRecord, load_records
+from .specs import _short_hash
 from .stats import Comparison, adjust_holm, compare_samples, mean_std
 
 __all__ = [
@@ -137,12 +138,19 @@ class Group:
     rows: list[Row]
     baseline: str = ""
     reference: str = ""
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # non-default model settings
+
+    @property
+    def model_id(self) -> str:
+        return model_tag(self.model_kwargs)
 
     @property
     def slug(self) -> str:
         parts = [self.method]
         if self.variant_id:
             parts.append(f"k{self.variant_id}")
+        if self.model_id:
+            parts.append(f"m{self.model_id}")
         if self.protocol_id:
             parts.append(f"p{self.protocol_id}")
         return "_".join(parts)
@@ -176,7 +184,7 @@ def reference_group(g: Group, groups: Sequence[Group]) -> Group | None:
     Same task and protocol; ``None`` when there is no such group.
     """
     same = [h for h in groups if h is not g and h.task == g.task and h.protocol_id == g.protocol_id
-            and not h.variant_id]
+            and h.model_id == g.model_id and not h.variant_id]
     if g.variant_id:
         fixed = [h for h in same if h.method == g.method and h.hparam == g.hparam]
         if fixed:
@@ -230,19 +238,25 @@ def _group_rows(recs: Sequence[RunRecord]) -> list[Row]:
     return rows
 
 
+def model_tag(model_kwargs: Mapping[str, Any]) -> str:
+    """``""`` for the task's default model, else a short tag of its settings (as run names)."""
+    return _short_hash(dict(model_kwargs)) if model_kwargs else ""
+
+
 def summarize(records: Sequence[RunRecord]) -> list[Group]:
     """Group records; per strength, statistics over seeds and the comparison with the baseline."""
     keyed: dict[tuple[Any, ...], list[RunRecord]] = {}
     for r in records:
-        key = (r.task, r.method, r.hparam, r.variant_id, r.protocol_id)
+        key = (r.task, r.method, r.hparam, r.variant_id, r.protocol_id, model_tag(r.model_kwargs))
         keyed.setdefault(key, []).append(r)
     groups = []
-    for (task, method, hparam, variant, protocol), recs in sorted(keyed.items(), key=lambda kv: str(kv[0])):
+    for (task, method, hparam, variant, protocol, _), recs in sorted(keyed.items(), key=lambda kv: str(kv[0])):
         kwargs = recs[0].method_kwargs
         rows = _group_rows(recs)
         for row in rows:
             row.sam_rho = sam_twin(method, row.value, kwargs)
-        groups.append(Group(task, method, hparam, variant, protocol, recs[0].config, kwargs, rows))
+        groups.append(Group(task, method, hparam, variant, protocol, recs[0].config, kwargs, rows,
+                            model_kwargs=dict(recs[0].model_kwargs)))
     for g in groups:
         base: Row | None = None
         zero = [row for row in g.rows if row.value == 0]
@@ -251,7 +265,8 @@ def summarize(records: Sequence[RunRecord]) -> list[Group]:
         else:
             plain = [
                 h for h in groups
-                if h.method == "none" and h.task == g.task and h.protocol_id == g.protocol_id and h is not g
+                if h.method == "none" and h.task == g.task and h.protocol_id == g.protocol_id
+                and h.model_id == g.model_id and h is not g
             ]
             if plain and plain[0].rows and plain[0].rows[0].runs:
                 base, g.baseline = plain[0].rows[0], "method none"

@@ -79,7 +79,7 @@ def _label(row: Row) -> str:
 
 
 def _group_table(g: Group) -> list[str]:
-    paper = PAPER_FINAL_ACC.get(g.task, {}) if g.method == "fa" and not g.protocol_id else {}
+    paper = PAPER_FINAL_ACC.get(g.task, {}) if g.method == "fa" and not g.protocol_id and not g.model_id else {}
     head = [
         g.symbol or "setting", "runs", "Final acc", "Best acc†", "Val-chosen acc", "Avg. flatness (train est.)",
         "Avg. flatness (measured)", "Final Tr(H²)/B (measured)", "λ_max", "Tr(H)",
@@ -187,8 +187,10 @@ def markdown(groups: Sequence[Group]) -> str:
     for g in groups:
         task = TASKS.get(g.task)
         title = f"## {g.task} — method `{g.method}`"
-        if task is not None and task.paper_table and g.method == "fa":
+        if task is not None and task.paper_table and g.method == "fa" and not g.model_id:
             title += f" (the paper's {task.paper_table})"
+        if g.model_id:
+            title += ", model " + ", ".join(f"{k}={v}" for k, v in sorted(g.model_kwargs.items()))
         out += [title, ""]
         if task is not None:
             out.append(f"{task.description}. Protocol: {protocol_line(g.config, g.method_kwargs)}.")
