@@ -234,3 +234,28 @@ def test_penalty_gradient_through_norm_layers_is_exact(norm, dims, shape):
     assert v_fused == pytest.approx(v_ref, rel=1e-10)
     for a, b in zip(g_fused, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_second_derivatives_through_fused_norm_layers_are_exact():
+    """Why the curvature method's pass keeps torch's fused BN/GN/LN kernels: the gradient of
+    the mean squared per-example gradient norm (a second derivative) equals the one through
+    norm layers decomposed into primitives, in float64."""
+    from flatness.per_example import per_example_sq_grad_norms
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+            nn.GroupNorm(2, 4), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5), nn.LayerNorm(5),
+            nn.Linear(5, 3),
+        ).double().train()
+
+    torch.manual_seed(1)
+    x, y = torch.randn(8, 3, 6, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
+    grads = []
+    for exact in (True, False):
+        model = build()
+        with curvature_pass(model, exact_norms=exact):
+            sq = per_example_sq_grad_norms(model, nn.CrossEntropyLoss(), x, y, create_graph=True).sq_norms
+        grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(sq.mean(), list(model.parameters()))]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-10, atol=1e-12)

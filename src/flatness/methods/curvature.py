@@ -103,7 +103,9 @@ class CurvatureTerm(Term):
                 sq = None
         if sq is None:
             local = unwrap(evaluation.model)
-            with curvature_pass(local):
+            # second derivatives only: torch's fused norm kernels are exact there (their third
+            # derivatives are not, which is what the FA penalty needs; flatness.passes)
+            with curvature_pass(local, exact_norms=False):
                 norms = per_example_sq_grad_norms(
                     local, evaluation.loss_fn, evaluation.x, evaluation.y,
                     impl=self.impl, create_graph=True,  # type: ignore[arg-type]
