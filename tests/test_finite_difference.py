@@ -320,3 +320,39 @@ def test_two_gloo_ranks_equal_the_one_process_twin(tmp_path):
     for key, value in model.state_dict().items():
         torch.testing.assert_close(ddp[key], value, rtol=0, atol=1e-9)
     assert float((ddp["3.weight"] - smooth_cnn()[3].weight).abs().max()) > 1e-4  # it trained
+
+
+@pytest.mark.parametrize("build", [smooth_cnn, relu_bn_cnn])
+def test_fa_method_shares_the_task_gradient_as_g_theta(build):
+    """The method's step takes g(θ) from its task pass (one forward pass fewer) and updates the
+    weights as the unshared step does."""
+    from flatness.methods.base import Here
+    from flatness.methods.fa import SharedTaskGradient
+
+    x, y = images(8)
+    results = {}
+    for shared in (True, False):
+        model = build().double()
+        method = make_method("fa", model, CE, lam=0.1, probes=2, every=1, seed=0, backend="finite-difference")
+        assert isinstance(method.point, SharedTaskGradient)
+        if not shared:
+            method.point = Here()
+        calls = []
+        model.register_forward_pre_hook(lambda *_: calls.append(1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        info = method.step(x.double(), y, opt)
+        results[shared] = (torch.cat([p.detach().flatten() for p in model.parameters()]), len(calls), info)
+    (w_shared, n_shared, info), (w_plain, n_plain, plain_info) = results[True], results[False]
+    assert n_shared == n_plain - 1
+    assert torch.allclose(w_shared, w_plain, rtol=1e-9, atol=1e-12)
+    assert info["sq_trace"] == pytest.approx(plain_info["sq_trace"], rel=1e-9)
+    assert float(info["loss"]) == pytest.approx(float(plain_info["loss"]), rel=1e-12)
+
+
+def test_fa_method_with_dropout_does_not_share_the_task_gradient():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 3)).double()
+    x, y = images(8)
+    method = make_method("fa", model, CE, lam=0.1, probes=1, every=1, seed=0, backend="finite-difference")
+    assert not method.penalty.shares_task_gradient()
+    info = method.step(x, y, torch.optim.SGD(model.parameters(), lr=0.05))
+    assert info["sq_trace"] > 0

@@ -168,16 +168,19 @@ class FrozenKinks(TorchFunctionMode):
         self.masks: list[Tensor] = []
         self._replay = False
         self._position = 0
+        self._recorded = False
 
     @property
     def recorded(self) -> bool:
-        return bool(self.masks)
+        """A forward pass has been recorded (a model without ReLU records no mask at all)."""
+        return self._recorded
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[None]:
-        self.masks, self._replay = [], False
+        self.masks, self._replay, self._recorded = [], False, False
         with self:
             yield
+        self._recorded = True
 
     @contextlib.contextmanager
     def replaying(self) -> Iterator[None]:

@@ -233,7 +233,18 @@ class FlatnessPenalty:
         first = shared[1] if shared is not None and shared[0] is x else None
         return self._penalty(x, y, first, prefix, log)
 
-    def objective(self, x: Any, y: Any) -> tuple[Tensor, Tensor]:
+    def shares_task_gradient(self) -> bool:
+        """Whether :meth:`objective` takes this step's g(θ) from the task pass (see there)."""
+        return (
+            self.backend == "finite-difference"
+            and self.is_active()
+            and self.sub_batch is None
+            and self._params is None
+            and not getattr(self.policy, "needs_grad_norms", False)
+            and same_function_in_train_mode(self.local_model)
+        )
+
+    def objective(self, x: Any, y: Any, *, log: dict[str, float] | None = None) -> tuple[Tensor, Tensor]:
         """``(task_loss, task_loss + self(x, y))`` on this mini-batch, the second to back-propagate.
 
         The task loss is ``loss_fn(model(x), y)`` with the model in its current modes. The
@@ -253,22 +264,15 @@ class FlatnessPenalty:
             >>> loss, total = penalty.objective(torch.randn(16, 4), torch.randint(0, 3, (16,)))
             >>> total.backward()
         """
-        if not (
-            self.backend == "finite-difference"
-            and self.is_active()
-            and self.sub_batch is None
-            and self._params is None
-            and not getattr(self.policy, "needs_grad_norms", False)
-            and same_function_in_train_mode(self.local_model)
-        ):
+        if not self.shares_task_gradient():
             loss = self.loss_fn(call_model(self.model, x), y)
-            return loss, loss + self(x, y)
+            return loss, loss + self(x, y, log=log)
         params = self.params
         kinks = FrozenKinks()
         with kinks.recording():
             loss = self.loss_fn(call_model(self.model, x), y)
         grads = torch.autograd.grad(loss, params)
-        penalty = self._penalty(x, y, None, None, None, grad0=grads, kinks=kinks)
+        penalty = self._penalty(x, y, None, None, log, grad0=grads, kinks=kinks)
         return loss.detach(), fd_surrogate(params, loss.detach(), grads) + penalty
 
     @contextlib.contextmanager
