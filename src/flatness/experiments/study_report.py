@@ -144,6 +144,16 @@ def _fmt(value: float, low: float | None = None, high: float | None = None) -> s
     return text
 
 
+def _gap_vs_accuracy(gap: np.ndarray, acc: np.ndarray) -> str:
+    """How the two targets relate in this population: read every τ below against it."""
+    tau, low, high = kendall_tau_ci(gap, acc)
+    text = f"Kendall τ_b between the accuracy gap and test accuracy: {_fmt(tau, low, high)}"
+    if math.isfinite(low) and low > 0:
+        text += (" — here a larger gap goes with higher test accuracy: a measure of how closely a "
+                 "model fits its training set predicts both")
+    return text + "."
+
+
 def _markdown(population: Population, grid: StudyGrid, ranking: list[dict[str, Any]],
               plane: dict[str, Any]) -> str:
     axes = varied_axes(population)
@@ -158,6 +168,7 @@ def _markdown(population: Population, grid: StudyGrid, ranking: list[dict[str, A
         + (f": {', '.join(population.failed)}" if population.failed else "") + ".",
         f"Test accuracy {acc.min():.4f} to {acc.max():.4f}; accuracy gap (train − test, eval mode) "
         f"{gap.min():+.4f} to {gap.max():+.4f}.",
+        _gap_vs_accuracy(gap, acc),
         f"Time: training {population.train_seconds:.0f} s (sum of the run records), measuring "
         f"{population.measure_seconds:.0f} s.",
         "",
