@@ -227,7 +227,7 @@ def test_variants_and_compositions_against_their_reference():
     assert cs[1].difference == pytest.approx(np.mean(np.subtract(ratio[1.0], fixed[1.0])))
     md = markdown(list(groups.values()))
     assert "### Against `fa`, default settings" not in md  # the fixed group is the reference
-    assert "0.1: ×2.00; 1: ×2.00" in md
+    assert "0.1: ×2.00; 1: ×2.00" in md  # median training seconds, twice the reference's
     g = groups[("sam+fa", "def")]
     (c,) = [c for _, c in g.reference_comparisons()]
     assert g.reference.startswith("`sam`") and c.p_t == pytest.approx(stats.ttest_rel(both, sam).pvalue)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,6 +58,7 @@ from .tables import (
     p_cell,
     protocol_line,
 )
+from .specs import default_method_kwargs
 from .tasks import TASKS
 
 __all__ = [
@@ -137,8 +139,15 @@ def _sharper_note(g: Group) -> list[str]:
     return ["", line]
 
 
+def _median_seconds(row: Row | None) -> float:
+    values = [r.get("train_seconds") for r in row.runs] if row is not None else []
+    values = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return statistics.median(values) if values else math.nan
+
+
 def _time_ratio(row: Row) -> float:
-    mine, ref = row.stats["train_seconds"][0], row.reference.stats["train_seconds"][0] if row.reference else math.nan
+    """Median training seconds over the reference's (a median: one slowed run moves a mean)."""
+    mine, ref = _median_seconds(row), _median_seconds(row.reference)
     return mine / ref if math.isfinite(mine) and math.isfinite(ref) and ref > 0 else math.nan
 
 
@@ -159,7 +168,7 @@ def _reference_section(g: Group) -> list[str]:
                                     [c for _, c in flat], digits=2)]
     costs = [f"{_label(row)}: ×{_time_ratio(row):.2f}" for row, _ in acc if math.isfinite(_time_ratio(row))]
     if costs:
-        out += ["", "Cost: mean training seconds over the reference's at the same strength "
+        out += ["", "Cost: median training seconds over the reference's at the same strength "
                     f"(from the run records; runs that shared the machine differently are not comparable): {'; '.join(costs)}."]
     return out
 
@@ -187,7 +196,11 @@ def markdown(groups: Sequence[Group]) -> str:
     for g in groups:
         task = TASKS.get(g.task)
         title = f"## {g.task} — method `{g.method}`"
-        if task is not None and task.paper_table and g.method == "fa" and not g.model_id:
+        if g.variant_id:
+            default = default_method_kwargs(g.task, g.method) if g.task in TASKS else {}
+            changed = {k: v for k, v in g.method_kwargs.items() if default.get(k, object()) != v}
+            title += ", " + ", ".join(f"{k}={v}" for k, v in sorted(changed.items()))
+        elif task is not None and task.paper_table and g.method == "fa" and not g.model_id:
             title += f" (the paper's {task.paper_table})"
         if g.model_id:
             title += ", model " + ", ".join(f"{k}={v}" for k, v in sorted(g.model_kwargs.items()))
