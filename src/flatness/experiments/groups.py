@@ -53,6 +53,7 @@ SYMBOLS = {"lam": "λ", "rho": "ρ", "alpha": "α", "eps": "ε"}
 FLATNESS_METRIC = "measured_sq_trace_per_B"
 METRICS = (
     "final_test_acc",
+    "final_val_acc",
     "final_train_loss",
     "best_test_acc",
     "val_chosen_test_acc",

@@ -141,7 +141,7 @@ _CIFAR = "cifar100-mlp"
 # model (every study measure, timed against training steps of `none` at B = 128 in the same
 # one-thread process) cost as much as 2,067 such steps, about 36 s at the records' 17 ms per
 # step. 90 models: about 26 min of training with --jobs 2 and at most 55 min of measuring.
-# Learning rates stop at the tuned 1e-3: tasks.py reports 2e-3 unstable for this MLP.
+# Learning rates stop at the tuned 1e-3: 2e-3 is unstable for this MLP (results/cifar100-mlp/tuning).
 _CIFAR_PROTOCOL = {"epochs": 4, "warmup_epochs": 1.0}
 GRIDS: dict[tuple[str, str], StudyGrid] = {
     (_BREAST, "small"): StudyGrid(
