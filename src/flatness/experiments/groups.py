@@ -9,7 +9,7 @@ baseline's, paired by seed (same seed: same initial weights and data order), by
 Holm-adjusted together (one table, one family). A group with non-default method settings (a
 λ schedule or controller) or a composed method (``sam+fa``) is also set against its
 *reference* (:func:`reference_group`: fixed λ; ``sam`` alone) at the same strength, paired by
-seed, Holm-adjusted over that table.
+seed, Holm-adjusted over all such comparisons of the report (one family).
 
 Example:
     >>> from flatness.experiments.groups import sam_twin
@@ -216,8 +216,13 @@ def _compare_with_reference(g: Group, groups: Sequence[Group]) -> None:
         row.flatness_vs_reference = compare_samples(
             row.log10_by_seed(FLATNESS_METRIC), other.log10_by_seed(FLATNESS_METRIC)
         )
+
+
+def _adjust_reference_family(groups: Sequence[Group]) -> None:
+    """Holm over every reference comparison of the report (one question: does a variant differ
+    from its reference?), accuracy and flatness each their own family."""
     for flatness in (False, True):
-        compared = g.reference_comparisons(flatness)
+        compared = [pair for g in groups for pair in g.reference_comparisons(flatness)]
         for (row, _), c in zip(compared, adjust_holm([c for _, c in compared])):
             if flatness:
                 row.flatness_vs_reference = c
@@ -289,4 +294,5 @@ def summarize(records: Sequence[RunRecord]) -> list[Group]:
             row.flatness_vs_baseline = next(adjusted)
     for g in groups:
         _compare_with_reference(g, groups)
+    _adjust_reference_family(groups)
     return groups

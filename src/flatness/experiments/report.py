@@ -151,21 +151,27 @@ def _time_ratio(row: Row) -> float:
     return mine / ref if math.isfinite(mine) and math.isfinite(ref) and ref > 0 else math.nan
 
 
-def _reference_section(g: Group) -> list[str]:
+def _reference_section(g: Group, groups: Sequence[Group]) -> list[str]:
     """This group against its reference (fixed λ, or the first method of a composition)."""
     acc, flat = g.reference_comparisons(), g.reference_comparisons(flatness=True)
     if not acc and not flat:
         return []
+    family = {f: sum(len(h.reference_comparisons(f)) for h in groups) for f in (False, True)}
+
+    def over(n: int) -> str:
+        return f"the {n} comparison{'s' if n != 1 else ''} of variants with their references in this report"
+
     sym = g.symbol or "setting"
     out = ["", f"### Against {g.reference}, at the same {sym}", ""]
     if acc:
         out += comparison_table(sym, [(_label(row), c) for row, c in acc])
-        out += ["", comparison_note("the final test accuracy", f"the reference ({g.reference})", [c for _, c in acc])]
+        out += ["", comparison_note("the final test accuracy", f"the reference ({g.reference})", [c for _, c in acc],
+                                    family=over(family[False]))]
     if flat:
         out += ["", "Final Tr(H²)/B (measured), log10:", ""]
         out += comparison_table(sym, [(_label(row), c) for row, c in flat], digits=2)
         out += ["", comparison_note("log10 of the final measured Tr(H²)/B", f"the reference ({g.reference})",
-                                    [c for _, c in flat], digits=2)]
+                                    [c for _, c in flat], digits=2, family=over(family[True]))]
     costs = [f"{_label(row)}: ×{_time_ratio(row):.2f}" for row, _ in acc if math.isfinite(_time_ratio(row))]
     if costs:
         out += ["", "Cost: median training seconds over the reference's at the same strength "
@@ -232,7 +238,7 @@ def markdown(groups: Sequence[Group]) -> str:
                                         [c for _, c in g.flatness_comparisons], digits=2)
                     + " A Δ of -0.30 halves Tr(H²)/B; +1 multiplies it by 10."]
             out += _sharper_note(g)
-        out += _reference_section(g)
+        out += _reference_section(g, groups)
         out.append("")
     out += [_columns_note(), ""]
     return "\n".join(out)

@@ -159,8 +159,13 @@ def _span(values: Sequence[float], digits: int) -> str:
     return f"{lo:.{digits}f}" if f"{lo:.{digits}f}" == f"{hi:.{digits}f}" else f"{lo:.{digits}f}–{hi:.{digits}f}"
 
 
-def comparison_note(what: str, against: str, comparisons: Sequence[Comparison], digits: int = 4) -> str:
-    """The paragraph under :func:`comparison_table`: tests, family, effects, and the MDE line."""
+def comparison_note(
+    what: str, against: str, comparisons: Sequence[Comparison], digits: int = 4, family: str | None = None
+) -> str:
+    """The paragraph under :func:`comparison_table`: tests, family, effects, and the MDE line.
+
+    ``family``: what the Holm adjustment ran over, when it is wider than this table.
+    """
     if not comparisons:
         return ""
     tested = [c for c in comparisons if math.isfinite(c.p_t)]
@@ -182,7 +187,7 @@ def comparison_note(what: str, against: str, comparisons: Sequence[Comparison], 
         )
     if tested:
         parts.append(
-            f"*Holm*: Holm–Bonferroni adjustment over the {_plural(len(tested), 'test')} of this table "
+            f"*Holm*: Holm–Bonferroni adjustment over {family or 'the ' + _plural(len(tested), 'test') + ' of this table'} "
             "(each kind of test its own family). Effect intervals invert the noncentral t distribution."
         )
     else:
