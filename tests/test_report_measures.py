@@ -22,6 +22,10 @@ def test_report_measures_fill_lambda_max_and_trace_from_checkpoints(tmp_path):
     # later reports show the cached values without computing anything
     again = write_report(tmp_path, plots=False)
     assert next(line for line in again.splitlines() if line.startswith("| 0 |")) == row
+    # committed results keep no checkpoints: `--measures` still shows what the cache holds
+    (tmp_path / str(record.checkpoint)).unlink()
+    kept = write_report(tmp_path, plots=False, measures=True)
+    assert next(line for line in kept.splitlines() if line.startswith("| 0 |")) == row
 
 
 def test_a_checkpoint_from_another_training_is_not_measured(tmp_path, capsys):

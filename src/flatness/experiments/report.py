@@ -131,7 +131,8 @@ def _sharper_note(g: Group) -> list[str]:
     line = f"Why Tr(H²)/B can rise under the penalty here ({g.symbol} = {_label(row)}): "
     if math.isfinite(loss) and math.isfinite(base_loss) and loss > 2 * base_loss:
         line += (f"the final training loss is {loss:.3g} against {base_loss:.3g} at the baseline — near zero "
-                 "loss the cross-entropy Hessian shrinks with the loss (its output block is diag(p) − ppᵀ), "
+                 "loss the cross-entropy Hessian shrinks with the loss (its output block is diag(p) − ppᵀ, "
+                 "p(1 − p) for one logit), "
                  "so a penalty that keeps the loss off zero leaves a less confident, higher-curvature model.")
     else:
         line += ("not explained by the training loss (within 2× of the baseline's); the penalty is estimated "
@@ -312,11 +313,14 @@ def add_final_measures(
 ) -> None:
     """Fill in λ_max and Tr(H) of every complete run from its checkpoint (cached in measures/)."""
     from .checkpoints import StaleCheckpointError
-    from .measure import FLATNESS_KEYS, final_model_extras
+    from .measure import FLATNESS_KEYS, cached_extras, final_model_extras
 
     todo = [r for r in records if r.complete and r.checkpoint]
     from tqdm.auto import tqdm
 
+    for r in records:  # no checkpoint (e.g. committed results): what the cache holds is shown
+        if r not in todo or not (directory / str(r.checkpoint)).exists():
+            r.extras.update(cached_extras(r, directory / "measures", FLATNESS_KEYS))
     todo = [r for r in todo if (directory / str(r.checkpoint)).exists()]
     for r in tqdm(todo, desc="λ_max, Tr(H)", unit="run", leave=False, disable=not (progress and todo)):
         try:
