@@ -55,6 +55,9 @@ def _models():
         "conv2d": (nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.ReLU(),
                                  nn.Conv2d(4, 4, 2, groups=2, dilation=2, bias=False), nn.Tanh(),
                                  nn.Flatten(), nn.Linear(4, 3)), (2, 6, 6)),
+        # explicit per-example route (batch as groups) with groups, dilation and padding
+        "conv2d_groups": (nn.Sequential(nn.Conv2d(4, 6, 3, groups=2, dilation=2, padding=2), nn.Tanh(),
+                                        nn.Flatten(), nn.Linear(150, 3)), (4, 5, 5)),
         "conv2d_same": (nn.Sequential(nn.Conv2d(1, 3, 3, padding="same"), nn.ReLU(inplace=True),
                                       nn.Flatten(), nn.Linear(48, 3)), (1, 4, 4)),
         "conv1d": (nn.Sequential(nn.Conv1d(2, 3, 3, stride=2, padding=2), nn.ReLU(),

@@ -18,8 +18,9 @@ layer outputs. A layer :math:`z_{it} = W a_{it} + b` applied at T positions per 
 
 The explicit route costs T·in·out per example, the Gram route T²·(in + out); the cheaper is
 taken per layer (T = 1: :math:`\lVert\delta_i\rVert^2 \lVert a_i\rVert^2`, sparse CSR/COO inputs
-stay sparse). Covered: ``nn.Linear`` and :class:`flatness.layers.SparseLinear` (any batch-first
-input), ``nn.Conv1d``/``nn.Conv2d`` (stride, padding, dilation, groups; zero padding), and the
+stay sparse). A convolution's explicit route is one weight-gradient call with the batch as
+groups, which never forms the unfolded patches (n·in·T numbers). Covered: ``nn.Linear`` and
+:class:`flatness.layers.SparseLinear` (any batch-first input), ``nn.Conv1d``/``nn.Conv2d`` (stride, padding, dilation, groups; zero padding), and the
 affine parameters of BatchNorm (:math:`\nabla_\gamma \ell_i = \sum_s \delta_{is} \hat x_{is}`).
 Every parametrised layer must run once per forward; a layer whose input or output is modified
 in place afterwards (``ReLU(inplace=True)``) is detected by its version counter and the pass is
@@ -62,10 +63,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.overrides import TorchFunctionMode
 
 from .layers import LINEAR_TYPES
-from .passes import math_attention
+from .passes import ExactNormDerivatives, math_attention
 from .utils import batch_size, call_model
 
 __all__ = [
@@ -227,6 +227,21 @@ def _conv_geometry(m: nn.Module) -> tuple[tuple[int, int], ...]:
     return tuple(kernel), tuple(stride), tuple(padding), tuple(dilation)  # type: ignore[return-value]
 
 
+def _conv_per_example_weight_grads(
+    a: Tensor, delta: Tensor, weight: Tensor, kernel: Any, stride: Any, padding: Any, dilation: Any, groups: int
+) -> Tensor:
+    """‖∇_W ℓ_i‖² of a 2-D convolution: one weight-gradient call with the batch as n·groups
+    groups (differentiable: the call has a double backward), no unfolded patches."""
+    n = a.shape[0]
+    shape = (n * weight.shape[0], weight.shape[1], *kernel)
+    _, grads, _ = torch.ops.aten.convolution_backward(
+        delta.reshape(1, -1, *delta.shape[2:]), a.reshape(1, -1, *a.shape[2:]),
+        a.new_zeros(()).expand(shape),  # only its shape is read for the weight gradient
+        None, list(stride), list(padding), list(dilation), False, [0, 0], n * groups, [False, True, False],
+    )
+    return grads.reshape(n, -1).square().sum(dim=1)
+
+
 def _add_layer_sq_norms(sq: Tensor, m: nn.Module, a: Tensor, delta: Tensor, wanted: set[int]) -> Tensor:
     """``sq`` + ‖∇ ℓ_i‖² of each of ``m``'s wanted parameters, shape (n,)."""
     n = sq.shape[0]
@@ -250,10 +265,15 @@ def _add_layer_sq_norms(sq: Tensor, m: nn.Module, a: Tensor, delta: Tensor, want
         groups = m.groups
         a4, d4 = (a.unsqueeze(2), delta.unsqueeze(2)) if isinstance(m, nn.Conv1d) else (a, delta)
         if id(weight) in wanted:
-            patches = F.unfold(a4, kernel, dilation, padding, stride)  # (n, C_in·k, T)
-            patches = patches.view(n, groups, -1, patches.shape[-1]).transpose(-1, -2)
-            d = d4.reshape(n, groups, -1, d4.shape[-2] * d4.shape[-1]).transpose(-1, -2)
-            sq = sq + _matrix_sq_norms(d, patches).sum(dim=1)
+            t, d_out = d4.shape[-2] * d4.shape[-1], weight.shape[0] // groups
+            d_in = weight[0].numel()
+            if d_out * d_in <= t * (d_out + d_in):  # explicit per-example gradients are cheaper
+                sq = sq + _conv_per_example_weight_grads(a4, d4, weight, kernel, stride, padding, dilation, groups)
+            else:
+                patches = F.unfold(a4, kernel, dilation, padding, stride)  # (n, C_in·k, T)
+                patches = patches.view(n, groups, -1, patches.shape[-1]).transpose(-1, -2)
+                d = d4.reshape(n, groups, -1, t).transpose(-1, -2)
+                sq = sq + _matrix_sq_norms(d, patches).sum(dim=1)
         if bias is not None and id(bias) in wanted:
             sq = sq + delta.flatten(2).sum(dim=2).square().sum(dim=1)
         return sq
@@ -461,33 +481,6 @@ def _transform_limitation(exc: BaseException) -> bool:
     return any(m in text for m in _TRANSFORM_MESSAGES)
 
 
-class _CompositeLayerNorm(TorchFunctionMode):
-    """``F.layer_norm`` as a composition of elementary ops.
-
-    Differentiating *through* ``vmap(grad(...))`` of the fused layer-norm kernel gives wrong
-    gradients in torch (its batched backward rule for the input gradient is incorrect,
-    pytorch/functorch#534; measured: on a Linear-LayerNorm-Linear net a gradient entry of the
-    mean squared norm came out 1.4 % off), so the differentiable vmap pass computes it from
-    mean/var/rsqrt, which have plain rules.
-    """
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
-        kwargs = dict(kwargs or {})
-        return _layer_norm(*args, **kwargs) if func is F.layer_norm else func(*args, **kwargs)
-
-
-def _layer_norm(
-    x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None = None,
-    bias: Tensor | None = None, eps: float = 1e-5,
-) -> Tensor:
-    dims = tuple(range(-len(normalized_shape), 0))
-    mean = x.mean(dim=dims, keepdim=True)
-    out = (x - mean) * torch.rsqrt(x.var(dim=dims, unbiased=False, keepdim=True) + eps)
-    if weight is not None:
-        out = out * weight
-    return out if bias is None else out + bias
-
-
 def _loop_chunk(
     model: nn.Module, loss_fn: LossFn, named: dict[str, Tensor], xs: Any, ys: Any, m: int,
     create_graph: bool,
@@ -536,8 +529,10 @@ def vmap_sq_grad_norms(
 
     per_example = vmap(grad_and_value(example_loss), in_dims=(None, 0, 0), randomness="different")
     losses, sqs = [], []
-    # the math attention kernel: the fused ones lack batching rules (and double backward)
-    composite = _CompositeLayerNorm() if create_graph else contextlib.nullcontext()
+    # the math attention kernel: the fused ones lack batching rules (and double backward);
+    # differentiated, fused layer norm's batched backward rule is wrong (pytorch/functorch#534:
+    # a gradient entry 1.4 % off on a Linear-LayerNorm-Linear net), so norms from primitives
+    composite = ExactNormDerivatives() if create_graph else contextlib.nullcontext()
     with fixed_batch_statistics(coupled, stats), math_attention(), composite:
         for start in range(0, n, chunk):
             stop = min(n, start + chunk)
@@ -554,7 +549,6 @@ def vmap_sq_grad_norms(
             sqs.append(sq)
     loss = torch.cat(losses).sum() / sum_scale(loss_fn, n)
     return loss, torch.cat(sqs)
-
 
 
 # ----------------------------------------------------------------------------- entry point
