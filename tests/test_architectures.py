@@ -201,7 +201,7 @@ def test_bench_arch_quick_json_has_every_key(capsys):
 
     result = json.loads(capsys.readouterr().out)
     for prefix in ("resnet", "vit"):
-        for key in ("plain_ms", "fa_autodiff_m1_k1_ratio", "fa_fd_m1_k1_ratio", "fa_fd_m1_k10_ratio", "fd_rel_err"):
+        for key in ("plain_ms", "fa_autodiff_m1_k1_ratio", "fa_fd_m1_k1_ratio", "fa_fd_m1_k10_ratio", "curvature_ratio", "fd_rel_err"):
             assert math.isfinite(result[f"{prefix}_{key}"]), key
         assert result[f"{prefix}_fd_rel_err"] < 0.05
 

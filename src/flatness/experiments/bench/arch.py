@@ -10,6 +10,8 @@ depth 4, 3 heads, MLP ratio 2):
   (``backend="autograd"``; the ViT's curvature pass on the math attention kernel);
 - ``fa_fd_m1_k1`` / ``fa_fd_m1_k10``: the first-order estimator
   (``backend="finite-difference"``) every step / every 10 steps (timed over whole windows);
+- ``curvature``: Geng et al.'s curvature method (α·mean per-example ‖∇ℓ_i‖², every step), by
+  the per-example closed form of :mod:`flatness.per_example` (unfolded-patch-free convolutions);
 - ``fd_rel_err``: |first-order / autograd − 1| of the Tr(H²) estimate on the same 4 probes,
   float32, the default step;
 - ``params``: the model's number of parameters.
@@ -91,6 +93,7 @@ def _bench_model(
         "fa_autodiff_m1_k1": case("fa", every=1, backend="autograd", **fa),
         "fa_fd_m1_k1": case("fa", every=1, backend="finite-difference", **fa),
         "fa_fd_m1_k10": window(case("fa", every=10, backend="finite-difference", **fa), 10),
+        "curvature": case("curvature", alpha=LAM),
     }
     ms = time_interleaved(cases, rounds=rounds, reps_per_round=reps, warmup=1, per_call_steps={"fa_fd_m1_k10": 10})
     out: dict[str, object] = {
