@@ -268,3 +268,20 @@ def test_runs_of_another_model_setting_form_their_own_group():
     other = next(g for g in groups if g.model_id)
     assert other.rows[0].stats["final_test_acc"][0] == pytest.approx(0.8)
     assert "model weight_scale=1.0" in markdown(groups) and other.slug.startswith("none_m")
+
+
+def test_a_report_that_mixes_platforms_says_so_and_runs_record_their_cpu():
+    from flatness.experiments.platforms import environment, platform_note
+
+    env = environment("cpu")
+    assert env["device"] == "cpu" and isinstance(env["cpu"], str) and env["torch"]
+    here = {"torch": "2.13.0+cpu", "cpu": "AMD EPYC"}
+    runs = [dataclasses.replace(_record(v, s, 0.9), environment=dict(here)) for v in (0.0, 0.1) for s in range(3)]
+    assert platform_note(runs) == ""
+    assert "Mixed platforms" not in markdown(summarize(runs))
+    runs[0].environment = {"torch": "2.13.0+cpu", "cpu": "Intel Xeon"}
+    runs[1].environment = {}  # a record written before the CPU was recorded
+    note = platform_note(runs)
+    assert "3 platforms" in note and "AMD EPYC, torch 2.13.0+cpu: 4 runs" in note
+    assert "CPU not recorded, torch version not recorded: 1 run" in note
+    assert note in markdown(summarize(runs))

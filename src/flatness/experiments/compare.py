@@ -52,6 +52,7 @@ from ..methods import METHODS
 from ..utils import FlatnessError, atomic_write_bytes
 from .groups import SYMBOLS, sam_twin
 from .measure import FLATNESS_KEYS, final_model_extras
+from .platforms import platform_note
 from .plots import figure, save_png
 from .record import RunRecord, read_record, write_json
 from .report import write_report
@@ -281,8 +282,10 @@ def comparison_markdown(
     config: dict[str, Any],
     wall: float | None = None,
     run_seconds: tuple[int, float] | None = None,
+    records: Sequence[RunRecord] = (),
 ) -> str:
-    """The comparison's ``summary.md``; ``run_seconds``: (number of runs, sum of their times)."""
+    """The comparison's ``summary.md``; ``run_seconds``: (number of runs, sum of their times);
+    ``records``: the runs behind it (a note when they come from more than one platform)."""
     task_obj = TASKS.get(task)
     seeds = sorted({s for r in results for s in r.seeds})
     out = [f"# {task}: methods compared at their validation-chosen strength", ""]
@@ -291,6 +294,7 @@ def comparison_markdown(
     out += [
         f"Protocol: {protocol_line(config)}. Seeds: {seeds}; mean ± std over seeds.",
         "",
+        *([mixed, ""] if (mixed := platform_note(records)) else []),
         "| method | chosen on val. | val acc | val loss | test acc | p t / Holm vs none | Tr(H²)/B | λ_max | Tr(H) | time/epoch vs none |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -434,7 +438,7 @@ def run_comparison(
     wall = time.perf_counter() - start
     config = specs[0].config
     seconds = sum(float(r.total_seconds or 0.0) for r in records.values())
-    text = comparison_markdown(task, results, config, wall, (len(records), seconds))
+    text = comparison_markdown(task, results, config, wall, (len(records), seconds), list(records.values()))
     summary = {
         "format": "flatness-compare",
         "task": task,

@@ -47,6 +47,7 @@ from typing import Any
 from ..utils import FlatnessError, atomic_write_bytes
 from .groups import METRICS, PAPER_FINAL_ACC, Group, Row, load_records, summarize
 from .record import RunRecord
+from .platforms import platform_note
 from .plots import plot_group
 from .tables import (
     comparison_note,
@@ -200,6 +201,9 @@ def _columns_note() -> str:
 def markdown(groups: Sequence[Group]) -> str:
     """The ``summary.md`` text: per group a results table and a statistics table; notes."""
     out = ["# Results", ""]
+    mixed = platform_note(r for g in groups for row in g.rows for r in (*row.runs, *row.failed))
+    if mixed:
+        out += [mixed, ""]
     for g in groups:
         task = TASKS.get(g.task)
         title = f"## {g.task} — method `{g.method}`"

@@ -26,8 +26,6 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
-import platform
-import socket
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -46,6 +44,7 @@ from .checkpoints import save_checkpoint
 from .claims import claim_path, describe_holder, read_claim, try_claim
 from .distributed import DistContext, EmulatedRanks, wrap_model
 from .measure import EPOCH_MEASURE_BATCHES, EPOCH_MEASURE_PROBES, measure_final, measure_sq_trace_per_B
+from .platforms import environment
 from .progress import progress_bar
 from .record import RECORD_FIELDS, RunRecord, check_writable, read_record, write_record
 from .specs import RunSpec, accepts, identity, rank_kwargs
@@ -202,14 +201,7 @@ def execute_run(
         val_samples=0 if splits.y_val is None else int(splits.y_val.shape[0]),
         test_samples=int(splits.y_test.shape[0]),
         train_eval_samples=min(config.train_eval_samples or per_epoch_samples, per_epoch_samples),
-        environment={
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "python": platform.python_version(),
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "device": str(device),
-        },
+        environment=environment(device),
     )
     started = time.perf_counter()
     try:

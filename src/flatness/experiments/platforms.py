@@ -1,0 +1,84 @@
+"""Which machine a run ran on, and a warning when one table mixes machines.
+
+Runs with the same seed start from the same weights and see the same batches, so the report
+pairs them. That pairing assumes one platform: on another CPU (another BLAS/oneDNN code path),
+another accelerator or another torch build, the same seed follows a different floating-point
+trajectory, and over a few epochs of SGD the difference grows to the size of a method effect.
+Every run record therefore names its CPU model and, on an accelerator, the device's name
+(:func:`environment`), and :func:`platform_note` tells the reader when the runs of one table
+come from more than one platform. Records written before the CPU was recorded count as
+"CPU not recorded".
+
+Example:
+    >>> from flatness.experiments.platforms import platform_label
+    >>> from flatness.experiments.record import RunRecord
+    >>> r = RunRecord(name="none_seed0", task="t", method="none", seed=0, status="complete",
+    ...               environment={"torch": "2.13.0+cpu", "cpu": "AMD EPYC", "device": "cpu"})
+    >>> platform_label(r)
+    'AMD EPYC, torch 2.13.0+cpu'
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .record import RunRecord
+
+__all__ = ["cpu_model", "environment", "platform_label", "platform_note"]
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else :func:`platform.processor`); ``""`` if unknown."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            key, sep, value = line.partition(":")
+            if sep and key.strip() in ("model name", "Model", "cpu model"):
+                return " ".join(value.split())
+    except OSError:
+        pass
+    return platform.processor() or ""
+
+
+def environment(device: torch.device | str) -> dict[str, Any]:
+    """What a run record says about where it ran: versions, threads, CPU, accelerator, host, pid."""
+    env: dict[str, Any] = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu": cpu_model(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "device": str(device),
+    }
+    if torch.device(device).type == "cuda":
+        env["accelerator"] = torch.cuda.get_device_name(torch.device(device))
+    return env
+
+
+def platform_label(record: RunRecord) -> str:
+    """The platform a run's arithmetic depends on: its accelerator or CPU, and the torch build."""
+    env = record.environment or {}
+    where = env.get("accelerator") or env.get("cpu") or "CPU not recorded"
+    return f"{where}, torch {env.get('torch', 'version not recorded')}"
+
+
+def platform_note(records: Iterable[RunRecord]) -> str:
+    """One sentence when ``records`` come from more than one platform; ``""`` otherwise."""
+    counts = Counter(platform_label(r) for r in records)
+    if len(counts) < 2:
+        return ""
+    parts = "; ".join(f"{label}: {n} run{'s' if n != 1 else ''}" for label, n in sorted(counts.items()))
+    return (
+        f"**Mixed platforms.** These runs come from {len(counts)} platforms ({parts}). The same seed "
+        "follows a different floating-point trajectory on another CPU, accelerator or torch build, so "
+        "a comparison whose pairs straddle platforms confounds the platform with the method."
+    )
