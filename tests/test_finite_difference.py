@@ -169,7 +169,7 @@ def test_penalty_backend_value_gradient_and_objective():
     penalty = FlatnessPenalty(model, CE, lam=0.5, probes=3, seed=0, backend="finite-difference")
     loss, total = penalty.objective(x, y)
     assert float(loss) == pytest.approx(float(CE(model(x), y).detach()), rel=1e-12)
-    assert float(total) == pytest.approx(float(loss) + fd[0], rel=1e-12)
+    assert float(total.detach()) == pytest.approx(float(loss) + fd[0], rel=1e-12)
     shared = torch.autograd.grad(total, params)
     assert rel_err(shared, grads["finite-difference"]) < 1e-9
     # a step without curvature: the plain task loss
