@@ -3,7 +3,7 @@
 Runs with the same seed start from the same weights and see the same batches, so the report
 pairs them. That pairing assumes one platform: on another CPU (another BLAS/oneDNN code path),
 another accelerator or another torch build, the same seed follows a different floating-point
-trajectory, and over a few epochs of SGD the difference grows to the size of a method effect.
+trajectory, and over a few epochs of SGD the difference can grow to the size of a method effect.
 Every run record therefore names its CPU model and, on an accelerator, the device's name
 (:func:`environment`), and :func:`platform_note` tells the reader when the runs of one table
 come from more than one platform. Records written before the CPU was recorded count as
