@@ -9,6 +9,7 @@ import torch
 
 from flatness.cli import main
 from flatness.experiments.bench.overhead import TARGETS
+from flatness.experiments.platforms import cpu_model
 
 @pytest.fixture(autouse=True)
 def restore_threads():
@@ -34,6 +35,7 @@ def test_bench_measures_reports_the_hvp_floor_and_overheads(capsys):
     # λ_max to 1e-3 agrees with the default-tolerance value to that accuracy
     assert result["lambda_max_rel_error"] <= 1e-3
     assert isinstance(result["targets_met"], bool) and result["threads"] == 1
+    assert result["cpu"] == cpu_model() and result["torch"] == torch.__version__  # platform named
 
 
 def test_bench_measures_bad_arguments_are_one_line_errors(capsys):
@@ -48,3 +50,4 @@ def test_bench_overhead_reports_targets_and_cpu_ratios(capsys):
     for key in TARGETS:
         assert result[key] > 0 and result[key.replace("_ratio", "_cpu_ratio")] > 0
     assert isinstance(result["targets_met"], bool) and result["plain_cpu_ms"] > 0
+    assert result["cpu"] == cpu_model() and result["threads"] == 1

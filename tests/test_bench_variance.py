@@ -4,6 +4,7 @@ assertions here (the target is checked by running the benchmark itself)."""
 import json
 
 from flatness.cli import main
+from flatness.experiments.platforms import cpu_model
 
 
 def test_bench_variance_quick_json_has_every_figure(capsys):
@@ -20,6 +21,7 @@ def test_bench_variance_quick_json_has_every_figure(capsys):
     low, high = result["cv_variance_fraction_ci95"]
     assert 0 < low < high
     assert result["cv_m5_grad_variance_ratio"] > 0
+    assert result["cpu"] == cpu_model() and "threads" in result
 
 
 def test_bench_variance_bad_arguments_are_one_line_errors(capsys):

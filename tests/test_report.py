@@ -285,3 +285,9 @@ def test_a_report_that_mixes_platforms_says_so_and_runs_record_their_cpu():
     assert "3 platforms" in note and "AMD EPYC, torch 2.13.0+cpu: 4 runs" in note
     assert "CPU not recorded, torch version not recorded: 1 run" in note
     assert note in markdown(summarize(runs))
+    runs[0].environment = dict(here)  # now one named platform and one run that names none
+    note = platform_note(runs)
+    assert note.startswith("**Platform partly unrecorded.** 1 of 6 runs") and "ran on AMD EPYC" in note
+    runs[1].environment = {"torch": "2.12.0+cpu"}  # ... but another torch build: mixed after all
+    assert platform_note(runs).startswith("**Mixed platforms.** These runs come from 2 platforms")
+    assert platform_note([dataclasses.replace(r, environment={}) for r in runs]) == ""

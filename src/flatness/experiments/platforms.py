@@ -7,7 +7,8 @@ trajectory, and over a few epochs of SGD the difference can grow to the size of 
 Every run record therefore names its CPU model and, on an accelerator, the device's name
 (:func:`environment`), and :func:`platform_note` tells the reader when the runs of one table
 come from more than one platform. Records written before the CPU was recorded count as
-"CPU not recorded".
+"CPU not recorded": beside runs of one named platform (and the same torch build) they get a
+softer note asking the reader to check their provenance, not a claim that platforms differ.
 
 Example:
     >>> from flatness.experiments.platforms import platform_label
@@ -64,16 +65,35 @@ def environment(device: torch.device | str) -> dict[str, Any]:
     return env
 
 
+def _where(record: RunRecord) -> str:
+    env = record.environment or {}
+    return env.get("accelerator") or env.get("cpu") or ""
+
+
 def platform_label(record: RunRecord) -> str:
     """The platform a run's arithmetic depends on: its accelerator or CPU, and the torch build."""
     env = record.environment or {}
-    where = env.get("accelerator") or env.get("cpu") or "CPU not recorded"
-    return f"{where}, torch {env.get('torch', 'version not recorded')}"
+    return f"{_where(record) or 'CPU not recorded'}, torch {env.get('torch', 'version not recorded')}"
 
 
 def platform_note(records: Iterable[RunRecord]) -> str:
-    """One sentence when ``records`` come from more than one platform; ``""`` otherwise."""
+    """One sentence when ``records`` come from more than one platform, or when some do not name
+    their CPU while the rest share one platform (then they may or may not come from it); ``""``
+    when all name the same platform (or none names any)."""
+    records = list(records)
     counts = Counter(platform_label(r) for r in records)
+    named = {platform_label(r) for r in records if _where(r)}
+    unnamed = [r for r in records if not _where(r)]
+    if len(named) == 1 and unnamed:
+        (label,) = named
+        torch_build = label.rsplit(", torch ", 1)[1]
+        if all((r.environment or {}).get("torch", torch_build) == torch_build for r in unnamed):
+            n = len(unnamed)
+            return (
+                f"**Platform partly unrecorded.** {n} of {len(records)} runs do not name their CPU "
+                f"(records written before the CPU was recorded); the others ran on {label}. The "
+                "pairs are comparable only if those runs ran there too: check their provenance."
+            )
     if len(counts) < 2:
         return ""
     parts = "; ".join(f"{label}: {n} run{'s' if n != 1 else ''}" for label, n in sorted(counts.items()))

@@ -82,24 +82,36 @@ def training_adam(model: object, lr: float) -> object:
     return make_optimizer(model, TrainConfig(epochs=1, batch_size=1, lr=lr, weight_decay=0.0))  # type: ignore[arg-type]
 
 
+def platform_facts() -> dict[str, object]:
+    """Where a benchmark ran, named as run records name it (:mod:`..platforms`): threads, torch
+    build, architecture and CPU model — ratios from different CPUs are not comparable."""
+    import platform
+
+    import torch
+
+    from ..platforms import cpu_model
+
+    return {
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "cpu": cpu_model(),
+    }
+
+
 def ratio_result(
     ms: dict[str, float], batch: int, steps_timed: int, cpu_ms: dict[str, float] | None = None
 ) -> dict[str, object]:
     """``plain_ms``, run facts, then ``NAME_ms`` and ``NAME_ratio`` (= NAME / plain) per case,
     and ``NAME_cpu_ratio`` from CPU times when ``cpu_ms`` is given."""
     import os
-    import platform
-
-    import torch
 
     plain = ms["plain"]
     result: dict[str, object] = {
         "plain_ms": plain,
         "batch": batch,
         "steps_timed_per_case": steps_timed,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "machine": platform.machine(),
+        **platform_facts(),
         "load_average_1min": os.getloadavg()[0],
     }
     for name, value in ms.items():

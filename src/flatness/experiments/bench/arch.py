@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import os
-import platform
 from collections.abc import Callable
 
 import torch
@@ -36,7 +35,7 @@ from ...methods import make_method
 from ...passes import curvature_pass
 from ...probes import sample_probes
 from ..architectures import VisionTransformer, cifar_resnet, vit_small
-from . import time_interleaved
+from . import platform_facts, time_interleaved
 
 __all__ = ["run_arch_bench"]
 
@@ -121,9 +120,7 @@ def run_arch_bench(
         torch.set_num_threads(threads)
     result: dict[str, object] = {
         "batch": batch,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "machine": platform.machine(),
+        **platform_facts(),
         "load_average_start": os.getloadavg()[0],
         "quick": quick,
     }

@@ -17,6 +17,8 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+from . import platform_facts
+
 
 __all__ = ["run_ddp_scaling"]
 
@@ -88,4 +90,5 @@ def run_ddp_scaling(steps: int = 40, batch: int = 128, quick: bool = False) -> d
         result[f"{label}_2rank_samples_per_s"] = two
         result[f"{label}_scaling"] = two / one
     result["cores"] = os.cpu_count()
+    result.update({k: v for k, v in platform_facts().items() if k != "threads"})  # ranks: 1 thread each
     return result

@@ -32,7 +32,6 @@ network's (the training time is not part of the figures).
 from __future__ import annotations
 
 import os
-import platform
 import time
 from typing import Any
 
@@ -42,7 +41,7 @@ from torch import nn
 from ...landscape import surface_2d
 from ...measures import HessianOperator, hessian_trace, spectral_density, top_eigenvalues
 from ..models import mlp
-from . import median_ms
+from . import median_ms, platform_facts
 
 __all__ = ["run_measures_bench"]
 
@@ -186,8 +185,6 @@ def run_measures_bench(
         "surface_target_seconds": TARGET_SURFACE_S,
         "surface_pass": surface_s < TARGET_SURFACE_S,
         "surface_nonfinite_points": surface.num_nonfinite,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "machine": platform.machine(),
+        **platform_facts(),
         "quick": quick,
     }

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import platform
 from collections.abc import Callable
 from typing import Any
 
@@ -45,7 +44,7 @@ from ...linear_io import share_prefix
 from ...probes import make_generator, sample_probes
 from ...utils import eval_mode
 from ..models import mlp
-from . import time_interleaved
+from . import platform_facts, time_interleaved
 from .measures import _cifar_subset
 
 __all__ = ["run_variance_bench"]
@@ -195,5 +194,5 @@ def run_variance_bench(
     result["best_estimator"] = best_name
     result["grad_draws"] = grad_draws
     result["cv_m5_grad_variance_ratio"] = grad_cv / grad_plain
-    result.update(threads=torch.get_num_threads(), torch=torch.__version__, machine=platform.machine())
+    result.update(platform_facts())
     return result
