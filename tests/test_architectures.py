@@ -23,7 +23,7 @@ from flatness.experiments.architectures import (
     resnet18,
 )
 from flatness.experiments.augment import cifar_augment, random_crop_flip
-from flatness.experiments.platforms import cpu_model
+from flatness.experiments.platforms import cpu_model as this_cpu_model
 from flatness.experiments.specs import build_grid
 from flatness.experiments.tasks import TrainConfig, get_task, stratified_subset
 from flatness.experiments.training import make_optimizer
@@ -205,7 +205,7 @@ def test_bench_arch_quick_json_has_every_key(capsys):
         for key in ("plain_ms", "fa_autodiff_m1_k1_ratio", "fa_fd_m1_k1_ratio", "fa_fd_m1_k10_ratio", "curvature_ratio", "fd_rel_err"):
             assert math.isfinite(result[f"{prefix}_{key}"]), key
         assert result[f"{prefix}_fd_rel_err"] < 0.05
-    assert result["cpu"] == cpu_model()  # the platform is named, as in run records
+    assert result["cpu"] == this_cpu_model()  # the platform is named, as in run records
 
 
 # --- every method, measure and landscape on each architecture --------------------------------
