@@ -242,3 +242,29 @@ def test_footnotes_follow_the_measurement_protocol(monkeypatch):
     assert "1024" not in text
     changed = get_task(BC).config.replace(epochs=7, batch_size=64).as_dict()
     assert "7 epochs, B = 64" in comparison_markdown(BC, results, changed)
+
+
+def test_final_flatness_is_tested_on_log10_with_holm_over_the_methods():
+    records = [_record("none", None, s, 0.90, 0.80 + 0.01 * s) for s in range(4)]
+    records += [_record("sam", 0.05, s, 0.95, 0.81 + 0.01 * s) for s in range(4)]
+    records += [_record("nrs", 0.1, s, 0.93, 0.80 + 0.01 * s, hparam="eps") for s in range(4)]
+    sharp = {"none": (10.0, 20.0, 40.0, 10.0), "sam": (5.0, 11.0, 18.0, 6.0), "nrs": (2.0, 2.5, 9.0, 1.0)}
+    for r in records:
+        r.measured_sq_trace_per_B = sharp[r.method][r.seed]
+    records[-1].measured_sq_trace_per_B = None  # nrs seed 3 unmeasured: 3 pairs left for nrs
+    results = {r.method: r for r in select_and_summarize(records, ["sam", "nrs"])}
+    from scipy import stats
+
+    base = [math.log10(v) for v in sharp["none"]]
+    raw = [stats.ttest_rel([math.log10(v) for v in sharp["sam"]], base).pvalue,
+           stats.ttest_rel([math.log10(v) for v in sharp["nrs"][:3]], base[:3]).pvalue]
+    got = [results[m].flatness_vs_none for m in ("sam", "nrs")]
+    assert [c.p_t for c in got] == pytest.approx(raw) and [c.p_t_holm for c in got] == pytest.approx(holm(raw))
+    assert got[1].n_pairs == 3 and got[0].difference == pytest.approx(
+        sum(math.log10(a / b) for a, b in zip(sharp["sam"], sharp["none"])) / 4)
+    assert results["none"].flatness_vs_none is None
+    text = comparison_markdown(BC, list(results.values()), get_task(BC).config.as_dict())
+    section = text.split("## Final Tr(H²)/B (measured), log10, against `none`")[1]
+    line = next(x for x in section.splitlines() if x.startswith("| `sam` ρ = 0.05 | 4 pairs |"))
+    assert f"| {got[0].p_t:.2g} | {got[0].p_t_holm:.2g} |" in line
+    assert "A Δ of -0.30 halves Tr(H²)/B" in section

@@ -18,7 +18,8 @@ resumable, ``--jobs``), into ``OUT/TASK/``. Then, per method:
   protocol, :mod:`flatness.experiments.measure`), and λ_max and Tr(H) from
   :func:`flatness.measures.final_measures` on the same fixed training samples (cached per run
   under ``OUT/TASK/measures/``, the cache ``flatness report --measures`` uses too), unless the
-  run record already holds them;
+  run record already holds them; the final Tr(H²)/B is compared with ``none``'s like the
+  accuracy (paired by seed, on log10, Holm over the methods: its own table);
 * training time per epoch relative to ``none`` (means over seeds; with ``--jobs`` > 1 runs share
   the cores, so these ratios are rough).
 
@@ -50,7 +51,7 @@ from typing import Any
 
 from ..methods import METHODS
 from ..utils import FlatnessError, atomic_write_bytes
-from .groups import SYMBOLS, sam_twin
+from .groups import FLATNESS_METRIC, SYMBOLS, log10_by_seed, sam_twin
 from .measure import FLATNESS_KEYS, final_model_extras
 from .platforms import platform_note
 from .plots import figure, save_png
@@ -163,6 +164,8 @@ class MethodResult:
     val_loss: float = math.nan
     test_accs: list[float] = field(default_factory=list)  # per seed (same order as seeds)
     vs_none: Comparison | None = None  # test accuracy against `none`, paired by seed, Holm-adjusted
+    flatness_vs_none: Comparison | None = None  # log10 final Tr(H²)/B against `none`, likewise
+    sq_traces: list[float | None] = field(default_factory=list)  # final Tr(H²)/B per seed
     role: str = ""  # "baseline" (`none` itself), "no `none` runs", or "" (compared)
     flatness: dict[str, float] = field(default_factory=dict)  # key -> mean over seeds
     flatness_std: dict[str, float] = field(default_factory=dict)
@@ -225,6 +228,7 @@ def select_and_summarize(
             val_acc=best["val_acc"],
             val_loss=best["val_loss"],
             test_accs=[float(r.final_test_acc) for r in chosen],
+            sq_traces=[r.get(FLATNESS_METRIC) for r in chosen],
         )
         for key in ("measured_sq_trace_per_B", *FLATNESS_KEYS):
             values = [r.get(key) for r in chosen if isinstance(r.get(key), (int, float))]
@@ -242,9 +246,14 @@ def select_and_summarize(
             r.role = "baseline"
             continue
         r.vs_none = compare_samples(dict(zip(r.seeds, r.test_accs)), dict(zip(base.seeds, base.test_accs)))
-    compared = [r for r in results if r.vs_none is not None]
-    for r, c in zip(compared, adjust_holm([r.vs_none for r in compared if r.vs_none is not None])):
-        r.vs_none = c
+        if any(v is not None for v in r.sq_traces) and any(v is not None for v in base.sq_traces):
+            r.flatness_vs_none = compare_samples(
+                log10_by_seed(dict(zip(r.seeds, r.sq_traces))), log10_by_seed(dict(zip(base.seeds, base.sq_traces)))
+            )
+    for attr in ("vs_none", "flatness_vs_none"):  # each table its own Holm family
+        compared = [r for r in results if getattr(r, attr) is not None]
+        for r, c in zip(compared, adjust_holm([getattr(r, attr) for r in compared])):
+            setattr(r, attr, c)
     return results
 
 
@@ -328,6 +337,12 @@ def comparison_markdown(
         out += ["", "## Final test accuracy against `none`", ""]
         out += comparison_table("method", [(f"`{r.method}` {_setting(r)}", c) for r, c in compared])
         out += ["", comparison_note("the final test accuracy", "`none`", [c for _, c in compared])]
+    flat = [(r, r.flatness_vs_none) for r in results if r.flatness_vs_none is not None]
+    if flat:
+        out += ["", "## Final Tr(H²)/B (measured), log10, against `none`", ""]
+        out += comparison_table("method", [(f"`{r.method}` {_setting(r)}", c) for r, c in flat], digits=2)
+        out += ["", comparison_note("log10 of the final measured Tr(H²)/B", "`none`", [c for _, c in flat], digits=2)
+                + " A Δ of -0.30 halves Tr(H²)/B; +1 multiplies it by 10."]
     twin = _twin_note(results)
     if twin:
         out += ["", twin]

@@ -119,10 +119,16 @@ class Row:
 
     def log10_by_seed(self, metric: str) -> dict[int, float | None]:
         """``{seed: log10(metric)}``; ``None`` where the value is missing or not positive."""
-        return {
-            seed: math.log10(v) if isinstance(v, (int, float)) and v > 0 else None
-            for seed, v in self.by_seed(metric).items()
-        }
+        return log10_by_seed(self.by_seed(metric))
+
+
+def log10_by_seed(values: Mapping[int, Any]) -> dict[int, float | None]:
+    """``{seed: log10(value)}``; ``None`` where the value is missing or not positive (the
+    flatness tests compare Tr(H²)/B on a log scale: it spans orders of magnitude across seeds)."""
+    return {
+        seed: math.log10(v) if isinstance(v, (int, float)) and v > 0 else None
+        for seed, v in values.items()
+    }
 
 
 @dataclass
