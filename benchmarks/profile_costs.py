@@ -14,9 +14,7 @@ how much of the autograd step the exact norms cost. One thread; cases interleave
 from __future__ import annotations
 
 import copy
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
@@ -26,21 +24,8 @@ from torch.profiler import ProfilerActivity, profile
 import flatness.passes as passes
 import flatness.penalties as penalties
 from flatness.experiments.architectures import cifar_resnet
-from flatness.experiments.bench import paper_mlp_setup, platform_facts, training_adam
+from flatness.experiments.bench import paper_mlp_setup, platform_facts, time_interleaved, training_adam
 from flatness.methods import make_method
-
-
-def interleaved_ms(cases: dict[str, Callable[[], object]], rounds: int, reps: int) -> dict[str, float]:
-    for fn in cases.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(rounds):
-        for name, fn in cases.items():
-            start = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            times[name].append((time.perf_counter() - start) / reps * 1e3)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def kfac() -> None:
@@ -53,7 +38,7 @@ def kfac() -> None:
         return lambda: method.step(x, y, opt)
 
     cases = {"plain": case("none"), "fa_kfac_k1": case("fa", lam=0.01, every=1, seed=0, backend="kfac")}
-    ms = interleaved_ms(cases, rounds=6, reps=10)
+    ms = time_interleaved(cases, rounds=6, reps_per_round=10)
     print({k: round(v, 2) for k, v in ms.items()}, "ratio", round(ms["fa_kfac_k1"] / ms["plain"], 3))
     steps = 10
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
@@ -87,7 +72,7 @@ def norms(batch: int = 32) -> None:
 
     cases = {"plain": lambda: plain.step(x, y, opt), "fa_autograd_exact_norms": lambda: fa.step(x, y, opt),
              "fa_autograd_fused_norms": fa_fused}
-    ms = interleaved_ms(cases, rounds=3, reps=1)
+    ms = time_interleaved(cases, rounds=3, reps_per_round=1, warmup=1)
     print(f"ResNet-20, B = {batch}:", {k: round(v) for k, v in ms.items()},
           {k: round(v / ms["plain"], 2) for k, v in ms.items() if k != "plain"})
 
