@@ -122,18 +122,19 @@ def math_attention() -> Iterator[None]:
         yield
 
 
-def _normalise(x: Tensor, dims: list[int], eps: float) -> Tensor:
-    mean = x.mean(dim=dims, keepdim=True)
-    var = (x - mean).square().mean(dim=dims, keepdim=True)  # biased, as the fused kernels
-    return (x - mean) * torch.rsqrt(var + eps)
-
-
-def _affine(y: Tensor, weight: Tensor | None, bias: Tensor | None, shape: list[int]) -> Tensor:
+def _normalise_affine(
+    x: Tensor, dims: list[int], eps: float, weight: Tensor | None, bias: Tensor | None, shape: list[int]
+) -> Tensor:
+    # Three full-size operations (centre, square, scale-and-shift): every one of them is
+    # differentiated up to three times by the autograd penalty, so fewer is faster (~8% of an
+    # autograd FA step on ResNet-20) for the same function.
+    centred = x - x.mean(dim=dims, keepdim=True)
+    scale = torch.rsqrt(centred.square().mean(dim=dims, keepdim=True) + eps)  # biased variance, as the fused kernels
     if weight is not None:
-        y = y * weight.reshape(shape)
-    if bias is not None:
-        y = y + bias.reshape(shape)
-    return y
+        scale = scale * weight.reshape(shape)
+    if bias is None:
+        return centred * scale
+    return torch.addcmul(bias.reshape(shape), centred, scale)
 
 
 class ExactNormDerivatives(TorchFunctionMode):
@@ -171,20 +172,23 @@ class ExactNormDerivatives(TorchFunctionMode):
             return func(input, running_mean, running_var, weight, bias, training, momentum, eps)
         dims = [0, *range(2, input.dim())]
         shape = [1, -1] + [1] * (input.dim() - 2)
-        return _affine(_normalise(input, dims, eps), weight, bias, shape)
+        return _normalise_affine(input, dims, eps, weight, bias, shape)
 
     @staticmethod
     def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):  # type: ignore[no-untyped-def]
         k = len(tuple(normalized_shape))
         dims = list(range(input.dim() - k, input.dim()))
-        return _affine(_normalise(input, dims, eps), weight, bias, list(normalized_shape))
+        return _normalise_affine(input, dims, eps, weight, bias, list(normalized_shape))
 
     @staticmethod
     def _group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):  # type: ignore[no-untyped-def]
         n, c = input.shape[0], input.shape[1]
         grouped = input.reshape(n, num_groups, -1)
-        y = _normalise(grouped, [2], eps).reshape(input.shape)
-        return _affine(y, weight, bias, [1, c] + [1] * (input.dim() - 2))
+        y = _normalise_affine(grouped, [2], eps, None, None, []).reshape(input.shape)
+        shape = [1, c] + [1] * (input.dim() - 2)
+        if weight is not None:
+            y = y * weight.reshape(shape)
+        return y if bias is None else y + bias.reshape(shape)
 
 
 @contextlib.contextmanager
