@@ -115,6 +115,27 @@ def test_paired_tests_with_holm_across_the_rows_of_a_group():
     assert "*MDE* (minimum detectable effect)" in md and "with 4 pairs" in md
 
 
+def test_methods_against_none_share_one_holm_family_across_their_tables():
+    # a per-method table must not show a p-value less adjusted than the cross-method comparison's
+    none = [0.90, 0.92, 0.91, 0.93, 0.90]
+    accs = {("sam", "rho", 0.05): [0.88, 0.91, 0.89, 0.92, 0.88],
+            ("gnp", "rho", 0.01): [0.90, 0.91, 0.91, 0.92, 0.89],
+            ("nrs", "eps", 0.1): [0.91, 0.92, 0.92, 0.93, 0.91]}
+    records = [_record(None, s, a, method="none", hparam=None) for s, a in enumerate(none)]
+    records += [_record(v, s, a, method=m, hparam=h) for (m, h, v), row in accs.items() for s, a in enumerate(row)]
+    records += [_record(v, s, a + v, flat=1 + v) for v in (0.0, 0.1) for s, a in enumerate(none)]  # own λ = 0
+    groups = {g.method: g for g in summarize(records)}
+    order = [("sam", "rho", 0.05), ("gnp", "rho", 0.01), ("nrs", "eps", 0.1)]
+    raw = [stats.ttest_rel(accs[k], none).pvalue for k in order]
+    got = [groups[m].rows[0].vs_baseline for m, _, _ in sorted(order)]
+    assert sorted(c.p_t for c in got) == pytest.approx(sorted(raw))
+    by_raw = {round(c.p_t, 12): c.p_t_holm for c in got}
+    assert [by_raw[round(p, 12)] for p in raw] == pytest.approx(holm(raw))  # one family of three
+    assert groups["fa"].baseline == "λ = 0" and groups["fa"].holm_family == ""  # its own table
+    md = markdown(list(groups.values()))
+    assert md.count("over the 3 tests against method none in this report (tables of `gnp`, `nrs`, `sam`)") == 3
+
+
 def test_footnotes_follow_the_measurement_protocol(monkeypatch):
     records = [_record(v, s, 0.9 + 0.01 * s) for v in (0.0, 0.1) for s in range(2)]
     before = markdown(summarize(records))

@@ -5,9 +5,10 @@ strengths, each summarised over seeds (:func:`flatness.experiments.stats.mean_st
 baseline of a group is its strength-0 row, or else the ``none`` method's runs with the same
 protocol in the same directory. Each other row's final test accuracy is compared with the
 baseline's, paired by seed (same seed: same initial weights and data order), by
-:func:`flatness.experiments.stats.compare_samples`; the p-values of a group's rows are
-Holm-adjusted together (one table, one family). A group with non-default method settings (a
-λ schedule or controller) or a composed method (``sam+fa``) is also set against its
+:func:`flatness.experiments.stats.compare_samples`; the p-values of every comparison
+with the same baseline runs are Holm-adjusted together (a sweep with its own strength 0: one
+table; every method against ``none``: one family across their tables). A group with non-default
+method settings (a λ schedule or controller) or a composed method (``sam+fa``) is also set against its
 *reference* (:func:`reference_group`: fixed λ; ``sam`` alone) at the same strength, paired by
 seed, Holm-adjusted over all such comparisons of the report (one family).
 
@@ -90,8 +91,8 @@ class Row:
     """All runs of one strength in a group, summarised over seeds.
 
     ``vs_baseline``: the final-accuracy comparison with the group's baseline (Holm-adjusted
-    over the group); ``flatness_vs_baseline``: the same for log10 of the final measured
-    Tr(H²)/B (a ratio of curvatures is what compares across strengths); ``role``: ``"baseline"``, ``"no baseline"`` or ``""`` (compared).
+    over every comparison with the same baseline runs); ``flatness_vs_baseline``: the same for
+    log10 of the final measured Tr(H²)/B (a ratio of curvatures is what compares across strengths); ``role``: ``"baseline"``, ``"no baseline"`` or ``""`` (compared).
     ``sam_rho``: set when this is a gnp configuration identical to SAM at that ρ.
     ``reference``/``vs_reference``/``flatness_vs_reference``: the same strength of the group's
     reference (:func:`reference_group`) and the two comparisons with it.
@@ -146,6 +147,9 @@ class Group:
     baseline: str = ""
     reference: str = ""
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # non-default model settings
+    base_row: Row | None = None  # the runs every row is compared with
+    holm_family: str = ""  # what the accuracy tests' Holm ran over, when wider than this group
+    holm_family_flatness: str = ""  # the same for the flatness tests
 
     @property
     def model_id(self) -> str:
@@ -236,6 +240,34 @@ def _adjust_reference_family(groups: Sequence[Group]) -> None:
                 row.vs_reference = c
 
 
+def _adjust_baseline_families(groups: Sequence[Group]) -> None:
+    """Holm over every comparison with the same baseline runs (one question: does anything in
+    this report differ from them?), accuracy and flatness each their own family. A sweep with
+    its own strength-0 row is its own family; every method set against ``none`` shares one, so a
+    per-method table never shows a p-value less adjusted than the cross-method comparison's."""
+    by_base: dict[int, list[Group]] = {}
+    for g in groups:
+        if g.base_row is not None:
+            by_base.setdefault(id(g.base_row), []).append(g)
+    for family in by_base.values():
+        for flatness in (False, True):
+            compared = [pair for g in family for pair in (g.flatness_comparisons if flatness else g.comparisons)]
+            for (row, _), c in zip(compared, adjust_holm([c for _, c in compared])):
+                if flatness:
+                    row.flatness_vs_baseline = c
+                else:
+                    row.vs_baseline = c
+            if len(family) > 1:
+                n = sum(math.isfinite(c.p_t) for _, c in compared)
+                methods = ", ".join(dict.fromkeys(f"`{g.method}`" for g in family))
+                text = f"the {n} test{'s' if n != 1 else ''} against {family[0].baseline} in this report (tables of {methods})"
+                for g in family:
+                    if flatness:
+                        g.holm_family_flatness = text
+                    else:
+                        g.holm_family = text
+
+
 def _group_rows(recs: Sequence[RunRecord]) -> list[Row]:
     by_value: dict[Any, list[RunRecord]] = {}
     for r in recs:
@@ -292,12 +324,8 @@ def summarize(records: Sequence[RunRecord]) -> list[Group]:
                 row.flatness_vs_baseline = compare_samples(
                     row.log10_by_seed(FLATNESS_METRIC), base.log10_by_seed(FLATNESS_METRIC)
                 )
-        adjusted = iter(adjust_holm([c for _, c in g.comparisons]))
-        for row, _ in g.comparisons:
-            row.vs_baseline = next(adjusted)
-        adjusted = iter(adjust_holm([c for _, c in g.flatness_comparisons]))
-        for row, _ in g.flatness_comparisons:
-            row.flatness_vs_baseline = next(adjusted)
+        g.base_row = base
+    _adjust_baseline_families(groups)
     for g in groups:
         _compare_with_reference(g, groups)
     _adjust_reference_family(groups)

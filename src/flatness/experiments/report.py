@@ -234,13 +234,14 @@ def markdown(groups: Sequence[Group]) -> str:
             out += ["", f"Final test accuracy against {g.baseline}:", ""]
             out += comparison_table(sym, [(_label(row), c) for row, c in g.comparisons])
             out += ["", comparison_note("the final test accuracy", f"the baseline ({g.baseline})",
-                                        [c for _, c in g.comparisons])]
+                                        [c for _, c in g.comparisons], family=g.holm_family or None)]
         if g.flatness_comparisons:
             sym = g.symbol or "setting"
             out += ["", f"Final Tr(H²)/B (measured), log10, against {g.baseline}:", ""]
             out += comparison_table(sym, [(_label(row), c) for row, c in g.flatness_comparisons], digits=2)
             out += ["", comparison_note("log10 of the final measured Tr(H²)/B", f"the baseline ({g.baseline})",
-                                        [c for _, c in g.flatness_comparisons], digits=2)
+                                        [c for _, c in g.flatness_comparisons], digits=2,
+                                        family=g.holm_family_flatness or None)
                     + " A Δ of -0.30 halves Tr(H²)/B; +1 multiplies it by 10."]
             out += _sharper_note(g)
         out += _reference_section(g, groups)
