@@ -2,24 +2,33 @@
 
     python benchmarks/profile_costs.py kfac     # issue 14: K-FAC penalty step on the paper's MLP
     python benchmarks/profile_costs.py norms    # issue 12: autograd FA on ResNet-20, norm layers
+    python benchmarks/profile_costs.py ops [B]  # issue 12: the same step's time by operator kind
 
 ``kfac``: median step time of a plain step and of FA with ``backend="kfac"`` every step (the
 case of ``flatness bench overhead``), then the K-FAC step's operators by self CPU time per step.
 ``norms``: median step time of a plain step and of autograd FA (M = 1, every step) on ResNet-20
 with the curvature pass's norm layers from primitives (the library's policy, exact third
 derivatives) and, for comparison only, with torch's fused norm kernels (wrong third derivatives):
-how much of the autograd step the exact norms cost. One thread; cases interleaved.
+how much of the autograd step the exact norms cost. ``ops``: the plain and the autograd FA step
+on ResNet-20 (B = 32), each operator timed at the dispatcher (median over steps, alternating the
+two steps), grouped into convolutions (forward and backward kernels) and the rest: the
+convolution kernels alone, which an exact third derivative cannot skip, against the whole plain
+step. One thread; cases interleaved.
 """
 
 from __future__ import annotations
 
 import copy
+import statistics
 import sys
+import time
+from collections import Counter
 from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import flatness.passes as passes
 import flatness.penalties as penalties
@@ -77,7 +86,57 @@ def norms(batch: int = 32) -> None:
           {k: round(v / ms["plain"], 2) for k, v in ms.items() if k != "plain"})
 
 
+class _OperatorTimer(TorchDispatchMode):
+    """Seconds per aten operator (by name) of the code run inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        start = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        self.seconds[func.__name__.split(".")[0]] += time.perf_counter() - start
+        return out
+
+
+def ops(batch: int = 32, steps: int = 5) -> None:
+    torch.manual_seed(0)
+    model = cifar_resnet(20, 16, 100).train()
+    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 100, (batch,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: every step sees the same weights
+    loss_fn = nn.CrossEntropyLoss()
+    cases = {"plain": make_method("none", model, loss_fn),
+             "fa_autograd": make_method("fa", model, loss_fn, lam=1e-4, probes=1, every=1, seed=0, backend="autograd")}
+    for m in cases.values():
+        m.step(x, y, opt)
+    wall: dict[str, list[float]] = {k: [] for k in cases}
+    conv: dict[str, list[float]] = {k: [] for k in cases}
+    kinds: dict[str, Counter[str]] = {k: Counter() for k in cases}
+    for _ in range(steps):
+        for name, m in cases.items():
+            timer = _OperatorTimer()
+            start = time.perf_counter()
+            with timer:
+                m.step(x, y, opt)
+            wall[name].append(time.perf_counter() - start)
+            conv[name].append(sum(v for k, v in timer.seconds.items() if "convolution" in k))
+            kinds[name].update(timer.seconds)
+    med = {k: statistics.median(v) * 1e3 for k, v in wall.items()}
+    med_conv = {k: statistics.median(v) * 1e3 for k, v in conv.items()}
+    print(f"ResNet-20, B = {batch}, {steps} steps each (dispatcher timer on): step ms", {k: round(v) for k, v in med.items()},
+          "ratio", round(med["fa_autograd"] / med["plain"], 2))
+    print("convolution kernels ms", {k: round(v) for k, v in med_conv.items()},
+          "FA's convolutions alone / whole plain step", round(med_conv["fa_autograd"] / med["plain"], 2))
+    for name, c in kinds.items():
+        top = ", ".join(f"{k} {v / steps * 1e3:.0f}" for k, v in c.most_common(6))
+        print(f"  {name}, ms per step by operator: {top}")
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     print(platform_facts())
-    {"kfac": kfac, "norms": norms}[sys.argv[1]]()
+    if sys.argv[1] == "ops" and len(sys.argv) > 2:
+        ops(batch=int(sys.argv[2]))
+    else:
+        {"kfac": kfac, "norms": norms, "ops": ops}[sys.argv[1]]()
