@@ -125,9 +125,8 @@ def math_attention() -> Iterator[None]:
 def _normalise_affine(
     x: Tensor, dims: list[int], eps: float, weight: Tensor | None, bias: Tensor | None, shape: list[int]
 ) -> Tensor:
-    # Three full-size operations (centre, square, scale-and-shift): every one of them is
-    # differentiated up to three times by the autograd penalty, so fewer is faster (~8% of an
-    # autograd FA step on ResNet-20) for the same function.
+    # Few full-size operations (centre, square, scale-and-shift): the autograd penalty
+    # differentiates each of them up to three times, so fewer is faster for the same function.
     centred = x - x.mean(dim=dims, keepdim=True)
     scale = torch.rsqrt(centred.square().mean(dim=dims, keepdim=True) + eps)  # biased variance, as the fused kernels
     if weight is not None:
