@@ -33,19 +33,41 @@ import torch
 
 from .record import RunRecord
 
-__all__ = ["cpu_model", "environment", "platform_label", "platform_note"]
+__all__ = ["cpu_from_cpuinfo", "cpu_model", "environment", "platform_label", "platform_note"]
 
 
 def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux, else :func:`platform.processor`); ``""`` if unknown."""
+    """The CPU's model name, with its family and model numbers where Linux gives them
+    (``/proc/cpuinfo``; e.g. ``"AMD EPYC (family 26, model 2)"``), else
+    :func:`platform.processor`; ``""`` if unknown. Virtual machines often report a generic name
+    ("AMD EPYC") for CPUs of different generations, whose math libraries take different code
+    paths: the family and model numbers tell them apart."""
     try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            key, sep, value = line.partition(":")
-            if sep and key.strip() in ("model name", "Model", "cpu model"):
-                return " ".join(value.split())
+        name = cpu_from_cpuinfo(Path("/proc/cpuinfo").read_text(errors="replace"))
     except OSError:
-        pass
-    return platform.processor() or ""
+        name = ""
+    return name or platform.processor() or ""
+
+
+def cpu_from_cpuinfo(text: str) -> str:
+    r"""The first processor of a ``/proc/cpuinfo`` text as ``"NAME (family F, model M)"``.
+
+    Example:
+        >>> cpu_from_cpuinfo("processor : 0\ncpu family : 26\nmodel : 2\nmodel name : AMD EPYC\n\nprocessor : 1\n")
+        'AMD EPYC (family 26, model 2)'
+    """
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            if fields:
+                break  # the first processor's block is enough
+            continue
+        fields.setdefault(key.strip(), " ".join(value.split()))
+    name = next((fields[k] for k in ("model name", "Model", "cpu model") if fields.get(k)), "")
+    numbers = [f"{label} {fields[key]}" for key, label in (("cpu family", "family"), ("model", "model"))
+               if fields.get(key)]
+    return f"{name} ({', '.join(numbers)})" if name and numbers else name
 
 
 def environment(device: torch.device | str) -> dict[str, Any]:
