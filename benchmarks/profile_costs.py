@@ -3,6 +3,7 @@
     python benchmarks/profile_costs.py kfac     # issue 14: K-FAC penalty step on the paper's MLP
     python benchmarks/profile_costs.py norms    # issue 12: autograd FA on ResNet-20, norm layers
     python benchmarks/profile_costs.py ops [B]  # issue 12: the same step's time by operator kind
+    python benchmarks/profile_costs.py mlp [M]  # issue 15: a curvature step of FA on the paper's MLP
 
 ``kfac``: median step time of a plain step and of FA with ``backend="kfac"`` every step (the
 case of ``flatness bench overhead``), then the K-FAC step's operators by self CPU time per step.
@@ -13,7 +14,9 @@ how much of the autograd step the exact norms cost. ``ops``: the plain and the a
 on ResNet-20 (B = 32), each operator timed at the dispatcher (median over steps, alternating the
 two steps), grouped into convolutions (forward and backward kernels) and the rest: the
 convolution kernels alone, which an exact third derivative cannot skip, against the whole plain
-step. One thread; cases interleaved.
+step. ``mlp``: a plain step and an FA curvature step (M probes, default 5, every step) on the
+paper's MLP, median wall times, then the curvature step's operators timed at the dispatcher
+(largest first, by input shapes). One thread; cases interleaved.
 """
 
 from __future__ import annotations
@@ -133,10 +136,51 @@ def ops(batch: int = 32, steps: int = 5) -> None:
         print(f"  {name}, ms per step by operator: {top}")
 
 
+def mlp(probes: int = 5, steps: int = 5) -> None:
+    base, loss_fn, x, y = paper_mlp_setup(128, 0, False, 1)
+
+    def case(name: str, **hp: object) -> Callable[[], object]:
+        model = copy.deepcopy(base).train()
+        opt = training_adam(model, 1e-3)
+        method = make_method(name, model, loss_fn, **hp)
+        return lambda: method.step(x, y, opt)
+
+    cases = {"plain": case("none"), f"fa_m{probes}_k1": case("fa", lam=0.01, probes=probes, every=1, seed=0)}
+    ms = time_interleaved(cases, rounds=5, reps_per_round=4)
+    print("median ms per step", {k: round(v, 2) for k, v in ms.items()})
+    timer = _ShapeTimer()
+    with timer:
+        for _ in range(steps):
+            cases[f"fa_m{probes}_k1"]()
+    total = sum(timer.seconds.values()) / steps * 1e3
+    print(f"curvature step, operators timed at the dispatcher: {total:.1f} ms per step; largest:")
+    for (name, shapes), sec in timer.seconds.most_common(12):
+        print(f"  {sec / steps * 1e3:7.2f} ms  {timer.calls[(name, shapes)] // steps:3d}×  {name}  {shapes}")
+
+
+class _ShapeTimer(TorchDispatchMode):
+    """Seconds and calls per (aten operator, input shapes) of the code run inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds: Counter[tuple[str, tuple[tuple[int, ...], ...]]] = Counter()
+        self.calls: Counter[tuple[str, tuple[tuple[int, ...], ...]]] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        start = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        key = (func.__name__, tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))[:3])
+        self.seconds[key] += time.perf_counter() - start
+        self.calls[key] += 1
+        return out
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     print(platform_facts())
     if sys.argv[1] == "ops" and len(sys.argv) > 2:
         ops(batch=int(sys.argv[2]))
+    elif sys.argv[1] == "mlp" and len(sys.argv) > 2:
+        mlp(probes=int(sys.argv[2]))
     else:
-        {"kfac": kfac, "norms": norms, "ops": ops}[sys.argv[1]]()
+        {"kfac": kfac, "norms": norms, "ops": ops, "mlp": mlp}[sys.argv[1]]()
