@@ -90,16 +90,22 @@ def norms(batch: int = 32) -> None:
 
 
 class _OperatorTimer(TorchDispatchMode):
-    """Seconds per aten operator (by name) of the code run inside it."""
+    """Seconds and calls per aten operator of the code run inside it, keyed by the operator's
+    name, or by name and input shapes with ``by_shapes``."""
 
-    def __init__(self) -> None:
+    def __init__(self, by_shapes: bool = False) -> None:
         super().__init__()
-        self.seconds: Counter[str] = Counter()
+        self.by_shapes = by_shapes
+        self.seconds: Counter[object] = Counter()
+        self.calls: Counter[object] = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         start = time.perf_counter()
         out = func(*args, **(kwargs or {}))
-        self.seconds[func.__name__.split(".")[0]] += time.perf_counter() - start
+        name = func.__name__.split(".")[0]
+        key = (func.__name__, tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))[:3]) if self.by_shapes else name
+        self.seconds[key] += time.perf_counter() - start
+        self.calls[key] += 1
         return out
 
 
@@ -123,7 +129,7 @@ def ops(batch: int = 32, steps: int = 5) -> None:
             with timer:
                 m.step(x, y, opt)
             wall[name].append(time.perf_counter() - start)
-            conv[name].append(sum(v for k, v in timer.seconds.items() if "convolution" in k))
+            conv[name].append(sum(v for k, v in timer.seconds.items() if "convolution" in str(k)))
             kinds[name].update(timer.seconds)
     med = {k: statistics.median(v) * 1e3 for k, v in wall.items()}
     med_conv = {k: statistics.median(v) * 1e3 for k, v in conv.items()}
@@ -148,7 +154,7 @@ def mlp(probes: int = 5, steps: int = 5) -> None:
     cases = {"plain": case("none"), f"fa_m{probes}_k1": case("fa", lam=0.01, probes=probes, every=1, seed=0)}
     ms = time_interleaved(cases, rounds=5, reps_per_round=4)
     print("median ms per step", {k: round(v, 2) for k, v in ms.items()})
-    timer = _ShapeTimer()
+    timer = _OperatorTimer(by_shapes=True)
     with timer:
         for _ in range(steps):
             cases[f"fa_m{probes}_k1"]()
@@ -156,23 +162,6 @@ def mlp(probes: int = 5, steps: int = 5) -> None:
     print(f"curvature step, operators timed at the dispatcher: {total:.1f} ms per step; largest:")
     for (name, shapes), sec in timer.seconds.most_common(12):
         print(f"  {sec / steps * 1e3:7.2f} ms  {timer.calls[(name, shapes)] // steps:3d}×  {name}  {shapes}")
-
-
-class _ShapeTimer(TorchDispatchMode):
-    """Seconds and calls per (aten operator, input shapes) of the code run inside it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seconds: Counter[tuple[str, tuple[tuple[int, ...], ...]]] = Counter()
-        self.calls: Counter[tuple[str, tuple[tuple[int, ...], ...]]] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        start = time.perf_counter()
-        out = func(*args, **(kwargs or {}))
-        key = (func.__name__, tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))[:3])
-        self.seconds[key] += time.perf_counter() - start
-        self.calls[key] += 1
-        return out
 
 
 if __name__ == "__main__":
