@@ -40,16 +40,22 @@ from flatness.experiments.bench import paper_mlp_setup, platform_facts, time_int
 from flatness.methods import make_method
 
 
-def kfac() -> None:
+def _paper_mlp_cases(**specs: tuple[str, dict[str, object]]) -> dict[str, Callable[[], object]]:
+    """One training step per case (name -> (method, hyper-parameters)) on the benchmarks' paper
+    MLP and batch, each case with its own copy of the model and its own optimiser."""
     base, loss_fn, x, y = paper_mlp_setup(128, 0, False, 1)
 
-    def case(name: str, **hp: object) -> Callable[[], object]:
+    def case(name: str, hp: dict[str, object]) -> Callable[[], object]:
         model = copy.deepcopy(base).train()
         opt = training_adam(model, 1e-3)
         method = make_method(name, model, loss_fn, **hp)
         return lambda: method.step(x, y, opt)
 
-    cases = {"plain": case("none"), "fa_kfac_k1": case("fa", lam=0.01, every=1, seed=0, backend="kfac")}
+    return {label: case(name, hp) for label, (name, hp) in specs.items()}
+
+
+def kfac() -> None:
+    cases = _paper_mlp_cases(plain=("none", {}), fa_kfac_k1=("fa", dict(lam=0.01, every=1, seed=0, backend="kfac")))
     ms = time_interleaved(cases, rounds=6, reps_per_round=10)
     print({k: round(v, 2) for k, v in ms.items()}, "ratio", round(ms["fa_kfac_k1"] / ms["plain"], 3))
     steps = 10
@@ -102,8 +108,10 @@ class _OperatorTimer(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         start = time.perf_counter()
         out = func(*args, **(kwargs or {}))
-        name = func.__name__.split(".")[0]
-        key = (func.__name__, tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))[:3]) if self.by_shapes else name
+        if self.by_shapes:
+            key: object = (func.__name__, tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))[:3])
+        else:
+            key = func.__name__.split(".")[0]
         self.seconds[key] += time.perf_counter() - start
         self.calls[key] += 1
         return out
@@ -143,15 +151,7 @@ def ops(batch: int = 32, steps: int = 5) -> None:
 
 
 def mlp(probes: int = 5, steps: int = 5) -> None:
-    base, loss_fn, x, y = paper_mlp_setup(128, 0, False, 1)
-
-    def case(name: str, **hp: object) -> Callable[[], object]:
-        model = copy.deepcopy(base).train()
-        opt = training_adam(model, 1e-3)
-        method = make_method(name, model, loss_fn, **hp)
-        return lambda: method.step(x, y, opt)
-
-    cases = {"plain": case("none"), f"fa_m{probes}_k1": case("fa", lam=0.01, probes=probes, every=1, seed=0)}
+    cases = _paper_mlp_cases(**{"plain": ("none", {}), f"fa_m{probes}_k1": ("fa", dict(lam=0.01, probes=probes, every=1, seed=0))})
     ms = time_interleaved(cases, rounds=5, reps_per_round=4)
     print("median ms per step", {k: round(v, 2) for k, v in ms.items()})
     timer = _OperatorTimer(by_shapes=True)
