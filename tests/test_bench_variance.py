@@ -14,12 +14,13 @@ def test_bench_variance_quick_json_has_every_figure(capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["hutchinson_m5_variance_time_ratio"] == 1.0 and result["plain_ms"] > 0
     for m in (1, 2, 5, 10):
-        for name in (f"hutchinson_m{m}", f"cv_m{m}"):
+        for name in (f"hutchinson_m{m}", f"cv_m{m}", f"gaussian_m{m}"):
             assert result[f"{name}_ms"] > 0 and result[f"{name}_variance"] > 0, name
-    assert result["best_estimator"].startswith("cv_m")
+    assert result["best_estimator"].startswith(("cv_m", "gaussian_m"))
     assert result["variance_time_ratio"] == result[f"{result['best_estimator']}_variance_time_ratio"]
-    low, high = result["cv_variance_fraction_ci95"]
-    assert 0 < low < high
+    for key in ("cv_variance_fraction_ci95", "gaussian_variance_fraction_ci95"):
+        low, high = result[key]
+        assert 0 < low < high
     assert result["cv_m5_grad_variance_ratio"] > 0
     assert result["cpu"] == cpu_model() and "threads" in result
 

@@ -15,7 +15,8 @@ def test_bench_overhead_prints_one_json_object_with_the_ratios():
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     for key in ("plain_ms", "fa_m1_k1_ratio", "fa_m5_k1_ratio", "fa_m5_k10_ratio",
-                "reference_m5_k1_ratio", "fa_m5_k1_sub32_ratio", "fa_kfac_k1_ratio"):
+                "reference_m5_k1_ratio", "fa_m5_k1_sub32_ratio", "fa_kfac_k1_ratio",
+                "fa_m1_k1_gaussian_ratio", "fa_m5_k10_gaussian_ratio"):
         assert result[key] > 0
     assert result["fa_m5_k1_ratio"] > 1.0  # a curvature step costs more than a plain one
 

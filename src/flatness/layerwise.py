@@ -33,6 +33,14 @@ first Linear: :meth:`flatness.FlatnessPenalty.sharing_first_layer` hands the tas
 Linear output to ``layerwise_sq_trace(first_linear_output=...)``, which saves one input-layer
 product forward and one backward.
 
+Gaussian probes are drawn in the data's image (:func:`input_tangent_in_image`): the estimate
+depends on the input layer's probe block V only through X Vᵀ, whose columns are independent
+N(0, X Xᵀ) when V's entries are i.i.d. N(0, 1). Drawing them as L ξ with L Lᵀ = X Xᵀ gives an
+estimate with exactly the distribution of Gaussian Hutchinson's, without the B × d_in × d_out
+product and the d_in × d_out normal draws per probe — the largest cost of a curvature step on the
+paper's MLP. The draws then differ from :func:`flatness.sample_probes`' for the same seed; pass
+``probe_vectors`` for identical probes on both paths.
+
 Example:
     >>> import torch
     >>> from torch import nn
@@ -59,9 +67,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
 
-from .probes import Distribution, sample_probes
+from .probes import Distribution, draw, make_generator, sample_probes
 
-__all__ = ["supports", "unsupported_reason", "layerwise_sq_trace"]
+__all__ = ["input_tangent_in_image", "layerwise_sq_trace", "supports", "unsupported_reason"]
 
 _ACTIVATIONS: tuple[type[nn.Module], ...] = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid)
 _PASSTHROUGH: tuple[type[nn.Module], ...] = (nn.Identity, nn.Dropout, nn.Flatten)
@@ -176,18 +184,21 @@ class _Act:
     z_dot: Tensor | None = None  # tangent of the activation's input z
 
 
-def _frobenius_sq(u: Tensor, x: Tensor, g: Tensor | None, x_dot: Tensor | None) -> Tensor:
+def _frobenius_sq(
+    u: Tensor, x: Tensor, g: Tensor | None, x_dot: Tensor | None, gram: Tensor | None = None
+) -> Tensor:
     """Σ_j ‖u_jᵀ x + gᵀ ẋ_j‖²_F by the cheaper of the explicit and the Gram route.
 
     u: (M, B, d_out), x: (B, d_in), g: (B, d_out), ẋ: (M, B, d_in). The Gram route expands
     ‖uᵀx + gᵀẋ‖² = ⟨u uᵀ, x xᵀ⟩ + 2⟨u gᵀ, x ẋᵀ⟩ + ⟨g gᵀ, ẋ ẋᵀ⟩ into B × B matrices, with x xᵀ
     and g gᵀ shared by the probes: O(B²(d_in + d_out)) per probe instead of O(B d_in d_out).
+    ``gram``: x xᵀ if already computed.
     """
     m, b, d_out = u.shape
     d_in = x.shape[1]
     if x_dot is None:
         if b * d_in + m * b * d_out < m * d_out * d_in:
-            return (torch.matmul(u, u.transpose(1, 2)) * (x @ x.T)).sum()
+            return (torch.matmul(u, u.transpose(1, 2)) * (x @ x.T if gram is None else gram)).sum()
         return torch.matmul(u.transpose(1, 2), x).pow(2).sum()
     assert g is not None
     # multiply-adds: Gram 2MB²(d_in + d_out) + B²(d_in + d_out) shared; explicit 2MB d_in d_out
@@ -207,6 +218,43 @@ def _probe_product(x: Tensor, v: Tensor) -> Tensor:
     return (x @ v.reshape(m * d_out, d_in).T).view(x.shape[0], m, d_out).transpose(0, 1)
 
 
+def input_tangent_in_image(
+    x: Tensor,
+    num: int,
+    d_out: int,
+    generator: torch.Generator | None = None,
+    gram: Tensor | None = None,
+) -> Tensor:
+    r"""X Vᵀ for ``num`` Gaussian probe blocks V (d_out × d_in) of a layer whose input X is data.
+
+    .. math::
+
+        X V^\top \overset{d}{=} L\,\Xi, \qquad L L^\top = X X^\top,\quad
+        \Xi_{ij} \sim \mathcal{N}(0, 1)\ \text{i.i.d.}
+
+    The d_out columns of X Vᵀ are independent N(0, X Xᵀ) vectors, and so are those of L Ξ: the
+    same distribution from B × d_out normal draws and a B × B factor, instead of d_in × d_out
+    draws and a B × d_in × d_out product (worth it when B < d_in). L is the Cholesky factor of
+    X Xᵀ (in float64), or U Λ^{1/2} from its eigendecomposition when X Xᵀ is singular (repeated
+    or zero rows). ``gram``: X Xᵀ if already computed. Returns ``(num, B, d_out)``.
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(6, 40, dtype=torch.float64)
+        >>> t = input_tangent_in_image(x, 20000, 3, torch.Generator().manual_seed(0))
+        >>> cov = torch.einsum("mbj,mcj->bc", t, t) / (20000 * 3)  # → X Xᵀ
+        >>> bool(((cov - x @ x.T).abs().max() / (x @ x.T).abs().max()) < 0.05)
+        True
+    """
+    gram64 = (x @ x.T if gram is None else gram).detach().double()
+    factor, info = torch.linalg.cholesky_ex(gram64)
+    if int(info) != 0:  # singular X Xᵀ: any square root has the same Gaussian
+        evals, evecs = torch.linalg.eigh(gram64)
+        factor = evecs * evals.clamp_min(0).sqrt()
+    xi = draw((num, x.shape[0], d_out), "gaussian", generator, x.device, x.dtype)
+    return torch.matmul(factor.to(x.dtype), xi)
+
+
 def layerwise_sq_trace(
     model: nn.Sequential,
     loss_fn: Callable[[Tensor, Any], Tensor],
@@ -223,8 +271,12 @@ def layerwise_sq_trace(
     r"""(1/M) Σ_j ‖H v_j‖² for ``loss_fn(model(x), y)``, differentiable w.r.t. the parameters.
 
     The model is run as it is (call it inside :func:`flatness.eval_mode` for the paper's
-    dropout-off curvature pass). Probes are drawn exactly as :func:`flatness.sample_probes` draws
-    them for ``list(model.parameters())``, so a seed gives the same estimate on both paths.
+    dropout-off curvature pass). Rademacher probes are drawn exactly as
+    :func:`flatness.sample_probes` draws them for ``list(model.parameters())``, so a seed gives
+    the same estimate on both paths. Gaussian probes are drawn so for every parameter but the
+    first Linear's weight, whose block is drawn in the data's image when the batch is smaller
+    than the layer's input width (:func:`input_tangent_in_image`: the same distribution of the
+    estimate, other draws).
     ``first_linear_output``: the first Linear's output on ``x``, already computed (and shared with
     the task loss, see :meth:`flatness.FlatnessPenalty.sharing_first_layer`).
 
@@ -236,11 +288,17 @@ def layerwise_sq_trace(
         raise ValueError(f"layerwise_sq_trace cannot compute this model's Tr(H²): {reason}; "
                          "use flatness.sq_trace instead")
     params = list(model.parameters())
-    if probe_vectors is None:
-        probe_vectors = sample_probes(params, probes, dist, generator=generator, seed=seed)
-    vec_of = {id(p): v for p, v in zip(params, probe_vectors)}
-    num = probe_vectors[0].shape[0]
     first = _first_linear(model)
+    in_image = probe_vectors is None and dist == "gaussian" and model[first].in_features > x.shape[0]
+    if probe_vectors is None:
+        generator = make_generator(seed, generator)
+        drawn = [p for p in params if not (in_image and p is model[first].weight)]
+        vec_of = {id(p): v for p, v in zip(drawn, sample_probes(drawn, probes, dist, generator))}
+        num = probes
+    else:
+        vec_of = {id(p): v for p, v in zip(params, probe_vectors)}
+        num = probe_vectors[0].shape[0]
+    gram: Tensor | None = None  # the input layer's X Xᵀ, shared by the image draw and ‖(Hv)_W‖²
 
     # Primal forward, keeping what the explicit backward needs. Modules before the first Linear
     # act on the data (no tangent reaches them).
@@ -270,7 +328,11 @@ def layerwise_sq_trace(
     for m, rec in zip(model, records):
         if isinstance(rec, _Linear):
             rec.x_dot = t
-            tz = _probe_product(rec.x, vec_of[id(m.weight)])  # a constant on the first layer
+            if t is None and id(m.weight) not in vec_of:  # the input layer, Gaussian in its image
+                gram = rec.x @ rec.x.T
+                tz = input_tangent_in_image(rec.x, num, m.out_features, generator, gram)
+            else:
+                tz = _probe_product(rec.x, vec_of[id(m.weight)])  # a constant on the first layer
             if t is not None:
                 tz = tz + torch.matmul(t, m.weight.T)
             if m.bias is not None:
@@ -293,7 +355,7 @@ def layerwise_sq_trace(
         elif isinstance(rec, _Linear):
             lin = rec.module
             # (Hv)_W = δ̇ᵀ X + δᵀ Ẋ,  (Hv)_b = Σ_i δ̇_i
-            total = total + _frobenius_sq(t_grad, rec.x, g, rec.x_dot)
+            total = total + _frobenius_sq(t_grad, rec.x, g, rec.x_dot, gram if rec.x_dot is None else None)
             if lin.bias is not None:
                 total = total + t_grad.sum(1).pow(2).sum()
             if rec.x_dot is None:  # the input is the data: nothing below needs a signal

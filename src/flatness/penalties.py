@@ -67,7 +67,10 @@ class FlatnessPenalty:
         lam: λ >= 0. ``lam=0`` computes nothing and returns exact zeros.
         probes: M >= 1 probes per curvature pass.
         every: compute the penalty on calls 0, k, 2k, ... (k >= 1); zero on the others.
-        dist: ``"rademacher"`` or ``"gaussian"``.
+        dist: ``"rademacher"`` (the paper's) or ``"gaussian"``. On the layer-wise path Gaussian
+            probes are the cheaper ones: the input layer's block is drawn in the data's image
+            (:func:`flatness.layerwise.input_tangent_in_image`; same distribution of the
+            estimate, other draws than :func:`flatness.sample_probes` for the same seed).
         seed: seed of the probe generator (reproducible probes); ``None`` uses torch's global RNG.
         generator: an explicit probe generator (overrides ``seed``).
         sub_batch: curvature pass on only the first ``sub_batch`` samples (int) or that fraction
@@ -416,6 +419,12 @@ class FlatnessPenalty:
             return cv_sq_trace(
                 model, self.loss_fn, cx, cy, self.probes, self.dist, generator=self.generator,
                 sq_norm_mean=self._engine(cx, cy, params, first), prefix=prefix,
+            )
+        if self.dist == "gaussian" and self._backend(cx) == "layerwise":
+            # its own draw: the input layer's Gaussian block in the data's image (same law, cheaper)
+            return layerwise.layerwise_sq_trace(
+                model, self.loss_fn, cx, cy, self.probes, "gaussian", generator=self.generator,
+                first_linear_output=first,
             )
         vecs = sample_probes(params, self.probes, self.dist, generator=self.generator)
         return self._engine(cx, cy, params, first)(vecs)

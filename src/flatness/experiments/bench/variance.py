@@ -17,9 +17,13 @@ with the curvature pass in eval mode (dropout off):
   (:func:`flatness.linear_io.share_prefix`). ``*_variance_extra_time_ratio`` uses the step
   time minus the plain step's (the estimator's marginal cost) instead.
 
-Estimators: plain Hutchinson with M probes (``hutchinson_mM``), and the output-layer control
-variate of :mod:`flatness.control_variate` (``cv_mM``). ``variance_time_ratio`` is the best
-``cv_mM``'s variance × time relative to ``hutchinson_m5`` (the issue's target: ≤ 0.5);
+Estimators: plain Hutchinson with M Rademacher probes (``hutchinson_mM``), the output-layer
+control variate of :mod:`flatness.control_variate` (``cv_mM``), and Hutchinson with M Gaussian
+probes whose input-layer block is drawn in the data's image (``gaussian_mM``,
+:func:`flatness.layerwise.input_tangent_in_image`; its single-probe variance from its own
+``--draws`` draws, ``gaussian_variance_fraction`` with a 95% bootstrap interval for unpaired
+samples). ``variance_time_ratio`` is the best new estimator's (``cv_mM`` or ``gaussian_mM``)
+variance × time relative to ``hutchinson_m5`` (the issue's target: ≤ 0.5);
 ``hutchinson_m10_variance_time_ratio`` shows what plain Hutchinson gains from more probes alone.
 ``cv_variance_fraction`` is the single-probe variance ratio with a 95% bootstrap interval
 (:func:`scipy.stats.bootstrap`), and ``cv_m5_grad_variance_ratio`` the ratio of the total
@@ -112,8 +116,19 @@ def run_variance_bench(
         sub = float(layer.sq_norms(v[w_index], v[b_index]).detach()[0])
         plain_vals.append(plain)
         cv_vals.append(exact_part + plain - sub)
+    gauss_gen = make_generator(seed + 4)
+    gauss_arr = np.asarray([
+        float(layerwise_sq_trace(model, loss_fn, x, y, 1, "gaussian", generator=gauss_gen).detach())
+        for _ in range(draws)
+    ])
     plain_arr, cv_arr = np.asarray(plain_vals), np.asarray(cv_vals)
     var_plain, var_cv = float(plain_arr.var(ddof=1)), float(cv_arr.var(ddof=1))
+    var_gauss = float(gauss_arr.var(ddof=1))
+    gauss_interval = stats.bootstrap(
+        (plain_arr, gauss_arr),
+        lambda a, b, axis=-1: np.var(b, ddof=1, axis=axis) / np.var(a, ddof=1, axis=axis),
+        n_resamples=2000, random_state=seed, vectorized=True,
+    ).confidence_interval
     interval = stats.bootstrap(
         (plain_arr, cv_arr),
         lambda a, b, axis=-1: np.var(b, ddof=1, axis=axis) / np.var(a, ddof=1, axis=axis),
@@ -150,6 +165,9 @@ def run_variance_bench(
             ),
             share=True,
         )
+        cases[f"gaussian_m{m}"] = step_case(
+            lambda net, gen, prefix, m=m: layerwise_sq_trace(net, loss_fn, x, y, m, "gaussian", generator=gen)
+        )
     ms = time_interleaved(cases, rounds=rounds, reps_per_round=max(1, steps // rounds))
 
     # Variance of the penalty's gradient, M = 5, over a few draws of each estimator.
@@ -176,19 +194,22 @@ def run_variance_bench(
         "output_block_sq_norm": exact_part,
         "cv_variance_fraction": var_cv / var_plain,
         "cv_variance_fraction_ci95": [float(interval.low), float(interval.high)],
+        "gaussian_variance_fraction": var_gauss / var_plain,
+        "gaussian_variance_fraction_ci95": [float(gauss_interval.low), float(gauss_interval.high)],
         "plain_ms": ms["plain"],
     }
     base = var_plain / 5 * ms["hutchinson_m5"]
     base_extra = var_plain / 5 * (ms["hutchinson_m5"] - ms["plain"])
     best_name, best = "", float("inf")
     for m in PROBES:
-        for name, var in ((f"hutchinson_m{m}", var_plain / m), (f"cv_m{m}", var_cv / m)):
+        for name, var in ((f"hutchinson_m{m}", var_plain / m), (f"cv_m{m}", var_cv / m),
+                          (f"gaussian_m{m}", var_gauss / m)):
             ratio = var * ms[name] / base
             result[f"{name}_variance"] = var
             result[f"{name}_ms"] = ms[name]
             result[f"{name}_variance_time_ratio"] = ratio
             result[f"{name}_variance_extra_time_ratio"] = var * (ms[name] - ms["plain"]) / base_extra
-            if name.startswith("cv") and ratio < best:
+            if not name.startswith("hutchinson") and ratio < best:
                 best_name, best = name, ratio
     result["variance_time_ratio"] = best
     result["best_estimator"] = best_name
