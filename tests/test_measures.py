@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from flatness import FlatnessError
-from flatness.probes import make_generator, random_matrix
+from flatness.probes import make_generator, rademacher, random_matrix
 from flatness.measures import (
     HessianOperator,
     MeasureOptions,
@@ -191,6 +191,37 @@ def test_hutchinson_samples_are_exact_quadratic_forms(problem):
     G = random_matrix(31, 7, "rademacher", make_generator(5), torch.float64, "cpu")
     assert set(G.unique().tolist()) == {-1.0, 1.0}
     assert est.value == pytest.approx(float(torch.einsum("ij,ik,kj->", G, H, G)) / 7, rel=1e-10)
+
+
+def test_operator_row_route_gives_exact_quadratic_forms_and_norms_with_reused_blocks(problem):
+    """HessianOperator.quadratic_forms / sq_norms (rows, scratch blocks reused between calls of
+    different widths) and Hutchinson's refilled probe block give the dense values, draw for draw."""
+    model, x, y, batches, H = problem
+    op = HessianOperator(model, CE, batches)
+    gen = make_generator(2)
+    for k in (5, 3, 5):  # a narrower call in between: the scratch blocks must not leak
+        G = random_matrix(31, k, "gaussian", gen, torch.float64, "cpu")
+        torch.testing.assert_close(op.quadratic_forms(G), torch.einsum("ij,ik,kj->j", G, H, G), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(op.sq_norms(G), (H @ G).square().sum(0), rtol=1e-10, atol=1e-12)
+    est = hutchinson_trace(op, num_matvecs=11, chunk=4, seed=9)  # blocks of 4, 4 and 3 probes
+    G = torch.cat([random_matrix(31, k, "rademacher", g, torch.float64, "cpu") for g in [make_generator(9)] for k in (4, 4, 3)], 1)
+    assert est.value == pytest.approx(float(torch.einsum("ij,ik,kj->", G, H, G)) / 11, rel=1e-10)
+
+
+def test_refilled_probe_blocks_hold_the_fresh_draws():
+    for dist in ("rademacher", "gaussian"):
+        fresh, refill = make_generator(4), make_generator(4)
+        block = None
+        for _ in range(3):
+            expected = random_matrix(1001, 7, dist, fresh, torch.float32, "cpu")
+            block = random_matrix(1001, 7, dist, refill, torch.float32, "cpu", out=block)
+            assert torch.equal(block, expected), dist
+    with pytest.raises(ValueError, match="contiguous float32"):
+        rademacher((4, 3), out=torch.empty(3, 4).T)
+    from flatness.measures.operator import rowwise_dots, transposed
+    a, b = torch.randn(3, 40000), torch.randn(3, 40000)
+    torch.testing.assert_close(rowwise_dots(a, b), (a.double() * b.double()).sum(1), rtol=1e-5, atol=1e-3)
+    assert torch.equal(transposed(a.T), a) and torch.equal(transposed(a), a.T.contiguous())
 
 
 def test_hutchpp_is_unbiased_over_seeds(problem):

@@ -57,6 +57,46 @@ from .functional import Batch, LossFn, collect_batches, require_finite, select_p
 
 __all__ = ["LinearOperator", "HessianOperator"]
 
+_TILE = 32768  # rows per tile of a transposing copy: a tile of a (P, 20) block stays in cache
+
+
+def transposed(X: Tensor, out: Tensor | None = None) -> Tensor:
+    """``X.T`` as a contiguous tensor, copied tile by tile along the longer axis.
+
+    For the tall ``(P, K)`` blocks of probes (P ~ 10⁶, K ~ 20) ``X.T.contiguous()`` reads with a
+    stride of K over the whole matrix; copying cache-sized tiles is about 3× faster on the CPU
+    (199 ms against 69 ms for P = 1.73 M, K = 20, one thread). ``out``: a contiguous
+    ``(cols, rows)`` tensor to write into.
+
+    Example:
+        >>> X = torch.arange(12.0).reshape(6, 2)
+        >>> torch.equal(transposed(X), X.T.contiguous()) and transposed(X).is_contiguous()
+        True
+    """
+    rows, cols = X.shape
+    if out is None or tuple(out.shape) != (cols, rows) or out.dtype != X.dtype or not out.is_contiguous():
+        out = X.new_empty(cols, rows)
+    if rows >= cols:
+        for start in range(0, rows, _TILE):
+            out[:, start : start + _TILE].copy_(X[start : start + _TILE].T)
+    else:
+        for start in range(0, cols, _TILE):
+            out[start : start + _TILE].copy_(X[:, start : start + _TILE].T)
+    return out
+
+
+def rowwise_dots(a: Tensor, b: Tensor, tile: int = 16384) -> Tensor:
+    """``(K,)`` float64: Σᵢ a[k, i]·b[k, i] for ``(K, P)`` a and b, tile by tile.
+
+    Each tile is summed by torch (pairwise) and the tiles in float64: as accurate as
+    ``(a * b).sum(1)`` in float64 to about 1e-6 relative, without a (K, P) temporary (fresh
+    memory costs more than the arithmetic here) and about 2× faster on the CPU.
+    """
+    total = torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
+    for start in range(0, a.shape[1], tile):
+        total += (a[:, start : start + tile] * b[:, start : start + tile]).sum(1, dtype=torch.float64)
+    return total
+
 
 class LinearOperator:
     """A square matrix-free operator on flat vectors: ``A @ X`` for ``(P,)`` or ``(P, K)`` X.
@@ -78,6 +118,14 @@ class LinearOperator:
 
     def _matmat(self, X: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def quadratic_forms(self, X: Tensor) -> Tensor:
+        """``(K,)``: xⱼᵀ A xⱼ for the columns of a ``(P, K)`` X (what Hutchinson's Tr(A) averages)."""
+        return (X * (self @ X)).sum(0)
+
+    def sq_norms(self, X: Tensor) -> Tensor:
+        """``(K,)``: ‖A xⱼ‖² for the columns of a ``(P, K)`` X (what Hutchinson's Tr(A²) averages)."""
+        return (self @ X).square().sum(0)
 
     def __matmul__(self, X: Tensor) -> Tensor:
         if not isinstance(X, Tensor) or X.dim() not in (1, 2) or X.shape[0] != self.shape[1]:
@@ -149,6 +197,7 @@ class HessianOperator(LinearOperator):
         self._keep_graph = keep_graph
         self._graphs: list[tuple[Tensor, list[Tensor]]] | None = None
         self._sizes = [p.numel() for p in self._params]
+        self._scratch: dict[str, Tensor] = {}
         self.num_matvecs = 0
         dim = sum(self._sizes)
         self.shape = (dim, dim)
@@ -201,11 +250,37 @@ class HessianOperator(LinearOperator):
         yield from zip(self._batches, self._graphs)
 
     def _matmat(self, X: Tensor) -> Tensor:
-        num = X.shape[1]
-        # Columns as contiguous rows, once (a blocked transpose): the (k, *p.shape) blocks handed
-        # to the batched backward are then contiguous, which it needs to run at full speed (the
-        # columns of a (P, K) matrix, 20 at a time: 1.1-1.4 s strided, 0.57 s contiguous).
-        rows = X.to(self.dtype).T.contiguous()
+        out = self._row_products(self._rows(X))
+        return out.T if X.shape[1] == 1 else transposed(out)
+
+    def quadratic_forms(self, X: Tensor) -> Tensor:
+        # Row-wise, into the operator's own scratch blocks (reused from call to call: nothing
+        # of them is returned), so no (P, K) block is allocated or transposed back.
+        rows = self._rows(X, self._scratch.get("rows"))
+        prods = self._row_products(rows, self._scratch.get("prods"))
+        self._scratch.update(rows=rows, prods=prods)
+        return rowwise_dots(rows, prods).to(self.dtype)
+
+    def sq_norms(self, X: Tensor) -> Tensor:
+        rows = self._rows(X, self._scratch.get("rows"))
+        prods = self._row_products(rows, self._scratch.get("prods"))
+        self._scratch.update(rows=rows, prods=prods)
+        return rowwise_dots(prods, prods).to(self.dtype)
+
+    def _rows(self, X: Tensor, out: Tensor | None = None) -> Tensor:
+        """The columns of a ``(P, K)`` X as contiguous rows ``(K, P)``, in the operator's dtype."""
+        if not isinstance(X, Tensor) or X.dim() != 2 or X.shape[0] != self.shape[1]:
+            got = tuple(X.shape) if isinstance(X, Tensor) else type(X).__name__
+            raise ValueError(f"expected a ({self.shape[1]}, K) tensor, got {got}")
+        X = X.to(self.dtype)
+        return X.T if X.T.is_contiguous() else transposed(X, out)
+
+    def _row_products(self, rows: Tensor, out: Tensor | None = None) -> Tensor:
+        """``(K, P)`` rows of (A vⱼ)ᵀ for contiguous rows vⱼ ``(K, P)`` (into ``out`` if it fits)."""
+        num = rows.shape[0]
+        # Columns as contiguous rows: the (k, *p.shape) blocks handed to the batched backward
+        # are then contiguous, which it needs to run at full speed (the columns of a (P, K)
+        # matrix, 20 at a time: 1.1-1.4 s strided, 0.57 s contiguous).
         chunks = [
             (start, [
                 block.reshape(-1, *p.shape).contiguous()
@@ -214,7 +289,8 @@ class HessianOperator(LinearOperator):
             ])
             for start in range(0, num, self._max_vectors)
         ]
-        out = torch.empty_like(rows)  # every entry is written by the first batch
+        if out is None or out.shape != rows.shape or out.dtype != rows.dtype:
+            out = torch.empty_like(rows)  # every entry is written by the first batch
         for i, (b, (loss, grads)) in enumerate(self._batch_graphs()):
             for start, vecs in chunks:
                 prods = self._hvp_chunk(loss, grads, vecs)
@@ -226,7 +302,7 @@ class HessianOperator(LinearOperator):
                     else:
                         a.add_(prod, alpha=b.weight)
         self.num_matvecs += num
-        return out.T if num == 1 else out.T.contiguous()
+        return out
 
     def dense(self) -> Tensor:
         """The P × P matrix (P products; for small blocks and tests only)."""

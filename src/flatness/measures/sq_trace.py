@@ -36,7 +36,7 @@ from ..hutchinson import Estimate
 from ..probes import Distribution, make_generator, random_matrix
 from .functional import LossFn
 from .operator import HessianOperator
-from .trace import Operator, _estimate, operator_dim
+from .trace import Operator, _estimate, operator_dim, sq_norms
 
 __all__ = ["sq_trace_of", "hessian_sq_trace"]
 
@@ -55,10 +55,10 @@ def sq_trace_of(
         raise ValueError(f"num_matvecs must be >= 1, got {num_matvecs}")
     dim = operator_dim(A)
     gen = make_generator(seed, generator)
-    samples = []
-    for start in range(0, num_matvecs, chunk):
-        v = random_matrix(dim, min(chunk, num_matvecs - start), dist, gen, A.dtype, A.device)
-        samples.append((A @ v).pow(2).sum(0))
+    samples, v = [], None
+    for start in range(0, num_matvecs, chunk):  # v: one block, refilled chunk after chunk
+        v = random_matrix(dim, min(chunk, num_matvecs - start), dist, gen, A.dtype, A.device, out=v)
+        samples.append(sq_norms(A, v))
     return _estimate(torch.cat(samples))
 
 

@@ -70,6 +70,16 @@ def operator_dtype_device(A: Operator) -> tuple[torch.dtype, torch.device]:
     return A.dtype, A.device
 
 
+def quadratic_forms(A: Operator, X: Tensor) -> Tensor:
+    """xⱼᵀ A xⱼ for each column of X: the operator's own row-wise route, or one pass for a matrix."""
+    return A.quadratic_forms(X) if isinstance(A, LinearOperator) else (X * (A @ X)).sum(0)
+
+
+def sq_norms(A: Operator, X: Tensor) -> Tensor:
+    """‖A xⱼ‖² for each column of X (see :func:`quadratic_forms`)."""
+    return A.sq_norms(X) if isinstance(A, LinearOperator) else (A @ X).square().sum(0)
+
+
 def apply_chunked(A: Operator, X: Tensor, chunk: int) -> Tensor:
     """``A @ X`` computed ``chunk`` columns at a time (bounds the memory of the products)."""
     return torch.cat([A @ X[:, s : s + chunk] for s in range(0, X.shape[1], chunk)], dim=1)
@@ -97,10 +107,10 @@ def hutchinson_trace(
     dim = operator_dim(A)
     dtype, device = operator_dtype_device(A)
     gen = make_generator(seed, generator)
-    samples = []
-    for start in range(0, num_matvecs, chunk):
-        g = random_matrix(dim, min(chunk, num_matvecs - start), dist, gen, dtype, device)
-        samples.append((g.T @ (A @ g)).diagonal())  # gᵢᵀ A gᵢ: one pass over both (P, k) blocks
+    samples, g = [], None
+    for start in range(0, num_matvecs, chunk):  # g: one block, refilled chunk after chunk
+        g = random_matrix(dim, min(chunk, num_matvecs - start), dist, gen, dtype, device, out=g)
+        samples.append(quadratic_forms(A, g))
     return _estimate(torch.cat(samples))
 
 

@@ -1,9 +1,11 @@
 """``flatness bench measures``: the flatness measures on the CIFAR-100 MLP, against their floor.
 
 On 1,000 CIFAR-100 training examples (3072-512-256-100 MLP, 1.7 M parameters), a measure's floor
-is the Hessian-vector products it needs. ``hvp_ms`` is one product over all the examples (the
-median of three single-vector products with the operator's graph already built), and each
-measure's overhead is ``wall time / (products × hvp_ms)``:
+is the Hessian-vector products it needs. One product over all the examples (a single-vector
+product with the operator's graph already built) is timed three times before and after each
+measure; a measure's overhead is ``wall time / (products × the median of the six products around
+it)``, so that a machine whose speed drifts during the run moves floor and measure alike.
+``hvp_ms`` is the median of all these products and ``hvp_ms_range`` their spread:
 
 - ``hessian_trace_hvp_overhead``: Tr(H) by Hutchinson, ``--matvecs`` (100) products, computed
   in batched chunks of 20 (so it may come out below 1);
@@ -32,6 +34,7 @@ network's (the training time is not part of the figures).
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from typing import Any
 
@@ -41,7 +44,7 @@ from torch import nn
 from ...landscape import surface_2d
 from ...measures import HessianOperator, hessian_trace, spectral_density, top_eigenvalues
 from ..models import mlp
-from . import median_ms, platform_facts
+from . import platform_facts
 
 __all__ = ["run_measures_bench"]
 
@@ -66,19 +69,28 @@ def _cifar_subset(examples: int, data_dir: str | None) -> tuple[torch.Tensor, to
         return x, y, f"synthetic N(0,1) ({type(exc).__name__}: {str(exc)[:80]})"
 
 
-def _hvp_ms(model: nn.Module, loss_fn: nn.Module, batches: list, reps: int = 3) -> tuple[float, float]:
-    """Median milliseconds (wall, CPU) of one single-vector Hessian product over ``batches``."""
-    H = HessianOperator(model, loss_fn, batches)
-    gen = torch.Generator().manual_seed(0)
-    v = torch.randn(H.shape[0], generator=gen)
-    H @ v  # builds and keeps the graph: not part of a product's time
-    times, cpu = [], []
-    for _ in range(reps):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        H @ v
-        times.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
-    return median_ms(times), median_ms(cpu)
+class _HvpFloor:
+    """Times single-vector Hessian products over ``batches`` (graph built once, not timed)."""
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, batches: list) -> None:
+        self.H = HessianOperator(model, loss_fn, batches)
+        self.v = torch.randn(self.H.shape[0], generator=torch.Generator().manual_seed(0))
+        self.H @ self.v  # builds and keeps the graph: not part of a product's time
+
+    def sample(self, reps: int = 3) -> list[tuple[float, float]]:
+        """``reps`` (wall, CPU) seconds of one product each."""
+        out = []
+        for _ in range(reps):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            self.H @ self.v
+            out.append((time.perf_counter() - start, time.process_time() - start_cpu))
+        return out
+
+
+def _floor(*samples: list[tuple[float, float]]) -> tuple[float, float]:
+    """Median (wall, CPU) seconds of one product over the given samples."""
+    pooled = [t for s in samples for t in s]
+    return statistics.median(w for w, _ in pooled), statistics.median(c for _, c in pooled)
 
 
 def _timed(fn: Any) -> tuple[Any, float, float]:
@@ -121,30 +133,41 @@ def run_measures_bench(
     model.eval()
     batches = list(zip(x.split(1000), y.split(1000)))
 
-    hvp_ms, hvp_cpu_ms = _hvp_ms(model, loss_fn, batches)
-    floor_s, floor_cpu = hvp_ms / 1000.0, hvp_cpu_ms / 1000.0
+    hvp = _HvpFloor(model, loss_fn, batches)
+    before_trace = hvp.sample()
     trace, trace_s, trace_cpu = _timed(
         lambda: hessian_trace(model, loss_fn, batches, num_matvecs=matvecs, seed=seed)
     )
+    before_density = hvp.sample()
     dens, dens_s, dens_cpu = _timed(
         lambda: spectral_density(model, loss_fn, batches, num_steps=density_steps, seed=seed)
     )
+    before_eig = hvp.sample()
     fast, fast_s, fast_cpu = _timed(
         lambda: top_eigenvalues(model, loss_fn, batches, k=1, tol=LAMBDA_MAX_TOL, seed=seed)
     )
+    after_eig = hvp.sample()
+    del hvp
+    floors = {
+        "hessian_trace": _floor(before_trace, before_density),
+        "density": _floor(before_density, before_eig),
+        "lambda_max": _floor(before_eig, after_eig),
+    }
+    everything = [*before_trace, *before_density, *before_eig, *after_eig]
+    hvp_ms, hvp_cpu_ms = (1000.0 * x for x in _floor(everything))
     spec, eig_s, eig_cpu = _timed(lambda: top_eigenvalues(model, loss_fn, batches, k=1, seed=seed))
     surface, surface_s, surface_cpu = _timed(
         lambda: surface_2d(model, loss_fn, batches, num=grid, seed=seed)
     )
     overheads = {
-        "hessian_trace_hvp_overhead": trace_s / (trace.num_samples * floor_s),
-        "density_hvp_overhead": dens_s / (dens.num_matvecs * floor_s),
-        "lambda_max_hvp_overhead": fast_s / (fast.num_matvecs * floor_s),
+        "hessian_trace_hvp_overhead": trace_s / (trace.num_samples * floors["hessian_trace"][0]),
+        "density_hvp_overhead": dens_s / (dens.num_matvecs * floors["density"][0]),
+        "lambda_max_hvp_overhead": fast_s / (fast.num_matvecs * floors["lambda_max"][0]),
     }
     cpu_overheads = {
-        "hessian_trace_hvp_overhead_cpu": trace_cpu / (trace.num_samples * floor_cpu),
-        "density_hvp_overhead_cpu": dens_cpu / (dens.num_matvecs * floor_cpu),
-        "lambda_max_hvp_overhead_cpu": fast_cpu / (fast.num_matvecs * floor_cpu),
+        "hessian_trace_hvp_overhead_cpu": trace_cpu / (trace.num_samples * floors["hessian_trace"][1]),
+        "density_hvp_overhead_cpu": dens_cpu / (dens.num_matvecs * floors["density"][1]),
+        "lambda_max_hvp_overhead_cpu": fast_cpu / (fast.num_matvecs * floors["lambda_max"][1]),
     }
     return {
         "data": source,
@@ -152,6 +175,7 @@ def run_measures_bench(
         "num_params": sum(p.numel() for p in model.parameters()),
         "hvp_ms": hvp_ms,
         "hvp_cpu_ms": hvp_cpu_ms,
+        "hvp_ms_range": [1000.0 * min(w for w, _ in everything), 1000.0 * max(w for w, _ in everything)],
         **overheads,
         **cpu_overheads,
         "hvp_overhead_target": TARGET_HVP_OVERHEAD,
