@@ -160,7 +160,7 @@ def mlp(probes: int = 5, steps: int = 5) -> None:
             cases[f"fa_m{probes}_k1"]()
     total = sum(timer.seconds.values()) / steps * 1e3
     print(f"curvature step, operators timed at the dispatcher: {total:.1f} ms per step; largest:")
-    for (name, shapes), sec in timer.seconds.most_common(12):
+    for (name, shapes), sec in timer.seconds.most_common(20):
         print(f"  {sec / steps * 1e3:7.2f} ms  {timer.calls[(name, shapes)] // steps:3d}×  {name}  {shapes}")
 
 
