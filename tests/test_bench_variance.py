@@ -14,9 +14,10 @@ def test_bench_variance_quick_json_has_every_figure(capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["hutchinson_m5_variance_time_ratio"] == 1.0 and result["plain_ms"] > 0
     for m in (1, 2, 5, 10):
-        for name in (f"hutchinson_m{m}", f"cv_m{m}", f"gaussian_m{m}"):
+        for name in (f"hutchinson_m{m}", f"cv_m{m}", f"gaussian_m{m}", f"cv_gaussian_m{m}"):
             assert result[f"{name}_ms"] > 0 and result[f"{name}_variance"] > 0, name
-    assert result["best_estimator"].startswith(("cv_m", "gaussian_m"))
+    assert result["best_estimator"].startswith(("cv_m", "gaussian_m", "cv_gaussian_m"))
+    assert result["cv_gaussian_variance_fraction"] > 0
     assert result["variance_time_ratio"] == result[f"{result['best_estimator']}_variance_time_ratio"]
     for key in ("cv_variance_fraction_ci95", "gaussian_variance_fraction_ci95"):
         low, high = result[key]

@@ -25,6 +25,18 @@ def _batch(rows: int = 6):
     return torch.randn(rows, 12, generator=g, dtype=torch.float64), torch.randint(0, 3, (rows,), generator=g)
 
 
+def _dense_sq_trace(model, x, y):
+    params = list(model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+
+    def loss_of(theta):
+        chunks = theta.split([p.numel() for p in params])
+        return CE(functional_call(model, {n: c.view_as(p) for n, c, p in zip(names, chunks, params)}, (x,)), y)
+
+    hessian = torch.autograd.functional.hessian(loss_of, torch.cat([p.detach().flatten() for p in params]))
+    return float((hessian @ hessian).trace())
+
+
 def test_image_draw_is_the_estimate_of_a_reconstructed_gaussian_probe():
     """Re-drawing the same stream, V₁ = (X⁺ L Ξ)ᵀ satisfies X V₁ᵀ = L Ξ: with it as an explicit
     probe, generic double backward gives the image route's value and gradient (float64)."""
@@ -46,15 +58,7 @@ def test_image_draw_is_the_estimate_of_a_reconstructed_gaussian_probe():
 
 def test_image_draw_is_unbiased_against_the_dense_hessian():
     model, (x, y) = _wide_mlp(), _batch()
-    params = list(model.parameters())
-    names = [n for n, _ in model.named_parameters()]
-
-    def loss_of(theta: torch.Tensor) -> torch.Tensor:
-        chunks = theta.split([p.numel() for p in params])
-        return CE(functional_call(model, {n: c.view_as(p) for n, c, p in zip(names, chunks, params)}, (x,)), y)
-
-    hessian = torch.autograd.functional.hessian(loss_of, torch.cat([p.detach().flatten() for p in params]))
-    exact = float((hessian @ hessian).trace())
+    exact = _dense_sq_trace(model, x, y)
     values = [float(layerwise_sq_trace(model, CE, x, y, 20, "gaussian", seed=s).detach()) for s in range(150)]
     mean, stderr = statistics.mean(values), statistics.stdev(values) / len(values) ** 0.5
     assert abs(mean - exact) <= 4 * stderr, (mean, stderr, exact)
@@ -78,11 +82,12 @@ def test_rademacher_and_narrow_inputs_keep_sample_probes_draws():
     draw exactly as sample_probes does."""
     model, (x, y) = _wide_mlp(), _batch()
     params = list(model.parameters())
-    rad = layerwise_sq_trace(model, CE, x, y, 2, "rademacher", seed=3)
-    assert float(rad) == pytest.approx(float(sq_trace(CE(model(x), y), params, probe_vectors=sample_probes(params, 2, seed=3))), rel=1e-10)
+    rad = layerwise_sq_trace(model, CE, x, y, 2, "rademacher", seed=3).detach()
+    ref = sq_trace(CE(model(x), y), params, probe_vectors=sample_probes(params, 2, seed=3)).detach()
+    assert float(rad) == pytest.approx(float(ref), rel=1e-10)
     tall_x, tall_y = _batch(rows=20)  # B = 20 > 12 input features: direct draw
-    gau = layerwise_sq_trace(model, CE, tall_x, tall_y, 2, "gaussian", seed=3)
-    ref = sq_trace(CE(model(tall_x), tall_y), params, probe_vectors=sample_probes(params, 2, "gaussian", seed=3))
+    gau = layerwise_sq_trace(model, CE, tall_x, tall_y, 2, "gaussian", seed=3).detach()
+    ref = sq_trace(CE(model(tall_x), tall_y), params, probe_vectors=sample_probes(params, 2, "gaussian", seed=3)).detach()
     assert float(gau) == pytest.approx(float(ref), rel=1e-10)
 
 
@@ -96,6 +101,51 @@ def test_penalty_with_gaussian_probes_takes_the_image_route_after_its_check(monk
     assert calls == [] and penalty._layerwise_agrees
     second = penalty(x, y)
     assert calls == [1]
-    assert float(first) > 0 and float(second) > 0
+    assert float(first.detach()) > 0 and float(second.detach()) > 0
     second.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_control_variate_with_the_image_draw_is_unbiased():
+    from flatness.control_variate import cv_sq_trace
+
+    model, (x, y) = _wide_mlp(), _batch()
+    exact = _dense_sq_trace(model, x, y)
+    values = []
+    for s in range(150):
+        gen = torch.Generator().manual_seed(s)
+        engine = lambda v, gen=gen: layerwise_sq_trace(model, CE, x, y, dist="gaussian", generator=gen, probe_vectors=v)  # noqa: E731
+        values.append(float(cv_sq_trace(model, CE, x, y, 20, "gaussian", generator=gen, sq_norm_mean=engine,
+                                        drawn_by_engine=model[0].weight).detach()))
+    mean, stderr = statistics.mean(values), statistics.stdev(values) / len(values) ** 0.5
+    assert abs(mean - exact) <= 4 * stderr, (mean, stderr, exact)
+    with pytest.raises(ValueError, match="drawn_by_engine"):
+        cv_sq_trace(model, CE, x, y, 2, "gaussian", sq_norm_mean=engine, drawn_by_engine=model[4].weight)
+
+
+def test_a_none_block_is_drawn_after_the_given_ones_and_only_the_input_weight_may_be_none():
+    model = _wide_mlp()
+    x, y = _batch(rows=20)  # B = 20 > 12 inputs: the missing block is drawn directly
+    params = list(model.parameters())
+    rest = sample_probes(params[1:], 2, "gaussian", seed=1)
+    gen = torch.Generator().manual_seed(7)
+    with_none = layerwise_sq_trace(model, CE, x, y, dist="gaussian", generator=gen, probe_vectors=[None, *rest])
+    w1 = torch.randn((2, *params[0].shape), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    explicit = layerwise_sq_trace(model, CE, x, y, probe_vectors=[w1, *rest])
+    assert float(with_none.detach()) == pytest.approx(float(explicit.detach()), rel=1e-12)
+    with pytest.raises(ValueError, match="only the first Linear"):
+        layerwise_sq_trace(model, CE, x, y, probe_vectors=[w1, None, *rest[1:]])
+
+
+def test_penalty_cv_with_gaussian_probes_uses_the_image_draw(monkeypatch):
+    model, (x, y) = _wide_mlp(), _batch()
+    calls = []
+    real = lw.input_tangent_in_image
+    monkeypatch.setattr(lw, "input_tangent_in_image", lambda *a, **k: calls.append(1) or real(*a, **k))
+    penalty = FlatnessPenalty(model, CE, lam=0.1, probes=2, dist="gaussian", seed=0, estimator="cv")
+    penalty(x, y)  # auto's check, explicit probes
+    assert calls == []
+    value = penalty(x, y)
+    assert calls == [1] and float(value.detach()) > 0
+    value.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

@@ -65,7 +65,7 @@ from .probes import Distribution, make_generator, sample_probes
 
 __all__ = ["OutputLayer", "cv_sq_trace", "output_layer"]
 
-SqNormMean = Callable[[Sequence[Tensor]], Tensor]
+SqNormMean = Callable[[Sequence[Tensor | None]], Tensor]
 
 
 @dataclass
@@ -208,6 +208,7 @@ def cv_sq_trace(
     seed: int | None = None,
     sq_norm_mean: SqNormMean | None = None,
     prefix: SharedPrefix | None = None,
+    drawn_by_engine: Tensor | None = None,
 ) -> Tensor:
     r"""‖H_LL‖² + (1/M) Σ_j (‖H v_j‖² − ‖H_LL v_{j,L}‖²), differentiable; all trainable parameters.
 
@@ -222,6 +223,10 @@ def cv_sq_trace(
             :func:`flatness.sq_trace` on the loss of this call's own forward pass (no second
             forward).
         prefix: the task forward's shared prefix (:func:`flatness.linear_io.share_prefix`).
+        drawn_by_engine: a parameter (not the output layer's) whose probe block ``sq_norm_mean``
+            draws itself: its entry in the vectors is ``None`` — the input layer's weight for
+            :func:`flatness.layerwise.layerwise_sq_trace`'s draw of Gaussian blocks in the data's
+            image (:func:`flatness.layerwise.input_tangent_in_image`).
     """
     if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
         raise ValueError(f"probes (M) must be an integer >= 1, got {probes!r}")
@@ -230,7 +235,16 @@ def cv_sq_trace(
     index = {id(p): i for i, p in enumerate(params)}
     if id(layer.weight) not in index or (layer.bias is not None and id(layer.bias) not in index):
         raise ValueError("the output layer's parameters must be trainable")
-    vectors = sample_probes(params, probes, dist, generator=make_generator(seed, generator))
+    if drawn_by_engine is not None and (
+        sq_norm_mean is None or id(drawn_by_engine) not in index
+        or drawn_by_engine is layer.weight or drawn_by_engine is layer.bias
+    ):
+        raise ValueError("drawn_by_engine must be a trainable parameter outside the output layer, "
+                         "with sq_norm_mean given")
+    skip = id(drawn_by_engine) if drawn_by_engine is not None else None
+    drawn = [p for p in params if id(p) != skip]
+    blocks = iter(sample_probes(drawn, probes, dist, generator=make_generator(seed, generator)))
+    vectors: list[Tensor | None] = [None if id(p) == skip else next(blocks) for p in params]
     v_bias = vectors[index[id(layer.bias)]] if layer.bias is not None else None
     subtracted = layer.sq_norms(vectors[index[id(layer.weight)]], v_bias).mean()
     if sq_norm_mean is None:

@@ -265,7 +265,7 @@ def layerwise_sq_trace(
     *,
     generator: torch.Generator | None = None,
     seed: int | None = None,
-    probe_vectors: Sequence[Tensor] | None = None,
+    probe_vectors: Sequence[Tensor | None] | None = None,
     first_linear_output: Tensor | None = None,
 ) -> Tensor:
     r"""(1/M) Σ_j ‖H v_j‖² for ``loss_fn(model(x), y)``, differentiable w.r.t. the parameters.
@@ -276,12 +276,15 @@ def layerwise_sq_trace(
     the same estimate on both paths. Gaussian probes are drawn so for every parameter but the
     first Linear's weight, whose block is drawn in the data's image when the batch is smaller
     than the layer's input width (:func:`input_tangent_in_image`: the same distribution of the
-    estimate, other draws).
+    estimate, other draws). ``probe_vectors``: explicit blocks, one per parameter; the first
+    Linear's weight block may be ``None``, to be drawn here from ``generator``/``seed`` as above
+    (how :func:`flatness.control_variate.cv_sq_trace` combines with the image draw).
     ``first_linear_output``: the first Linear's output on ``x``, already computed (and shared with
     the task loss, see :meth:`flatness.FlatnessPenalty.sharing_first_layer`).
 
     Raises:
-        ValueError: the model or input is not covered (the message says why).
+        ValueError: the model or input is not covered (the message says why), or a block other
+            than the first Linear's weight is ``None``.
     """
     reason = unsupported_reason(model, x)
     if reason is not None:
@@ -289,15 +292,26 @@ def layerwise_sq_trace(
                          "use flatness.sq_trace instead")
     params = list(model.parameters())
     first = _first_linear(model)
-    in_image = probe_vectors is None and dist == "gaussian" and model[first].in_features > x.shape[0]
+    first_weight = model[first].weight
+    in_image = dist == "gaussian" and model[first].in_features > x.shape[0]
     if probe_vectors is None:
         generator = make_generator(seed, generator)
-        drawn = [p for p in params if not (in_image and p is model[first].weight)]
+        drawn = [p for p in params if not (in_image and p is first_weight)]
         vec_of = {id(p): v for p, v in zip(drawn, sample_probes(drawn, probes, dist, generator))}
         num = probes
     else:
-        vec_of = {id(p): v for p, v in zip(params, probe_vectors)}
-        num = probe_vectors[0].shape[0]
+        if len(probe_vectors) != len(params):
+            raise ValueError(f"probe_vectors has {len(probe_vectors)} blocks for {len(params)} parameters")
+        if any(v is None and p is not first_weight for p, v in zip(params, probe_vectors)):
+            raise ValueError("only the first Linear's weight block may be None (drawn here)")
+        vec_of = {id(p): v for p, v in zip(params, probe_vectors) if v is not None}
+        num = next(iter(vec_of.values())).shape[0] if vec_of else probes
+        if id(first_weight) not in vec_of:
+            generator = make_generator(seed, generator)
+            if not in_image:  # drawn directly, after the given blocks
+                vec_of[id(first_weight)] = draw(
+                    (num, *first_weight.shape), dist, generator, first_weight.device, first_weight.dtype
+                )
     gram: Tensor | None = None  # the input layer's X Xᵀ, shared by the image draw and ‖(Hv)_W‖²
 
     # Primal forward, keeping what the explicit backward needs. Modules before the first Linear

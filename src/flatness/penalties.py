@@ -374,7 +374,8 @@ class FlatnessPenalty:
         if backend == "layerwise":
             def fast(vecs: Sequence[Tensor]) -> Tensor:
                 return layerwise.layerwise_sq_trace(
-                    model, self.loss_fn, cx, cy, probe_vectors=vecs, first_linear_output=first
+                    model, self.loss_fn, cx, cy, dist=self.dist, generator=self.generator,
+                    probe_vectors=vecs, first_linear_output=first,
                 )
             return fast
 
@@ -416,9 +417,13 @@ class FlatnessPenalty:
         if self.estimator == "cv":
             if prefix is not None and prefix.source is cx and prefix.calls:
                 first = prefix.calls[0].output  # the task forward's input-layer output
+            engine = self._engine(cx, cy, params, first)
+            linears = [m for m in model if type(m) is nn.Linear] if self._backend(cx) == "layerwise" else []
             return cv_sq_trace(
                 model, self.loss_fn, cx, cy, self.probes, self.dist, generator=self.generator,
-                sq_norm_mean=self._engine(cx, cy, params, first), prefix=prefix,
+                sq_norm_mean=engine, prefix=prefix,
+                # Gaussian: the closed form draws the input layer's block in the data's image
+                drawn_by_engine=linears[0].weight if self.dist == "gaussian" and len(linears) > 1 else None,
             )
         if self.dist == "gaussian" and self._backend(cx) == "layerwise":
             # its own draw: the input layer's Gaussian block in the data's image (same law, cheaper)

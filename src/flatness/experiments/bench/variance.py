@@ -22,8 +22,9 @@ control variate of :mod:`flatness.control_variate` (``cv_mM``), and Hutchinson w
 probes whose input-layer block is drawn in the data's image (``gaussian_mM``,
 :func:`flatness.layerwise.input_tangent_in_image`; its single-probe variance from its own
 ``--draws`` draws, ``gaussian_variance_fraction`` with a 95% bootstrap interval for unpaired
-samples). ``variance_time_ratio`` is the best new estimator's (``cv_mM`` or ``gaussian_mM``)
-variance × time relative to ``hutchinson_m5`` (the issue's target: ≤ 0.5);
+samples), and both together (``cv_gaussian_mM``: the control variate on Gaussian probes drawn so,
+``cv_gaussian_variance_fraction``). ``variance_time_ratio`` is the best new estimator's variance ×
+time relative to ``hutchinson_m5`` (the issue's target: ≤ 0.5);
 ``hutchinson_m10_variance_time_ratio`` shows what plain Hutchinson gains from more probes alone.
 ``cv_variance_fraction`` is the single-probe variance ratio with a 95% bootstrap interval
 (:func:`scipy.stats.bootstrap`), and ``cv_m5_grad_variance_ratio`` the ratio of the total
@@ -67,6 +68,19 @@ def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, batch
         opt.zero_grad(set_to_none=True)
         loss_fn(model(x[idx]), y[idx]).backward()
         opt.step()
+
+
+def _cv_gaussian(
+    net: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor, m: int,
+    gen: torch.Generator | None, prefix: Any = None,
+) -> torch.Tensor:
+    """The control variate on Gaussian probes whose input-layer block the closed form draws in
+    the data's image (what ``FlatnessPenalty(dist="gaussian", estimator="cv")`` computes)."""
+    return cv_sq_trace(
+        net, loss_fn, x, y, m, "gaussian", generator=gen, prefix=prefix,
+        sq_norm_mean=lambda v: layerwise_sq_trace(net, loss_fn, x, y, dist="gaussian", generator=gen, probe_vectors=v),
+        drawn_by_engine=net[0].weight,
+    )
 
 
 def run_variance_bench(
@@ -121,6 +135,10 @@ def run_variance_bench(
         float(layerwise_sq_trace(model, loss_fn, x, y, 1, "gaussian", generator=gauss_gen).detach())
         for _ in range(draws)
     ])
+    both_arr = np.asarray([
+        float(_cv_gaussian(model, loss_fn, x, y, 1, gauss_gen).detach()) for _ in range(draws)
+    ])
+    var_both = float(both_arr.var(ddof=1))
     plain_arr, cv_arr = np.asarray(plain_vals), np.asarray(cv_vals)
     var_plain, var_cv = float(plain_arr.var(ddof=1)), float(cv_arr.var(ddof=1))
     var_gauss = float(gauss_arr.var(ddof=1))
@@ -168,6 +186,9 @@ def run_variance_bench(
         cases[f"gaussian_m{m}"] = step_case(
             lambda net, gen, prefix, m=m: layerwise_sq_trace(net, loss_fn, x, y, m, "gaussian", generator=gen)
         )
+        cases[f"cv_gaussian_m{m}"] = step_case(
+            lambda net, gen, prefix, m=m: _cv_gaussian(net, loss_fn, x, y, m, gen, prefix), share=True
+        )
     ms = time_interleaved(cases, rounds=rounds, reps_per_round=max(1, steps // rounds))
 
     # Variance of the penalty's gradient, M = 5, over a few draws of each estimator.
@@ -196,6 +217,7 @@ def run_variance_bench(
         "cv_variance_fraction_ci95": [float(interval.low), float(interval.high)],
         "gaussian_variance_fraction": var_gauss / var_plain,
         "gaussian_variance_fraction_ci95": [float(gauss_interval.low), float(gauss_interval.high)],
+        "cv_gaussian_variance_fraction": var_both / var_plain,
         "plain_ms": ms["plain"],
     }
     base = var_plain / 5 * ms["hutchinson_m5"]
@@ -203,7 +225,7 @@ def run_variance_bench(
     best_name, best = "", float("inf")
     for m in PROBES:
         for name, var in ((f"hutchinson_m{m}", var_plain / m), (f"cv_m{m}", var_cv / m),
-                          (f"gaussian_m{m}", var_gauss / m)):
+                          (f"gaussian_m{m}", var_gauss / m), (f"cv_gaussian_m{m}", var_both / m)):
             ratio = var * ms[name] / base
             result[f"{name}_variance"] = var
             result[f"{name}_ms"] = ms[name]
