@@ -16,9 +16,11 @@ def test_bench_overhead_prints_one_json_object_with_the_ratios():
     result = json.loads(proc.stdout)
     for key in ("plain_ms", "fa_m1_k1_ratio", "fa_m5_k1_ratio", "fa_m5_k10_ratio",
                 "reference_m5_k1_ratio", "fa_m5_k1_sub32_ratio", "fa_kfac_k1_ratio",
-                "fa_m1_k1_gaussian_ratio", "fa_m5_k10_gaussian_ratio"):
+                "fa_m1_k1_gaussian_ratio", "fa_m5_k10_gaussian_ratio", "fa_m1_k1_floor_ratio",
+                "fa_m5_k10_floor_ratio"):
         assert result[key] > 0
     assert result["fa_m5_k1_ratio"] > 1.0  # a curvature step costs more than a plain one
+    assert 1.0 < result["fa_m5_k10_floor_ratio"] and 1.0 < result["fa_m1_k1_floor_ratio"]
 
 
 def test_bad_input_is_one_line_and_exit_2():

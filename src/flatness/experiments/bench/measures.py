@@ -10,7 +10,9 @@ it)``, so that a machine whose speed drifts during the run moves floor and measu
 - ``hessian_trace_hvp_overhead``: Tr(H) by Hutchinson, ``--matvecs`` (100) products, computed
   in batched chunks of 20 (so it may come out below 1);
 - ``density_hvp_overhead``: SLQ density, ``--density-steps`` (80) Lanczos steps with full
-  reorthogonalisation, one probe;
+  reorthogonalisation, one probe; ``density_reorth_overhead`` is what the same Lanczos run
+  costs on a diagonal operator of the same size (products of about a millisecond), over the same
+  floor: the part of ``density_hvp_overhead`` above 1 that full reorthogonalisation alone takes;
 - ``lambda_max_hvp_overhead``: λ_max to relative accuracy 1e-3 (Ritz residual <= 1e-3 λ), with
   ``lambda_max_hvps`` products; ``lambda_max_rel_error`` compares it with the default-tolerance
   value (1e-4 in float32), ``lambda_max``.
@@ -42,7 +44,8 @@ import torch
 from torch import nn
 
 from ...landscape import surface_2d
-from ...measures import HessianOperator, hessian_trace, spectral_density, top_eigenvalues
+from ...measures import HessianOperator, hessian_trace, lanczos, spectral_density, top_eigenvalues
+from ...measures.operator import LinearOperator
 from ..models import mlp
 from . import platform_facts
 
@@ -67,6 +70,25 @@ def _cifar_subset(examples: int, data_dir: str | None) -> tuple[torch.Tensor, to
         x = torch.randn(examples, 3072, generator=gen)
         y = torch.randint(0, 100, (examples,), generator=gen)
         return x, y, f"synthetic N(0,1) ({type(exc).__name__}: {str(exc)[:80]})"
+
+
+class _Diagonal(LinearOperator):
+    """A diagonal operator: Lanczos on it costs its reorthogonalisation and little else."""
+
+    def __init__(self, diagonal: torch.Tensor) -> None:
+        self.diagonal = diagonal
+        self.shape = (diagonal.numel(), diagonal.numel())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.diagonal.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.diagonal.device
+
+    def _matmat(self, X: torch.Tensor) -> torch.Tensor:
+        return self.diagonal.unsqueeze(1) * X
 
 
 class _HvpFloor:
@@ -147,6 +169,8 @@ def run_measures_bench(
         lambda: top_eigenvalues(model, loss_fn, batches, k=1, tol=LAMBDA_MAX_TOL, seed=seed)
     )
     after_eig = hvp.sample()
+    diagonal = _Diagonal(torch.rand(hvp.H.shape[0], generator=torch.Generator().manual_seed(seed)))
+    _, reorth_s, _ = _timed(lambda: lanczos(diagonal, torch.randn(diagonal.shape[0]), density_steps))
     del hvp
     floors = {
         "hessian_trace": _floor(before_trace, before_density),
@@ -162,6 +186,7 @@ def run_measures_bench(
     overheads = {
         "hessian_trace_hvp_overhead": trace_s / (trace.num_samples * floors["hessian_trace"][0]),
         "density_hvp_overhead": dens_s / (dens.num_matvecs * floors["density"][0]),
+        "density_reorth_overhead": reorth_s / (density_steps * floors["density"][0]),
         "lambda_max_hvp_overhead": fast_s / (fast.num_matvecs * floors["lambda_max"][0]),
     }
     cpu_overheads = {
