@@ -208,6 +208,21 @@ def test_operator_row_route_gives_exact_quadratic_forms_and_norms_with_reused_bl
     assert est.value == pytest.approx(float(torch.einsum("ij,ik,kj->", G, H, G)) / 11, rel=1e-10)
 
 
+def test_single_batch_reductions_match_the_dense_hessian(problem):
+    """One batch: each product is reduced as it comes out (no block of products kept), for
+    probe blocks drawn as rows, contiguous (P, K) blocks, one or several vectors per backward."""
+    model, x, y, batches, _ = problem
+    H = dense_hessian(model, x, y)
+    for max_vectors in (1, 3):
+        op = HessianOperator(model, CE, [(x, y)], max_vectors=max_vectors)
+        rows_view = random_matrix(31, 5, "gaussian", make_generator(3), torch.float64, "cpu")
+        assert rows_view.T.is_contiguous()
+        for G in (rows_view, rows_view.contiguous()):
+            torch.testing.assert_close(op.quadratic_forms(G), torch.einsum("ij,ik,kj->j", G, H, G), rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(op.sq_norms(G), (H @ G).square().sum(0), rtol=1e-10, atol=1e-12)
+        assert op.num_matvecs == 20
+
+
 def test_refilled_probe_blocks_hold_the_fresh_draws():
     for dist in ("rademacher", "gaussian"):
         fresh, refill = make_generator(4), make_generator(4)

@@ -250,7 +250,10 @@ def input_tangent_in_image(
     factor, info = torch.linalg.cholesky_ex(gram64)
     if int(info) != 0:  # singular X Xᵀ: any square root has the same Gaussian
         evals, evecs = torch.linalg.eigh(gram64)
-        factor = evecs * evals.clamp_min(0).sqrt()
+        # Eigenvalues at rounding level belong to the null space: dropping them keeps repeated
+        # rows' tangents equal (their noise directions would otherwise differ by ~√ε).
+        null = evals <= gram64.shape[0] * torch.finfo(torch.float64).eps * evals.abs().max()
+        factor = evecs * evals.masked_fill(null, 0.0).sqrt()
     xi = draw((num, x.shape[0], d_out), "gaussian", generator, x.device, x.dtype)
     return torch.matmul(factor.to(x.dtype), xi)
 
@@ -358,14 +361,25 @@ def layerwise_sq_trace(
     # δ̇ at the output: the loss Hessian w.r.t. the output applied to Ż_out (any loss).
     (t_grad,) = torch.autograd.grad(g, out, grad_outputs=t, create_graph=True, is_grads_batched=True)
 
+    # Which records still need the primal signal g from above: a curved activation (σ'' ≠ 0)
+    # or a Linear with a tangent input lies below them. (Below a ReLU net's second layer
+    # nothing does: its g @ W would be computed for nothing.)
+    g_needed_below: list[bool] = []
+    needed = False
+    for rec in records:
+        g_needed_below.append(needed)
+        needed = needed or (isinstance(rec, _Act) and rec.d2 is not None) or (
+            isinstance(rec, _Linear) and rec.x_dot is not None)
+
     # Explicit backward of the primal (g) and tangent (t_grad) signals, summing ‖(Hv_j)‖².
     total = torch.zeros((), dtype=out.dtype, device=out.device)
-    for rec in reversed(records):
+    for i in reversed(range(len(records))):
+        rec = records[i]
         if isinstance(rec, _Act):
             new_t = rec.d1 * t_grad  # δ̇ = σ'(Z)⊙ġ + σ''(Z)⊙Ż⊙g
             if rec.d2 is not None:
                 new_t = new_t + rec.d2 * rec.z_dot * g
-            t_grad, g = new_t, rec.d1 * g
+            t_grad, g = new_t, (rec.d1 * g if g_needed_below[i] else None)
         elif isinstance(rec, _Linear):
             lin = rec.module
             # (Hv)_W = δ̇ᵀ X + δᵀ Ẋ,  (Hv)_b = Σ_i δ̇_i
@@ -375,5 +389,5 @@ def layerwise_sq_trace(
             if rec.x_dot is None:  # the input is the data: nothing below needs a signal
                 break
             t_grad = torch.matmul(t_grad, lin.weight) + torch.matmul(g, vec_of[id(lin.weight)])
-            g = g @ lin.weight
+            g = g @ lin.weight if g_needed_below[i] else None
     return total / num

@@ -193,16 +193,25 @@ def random_matrix(
 ) -> Tensor:
     """``(dim, num)`` probes (one per column) for a matrix-free operator on flat vectors.
 
+    The columns are drawn as the rows of a contiguous ``(num, dim)`` block and returned as its
+    transposed view: each probe is one contiguous vector, which an operator that multiplies one
+    column at a time (:class:`flatness.measures.HessianOperator` on the CPU) reads without
+    copying the block (transposing a (1.73 M, 20) block cost 0.5 s in 100 products).
     ``out``: an earlier block of the same shape, dtype and device to refill (float32 on the
     generator's device; otherwise a new block is drawn).
+
+    Example:
+        >>> G = random_matrix(5, 3, "rademacher", make_generator(0), torch.float32, "cpu")
+        >>> G.shape, G.T.is_contiguous(), torch.equal(G[:, 1], draw((3, 5), "rademacher", make_generator(0))[1])
+        (torch.Size([5, 3]), True, True)
     """
     gen_device = generator.device if generator is not None else torch.device(device)
     if (
         out is not None and out.dtype == torch.float32 == dtype and out.device == gen_device
-        and torch.device(device) == gen_device and out.is_contiguous() and tuple(out.shape) == (dim, num)
+        and torch.device(device) == gen_device and out.T.is_contiguous() and tuple(out.shape) == (dim, num)
     ):
-        return draw((dim, num), dist, generator, device, dtype, out=out)
-    return draw((dim, num), dist, generator, device, dtype)
+        return draw((num, dim), dist, generator, device, dtype, out=out.T).T
+    return draw((num, dim), dist, generator, device, dtype).T
 
 
 def categorical(

@@ -85,13 +85,16 @@ def transposed(X: Tensor, out: Tensor | None = None) -> Tensor:
     return out
 
 
-def rowwise_dots(a: Tensor, b: Tensor, tile: int = 16384) -> Tensor:
+def rowwise_dots(a: Tensor, b: Tensor, tile: int | None = None) -> Tensor:
     """``(K,)`` float64: Σᵢ a[k, i]·b[k, i] for ``(K, P)`` a and b, tile by tile.
 
     Each tile is summed by torch (pairwise) and the tiles in float64: as accurate as
     ``(a * b).sum(1)`` in float64 to about 1e-6 relative, without a (K, P) temporary (fresh
-    memory costs more than the arithmetic here) and about 2× faster on the CPU.
+    memory costs more than the arithmetic here) and about 2× faster on the CPU. ``tile``:
+    columns per tile, by default about 2¹⁸ entries (1 MiB of float32) per tile of each input.
     """
+    if tile is None:
+        tile = max(16384, (1 << 18) // max(a.shape[0], 1))
     total = torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
     for start in range(0, a.shape[1], tile):
         total += (a[:, start : start + tile] * b[:, start : start + tile]).sum(1, dtype=torch.float64)
@@ -254,18 +257,36 @@ class HessianOperator(LinearOperator):
         return out.T if X.shape[1] == 1 else transposed(out)
 
     def quadratic_forms(self, X: Tensor) -> Tensor:
-        # Row-wise, into the operator's own scratch blocks (reused from call to call: nothing
-        # of them is returned), so no (P, K) block is allocated or transposed back.
-        rows = self._rows(X, self._scratch.get("rows"))
-        prods = self._row_products(rows, self._scratch.get("prods"))
-        self._scratch.update(rows=rows, prods=prods)
-        return rowwise_dots(rows, prods).to(self.dtype)
+        return self._row_reductions(X, squares=False)
 
     def sq_norms(self, X: Tensor) -> Tensor:
+        return self._row_reductions(X, squares=True)
+
+    def _row_reductions(self, X: Tensor, squares: bool) -> Tensor:
+        """vⱼᵀ A vⱼ (or ‖A vⱼ‖² with ``squares``) for the columns of X, in the operator's dtype.
+
+        Over one batch each product is reduced as it comes out of the backward pass, so no
+        (K, P) block of products is stored; over several, the products are summed into the
+        operator's own scratch block (reused from call to call: nothing of it is returned).
+        """
         rows = self._rows(X, self._scratch.get("rows"))
-        prods = self._row_products(rows, self._scratch.get("prods"))
-        self._scratch.update(rows=rows, prods=prods)
-        return rowwise_dots(prods, prods).to(self.dtype)
+        if rows.data_ptr() != X.data_ptr():  # a transposed copy: keep its memory for the next call
+            self._scratch["rows"] = rows
+        if len(self._batches) > 1:
+            prods = self._row_products(rows, self._scratch.get("prods"))
+            self._scratch["prods"] = prods
+            return rowwise_dots(prods if squares else rows, prods).to(self.dtype)
+        ((loss, grads),) = [g for _, g in self._batch_graphs()]
+        weight = self._batches[0].weight
+        total = torch.zeros(rows.shape[0], dtype=torch.float64, device=rows.device)
+        for start, vecs in self._chunks(rows):
+            for vec, prod in zip(vecs, self._hvp_chunk(loss, grads, vecs)):
+                prod = prod.detach().reshape(vec.shape[0], -1)
+                total[start : start + vec.shape[0]] += rowwise_dots(
+                    prod if squares else vec.reshape(vec.shape[0], -1), prod
+                )
+        self.num_matvecs += rows.shape[0]
+        return (total * (weight * weight if squares else weight)).to(self.dtype)
 
     def _rows(self, X: Tensor, out: Tensor | None = None) -> Tensor:
         """The columns of a ``(P, K)`` X as contiguous rows ``(K, P)``, in the operator's dtype."""
@@ -275,20 +296,24 @@ class HessianOperator(LinearOperator):
         X = X.to(self.dtype)
         return X.T if X.T.is_contiguous() else transposed(X, out)
 
-    def _row_products(self, rows: Tensor, out: Tensor | None = None) -> Tensor:
-        """``(K, P)`` rows of (A vⱼ)ᵀ for contiguous rows vⱼ ``(K, P)`` (into ``out`` if it fits)."""
-        num = rows.shape[0]
+    def _chunks(self, rows: Tensor) -> list[tuple[int, list[Tensor]]]:
+        """(first row, one ``(k, *p.shape)`` block per parameter) for ``max_vectors`` rows at a time."""
         # Columns as contiguous rows: the (k, *p.shape) blocks handed to the batched backward
         # are then contiguous, which it needs to run at full speed (the columns of a (P, K)
         # matrix, 20 at a time: 1.1-1.4 s strided, 0.57 s contiguous).
-        chunks = [
+        return [
             (start, [
                 block.reshape(-1, *p.shape).contiguous()
                 for block, p in zip(rows[start : start + self._max_vectors].split(self._sizes, 1),
                                     self._params)
             ])
-            for start in range(0, num, self._max_vectors)
+            for start in range(0, rows.shape[0], self._max_vectors)
         ]
+
+    def _row_products(self, rows: Tensor, out: Tensor | None = None) -> Tensor:
+        """``(K, P)`` rows of (A vⱼ)ᵀ for contiguous rows vⱼ ``(K, P)`` (into ``out`` if it fits)."""
+        num = rows.shape[0]
+        chunks = list(self._chunks(rows))
         if out is None or out.shape != rows.shape or out.dtype != rows.dtype:
             out = torch.empty_like(rows)  # every entry is written by the first batch
         for i, (b, (loss, grads)) in enumerate(self._batch_graphs()):
