@@ -4,6 +4,7 @@
     python benchmarks/profile_costs.py norms    # issue 12: autograd FA on ResNet-20, norm layers
     python benchmarks/profile_costs.py ops [B]  # issue 12: the same step's time by operator kind
     python benchmarks/profile_costs.py mlp [M]  # issue 15: a curvature step of FA on the paper's MLP
+    FLATNESS_DATA=DATA python benchmarks/profile_costs.py eig   # issue 15: where λ_max's time goes
 
 ``kfac``: median step time of a plain step and of FA with ``backend="kfac"`` every step (the
 case of ``flatness bench overhead``), then the K-FAC step's operators by self CPU time per step.
@@ -16,7 +17,11 @@ two steps), grouped into convolutions (forward and backward kernels) and the res
 convolution kernels alone, which an exact third derivative cannot skip, against the whole plain
 step. ``mlp``: a plain step and an FA curvature step (M probes, default 5, every step) on the
 paper's MLP, median wall times, then the curvature step's operators timed at the dispatcher
-(largest first, by input shapes). One thread; cases interleaved.
+(largest first, by input shapes). ``eig``: `flatness bench measures`' λ_max case (1,000 CIFAR-100
+images, the MLP after 50 Adam steps, relative accuracy 1e-3), three times: its wall time against
+its products × the median single product, and the time inside the products, the rest of each
+Lanczos step (α, the reorthogonalisation against the basis, β) and the basis updates. One
+thread; cases interleaved.
 """
 
 from __future__ import annotations
@@ -164,6 +169,58 @@ def mlp(probes: int = 5, steps: int = 5) -> None:
         print(f"  {sec / steps * 1e3:7.2f} ms  {timer.calls[(name, shapes)] // steps:3d}×  {name}  {shapes}")
 
 
+def eig(runs: int = 3) -> None:
+    import os
+
+    import flatness.measures.eigen as eigen
+    import flatness.measures.operator as operator
+    from flatness.experiments.bench.measures import _cifar_subset, _HvpFloor
+    from flatness.experiments.models import mlp as paper_mlp
+    from flatness.measures import top_eigenvalues
+
+    torch.manual_seed(0)
+    x, y, _ = _cifar_subset(1000, os.environ.get("FLATNESS_DATA"))
+    model = paper_mlp(3072, 100, (512, 256), dropout=0.3)
+    loss_fn = nn.CrossEntropyLoss()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(50):  # as the benchmark does
+        idx = torch.randint(0, len(y), (128,), generator=gen)
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x[idx]), y[idx]).backward()
+        opt.step()
+    model.eval()
+    floor = _HvpFloor(model, loss_fn, [(x, y)])
+    spent: Counter[str] = Counter()
+
+    def timed(cls: type, name: str) -> None:
+        original = getattr(cls, name)
+
+        def run(*args, **kwargs):  # type: ignore[no-untyped-def]
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - start
+
+        setattr(cls, name, run)
+
+    for cls, name in ((operator.HessianOperator, "_matmat"), (operator.HessianOperator, "_graph"),
+                      (eigen._Lanczos, "expand"), (eigen._Lanczos, "push")):
+        timed(cls, name)
+    for _ in range(runs):
+        hvp_s = statistics.median(w for w, _ in floor.sample(5))
+        spent.clear()
+        start = time.perf_counter()
+        spec = top_eigenvalues(model, loss_fn, [(x, y)], k=1, tol=1e-3, seed=0)
+        wall = time.perf_counter() - start
+        n = spec.num_matvecs
+        print(f"λ_max {spec.lambda_max:.4f}: {wall:.3f} s, {n} products × {hvp_s * 1e3:.1f} ms = overhead "
+              f"{wall / (n * hvp_s):.3f}; in products {spent['_matmat']:.3f} s (graph {spent['_graph']:.3f}), "
+              f"rest of the steps {spent['expand'] - spent['_matmat']:.3f} s, basis updates {spent['push']:.3f} s")
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     print(platform_facts())
@@ -172,4 +229,4 @@ if __name__ == "__main__":
     elif sys.argv[1] == "mlp" and len(sys.argv) > 2:
         mlp(probes=int(sys.argv[2]))
     else:
-        {"kfac": kfac, "norms": norms, "ops": ops, "mlp": mlp}[sys.argv[1]]()
+        {"kfac": kfac, "norms": norms, "ops": ops, "mlp": mlp, "eig": eig}[sys.argv[1]]()
