@@ -1,6 +1,7 @@
 """``flatness bench measures`` and ``bench overhead``: every reported key, end to end on a tiny
 model. No timing assertions here (speed targets are checked by running the benchmarks)."""
 
+import contextlib
 import json
 import math
 
@@ -39,9 +40,20 @@ def test_bench_measures_reports_the_hvp_floor_and_overheads(capsys):
     assert result["cpu"] == cpu_model() and result["torch"] == torch.__version__  # platform named
 
 
-def test_bench_measures_bad_arguments_are_one_line_errors(capsys):
+def test_bench_measures_bad_arguments_are_one_line_errors(capsys, tmp_path):
     assert main(["bench", "measures", "--quick", "--density-steps", "1"]) == 2
     assert "density-steps" in capsys.readouterr().err
+    for args in (["overhead", "--batch", "-3"], ["overhead", "--threads", "0"], ["measures", "--threads", "-1"],
+                 ["variance", "--threads", "0"]):
+        with pytest.raises(SystemExit) if "--threads" in args else contextlib.nullcontext():
+            assert main(["bench", *args]) == 2
+        err = capsys.readouterr().err
+        assert "error:" in err and "Traceback" not in err and ("--batch" in err or "--threads" in err), (args, err)
+    # A named data directory without CIFAR-100 is an error, not synthetic timings.
+    for bench in ("measures", "variance"):
+        assert main(["bench", bench, "--data-dir", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("flatness: error: no CIFAR-100 in --data-dir") and len(err.strip().splitlines()) == 1
 
 
 def test_bench_overhead_reports_targets_and_cpu_ratios(capsys):

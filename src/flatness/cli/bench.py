@@ -30,15 +30,22 @@ def print_result(result: dict[str, object], as_json: bool, title: str) -> None:
         print(f"  {key:<{width}}  {text}")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _threads_and_quick(p: argparse.ArgumentParser, tiny: str) -> None:
     """The flags every benchmark shares after its own: thread count and the smoke-test size."""
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--quick", action="store_true", help=f"{tiny}, for smoke tests")
 
 
 def _cmd_overhead(args: argparse.Namespace) -> int:
-    if args.steps < 1 or args.rounds < 1:
-        raise ValueError("--steps and --rounds must be >= 1")
+    if args.steps < 1 or args.rounds < 1 or args.batch < 1:
+        raise ValueError("--steps, --rounds and --batch must be >= 1")
     result = run_overhead(
         batch=args.batch, steps=args.steps, rounds=args.rounds, threads=args.threads, quick=args.quick
     )
@@ -116,7 +123,7 @@ def _add_measures(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--density-steps", type=int, default=80, help="Lanczos steps of the density")
     p.add_argument("--grid", type=int, default=21, help="points per axis of the 2D surface")
     p.add_argument("--train-steps", type=int, default=50, help="Adam steps before measuring")
-    p.add_argument("--data-dir", default=None, help="where CIFAR-100 is looked for")
+    p.add_argument("--data-dir", default=None, help="CIFAR-100 directory (default: $FLATNESS_DATA, then the cache, else synthetic inputs; a named directory without it is an error)")
     _threads_and_quick(p, "tiny model and data")
     p.set_defaults(func=_cmd_measures)
 
@@ -162,7 +169,7 @@ def _add_variance(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grad-draws", type=int, default=12, help="draws for the gradient variance")
     p.add_argument("--steps", type=int, default=12, help="timed calls per estimator")
     p.add_argument("--rounds", type=int, default=4, help="interleaved timing rounds")
-    p.add_argument("--data-dir", default=None, help="where CIFAR-100 is looked for")
+    p.add_argument("--data-dir", default=None, help="CIFAR-100 directory (default: $FLATNESS_DATA, then the cache, else synthetic inputs; a named directory without it is an error)")
     _threads_and_quick(p, "tiny model and data")
     p.set_defaults(func=_cmd_variance)
 

@@ -46,6 +46,7 @@ from torch import nn
 from ...landscape import surface_2d
 from ...measures import HessianOperator, hessian_trace, lanczos, spectral_density, top_eigenvalues
 from ...measures.operator import LinearOperator
+from ...utils import FlatnessError
 from ..models import mlp
 from . import platform_facts
 
@@ -59,13 +60,19 @@ LAMBDA_MAX_TOL = 1e-3
 
 
 def _cifar_subset(examples: int, data_dir: str | None) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """The first ``examples`` CIFAR-100 training images (standardised), or synthetic stand-ins."""
+    """The first ``examples`` CIFAR-100 training images (standardised), or synthetic stand-ins.
+
+    Synthetic inputs stand in only where no directory was named: a ``data_dir`` without the
+    data raises (a benchmark told where its data is must not time something else).
+    """
     try:
         from ..tasks import get_task
 
         splits = get_task("cifar100-mlp").load(data_dir, download=False)
         return splits.x_train[:examples].float(), splits.y_train[:examples].long(), "cifar100"
     except Exception as exc:  # no data here: the timings do not depend on the pixel values
+        if data_dir is not None:
+            raise FlatnessError(f"no CIFAR-100 in --data-dir {data_dir}: {exc}") from exc
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(examples, 3072, generator=gen)
         y = torch.randint(0, 100, (examples,), generator=gen)
