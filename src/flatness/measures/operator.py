@@ -313,7 +313,7 @@ class HessianOperator(LinearOperator):
     def _row_products(self, rows: Tensor, out: Tensor | None = None) -> Tensor:
         """``(K, P)`` rows of (A vⱼ)ᵀ for contiguous rows vⱼ ``(K, P)`` (into ``out`` if it fits)."""
         num = rows.shape[0]
-        chunks = list(self._chunks(rows))
+        chunks = self._chunks(rows)
         if out is None or out.shape != rows.shape or out.dtype != rows.dtype:
             out = torch.empty_like(rows)  # every entry is written by the first batch
         for i, (b, (loss, grads)) in enumerate(self._batch_graphs()):
