@@ -55,6 +55,37 @@ def test_value_and_gradient_equal_the_autograd_estimator(act, bias, loss):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("labels", ["all", "some ignored", "all ignored"])
+def test_closed_form_cross_entropy_equals_its_double_backward(labels):
+    """nn.CrossEntropyLoss() takes the closed-form softmax gradient and Hessian; a wrapper of the
+    same loss takes autograd's double backward: same value and gradient, ignored labels included
+    (the mean over the kept rows), zero on both when every label is ignored (torch's backward of
+    that NaN loss gives zero gradients)."""
+    model = _model(nn.Tanh, out=4)
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(9, 12, generator=g, dtype=torch.float64), torch.randint(0, 4, (9,), generator=g)
+    if labels != "all":
+        y[::3] = -100
+        if labels == "all ignored":
+            y[:] = -100
+    params = list(model.parameters())
+    probes = sample_probes(params, 3, "rademacher", seed=2)
+    fast = layerwise_sq_trace(model, CE, x, y, probe_vectors=probes)
+    slow = layerwise_sq_trace(model, lambda out, t: nn.functional.cross_entropy(out, t), x, y, probe_vectors=probes)
+    reference = sq_trace(CE(model(x), y), params, probe_vectors=probes)
+    if labels == "all ignored":
+        assert float(fast) == float(slow) == float(reference) == 0.0
+        return
+    assert float((fast - slow).abs() / slow.abs()) <= 1e-12
+    assert float((fast - reference).abs() / reference.abs()) <= 1e-10
+    for a, b in zip(torch.autograd.grad(fast, params), torch.autograd.grad(slow, params)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+    for weighted in (nn.CrossEntropyLoss(weight=torch.rand(4, dtype=torch.float64)),
+                     nn.CrossEntropyLoss(label_smoothing=0.1)):  # not the plain loss: double backward
+        value = layerwise_sq_trace(model, weighted, x, y, probe_vectors=probes)
+        assert float((value - sq_trace(weighted(model(x), y), params, probe_vectors=probes)).abs()) <= 1e-10 * float(value)
+
+
 def test_gram_route_on_a_wide_input_layer_matches():
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(300, 16), nn.ReLU(), nn.Linear(16, 4)).double()

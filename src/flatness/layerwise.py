@@ -149,6 +149,27 @@ def _first_linear(model: nn.Sequential) -> int:
     return next(i for i, m in enumerate(model) if type(m) is nn.Linear)
 
 
+def _cross_entropy_closed_form(
+    loss_fn: Callable[[Tensor, Any], Tensor], out: Tensor, y: Any
+) -> tuple[Tensor, Tensor] | None:
+    """(softmax(out), per-row weights) where ``loss_fn`` is exactly ``nn.CrossEntropyLoss`` with
+    mean reduction, no class weights and no label smoothing, on logits ``out`` (B, C) and class
+    ids ``y`` (B,); otherwise None. The weights are 1/n on the n rows whose label is not
+    ``ignore_index`` and 0 on the others (the loss's mean; all 0 when every label is ignored, where
+    torch's own backward gives zero gradients), so that ∂L/∂out = w ⊙ (p - onehot(y))
+    and the Hessian applied to ż is w ⊙ (p ⊙ ż - p (pᵀż)) — with no host synchronisation."""
+    if not (
+        type(loss_fn) is nn.CrossEntropyLoss and loss_fn.weight is None and loss_fn.label_smoothing == 0.0
+        and loss_fn.reduction == "mean" and out.dim() == 2 and out.is_floating_point()
+        and isinstance(y, Tensor) and y.dim() == 1 and y.dtype == torch.int64
+        and y.shape[0] == out.shape[0] and y.device == out.device
+    ):
+        return None
+    kept = y != loss_fn.ignore_index
+    weights = kept.to(out.dtype) / kept.sum().clamp_min(1)  # all ignored: zero, as torch's backward
+    return torch.softmax(out, dim=1), weights.unsqueeze(1)
+
+
 def _act_derivatives(m: nn.Module, z: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
     """(σ(z), σ'(z), σ''(z)) of an activation module; σ'' is None where it vanishes a.e.
 
@@ -335,10 +356,16 @@ def layerwise_sq_trace(
             h = m(h)
             records.append(None)
     out = h
-    loss = loss_fn(out, y)
-    if not isinstance(loss, Tensor) or loss.dim() != 0:
-        raise ValueError("loss must be a scalar tensor; reduce it (e.g. mean)")
-    (g,) = torch.autograd.grad(loss, out, create_graph=True)  # ∂L/∂out, (B, d)
+    closed = _cross_entropy_closed_form(loss_fn, out, y)
+    if closed is not None:  # ∂L/∂out = w ⊙ (p - onehot(y)); an out-of-range label fails in scatter
+        probs, row_weights = closed
+        labels = torch.where(y == loss_fn.ignore_index, 0, y).unsqueeze(1)
+        g = (probs - torch.zeros_like(probs).scatter_(1, labels, 1.0)) * row_weights
+    else:
+        loss = loss_fn(out, y)
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            raise ValueError("loss must be a scalar tensor; reduce it (e.g. mean)")
+        (g,) = torch.autograd.grad(loss, out, create_graph=True)  # ∂L/∂out, (B, d)
 
     # Tangent forward along the M probes: Ż = Ẋ Wᵀ + X V_Wᵀ + v_b, Ẋ = σ'(Z) ⊙ Ż.
     t: Tensor | None = None  # None: the tangent is zero (we are still at the data)
@@ -358,8 +385,13 @@ def layerwise_sq_trace(
         elif isinstance(rec, _Act):
             rec.z_dot = t
             t = rec.d1 * t
-    # δ̇ at the output: the loss Hessian w.r.t. the output applied to Ż_out (any loss).
-    (t_grad,) = torch.autograd.grad(g, out, grad_outputs=t, create_graph=True, is_grads_batched=True)
+    # δ̇ at the output: the loss Hessian w.r.t. the output applied to Ż_out — for the plain
+    # cross-entropy (diag(p) - p pᵀ) Ż / B per row, for any other loss by double backward.
+    if closed is not None:
+        pt = probs * t
+        t_grad = (pt - probs * pt.sum(-1, keepdim=True)) * row_weights
+    else:
+        (t_grad,) = torch.autograd.grad(g, out, grad_outputs=t, create_graph=True, is_grads_batched=True)
 
     # Which records still need the primal signal g from above: a curved activation (σ'' ≠ 0)
     # or a Linear with a tangent input lies below them. (Below a ReLU net's second layer
