@@ -386,7 +386,7 @@ def layerwise_sq_trace(
             rec.z_dot = t
             t = rec.d1 * t
     # δ̇ at the output: the loss Hessian w.r.t. the output applied to Ż_out — for the plain
-    # cross-entropy (diag(p) - p pᵀ) Ż / B per row, for any other loss by double backward.
+    # cross-entropy w ⊙ (diag(p) - p pᵀ) Ż per row, for any other loss by double backward.
     if closed is not None:
         pt = probs * t
         t_grad = (pt - probs * pt.sum(-1, keepdim=True)) * row_weights
