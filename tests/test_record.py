@@ -118,3 +118,23 @@ def test_a_truncated_record_is_named_and_report_exits_non_zero(tmp_path, capsys)
     damaged.write_bytes(b"\xff\xfe garbage")
     assert main(["report", str(directory), "--no-plots"]) == 2
     assert str(damaged) in capsys.readouterr().err
+
+
+def test_records_name_the_package_version_and_the_checkout_commit():
+    """A record says what made it: the package version always, the commit and dirty flag when the
+    package runs from a git checkout (the test suite does: it runs from the source tree)."""
+    import re
+    import subprocess
+
+    import flatness
+    from flatness.experiments.platforms import environment
+
+    env = environment("cpu")
+    assert env["flatness"] == flatness.__version__
+    assert env["torch"] and env["threads"] >= 1
+    src = Path(flatness.__file__).resolve().parents[1]
+    inside = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if inside.returncode != 0:
+        pytest.skip("the package is not running from a git checkout")
+    assert env["commit"] == inside.stdout.strip() and re.fullmatch(r"[0-9a-f]{40}", env["commit"])
+    assert isinstance(env["dirty"], bool)

@@ -21,9 +21,11 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import socket
+import subprocess
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -33,7 +35,14 @@ import torch
 
 from .record import RunRecord
 
-__all__ = ["cpu_from_cpuinfo", "cpu_model", "environment", "platform_label", "platform_note"]
+__all__ = [
+    "cpu_from_cpuinfo",
+    "cpu_model",
+    "environment",
+    "platform_label",
+    "platform_note",
+    "source_revision",
+]
 
 
 def cpu_model() -> str:
@@ -70,9 +79,34 @@ def cpu_from_cpuinfo(text: str) -> str:
     return f"{name} ({', '.join(numbers)})" if name and numbers else name
 
 
+@functools.lru_cache(maxsize=1)
+def source_revision() -> dict[str, Any]:
+    """The git commit of the checkout this package runs from, and whether its tracked files differ
+    from that commit: ``{"commit": SHA, "dirty": bool}``; ``{}`` for an installed copy (no git
+    checkout around the package, or no ``git`` program). Computed once per process."""
+    package_dir = Path(__file__).resolve().parents[1]
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(
+                ["git", "-C", str(package_dir), *args], capture_output=True, text=True, timeout=30, check=True
+            ).stdout.strip()
+
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"commit": commit, "dirty": dirty} if commit else {}
+
+
 def environment(device: torch.device | str) -> dict[str, Any]:
-    """What a run record says about where it ran: versions, threads, CPU, accelerator, host, pid."""
+    """What a run record says about where it ran and what made it: the package version, the git
+    commit (and dirty flag) when run from a checkout, torch and Python versions, threads, CPU,
+    accelerator, host, pid."""
+    from .. import __version__
+
     env: dict[str, Any] = {
+        "flatness": __version__,
+        **source_revision(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
