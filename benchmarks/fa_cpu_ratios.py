@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from flatness.experiments.bench import paper_mlp_setup
+from flatness.experiments.running.bench import paper_mlp_setup
 from flatness.methods import make_method
 
 torch.set_num_threads(1)

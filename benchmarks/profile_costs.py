@@ -40,8 +40,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import flatness.passes as passes
 import flatness.penalties as penalties
-from flatness.experiments.architectures import cifar_resnet
-from flatness.experiments.bench import paper_mlp_setup, platform_facts, time_interleaved, training_adam
+from flatness.experiments.world.architectures import cifar_resnet
+from flatness.experiments.running.bench import paper_mlp_setup, platform_facts, time_interleaved, training_adam
 from flatness.methods import make_method
 
 
@@ -174,8 +174,8 @@ def eig(runs: int = 3) -> None:
 
     import flatness.measures.eigen as eigen
     import flatness.measures.operator as operator
-    from flatness.experiments.bench.measures import _cifar_subset, _HvpFloor
-    from flatness.experiments.models import mlp as paper_mlp
+    from flatness.experiments.running.bench.measures import _cifar_subset, _HvpFloor
+    from flatness.experiments.world.models import mlp as paper_mlp
     from flatness.measures import top_eigenvalues
 
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ import json
 
 import torch
 
-from flatness.experiments.bench import paper_mlp_setup, platform_facts, time_interleaved, training_adam
+from flatness.experiments.running.bench import paper_mlp_setup, platform_facts, time_interleaved, training_adam
 from flatness.methods import make_method
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from flatness.cli import main
-from flatness.experiments.record import load_records
-from flatness.experiments.tasks import get_task
-from flatness.experiments.training import make_optimizer, train
+from flatness.experiments.running.record import load_records
+from flatness.experiments.world.tasks import get_task
+from flatness.experiments.running.training import make_optimizer, train
 from flatness.methods import make_method
 
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from flatness import landscape
 from flatness.cli import main
-from flatness.experiments.architectures import (
+from flatness.experiments.world.architectures import (
     ARCHITECTURES,
     AllConvNet,
     VisionTransformer,
@@ -22,11 +22,11 @@ from flatness.experiments.architectures import (
     cifar_resnet,
     resnet18,
 )
-from flatness.experiments.augment import cifar_augment, random_crop_flip
-from flatness.experiments.platforms import cpu_model as this_cpu_model
-from flatness.experiments.specs import build_grid
-from flatness.experiments.tasks import TrainConfig, get_task, stratified_subset
-from flatness.experiments.training import make_optimizer
+from flatness.experiments.world.augment import cifar_augment, random_crop_flip
+from flatness.experiments.running.platforms import cpu_model as this_cpu_model
+from flatness.experiments.running.specs import build_grid
+from flatness.experiments.world.tasks import TrainConfig, get_task, stratified_subset
+from flatness.experiments.running.training import make_optimizer
 from flatness.measures import MEASURES, MeasureOptions, compute_measures
 from flatness.methods import make_method
 from flatness.utils import FlatnessError

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from flatness.cli import main
-from flatness.experiments.bench.overhead import TARGETS
-from flatness.experiments.platforms import cpu_model
+from flatness.experiments.running.bench.overhead import TARGETS
+from flatness.experiments.running.platforms import cpu_model
 
 @pytest.fixture(autouse=True)
 def restore_threads():

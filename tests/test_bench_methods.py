@@ -3,7 +3,7 @@ assertions here (speed targets are checked by running the benchmark itself)."""
 
 import json
 
-from flatness.experiments.bench.methods import TARGETS
+from flatness.experiments.running.bench.methods import TARGETS
 from flatness.cli import main
 
 

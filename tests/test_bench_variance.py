@@ -4,7 +4,7 @@ assertions here (the target is checked by running the benchmark itself)."""
 import json
 
 from flatness.cli import main
-from flatness.experiments.platforms import cpu_model
+from flatness.experiments.running.platforms import cpu_model
 
 
 def test_bench_variance_quick_json_has_every_figure(capsys):

@@ -10,17 +10,17 @@ import pytest
 import flatness.measures
 from flatness.cli import main
 from flatness.experiments import measure
-from flatness.experiments.record import RunRecord
-from flatness.experiments.compare import (
+from flatness.experiments.running.record import RunRecord
+from flatness.experiments.reporting.compare import (
     comparison_grid,
     comparison_markdown,
     comparison_specs,
     plot_comparison,
     select_and_summarize,
 )
-from flatness.experiments.specs import format_value
-from flatness.experiments.stats import holm
-from flatness.experiments.tasks import get_task
+from flatness.experiments.running.specs import format_value
+from flatness.experiments.reporting.stats import holm
+from flatness.experiments.world.tasks import get_task
 from flatness.utils import FlatnessError
 
 BC = "breast-cancer-mlp"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from flatness.experiments.distributed import EmulatedRanks, shard_bounds, take_shard
+from flatness.experiments.running.distributed import EmulatedRanks, shard_bounds, take_shard
 from flatness.probes import rank_seed
 from flatness.methods import make_method
 
@@ -86,7 +86,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from flatness.experiments.specs import build_grid, select_shard
+from flatness.experiments.running.specs import build_grid, select_shard
 
 
 def _free_port() -> int:

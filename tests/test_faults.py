@@ -18,12 +18,12 @@ import torch
 import flatness.utils as utils
 from flatness.cli import main
 from flatness.experiments import claims
-from flatness.experiments.checkpoints import save_checkpoint
-from flatness.experiments.progress import LineProgress
-from flatness.experiments.record import read_record, write_record
-from flatness.experiments.runner import run_grid
-from flatness.experiments.specs import build_grid
-from flatness.experiments.tasks import get_task
+from flatness.experiments.running.checkpoints import save_checkpoint
+from flatness.experiments.running.progress import LineProgress
+from flatness.experiments.running.record import read_record, write_record
+from flatness.experiments.running.runner import run_grid
+from flatness.experiments.running.specs import build_grid
+from flatness.experiments.world.tasks import get_task
 from flatness.utils import FlatnessError, atomic_write_bytes
 
 from test_record import _record

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from flatness import FlatnessPenalty
-from flatness.experiments.architectures import VisionTransformer
-from flatness.experiments.distributed import EmulatedRanks, take_shard
+from flatness.experiments.world.architectures import VisionTransformer
+from flatness.experiments.running.distributed import EmulatedRanks, take_shard
 from flatness.finite_difference import (
     fd_sq_trace,
     relative_step,
@@ -271,7 +271,7 @@ _DDP_SCRIPT = textwrap.dedent(
     from torch.nn.parallel import DistributedDataParallel
     sys.path.insert(0, {tests!r})
     from test_finite_difference import CE, images, smooth_cnn
-    from flatness.experiments.distributed import take_shard
+    from flatness.experiments.running.distributed import take_shard
     from flatness.methods import make_method
     from flatness.probes import rank_seed
     dist.init_process_group("gloo")

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from flatness.cli import main
-from flatness.experiments.checkpoints import save_checkpoint
-from flatness.experiments.data import iterate_batches
-from flatness.experiments.tasks import get_task
+from flatness.experiments.running.checkpoints import save_checkpoint
+from flatness.experiments.world.data import iterate_batches
+from flatness.experiments.world.tasks import get_task
 
 TASK = "breast-cancer-mlp"
 FAST = ["--examples", "64", "--threads", "1"]

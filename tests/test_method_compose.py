@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from flatness.cli import main
-from flatness.experiments.specs import build_grid, default_values
+from flatness.experiments.running.specs import build_grid, default_values
 from flatness.hutchinson import sq_trace
 from flatness.methods import make_method, method_class
 from flatness.probes import sample_probes

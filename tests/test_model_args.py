@@ -13,12 +13,12 @@ from torch import nn
 
 from flatness.cli import main
 from flatness.cli import run as run_cli
-from flatness.experiments.checkpoints import load_checkpoint
-from flatness.experiments.models import mlp
-from flatness.experiments.record import read_record
-from flatness.experiments.runner import pending_runs
-from flatness.experiments.specs import RunSpec, build_grid
-from flatness.experiments.tasks import get_task
+from flatness.experiments.running.checkpoints import load_checkpoint
+from flatness.experiments.world.models import mlp
+from flatness.experiments.running.record import read_record
+from flatness.experiments.running.runner import pending_runs
+from flatness.experiments.running.specs import RunSpec, build_grid
+from flatness.experiments.world.tasks import get_task
 from flatness.utils import FlatnessError
 
 BC = "breast-cancer-mlp"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from flatness.cli import main
-from flatness.experiments.record import (
+from flatness.experiments.running.record import (
     SCHEMA_VERSION,
     RecordError,
     RunRecord,
@@ -17,9 +17,9 @@ from flatness.experiments.record import (
     read_record,
     write_record,
 )
-from flatness.experiments.runner import pending_runs
-from flatness.experiments.specs import build_grid
-from flatness.experiments.tasks import get_task
+from flatness.experiments.running.runner import pending_runs
+from flatness.experiments.running.specs import build_grid
+from flatness.experiments.world.tasks import get_task
 
 BC = "breast-cancer-mlp"
 RESULTS = Path(__file__).resolve().parents[1] / "results"
@@ -127,7 +127,7 @@ def test_records_name_the_package_version_and_the_checkout_commit():
     import subprocess
 
     import flatness
-    from flatness.experiments.platforms import environment
+    from flatness.experiments.running.platforms import environment
 
     env = environment("cpu")
     assert env["flatness"] == flatness.__version__

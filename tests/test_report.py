@@ -13,10 +13,10 @@ from scipy import stats
 
 from flatness.cli import main
 from flatness.experiments import measure
-from flatness.experiments.record import RunRecord, write_record
-from flatness.experiments.report import markdown, summarize, write_report
-from flatness.experiments.stats import holm
-from flatness.experiments.tasks import get_task
+from flatness.experiments.running.record import RunRecord, write_record
+from flatness.experiments.reporting.report import markdown, summarize, write_report
+from flatness.experiments.reporting.stats import holm
+from flatness.experiments.world.tasks import get_task
 
 BC = "breast-cancer-mlp"
 
@@ -211,7 +211,7 @@ def test_flatness_compared_on_log10_with_holm():
 
 
 def test_protocol_line_names_the_optimizer_and_the_subset():
-    from flatness.experiments.tables import protocol_line
+    from flatness.experiments.reporting.tables import protocol_line
 
     resnet = get_task("cifar100-resnet").config.as_dict()
     line = protocol_line(resnet)
@@ -292,7 +292,7 @@ def test_runs_of_another_model_setting_form_their_own_group():
 
 
 def test_a_report_that_mixes_platforms_says_so_and_runs_record_their_cpu():
-    from flatness.experiments.platforms import environment, platform_note
+    from flatness.experiments.running.platforms import environment, platform_note
 
     env = environment("cpu")
     assert env["device"] == "cpu" and isinstance(env["cpu"], str) and env["torch"]
@@ -317,7 +317,7 @@ def test_a_report_that_mixes_platforms_says_so_and_runs_record_their_cpu():
 def test_cpus_behind_one_generic_name_are_told_apart_by_family_and_model():
     # VMs report "AMD EPYC" for different generations, whose numerics differ (seen: a seed's
     # ResNet-20 run ended 0.014 apart on two of them)
-    from flatness.experiments.platforms import cpu_from_cpuinfo, platform_note
+    from flatness.experiments.running.platforms import cpu_from_cpuinfo, platform_note
 
     def cpuinfo(family, model):
         block = f"processor\t: {{}}\nvendor_id\t: AuthenticAMD\ncpu family\t: {family}\nmodel\t\t: {model}\nmodel name\t: AMD EPYC\n"

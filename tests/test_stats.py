@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from flatness.experiments.stats import (
+from flatness.experiments.reporting.stats import (
     Comparison,
     adjust_holm,
     compare_samples,

@@ -11,14 +11,14 @@ import torch
 
 from flatness.cli import main
 from flatness.experiments import study_population
-from flatness.experiments.checkpoints import (
+from flatness.experiments.running.checkpoints import (
     checkpoint_initial_model,
     initial_model,
     load_checkpoint,
 )
-from flatness.experiments.runner import execute_run
-from flatness.experiments.specs import RunSpec, build_grid, identity
-from flatness.experiments.study import AXES, get_grid, parse_method_label, run_study
+from flatness.experiments.running.runner import execute_run
+from flatness.experiments.running.specs import RunSpec, build_grid, identity
+from flatness.experiments.reporting.study import AXES, get_grid, parse_method_label, run_study
 from flatness.measures import distance_from_init
 from flatness.utils import FlatnessError
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from flatness.experiments.stats import granulated_kendall, kendall_tau, mean_granulated
+from flatness.experiments.reporting.stats import granulated_kendall, kendall_tau, mean_granulated
 
 
 def test_kendall_tau_by_hand_with_ties() -> None:

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from flatness.experiments.data import Splits
+from flatness.experiments.world.data import Splits
 from flatness.methods import Method, make_method
-from flatness.experiments.tasks import TrainConfig
-from flatness.experiments.training import (
+from flatness.experiments.world.tasks import TrainConfig
+from flatness.experiments.running.training import (
     TrainingDiverged,
     evaluate,
     lr_factor,

@@ -1,10 +1,15 @@
-"""Import paths of release 0.1, kept for one release as thin aliases (deprecated).
+"""Import paths of earlier releases, kept for one release as thin aliases (deprecated).
 
-Release 0.2 split the flat package into the library (``flatness``), the paper's pipeline
-(``flatness.experiments``) and the command line (``flatness.cli``). ``import flatness.tasks``
-and the other old paths below still work: they resolve to a module that forwards attribute
-lookups to the new homes, with a :class:`DeprecationWarning` naming them. Nothing is imported
-until an old path is used, so ``import flatness`` stays free of the pipeline and the CLI.
+Two kinds, both resolved only when an old path is imported (so ``import flatness`` stays free of
+the pipeline and the CLI), both with a :class:`DeprecationWarning` naming the new home:
+
+- the 0.1 paths (``flatness.tasks``, ``flatness.train``, ...), from before the split into the
+  library, the pipeline and the command line: modules that forward attribute lookups to the
+  modules that now hold their names;
+- the 0.2 paths of the pipeline (``flatness.experiments.tasks``, ``flatness.experiments.runner``,
+  ...), from before ``flatness.experiments`` was split into ``world`` / ``running`` /
+  ``reporting``: the old name is the new module itself (same object, so patching one patches
+  the other).
 """
 
 from __future__ import annotations
@@ -18,25 +23,44 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["ALIASES", "install"]
+__all__ = ["ALIASES", "MOVED", "install"]
 
-# old module -> the modules that now hold its names, searched in order
+_ROOMS = {
+    "world": ("tasks", "data", "models", "architectures", "augment"),
+    "running": (
+        "specs", "runner", "training", "claims", "checkpoints", "record", "distributed",
+        "measure", "progress", "platforms", "study_population", "bench",
+    ),
+    "reporting": (
+        "stats", "groups", "tables", "plots", "report", "compare", "equal_compute",
+        "kfac_agreement", "study_report", "study",
+    ),
+}
+
+# 0.2 pipeline module -> its home since 0.3 (the same module object under both names)
+MOVED: dict[str, str] = {
+    f"flatness.experiments.{name}": f"flatness.experiments.{room}.{name}"
+    for room, names in _ROOMS.items()
+    for name in names
+}
+
+# 0.1 module -> the modules that now hold its names, searched in order
 ALIASES: dict[str, tuple[str, ...]] = {
-    "flatness.data": ("flatness.experiments.data",),
-    "flatness.models": ("flatness.experiments.models", "flatness.layers"),
+    "flatness.data": ("flatness.experiments.world.data",),
+    "flatness.models": ("flatness.experiments.world.models", "flatness.layers"),
     "flatness.tasks": (
-        "flatness.experiments.tasks",
-        "flatness.experiments.checkpoints",
-        "flatness.experiments.data",
+        "flatness.experiments.world.tasks",
+        "flatness.experiments.running.checkpoints",
+        "flatness.experiments.world.data",
         "flatness.utils",
     ),
-    "flatness.train": ("flatness.experiments.training",),
-    "flatness.report": ("flatness.experiments.report",),
-    "flatness.compare": ("flatness.experiments.compare",),
-    "flatness.distributed": ("flatness.experiments.distributed", "flatness.probes"),
+    "flatness.train": ("flatness.experiments.running.training",),
+    "flatness.report": ("flatness.experiments.reporting.report",),
+    "flatness.compare": ("flatness.experiments.reporting.compare",),
+    "flatness.distributed": ("flatness.experiments.running.distributed", "flatness.probes"),
     "flatness.demo": ("flatness.cli.demo",),
     "flatness.inspect_cli": ("flatness.cli.inspect",),
-    "flatness.bench": ("flatness.experiments.bench",),
+    "flatness.bench": ("flatness.experiments.running.bench",),
 }
 
 
@@ -61,20 +85,26 @@ class _AliasModule(types.ModuleType):
         return sorted(names)
 
 
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(
+        f"{old} is deprecated and will be removed in flatness 0.4; import from {new} instead",
+        DeprecationWarning,
+        stacklevel=4,
+    )
+
+
 class _AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
-        if fullname not in ALIASES:
+        if fullname not in ALIASES and fullname not in MOVED:
             return None
         return importlib.machinery.ModuleSpec(fullname, self)
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
+        if spec.name in MOVED:
+            _deprecated(spec.name, MOVED[spec.name])
+            return importlib.import_module(MOVED[spec.name])
         targets = ALIASES[spec.name]
-        warnings.warn(
-            f"{spec.name} is deprecated and will be removed in flatness 0.3; import from "
-            f"{' / '.join(targets)} instead",
-            DeprecationWarning,
-            stacklevel=3,
-        )
+        _deprecated(spec.name, " / ".join(targets))
         return _AliasModule(spec.name, targets)
 
     def exec_module(self, module: types.ModuleType) -> None:

@@ -1,6 +1,6 @@
 """``flatness bench NAME [--json]``: speed benchmarks; figures are ratios to a plain step in one run.
 
-The benchmarks themselves live in :mod:`flatness.experiments.bench`; this module parses their
+The benchmarks themselves live in :mod:`flatness.experiments.running.bench`; this module parses their
 arguments and prints one table or one JSON object.
 """
 
@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..experiments.bench.arch import run_arch_bench
-from ..experiments.bench.ddp import run_ddp_scaling
-from ..experiments.bench.measures import run_measures_bench
-from ..experiments.bench.methods import run_methods_bench
-from ..experiments.bench.overhead import run_overhead
-from ..experiments.bench.variance import run_variance_bench
+from ..experiments.running.bench.arch import run_arch_bench
+from ..experiments.running.bench.ddp import run_ddp_scaling
+from ..experiments.running.bench.measures import run_measures_bench
+from ..experiments.running.bench.methods import run_methods_bench
+from ..experiments.running.bench.overhead import run_overhead
+from ..experiments.running.bench.variance import run_variance_bench
 
 __all__ = ["add_cli", "print_result"]
 

@@ -2,7 +2,7 @@
 
 A one-minute example of the library on scikit-learn's bundled data: the ``breast-cancer-mlp``
 task's model and protocol on all 455 training samples (no validation split), same seed, λ = 0
-and λ > 0, trained by the pipeline's one loop (:func:`flatness.experiments.training.train`).
+and λ > 0, trained by the pipeline's one loop (:func:`flatness.experiments.running.training.train`).
 Prints progress as it trains, then the test accuracy and the measured Tr(H²) of each final
 model.
 """
@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from ..experiments.tasks import get_task
-from ..experiments.training import make_optimizer, train
+from ..experiments.world.tasks import get_task
+from ..experiments.running.training import make_optimizer, train
 from ..hutchinson import measure_sq_trace
 from ..methods import make_method
 from ..utils import FlatnessError, eval_mode

@@ -66,9 +66,9 @@ def load_for_task(
     Raises:
         FlatnessError: unknown task, missing data, or a checkpoint that does not fit the task.
     """
-    from ..experiments.checkpoints import load_checkpoint
-    from ..experiments.data import iterate_batches
-    from ..experiments.tasks import get_task
+    from ..experiments.running.checkpoints import load_checkpoint
+    from ..experiments.world.data import iterate_batches
+    from ..experiments.world.tasks import get_task
 
     task = get_task(task_name)
     if examples < 1:
@@ -161,7 +161,7 @@ def measure_command(args: argparse.Namespace) -> int:
         args.checkpoint, args.task, split=args.split, examples=args.examples,
         batch_size=args.batch_size, data_dir=args.data_dir,
     )
-    from ..experiments.checkpoints import checkpoint_initial_model
+    from ..experiments.running.checkpoints import checkpoint_initial_model
 
     initial = checkpoint_initial_model(args.checkpoint, args.task)  # rebuilt from the run's seed
     options = MeasureOptions(
@@ -235,7 +235,7 @@ def _accuracy(task: Any) -> Callable[[Tensor, Tensor], Tensor]:
 
 def landscape_command(args: argparse.Namespace) -> int:
     from ..landscape import interpolate, pca_surface, plot_surface, surface_1d, surface_2d
-    from ..experiments.checkpoints import load_checkpoint
+    from ..experiments.running.checkpoints import load_checkpoint
 
     if args.kind not in KINDS:
         raise FlatnessError(f"--kind must be one of {', '.join(KINDS)}")

@@ -15,14 +15,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..experiments.compare import COMPARE_METHODS, run_comparison
-from ..experiments.equal_compute import run_equal_compute
-from ..experiments.kfac_agreement import write_kfac_agreement
-from ..experiments.distributed import init_distributed, launched_by_torchrun, shutdown
-from ..experiments.report import write_report
-from ..experiments.runner import run_grid
-from ..experiments.specs import RunSpec, accepts, build_grid, parse_shard, select_shard
-from ..experiments.tasks import PAPER_TASKS, TASKS, get_task
+from ..experiments.reporting.compare import COMPARE_METHODS, run_comparison
+from ..experiments.reporting.equal_compute import run_equal_compute
+from ..experiments.reporting.kfac_agreement import write_kfac_agreement
+from ..experiments.running.distributed import init_distributed, launched_by_torchrun, shutdown
+from ..experiments.reporting.report import write_report
+from ..experiments.running.runner import run_grid
+from ..experiments.running.specs import RunSpec, accepts, build_grid, parse_shard, select_shard
+from ..experiments.world.tasks import PAPER_TASKS, TASKS, get_task
 from ..utils import FlatnessError
 
 __all__ = ["add_cli", "check_device", "protocol_overrides"]

@@ -1,7 +1,7 @@
 """``flatness study TASK``: which flatness measures predict generalisation over a population.
 
-The work is done by :mod:`flatness.experiments.study` (grid, runs, measurements) and
-:mod:`flatness.experiments.study_report` (rank statistics, tables, plots); this module parses
+The work is done by :mod:`flatness.experiments.reporting.study` (grid, runs, measurements) and
+:mod:`flatness.experiments.reporting.study_report` (rank statistics, tables, plots); this module parses
 and checks the command line, every argument before any work starts.
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..experiments.specs import parse_shard
-from ..experiments.study import GRIDS, get_grid, run_study
+from ..experiments.running.specs import parse_shard
+from ..experiments.reporting.study import GRIDS, get_grid, run_study
 from ..utils import FlatnessError
 
 __all__ = ["add_cli"]

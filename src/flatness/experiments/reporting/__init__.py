@@ -1,0 +1,5 @@
+"""Reading runs: statistics, groups of records, tables, plots, ``report``, ``compare``, equal
+compute and the generalisation study's report.
+
+Builds on :mod:`flatness.experiments.running` and :mod:`flatness.experiments.world`.
+"""

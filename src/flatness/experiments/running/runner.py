@@ -1,0 +1,534 @@
+r"""Sweeps of a training method over its strength and seeds: ``flatness run TASK``.
+
+A *run* is one (task, method, strength, seed, protocol) combination. Each run trains the task's
+model with its default protocol (:class:`flatness.experiments.world.tasks.TrainConfig`, optionally overridden),
+measures the final model, and writes into the results directory ``OUT/TASK/``:
+
+* ``NAME.json`` — the :class:`~flatness.experiments.running.record.RunRecord` (written atomically,
+  last): final losses and accuracies (train in eval mode, validation, test), best accuracy over
+  epochs and at the epoch of best validation accuracy, the measured Tr(H²)/B of the final model
+  (:func:`measure_final`), the paper's average flatness over training, times, per-epoch curves;
+* ``checkpoints/NAME.pt`` — the final model (:func:`flatness.experiments.running.checkpoints.load_checkpoint`);
+* ``trajectories/NAME.pt`` — ``--trajectory N`` snapshots evenly spaced along training.
+
+``NAME`` is e.g. ``fa_lam0.01_seed0``; a non-default protocol or method setting appends a short
+tag (``_pXXXXXX`` / ``_kXXXXXX``), so different protocols never share a file. Re-running a
+command skips runs whose JSON is complete: a killed sweep resumes where it stopped and loses at
+most the runs in flight. ``--jobs N`` runs N runs at a time in separate processes. Several
+``flatness run`` processes (on one machine or many) may share one ``--out``: each claims a run
+before training it (:mod:`flatness.experiments.running.claims`) and skips runs others hold.
+
+The final model is measured by :mod:`flatness.experiments.running.measure`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ...methods import make_method
+from ...probes import rank_seed
+from ...utils import FlatnessError, atomic_write_bytes, to_device
+from .checkpoints import save_checkpoint
+from .claims import claim_path, describe_holder, read_claim, try_claim
+from .distributed import DistContext, EmulatedRanks, wrap_model
+from .measure import EPOCH_MEASURE_BATCHES, EPOCH_MEASURE_PROBES, measure_final, measure_sq_trace_per_B
+from .platforms import environment
+from .progress import progress_bar
+from .record import RECORD_FIELDS, RunRecord, check_writable, read_record, write_record
+from .specs import RunSpec, accepts, identity, rank_kwargs
+from ..world.tasks import TrainConfig, get_task
+from .training import TrainingDiverged, make_optimizer, steps_per_epoch, train
+
+__all__ = ["execute_run", "claim_and_run", "pending_runs", "run_grid"]
+
+
+def _snapshot_steps(total: int, count: int) -> list[int]:
+    """``count`` optimisation steps evenly spread over ``0..total`` (0 = initial weights)."""
+    if count <= 0:
+        return []
+    if count == 1:
+        return [total]
+    return sorted({round(i * total / (count - 1)) for i in range(count)})
+
+
+def _state_copy(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _avg_train_flatness(epochs: list[dict[str, Any]], batch_size: int) -> float | None:
+    """The paper's average flatness: the mean of the method's Tr(H²) estimates over training, /B."""
+    total, count = 0.0, 0
+    for e in epochs:
+        if e.get("sq_trace") is not None:
+            steps = int(e.get("sq_trace_steps", e.get("steps", 1)) or 1)
+            total += e["sq_trace"] * steps
+            count += steps
+    return None if count == 0 else total / count / batch_size
+
+
+def execute_run(
+    spec: RunSpec,
+    out_dir: str | os.PathLike[str],
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    download: bool | None = None,
+    progress: bool = False,
+    dist_ctx: DistContext | None = None,
+    emulate_ranks: int = 1,
+    device: str | torch.device = "cpu",
+) -> RunRecord | None:
+    """Train and measure one run; write its checkpoint(s) and then its JSON record.
+
+    A run that diverges (non-finite loss or curvature) is recorded with ``status: "failed"``;
+    data problems raise :class:`FlatnessError` and write nothing.
+
+    ``dist_ctx``: this process is one rank of a DDP job (:mod:`flatness.distributed`); every
+    rank calls this with the same spec, rank 0 measures, writes and returns the record (the
+    other ranks ``None``). ``emulate_ranks`` > 1 runs
+    the arithmetic of that many DDP ranks in this one process (the reference of the DDP tests).
+    ``device``: where model and data live (a DDP rank uses its context's device).
+    """
+    out = Path(out_dir)
+    task = get_task(spec.task)
+    config = TrainConfig.from_dict(spec.config)
+    splits = task.splits(config, data_dir, download)
+    kwargs = dict(spec.method_kwargs)
+    if spec.hparam is not None and spec.value is not None:
+        kwargs[spec.hparam] = spec.value
+    if accepts(spec.method, "seed") and "seed" not in kwargs:
+        kwargs["seed"] = spec.seed  # the method's own randomness (e.g. FA's probes)
+    if accepts(spec.method, "total_steps") and "total_steps" not in kwargs:
+        # the run's length, for schedules given as fractions of it (FA's lam_schedule)
+        kwargs["total_steps"] = config.epochs * steps_per_epoch(int(splits.y_train.shape[0]), config.batch_size)
+    torch.manual_seed(spec.seed)  # what checkpoints.initial_model replays
+    model = task.build_model(num_features=splits.num_features, config=config, **spec.model_kwargs)
+    world = dist_ctx.world_size if dist_ctx is not None else emulate_ranks
+    is_main = dist_ctx is None or dist_ctx.is_main
+    device = torch.device(dist_ctx.device if dist_ctx is not None else device)
+    if device.type != "cpu":
+        model = model.to(device)
+        splits = dataclasses.replace(
+            splits,
+            **{
+                f.name: to_device(getattr(splits, f.name), device)
+                for f in dataclasses.fields(splits)
+                if isinstance(getattr(splits, f.name), Tensor)
+            },
+        )
+    try:
+        if dist_ctx is not None:
+            # identical initial weights on every rank (DDP also broadcasts rank 0's), then each
+            # rank's own streams: dropout from the global generator, probes from the method's
+            torch.manual_seed(rank_seed(spec.seed, dist_ctx.rank))
+            method = make_method(
+                spec.method, wrap_model(model, dist_ctx), task.loss_fn, **rank_kwargs(kwargs, dist_ctx.rank)
+            )
+        elif emulate_ranks > 1:
+            seeds = [rank_seed(spec.seed, r) for r in range(emulate_ranks)]
+            per_rank = [
+                make_method(spec.method, model, task.loss_fn, **rank_kwargs(kwargs, r))
+                for r in range(emulate_ranks)
+            ]
+            method = EmulatedRanks(per_rank, seeds)
+        else:
+            method = make_method(spec.method, model, task.loss_fn, **kwargs)
+    except (TypeError, ValueError) as exc:
+        message = " ".join(str(exc).split())
+        raise FlatnessError(f"method {spec.method!r} rejects its settings {kwargs}: {message}") from None
+    optimizer = make_optimizer(model, config)
+    generator = torch.Generator().manual_seed(spec.seed)
+    per_epoch_samples = int(splits.y_train.shape[0])
+    per_epoch = steps_per_epoch(per_epoch_samples, config.batch_size)
+    snap_steps = set(_snapshot_steps(config.epochs * per_epoch, spec.trajectory))
+    snapshots: list[tuple[int, dict[str, Tensor]]] = []
+    if 0 in snap_steps:
+        snapshots.append((0, _state_copy(model)))
+
+    def on_step_end(step: int, info: dict[str, float]) -> None:
+        if step in snap_steps:
+            snapshots.append((step, _state_copy(model)))
+
+    def on_epoch_end(epoch: int, record: dict[str, Any]) -> dict[str, Any]:
+        if not is_main:
+            return {"sq_trace_per_B": float("nan")}  # measured (and recorded) by rank 0 only
+        m = measure_sq_trace_per_B(
+            model,
+            task,
+            splits.x_train,
+            splits.y_train,
+            config.batch_size,
+            num_samples=EPOCH_MEASURE_BATCHES * config.batch_size,
+            probes=EPOCH_MEASURE_PROBES,
+        )
+        return {"sq_trace_per_B": m["value"]}
+
+    base = RunRecord(
+        name=spec.name,
+        task=spec.task,
+        method=spec.method,
+        hparam=spec.hparam,
+        value=spec.value,
+        seed=spec.seed,
+        status="failed",
+        config=dict(spec.config),
+        method_kwargs=dict(spec.method_kwargs),
+        trajectory=spec.trajectory,
+        model_kwargs=dict(spec.model_kwargs),
+        protocol_id=spec.protocol_id,
+        variant_id=spec.variant_id,
+        task_version=task.version,
+        ranks=world,
+        distributed=None
+        if world == 1
+        else {
+            "world_size": world,
+            "backend": "emulated" if dist_ctx is None else dist_ctx.backend,
+            "semantics": "per-rank penalty/perturbation on the local shard, gradients averaged",
+        },
+        train_samples=int(splits.y_train.shape[0]),
+        val_samples=0 if splits.y_val is None else int(splits.y_val.shape[0]),
+        test_samples=int(splits.y_test.shape[0]),
+        train_eval_samples=min(config.train_eval_samples or per_epoch_samples, per_epoch_samples),
+        environment=environment(device),
+    )
+    started = time.perf_counter()
+    try:
+        history = train(
+            model,
+            method,
+            optimizer,
+            splits,
+            config,
+            predict=task.predict,
+            generator=generator,
+            progress=progress,
+            description=spec.name,
+            on_epoch_end=on_epoch_end,
+            on_step_end=on_step_end if snap_steps else None,
+            shard=None if dist_ctx is None else (dist_ctx.rank, dist_ctx.world_size),
+            min_batch=world,
+            augment=task.augment if config.augment else None,
+        )
+    except (TrainingDiverged, FloatingPointError) as exc:
+        if not is_main:
+            return None
+        record = dataclasses.replace(base, error=f"{type(exc).__name__}: {exc}", finished_at=_now())
+        write_record(out / f"{spec.name}.json", record)
+        return record
+    if not is_main:
+        return None
+    measurements = measure_final(model, task, splits, config)  # fields, or else extras
+    epochs = history.epochs
+    test = [e["test_acc"] for e in epochs]
+    val = [e.get("val_acc") for e in epochs]
+    best_epoch = max(range(len(test)), key=lambda i: test[i])
+    chosen = max(range(len(val)), key=lambda i: val[i]) if all(v is not None for v in val) else None
+    last = epochs[-1]
+    record = dataclasses.replace(
+        base,
+        status="complete",
+        final_train_loss=last.get("train_loss"),
+        final_train_acc=last.get("train_acc"),
+        final_val_loss=last.get("val_loss"),
+        final_val_acc=last.get("val_acc"),
+        final_test_loss=last.get("test_loss"),
+        final_test_acc=test[-1],
+        best_test_acc=test[best_epoch],
+        best_test_epoch=best_epoch + 1,
+        val_chosen_epoch=None if chosen is None else chosen + 1,
+        val_chosen_test_acc=None if chosen is None else test[chosen],
+        **{k: v for k, v in measurements.items() if k in RECORD_FIELDS},
+        extras={k: v for k, v in measurements.items() if k not in RECORD_FIELDS},
+        avg_train_sq_trace_per_B=_avg_train_flatness(epochs, config.batch_size),
+        avg_epoch_sq_trace_per_B=sum(e["sq_trace_per_B"] for e in epochs) / len(epochs),
+        train_seconds=history.train_seconds,
+        seconds_per_epoch=history.train_seconds / len(epochs),
+        eval_seconds=history.eval_seconds,
+        total_seconds=time.perf_counter() - started,
+        steps=history.steps,
+        curves={key: [e.get(key) for e in epochs] for key in sorted({k for e in epochs for k in e})},
+        checkpoint=f"checkpoints/{spec.name}.pt",
+        trajectory_file=f"trajectories/{spec.name}.pt" if snapshots else None,
+        finished_at=_now(),
+    )
+    meta = {
+        "name": record.name,
+        "method": record.method,
+        "hparam": record.hparam,
+        "value": record.value,
+        "seed": record.seed,
+        "final_test_acc": record.final_test_acc,
+        "finished_at": record.finished_at,
+        "config": spec.config,
+    }
+    save_checkpoint(out / str(record.checkpoint), model, task=spec.task, meta=meta, model_kwargs=spec.model_kwargs)
+    if snapshots:
+        payload = {
+            "format": "flatness-trajectory",
+            "task": spec.task,
+            "name": spec.name,
+            "steps": [s for s, _ in snapshots],
+            "steps_per_epoch": per_epoch,
+            "state_dicts": [sd for _, sd in snapshots],
+        }
+        atomic_write_bytes(out / str(record.trajectory_file), lambda fh: torch.save(payload, fh))
+    write_record(out / f"{spec.name}.json", record)  # last: its presence marks the run as done
+    return record
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------------------------
+# Many runs
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _worker_run(
+    spec_dict: dict[str, Any],
+    out_dir: str,
+    data_dir: str | None,
+    download: bool | None,
+    retry_failed: bool,
+    device: str = "cpu",
+) -> tuple[RunRecord | None, str]:
+    spec = RunSpec.from_dict(spec_dict)
+    return claim_and_run(spec, Path(out_dir), retry_failed, data_dir=data_dir, download=download, device=device)
+
+
+def claim_and_run(
+    spec: RunSpec, directory: Path, retry_failed: bool = False, **run_kwargs: Any
+) -> tuple[RunRecord | None, str]:
+    """Claim ``spec`` in ``directory`` and run it (:func:`execute_run`); returns (record, message).
+
+    The record is ``None`` when another live process holds the claim (the run is skipped), or
+    the one another process finished since this one looked.
+    """
+    claim = try_claim(directory, spec.name)
+    if claim is None:
+        holder = read_claim(claim_path(directory, spec.name))
+        return None, f"{spec.name}: being trained by {describe_holder(holder)}; skipped"
+    try:
+        path = directory / f"{spec.name}.json"
+        if path.exists():  # finished by another process after this one looked
+            found = read_record(path)
+            if found is not None and not (found.status == "failed" and retry_failed):
+                return found, f"{spec.name}: finished meanwhile by another process"
+        record = execute_run(spec, directory, **run_kwargs)
+        assert record is not None  # one process: always the main rank
+        return record, _describe(record)
+    finally:
+        claim.release()
+
+
+def _describe(record: RunRecord) -> str:
+    if not record.complete:
+        return f"{record.task}/{record.name}: FAILED ({record.error})"
+    return (
+        f"{record.task}/{record.name}: final acc {record.final_test_acc:.4f}, "
+        f"Tr(H²)/B {record.measured_sq_trace_per_B:.4g}, train {record.train_seconds:.1f} s"
+    )
+
+
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def pending_runs(
+    specs: Iterable[RunSpec], out_dir: str | os.PathLike[str], retry_failed: bool = False
+) -> tuple[list[RunSpec], list[RunRecord]]:
+    """Split ``specs`` into runs still to do and records already finished in ``out_dir``.
+
+    A finished record whose settings differ from its spec (same file name, other settings), or
+    an unreadable one, is an error: nothing is overwritten.
+    """
+    todo, done = [], []
+    for spec in specs:
+        path = Path(out_dir) / f"{spec.name}.json"
+        if not path.exists():
+            todo.append(spec)
+            continue
+        try:
+            record = read_record(path)
+        except FlatnessError as exc:
+            raise FlatnessError(f"{exc}; move it away to re-run that run") from None
+        if record is None:
+            raise FlatnessError(
+                f"{path} exists but is not a finished run record; move it away to re-run that run"
+            )
+        if identity(RunSpec.from_dict(dataclasses.asdict(record))) != identity(spec):
+            raise FlatnessError(f"{path} holds a run with other settings; use another --out")
+        version = get_task(spec.task).version
+        if record.task_version != version:
+            raise FlatnessError(
+                f"{path} was made by version {record.task_version} of the {spec.task} "
+                f"protocol (now {version}); use another --out"
+            )
+        if record.status == "failed" and retry_failed:
+            todo.append(spec)
+        else:
+            done.append(record)
+    return todo, done
+
+
+def run_grid(
+    specs: Sequence[RunSpec],
+    out_root: str | os.PathLike[str],
+    *,
+    jobs: int = 1,
+    data_dir: str | os.PathLike[str] | None = None,
+    download: bool | None = None,
+    progress: bool = True,
+    retry_failed: bool = False,
+    log: Any = None,
+    dist_ctx: DistContext | None = None,
+    emulate_ranks: int = 1,
+    device: str = "cpu",
+) -> dict[str, list[RunRecord]]:
+    """Run every pending spec (``jobs`` at a time, on ``device``), results under ``OUT/TASK/``.
+
+    Returns the finished records per results directory. Runs already finished are skipped, and
+    so are runs another process has claimed (:func:`claim_and_run`). With ``jobs > 1`` each run
+    is a task for a pool of spawned processes with ``cores // jobs`` torch threads each; the
+    longest runs are started first.
+    """
+    if jobs < 1:
+        raise FlatnessError(f"--jobs must be >= 1, got {jobs}")
+    if (dist_ctx is not None or emulate_ranks > 1) and jobs != 1:
+        raise FlatnessError("--jobs must be 1 with --ddp / --emulate-ranks (the ranks are the parallelism)")
+    if dist_ctx is not None:
+        return _run_grid_ddp(specs, Path(out_root), dist_ctx, data_dir, download, progress, retry_failed, log)
+    out_root = Path(out_root)
+    dirs = {spec.task: out_root / spec.task for spec in specs}
+    for d in dict.fromkeys(dirs.values()):
+        check_writable(d)
+    todo: list[RunSpec] = []
+    results: dict[str, list[RunRecord]] = {str(d): [] for d in dirs.values()}
+    for task_name in dict.fromkeys(s.task for s in specs):
+        task_specs = [s for s in specs if s.task == task_name]
+        pending, done = pending_runs(task_specs, dirs[task_name], retry_failed)
+        todo += pending
+        results[str(dirs[task_name])] += done
+    say = log or (lambda msg: print(msg, file=sys.stderr))
+    skipped = len(specs) - len(todo)
+    if skipped:
+        say(f"{skipped} of {len(specs)} runs already finished; skipping them")
+    if not todo:
+        return results
+    todo.sort(key=lambda s: -s.cost)
+    bar = None
+    if progress:
+        bar = progress_bar(len(todo), "runs", "run")
+        say = bar.write if log is None else say
+    try:
+        if jobs == 1:
+            for spec in todo:
+                record, message = claim_and_run(
+                    spec, dirs[spec.task], retry_failed, data_dir=data_dir, download=download,
+                    progress=progress, emulate_ranks=emulate_ranks, device=device,
+                )
+                if record is not None:
+                    results[str(dirs[spec.task])].append(record)
+                say(message)
+                if bar is not None:
+                    bar.update(1)
+        else:
+            threads = max(1, _available_cores() // jobs)
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init, initargs=(threads,)) as pool:
+                futures: dict[Future[tuple[RunRecord | None, str]], RunSpec] = {
+                    pool.submit(
+                        _worker_run,
+                        spec.as_dict(),
+                        str(dirs[spec.task]),
+                        None if data_dir is None else str(data_dir),
+                        download,
+                        retry_failed,
+                        device,
+                    ): spec
+                    for spec in todo
+                }
+                remaining = set(futures)
+                try:
+                    while remaining:
+                        finished, remaining = wait(remaining, return_when=FIRST_COMPLETED)
+                        for fut in finished:
+                            record, message = fut.result()  # a worker's FlatnessError ends the sweep
+                            spec = futures[fut]
+                            if record is not None:
+                                results[str(dirs[spec.task])].append(record)
+                            say(message)
+                            if bar is not None:
+                                bar.update(1)
+                except BaseException:
+                    for fut in remaining:
+                        fut.cancel()
+                    raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return results
+
+
+def _run_grid_ddp(
+    specs: Sequence[RunSpec],
+    out_root: Path,
+    ctx: DistContext,
+    data_dir: str | os.PathLike[str] | None,
+    download: bool | None,
+    progress: bool,
+    retry_failed: bool,
+    log: Any,
+) -> dict[str, list[RunRecord]]:
+    """Every rank runs the same pending runs in the same order; rank 0 decides which and writes.
+
+    No claims: the ranks of one job must train the same runs (run one DDP job per ``--out``).
+    """
+    import torch.distributed as dist
+
+    dirs = {spec.task: out_root / spec.task for spec in specs}
+    results: dict[str, list[RunRecord]] = {str(d): [] for d in dirs.values()}
+    plan: list[Any] = [None]
+    if ctx.is_main:
+        todo: list[RunSpec] = []
+        for d in dict.fromkeys(dirs.values()):
+            check_writable(d)
+        for task_name in dict.fromkeys(s.task for s in specs):
+            pending, done = pending_runs([s for s in specs if s.task == task_name], dirs[task_name], retry_failed)
+            todo += pending
+            results[str(dirs[task_name])] += done
+        plan = [[s.as_dict() for s in sorted(todo, key=lambda s: -s.cost)]]
+    dist.broadcast_object_list(plan, src=0)  # a shared filesystem is not assumed
+    say = log or (lambda msg: print(msg, file=sys.stderr))
+    if ctx.is_main and len(specs) > len(plan[0]):
+        say(f"{len(specs) - len(plan[0])} of {len(specs)} runs already finished; skipping them")
+    for spec_dict in plan[0]:
+        spec = RunSpec.from_dict(spec_dict)
+        record = execute_run(
+            spec, dirs[spec.task], data_dir=data_dir, download=download,
+            progress=progress and ctx.is_main, dist_ctx=ctx,
+        )
+        dist.barrier()  # rank 0 has written the run before anyone starts the next
+        if record is not None:  # rank 0
+            results[str(dirs[spec.task])].append(record)
+            say(_describe(record))
+    return results

@@ -1,0 +1,262 @@
+"""What identifies one run: :class:`RunSpec`, its file name, and the grids of a sweep.
+
+A *run* is one (task, method, strength, seed, protocol, model settings) combination. ``NAME`` is
+e.g. ``fa_lam0.01_seed0``; a non-default protocol, method setting or model setting (width,
+dropout: :attr:`RunSpec.model_kwargs`) appends a short tag (``_pXXXXXX`` / ``_kXXXXXX`` /
+``_mXXXXXX``), so different protocols never share a file. A method's default
+settings and default sweep are its class attributes ``protocol_defaults`` and ``default_grid``
+(:mod:`flatness.methods.base`): no method is special-cased here. A composed method
+(``sam+fa``) sweeps its first component's strength; the others' come from ``method_kwargs``.
+
+Example:
+    >>> from flatness.experiments.running.specs import build_grid
+    >>> specs = build_grid("breast-cancer-mlp", "fa", [0.0, 0.01], seeds=1,
+    ...                    config_overrides={"epochs": 2})
+    >>> [s.name for s in specs]  # doctest: +ELLIPSIS
+    ['fa_lam0_seed0_p...', 'fa_lam0.01_seed0_p...']
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ...methods import Method
+from ...methods import method_class as _method_class
+from ...probes import rank_seed
+from ...utils import FlatnessError
+from ..world.tasks import get_task
+
+__all__ = [
+    "RunSpec",
+    "format_value",
+    "default_values",
+    "build_grid",
+    "select_shard",
+    "parse_shard",
+]
+
+
+def default_method_kwargs(task: str, method: str) -> dict[str, Any]:
+    """The method's default protocol on ``task``: its class's ``protocol_defaults``, then the
+    task's own ``method_defaults`` (e.g. the first-order FA backend on the CIFAR image tasks)."""
+    return {**method_class(method).protocol_defaults, **get_task(task).method_defaults.get(method, {})}
+
+
+def _short_hash(obj: Any) -> str:
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:6]
+
+
+def format_value(value: float) -> str:
+    """A strength as it appears in run names: ``0``, ``0.001``, ``1``, ``2.5e-05``."""
+    text = f"{value:.6g}"
+    return text
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that identifies and configures one run; plain data (see :meth:`as_dict`)."""
+
+    task: str
+    method: str
+    hparam: str | None
+    value: float | None
+    seed: int
+    config: dict[str, Any]
+    method_kwargs: dict[str, Any] = field(default_factory=dict)
+    trajectory: int = 0
+    # settings passed to ``task.build_model(**model_kwargs)``: only the non-default ones
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def protocol_id(self) -> str:
+        """``""`` for the task's default protocol, the name of another of its named protocols
+        (e.g. ``gpu``), else a short hash of the training config."""
+        task = get_task(self.task)
+        if self.config == task.config.as_dict():
+            return ""
+        return task.protocol_name(self.config) or _short_hash(self.config)
+
+    @property
+    def variant_id(self) -> str:
+        """``""`` for the method's default settings, else a short hash of its keyword arguments."""
+        default = default_method_kwargs(self.task, self.method)
+        return "" if self.method_kwargs == default else _short_hash(self.method_kwargs)
+
+    @property
+    def model_id(self) -> str:
+        """``""`` for the task's default model, else a short hash of the model settings."""
+        return _short_hash(self.model_kwargs) if self.model_kwargs else ""
+
+    @property
+    def name(self) -> str:
+        parts = [self.method]
+        if self.hparam is not None and self.value is not None:
+            parts[0] += f"_{self.hparam}{format_value(self.value)}"
+        if self.variant_id:
+            parts.append(f"k{self.variant_id}")
+        if self.model_id:
+            parts.append(f"m{self.model_id}")
+        parts.append(f"seed{self.seed}")
+        if self.protocol_id:
+            parts.append(f"p{self.protocol_id}")
+        return "_".join(parts)
+
+    @property
+    def cost(self) -> float:
+        """A rough relative cost, to start the longest runs first (better packing over jobs)."""
+        base = {"cifar100-mlp": 8.0, "newsgroups-logreg": 5.0}.get(self.task, 1.0)
+        scale = self.config.get("epochs", 1) / max(1, get_task(self.task).config.epochs)
+        return base * scale * (1.0 if not self.value else 2.5)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "method": self.method,
+            "hparam": self.hparam,
+            "value": self.value,
+            "seed": self.seed,
+            "config": dict(self.config),
+            "method_kwargs": dict(self.method_kwargs),
+            "trajectory": self.trajectory,
+            "model_kwargs": dict(self.model_kwargs),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunSpec":
+        return cls(
+            task=d["task"],
+            method=d["method"],
+            hparam=d.get("hparam"),
+            value=d.get("value"),
+            seed=int(d["seed"]),
+            config=dict(d["config"]),
+            method_kwargs=dict(d.get("method_kwargs") or {}),
+            trajectory=int(d.get("trajectory") or 0),
+            model_kwargs=dict(d.get("model_kwargs") or {}),
+        )
+
+
+def method_class(method: str) -> type[Method]:
+    """The method's class (registered, or composed as ``a+b``); a clear error otherwise."""
+    try:
+        return _method_class(method)
+    except ValueError as exc:
+        raise FlatnessError(str(exc)) from None
+
+
+def accepts(method: str, keyword: str) -> bool:
+    """Whether the method's constructor takes ``keyword``."""
+    return method_class(method).accepts(keyword)
+
+
+def rank_kwargs(kwargs: dict[str, Any], rank: int) -> dict[str, Any]:
+    """A method's settings on DDP rank ``rank``: its own random stream (e.g. FA's probes)."""
+    if "seed" not in kwargs:
+        return dict(kwargs)
+    return {**kwargs, "seed": rank_seed(kwargs["seed"], rank)}
+
+
+def default_values(method: str) -> list[float | None]:
+    """The default sweep of a method's strength (its ``default_grid``; fa: the paper's λ grid)."""
+    cls = method_class(method)
+    if cls.hparam is None:
+        return [None]
+    grid = cls.default_grid
+    if not grid:
+        raise FlatnessError(f"method {method!r} has no default grid: give its values with --lambdas")
+    return [float(v) for v in grid]
+
+
+def build_grid(
+    task: str,
+    method: str = "fa",
+    values: Sequence[float] | None = None,
+    seeds: int | Sequence[int] = 3,
+    *,
+    config_overrides: dict[str, Any] | None = None,
+    method_kwargs: dict[str, Any] | None = None,
+    trajectory: int = 0,
+    model_kwargs: dict[str, Any] | None = None,
+    protocol: str | None = None,
+) -> list[RunSpec]:
+    """The runs of one sweep: every strength in ``values`` times every seed.
+
+    ``seeds`` is a count (seeds 0..N-1) or explicit seeds. ``method_kwargs`` default to the
+    method's ``protocol_defaults`` then the task's ``method_defaults`` (``fa``: 5 probes every
+    10 steps). ``protocol`` names one of the task's training protocols (default: its first,
+    ``config``); ``config_overrides`` apply on top. Overriding ``epochs`` without
+    ``warmup_epochs`` scales the protocol's warm-up by the same factor (the same share of
+    training). ``model_kwargs`` are model settings of the task
+    (:attr:`flatness.experiments.world.tasks.Task.model_defaults`); those equal to the default are
+    dropped, so a default model keeps its plain run name.
+    """
+    task_obj = get_task(task)
+    cls = method_class(method)
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    if not seed_list or (isinstance(seeds, int) and seeds < 1):
+        raise FlatnessError(f"seeds must be >= 1, got {seeds}")
+    if values is None:
+        grid = default_values(method)
+    elif cls.hparam is None:
+        raise FlatnessError(f"method {method!r} has no strength to sweep; drop --lambdas")
+    else:
+        grid = [float(v) for v in values]
+    for v in grid:
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            raise FlatnessError(f"{cls.hparam or 'strength'} values must be finite and >= 0, got {v}")
+    if len({format_value(v) for v in grid if v is not None}) != len([v for v in grid if v is not None]):
+        raise FlatnessError(f"repeated values in the grid: {grid}")
+    overrides = dict(config_overrides or {})
+    try:
+        default = task_obj.config if protocol is None else task_obj.protocol(protocol)
+        if "epochs" in overrides and "warmup_epochs" not in overrides and default.warmup_epochs:
+            # the warm-up keeps its share of training (cifar100-mlp: 2 of 10 epochs -> 0.2 of 1)
+            overrides["warmup_epochs"] = default.warmup_epochs * overrides["epochs"] / default.epochs
+        config = default.replace(**overrides)
+    except (TypeError, ValueError) as exc:
+        raise FlatnessError(f"invalid training protocol for {task}: {exc}") from None
+    kwargs = default_method_kwargs(task, method)
+    kwargs.update(method_kwargs or {})
+    if trajectory < 0:
+        raise FlatnessError(f"--trajectory must be >= 0, got {trajectory}")
+    settings = json.loads(json.dumps(task_obj.model_settings(model_kwargs)))  # as records store them
+    model = {k: v for k, v in settings.items() if v != task_obj.model_defaults.get(k)}
+    return [
+        RunSpec(task, method, cls.hparam, v, s, config.as_dict(), kwargs, trajectory, model)
+        for v in grid
+        for s in seed_list
+    ]
+
+
+def identity(spec: RunSpec) -> dict[str, Any]:
+    d = spec.as_dict()
+    d.pop("trajectory")  # an extra output, not part of what the run computes
+    return d
+
+
+def select_shard(specs: Sequence[RunSpec], index: int, count: int) -> list[RunSpec]:
+    """The ``index``-th (1-based) of ``count`` disjoint, balanced slices of a grid.
+
+    Runs are dealt round-robin in a fixed order (task, cost, name), so every machine computes the
+    same partition from the same command line, and the slices' costs are similar.
+    """
+    if not (1 <= index <= count):
+        raise FlatnessError(f"--shard must be I/N with 1 <= I <= N, got {index}/{count}")
+    ordered = sorted(specs, key=lambda s: (s.task, -s.cost, s.name))
+    return ordered[index - 1 :: count]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    index, sep, count = text.partition("/")
+    try:
+        if not sep:
+            raise ValueError
+        return int(index), int(count)
+    except ValueError:
+        raise FlatnessError(f"--shard must look like I/N (e.g. 2/4), got {text!r}") from None

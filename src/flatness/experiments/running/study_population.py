@@ -1,0 +1,364 @@
+r"""The population of a study (``flatness study``): its grid, the measurement of each model, the table.
+
+:class:`StudyGrid` declares a population; :func:`measure_run` measures one model by the study's
+fixed protocol and caches it; :func:`collect_population` gathers the measured models into a
+:class:`Population` (the input of :mod:`flatness.experiments.reporting.study_report`). The design and the
+protocol are described in :mod:`flatness.experiments.reporting.study`.
+
+Example:
+    >>> from flatness.experiments.running.study_population import get_grid
+    >>> grid = get_grid("breast-cancer-mlp", "small")
+    >>> entries = grid.entries()
+    >>> len(entries), sorted(entries[0][1])
+    (8, ['batch_size', 'dropout', 'lr', 'method', 'seed', 'weight_decay', 'width'])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ...measures import MEASURES, MeasureOptions, compute_measures
+from ...utils import FlatnessError
+from .checkpoints import check_checkpoint_matches, initial_model, load_checkpoint
+from ..world.data import iterate_batches
+from .measure import MEASURE_SAMPLES
+from .record import RunRecord, read_record, write_json
+from .specs import RunSpec, build_grid, method_class
+from ..world.tasks import TrainConfig, get_task
+from .training import evaluate
+
+__all__ = [
+    "AXES",
+    "STUDY_OPTIONS",
+    "StudyGrid",
+    "GRIDS",
+    "get_grid",
+    "parse_method_label",
+    "generalization",
+    "measurement_inputs",
+    "measure_run",
+    "Population",
+    "collect_population",
+]
+
+AXES: tuple[str, ...] = ("lr", "batch_size", "width", "weight_decay", "dropout", "method", "seed")
+MEASURE_BATCH = 1024  # memory only: one batch for breast-cancer, fewer Python passes
+# Study-sized options (the CLI defaults of `flatness measure` cost ~3x more on CIFAR-100)
+STUDY_OPTIONS: dict[str, Any] = {
+    "seed": 0, "matvecs": 30, "k": 3, "eigen_tol": 1e-3, "sharpness_steps": 10,
+    "noise_samples": 10, "divergence_samples": 5, "pacbayes_samples": 10,
+}
+STUDY_MEASURES: tuple[str, ...] = tuple(MEASURES)
+CACHE_VERSION = 1
+
+
+def parse_method_label(label: str) -> tuple[str, float | None]:
+    """``"fa:0.1"`` → ``("fa", 0.1)``; checks the method and that it takes a strength."""
+    name, sep, raw = label.partition(":")
+    cls = method_class(name)
+    if not sep:
+        if cls.hparam is not None:
+            raise FlatnessError(f"method {name!r} needs a strength in the study grid, e.g. {name}:0.1")
+        return name, None
+    if cls.hparam is None:
+        raise FlatnessError(f"method {name!r} takes no strength, got {label!r}")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise FlatnessError(f"bad strength in method {label!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise FlatnessError(f"strength must be finite and >= 0 in {label!r}")
+    return name, value
+
+
+@dataclass(frozen=True)
+class StudyGrid:
+    """A population: ``plane`` axes crossed fully, at ``centre`` and at each of ``alternatives``.
+
+    ``protocol`` overrides the task's training protocol for every run (e.g. fewer epochs).
+    """
+
+    name: str
+    task: str
+    plane: dict[str, tuple[Any, ...]]
+    centre: dict[str, Any]
+    alternatives: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    protocol: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    def layers(self) -> list[dict[str, Any]]:
+        """The centre, then the centre with one axis at one alternative value, in order."""
+        out = [dict(self.centre)]
+        for axis, values in self.alternatives.items():
+            out += [{**self.centre, axis: v} for v in values if v != self.centre[axis]]
+        return out
+
+    def entries(self) -> list[tuple[RunSpec, dict[str, Any]]]:
+        """Every model of the population: its run spec and its value on every axis."""
+        missing = [a for a in AXES if a not in self.plane and a not in self.centre]
+        if missing:
+            raise FlatnessError(f"grid {self.name!r} gives no value for axes {missing}")
+        task = get_task(self.task)
+        hidden = task.model_defaults.get("hidden")
+        if hidden is None or "dropout" not in task.model_defaults:
+            raise FlatnessError(f"flatness study needs a task with hidden widths and dropout, not {self.task}")
+        out: list[tuple[RunSpec, dict[str, Any]]] = []
+        names: set[str] = set()
+        plane_axes = list(self.plane)
+        for layer in self.layers():
+            for combo in itertools.product(*(self.plane[a] for a in plane_axes)):
+                settings = {**layer, **dict(zip(plane_axes, combo))}
+                spec = self._spec(settings, hidden)
+                if spec.name not in names:  # a layer may repeat the centre's models
+                    names.add(spec.name)
+                    out.append((spec, {a: settings[a] for a in AXES}))
+        return out
+
+    def _spec(self, s: dict[str, Any], hidden: Sequence[int]) -> RunSpec:
+        method, value = parse_method_label(s["method"])
+        overrides = {**self.protocol, "lr": s["lr"], "batch_size": s["batch_size"],
+                     "weight_decay": s["weight_decay"]}
+        widths = [max(1, round(s["width"] * h)) for h in hidden]
+        (spec,) = build_grid(self.task, method, None if value is None else [value], [s["seed"]],
+                             config_overrides=overrides,
+                             model_kwargs={"hidden": widths, "dropout": s["dropout"]})
+        return spec
+
+
+_BREAST = "breast-cancer-mlp"
+_CIFAR = "cifar100-mlp"
+# CPU-sized CIFAR-100 protocol: 4 epochs (1 warm-up, cosine) instead of 10. Sizing (2 cores):
+# a 4-epoch run is about 27 s (none), 41 s (fa), 53 s (sam) at one thread, from the committed
+# 10-epoch records (5.5 / 9.0 / 12 s per epoch, ~1 s per epoch of evaluation); measuring one
+# model (every study measure, timed against training steps of `none` at B = 128 in the same
+# one-thread process) cost as much as 2,067 such steps, about 36 s at the records' 17 ms per
+# step. 90 models: about 26 min of training with --jobs 2 and at most 55 min of measuring.
+# Learning rates stop at the tuned 1e-3: 2e-3 is unstable for this MLP (results/cifar100-mlp/tuning).
+_CIFAR_PROTOCOL = {"epochs": 4, "warmup_epochs": 1.0}
+GRIDS: dict[tuple[str, str], StudyGrid] = {
+    (_BREAST, "small"): StudyGrid(
+        "small", _BREAST,
+        plane={"lr": (1e-3, 3e-3), "weight_decay": (0.0, 1e-3), "method": ("none", "fa:0.1")},
+        centre={"batch_size": 32, "width": 0.25, "dropout": 0.3, "seed": 0},
+        protocol={"epochs": 5},
+        description="the CI grid: 2 lr x 2 weight decay x 2 methods, width 0.25, 5 epochs (8 models)",
+    ),
+    (_BREAST, "full"): StudyGrid(
+        "full", _BREAST,
+        plane={"lr": (3e-4, 1e-3, 3e-3), "weight_decay": (0.0, 1e-3, 1e-2),
+               "method": ("none", "fa:0.01", "fa:1", "sam:0.05")},
+        centre={"batch_size": 32, "width": 1.0, "dropout": 0.3, "seed": 0},
+        alternatives={"batch_size": (128,), "width": (0.25,), "dropout": (0.0,), "seed": (1,)},
+        description="3 lr x 3 weight decay x 4 methods, at the centre and at one other batch size, "
+                    "width, dropout and seed (180 models), the task's 50-epoch protocol",
+    ),
+    (_CIFAR, "full"): StudyGrid(
+        "full", _CIFAR,
+        plane={"lr": (2.5e-4, 5e-4, 1e-3), "weight_decay": (0.0, 5e-4),
+               "method": ("none", "fa:0.1", "sam:0.05")},
+        centre={"batch_size": 128, "width": 1.0, "dropout": 0.3, "seed": 0},
+        alternatives={"batch_size": (512,), "width": (0.5,), "dropout": (0.0,), "seed": (1,)},
+        protocol=_CIFAR_PROTOCOL,
+        description="CPU-sized: 3 lr x 2 weight decay x 3 methods, at the centre and at one other "
+                    "batch size, width, dropout and seed (90 models), 4 epochs (1 warm-up, cosine)",
+    ),
+}
+
+
+def get_grid(task: str, name: str | None = None) -> StudyGrid:
+    """The declared grid ``name`` of ``task`` (default: ``small`` if it has one, else ``full``);
+    ``FlatnessError`` listing the grids otherwise."""
+    get_task(task)
+    if name is None:
+        name = "small" if (task, "small") in GRIDS else "full"
+    if (task, name) not in GRIDS:
+        known = sorted(g for t, g in GRIDS if t == task)
+        raise FlatnessError(f"no study grid {name!r} for {task}; known: {', '.join(known) or 'none'}")
+    return GRIDS[(task, name)]
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring one model (cached)
+
+
+def _protocol() -> dict[str, Any]:
+    return {"version": CACHE_VERSION, "measures": list(STUDY_MEASURES), "options": STUDY_OPTIONS,
+            "samples": MEASURE_SAMPLES, "batch": MEASURE_BATCH}
+
+
+def _protocol_id() -> str:
+    text = json.dumps(_protocol(), sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def _cached(record: RunRecord, path: Path) -> dict[str, Any] | None:
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    fresh = (isinstance(cached, dict) and cached.get("finished_at") == record.finished_at
+             and cached.get("protocol") == _protocol_id())
+    return cached if fresh else None
+
+
+def measurement_inputs(
+    record: RunRecord,
+    directory: Path,
+    data_dir: str | None = None,
+    download: bool | None = None,
+) -> tuple[Any, Any, list[tuple[Any, Any]], MeasureOptions]:
+    """``(task, model, batches, options)`` of the study's measurement protocol for one run.
+
+    The final model from the run's checkpoint (checked against the record), the first
+    1,024 training examples (one batch), and :data:`STUDY_OPTIONS` with the initial
+    weights rebuilt from the run's seed.
+    """
+    task = get_task(record.task)
+    config = TrainConfig.from_dict(record.config)
+    splits = task.splits(config, data_dir, download)
+    model, meta = load_checkpoint(directory / str(record.checkpoint), task=record.task)
+    check_checkpoint_matches(record, meta, directory / str(record.checkpoint))
+    initial = initial_model(record.task, record.seed, num_features=splits.num_features,
+                            model_kwargs=record.model_kwargs, config=record.config)
+    n = min(MEASURE_SAMPLES, int(splits.y_train.shape[0]))
+    batches = list(iterate_batches(splits.x_train[:n], splits.y_train[:n], MEASURE_BATCH, shuffle=False))
+    return task, model, batches, MeasureOptions(**STUDY_OPTIONS, initial=initial.state_dict())
+
+
+def measure_run(
+    record: RunRecord,
+    directory: Path,
+    cache: Path,
+    data_dir: str | None = None,
+    download: bool | None = None,
+) -> dict[str, Any]:
+    """Every study measure of one complete run's final model, from the cache or computed.
+
+    Returns ``{"values": {key: float}, "errors": {measure: message}, "evaluation": {...},
+    "seconds": s}``; ``evaluation`` holds the eval-mode ``train_acc``, ``train_loss``,
+    ``test_acc`` and ``test_loss`` on the whole splits.
+    """
+    path = cache / f"{record.name}.json"
+    hit = _cached(record, path)
+    if hit is not None:
+        return hit
+    task, model, batches, options = measurement_inputs(record, directory, data_dir, download)
+    config = TrainConfig.from_dict(record.config)
+    splits = task.splits(config, data_dir, download)
+    start = time.perf_counter()
+    values: dict[str, float] = {}
+    errors: dict[str, str] = {}
+    timings: dict[str, float] = {}
+    for name in STUDY_MEASURES:
+        begin = time.perf_counter()
+        try:
+            out = compute_measures(model, task.loss_fn, batches, [name], options)
+        except FlatnessError as exc:  # one measure failing on one model must not sink the study
+            errors[name] = str(exc)
+            continue
+        finally:
+            timings[name] = time.perf_counter() - begin
+        values.update({k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    evaluation = {}
+    for split, x, y in (("train", splits.x_train, splits.y_train), ("test", splits.x_test, splits.y_test)):
+        result = evaluate(model, x, y, task.predict, config.eval_batch_size, task.loss_fn)
+        evaluation[f"{split}_acc"], evaluation[f"{split}_loss"] = result["acc"], result["loss"]
+    entry = {
+        "name": record.name,
+        "finished_at": record.finished_at,
+        "protocol": _protocol_id(),
+        "protocol_settings": _protocol(),
+        "measure_samples": sum(int(y.shape[0]) for _, y in batches),
+        "values": values,
+        "errors": errors,
+        "timings": timings,
+        "evaluation": evaluation,
+        "seconds": time.perf_counter() - start,
+    }
+    write_json(path, entry)
+    return entry
+
+
+def generalization(record: RunRecord, measured: dict[str, Any]) -> dict[str, float]:
+    """The generalisation of one run: accuracies, losses and the gaps (the one place they are read).
+
+    From the run record's final eval-mode values (records of version 2 and later); a version-1
+    record lacks the training ones, which are then taken from the study's own evaluation of the
+    final checkpoint (eval mode, whole splits, ``measured["evaluation"]``). ``gap_acc`` = train −
+    test accuracy, ``gap_loss`` = test − train loss: larger means a larger generalisation gap.
+    """
+    ev = measured["evaluation"]
+    out = {
+        "train_acc": record.final_train_acc if record.final_train_acc is not None else ev["train_acc"],
+        "test_acc": record.final_test_acc if record.final_test_acc is not None else ev["test_acc"],
+        "train_loss": record.final_train_loss if record.final_train_loss is not None else ev["train_loss"],
+        "test_loss": record.final_test_loss if record.final_test_loss is not None else ev["test_loss"],
+    }
+    out = {k: float(v) for k, v in out.items()}
+    out["gap_acc"] = out["train_acc"] - out["test_acc"]
+    out["gap_loss"] = out["test_loss"] - out["train_loss"]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# A population and the whole study
+
+
+@dataclass
+class Population:
+    """The measured models of a study: one row per complete run, and the runs that failed."""
+
+    task: str
+    grid: str
+    rows: list[dict[str, Any]]  # name, settings, generalisation, measures
+    failed: list[str]
+    errors: dict[str, dict[str, str]]  # run name -> measure -> message
+    measure_seconds: float
+    train_seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def collect_population(
+    grid: StudyGrid,
+    entries: Sequence[tuple[RunSpec, dict[str, Any]]],
+    out_root: Path,
+    *,
+    data_dir: str | None = None,
+    download: bool | None = None,
+    progress: bool = False,
+) -> Population:
+    """Measure (or read from the cache) every finished run of ``entries``."""
+    from tqdm.auto import tqdm
+
+    directory = out_root / grid.task
+    cache = directory / "study" / "measures"
+    rows, failed, errors = [], [], {}
+    measure_seconds = train_seconds = 0.0
+    for spec, settings in tqdm(entries, desc="measures", unit="model", leave=False, disable=not progress):
+        record = read_record(directory / f"{spec.name}.json")
+        if record is None:
+            raise FlatnessError(f"run {spec.name} has no finished record in {directory}")
+        if not record.complete:
+            failed.append(spec.name)
+            continue
+        measured = measure_run(record, directory, cache, data_dir, download)
+        measure_seconds += float(measured.get("seconds") or 0.0)
+        train_seconds += float(record.total_seconds or 0.0)
+        values = dict(measured["values"])
+        if record.measured_sq_trace_per_B is not None:
+            values["measured_sq_trace_per_B"] = float(record.measured_sq_trace_per_B)
+        if measured["errors"]:
+            errors[spec.name] = measured["errors"]
+        rows.append({"name": spec.name, "settings": settings,
+                     "generalization": generalization(record, measured), "measures": values})
+    return Population(grid.task, grid.name, rows, failed, errors, measure_seconds, train_seconds)
