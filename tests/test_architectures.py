@@ -121,7 +121,7 @@ def test_image_tasks_have_cpu_and_gpu_protocols():
         assert task.config is task.protocol("cpu") and task.config.model == cpu_model
         gpu = task.protocol("gpu")
         assert gpu.model == gpu_model and gpu.augment and not any(gpu._subsets())
-        assert task.config.train_subset > 0 and "SUBSET" in task.description
+        assert task.config.train_subset > 0 and "SUBSET" in task.description and "SMOKE" in task.description
         assert task.protocol_name(gpu.as_dict()) == "gpu" and task.protocol_name(gpu.replace(epochs=gpu.epochs - 1)) is None
         assert isinstance(task.build_model(config=gpu.replace(model="resnet20")), nn.Module)
     r18 = get_task("cifar100-resnet").protocol("gpu")
@@ -280,3 +280,39 @@ def test_every_measure_and_a_landscape_work_on_every_architecture(kind, arch):
     assert len(surface.loss) == 5 and all(math.isfinite(v) for v in surface.loss)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert all(m.training for m in model.modules())
+
+
+def test_resnet_has_a_trained_cpu_protocol_beside_the_smoke_one():
+    task = get_task("cifar100-resnet")
+    assert list(task.protocols) == ["smoke", "cpu-full", "gpu"]
+    assert task.protocol("cpu") is task.protocol("smoke") is task.config  # the former name
+    full = task.protocol("cpu-full")
+    assert full.model == "resnet20" and not any(full._subsets()) and full.augment and full.epochs > task.config.epochs
+    (smoke,) = build_grid("cifar100-resnet", "none", None, 1)
+    (trained,) = build_grid("cifar100-resnet", "none", None, 1, protocol="cpu-full")
+    assert smoke.name == "none_seed0" and trained.name == "none_seed0_pcpu-full"
+    assert "SMOKE" in task.description and "cpu-full" in task.description
+    assert "cpu-full" not in get_task("cifar100-vit").protocols
+
+
+def test_stopping_rule_ends_training_at_the_first_epoch_that_meets_it():
+    from flatness.experiments.running.training import train
+    from flatness.experiments.world.data import Splits
+    from flatness.methods import make_method
+
+    config = TrainConfig(epochs=50, batch_size=8, lr=0.05, weight_decay=0.0, stop_train_acc=1.0)
+    assert config.reached_stop(0.5, 1.0) and not config.reached_stop(0.5, 0.9)
+    assert TrainConfig(epochs=1, batch_size=1, lr=0.1, weight_decay=0.0).reached_stop(0.0, 1.0) is None
+    assert TrainConfig(epochs=1, batch_size=1, lr=0.1, weight_decay=0.0, stop_train_loss=0.1).reached_stop(0.05, 0.0)
+    with pytest.raises(ValueError, match="stop_train_acc"):
+        config.replace(stop_train_acc=1.5)
+    assert "stop_train_loss" not in TrainConfig(epochs=1, batch_size=1, lr=0.1, weight_decay=0.0).as_dict()
+    torch.manual_seed(0)
+    x = torch.randn(32, 4)
+    y = (x[:, 0] > 0).long()
+    data = Splits(x_train=x, y_train=y, x_test=x, y_test=y, num_classes=2)
+    model = nn.Linear(4, 2)
+    loss_fn = nn.functional.cross_entropy
+    history = train(model, make_method("none", model, loss_fn), torch.optim.SGD(model.parameters(), lr=0.5), data, config)
+    reached = [e["train_acc"] >= 1.0 for e in history.epochs]
+    assert 1 <= len(history.epochs) < 50 and reached[-1] and not any(reached[:-1])

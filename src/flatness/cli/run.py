@@ -209,8 +209,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--protocol",
         metavar="NAME",
-        help="the task's named training protocol: cpu (default) or gpu for the CIFAR image tasks; "
-        "a non-default protocol is part of the run names",
+        help="the task's named training protocol; CIFAR image tasks: smoke (default, formerly cpu; "
+        "3 epochs on a subset, not trained), cpu-full (cifar100-resnet) or gpu; a non-default "
+        "protocol is part of the run names",
     )
     p.add_argument(
         "--device", default="cpu", help="cpu (default), cuda or cuda:N (under --ddp each rank uses its own device)"

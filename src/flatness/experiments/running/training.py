@@ -261,6 +261,10 @@ def train(
     when evaluated :func:`evaluate_splits`' ``train_loss`` / ``train_acc`` / ``val_loss`` /
     ``val_acc`` / ``test_loss`` / ``test_acc`` (losses if the method has a ``loss_fn``).
 
+    With a stopping rule (``config.stop_train_loss`` / ``stop_train_acc``) training ends after
+    the first epoch whose evaluation meets it (evaluate every epoch for the rule to act);
+    ``config.epochs`` is then a cap.
+
     Raises:
         TrainingDiverged: the task loss became NaN or infinite.
     """
@@ -331,6 +335,8 @@ def train(
                 if bar is not None:
                     acc = record.get("test_acc")
                     bar.set_postfix(epoch=epoch, test_acc=f"{acc:.4f}" if acc is not None else "-")
+                if config.reached_stop(record.get("train_loss"), record.get("train_acc")):
+                    break  # the stopping rule: the rest of the epochs are a cap, not a budget
     finally:
         if bar is not None:
             bar.close()

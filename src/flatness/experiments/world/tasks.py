@@ -15,12 +15,14 @@ task                   data                        model                        
                                                                                 wd 1e-4
 =====================  ==========================  ===========================  =================
 
-The CIFAR image tasks (issue 12) have two named protocols (``flatness run --protocol cpu|gpu``):
-``cpu`` (the default; fixed stratified subsets, a small model, a run in under 10 minutes on 2
-CPU cores) and ``gpu`` (the seed papers' settings on the full splits):
+The CIFAR image tasks have named protocols (``flatness run --protocol NAME``): ``smoke`` (the
+default, formerly ``cpu``, still accepted: 10k-image subsets, 3 epochs, a run in minutes; it
+checks that the pipeline runs, it does *not* train a model: ResNet-20 ends near 11 %),
+``cpu-full`` (``cifar100-resnet``: ResNet-20 on all 45k training images, schedule tuned for
+λ = 0 on validation, ``results/cifar100-resnet/tuning/``) and ``gpu`` (the papers' settings):
 
 ====================  ==================================  ==================================
-task                  cpu protocol (all: 10k-image        gpu protocol (full splits)
+task                  smoke protocol (all: 10k-image      gpu protocol (full splits)
                       training subset, 3 ep, B 128)
 ====================  ==================================  ==================================
 ``cifar100-resnet``   ResNet-20 (w 16, option A), SGD     ResNet-18, SGD 0.1 / momentum 0.9,
@@ -34,9 +36,7 @@ task                  cpu protocol (all: 10k-image        gpu protocol (full spl
                       + cosine                            B 256
 ====================  ==================================  ==================================
 
-All three train with the standard augmentation (4-pixel padding, random crop, horizontal flip,
-:mod:`flatness.experiments.world.augment`) and run FA by the first-order estimator by default.
-
+All three train with crop + flip augmentation and run FA by the first-order estimator.
 Weight decay is Adam's L2 term (added to the gradient), as in the paper's "L2 weight decay".
 Every task carves a fixed stratified validation split (10 %) from its training set; the split
 does not depend on a run's seed.
@@ -70,25 +70,12 @@ from torch import Tensor, nn
 
 from .architectures import ARCHITECTURES, build_architecture
 from .augment import cifar_augment
-from .data import (
-    Splits,
-    data_dir,
-    load_breast_cancer,
-    load_cifar100,
-    load_newsgroups,
-    select_rows,
-    split_validation,
-)
+from .data import (Splits, data_dir, load_breast_cancer, load_cifar100, load_newsgroups, select_rows,
+                   split_validation)
 from ...utils import FlatnessError
 from .models import check_mlp_setting, logistic_regression, mlp
 
-__all__ = [
-    "SCHEDULES",
-    "TrainConfig",
-    "Task",
-    "TASKS",
-    "get_task",
-]
+__all__ = ["SCHEDULES", "TrainConfig", "Task", "TASKS", "get_task"]
 
 SCHEDULES: tuple[str, ...] = ("constant", "cosine", "linear")
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd")
@@ -125,6 +112,9 @@ class TrainConfig:
         train_subset, val_subset, test_subset: train / validate / test on a fixed stratified
             subset of that many samples of the split (0: the whole split); the subsets do not
             depend on a run's seed.
+        stop_train_loss, stop_train_acc: a stopping rule (Jiang et al. 2019): end training after
+            the first epoch whose eval-mode training loss is ≤ ``stop_train_loss`` or accuracy
+            ≥ ``stop_train_acc`` (on the ``train_eval_samples``); ``epochs`` is then the cap.
     """
 
     epochs: int
@@ -145,12 +135,14 @@ class TrainConfig:
     train_subset: int = 0
     val_subset: int = 0
     test_subset: int = 0
+    stop_train_loss: float | None = None
+    stop_train_acc: float | None = None
 
     # Fields added after the first protocols: left out of :meth:`as_dict` while at their
     # default, so the names and records of existing runs stay valid.
     LATER_FIELDS: typing.ClassVar[tuple[str, ...]] = (
         "train_eval_samples", "optimizer", "momentum", "nesterov", "model", "augment",
-        "train_subset", "val_subset", "test_subset",
+        "train_subset", "val_subset", "test_subset", "stop_train_loss", "stop_train_acc",
     )
 
     def __post_init__(self) -> None:
@@ -179,6 +171,8 @@ class TrainConfig:
             (isinstance(self.model, str), "model must be an architecture name or ''"),
             (all(isinstance(n, int) and n >= 0 for n in self._subsets()),
              "train_subset, val_subset and test_subset must be integers >= 0 (0: all)"),
+            (self.stop_train_loss is None or self.stop_train_loss > 0, "stop_train_loss must be > 0"),
+            (self.stop_train_acc is None or 0 < self.stop_train_acc <= 1, "stop_train_acc must be in (0, 1]"),
         ]
         for ok, message in checks:
             if not ok:
@@ -186,6 +180,13 @@ class TrainConfig:
 
     def _subsets(self) -> tuple[int, int, int]:
         return (self.train_subset, self.val_subset, self.test_subset)
+
+    def reached_stop(self, train_loss: float | None, train_acc: float | None) -> bool | None:
+        """Whether the stopping rule is met by these training values (``None``: no rule)."""
+        if self.stop_train_loss is None and self.stop_train_acc is None:
+            return None
+        return bool((self.stop_train_loss is not None and train_loss is not None and train_loss <= self.stop_train_loss)
+                    or (self.stop_train_acc is not None and train_acc is not None and train_acc >= self.stop_train_acc))
 
     def as_dict(self) -> dict[str, Any]:
         """The fields as plain data; the later fields are left out while at their defaults.
@@ -284,8 +285,12 @@ class Task:
         """The named default protocols (``flatness run --protocol NAME``); ``config`` is the first."""
         return {"cpu": self.config}
 
+    # Former names of protocols, still accepted by :meth:`protocol` (never written into a run name).
+    protocol_aliases: ClassVar[dict[str, str]] = {}
+
     def protocol(self, name: str) -> TrainConfig:
         """The protocol called ``name``; ``FlatnessError`` listing the task's protocols otherwise."""
+        name = self.protocol_aliases.get(name, name)
         if name not in self.protocols:
             raise FlatnessError(
                 f"task {self.name} has no {name!r} protocol; it has: {', '.join(self.protocols)}"
@@ -464,14 +469,15 @@ class BreastCancerMLP(Task):
 class Cifar100Images(Task):
     """CIFAR-100 images for a convolutional or attention model, trained with augmentation.
 
-    Two default protocols: ``cpu`` (``config``; a small model on fixed stratified subsets, sized
-    to finish a run in under 10 minutes on 2 CPU cores including the per-epoch evaluation and
-    the final measurement) and ``gpu`` (the seed paper's setting on the full splits).
+    Named protocols: ``smoke`` (``config``, the default: a check that the pipeline runs, not a
+    trained model), ``cpu-full`` where a task has one (``full_config``) and ``gpu``.
     """
 
     num_classes = 100
     num_features = 3072
     gpu_config: TrainConfig
+    full_config: TrainConfig | None = None  # the trained CPU protocol, where one is tuned
+    protocol_aliases: ClassVar[dict[str, str]] = {"cpu": "smoke"}
     # FA by the first-order estimator: autograd's double backward through these convolutions
     # and attention is several times slower, and its third derivatives through train-mode
     # BatchNorm / LayerNorm are wrong in torch (pytorch/pytorch#186256, #175754).
@@ -479,7 +485,8 @@ class Cifar100Images(Task):
 
     @property
     def protocols(self) -> dict[str, TrainConfig]:
-        return {"cpu": self.config, "gpu": self.gpu_config}
+        full = {"cpu-full": self.full_config} if self.full_config is not None else {}
+        return {"smoke": self.config, **full, "gpu": self.gpu_config}
 
     def _load_raw(self, root: Path, download: bool | None) -> Splits:
         return load_cifar100(root, download)
@@ -498,16 +505,13 @@ class Cifar100Images(Task):
         return cifar_augment(x, generator)
 
 
-# The CPU protocols share their data: a fixed stratified 10k subset of the 45k training split
-# (SUBSET_SEED), the whole validation and test splits, and the standard augmentation. Sized from
-# single-thread CPU seconds measured on ResNet-20 (ViT and All-CNN-C within 20 %): a plain step
-# 0.36 s, an FA step (5 first-order probes every 10 steps) 0.83 s, the per-epoch evaluation of
-# 15k images 12.5 s and flatness curve 11.7 s, the final measurement 107 s, i.e. ~380 s for
-# 3 epochs of 79 steps on one core, ~4 minutes on a quiet 2-core machine.
+# The smoke protocols: a fixed stratified 10k subset of the 45k training split (SUBSET_SEED).
+# One-thread ResNet-20 seconds: a plain step 0.36, an FA step 0.83, per-epoch evaluation 12.5
+# and flatness curve 11.7, the final measurement 107: ~380 s for 3 epochs of 79 steps.
 CPU_SUBSETS: dict[str, Any] = {"train_subset": 10000, "augment": True}
 CPU_SUBSET_NOTE = (
-    "CPU protocol on a SUBSET: 10,000 of the 45,000 training images (stratified, fixed), "
-    "3 epochs, full validation and test splits"
+    "default SMOKE protocol (not trained to convergence) on a SUBSET: 10,000 of the 45,000 "
+    "training images (stratified, fixed), 3 epochs, full validation and test splits"
 )
 SGD_CNN = {"optimizer": "sgd", "momentum": 0.9, "schedule": "cosine"}
 
@@ -516,11 +520,17 @@ class Cifar100ResNet(Cifar100Images):
     name = "cifar100-resnet"
     description = (
         "CIFAR-100 with pad-4 crop + flip augmentation; " + CPU_SUBSET_NOTE + ", ResNet-20 "
-        "(He et al., width 16, BatchNorm, option-A shortcuts). GPU protocol: ResNet-18 (CIFAR "
-        "variant) on the full splits, 200 epochs"
+        "(He et al., width 16, BatchNorm, option-A shortcuts). cpu-full protocol: the same "
+        "ResNet-20 on all 45,000 training images, tuned on validation. GPU protocol: ResNet-18 "
+        "(CIFAR variant) on the full splits, 200 epochs"
     )
     config = TrainConfig(
         epochs=3, batch_size=128, lr=0.1, weight_decay=5e-4, model="resnet20", **SGD_CNN, **CPU_SUBSETS
+    )
+    # Epochs and peak lr chosen on validation at λ = 0 (results/cifar100-resnet/tuning/README.md).
+    full_config = TrainConfig(
+        epochs=5, batch_size=128, lr=0.1, weight_decay=5e-4, model="resnet20", warmup_epochs=1.0,
+        train_eval_samples=5000, augment=True, **SGD_CNN,
     )
     # NRS (Table 1): ResNet-18, SGD momentum 0.9, cosine schedule, lr 0.1, wd 5e-4, B 128, 200 ep.
     gpu_config = TrainConfig(
