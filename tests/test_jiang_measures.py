@@ -208,3 +208,30 @@ def test_dinh_rescaling_moves_lambda_max_not_adaptive_sharpness() -> None:
         assert by_key[key].invariant(1e-8), (key, by_key[key])
     for key in ("lambda_max", "param_norm"):
         assert by_key[key].relative > 0.5, (key, by_key[key])
+
+
+def test_magnitude_aware_bound_centres_prior_and_posterior_alike_and_is_never_negative() -> None:
+    from flatness.measures.pac_bayes import _bound
+
+    # by hand: a = w − w⁰ in the prior's ‖a‖²/ω and in the posterior's σ'²a_i²
+    w = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    w0 = torch.tensor([0.4, -1.2, 1.0], dtype=torch.float64)
+    a, s, eps, m = w - w0, 0.3, 1e-3, 100
+    by_hand = sum(0.25 * math.log((eps**2 + (s**2 + 1) * float(a.pow(2).sum()) / 3) / (eps**2 + s**2 * float(ai) ** 2))
+                  for ai in a) + math.log(m / s) + 10
+    assert _bound(a, s, m, True, eps) == pytest.approx(by_hand, rel=1e-12)
+    # models near their initialisation made the earlier mixed form negative (−54,051 at worst)
+    gen = torch.Generator().manual_seed(0)
+    for scale_init, scale_w in ((1e-4, 1.0), (1.0, 1.0), (1e-2, 10.0), (0.0, 1e-6)):
+        w = scale_w * torch.randn(500, dtype=torch.float64, generator=gen)
+        w0 = w + scale_init * torch.randn(500, dtype=torch.float64, generator=gen)
+        for sigma in (1e-3, 0.1, 1.0, 30.0):
+            for a in (w, w - w0):
+                log_part = _bound(a, sigma, m, True, eps) - (math.log(m / sigma) + 10)
+                assert log_part >= 0.0, (scale_init, scale_w, sigma)
+                assert _bound(a, sigma, m, True, eps) > 0 and _bound(a, sigma, m, False, eps) > 0
+    w = torch.randn(500, dtype=torch.float64, generator=gen)
+    w0 = w + 1e-2 * torch.randn(500, dtype=torch.float64, generator=gen)  # a model near its start
+    mixed_prior = eps**2 + (0.1**2 + 1) * float((w - w0).pow(2).sum()) / 500  # the old, inconsistent form
+    assert float(0.25 * torch.log(mixed_prior / (eps**2 + 0.1**2 * w.pow(2))).sum()) < -100  # what it gave
+    assert _bound(w - w0, 0.1, m, True, eps) > math.log(m / 0.1) + 10  # what it gives now

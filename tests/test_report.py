@@ -107,11 +107,13 @@ def test_paired_tests_with_holm_across_the_rows_of_a_group():
     cells = [x.strip() for x in row.strip("|").split("|")]
     assert cells[2] == f"{c.difference:+.4f} [{c.ci[0]:+.4f}, {c.ci[1]:+.4f}]"
     assert cells[3].startswith(f"d_z = {c.effect:+.2f} [")
-    assert cells[4:8] == [f"{c.p_t:.2g}", f"{c.p_t_holm:.2g}", f"{c.p_wilcoxon:.2g}", f"{c.p_wilcoxon_holm:.2g}"]
-    assert cells[8] == f"{c.mde:.4f}"
+    assert cells[4:10] == [f"{c.p_t:.2g}", f"{c.p_t_holm:.2g}", f"{c.p_perm:.2g}", f"{c.p_perm_holm:.2g}",
+                           f"{c.p_wilcoxon:.2g}", f"{c.p_wilcoxon_holm:.2g}"]
+    assert c.p_perm == pytest.approx(2 / 16)  # 4 pairs, all below the baseline: the extreme pattern
+    assert cells[10] == f"{c.mde:.4f}"
     assert f"| {c.p_t:.2g} / {c.p_t_holm:.2g} |" in md  # raw / Holm in the results table too
     assert "Holm–Bonferroni adjustment over the 3 tests of this table" in md
-    assert "with 4 pairs its two-sided p cannot fall below 0.12" in md
+    assert "with 4 pairs neither exact test's two-sided p can fall below 0.12" in md
     assert "*MDE* (minimum detectable effect)" in md and "with 4 pairs" in md
 
 

@@ -164,3 +164,30 @@ def test_kendall_tau_ci_matches_scipy_and_is_reproducible():
     assert t2 == pytest.approx(-1.0) and math.isnan(l2) and math.isnan(h2)
     with pytest.raises(ValueError, match="equal length"):
         kendall_tau_ci([1.0, 2.0, 3.0], [1.0, 2.0])
+
+
+def test_sign_flip_test_equals_a_plain_enumeration() -> None:
+    import itertools
+
+    from flatness.experiments.reporting.stats import sign_flip_test
+
+    rng = np.random.default_rng(3)
+    for n in (2, 3, 5, 8, 10, 13):
+        d = rng.normal(0.3, 1.0, size=n)
+        observed = abs(d.sum())
+        count = sum(abs(np.dot(s, d)) >= observed - 1e-12 for s in itertools.product((-1, 1), repeat=n))
+        assert sign_flip_test(d) == pytest.approx(count / 2**n), n
+    assert sign_flip_test(np.ones(10)) == pytest.approx(2 / 2**10)  # the smallest p at 10 pairs
+    assert math.isnan(sign_flip_test([1.0])) and math.isnan(sign_flip_test(np.ones(21)))
+
+
+def test_paired_comparison_carries_the_permutation_p_and_its_holm() -> None:
+    from flatness.experiments.reporting.stats import adjust_holm, compare_samples, sign_flip_test
+
+    a = {s: 0.5 + 0.01 * s for s in range(10)}
+    b = {s: 0.49 + 0.011 * s + (0.002 if s % 3 else -0.001) for s in range(10)}
+    c = compare_samples(a, b)
+    d = [a[s] - b[s] for s in range(10)]
+    assert c.p_perm == pytest.approx(sign_flip_test(d))
+    (adjusted, other) = adjust_holm([c, compare_samples(b, a)])
+    assert adjusted.p_perm_holm == pytest.approx(min(1.0, 2 * c.p_perm))

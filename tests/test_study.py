@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -61,21 +62,55 @@ def test_initial_weights_are_rebuilt_exactly(tmp_path: Path) -> None:
     assert measured["distance_from_init"] == pytest.approx(distance_from_init(model, rebuilt))
 
 
-def test_grid_is_a_star_around_a_crossed_plane() -> None:
-    grid = get_grid("breast-cancer-mlp", "full")
-    entries = grid.entries()
-    assert len(entries) == 36 * 5 and len({s.name for s, _ in entries}) == len(entries)
-    for axis in AXES:  # every axis takes two or more values, with all others fixed somewhere
-        values = {settings[axis] for _, settings in entries}
-        assert len(values) >= 2, axis
-    spec, settings = next(e for e in entries if e[1]["width"] == 0.25 and e[1]["method"] == "sam:0.05")
-    assert spec.model_kwargs["hidden"] == [128, 64] and spec.method == "sam" and spec.value == 0.05
-    assert spec.config["lr"] == settings["lr"] and spec.config["weight_decay"] == settings["weight_decay"]
-    assert len(get_grid("cifar100-mlp", "full").entries()) >= 60
+def test_grids_are_crossed_with_seeds_as_replicates() -> None:
+    for task, models in (("cifar100-mlp", 64), ("cifar100-resnet", 32), ("breast-cancer-mlp", 16)):
+        grid = get_grid(task, None)
+        entries = grid.entries()
+        assert len(entries) == models and len({s.name for s, _ in entries}) == models
+        settings = [e[1] for e in entries]
+        # every combination of the crossed factors appears once per seed
+        combos = {tuple(st[a] for a in grid.factors) for st in settings}
+        assert len(combos) * len(grid.seeds) == models and len(grid.seeds) >= 2
+        assert "seed" not in AXES and all(set(st) == {*AXES, "seed"} for st in settings)
+        if task != "breast-cancer-mlp":
+            assert len(grid.factors) >= 4 and all(len(v) >= 2 for v in grid.factors.values())
+            assert grid.protocol["stop_train_loss"] == 0.01 and grid.protocol["schedule"] == "constant"
+    spec, settings = next(e for e in get_grid("cifar100-mlp").entries()
+                          if e[1]["width"] == 0.5 and e[1]["method"] == "fa:0.1")
+    assert spec.model_kwargs["hidden"] == [256, 128] and spec.method == "fa" and spec.value == 0.1
+    assert spec.config["lr"] == settings["lr"] and spec.config["train_subset"] == 5000
+    cnn, cnn_settings = get_grid("cifar100-resnet").entries()[0]
+    assert cnn.config["model"] == f"resnet8-w{cnn_settings['width']}" and cnn.model_kwargs == {}
     assert parse_method_label("fa:0.1") == ("fa", 0.1) and parse_method_label("none") == ("none", None)
     for bad in ("fa", "none:1", "fa:x", "nope:1"):
         with pytest.raises(FlatnessError):
             parse_method_label(bad)
+    from flatness.experiments.running.study_population import StudyGrid
+
+    base = get_grid("cifar100-mlp")
+    for broken, message in (
+        ({"fixed": {**base.fixed, "lr": 1e-3}}, "both crossed and fixed"),
+        ({"factors": {**base.factors, "dropout": (0.1,)}, "fixed": {}}, "fewer than two"),
+        ({"fixed": {}}, "given no value"),
+        ({"seeds": (0, 0)}, "seeds"),
+    ):
+        with pytest.raises(FlatnessError, match=message):
+            dataclasses.replace(base, **broken).entries()
+
+
+def test_models_that_miss_the_stopping_rule_are_counted_and_left_out(tmp_path: Path) -> None:
+    from flatness.experiments.running.study_population import StudyGrid, collect_population
+
+    grid = StudyGrid("t", "breast-cancer-mlp", factors={"lr": (1e-3, 3e-2)},
+                     fixed={"batch_size": 32, "width": 0.25, "dropout": 0.0, "weight_decay": 0.0, "method": "none"},
+                     seeds=(0,), protocol={"epochs": 2, "stop_train_loss": 1e-9})
+    entries = grid.entries()
+    from flatness.experiments.running.runner import run_grid
+
+    run_grid([s for s, _ in entries], tmp_path, progress=False, log=lambda m: None)
+    population = collect_population(grid, entries, tmp_path)
+    assert population.rows == [] and sorted(population.missed) == sorted(s.name for s, _ in entries)
+    assert not (tmp_path / "breast-cancer-mlp" / "study" / "measures").exists()  # nothing measured
 
 
 @pytest.fixture(scope="module")
@@ -99,12 +134,15 @@ def test_small_study_end_to_end(small_study: tuple[Path, str]) -> None:
                 "fisher_trace", "noise_loss_increase", "param_norm", "path_norm", "distance_from_init",
                 "inverse_margin_sq", "pacbayes_flatness", "pacbayes_mag_flatness", "measured_sq_trace_per_B"):
         assert key in keys, key
-    assert ranking["axes"] == ["lr", "weight_decay", "method"]
+    assert ranking["axes"] == ["lr", "weight_decay", "method"] and ranking["tau"] == "tau_a"
     first = ranking["measures"][0]
-    assert -1 <= first["tau_gap_acc"] <= 1 and first["psi_lr_cells"] == 4
-    assert "| measure | τ gap |" in text and "Reparametrisation check" in text
+    assert -1 <= first["tau_gap_acc"] <= 1 and first["psi_lr_cells"] == 8  # (wd, method) x seed
+    assert first["tau_gap_acc_low"] <= first["tau_gap_acc"] <= first["tau_gap_acc_high"]
+    assert "ctau" in first and "psi_mean_low" in first
+    assert "| measure | τ gap | τ test acc | τ loss gap | τ gap | fit |" in text and "Reparametrisation check" in text
+    assert "16 models met it" in text and "Kendall's τ_a" in text
     rows = list(csv.DictReader((study_dir / "population.csv").open()))
-    assert len(rows) == 8
+    assert len(rows) == 16 and {r["seed"] for r in rows} == {"0", "1"}
     population = json.loads((study_dir / "population.json").read_text())
     for row in population["rows"]:  # the gap is the record's; the study's own evaluation agrees
         record = json.loads((out / "breast-cancer-mlp" / f"{row['name']}.json").read_text())
@@ -129,7 +167,7 @@ def test_small_study_resumes_without_work(small_study: tuple[Path, str], monkeyp
     messages: list[str] = []
     run_study("breast-cancer-mlp", "small", out, progress=False, plots=False, resamples=200,
               log=messages.append)
-    assert "8 of 8 runs already finished; skipping them" in messages
+    assert "16 of 16 runs already finished; skipping them" in messages
 
 
 def test_study_cli_rejects_bad_input(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -147,4 +185,4 @@ def test_study_cli_rejects_bad_input(capsys: pytest.CaptureFixture[str], tmp_pat
         assert err.startswith("flatness: error:") and message in err, (argv, err)
     assert not any(tmp_path.iterdir())  # nothing started
     assert main(["study", "breast-cancer-mlp", "--list"]) == 0
-    assert len(capsys.readouterr().out.strip().splitlines()) == 8
+    assert len(capsys.readouterr().out.strip().splitlines()) == 16

@@ -54,16 +54,18 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         "study",
         help="does flatness predict generalisation? rank every measure over a population of models",
         description=(
-            "Train (resumably) a population of TASK models over a declared grid of learning rate, "
-            "batch size, width, weight decay, dropout, method strength and seed; measure every "
-            "model with every flatness and reference measure; write Kendall τ with the "
-            "generalisation gap, Jiang et al.'s granulated Ψ per axis with bootstrap intervals, "
-            "scatter plots and the viable lr × wd plane per method into OUT/TASK/study/GRID/."
+            "Train (resumably) a population of TASK models over a declared crossed grid of learning "
+            "rate, batch size, width, weight decay, dropout and method strength, every setting at "
+            "every seed, each to the grid's stopping rule; measure every model with every flatness "
+            "and reference measure; write Kendall's τ_a with the generalisation gap, the conditional "
+            "τ given the training loss, Jiang et al.'s granulated ψ per axis and Ψ with crossed "
+            "bootstrap intervals (settings × seeds), scatter plots and the viable lr × wd plane per "
+            "method into OUT/TASK/study/GRID/."
         ),
     )
-    p.add_argument("task", metavar="TASK", help="breast-cancer-mlp or cifar100-mlp")
+    p.add_argument("task", metavar="TASK", help="breast-cancer-mlp (small grid), cifar100-mlp or cifar100-resnet")
     p.add_argument("--grid", default=None,
-                   help=f"the population (default: small, or full where a task has no small one); {', '.join(grids)}")
+                   help=f"the population (default: small, or crossed where a task has no small one); {', '.join(grids)}")
     p.add_argument("--out", default="runs", help="results root; runs in OUT/TASK (default: runs)")
     p.add_argument("--jobs", type=int, default=1, help="training runs in parallel processes (default 1)")
     p.add_argument("--shard", metavar="I/N", help="train and measure only the I-th of N slices (no report)")

@@ -26,12 +26,19 @@ before their √(·/m) normalisation, which keeps the order of models of one dat
     \text{init} = \frac{\lVert w - w^0\rVert^2}{4\sigma^2} + \ln\frac{m}{\sigma} + 10,
 
     \text{mag.orig} = \frac14 \sum_{i=1}^{\omega}
-        \ln\frac{\varepsilon^2 + (\sigma'^2 + 1)\lVert w\rVert^2/\omega}{\varepsilon^2 + \sigma'^2 w_i^2}
-        + \ln\frac{m}{\sigma'} + 10,
+        \ln\frac{\varepsilon^2 + (\sigma'^2 + 1)\lVert a\rVert^2/\omega}{\varepsilon^2 + \sigma'^2 a_i^2}
+        + \ln\frac{m}{\sigma'} + 10, \qquad a = w,
 
-and mag.init with ‖w − w⁰‖² in the numerator. The denominator is the posterior variance of
-w_i (the log-variance term of the Gaussians' KL divergence; some implementations write
-(w_i − w_i⁰)² there). The model runs in eval mode; its weights are never written to.
+and mag.init the same with a = w − w⁰ in *both* places (Jiang et al.'s eq. for
+``pacbayes.mag.init``): the prior is centred where the posterior's scale is measured from, so
+prior and posterior describe one parametrisation. The log term is the KL divergence's
+log-variance part and is never negative: by Jensen,
+:math:`\frac1\omega\sum_i \ln(\varepsilon^2+\sigma'^2 a_i^2) \le \ln(\varepsilon^2+\sigma'^2\lVert a\rVert^2/\omega)
+< \ln(\varepsilon^2+(\sigma'^2+1)\lVert a\rVert^2/\omega)`, so every bound exceeds
+:math:`\ln(m/\sigma) + 10 > 0` (σ < m·e¹⁰, far beyond the search's reach for m ≥ 100). (An
+earlier version put ‖w − w⁰‖² in the numerator but w_i² in the denominator: a prior and a
+posterior about different points, negative for models near their initialisation.) The model
+runs in eval mode; its weights are never written to.
 
 Example:
     >>> import torch
@@ -98,12 +105,13 @@ class PacBayes:
         return 1.0 / self.sigma**2
 
 
-def _bound(sq_dist: float, w: Tensor, sigma: float, m: int, mag: bool, floor: float) -> float:
+def _bound(a: Tensor, sigma: float, m: int, mag: bool, floor: float) -> float:
+    """The bound about the reference point of ``a`` (``w`` for orig, ``w − w⁰`` for init)."""
+    sq_dist = float(a.pow(2).sum())
     if not mag:
         return sq_dist / (4 * sigma**2) + math.log(m / sigma) + 10
-    omega = w.numel()
-    prior = floor**2 + (sigma**2 + 1) * sq_dist / omega
-    posterior = floor**2 + sigma**2 * w.pow(2)
+    prior = floor**2 + (sigma**2 + 1) * sq_dist / a.numel()
+    posterior = floor**2 + sigma**2 * a.pow(2)
     return float(0.25 * torch.log(prior / posterior).sum()) + math.log(m / sigma) + 10
 
 
@@ -200,7 +208,7 @@ def pac_bayes(
         if missing:
             raise FlatnessError(f"the initial weights have no parameter {missing[0]!r}")
         w0 = torch.cat([state[n].detach().double().reshape(-1).cpu() for n, _ in named])
-        bound_init = _bound(float((w - w0).pow(2).sum()), w, lo, m, magnitude_aware, floor)
+        bound_init = _bound(w - w0, lo, m, magnitude_aware, floor)
     return PacBayes(
         sigma=lo,
         deviation=float(deviation),
@@ -213,6 +221,6 @@ def pac_bayes(
         evaluations=evaluations,
         num_examples=m,
         num_params=int(w.numel()),
-        bound_orig=_bound(float(w.pow(2).sum()), w, lo, m, magnitude_aware, floor),
+        bound_orig=_bound(w, lo, m, magnitude_aware, floor),
         bound_init=bound_init,
     )

@@ -252,7 +252,7 @@ def markdown(groups: Sequence[Group]) -> str:
 
 _STAT_FIELDS = [
     "test", "n_pairs", "difference", "ci_low", "ci_high", "effect_name", "effect", "effect_ci_low",
-    "effect_ci_high", "p_t", "p_t_holm", "p_wilcoxon", "p_wilcoxon_holm", "mde", "p_note",
+    "effect_ci_high", "p_t", "p_t_holm", "p_perm", "p_perm_holm", "p_wilcoxon", "p_wilcoxon_holm", "mde", "p_note",
 ]
 CSV_FIELDS = [
     "task", "method", "hparam", "value", "variant_id", "protocol_id", "runs", "failed", "seeds",
@@ -293,7 +293,8 @@ def csv_text(groups: Sequence[Group]) -> str:
                     test=c.test, n_pairs=c.n_pairs, difference=_num(c.difference), ci_low=_num(c.ci[0]),
                     ci_high=_num(c.ci[1]), effect_name=c.effect_name, effect=_num(c.effect),
                     effect_ci_low=_num(c.effect_ci[0]), effect_ci_high=_num(c.effect_ci[1]), p_t=_num(c.p_t),
-                    p_t_holm=_num(c.p_t_holm), p_wilcoxon=_num(c.p_wilcoxon),
+                    p_t_holm=_num(c.p_t_holm), p_perm=_num(c.p_perm), p_perm_holm=_num(c.p_perm_holm),
+                    p_wilcoxon=_num(c.p_wilcoxon),
                     p_wilcoxon_holm=_num(c.p_wilcoxon_holm), mde=_num(c.mde), p_note=c.note,
                 )
             a, f = row.vs_reference, row.flatness_vs_reference

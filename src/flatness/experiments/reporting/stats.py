@@ -34,22 +34,10 @@ at 3 pairs (ν = 2) it is 5.65 (see :func:`minimum_detectable_effect`).
 **Multiple comparisons.** :func:`holm` is the Holm–Bonferroni step-down adjustment over the
 comparisons of one table; :func:`adjust_holm` applies it to the t and Wilcoxon p-values.
 
-**Rank statistics** (``flatness study``): :func:`kendall_tau_ci` is Kendall's τ_b between a
-measure and a target over a population of models with a bootstrap interval resampling the
-models; :func:`granulated_kendall` is Jiang et al.'s (2019) granulated coefficient ψ of one
-hyper-parameter axis,
-
-.. math::
-
-    \psi_i = \frac{1}{m_i} \sum_{\theta_{-i}} \tau\big(\{(\mu(\theta), g(\theta)) :
-        \theta_i \in \Theta_i\}\big),
-
-the mean over the m_i settings θ₋ᵢ of the other axes of τ over the models that differ in axis
-i only, with an interval resampling the cells; Ψ (:func:`mean_granulated`) is the mean of the
-ψ_i. Within a cell τ is Jiang et al.'s :func:`kendall_tau`
-:math:`\frac{1}{n(n-1)}\sum_{i \ne j} \operatorname{sign}(\mu_i-\mu_j)\operatorname{sign}(g_i-g_j)`
-(τ_a: a tie counts 0, so a two-model cell with a tied gap counts 0 rather than being undefined;
-it equals τ_b when nothing ties).
+**Rank statistics.** :func:`kendall_tau_ci` is Kendall's τ_b of two paired lists with a
+bootstrap interval resampling the pairs (used where pairs are independent, e.g. the K-FAC
+agreement over final models). The study's rank statistics (τ_a, conditional τ, ψ, Ψ, crossed
+bootstrap over seeds and settings) are in :mod:`.rank_stats`.
 
 **Degenerate cases.** No p-value is made up: fewer than 2 pairs (runs per side), identical
 values, or zero variance (every pair differs by the same amount; both sides constant) give
@@ -94,11 +82,8 @@ __all__ = [
     "holm",
     "adjust_holm",
     "minimum_detectable_effect",
+    "sign_flip_test",
     "kendall_tau_ci",
-    "kendall_tau",
-    "AxisCoefficient",
-    "granulated_kendall",
-    "mean_granulated",
 ]
 
 ALPHA = 0.05  # two-sided significance level of the MDE
@@ -146,7 +131,8 @@ class Comparison:
     """Side ``a`` against side ``b`` (differences are a − b); ``nan`` where undefined.
 
     ``p_t``: paired t (``test == "paired t"``) or Welch's t p-value; ``p_wilcoxon``: the
-    Wilcoxon signed-rank p-value (paired only). ``*_holm``: Holm-adjusted over the family given
+    Wilcoxon signed-rank p-value, ``p_perm``: the exact sign-flip permutation p-value of the
+    mean difference (:func:`sign_flip_test`; both paired only). ``*_holm``: Holm-adjusted over the family given
     to :func:`adjust_holm` (``nan`` until then). ``ci`` and ``effect_ci``: 95 % intervals.
     ``mde``: the minimum detectable mean difference (module docstring). ``note``: why a test
     is missing, else ``""``.
@@ -172,6 +158,8 @@ class Comparison:
     note: str = ""
     p_t_holm: float = math.nan
     p_wilcoxon_holm: float = math.nan
+    p_perm: float = math.nan
+    p_perm_holm: float = math.nan
 
     @property
     def paired(self) -> bool:
@@ -256,6 +244,39 @@ def minimum_detectable_effect(se: float, df: float, alpha: float = ALPHA, power:
     return _solve_increasing(rejection, power, crit) * se
 
 
+MAX_EXACT_PAIRS = 20  # 2**20 sign patterns, enumerated in blocks
+
+
+def sign_flip_test(differences: Sequence[float] | np.ndarray) -> float:
+    r"""The exact two-sided sign-flip (paired permutation) p-value of the mean difference.
+
+    Under the null hypothesis each paired difference :math:`d_i` is symmetric about 0, so all
+    :math:`2^n` sign patterns :math:`s \in \{\pm 1\}^n` are equally likely; the p-value is the
+    share of them with :math:`|\sum_i s_i d_i| \ge |\sum_i d_i|` (ties within float noise
+    count). It makes no normality assumption; its smallest value is :math:`2/2^n` (0.0625 at 5
+    pairs, 0.002 at 10). NaN below 2 or above :data:`MAX_EXACT_PAIRS` differences.
+
+    >>> sign_flip_test([1.0, 2.0, 3.0])  # only all-plus and all-minus reach |sum| = 6
+    0.25
+    >>> round(sign_flip_test([0.5, 1.0, -0.2, 0.8, 0.3]), 4)
+    0.125
+    """
+    d = np.asarray(differences, dtype=float)
+    n = d.size
+    if n < 2 or n > MAX_EXACT_PAIRS or not np.all(np.isfinite(d)):
+        return math.nan
+    observed = abs(float(d.sum()))
+    tol = 1e-9 * max(float(np.abs(d).sum()), np.finfo(float).tiny)
+    head = min(n, 12)  # patterns of the first `head` signs as one matrix, the rest looped
+    bits = (np.arange(2**head)[:, None] >> np.arange(head)[None, :]) & 1
+    partial = (1 - 2 * bits) @ d[:head]
+    hits = 0
+    for rest in range(2 ** (n - head)):
+        signs = 1 - 2 * ((rest >> np.arange(n - head)) & 1)
+        hits += int(np.count_nonzero(np.abs(partial + float(signs @ d[head:])) >= observed - tol))
+    return hits / 2**n
+
+
 def _hedges_j(df: float) -> float:
     return math.exp(math.lgamma(df / 2) - math.log(math.sqrt(df / 2)) - math.lgamma((df - 1) / 2))
 
@@ -318,6 +339,7 @@ def _paired(x: np.ndarray, y: np.ndarray, n_a: int, n_b: int, left_out: int, con
     return Comparison(
         "paired t", n_a, n_b, n, left_out, mean_a, mean_b, mean, _t_interval(mean, se, df, confidence), se, df,
         p_t, p_w, mean / sd, "d_z", (lam[0] / math.sqrt(n), lam[1] / math.sqrt(n)), minimum_detectable_effect(se, df),
+        p_perm=sign_flip_test(d),
     )
 
 
@@ -371,10 +393,13 @@ def holm(pvalues: Sequence[float]) -> list[float]:
 
 
 def adjust_holm(comparisons: Sequence[Comparison]) -> list[Comparison]:
-    """Copies of ``comparisons`` with ``p_t_holm`` and ``p_wilcoxon_holm`` over this family."""
+    """Copies of ``comparisons`` with ``p_t_holm``, ``p_perm_holm`` and ``p_wilcoxon_holm`` over
+    this family (each kind of test its own family)."""
     t = holm([c.p_t for c in comparisons])
     w = holm([c.p_wilcoxon for c in comparisons])
-    return [dataclasses.replace(c, p_t_holm=pt, p_wilcoxon_holm=pw) for c, pt, pw in zip(comparisons, t, w)]
+    perm = holm([c.p_perm for c in comparisons])
+    return [dataclasses.replace(c, p_t_holm=pt, p_wilcoxon_holm=pw, p_perm_holm=pp)
+            for c, pt, pw, pp in zip(comparisons, t, w, perm)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,104 +446,3 @@ def kendall_tau_ci(
     tail = (1 - confidence) / 2
     low, high = np.quantile(boots, [tail, 1 - tail])
     return tau, float(low), float(high)
-
-
-# --------------------------------------------------------------------------------------------
-# Jiang et al.'s granulated Kendall coefficient (for `flatness study`): τ over the models that
-# differ in one hyper-parameter axis only, averaged over the other axes' settings
-
-
-def kendall_tau(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
-    """Jiang et al.'s τ (τ_a: ties count 0) over the pairs of ``x`` and ``y``; NaN for < 2 items.
-
-    >>> kendall_tau([1, 2, 3, 4], [1, 3, 2, 4])  # 5 concordant pairs, 1 discordant, of 6
-    0.6666666666666666
-    """
-    a = np.asarray(x, dtype=float)
-    b = np.asarray(y, dtype=float)
-    if a.shape != b.shape or a.ndim != 1:
-        raise ValueError(f"x and y must be 1-d of one length, got {a.shape} and {b.shape}")
-    n = a.size
-    if n < 2:
-        return math.nan
-    s = np.sign(a[:, None] - a[None, :]) * np.sign(b[:, None] - b[None, :])
-    return float(s.sum() / (n * (n - 1)))
-
-
-@dataclass(frozen=True)
-class AxisCoefficient:
-    """ψ of one axis: the mean τ over its cells, the cells' τ, and an interval over cells."""
-
-    axis: str
-    value: float
-    low: float
-    high: float
-    cells: tuple[float, ...] = field(default=())
-
-    @property
-    def num_cells(self) -> int:
-        return len(self.cells)
-
-
-def granulated_kendall(
-    measure: Sequence[float],
-    target: Sequence[float],
-    settings: Sequence[Mapping[str, Any]],
-    axes: Sequence[str],
-    *,
-    resamples: int = 1000,
-    confidence: float = CONFIDENCE,
-    seed: int = 0,
-) -> dict[str, AxisCoefficient]:
-    """ψ_i per axis in ``axes``: the models are grouped by their ``settings`` on the other axes.
-
-    ``settings[k]`` holds model k's value on every axis (hashable values). Models whose measure
-    or target is not finite are left out. An axis with no cell of two or more models gets NaN.
-    The interval is a percentile bootstrap over the axis' cells (resampled with replacement,
-    from the generator :func:`flatness.probes.make_generator` gives for ``seed``).
-
-    >>> settings = [{"lr": lr, "wd": wd} for lr in (1, 2) for wd in (0, 1)]
-    >>> psi = granulated_kendall([1, 2, 3, 4], [1, 2, 4, 3], settings, ["lr", "wd"])
-    >>> psi["lr"].value, psi["wd"].value  # lr: both cells agree; wd: one cell each way
-    (1.0, 0.0)
-    """
-    import torch
-
-    from ...probes import make_generator
-
-    if not (len(measure) == len(target) == len(settings)):
-        raise ValueError("measure, target and settings must have one entry per model")
-    gen = make_generator(seed)
-    mu = np.asarray(measure, dtype=float)
-    g = np.asarray(target, dtype=float)
-    finite = [k for k in range(len(mu)) if math.isfinite(mu[k]) and math.isfinite(g[k])]
-    out: dict[str, AxisCoefficient] = {}
-    for axis in axes:
-        others = [a for a in axes if a != axis]
-        groups: dict[tuple[Any, ...], list[int]] = {}
-        for k in finite:
-            groups.setdefault(tuple(settings[k][a] for a in others), []).append(k)
-        cells = [
-            kendall_tau(mu[idx], g[idx])
-            for idx in groups.values()
-            if len({settings[k][axis] for k in idx}) >= 2
-        ]
-        if not cells:
-            out[axis] = AxisCoefficient(axis, math.nan, math.nan, math.nan)
-            continue
-        arr = np.asarray(cells)
-        if arr.size >= 2:
-            idx = torch.randint(0, arr.size, (resamples, arr.size), generator=gen).numpy()
-            means = arr[idx].mean(axis=1)
-            tail = (1 - confidence) / 2
-            low, high = (float(v) for v in np.quantile(means, [tail, 1 - tail]))
-        else:
-            low = high = math.nan
-        out[axis] = AxisCoefficient(axis, float(arr.mean()), low, high, tuple(float(c) for c in cells))
-    return out
-
-
-def mean_granulated(coefficients: Mapping[str, AxisCoefficient]) -> float:
-    """Ψ: the mean of ψ_i over the axes where it is defined (NaN if none is)."""
-    values = [c.value for c in coefficients.values() if math.isfinite(c.value)]
-    return float(np.mean(values)) if values else math.nan

@@ -6,13 +6,16 @@ A study trains a population of models of one task over a declared grid of hyper-
 Jiang et al.'s reference measures), and ranks the measures by how well they predict the
 generalisation gap (:mod:`flatness.experiments.reporting.study_report`).
 
-**Design.** The axes are learning rate ``lr``, batch size ``batch_size``, ``width`` (a factor on
-the task's hidden widths), ``weight_decay``, ``dropout``, ``method`` (a training method at one
-strength: ``none``, ``fa:0.1`` for λ = 0.1, ``sam:0.05`` for ρ = 0.05, ...) and ``seed``. The
-*plane* axes are crossed fully; the grid repeats that plane at the *centre* value of every
-other axis and at each *alternative* value of one other axis at a time (a star around the
-centre). Every axis thus has cells of models that differ in that axis only, which is what
-Jiang et al.'s granulated coefficient Ψ needs, at a fraction of the full factorial's cost.
+**Design** (Jiang et al. 2019). The hyper-parameter axes are learning rate ``lr``, batch size
+``batch_size``, ``width`` (a factor on an MLP's hidden widths, or a CNN's channel width),
+``weight_decay``, ``dropout`` and ``method`` (a training method at one strength: ``none``,
+``fa:0.1`` for λ = 0.1, ``sam:0.05`` for ρ = 0.05, ...). A grid crosses its *factors* fully (a
+factorial design: every combination), fixes the other axes, and trains every setting at every
+one of its *seeds*: the seeds are replicates, not an axis. Every model trains to the grid's
+stopping rule (Jiang et al.: training cross-entropy ≤ 0.01, at a constant learning rate, with
+an epoch cap; :class:`~flatness.experiments.world.tasks.TrainConfig` ``stop_train_loss``); a
+model that reaches the cap first is counted and left out, so the gap compares converged models
+rather than how far training got.
 
 **Runs** are ordinary runs of :mod:`flatness.experiments.running.runner` (same records, resumable,
 ``--jobs``, ``--shard``) in ``OUT/TASK/``; width and dropout travel as the runs' model settings
@@ -38,8 +41,8 @@ the three steps.
 
 Example:
     >>> from flatness.experiments.reporting.study import get_grid
-    >>> [len(get_grid(task, "full").entries()) for task in ("breast-cancer-mlp", "cifar100-mlp")]
-    [180, 90]
+    >>> [len(get_grid(task, "crossed").entries()) for task in ("cifar100-mlp", "cifar100-resnet")]
+    [64, 32]
 """
 
 from __future__ import annotations

@@ -1,20 +1,24 @@
 r"""Tables and plots of a study (:mod:`flatness.experiments.reporting.study`), written into ``OUT/TASK/study/GRID/``.
 
-* ``ranking.md`` / ``ranking.csv`` / ``ranking.json`` — one row per measure: Kendall's τ_b with the
-  accuracy gap (train − test, eval mode, from the run records), with test accuracy and with the
-  loss gap (test − train), each with a
-  bootstrap 95% interval resampling the models; Jiang et al.'s granulated coefficient ψ per
-  axis (models differing in that axis only, averaged over the other axes' settings; interval
-  resampling the cells) and its mean Ψ over the varied axes
-  (:mod:`flatness.experiments.reporting.stats`). Measures are oriented as complexities (larger = sharper
-  or more complex: 1/margin², 1/σ² rather than margin or σ), so τ > 0 means "predicts a larger
-  gap". Rows are sorted by τ with the accuracy gap.
-* ``population.csv`` — every model: its axis values, accuracies, losses, gaps and measures.
+* ``ranking.md`` / ``ranking.csv`` / ``ranking.json`` — one row per measure, with one τ
+  throughout, Kendall's τ_a (:mod:`.rank_stats`): τ with each target (the accuracy gap
+  train − test, test accuracy, the loss gap test − train; targets are data,
+  :data:`TARGETS`), the conditional τ with the primary target given the training loss
+  (Kendall's partial τ: what the measure says beyond how well a model fits), Jiang et al.'s
+  granulated ψ per hyper-parameter axis and Ψ, their mean over those axes (the seed is a
+  replicate, not an axis). Every interval is a 95 % crossed bootstrap resampling the
+  hyper-parameter settings and the seeds (models sharing a seed are not independent).
+  Measures are oriented as complexities (larger = sharper or more complex: 1/margin², 1/σ²
+  rather than margin or σ), so τ > 0 means "predicts a larger gap". Rows are sorted by τ with
+  the primary target. Only models that met the grid's stopping rule enter; the others are
+  counted (``population.json``: ``missed``).
+* ``population.csv`` — every measured model: its axis values, seed, epochs, accuracies, losses,
+  gaps and measures.
 * ``scatter_AXIS.png`` — each measure against the accuracy gap, coloured by one varied axis.
 * ``plane.md`` / ``plane.png`` — Geng et al.'s Fig. 2 from the same population: per method
   strength, the fraction of its models (each a point of a learning-rate × weight-decay plane)
   whose test accuracy reaches each threshold (the 10/25/50/75/90th percentiles of the
-  population's test accuracy), pooled over the planes at the centre and at the alternatives.
+  population's test accuracy), pooled over the other axes.
 * ``reparam.md`` / ``reparam.json`` (``--reparam``) — Dinh et al.'s rescaling of one model: each
   measure before and after α = 10 and α = 0.1 (:func:`flatness.measures.reparametrization_check`).
 """
@@ -33,12 +37,7 @@ import numpy as np
 
 from ...utils import atomic_write_bytes
 from ..running.record import read_record, write_json
-from .stats import (
-    AxisCoefficient,
-    granulated_kendall,
-    kendall_tau_ci,
-    mean_granulated,
-)
+from .rank_stats import AxisCoefficient, crossed_partial_tau, crossed_tau, granulated_kendall, mean_granulated
 from ..running.study_population import (
     AXES,
     STUDY_MEASURES,
@@ -77,14 +76,17 @@ RANKED: tuple[tuple[str, str], ...] = (
     ("pacbayes_mag_init", "PAC-Bayes mag. bound (init)"),
     ("loss", "training loss (measure data)"),
 )
+# (key, label) of the generalisation targets, keys of a row's "generalization"; the first is
+# the primary one (ψ, Ψ and the conditional τ are computed for it).
 TARGETS: tuple[tuple[str, str], ...] = (("gap_acc", "accuracy gap"), ("test_acc", "test accuracy"),
                                         ("gap_loss", "loss gap"))
+COVARIATE = "train_loss"  # the conditional τ holds the fit fixed
 SHORT = {"lr": "lr", "batch_size": "B", "width": "width", "weight_decay": "wd", "dropout": "dropout",
          "method": "method", "seed": "seed"}
 
 
 def varied_axes(population: Population) -> list[str]:
-    """The axes that take two or more values in the population."""
+    """The hyper-parameter axes that take two or more values in the population (never the seed)."""
     return [a for a in AXES if len({r["settings"][a] for r in population.rows}) > 1]
 
 
@@ -93,32 +95,49 @@ def _column(population: Population, key: str) -> np.ndarray:
 
 
 def _target(population: Population, key: str) -> np.ndarray:
-    return np.asarray([r["generalization"][key] for r in population.rows], dtype=float)
+    return np.asarray([r["generalization"].get(key, math.nan) for r in population.rows], dtype=float)
 
 
-def rank_measures(population: Population, resamples: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
-    """One entry per measure present in ≥ 3 models: τ with each target (interval), ψ per axis, Ψ."""
+def _seeds(population: Population) -> list[Any]:
+    return [r["settings"].get("seed", 0) for r in population.rows]
+
+
+def rank_measures(
+    population: Population,
+    resamples: int = 1000,
+    seed: int = 0,
+    measures: Sequence[tuple[str, str]] = RANKED,
+    targets: Sequence[tuple[str, str]] = TARGETS,
+) -> list[dict[str, Any]]:
+    """One entry per measure present in ≥ 3 models: τ_a with each target, the conditional τ with
+    the primary (first) target given the training loss, ψ per axis and Ψ, each with its crossed
+    bootstrap interval (settings × seeds)."""
     axes = varied_axes(population)
     settings = [r["settings"] for r in population.rows]
-    gap = _target(population, "gap_acc")
+    seeds = _seeds(population)
+    primary = targets[0][0]
+    main = _target(population, primary)
+    fit = _target(population, COVARIATE)
+    common = {"resamples": resamples, "seed": seed}
     rows = []
-    for key, label in RANKED:
+    for key, label in measures:
         values = _column(population, key)
         if np.isfinite(values).sum() < 3:
             continue
         entry: dict[str, Any] = {"measure": key, "label": label, "models": int(np.isfinite(values).sum())}
-        finite = np.isfinite(values)
-        for target, _ in TARGETS:
-            tau = kendall_tau_ci(values[finite], _target(population, target)[finite], resamples, seed)
-            entry[f"tau_{target}"], entry[f"tau_{target}_low"], entry[f"tau_{target}_high"] = tau
-        psi: dict[str, AxisCoefficient] = granulated_kendall(values, gap, settings, axes,
-                                                              resamples=resamples, seed=seed)
+        for target, _ in targets:
+            tau = crossed_tau(values, _target(population, target), settings, seeds, axes, **common)
+            entry[f"tau_{target}"], entry[f"tau_{target}_low"], entry[f"tau_{target}_high"] = tau.value, tau.low, tau.high
+        cond = crossed_partial_tau(values, main, fit, settings, seeds, axes, **common)
+        entry["ctau"], entry["ctau_low"], entry["ctau_high"] = cond.value, cond.low, cond.high
+        psi: dict[str, AxisCoefficient] = granulated_kendall(values, main, settings, axes, seeds=seeds, **common)
         for axis, c in psi.items():
             entry[f"psi_{axis}"], entry[f"psi_{axis}_low"], entry[f"psi_{axis}_high"] = c.value, c.low, c.high
             entry[f"psi_{axis}_cells"] = c.num_cells
-        entry["psi_mean"] = mean_granulated(psi)
+        big_psi = mean_granulated(psi)
+        entry["psi_mean"], entry["psi_mean_low"], entry["psi_mean_high"] = big_psi.value, big_psi.low, big_psi.high
         rows.append(entry)
-    rows.sort(key=lambda e: -e["tau_gap_acc"] if math.isfinite(e["tau_gap_acc"]) else math.inf)
+    rows.sort(key=lambda e: -e[f"tau_{primary}"] if math.isfinite(e[f"tau_{primary}"]) else math.inf)
     return rows
 
 
@@ -144,14 +163,41 @@ def _fmt(value: float, low: float | None = None, high: float | None = None) -> s
     return text
 
 
-def _gap_vs_accuracy(gap: np.ndarray, acc: np.ndarray) -> str:
-    """How the two targets relate in this population: read every τ below against it."""
-    tau, low, high = kendall_tau_ci(gap, acc)
-    text = f"Kendall τ_b between the accuracy gap and test accuracy: {_fmt(tau, low, high)}"
-    if math.isfinite(low) and low > 0:
-        text += (" — here a larger gap goes with higher test accuracy: a measure of how closely a "
-                 "model fits its training set predicts both")
-    return text + "."
+def _relations(population: Population) -> str:
+    """How the targets relate to each other and to the fit here: read every τ below against it."""
+    axes = varied_axes(population)
+    settings, seeds = [r["settings"] for r in population.rows], _seeds(population)
+    gap, acc, fit = (_target(population, k) for k in ("gap_acc", "test_acc", COVARIATE))
+    pairs = [("the accuracy gap and test accuracy", gap, acc), ("the accuracy gap and the training loss", gap, fit)]
+    parts = []
+    for what, x, y in pairs:
+        t = crossed_tau(x, y, settings, seeds, axes)
+        parts.append(f"τ between {what}: {_fmt(t.value, t.low, t.high)}")
+    return "Kendall " + "; ".join(parts) + "."
+
+
+def _design_lines(population: Population, grid: StudyGrid) -> list[str]:
+    seeds = sorted({r["settings"].get("seed", 0) for r in population.rows})
+    cells = len(grid.settings())
+    rule = []
+    if grid.protocol.get("stop_train_loss") is not None:
+        rule.append(f"training cross-entropy ≤ {grid.protocol['stop_train_loss']:g}")
+    if grid.protocol.get("stop_train_acc") is not None:
+        rule.append(f"training accuracy ≥ {grid.protocol['stop_train_acc']:g}")
+    subset = grid.protocol.get("train_subset")
+    lines = [
+        f"Design: {' × '.join(f'{SHORT[a]} {list(v)}' for a, v in grid.factors.items())} crossed "
+        f"({cells} settings) × seeds {list(grid.seeds)} as replicates = {cells * len(grid.seeds)} models. "
+        f"Fixed: {', '.join(f'{SHORT[a]} = {v}' for a, v in grid.fixed.items())}."
+        + (f" Training subset: {subset:,} images (fixed, stratified)." if subset else ""),
+        ("Stopping rule: " + " or ".join(rule) + f" (eval mode, whole training set), cap "
+         f"{grid.protocol.get('epochs', '?')} epochs; " if rule else "No stopping rule: every model at the cap; ")
+        + f"{len(population.rows)} models met it and are measured, {len(population.missed)} reached the cap "
+        f"first and are left out" + (f" ({', '.join(population.missed)})" if population.missed else "")
+        + f", {len(population.failed)} diverged" + (f" ({', '.join(population.failed)})" if population.failed else "")
+        + (f". Seeds present: {seeds}." if seeds else "."),
+    ]
+    return lines
 
 
 def _markdown(population: Population, grid: StudyGrid, ranking: list[dict[str, Any]],
@@ -160,48 +206,52 @@ def _markdown(population: Population, grid: StudyGrid, ranking: list[dict[str, A
     rows = population.rows
     acc = _target(population, "test_acc")
     gap = _target(population, "gap_acc")
+    fit = _target(population, COVARIATE)
+    epochs = [r.get("epochs", 0) for r in rows]
     lines = [
         f"# Flatness study: {population.task}, grid `{grid.name}`",
         "",
         f"{grid.description}. Protocol overrides: {json.dumps(grid.protocol) if grid.protocol else 'none'}.",
-        f"{len(rows)} models measured; {len(population.failed)} runs failed (diverged)"
-        + (f": {', '.join(population.failed)}" if population.failed else "") + ".",
+        *_design_lines(population, grid),
         f"Test accuracy {acc.min():.4f} to {acc.max():.4f}; accuracy gap (train − test, eval mode) "
-        f"{gap.min():+.4f} to {gap.max():+.4f}.",
-        _gap_vs_accuracy(gap, acc),
+        f"{gap.min():+.4f} to {gap.max():+.4f}; training loss {fit.min():.4f} to {fit.max():.4f}; "
+        f"epochs {min(epochs)} to {max(epochs)}.",
+        _relations(population),
         f"Time: training {population.train_seconds:.0f} s (sum of the run records), measuring "
         f"{population.measure_seconds:.0f} s.",
         "",
-        "Kendall's τ_b between each measure and the accuracy gap, test "
-        "accuracy and loss gap (test − train), with bootstrap 95% intervals over models; ψ per axis: τ "
-        "with the accuracy gap over models differing in that axis only, averaged over the other axes' "
-        "settings (τ_a within a cell: a tie counts 0; interval over cells); Ψ: mean of the ψ. τ > 0 with a gap: the measure predicts a "
-        "larger gap; τ > 0 with test accuracy: larger values go with higher test accuracy.",
+        "One τ throughout: Kendall's τ_a (the mean over pairs of distinct models of sign(Δ measure)·"
+        "sign(Δ target); a tie counts 0). *τ*: with the accuracy gap, test accuracy and the loss gap "
+        "(test − train). *τ | fit*: Kendall's partial τ with the accuracy gap given the training loss "
+        "(what the measure says beyond how well a model fits). *ψ* per axis: τ with the accuracy gap "
+        "over the models that differ in that axis only (same other settings, same seed), averaged over "
+        "those cells; *Ψ*: the mean of the ψ over the hyper-parameter axes (the seed is a replicate). "
+        "Brackets: 95 % crossed bootstrap intervals resampling the hyper-parameter settings and the "
+        "seeds. τ > 0 with a gap: the measure predicts a larger gap; with test accuracy: larger values "
+        "go with higher test accuracy.",
         "",
     ]
-    head = ["measure", "τ gap", "τ test acc", "τ loss gap", *[f"ψ {SHORT[a]}" for a in axes], "Ψ"]
+    head = ["measure", "τ gap", "τ test acc", "τ loss gap", "τ gap | fit", *[f"ψ {SHORT[a]}" for a in axes], "Ψ"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in ranking:
         cells = [e["label"]]
         for target, _ in TARGETS:
             cells.append(_fmt(e[f"tau_{target}"], e[f"tau_{target}_low"], e[f"tau_{target}_high"]))
+        cells.append(_fmt(e["ctau"], e["ctau_low"], e["ctau_high"]))
         cells += [_fmt(e[f"psi_{a}"], e[f"psi_{a}_low"], e[f"psi_{a}_high"]) for a in axes]
-        cells.append(_fmt(e["psi_mean"]))
+        cells.append(_fmt(e["psi_mean"], e["psi_mean_low"], e["psi_mean_high"]))
         lines.append("| " + " | ".join(cells) + " |")
     if ranking:
         cells = {a: ranking[0][f"psi_{a}_cells"] for a in axes}
-        lines += ["", "Cells per axis (pairs or groups of models differing in that axis only): "
+        lines += ["", "Cells per axis (groups of models differing in that axis only, per seed): "
                   + ", ".join(f"{SHORT[a]} {n}" for a, n in cells.items()) + "."]
-    fixed = [a for a in AXES if a not in axes]
-    if fixed:
-        lines.append("Not varied here: " + ", ".join(f"{SHORT[a]} = {rows[0]['settings'][a]}" for a in fixed) + ".")
     if population.errors:
         failed = sorted({m for errs in population.errors.values() for m in errs})
         lines.append(f"Measures that failed on some models (left out there): {', '.join(failed)} "
                      f"({len(population.errors)} models; reasons in population.json).")
     lines += ["", "## Share of the learning-rate × weight-decay plane above test-accuracy thresholds",
               "", "(Geng et al.'s Fig. 2: the share of each method strength's models, i.e. of its lr × wd "
-              "plane pooled over the centre and the alternative settings of the other axes, whose test "
+              "plane pooled over the settings of the other axes and the seeds, whose test "
               "accuracy reaches each threshold; thresholds: the 10/25/50/75/90th percentiles of the "
               "population's test accuracy.)", ""]
     head = ["method", "models", *[f"≥ {t:.4f}" for t in plane["thresholds"]]]
@@ -222,7 +272,7 @@ def _csv(rows: list[dict[str, Any]]) -> str:
 
 def _population_rows(population: Population) -> list[dict[str, Any]]:
     keys = [k for k, _ in RANKED]
-    return [{"name": r["name"], **r["settings"], **r["generalization"],
+    return [{"name": r["name"], **r["settings"], "epochs": r.get("epochs", ""), **r["generalization"],
              **{k: r["measures"].get(k, "") for k in keys}} for r in population.rows]
 
 
@@ -298,7 +348,8 @@ def write_study_report(
     write_json(directory / "ranking.json", {
         "format": "flatness-study", "task": population.task, "grid": grid.name,
         "description": grid.description, "protocol": grid.protocol, "axes": varied_axes(population),
-        "resamples": resamples, "measures": ranking, "plane": plane,
+        "seeds": list(grid.seeds), "tau": "tau_a", "interval": "crossed bootstrap over settings and seeds",
+        "missed": population.missed, "resamples": resamples, "measures": ranking, "plane": plane,
     })
     write_json(directory / "population.json", population.as_dict())
     if plots:

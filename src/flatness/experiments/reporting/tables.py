@@ -133,8 +133,9 @@ def comparison_table(head: str, rows: Sequence[tuple[str, Comparison]], digits: 
     """Markdown lines: one row per comparison (label, comparison) with every statistic."""
     level = f"{CONFIDENCE:.0%}"
     out = [
-        f"| {head} | n | Δ ({level} CI) | effect ({level} CI) | p t | p t Holm | p Wilcoxon | p Wilcoxon Holm | MDE |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| {head} | n | Δ ({level} CI) | effect ({level} CI) | p t | p t Holm | p perm | p perm Holm "
+        "| p Wilcoxon | p Wilcoxon Holm | MDE |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, c in rows:
         n = f"{c.n_pairs} pairs" if c.paired else f"{c.n_a} vs {c.n_b}"
@@ -146,9 +147,10 @@ def comparison_table(head: str, rows: Sequence[tuple[str, Comparison]], digits: 
         else:
             effect = "n/a"
         if math.isfinite(c.p_t):
-            ps = [fmt_p(c.p_t), fmt_p(c.p_t_holm), fmt_p(c.p_wilcoxon), fmt_p(c.p_wilcoxon_holm)]
+            ps = [fmt_p(c.p_t), fmt_p(c.p_t_holm), fmt_p(c.p_perm), fmt_p(c.p_perm_holm),
+                  fmt_p(c.p_wilcoxon), fmt_p(c.p_wilcoxon_holm)]
         else:
-            ps = [f"n/a: {c.note}", "n/a", "n/a", "n/a"]
+            ps = [f"n/a: {c.note}", "n/a", "n/a", "n/a", "n/a", "n/a"]
         mde = "n/a" if not math.isfinite(c.mde) else f"{c.mde:.{digits}f}"
         out.append("| " + " | ".join([label, n, delta, effect, *ps, mde]) + " |")
     return out
@@ -175,10 +177,11 @@ def comparison_note(
         pairs = sorted({c.n_pairs for c in paired})
         parts.append(
             "Runs are paired by seed (same seed: same initial weights and data order); Δ is the mean "
-            "of the per-seed differences. *p t*: paired t-test; *p Wilcoxon*: Wilcoxon signed-rank "
+            "of the per-seed differences. *p t*: paired t-test; *p perm*: exact sign-flip permutation "
+            "test of the mean difference (all 2^n sign patterns); *p Wilcoxon*: Wilcoxon signed-rank "
             "test on the differences"
-            + (f" (with {pairs[0]} pairs its two-sided p cannot fall below {min(1.0, 2.0 ** (1 - pairs[0])):.2g})"
-               if len(pairs) == 1 and 1 < pairs[0] <= 10 else "")
+            + (f" (with {pairs[0]} pairs neither exact test's two-sided p can fall below "
+               f"{min(1.0, 2.0 ** (1 - pairs[0])):.2g})" if len(pairs) == 1 and 1 < pairs[0] <= 20 else "")
             + ". *Effect* d_z: mean difference over the SD of the differences."
         )
     if len(paired) < len(comparisons):

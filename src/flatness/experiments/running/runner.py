@@ -220,6 +220,9 @@ def execute_run(
             shard=None if dist_ctx is None else (dist_ctx.rank, dist_ctx.world_size),
             min_batch=world,
             augment=task.augment if config.augment else None,
+            # a run with a stopping rule checks it on the training split every epoch, and
+            # evaluates the rest (and measures the curvature curve) once, when it stops
+            evaluate_every_epoch=config.reached_stop(None, None) is None,
         )
     except (TrainingDiverged, FloatingPointError) as exc:
         if not is_main:
@@ -231,10 +234,12 @@ def execute_run(
         return None
     measurements = measure_final(model, task, splits, config)  # fields, or else extras
     epochs = history.epochs
-    test = [e["test_acc"] for e in epochs]
+    evaluated = [i for i, e in enumerate(epochs) if "test_acc" in e]  # all, unless a stopping rule
+    test = [e.get("test_acc") for e in epochs]
     val = [e.get("val_acc") for e in epochs]
-    best_epoch = max(range(len(test)), key=lambda i: test[i])
-    chosen = max(range(len(val)), key=lambda i: val[i]) if all(v is not None for v in val) else None
+    best_epoch = max(evaluated, key=lambda i: test[i])
+    has_val = all(val[i] is not None for i in evaluated)
+    chosen = max(evaluated, key=lambda i: val[i]) if has_val else None
     last = epochs[-1]
     record = dataclasses.replace(
         base,
@@ -252,7 +257,7 @@ def execute_run(
         **{k: v for k, v in measurements.items() if k in RECORD_FIELDS},
         extras={k: v for k, v in measurements.items() if k not in RECORD_FIELDS},
         avg_train_sq_trace_per_B=_avg_train_flatness(epochs, config.batch_size),
-        avg_epoch_sq_trace_per_B=sum(e["sq_trace_per_B"] for e in epochs) / len(epochs),
+        avg_epoch_sq_trace_per_B=sum(epochs[i]["sq_trace_per_B"] for i in evaluated) / len(evaluated),
         train_seconds=history.train_seconds,
         seconds_per_epoch=history.train_seconds / len(epochs),
         eval_seconds=history.eval_seconds,

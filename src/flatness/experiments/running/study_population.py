@@ -10,7 +10,7 @@ Example:
     >>> grid = get_grid("breast-cancer-mlp", "small")
     >>> entries = grid.entries()
     >>> len(entries), sorted(entries[0][1])
-    (8, ['batch_size', 'dropout', 'lr', 'method', 'seed', 'weight_decay', 'width'])
+    (16, ['batch_size', 'dropout', 'lr', 'method', 'seed', 'weight_decay', 'width'])
 """
 
 from __future__ import annotations
@@ -43,13 +43,15 @@ __all__ = [
     "get_grid",
     "parse_method_label",
     "generalization",
+    "reached_stopping_rule",
     "measurement_inputs",
     "measure_run",
     "Population",
     "collect_population",
 ]
 
-AXES: tuple[str, ...] = ("lr", "batch_size", "width", "weight_decay", "dropout", "method", "seed")
+# The hyper-parameter axes of a study; the seed is a replicate, not an axis.
+AXES: tuple[str, ...] = ("lr", "batch_size", "width", "weight_decay", "dropout", "method")
 MEASURE_BATCH = 1024  # memory only: one batch for breast-cancer, fewer Python passes
 # Study-sized options (the CLI defaults of `flatness measure` cost ~3x more on CIFAR-100)
 STUDY_OPTIONS: dict[str, Any] = {
@@ -57,7 +59,7 @@ STUDY_OPTIONS: dict[str, Any] = {
     "noise_samples": 10, "divergence_samples": 5, "pacbayes_samples": 10,
 }
 STUDY_MEASURES: tuple[str, ...] = tuple(MEASURES)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the magnitude-aware PAC-Bayes init bound centred consistently
 
 
 def parse_method_label(label: str) -> tuple[str, float | None]:
@@ -81,104 +83,127 @@ def parse_method_label(label: str) -> tuple[str, float | None]:
 
 @dataclass(frozen=True)
 class StudyGrid:
-    """A population: ``plane`` axes crossed fully, at ``centre`` and at each of ``alternatives``.
+    """A population: the ``factors`` crossed fully (a factorial design), every model at every seed.
 
-    ``protocol`` overrides the task's training protocol for every run (e.g. fewer epochs).
+    ``factors`` maps hyper-parameter axes (:data:`AXES`) to two or more values; ``fixed`` gives
+    every other axis its one value; ``seeds`` are replicates of every setting. ``protocol``
+    overrides the task's training protocol for every run (e.g. a training subset and the
+    stopping rule ``stop_train_loss``). ``architecture``: for image tasks, the model name as a
+    template of the axes (``"resnet8-w{width}"``: ``width`` is then a channel width); MLP tasks
+    scale their hidden widths by ``width`` and set ``dropout``.
     """
 
     name: str
     task: str
-    plane: dict[str, tuple[Any, ...]]
-    centre: dict[str, Any]
-    alternatives: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    factors: dict[str, tuple[Any, ...]]
+    fixed: dict[str, Any]
+    seeds: tuple[int, ...] = (0,)
     protocol: dict[str, Any] = field(default_factory=dict)
+    architecture: str = ""
     description: str = ""
 
-    def layers(self) -> list[dict[str, Any]]:
-        """The centre, then the centre with one axis at one alternative value, in order."""
-        out = [dict(self.centre)]
-        for axis, values in self.alternatives.items():
-            out += [{**self.centre, axis: v} for v in values if v != self.centre[axis]]
-        return out
+    def check(self) -> None:
+        """``FlatnessError`` naming what is wrong with the design."""
+        both = sorted(set(self.factors) & set(self.fixed))
+        missing = [a for a in AXES if a not in self.factors and a not in self.fixed]
+        unknown = sorted((set(self.factors) | set(self.fixed)) - set(AXES))
+        thin = [a for a, values in self.factors.items() if len(set(values)) < 2]
+        problems = [(both, "both crossed and fixed"), (missing, "given no value"), (unknown, "not study axes"),
+                    (thin, "crossed with fewer than two values")]
+        for names, what in problems:
+            if names:
+                raise FlatnessError(f"grid {self.name!r}: axes {names} {what}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise FlatnessError(f"grid {self.name!r}: seeds must be distinct and at least one, got {self.seeds}")
+
+    def settings(self) -> list[dict[str, Any]]:
+        """Every hyper-parameter setting of the design (without the seed), in a fixed order."""
+        axes = list(self.factors)
+        return [{**self.fixed, **dict(zip(axes, combo))} for combo in itertools.product(*self.factors.values())]
 
     def entries(self) -> list[tuple[RunSpec, dict[str, Any]]]:
-        """Every model of the population: its run spec and its value on every axis."""
-        missing = [a for a in AXES if a not in self.plane and a not in self.centre]
-        if missing:
-            raise FlatnessError(f"grid {self.name!r} gives no value for axes {missing}")
-        task = get_task(self.task)
-        hidden = task.model_defaults.get("hidden")
-        if hidden is None or "dropout" not in task.model_defaults:
-            raise FlatnessError(f"flatness study needs a task with hidden widths and dropout, not {self.task}")
-        out: list[tuple[RunSpec, dict[str, Any]]] = []
-        names: set[str] = set()
-        plane_axes = list(self.plane)
-        for layer in self.layers():
-            for combo in itertools.product(*(self.plane[a] for a in plane_axes)):
-                settings = {**layer, **dict(zip(plane_axes, combo))}
-                spec = self._spec(settings, hidden)
-                if spec.name not in names:  # a layer may repeat the centre's models
-                    names.add(spec.name)
-                    out.append((spec, {a: settings[a] for a in AXES}))
+        """Every model of the population: its run spec and its settings (every axis and ``seed``)."""
+        self.check()
+        out = []
+        for settings in self.settings():
+            for seed in self.seeds:
+                out.append((self._spec(settings, seed), {**{a: settings[a] for a in AXES}, "seed": seed}))
         return out
 
-    def _spec(self, s: dict[str, Any], hidden: Sequence[int]) -> RunSpec:
+    def _spec(self, s: dict[str, Any], seed: int) -> RunSpec:
+        task = get_task(self.task)
         method, value = parse_method_label(s["method"])
         overrides = {**self.protocol, "lr": s["lr"], "batch_size": s["batch_size"],
                      "weight_decay": s["weight_decay"]}
-        widths = [max(1, round(s["width"] * h)) for h in hidden]
-        (spec,) = build_grid(self.task, method, None if value is None else [value], [s["seed"]],
-                             config_overrides=overrides,
-                             model_kwargs={"hidden": widths, "dropout": s["dropout"]})
+        model_kwargs: dict[str, Any] = {}
+        if self.architecture:
+            overrides["model"] = self.architecture.format(**s)
+            if s["dropout"] not in (None, 0, 0.0):
+                raise FlatnessError(f"grid {self.name!r}: {self.task} models have no dropout setting")
+        else:
+            hidden = task.model_defaults.get("hidden")
+            if hidden is None or "dropout" not in task.model_defaults:
+                raise FlatnessError(f"flatness study needs an MLP task (hidden widths, dropout) or an "
+                                    f"architecture template, not {self.task}")
+            model_kwargs = {"hidden": [max(1, round(s["width"] * h)) for h in hidden], "dropout": s["dropout"]}
+        (spec,) = build_grid(self.task, method, None if value is None else [value], [seed],
+                             config_overrides=overrides, model_kwargs=model_kwargs)
         return spec
 
 
 _BREAST = "breast-cancer-mlp"
 _CIFAR = "cifar100-mlp"
-# CPU-sized CIFAR-100 protocol: 4 epochs (1 warm-up, cosine) instead of 10. Sizing (2 cores):
-# a 4-epoch run is about 27 s (none), 41 s (fa), 53 s (sam) at one thread, from the committed
-# 10-epoch records (5.5 / 9.0 / 12 s per epoch, ~1 s per epoch of evaluation); measuring one
-# model (every study measure, timed against training steps of `none` at B = 128 in the same
-# one-thread process) cost as much as 2,067 such steps, about 36 s at the records' 17 ms per
-# step. 90 models: about 26 min of training with --jobs 2 and at most 55 min of measuring.
-# Learning rates stop at the tuned 1e-3: 2e-3 is unstable for this MLP (results/cifar100-mlp/tuning).
-_CIFAR_PROTOCOL = {"epochs": 4, "warmup_epochs": 1.0}
+_CNN = "cifar100-resnet"
+# Jiang et al.'s stopping rule: train until the eval-mode training cross-entropy (on the whole
+# training subset) is <= 0.01, at a constant learning rate, with an epoch cap; a model that
+# reaches the cap first is counted and left out of the statistics (population.missed).
+STOP_RULE: dict[str, Any] = {"stop_train_loss": 0.01, "schedule": "constant", "warmup_epochs": 0.0,
+                             "train_eval_samples": None}
+# Training subsets sized for one CPU core (measured in results/*/study/crossed/ranking.md).
+_CIFAR_STUDY = {**STOP_RULE, "train_subset": 5000, "epochs": 100}
+_CNN_STUDY = {**STOP_RULE, "train_subset": 2500, "epochs": 100, "augment": False}
 GRIDS: dict[tuple[str, str], StudyGrid] = {
     (_BREAST, "small"): StudyGrid(
         "small", _BREAST,
-        plane={"lr": (1e-3, 3e-3), "weight_decay": (0.0, 1e-3), "method": ("none", "fa:0.1")},
-        centre={"batch_size": 32, "width": 0.25, "dropout": 0.3, "seed": 0},
-        protocol={"epochs": 5},
-        description="the CI grid: 2 lr x 2 weight decay x 2 methods, width 0.25, 5 epochs (8 models)",
+        factors={"lr": (1e-3, 3e-3), "weight_decay": (0.0, 1e-3), "method": ("none", "fa:0.1")},
+        fixed={"batch_size": 32, "width": 0.25, "dropout": 0.3},
+        seeds=(0, 1),
+        protocol={"epochs": 5, "stop_train_acc": 0.9},
+        description="the CI grid: 2 lr x 2 weight decay x 2 methods x 2 seeds, width 0.25, stopping at "
+                    "training accuracy 0.9 (cap 5 epochs; 16 models)",
     ),
-    (_BREAST, "full"): StudyGrid(
-        "full", _BREAST,
-        plane={"lr": (3e-4, 1e-3, 3e-3), "weight_decay": (0.0, 1e-3, 1e-2),
-               "method": ("none", "fa:0.01", "fa:1", "sam:0.05")},
-        centre={"batch_size": 32, "width": 1.0, "dropout": 0.3, "seed": 0},
-        alternatives={"batch_size": (128,), "width": (0.25,), "dropout": (0.0,), "seed": (1,)},
-        description="3 lr x 3 weight decay x 4 methods, at the centre and at one other batch size, "
-                    "width, dropout and seed (180 models), the task's 50-epoch protocol",
+    (_CIFAR, "crossed"): StudyGrid(
+        "crossed", _CIFAR,
+        factors={"lr": (5e-4, 1e-3), "batch_size": (64, 256), "width": (0.5, 1.0),
+                 "weight_decay": (0.0, 5e-4), "method": ("none", "fa:0.1")},
+        fixed={"dropout": 0.0},
+        seeds=(0, 1),
+        protocol=_CIFAR_STUDY,
+        description="2 lr x 2 batch sizes x 2 widths x 2 weight decays x 2 methods (none, FA λ = 0.1), "
+                    "crossed, x 2 seeds (64 models), each on a fixed 5,000-image training subset until "
+                    "its training cross-entropy is <= 0.01 (constant lr, cap 100 epochs)",
     ),
-    (_CIFAR, "full"): StudyGrid(
-        "full", _CIFAR,
-        plane={"lr": (2.5e-4, 5e-4, 1e-3), "weight_decay": (0.0, 5e-4),
-               "method": ("none", "fa:0.1", "sam:0.05")},
-        centre={"batch_size": 128, "width": 1.0, "dropout": 0.3, "seed": 0},
-        alternatives={"batch_size": (512,), "width": (0.5,), "dropout": (0.0,), "seed": (1,)},
-        protocol=_CIFAR_PROTOCOL,
-        description="CPU-sized: 3 lr x 2 weight decay x 3 methods, at the centre and at one other "
-                    "batch size, width, dropout and seed (90 models), 4 epochs (1 warm-up, cosine)",
+    (_CNN, "crossed"): StudyGrid(
+        "crossed", _CNN,
+        factors={"lr": (0.02, 0.05), "batch_size": (64, 128), "width": (8, 16), "weight_decay": (0.0, 5e-4)},
+        fixed={"dropout": 0.0, "method": "none"},
+        seeds=(0, 1),
+        protocol=_CNN_STUDY,
+        architecture="resnet8-w{width}",
+        description="ResNet-8 (option A): 2 lr x 2 batch sizes x 2 widths (8, 16 channels) x 2 weight "
+                    "decays, crossed, x 2 seeds (32 models), SGD momentum 0.9, no augmentation, each on "
+                    "a fixed 2,500-image training subset until its training cross-entropy is <= 0.01 "
+                    "(constant lr, cap 100 epochs)",
     ),
 }
 
 
 def get_grid(task: str, name: str | None = None) -> StudyGrid:
-    """The declared grid ``name`` of ``task`` (default: ``small`` if it has one, else ``full``);
+    """The declared grid ``name`` of ``task`` (default: ``small`` if it has one, else ``crossed``);
     ``FlatnessError`` listing the grids otherwise."""
     get_task(task)
     if name is None:
-        name = "small" if (task, "small") in GRIDS else "full"
+        name = "small" if (task, "small") in GRIDS else "crossed"
     if (task, name) not in GRIDS:
         known = sorted(g for t, g in GRIDS if t == task)
         raise FlatnessError(f"no study grid {name!r} for {task}; known: {', '.join(known) or 'none'}")
@@ -318,11 +343,12 @@ class Population:
 
     task: str
     grid: str
-    rows: list[dict[str, Any]]  # name, settings, generalisation, measures
-    failed: list[str]
+    rows: list[dict[str, Any]]  # name, settings (with seed), generalisation, measures, epochs
+    failed: list[str]  # diverged
     errors: dict[str, dict[str, str]]  # run name -> measure -> message
     measure_seconds: float
     train_seconds: float
+    missed: list[str] = field(default_factory=list)  # complete, but stopped by the epoch cap
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -342,7 +368,7 @@ def collect_population(
 
     directory = out_root / grid.task
     cache = directory / "study" / "measures"
-    rows, failed, errors = [], [], {}
+    rows, failed, missed, errors = [], [], [], {}
     measure_seconds = train_seconds = 0.0
     for spec, settings in tqdm(entries, desc="measures", unit="model", leave=False, disable=not progress):
         record = read_record(directory / f"{spec.name}.json")
@@ -351,14 +377,23 @@ def collect_population(
         if not record.complete:
             failed.append(spec.name)
             continue
+        train_seconds += float(record.total_seconds or 0.0)
+        if reached_stopping_rule(record) is False:
+            missed.append(spec.name)  # counted, not measured: its gap is not the converged one
+            continue
         measured = measure_run(record, directory, cache, data_dir, download)
         measure_seconds += float(measured.get("seconds") or 0.0)
-        train_seconds += float(record.total_seconds or 0.0)
         values = dict(measured["values"])
         if record.measured_sq_trace_per_B is not None:
             values["measured_sq_trace_per_B"] = float(record.measured_sq_trace_per_B)
         if measured["errors"]:
             errors[spec.name] = measured["errors"]
-        rows.append({"name": spec.name, "settings": settings,
+        rows.append({"name": spec.name, "settings": settings, "epochs": len(record.curves.get("epoch") or []),
                      "generalization": generalization(record, measured), "measures": values})
-    return Population(grid.task, grid.name, rows, failed, errors, measure_seconds, train_seconds)
+    return Population(grid.task, grid.name, rows, failed, errors, measure_seconds, train_seconds, missed)
+
+
+def reached_stopping_rule(record: RunRecord) -> bool | None:
+    """Whether a complete run met its protocol's stopping rule (``None``: it has none)."""
+    config = TrainConfig.from_dict(record.config)
+    return config.reached_stop(record.final_train_loss, record.final_train_acc)

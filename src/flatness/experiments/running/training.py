@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -175,12 +175,13 @@ def evaluate_splits(
     config: TrainConfig,
     predict: Predict,
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    only: Sequence[str] = ("train", "val", "test"),
 ) -> dict[str, float]:
     """Eval-mode loss and accuracy on the training, validation and test splits.
 
     Keys ``train_acc``, ``val_acc``, ``test_acc`` (and ``*_loss`` with ``loss_fn``); no ``val_*``
     without a validation split. The training set is its first ``config.train_eval_samples``
-    samples (all if ``None``): the same fixed subset every epoch.
+    samples (all if ``None``): the same fixed subset every epoch. ``only``: the splits to evaluate.
     """
     n_train = int(data.y_train.shape[0])
     cap = n_train if config.train_eval_samples is None else min(config.train_eval_samples, n_train)
@@ -189,7 +190,7 @@ def evaluate_splits(
         splits.append(("val", data.x_val, data.y_val))
     splits.append(("test", data.x_test, data.y_test))
     out: dict[str, float] = {}
-    for name, x, y in splits:
+    for name, x, y in (s for s in splits if s[0] in only):
         result = evaluate(model, x, y, predict, config.eval_batch_size, loss_fn)
         out.update({f"{name}_{key}": value for key, value in result.items()})
     return out
@@ -242,11 +243,14 @@ def train(
         scheduler: ``"auto"`` builds :func:`make_scheduler` from ``config``; ``None`` for none;
             or any object with ``step()``, called after every optimisation step.
         generator: the shuffling generator (seed it for reproducible runs).
-        evaluate_every_epoch: evaluate after every epoch (else after the last one only).
+        evaluate_every_epoch: evaluate (and call ``on_epoch_end``) after every epoch; else after
+            the last one only (with a stopping rule: the training split every epoch, the rest
+            after the epoch that meets the rule or the cap).
         progress: show progress over the epochs' steps (:func:`~.progress.progress_bar`:
             a bar on a terminal, periodic lines otherwise).
-        on_epoch_end: ``f(epoch, record) -> dict | None``; a returned dict is merged into the
-            epoch's record (e.g. a curvature measurement). Not counted as training time.
+        on_epoch_end: ``f(epoch, record) -> dict | None`` after each evaluated epoch; a returned
+            dict is merged into the epoch's record (e.g. a curvature measurement). Not counted
+            as training time.
         on_step_end: ``f(global_step, info)`` after each optimisation step (e.g. snapshots).
         shard: ``(rank, world_size)`` under DDP: every rank draws the same global mini-batches
             and steps on its own contiguous shard (:func:`flatness.distributed.take_shard`).
@@ -275,6 +279,7 @@ def train(
         scheduler = make_scheduler(optimizer, config, per_epoch)
     loss_fn = getattr(method, "loss_fn", None)
     history = History()
+    stop_rule = config.reached_stop(None, None) is not None
     bar = progress_bar(config.epochs * per_epoch, description, "step", leave=False) if progress else None
     try:
         with preserved_mode(model):
@@ -324,18 +329,21 @@ def train(
                     if counts[key] != counts.get("loss"):
                         record[f"{key}_steps"] = counts[key]
                 start = time.perf_counter()
-                if evaluate_every_epoch or epoch == config.epochs:
+                last = epoch == config.epochs
+                if stop_rule and not (evaluate_every_epoch or last):
+                    # the rule's input every epoch; the other splits and the callback at the end
+                    record.update(evaluate_splits(model, data, config, predict, loss_fn, ("train",)))
+                    last = bool(config.reached_stop(record.get("train_loss"), record.get("train_acc")))
+                if evaluate_every_epoch or last:
                     record.update(evaluate_splits(model, data, config, predict, loss_fn))
-                if on_epoch_end is not None:
-                    extra = on_epoch_end(epoch, record)
-                    if extra:
-                        record.update(extra)
+                    if on_epoch_end is not None:
+                        record.update(on_epoch_end(epoch, record) or {})
                 history.eval_seconds += time.perf_counter() - start
                 history.epochs.append(record)
                 if bar is not None:
                     acc = record.get("test_acc")
                     bar.set_postfix(epoch=epoch, test_acc=f"{acc:.4f}" if acc is not None else "-")
-                if config.reached_stop(record.get("train_loss"), record.get("train_acc")):
+                if stop_rule and config.reached_stop(record.get("train_loss"), record.get("train_acc")):
                     break  # the stopping rule: the rest of the epochs are a cap, not a budget
     finally:
         if bar is not None:

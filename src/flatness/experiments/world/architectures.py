@@ -40,6 +40,7 @@ Example:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -326,8 +327,16 @@ ARCHITECTURES: dict[str, Callable[[int], nn.Module]] = {
 }
 
 
+_CIFAR_RESNET = re.compile(r"resnet(\d+)-w(\d+)")
+
+
 def build_architecture(name: str, num_classes: int) -> nn.Module:
-    """A freshly initialised ``ARCHITECTURES[name]`` (seed torch's global RNG before calling)."""
+    """A freshly initialised ``ARCHITECTURES[name]``, or ``resnetD-wW``: He et al.'s CIFAR ResNet
+    of depth D = 6n+2 and width W, option A (e.g. ``resnet8-w16``, the study's small CNN). Seed
+    torch's global RNG before calling."""
+    match = _CIFAR_RESNET.fullmatch(name)
+    if match:
+        return cifar_resnet(int(match[1]), int(match[2]), num_classes, "A")
     if name not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {name!r}; expected one of {sorted(ARCHITECTURES)}")
+        raise ValueError(f"unknown architecture {name!r}; expected one of {sorted(ARCHITECTURES)} or resnetD-wW")
     return ARCHITECTURES[name](num_classes)

@@ -68,7 +68,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .architectures import ARCHITECTURES, build_architecture
+from .architectures import build_architecture
 from .augment import cifar_augment
 from .data import (Splits, data_dir, load_breast_cancer, load_cifar100, load_newsgroups, select_rows,
                    split_validation)
@@ -496,9 +496,10 @@ class Cifar100Images(Task):
     ) -> nn.Module:
         self.model_settings(settings)
         name = (config or self.config).model or self.config.model
-        if name not in ARCHITECTURES:
-            raise FlatnessError(f"task {self.name}: unknown model {name!r}; expected one of {sorted(ARCHITECTURES)}")
-        return build_architecture(name, self.num_classes)
+        try:
+            return build_architecture(name, self.num_classes)
+        except ValueError as exc:
+            raise FlatnessError(f"task {self.name}: {exc}") from None
 
     def augment(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """4-pixel zero padding, random 32×32 crop, random horizontal flip (:mod:`.augment`)."""
