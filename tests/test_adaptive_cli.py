@@ -86,11 +86,19 @@ def test_compare_equal_compute_writes_table_and_plot(tmp_path, capsys):
     assert code == 0
     compare = out / "breast-cancer-mlp" / "compare"
     summary = json.loads((compare / "equal_compute.json").read_text())
-    (config,) = summary["configurations"]
-    assert config["method"] == "sam+fa" and config["budget_epochs"] >= 1
-    assert str(config["budget_epochs"]) in summary["baselines"]
+    configs = summary["configurations"]
+    assert summary["epochs_grid"] == [1, 2]  # every configuration at 1x and 2x the epochs
+    mine = [c for c in configs if c["method"] == "sam+fa"]
+    assert sorted(c["epochs"] for c in mine) == [1, 2] and all(c["matched_epochs"] >= c["epochs"] for c in mine)
+    nones = {c["epochs"] for c in configs if c["method"] == "none"}
+    assert {1, 2} <= nones and all(c["matched_epochs"] in nones for c in mine)
+    assert all(c["steps"] > 0 and c["budget"] > 0 for c in configs)
+    assert mine[1]["steps"] == 2 * mine[0]["steps"] and mine[0]["cost_ratio"] > 1  # SAM+FA costs more per step
+    costs = json.loads((compare / "step_costs.json").read_text())
+    assert set(costs["cpu_ms"]) == {"none", mine[0]["key"]} and costs["facts"]["threads"] >= 1
+    assert any(c["pareto"] for c in configs)
     assert (compare / "equal_compute.png").stat().st_size > 0
-    assert "`sam+fa` ρ = 0.05" in (compare / "equal_compute.md").read_text()
+    assert "`sam+fa` ρ = 0.05, 2 ep" in (compare / "equal_compute.md").read_text()
     code = main(["compare", "breast-cancer-mlp", "--equal-compute", "--max-budget-factor", "0.5",
                  "--out", str(out)])
     assert code == 2 and "max-budget-factor" in capsys.readouterr().err

@@ -340,7 +340,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if args.equal_compute:
         if not (math.isfinite(args.max_budget_factor) and args.max_budget_factor >= 1):
             raise FlatnessError(f"--max-budget-factor must be >= 1, got {args.max_budget_factor}")
-        _, text = run_equal_compute(args.task, args.out, max_factor=args.max_budget_factor, **common)
+        _, text = run_equal_compute(args.task, args.out, max_factor=args.max_budget_factor,
+                                    epochs_grid=args.budget_epochs, **common)
     else:
         _, text = run_comparison(args.task, args.out, measures=not args.no_measures, **common)
     print(text)
@@ -386,8 +387,12 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method-arg", action="append", metavar="METHOD:KEY=VALUE",
                    help="a setting of one compared method, e.g. fa:estimator=cv (repeatable)")
     p.add_argument("--equal-compute", action="store_true",
-                   help="set every method x strength against `none` trained for the same wall-clock "
-                        "budget (more epochs); writes equal_compute.md/.json/.png")
+                   help="train every method x strength at each --budget-epochs, count compute as steps x "
+                        "CPU cost per step, set each against `none` at the same budget, the Pareto front "
+                        "over all; writes equal_compute.md/.json/.png")
+    p.add_argument("--budget-epochs", type=int, nargs="+", metavar="E",
+                   help="with --equal-compute: the epoch counts every configuration trains for "
+                        "(default: 1x and 2x the protocol's)")
     p.add_argument("--max-budget-factor", type=float, default=10.0,
                    help="with --equal-compute: at most this many times the protocol's epochs for `none`")
     p.set_defaults(func=_cmd_compare)

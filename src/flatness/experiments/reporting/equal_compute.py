@@ -1,28 +1,30 @@
 r"""Methods at equal compute: ``flatness compare TASK --equal-compute``.
 
 A method that costs r× a plain step per step looks no worse than one that costs 1.1× when both
-train for the same number of epochs. Here every configuration (method × strength) of a
-comparison (:mod:`flatness.experiments.reporting.compare`) is set against the baseline ``none`` trained
-with the **same wall-clock training budget**: the baseline spends it on more epochs
-(E′ = round(E · r), r = the configuration's median training seconds over the baseline's at E epochs,
-both from the run records of this comparison; capped at ``max_factor``·E), the method on
-curvature. The baseline keeps its protocol otherwise (the learning-rate schedule stretches over
-its E′ epochs).
+train for the same number of epochs. Here **every** configuration (method × strength, ``none``
+included) is trained at each of several epoch counts (``budget_epochs``, default 1× and 2× the
+protocol's), so each has its own accuracy-against-compute curve, and the Pareto front is taken
+over all of them: no method is given more epochs than the others by construction.
 
-Why wall clock and not a count of gradient evaluations: the methods' extra work is not made of
-gradient evaluations of one kind — the FA penalty runs Hessian-vector products through a
-closed-form layer-wise engine (:mod:`flatness.layerwise`), K-FAC one forward and a backward to
-the layer outputs, SAM a second full gradient — so a count would weigh unlike things alike.
-Training seconds measure what a user pays on the machine that ran the comparison. They are
-noisy on a shared machine (and with ``--jobs`` > 1 runs share the cores): E′ is derived from
-the recorded means once, and the same records always give the same E′ (the runs of a rerun
-are reused).
+**Compute** is counted, not clocked: a run's budget is its number of optimisation steps (from its
+record) times its method's *cost per step*, the median process CPU milliseconds of one step of
+that configuration on the task's model and a mini-batch of B training samples, all
+configurations timed in one process in interleaved rounds (:func:`step_costs`; a window of
+``every`` steps for methods that do extra work every k-th step). CPU time of interleaved
+rounds moves far less with other load on a shared machine than wall time beside other jobs
+does, and the same cost applies to every run of a configuration. The costs are measured once
+and cached in ``OUT/TASK/compare/step_costs.json`` (with the CPU, threads and load they were
+measured at): the same records and costs always give the same budgets. Delete the file to
+re-measure (ideally on a quiet machine). Budgets are shown in plain-step equivalents (steps ×
+cost / ``none``'s cost) and CPU seconds.
 
-Written into ``OUT/TASK/compare/``: ``equal_compute.md`` (each configuration against the
-budget-matched baseline, paired by seed, Holm-adjusted over the table), ``equal_compute.json``
-and ``equal_compute.png``: final test accuracy against training wall time per configuration
-(accuracy: mean ± std over seeds; time: median, min–max), the baseline's accuracy-vs-budget curve, and the Pareto front (the
-configurations no other one beats with less or equal time).
+**Tests.** Each configuration at E epochs is also set against ``none`` trained for the
+budget-matched E′ = round(E · r) epochs (r: its cost per step over ``none``'s, capped at
+``max_factor``·E), paired by seed; one Holm family per table: all the rows of the table.
+
+Written into ``OUT/TASK/compare/``: ``equal_compute.md``, ``equal_compute.json`` and
+``equal_compute.png`` (test accuracy, mean ± std over seeds, against budget; one curve per
+configuration; the Pareto front).
 
 Example:
     >>> from flatness.experiments.reporting.equal_compute import budget_epochs, pareto_front
@@ -34,9 +36,9 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
-import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -50,9 +52,9 @@ from ..running.runner import run_grid
 from ..running.specs import RunSpec, build_grid, format_value
 from .stats import Comparison, adjust_holm, compare_samples, mean_std
 from .tables import comparison_note, comparison_table, fmt, protocol_line
-from ..world.tasks import get_task
+from ..world.tasks import TrainConfig, get_task
 
-__all__ = ["Configuration", "budget_epochs", "pareto_front", "run_equal_compute"]
+__all__ = ["Configuration", "budget_epochs", "pareto_front", "step_costs", "run_equal_compute"]
 
 
 def budget_epochs(epochs: int, cost_ratio: float, max_factor: float = 10.0) -> int:
@@ -63,8 +65,8 @@ def budget_epochs(epochs: int, cost_ratio: float, max_factor: float = 10.0) -> i
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the (time, accuracy) points no other point beats with less or equal time,
-    in increasing time."""
+    """Indices of the (budget, accuracy) points no other point beats with less or equal budget,
+    in increasing budget."""
     order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
     front, best = [], -math.inf
     for i in order:
@@ -74,46 +76,114 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
+def _key(spec_or_record: RunSpec | RunRecord) -> str:
+    """A configuration's name for the cost table: method, strength, settings (not epochs or seed)."""
+    s = spec_or_record
+    strength = "" if s.value is None else f"_{s.hparam}{format_value(float(s.value))}"
+    return f"{s.method}{strength}" + (f"_k{s.variant_id}" if s.variant_id else "")
+
+
+def step_costs(
+    task: str,
+    specs: Sequence[RunSpec],
+    data_dir: str | None = None,
+    rounds: int = 5,
+    reps: int = 3,
+) -> dict[str, Any]:
+    """CPU milliseconds per step of each configuration of ``specs``, timed interleaved.
+
+    Each configuration gets a fresh model of the task (seed 0), its optimiser, its method at its
+    strength and settings, and the first B training samples; a call runs ``every`` steps for
+    methods that have that setting. Returns ``{"cpu_ms": {key: ms}, "facts": {...}}``.
+    """
+    import os
+
+    import torch
+
+    from ..running.bench import platform_facts, time_interleaved
+    from ..running.specs import accepts
+    from ..running.training import make_optimizer
+    from ...utils import take_first
+    from ...methods import make_method
+
+    task_obj = get_task(task)
+    first = {_key(s): s for s in specs}
+    config = TrainConfig.from_dict(specs[0].config)
+    splits = task_obj.splits(config, data_dir)
+    x, y = take_first(splits.x_train, config.batch_size), splits.y_train[: config.batch_size]
+    cases: dict[str, Callable[[], None]] = {}
+    per_call: dict[str, int] = {}
+    for key, spec in first.items():
+        torch.manual_seed(0)
+        model = task_obj.build_model(num_features=splits.num_features, config=config, **spec.model_kwargs)
+        kwargs = dict(spec.method_kwargs)
+        if spec.hparam is not None and spec.value is not None:
+            kwargs[spec.hparam] = spec.value
+        if accepts(spec.method, "seed"):
+            kwargs.setdefault("seed", 0)
+        method = make_method(spec.method, model, task_obj.loss_fn, **kwargs)
+        optimizer = make_optimizer(model, config)
+        window = int(kwargs.get("every", 1) or 1)
+        per_call[key] = window
+
+        def call(method: Any = method, optimizer: Any = optimizer, window: int = window, model: Any = model) -> None:
+            model.train()
+            xb = task_obj.augment(x) if config.augment else x
+            for _ in range(window):
+                method.step(xb, y, optimizer)
+
+        cases[key] = call
+    cpu: dict[str, float] = {}
+    time_interleaved(cases, rounds, reps, warmup=1, per_call_steps=per_call, cpu_ms=cpu)
+    return {"cpu_ms": cpu, "facts": {**platform_facts(), "load_average_1min": os.getloadavg()[0],
+                                     "batch_size": config.batch_size, "rounds": rounds, "reps": reps}}
+
+
 @dataclass
 class Configuration:
-    """One method × strength: its runs, cost and accuracy, and the matched baseline's."""
+    """One method × strength × epoch count: its runs, budget and accuracy, and the matched `none`."""
 
     method: str
     hparam: str | None
     value: float | None
+    key: str
+    epochs: int
     runs: list[str]
-    seconds: float  # median training seconds over seeds
-    seconds_range: tuple[float, float]  # their min and max
+    steps: int  # optimisation steps of one run (the seeds agree)
+    cost_ms: float  # CPU milliseconds per step (step_costs)
+    budget: float  # steps x cost / none's cost: plain-step equivalents
     test_acc: float
     test_acc_std: float
     test_accs: dict[int, float]
-    cost_ratio: float = math.nan  # seconds / the baseline's at E epochs
-    budget_epochs: int = 0  # E′ of the matched baseline
+    cost_ratio: float = math.nan  # cost per step over none's
+    matched_epochs: int = 0  # E′ of the budget-matched `none`
     baseline_acc: float = math.nan
-    baseline_seconds: float = math.nan
     vs_baseline: Comparison | None = None
 
     @property
     def label(self) -> str:
-        if self.hparam is None or self.value is None:
-            return f"`{self.method}`"
-        return f"`{self.method}` {SYMBOLS.get(self.hparam, self.hparam)} = {format_value(float(self.value))}"
+        name = f"`{self.method}`"
+        if self.hparam is not None and self.value is not None:
+            name += f" {SYMBOLS.get(self.hparam, self.hparam)} = {format_value(float(self.value))}"
+        return f"{name}, {self.epochs} ep"
 
 
-def _configurations(records: Sequence[RunRecord]) -> list[Configuration]:
-    groups: dict[tuple[str, Any], list[RunRecord]] = {}
+def _configurations(records: Sequence[RunRecord], costs: dict[str, float]) -> list[Configuration]:
+    groups: dict[tuple[str, int], list[RunRecord]] = {}
     for r in records:
         if r.complete:
-            groups.setdefault((r.method, r.value), []).append(r)
+            groups.setdefault((_key(r), int(r.config["epochs"])), []).append(r)
+    plain = costs.get("none", math.nan)
     out = []
-    for (method, value), runs in groups.items():
+    for (key, epochs), runs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "none", kv[0])):
         runs = sorted(runs, key=lambda r: r.seed)
-        times = [float(r.get("train_seconds")) for r in runs]
         acc, acc_std, _ = mean_std([r.final_test_acc for r in runs])
+        steps = int(runs[0].steps or 0)
+        cost = costs.get(key, math.nan)
         out.append(Configuration(
-            method, runs[0].hparam, value, [r.name for r in runs],
-            statistics.median(times), (min(times), max(times)),
-            acc, acc_std, {int(r.seed): float(r.get("final_test_acc")) for r in runs},
+            runs[0].method, runs[0].hparam, runs[0].value, key, epochs, [r.name for r in runs], steps, cost,
+            steps * cost / plain, acc, acc_std, {int(r.seed): float(r.get("final_test_acc")) for r in runs},
+            cost_ratio=cost / plain,
         ))
     return out
 
@@ -128,76 +198,71 @@ def _read(specs: Sequence[RunSpec], directory: Path) -> list[RunRecord]:
     return records
 
 
-def _markdown(task: str, config: dict[str, Any], configs: Sequence[Configuration],
-              baselines: dict[int, Configuration], max_factor: float) -> str:
-    task_obj = get_task(task)
-    epochs = int(config["epochs"])
+def _markdown(task: str, config: dict[str, Any], configs: Sequence[Configuration], front: set[int],
+              facts: dict[str, Any], max_factor: float) -> str:
+    plain_ms = next(c.cost_ms for c in configs if c.method == "none")
     out = [
-        f"# {task}: methods at equal compute (the baseline trains longer instead)", "",
-        f"{task_obj.description}. Protocol: {protocol_line(config)}.", "",
-        "| configuration | train time (s) | × `none` | test acc | `none` at the same budget | E′ | Δ vs that `none` |",
+        f"# {task}: accuracy against compute, every method at several epoch counts", "",
+        f"{get_task(task).description}. Protocol: {protocol_line(config)}.", "",
+        "| configuration | steps | CPU ms/step | × `none` | budget (plain steps) | test acc | Pareto |",
         "|---|---|---|---|---|---|---|",
     ]
-    for c in configs:
-        delta = "—" if c.vs_baseline is None else f"{c.vs_baseline.difference:+.4f}"
-        out.append(
-            f"| {c.label} | {c.seconds:.1f} ({c.seconds_range[0]:.1f}–{c.seconds_range[1]:.1f}) | {c.cost_ratio:.2f} | "
-            f"{fmt(c.test_acc, c.test_acc_std)} | {fmt(c.baseline_acc)} | {c.budget_epochs} | {delta} |"
-        )
-    out += [
-        "",
-        (
-            "*Train time*: optimisation seconds per run (no evaluation), median (min–max) over "
-            "seeds, from the run records (the median: one slow run, e.g. the first of a process, "
-            f"does not set the budget). *× `none`*: over `none` at its protocol's {epochs} epochs. "
-            f"*E′*: the epochs of the budget-matched `none` run, round({epochs} × ratio), at least "
-            f"{epochs} and at most {max_factor:g} × {epochs}; its own train time is in "
-            "`equal_compute.json`. Budgets are wall clock on the machine that trained the runs "
-            "(with parallel jobs, runs shared its cores)."
-        ),
-    ]
+    for i, c in enumerate(configs):
+        out.append(f"| {c.label} | {c.steps} | {c.cost_ms:.1f} | {c.cost_ratio:.2f} | {c.budget:.0f} | "
+                   f"{fmt(c.test_acc, c.test_acc_std)} | {'yes' if i in front else ''} |")
+    out += ["", (
+        "*CPU ms/step*: median process CPU time of one optimisation step of the configuration "
+        "(the task's model, B training samples, one process, configurations timed in interleaved "
+        f"rounds; {facts.get('threads')} thread(s), {facts.get('cpu')}, load average "
+        f"{facts.get('load_average_1min', math.nan):.1f} when measured; `step_costs.json`). *Budget*: "
+        f"steps × CPU ms/step ÷ `none`'s {plain_ms:.1f} ms, in plain-step equivalents. *Test acc*: "
+        "final, mean ± std over seeds. *Pareto*: no configuration reaches a higher mean test accuracy "
+        "with a smaller or equal budget.")]
     compared = [(c.label, c.vs_baseline) for c in configs if c.vs_baseline is not None]
     if compared:
-        out += ["", "## Final test accuracy against `none` at the same budget", ""]
+        out += ["", "## Each configuration against `none` at the same budget", ""]
         out += comparison_table("configuration", compared)
-        out += ["", comparison_note("the final test accuracy", "`none` trained for E′ epochs",
-                                    [c for _, c in compared])]
-    curve = ", ".join(f"{e} epochs: {fmt(b.test_acc, b.test_acc_std)} ({b.seconds:.0f} s)"
-                      for e, b in sorted(baselines.items()))
-    out += ["", f"`none` at each budget: {curve}.", ""]
-    return "\n".join(out)
+        out += ["", comparison_note(
+            "the final test accuracy", f"`none` trained for E′ = round(E × cost ratio) epochs (at most "
+            f"{max_factor:g} × E)", [c for _, c in compared],
+            family=f"the {len(compared)} rows of this table (one family)")]
+        out += ["", "E′ per row: " + "; ".join(f"{c.label}: {c.matched_epochs}" for c in configs
+                                               if c.vs_baseline is not None) + "."]
+    return "\n".join(out) + "\n"
 
 
-def _plot(task: str, configs: Sequence[Configuration], baselines: dict[int, Configuration], path: Path) -> None:
+def _plot(task: str, configs: Sequence[Configuration], front: set[int], path: Path) -> None:
     fig, ax = figure(figsize=(7, 4.5))
-    methods = list(dict.fromkeys(c.method for c in configs))
-    for i, method in enumerate(methods):
-        mine = [c for c in configs if c.method == method]
-        xerr = [[c.seconds - c.seconds_range[0] for c in mine], [c.seconds_range[1] - c.seconds for c in mine]]
-        ax.errorbar([c.seconds for c in mine], [c.test_acc for c in mine],
-                    xerr=xerr, yerr=[c.test_acc_std for c in mine],
-                    fmt="o", color=f"C{i}", capsize=3, label=method)
+    for i, key in enumerate(dict.fromkeys(c.key for c in configs)):
+        mine = sorted((c for c in configs if c.key == key), key=lambda c: c.budget)
+        ax.errorbar([c.budget for c in mine], [c.test_acc for c in mine], yerr=[c.test_acc_std for c in mine],
+                    fmt="o-", color=f"C{i % 10}", capsize=3, label=mine[0].label.rsplit(",", 1)[0].strip("`"))
         for c in mine:
-            if c.value is not None:
-                ax.annotate(format_value(float(c.value)), (c.seconds, c.test_acc), fontsize=7,
-                            xytext=(3, 3), textcoords="offset points")
-    curve = [baselines[e] for e in sorted(baselines)]
-    ax.plot([b.seconds for b in curve], [b.test_acc for b in curve], "--", color="gray",
-            label="none, more epochs")
-    for e, b in sorted(baselines.items()):
-        ax.annotate(f"{e} ep", (b.seconds, b.test_acc), fontsize=7, color="gray",
-                    xytext=(3, -9), textcoords="offset points")
-    every = [*configs, *curve]
-    front = [every[i] for i in pareto_front([(c.seconds, c.test_acc) for c in every])]
-    ax.step([c.seconds for c in front], [c.test_acc for c in front], where="post", color="black",
-            alpha=0.6, label="Pareto front")
+            ax.annotate(f"{c.epochs} ep", (c.budget, c.test_acc), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    best = sorted((configs[i] for i in front), key=lambda c: c.budget)
+    ax.step([c.budget for c in best], [c.test_acc for c in best], where="post", color="black", alpha=0.6,
+            label="Pareto front")
     ax.set_xscale("log")
-    ax.set_xlabel("training wall time per run (s, log; median, min–max over seeds)")
+    ax.set_xlabel("budget: steps × CPU cost per step, in plain-step equivalents (log)")
     ax.set_ylabel("final test accuracy (mean ± std over seeds)")
     ax.set_title(f"{task}: accuracy against compute")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     save_png(fig, path)
+
+
+def _costs(task: str, specs: Sequence[RunSpec], path: Path, data_dir: str | None) -> dict[str, Any]:
+    """The cached step costs, measured for the configurations that lack one."""
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {"cpu_ms": {}, "facts": {}}
+    wanted = {_key(s) for s in specs}
+    if not wanted <= set(cached.get("cpu_ms", {})):
+        measured = step_costs(task, specs, data_dir)  # all together: their ratios come from one run
+        cached = {"format": "flatness-step-costs", "task": task, **measured}
+        write_json(path, cached)
+    return cached
 
 
 def run_equal_compute(
@@ -209,6 +274,7 @@ def run_equal_compute(
     grids: dict[str, Sequence[float]] | None = None,
     config_overrides: dict[str, Any] | None = None,
     method_kwargs: dict[str, dict[str, Any]] | None = None,
+    epochs_grid: Sequence[int] | None = None,
     max_factor: float = 10.0,
     jobs: int = 1,
     data_dir: str | None = None,
@@ -216,53 +282,54 @@ def run_equal_compute(
     progress: bool = True,
     plots: bool = True,
 ) -> tuple[list[Configuration], str]:
-    """Train the comparison's runs and the budget-matched baselines; write the tables and plot."""
+    """Train every configuration at every epoch count and the budget-matched `none` runs; write
+    the table, the tests and the plot."""
     if not (math.isfinite(max_factor) and max_factor >= 1):
         raise FlatnessError(f"--max-budget-factor must be >= 1, got {max_factor}")
-    specs = comparison_specs(task, methods, seeds, grids=grids, config_overrides=config_overrides,
-                             method_kwargs=method_kwargs)
+    base_specs = comparison_specs(task, methods, seeds, grids=grids, config_overrides=config_overrides,
+                                  method_kwargs=method_kwargs)
+    protocol_epochs = int(base_specs[0].config["epochs"])
+    grid = sorted(set(epochs_grid or (protocol_epochs, 2 * protocol_epochs)))
+    if any(e < 1 for e in grid):
+        raise FlatnessError(f"--budget-epochs must be >= 1, got {grid}")
+    specs = [s for e in grid for s in comparison_specs(
+        task, methods, seeds, grids=grids, config_overrides={**(config_overrides or {}), "epochs": e},
+        method_kwargs=method_kwargs)]
     run_grid(specs, out_root, jobs=jobs, data_dir=data_dir, download=download, progress=progress)
     directory = Path(out_root) / task
-    configs = _configurations(_read(specs, directory))
-    base = next((c for c in configs if c.method == "none"), None)
-    if base is None or not base.seconds > 0:
+    cost_table = _costs(task, specs, directory / "compare" / "step_costs.json", data_dir)
+    configs = _configurations(_read(specs, directory), cost_table["cpu_ms"])
+    if not any(c.method == "none" for c in configs):
         raise FlatnessError(f"no complete `none` runs in {directory}: nothing to set a budget by")
-    config = specs[0].config
-    epochs = int(config["epochs"])
     for c in configs:
-        c.cost_ratio = c.seconds / base.seconds
-        c.budget_epochs = budget_epochs(epochs, c.cost_ratio, max_factor)
-    extra = sorted({c.budget_epochs for c in configs} - {epochs})
-    baseline_specs = [
-        s for e in extra
-        for s in build_grid(task, "none", None, seeds, config_overrides={**(config_overrides or {}), "epochs": e})
-    ]
-    run_grid(baseline_specs, out_root, jobs=jobs, data_dir=data_dir, download=download, progress=progress)
-    baselines = {epochs: base}
-    for e in extra:
-        mine = [s for s in baseline_specs if s.config["epochs"] == e]
-        (found,) = _configurations(_read(mine, directory)) or [None]
-        if found is not None:
-            baselines[e] = found
-    configs = [c for c in configs if c.method != "none"]
+        c.matched_epochs = budget_epochs(c.epochs, c.cost_ratio, max_factor)
+    present = {c.epochs for c in configs if c.method == "none"}
+    extra = sorted({c.matched_epochs for c in configs if c.method != "none"} - present)
+    matched_specs = [s for e in extra for s in build_grid(
+        task, "none", None, seeds, config_overrides={**(config_overrides or {}), "epochs": e})]
+    run_grid(matched_specs, out_root, jobs=jobs, data_dir=data_dir, download=download, progress=progress)
+    configs = _configurations(_read([*specs, *matched_specs], directory), cost_table["cpu_ms"])
+    nones = {c.epochs: c for c in configs if c.method == "none"}
     for c in configs:
-        matched = baselines.get(c.budget_epochs)
-        if matched is None:
-            continue
-        c.baseline_acc, c.baseline_seconds = matched.test_acc, matched.seconds
-        c.vs_baseline = compare_samples(c.test_accs, matched.test_accs)
+        c.matched_epochs = budget_epochs(c.epochs, c.cost_ratio, max_factor)
+        matched = nones.get(c.matched_epochs)
+        if c.method != "none" and matched is not None:
+            c.baseline_acc = matched.test_acc
+            c.vs_baseline = compare_samples(c.test_accs, matched.test_accs)
     tested = [c for c in configs if c.vs_baseline is not None]
     for c, adjusted in zip(tested, adjust_holm([c.vs_baseline for c in tested if c.vs_baseline])):
         c.vs_baseline = adjusted
-    text = _markdown(task, config, configs, baselines, max_factor)
+    front = set(pareto_front([(c.budget, c.test_acc) for c in configs]))
+    config = base_specs[0].config
+    text = _markdown(task, config, configs, front, cost_table.get("facts", {}), max_factor)
     out = directory / "compare"
     atomic_write_bytes(out / "equal_compute.md", lambda fh: fh.write(text.encode()))
     write_json(out / "equal_compute.json", {
         "format": "flatness-equal-compute", "task": task, "config": config, "seeds": seeds,
-        "budget": "training wall-clock seconds (run records)", "max_factor": max_factor,
-        "configurations": [asdict(c) for c in configs],
-        "baselines": {str(e): asdict(b) for e, b in sorted(baselines.items())},
+        "epochs_grid": grid, "budget": "steps x CPU ms per step (step_costs.json) / none's, plain-step equivalents",
+        "max_factor": max_factor, "step_costs": cost_table,
+        "configurations": [{**asdict(c), "pareto": i in front} for i, c in enumerate(configs)],
     })
     if plots:
-        _plot(task, configs, baselines, out / "equal_compute.png")
+        _plot(task, configs, front, out / "equal_compute.png")
     return configs, text
