@@ -151,6 +151,24 @@ def test_compare_cli_end_to_end_then_resume(tmp_path, fake_measures, capsys):
     assert len(fake_measures) == measured
 
 
+def test_select_seeds_scans_the_grid_at_one_seed_then_trains_the_choice_at_all(tmp_path, fake_measures, capsys):
+    args = ["compare", BC, "--methods", "sam", "--grid", "sam=0.01,0.05,0.1", "--seeds", "3", "--select-seeds", "1",
+            "--epochs", "1", "--quiet", "--no-plots", "--out", str(tmp_path)]
+    assert main(args) == 0
+    data = json.loads((tmp_path / BC / "compare" / "compare.json").read_text())
+    sam = next(m for m in data["methods"] if m["method"] == "sam")
+    assert data["select_seeds"] == 1 and sam["scan_seeds"] == [0] and len(sam["grid"]) == 3
+    assert all(g["runs"] == 1 for g in sam["grid"])  # the scan: one seed per candidate
+    best = max(sam["grid"], key=lambda g: (g["val_acc"], -g["val_loss"], -g["value"]))
+    assert sam["value"] == best["value"] and sam["seeds"] == [0, 1, 2]
+    records = sorted(p.name for p in (tmp_path / BC).glob("sam_*.json"))
+    assert len(records) == 3 + 2  # three candidates at seed 0, the chosen one at seeds 1 and 2
+    summary = (tmp_path / BC / "compare" / "summary.md").read_text()
+    assert "## Scan: each method's grid at seed [0]" in summary and "scan's seeds [0]" in summary
+    assert main([*args[:-2], "--select-seeds", "4", "--out", str(tmp_path)]) == 2
+    assert "--select-seeds" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "extra, match",
     [

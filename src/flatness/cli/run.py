@@ -337,13 +337,16 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         plots=not args.no_plots,
     )
+    if args.select_seeds is not None and (args.equal_compute or not 1 <= args.select_seeds <= args.seeds):
+        raise FlatnessError(f"--select-seeds must be between 1 and --seeds ({args.seeds}), without --equal-compute")
     if args.equal_compute:
         if not (math.isfinite(args.max_budget_factor) and args.max_budget_factor >= 1):
             raise FlatnessError(f"--max-budget-factor must be >= 1, got {args.max_budget_factor}")
         _, text = run_equal_compute(args.task, args.out, max_factor=args.max_budget_factor,
                                     epochs_grid=args.budget_epochs, **common)
     else:
-        _, text = run_comparison(args.task, args.out, measures=not args.no_measures, **common)
+        _, text = run_comparison(args.task, args.out, measures=not args.no_measures,
+                                 select_seeds=args.select_seeds, **common)
     print(text)
     print(f"written to {Path(args.out) / args.task / 'compare'}", file=sys.stderr)
     return 0
@@ -376,6 +379,9 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grid", action="append", metavar="METHOD=V1,V2",
                    help="override a method's grid of strengths (repeatable)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1 (default 3)")
+    p.add_argument("--select-seeds", type=int, metavar="K",
+                   help="choose each strength on validation from the grid trained at seeds 0..K-1 only "
+                        "(a scan), then train the chosen strengths at all --seeds")
     _add_protocol_flags(p)
     p.add_argument("--data-dir", help="data directory (default: $FLATNESS_DATA or ~/.cache/flatness)")
     p.add_argument("--out", default="runs", help="results root; runs in OUT/TASK (default: runs)")

@@ -167,6 +167,7 @@ class MethodResult:
     flatness_vs_none: Comparison | None = None  # log10 final Tr(H²)/B against `none`, likewise
     sq_traces: list[float | None] = field(default_factory=list)  # final Tr(H²)/B per seed
     role: str = ""  # "baseline" (`none` itself), "no `none` runs", or "" (compared)
+    scan_seeds: list[int] = field(default_factory=list)  # the grid was scanned at these seeds only
     flatness: dict[str, float] = field(default_factory=dict)  # key -> mean over seeds
     flatness_std: dict[str, float] = field(default_factory=dict)
     seconds_per_epoch: float = math.nan
@@ -323,7 +324,9 @@ def comparison_markdown(
     out += [
         "",
         "*Chosen on val.*: the strength with the highest mean final validation accuracy over the "
-        "seeds, ties broken by the lower mean validation loss (validation split carved from the "
+        + (f"scan's seeds {sorted({s for r in results for s in r.scan_seeds})} (grid below)"
+           if any(r.scan_seeds for r in results) else "seeds")
+        + ", ties broken by the lower mean validation loss (validation split carved from the "
         "training set; the test set plays no part). "
         "*Test acc*: final test accuracy at that strength. *p t / Holm*: paired t-test of the final "
         "test accuracies against `none`, raw / Holm-adjusted over the methods (the statistics table "
@@ -346,7 +349,11 @@ def comparison_markdown(
     twin = _twin_note(results)
     if twin:
         out += ["", twin]
-    out += ["", "## Grids (mean final validation accuracy / loss over seeds)", "", _loss_scale(task).strip(), ""]
+    scanned = sorted({s for r in results for s in r.scan_seeds})
+    heading = (f"## Scan: each method's grid at seed{'s' if len(scanned) > 1 else ''} {scanned} (final validation "
+               "accuracy / loss; the chosen strength was then trained at every seed)" if scanned
+               else "## Grids (mean final validation accuracy / loss over seeds)")
+    out += ["", heading, "", _loss_scale(task).strip(), ""]
     for r in results:
         if r.hparam is None:
             continue
@@ -406,6 +413,20 @@ def plot_comparison(task: str, results: Sequence[MethodResult], records: dict[st
     save_png(fig, path)
 
 
+def _read_records(specs: Sequence[RunSpec], directory: Path, cache: Path, data_dir: str | None,
+                  download: bool | None) -> dict[str, RunRecord]:
+    """The specs' records, with the final validation loss (the choice's tie-break) where complete."""
+    records = {}
+    for spec in specs:
+        record = read_record(directory / f"{spec.name}.json")
+        if record is None:
+            raise FlatnessError(f"run {spec.name} left no record in {directory}")
+        if record.complete:
+            record.extras.update(final_model_extras(record, directory, cache, ["final_val_loss"], data_dir, download))
+        records[spec.name] = record
+    return records
+
+
 def run_comparison(
     task: str,
     out_root: str | Path = "runs",
@@ -421,27 +442,38 @@ def run_comparison(
     progress: bool = True,
     measures: bool = True,
     plots: bool = True,
+    select_seeds: int | None = None,
 ) -> tuple[list[MethodResult], str]:
-    """Train what is missing, choose, measure, and write ``OUT/TASK/compare/``; returns the results and markdown."""
+    """Train what is missing, choose, measure, and write ``OUT/TASK/compare/``; returns the results and markdown.
+
+    ``select_seeds=k``: choose each method's strength on validation from its grid trained at
+    seeds 0..k-1 only (the scan), then train the chosen strength at all ``seeds``; the report
+    shows the scan's grid and tests the chosen strengths over all seeds.
+    """
     get_task(task)
-    specs = comparison_specs(
-        task, methods, seeds, grids=grids, config_overrides=config_overrides, method_kwargs=method_kwargs
-    )
-    start = time.perf_counter()
-    run_grid(specs, out_root, jobs=jobs, data_dir=data_dir, download=download, progress=progress)
+    common = {"config_overrides": config_overrides, "method_kwargs": method_kwargs}
+    train = {"jobs": jobs, "data_dir": data_dir, "download": download, "progress": progress}
     directory = Path(out_root) / task
-    records = {}
-    for spec in specs:
-        record = read_record(directory / f"{spec.name}.json")
-        if record is None:
-            raise FlatnessError(f"run {spec.name} left no record in {directory}")
-        records[spec.name] = record
-    compare_dir = directory / "compare"
     cache = directory / "measures"  # shared with `flatness report --measures`: one cache per run
-    for name, record in records.items():  # the validation loss breaks ties in the choice
-        if record.complete:
-            record.extras.update(final_model_extras(record, directory, cache, ["final_val_loss"], data_dir, download))
+    start = time.perf_counter()
+    scan: dict[str, list[dict[str, Any]]] = {}
+    if select_seeds is not None:
+        if not 1 <= select_seeds <= seeds:
+            raise FlatnessError(f"--select-seeds must be between 1 and --seeds ({seeds}), got {select_seeds}")
+        scan_specs = comparison_specs(task, methods, select_seeds, grids=grids, **common)
+        run_grid(scan_specs, out_root, **train)
+        scan_records = _read_records(scan_specs, directory, cache, data_dir, download)
+        chosen = select_and_summarize(list(scan_records.values()), methods)
+        scan = {r.method: r.grid for r in chosen}
+        grids = {r.method: [r.value] for r in chosen if r.value is not None}
+    specs = comparison_specs(task, methods, seeds, grids=grids, **common)
+    run_grid(specs, out_root, **train)
+    records = _read_records(specs, directory, cache, data_dir, download)
+    compare_dir = directory / "compare"
     results = select_and_summarize(list(records.values()), methods)
+    for r in results:
+        if r.method in scan:
+            r.grid, r.scan_seeds = scan[r.method], list(range(select_seeds or 0))
     if measures:
         for r in results:
             per_run = [
@@ -459,6 +491,7 @@ def run_comparison(
         "task": task,
         "config": config,
         "seeds": seeds,
+        "select_seeds": select_seeds,
         "wall_seconds": wall,
         "runs": len(records),
         "run_seconds": seconds,
