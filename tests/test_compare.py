@@ -286,3 +286,11 @@ def test_final_flatness_is_tested_on_log10_with_holm_over_the_methods():
     line = next(x for x in section.splitlines() if x.startswith("| `sam` ρ = 0.05 | 4 pairs |"))
     assert f"| {got[0].p_t:.2g} | {got[0].p_t_holm:.2g} |" in line
     assert "A Δ of -0.30 halves Tr(H²)/B" in section
+
+
+def test_compare_takes_a_named_protocol():
+    from flatness.experiments.reporting.compare import comparison_specs
+
+    specs = comparison_specs("cifar100-resnet", ["sam"], 1, grids={"sam": [0.05]}, protocol="cpu-full")
+    assert [s.name for s in specs] == ["none_seed0_pcpu-full", "sam_rho0.05_seed0_pcpu-full"]
+    assert all(s.config["train_subset"] == 0 if "train_subset" in s.config else True for s in specs)

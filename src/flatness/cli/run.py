@@ -324,6 +324,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise FlatnessError(f"--jobs must be >= 1, got {args.jobs}")
     overrides = protocol_overrides(args)
+    if args.protocol is not None:
+        get_task(args.task).protocol(args.protocol)
     method_kwargs = _parse_method_args(args.method_arg)
     common = dict(
         methods=args.methods or COMPARE_METHODS,
@@ -331,6 +333,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         grids=_parse_grids(args.grid),
         config_overrides=overrides,
         method_kwargs=method_kwargs,
+        protocol=args.protocol,
         jobs=args.jobs,
         data_dir=args.data_dir,
         download=False if args.no_download else None,
@@ -379,6 +382,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grid", action="append", metavar="METHOD=V1,V2",
                    help="override a method's grid of strengths (repeatable)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1 (default 3)")
+    p.add_argument("--protocol", metavar="NAME",
+                   help="the task's named training protocol (e.g. cpu-full for cifar100-resnet)")
     p.add_argument("--select-seeds", type=int, metavar="K",
                    help="choose each strength on validation from the grid trained at seeds 0..K-1 only "
                         "(a scan), then train the chosen strengths at all --seeds")

@@ -106,6 +106,7 @@ def comparison_specs(
     grids: dict[str, Sequence[float]] | None = None,
     config_overrides: dict[str, Any] | None = None,
     method_kwargs: dict[str, dict[str, Any]] | None = None,
+    protocol: str | None = None,
 ) -> list[RunSpec]:
     """All runs of a comparison: each method's grid times the seeds (``none`` always included).
 
@@ -135,6 +136,7 @@ def comparison_specs(
             seeds,
             config_overrides=config_overrides,
             method_kwargs=method_kwargs.get(method),
+            protocol=protocol,
         )
     return specs
 
@@ -443,6 +445,7 @@ def run_comparison(
     measures: bool = True,
     plots: bool = True,
     select_seeds: int | None = None,
+    protocol: str | None = None,
 ) -> tuple[list[MethodResult], str]:
     """Train what is missing, choose, measure, and write ``OUT/TASK/compare/``; returns the results and markdown.
 
@@ -451,7 +454,7 @@ def run_comparison(
     shows the scan's grid and tests the chosen strengths over all seeds.
     """
     get_task(task)
-    common = {"config_overrides": config_overrides, "method_kwargs": method_kwargs}
+    common = {"config_overrides": config_overrides, "method_kwargs": method_kwargs, "protocol": protocol}
     train = {"jobs": jobs, "data_dir": data_dir, "download": download, "progress": progress}
     directory = Path(out_root) / task
     cache = directory / "measures"  # shared with `flatness report --measures`: one cache per run

@@ -276,6 +276,7 @@ def run_equal_compute(
     method_kwargs: dict[str, dict[str, Any]] | None = None,
     epochs_grid: Sequence[int] | None = None,
     max_factor: float = 10.0,
+    protocol: str | None = None,
     jobs: int = 1,
     data_dir: str | None = None,
     download: bool | None = None,
@@ -287,14 +288,14 @@ def run_equal_compute(
     if not (math.isfinite(max_factor) and max_factor >= 1):
         raise FlatnessError(f"--max-budget-factor must be >= 1, got {max_factor}")
     base_specs = comparison_specs(task, methods, seeds, grids=grids, config_overrides=config_overrides,
-                                  method_kwargs=method_kwargs)
+                                  method_kwargs=method_kwargs, protocol=protocol)
     protocol_epochs = int(base_specs[0].config["epochs"])
     grid = sorted(set(epochs_grid or (protocol_epochs, 2 * protocol_epochs)))
     if any(e < 1 for e in grid):
         raise FlatnessError(f"--budget-epochs must be >= 1, got {grid}")
     specs = [s for e in grid for s in comparison_specs(
         task, methods, seeds, grids=grids, config_overrides={**(config_overrides or {}), "epochs": e},
-        method_kwargs=method_kwargs)]
+        method_kwargs=method_kwargs, protocol=protocol)]
     run_grid(specs, out_root, jobs=jobs, data_dir=data_dir, download=download, progress=progress)
     directory = Path(out_root) / task
     cost_table = _costs(task, specs, directory / "compare" / "step_costs.json", data_dir)
@@ -306,7 +307,7 @@ def run_equal_compute(
     present = {c.epochs for c in configs if c.method == "none"}
     extra = sorted({c.matched_epochs for c in configs if c.method != "none"} - present)
     matched_specs = [s for e in extra for s in build_grid(
-        task, "none", None, seeds, config_overrides={**(config_overrides or {}), "epochs": e})]
+        task, "none", None, seeds, config_overrides={**(config_overrides or {}), "epochs": e}, protocol=protocol)]
     run_grid(matched_specs, out_root, jobs=jobs, data_dir=data_dir, download=download, progress=progress)
     configs = _configurations(_read([*specs, *matched_specs], directory), cost_table["cpu_ms"])
     nones = {c.epochs: c for c in configs if c.method == "none"}
