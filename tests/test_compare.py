@@ -293,4 +293,6 @@ def test_compare_takes_a_named_protocol():
 
     specs = comparison_specs("cifar100-resnet", ["sam"], 1, grids={"sam": [0.05]}, protocol="cpu-full")
     assert [s.name for s in specs] == ["none_seed0_pcpu-full", "sam_rho0.05_seed0_pcpu-full"]
-    assert all(s.config["train_subset"] == 0 if "train_subset" in s.config else True for s in specs)
+    from flatness.experiments.world.tasks import get_task
+
+    assert all(s.config == get_task("cifar100-resnet").protocol("cpu-full").as_dict() for s in specs)
