@@ -12,10 +12,11 @@ generalisation gap (:mod:`flatness.experiments.reporting.study_report`).
 ``fa:0.1`` for λ = 0.1, ``sam:0.05`` for ρ = 0.05, ...). A grid crosses its *factors* fully (a
 factorial design: every combination), fixes the other axes, and trains every setting at every
 one of its *seeds*: the seeds are replicates, not an axis. Every model trains to the grid's
-stopping rule (Jiang et al.: training cross-entropy ≤ 0.01, at a constant learning rate, with
-an epoch cap; :class:`~flatness.experiments.world.tasks.TrainConfig` ``stop_train_loss``); a
-model that reaches the cap first is counted and left out, so the gap compares converged models
-rather than how far training got.
+stopping rule (after Jiang et al.: training accuracy ≥ 0.99 at a constant learning rate, with
+an epoch cap; :class:`~flatness.experiments.world.tasks.TrainConfig` ``stop_train_acc``, or
+``stop_train_loss`` for their cross-entropy criterion); a model that reaches the cap first is
+counted and left out, so the gap compares models that fit their training sets rather than how
+far training got.
 
 **Runs** are ordinary runs of :mod:`flatness.experiments.running.runner` (same records, resumable,
 ``--jobs``, ``--shard``) in ``OUT/TASK/``; width and dropout travel as the runs' model settings

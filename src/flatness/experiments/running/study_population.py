@@ -154,14 +154,18 @@ class StudyGrid:
 _BREAST = "breast-cancer-mlp"
 _CIFAR = "cifar100-mlp"
 _CNN = "cifar100-resnet"
-# Jiang et al.'s stopping rule: train until the eval-mode training cross-entropy (on the whole
-# training subset) is <= 0.01, at a constant learning rate, with an epoch cap; a model that
-# reaches the cap first is counted and left out of the statistics (population.missed).
-STOP_RULE: dict[str, Any] = {"stop_train_loss": 0.01, "schedule": "constant", "warmup_epochs": 0.0,
+# Jiang et al.'s requirement that every model fits its training set before it is measured, as a
+# stopping rule: train at a constant learning rate until the eval-mode training accuracy (on the
+# whole training subset) is >= 0.99, with an epoch cap; a model that reaches the cap first is
+# counted and left out of the statistics (population.missed). (Training cross-entropy <= 0.01,
+# their other criterion, took several times longer on the CPU pilots; the conditional τ given
+# the training loss accounts for the fit that remains.)
+STOP_RULE: dict[str, Any] = {"stop_train_acc": 0.99, "schedule": "constant", "warmup_epochs": 0.0,
                              "train_eval_samples": None}
-# Training subsets sized for one CPU core (measured in results/*/study/crossed/ranking.md).
-_CIFAR_STUDY = {**STOP_RULE, "train_subset": 5000, "epochs": 100}
-_CNN_STUDY = {**STOP_RULE, "train_subset": 2500, "epochs": 100, "augment": False}
+# Training subsets sized for one CPU core: a pilot MLP (lr 1e-3, B 128, width 0.5 / 1) met the
+# rule after 22 / 18 epochs on 2,000 images (about 5 minutes on the shared machine).
+_CIFAR_STUDY = {**STOP_RULE, "train_subset": 2000, "epochs": 150}
+_CNN_STUDY = {**STOP_RULE, "train_subset": 2000, "epochs": 100, "augment": False}
 GRIDS: dict[tuple[str, str], StudyGrid] = {
     (_BREAST, "small"): StudyGrid(
         "small", _BREAST,
@@ -174,25 +178,25 @@ GRIDS: dict[tuple[str, str], StudyGrid] = {
     ),
     (_CIFAR, "crossed"): StudyGrid(
         "crossed", _CIFAR,
-        factors={"lr": (5e-4, 1e-3), "batch_size": (64, 256), "width": (0.5, 1.0),
-                 "weight_decay": (0.0, 5e-4), "method": ("none", "fa:0.1")},
+        factors={"lr": (5e-4, 1e-3), "batch_size": (32, 128), "width": (0.5, 1.0),
+                 "weight_decay": (0.0, 1e-4), "method": ("none", "fa:0.1")},
         fixed={"dropout": 0.0},
         seeds=(0, 1),
         protocol=_CIFAR_STUDY,
         description="2 lr x 2 batch sizes x 2 widths x 2 weight decays x 2 methods (none, FA λ = 0.1), "
-                    "crossed, x 2 seeds (64 models), each on a fixed 5,000-image training subset until "
-                    "its training cross-entropy is <= 0.01 (constant lr, cap 100 epochs)",
+                    "crossed, x 2 seeds (64 models), each on a fixed 2,000-image training subset until "
+                    "its training accuracy is >= 0.99 (Adam at a constant lr, cap 150 epochs)",
     ),
     (_CNN, "crossed"): StudyGrid(
         "crossed", _CNN,
-        factors={"lr": (0.02, 0.05), "batch_size": (64, 128), "width": (8, 16), "weight_decay": (0.0, 5e-4)},
+        factors={"lr": (0.02, 0.05), "batch_size": (32, 128), "width": (8, 16), "weight_decay": (0.0, 5e-4)},
         fixed={"dropout": 0.0, "method": "none"},
         seeds=(0, 1),
         protocol=_CNN_STUDY,
         architecture="resnet8-w{width}",
         description="ResNet-8 (option A): 2 lr x 2 batch sizes x 2 widths (8, 16 channels) x 2 weight "
                     "decays, crossed, x 2 seeds (32 models), SGD momentum 0.9, no augmentation, each on "
-                    "a fixed 2,500-image training subset until its training cross-entropy is <= 0.01 "
+                    "a fixed 2,000-image training subset until its training accuracy is >= 0.99 "
                     "(constant lr, cap 100 epochs)",
     ),
 }
