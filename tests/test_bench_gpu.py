@@ -23,7 +23,7 @@ def dry_run(tmp_path_factory):
 
 def test_dry_run_checks_every_backend_method_and_measure(dry_run):
     code, result = dry_run
-    assert code == 0 and result["ok"] is True and result["dry_run"] is True
+    assert code == 0 and result["ok"] is True and result["dry_run"] is True and result["complete"] is True
     ids = {case["id"] for case in result["correctness"]["cases"]}
     expected = {f"penalty:{model}:{backend}:{p}" for model, backends in BACKENDS.items() for backend in backends for p in PRECISIONS}
     expected |= {f"update:{model}:{method}:{p}" for model in ("mlp", "resnet20") for method in UPDATE_METHODS for p in PRECISIONS}

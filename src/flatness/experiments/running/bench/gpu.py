@@ -218,9 +218,10 @@ def run_correctness(sizes: GpuSizes, device: torch.device, seed: int, fault: str
 
 
 def run_timing(sizes: GpuSizes, device: torch.device, seed: int, budget: Budget,
-               log: Callable[[str], None]) -> dict[str, Any]:
-    """Every timing block, float32 first (all models), then bf16 autocast."""
-    blocks: dict[str, dict[str, Any]] = {}
+               log: Callable[[str], None], blocks: dict[str, Any],
+               after_block: Callable[[], None] = lambda: None) -> dict[str, Any]:
+    """Every timing block into ``blocks``, float32 first (all models), then bf16 autocast;
+    ``after_block()`` after each."""
     for precision in ("float32", "bf16"):
         for label, (build, batch, task_name) in sizes.timing_models.items():
             config = get_task(task_name).protocol("gpu" if task_name != "cifar100-mlp" else "cpu")
@@ -228,8 +229,10 @@ def run_timing(sizes: GpuSizes, device: torch.device, seed: int, budget: Budget,
             block = time_block(label, build, config, batch, sizes.timing_features, cases, device, precision,
                                sizes.timing_plan, budget, seed)
             block["optimizer"] = config.optimizer
+            block["tf32"] = {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
             blocks[f"{label}_{precision}"] = block
             log(_block_line(f"{label}_{precision}", block))
+            after_block()
     return blocks
 
 
@@ -303,21 +306,29 @@ def run_gpu_bench(
     device = torch.device("cpu" if dry_run else "cuda")
     sizes = DRY if dry_run else FULL
     path = Path(out) if out is not None else default_out(device, dry_run)
+    if path.is_dir():
+        path = path / default_out(device, dry_run).name
     path.parent.mkdir(parents=True, exist_ok=True)  # an unwritable place fails now, not after the run
     threads = torch.get_num_threads()
     if dry_run:
         torch.set_num_threads(1)  # tiny models: a second thread only waits (and a shared CI machine)
     try:
-        result = _run(sizes, device, budget, data_dir, dry_run, seed, fault, log)
+        result = _run(sizes, device, budget, data_dir, dry_run, seed, fault, log, lambda r: _write(path, r))
     finally:
         torch.set_num_threads(threads)
-    text = json.dumps(result, indent=1, sort_keys=True, default=str) + "\n"
-    atomic_write_bytes(path, lambda fh: fh.write(text.encode()))
     return result, path
 
 
+def _write(path: Path, result: dict[str, Any]) -> None:
+    text = json.dumps(result, indent=1, sort_keys=True, default=str) + "\n"
+    atomic_write_bytes(path, lambda fh: fh.write(text.encode()))
+
+
 def _run(sizes: GpuSizes, device: torch.device, budget: Budget, data_dir: str | None, dry_run: bool,
-         seed: int, fault: str | None, log: Callable[[str], None]) -> dict[str, Any]:
+         seed: int, fault: str | None, log: Callable[[str], None],
+         save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """The three phases; ``save`` writes the JSON after each (``"complete": false`` until the
+    last), so that a run stopped from outside keeps what it measured."""
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     result: dict[str, Any] = {
         "benchmark": "gpu",
@@ -332,21 +343,27 @@ def _run(sizes: GpuSizes, device: torch.device, budget: Budget, data_dir: str | 
     }
     log(f"flatness bench gpu on {result['device']['name']} (torch {torch.__version__}, CUDA {torch.version.cuda})")
     log("correctness: device float32 (TF32 off, on) against float64 on the CPU")
+    result["complete"] = False
     result["correctness"] = run_correctness(sizes, device, seed, fault, log)
     phases = {"correctness": budget.elapsed()}
+    result["ok"] = bool(result["correctness"]["passed"])
+    save(result)
     log(f"protocol: cifar100-resnet gpu, {sizes.epoch_steps} steps per method")
     result["protocol_epoch"] = time_protocol_epoch(
         sizes.epoch_steps, sizes.epoch_warmup, device, data_dir, seed, budget, build=sizes.epoch_model,
         batch=sizes.epoch_batch, look_for_data=not dry_run or data_dir is not None,
     )
     phases["protocol_epoch"] = budget.elapsed() - sum(phases.values())
+    save(result)
     log("step timing (float32, then bf16 autocast)")
-    result["timing"] = run_timing(sizes, device, seed, budget, log)
+    result["timing"] = {}
+    run_timing(sizes, device, seed, budget, log, result["timing"], lambda: save(result))
     phases["timing"] = budget.elapsed() - sum(phases.values())
     result["phase_s"] = phases
     result["elapsed_s"] = budget.elapsed()
     result["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    result["ok"] = bool(result["correctness"]["passed"])
+    result["complete"] = True
+    save(result)
     return result
 
 
@@ -356,7 +373,8 @@ def _case_line(case: dict[str, Any]) -> str:
         return f"  {verdict} {case['id']}: {case['error']}"
     parts = [f"{k[:-8]} {case[k]:.1e} (≤ {case[k[:-8] + '_rtol']:.0e})" for k in case if k.endswith("_rel_err")
              and not k.startswith("cpu_")]
-    return f"  {verdict} {case['id']}: " + ", ".join(parts)
+    warned = f"; warned: {' | '.join(case['warnings'])}" if case.get("warnings") else ""
+    return f"  {verdict} {case['id']}: " + ", ".join(parts) + warned
 
 
 def _block_line(key: str, block: dict[str, Any]) -> str:
@@ -387,6 +405,9 @@ def summary_lines(result: dict[str, Any], path: Path) -> list[str]:
             lines.append(f"protocol {name}: {entry.get('status')} ({entry.get('reason') or entry.get('error')})")
     skipped = [k for k, b in result["timing"].items() if b.get("status") != "timed"]
     if skipped:
-        lines.append(f"timing blocks skipped: {', '.join(skipped)}")
+        lines.append(f"timing blocks not timed: {', '.join(skipped)}")
+    refused = [f"{k}/{case}" for k, b in result["timing"].items() for case in b.get("errors", {})]
+    if refused:
+        lines.append(f"timing cases that raised (errors in the JSON): {', '.join(refused)}")
     lines.append(f"elapsed {result['elapsed_s']:.0f} s of a {result['budget_s']:.0f} s budget; JSON: {path}")
     return lines

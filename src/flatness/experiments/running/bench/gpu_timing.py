@@ -241,8 +241,9 @@ def _protocol_data(
         data = Splits(x[:samples], y[:samples], x[samples:samples + eval_samples],
                       y[samples:samples + eval_samples], 100, x[samples + eval_samples:], y[samples + eval_samples:])
         source = f"synthetic N(0,1) images of CIFAR-100's shape (no CIFAR-100: {_error(exc)[:160]})"
-    val_x, val_y = (data.x_val, data.y_val) if data.x_val is not None else (data.x_test, data.y_test)
-    assert val_y is not None
+    val_x, val_y = data.x_val, data.y_val
+    if val_x is None or val_y is None:  # a protocol without a validation split: test twice
+        val_x, val_y = data.x_test, data.y_test
     cut = Splits(data.x_train[:samples], data.y_train[:samples], data.x_test[:eval_samples],
                  data.y_test[:eval_samples], 100, val_x[:eval_samples], val_y[:eval_samples])
     return cut, source
