@@ -110,3 +110,17 @@ def test_relative_error_and_tf32_switch():
             assert not (torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
     assert default_out(torch.device("cpu"), True).name.endswith("-cpu-dryrun.json")
+
+
+def test_full_run_models_build_and_take_their_batches():
+    """The GPU run's own models (the dry run uses stand-ins): each builds and maps a batch of
+    its inputs to 100 logits, so a wrong builder cannot first show on a lent GPU."""
+    from flatness.experiments.running.bench.gpu import FULL
+
+    builders = {**FULL.check_models, **{f"update-{k}": b for k, b in FULL.update_models.items()},
+                "measure": FULL.measure_model, **{k: b for k, (b, _, _) in FULL.timing_models.items()}}
+    with torch.no_grad():
+        for name, build in builders.items():
+            features = FULL.check_features.get(name.removeprefix("update-"), FULL.timing_features)
+            assert build().eval()(torch.randn(2, features)).shape == (2, FULL.classes), name
+    assert FULL.check_features == {"mlp": 3072, "resnet20": 3072, "vit": 3072, "measure": 3072}
