@@ -154,14 +154,14 @@ DRY = GpuSizes(
     trace_matvecs=4,
     timing_models={
         "mlp": (lambda: mlp(192, 100, (16, 8), 0.3, 0.5), 8, "cifar100-mlp"),
-        "resnet18": (lambda: ResNet([2, 2, 2, 2], [2, 4, 8, 16], 100, "B", image_shape=DRY_IMAGE), 8, "cifar100-resnet"),
+        "resnet18": (lambda: ResNet([1, 1, 1, 1], [2, 4, 8, 16], 100, "B", image_shape=DRY_IMAGE), 8, "cifar100-resnet"),
         "vit_tiny": (lambda: vit_tiny(100, dim=8, depth=1, heads=2, mlp_ratio=2.0, image_shape=DRY_IMAGE), 8, "cifar100-vit"),
     },
     timing_features=192,
     timing_plan=TimingPlan(warmup=0, rounds=1, reps=1, probe_warmup=0),
     epoch_steps=2,
     epoch_warmup=1,
-    epoch_model=lambda: resnet18(100, width=2),
+    epoch_model=lambda: ResNet([1, 1, 1, 1], [2, 4, 8, 16], 100, "B"),
     epoch_batch=8,
     describe={"all": "tiny stand-ins of the full run's models (a dry run checks the code, not the figures)"},
 )
