@@ -96,6 +96,7 @@ class Surface:
 
     @property
     def num_nonfinite(self) -> int:
+        """How many points of ``loss`` are NaN (a non-finite loss there)."""
         return int(np.sum(~np.isfinite(self.loss)))
 
     def save(self, path: str | os.PathLike[str]) -> Path:

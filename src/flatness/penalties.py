@@ -209,6 +209,7 @@ class FlatnessPenalty:
 
     @property
     def params(self) -> list[Tensor]:
+        """The penalised parameters (``params`` as given, else the model's trainable ones)."""
         if self._params is not None:
             return self._params
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -554,6 +555,7 @@ class FlatnessPenalty:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the state of :meth:`state_dict` (resume a run exactly)."""
         self.calls = int(state["calls"])
         if state.get("generator") is not None:
             if self.generator is None:

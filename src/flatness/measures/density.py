@@ -76,6 +76,7 @@ class SpectralDensity:
 
     @property
     def ritz_range(self) -> tuple[float, float]:
+        """The smallest and largest Ritz value over all repeats."""
         return float(min(t.min() for t in self.nodes)), float(max(t.max() for t in self.nodes))
 
     def save(self, path: str | os.PathLike[str]) -> Path:

@@ -54,7 +54,7 @@ LossFn = Callable[[Tensor, Any], Tensor]
 
 @dataclass(frozen=True)
 class Batch:
-    """One batch and its weight |b| / N in the data-set average."""
+    """One batch and its weight ``|b| / N`` in the data-set average."""
 
     x: Any
     y: Any

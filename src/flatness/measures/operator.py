@@ -113,10 +113,12 @@ class LinearOperator:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the vectors the operator takes and returns."""
         raise NotImplementedError
 
     @property
     def device(self) -> torch.device:
+        """The device of the vectors the operator takes and returns."""
         raise NotImplementedError
 
     def _matmat(self, X: Tensor) -> Tensor:
@@ -207,14 +209,17 @@ class HessianOperator(LinearOperator):
 
     @property
     def device(self) -> torch.device:
+        """The parameters' device."""
         return self._params[0].device
 
     @property
     def dtype(self) -> torch.dtype:
+        """The parameters' dtype."""
         return self._params[0].dtype
 
     @property
     def batches(self) -> list[Batch]:
+        """The batches the Hessian is taken over (materialised once, weighted by batch size)."""
         return self._batches
 
     def loss(self) -> float:

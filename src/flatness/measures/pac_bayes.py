@@ -130,7 +130,7 @@ def pac_bayes(
         model, loss_fn, batches: the network, its batch-mean loss (used with
             ``criterion="loss"``) and the training data.
         deviation: d > 0, the allowed rise of the expected error (or loss).
-        magnitude_aware: noise of standard deviation √(σ²θ_i² + ``floor``²) instead of σ.
+        magnitude_aware: noise of standard deviation √(σ²θ_i² + floor²) instead of σ.
         criterion: ``"error"`` (0-1 error, Jiang et al.) or ``"loss"`` (``loss_fn``).
         initial: the initial weights (module or state dict): adds the ``init`` bound.
         samples: Monte-Carlo draws per σ (>= 2); steps: bisection halvings; upper: first

@@ -7,7 +7,7 @@ gradient ascent.
     \qquad C_\varepsilon = \{\delta = c \odot u : \lVert u \rVert \le \varepsilon\},
 
 with the box ``‖u‖_∞ ≤ ε`` or the ball ``‖u‖_2 ≤ ε``, and the scale c = 1 (plain) or
-c = |θ| + η (adaptive). The adaptive region moves with the weights, so a rescaling of a ReLU
+c = ``|θ|`` + η (adaptive). The adaptive region moves with the weights, so a rescaling of a ReLU
 network that leaves its function unchanged (layer ℓ × a, layer ℓ+1 / a) leaves the adaptive
 sharpness unchanged (with η = 0), which plain ε-sharpness is not. Keskar's exact region
 ``|δ_i| ≤ ε(|θ_i| + 1)`` is the adaptive box with η = 1, and his normalised figure
@@ -93,7 +93,7 @@ def eps_sharpness(
         model, loss_fn, batches: the network, its batch-mean loss and the data.
         eps: radius ε > 0 (in units of c).
         region: ``"box"`` (‖u‖_∞ ≤ ε, Keskar) or ``"ball"`` (‖u‖_2 ≤ ε over all parameters).
-        adaptive: scale the region by c = |θ| + η (reparametrisation-invariant for η = 0).
+        adaptive: scale the region by c = ``|θ|`` + η (reparametrisation-invariant for η = 0).
         eta: η >= 0 of the adaptive scale (Keskar's region: ``adaptive=True, eta=1``).
         steps: ascent steps (each one forward and backward pass over all batches).
         step_size: step in u (default 2.5ε/steps).
@@ -197,7 +197,7 @@ def adaptive_sharpness(
     seed: int | None = 0,
     params: Iterable[Tensor] | None = None,
 ) -> Sharpness:
-    """Adaptive sharpness: :func:`eps_sharpness` with the region scaled by |θ| + η (Kwon et al.)."""
+    """Adaptive sharpness: :func:`eps_sharpness` with the region scaled by ``|θ|`` + η (Kwon et al.)."""
     return eps_sharpness(
         model, loss_fn, batches, eps, region,
         adaptive=True, eta=eta, steps=steps, seed=seed, params=params,

@@ -122,12 +122,15 @@ class Term:
         raise NotImplementedError
 
     def observe(self, model: nn.Module) -> contextlib.AbstractContextManager[Any]:
+        """A context entered around the pass's forward (default: none)."""
         return contextlib.nullcontext()
 
     def state_dict(self) -> dict[str, Any]:
+        """The term's state (e.g. an adaptive λ's), merged into :meth:`Method.state_dict`."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the state of :meth:`state_dict` (``state`` may hold other entries too)."""
         return None
 
 
@@ -139,12 +142,15 @@ class Point:
     """
 
     def run(self, method: "Method", x: Any, y: Any, params: list[Tensor], info: dict[str, float]) -> None:
+        """Run the step's passes for ``method`` on the batch; leave the gradient in ``.grad``."""
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
+        """The point's state, merged into :meth:`Method.state_dict`."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the state of :meth:`state_dict` (``state`` may hold other entries too)."""
         return None
 
 
@@ -196,9 +202,11 @@ class Method:
 
     @classmethod
     def accepts(cls, keyword: str) -> bool:
+        """Whether the constructor takes ``keyword`` (:meth:`keywords`)."""
         return keyword in cls.keywords()
 
     def task_loss(self, x: Any, y: Any) -> Tensor:
+        """``loss_fn(model(x), y)``, with graph, in the model's current mode."""
         return self.loss_fn(call_model(self.model, x), y)
 
     def objective(
@@ -229,6 +237,10 @@ class Method:
         return total
 
     def step(self, x: Any, y: Any, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        """One training step on the batch: ``zero_grad``, the point's passes, ``optimizer.step()``.
+
+        Returns the logged values (``"loss"`` and each term's), floats or detached 0-d tensors.
+        """
         params = trainable_parameters(self.model)
         optimizer.zero_grad(set_to_none=True)
         info: dict[str, float] = {}
@@ -237,12 +249,14 @@ class Method:
         return info
 
     def state_dict(self) -> dict[str, Any]:
+        """The point's and the terms' state in one dict (saved with a checkpoint)."""
         state = dict(self.point.state_dict())
         for term in self.terms:
             state.update(term.state_dict())
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the state of :meth:`state_dict`."""
         self.point.load_state_dict(state)
         for term in self.terms:
             term.load_state_dict(state)

@@ -149,10 +149,12 @@ class CurvatureRegularization(Method):
 
     @property
     def impl(self) -> str:
+        """The requested form; ``"auto"`` turns into ``"vmap"`` for good once the closed form does not apply."""
         return self.term.impl
 
     @property
     def last_impl(self) -> str | None:
+        """The form the last step used (``"closed-form"`` or ``"vmap"``; ``None`` before the first)."""
         return self.term.last_impl
 
     def __repr__(self) -> str:

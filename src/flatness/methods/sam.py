@@ -119,7 +119,7 @@ class SharpnessAware(Method):
 
     Args:
         rho: radius ρ of the neighbourhood; ``rho=0`` gives plain training at twice the cost.
-        adaptive: adaptive SAM (ε̂ scaled by |θ|, which wants larger ρ, e.g. 0.5–2).
+        adaptive: adaptive SAM (ε̂ scaled by ``|θ|``, which wants larger ρ, e.g. 0.5–2).
     """
 
     name = "sam"

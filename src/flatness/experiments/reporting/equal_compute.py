@@ -95,6 +95,7 @@ class Configuration:
 
     @property
     def label(self) -> str:
+        """The configuration as Markdown table text, the method in backticks and its strength."""
         if self.hparam is None or self.value is None:
             return f"`{self.method}`"
         return f"`{self.method}` {SYMBOLS.get(self.hparam, self.hparam)} = {format_value(float(self.value))}"

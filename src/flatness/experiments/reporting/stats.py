@@ -175,6 +175,7 @@ class Comparison:
 
     @property
     def paired(self) -> bool:
+        """Whether the runs were paired by seed (paired t-test; otherwise Welch's)."""
         return self.test == "paired t"
 
 
@@ -457,6 +458,7 @@ class AxisCoefficient:
 
     @property
     def num_cells(self) -> int:
+        """How many cells the axis's ψ averages over."""
         return len(self.cells)
 
 

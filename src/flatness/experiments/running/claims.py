@@ -44,6 +44,7 @@ CLAIM_SUFFIX = ".claim"
 
 
 def claim_path(directory: Path, name: str) -> Path:
+    """The claim file of run ``name`` in ``directory``."""
     return Path(directory) / f"{name}{CLAIM_SUFFIX}"
 
 
@@ -113,10 +114,12 @@ class Claim:
                 os.utime(self.path)
 
     def start_heartbeat(self) -> None:
+        """Refresh the claim file every :data:`HEARTBEAT_SECONDS` from a daemon thread, while it is ours."""
         self._thread = threading.Thread(target=self._heartbeat, name=f"claim {self.path.name}", daemon=True)
         self._thread.start()
 
     def release(self) -> None:
+        """Stop the heartbeat and remove the claim file if it is still ours."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()

@@ -46,6 +46,7 @@ class LineProgress:
         return text + (f" {self.postfix}" if self.postfix else "")
 
     def update(self, n: int = 1) -> None:
+        """Count ``n`` more; print a line if ``interval`` seconds passed since the last."""
         self.n += n
         now = time.monotonic()
         if now - self.last >= self.interval:
@@ -53,9 +54,11 @@ class LineProgress:
             self._show()
 
     def set_postfix(self, **values: Any) -> None:
+        """The ``key=value`` text at the end of the next lines."""
         self.postfix = " ".join(f"{k}={v}" for k, v in values.items())
 
     def write(self, message: str) -> None:
+        """Print ``message`` on a line of its own."""
         print(message, file=self.stream, flush=True)
 
     def _show(self) -> None:
@@ -63,6 +66,7 @@ class LineProgress:
         self.write(self._line())
 
     def close(self) -> None:
+        """Print the final count if ``leave`` and it has not been shown."""
         if self.leave and self.shown != (self.n, self.postfix):
             self._show()
 

@@ -123,6 +123,7 @@ class RunRecord:
 
     @property
     def complete(self) -> bool:
+        """Whether the run finished (``status == "complete"``)."""
         return self.status == "complete"
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -272,6 +273,7 @@ def load_records(directory: str | os.PathLike[str]) -> list[RunRecord]:
 
 
 def check_writable(directory: Path) -> None:
+    """Create ``directory`` and write a test file in it; ``FlatnessError`` saying why not."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(directory / ".write-test", lambda fh: fh.write(b"ok"))

@@ -95,6 +95,7 @@ class RunSpec:
 
     @property
     def name(self) -> str:
+        """The run's name, the file stem of its record and checkpoint (method and strength, the tags of non-default settings, seed)."""
         parts = [self.method]
         if self.hparam is not None and self.value is not None:
             parts[0] += f"_{self.hparam}{format_value(self.value)}"
@@ -115,6 +116,7 @@ class RunSpec:
         return base * scale * (1.0 if not self.value else 2.5)
 
     def as_dict(self) -> dict[str, Any]:
+        """The spec as plain JSON-ready data (stored in the run record)."""
         return {
             "task": self.task,
             "method": self.method,
@@ -129,6 +131,7 @@ class RunSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunSpec":
+        """The spec of :meth:`as_dict`'s data."""
         return cls(
             task=d["task"],
             method=d["method"],
@@ -253,6 +256,7 @@ def select_shard(specs: Sequence[RunSpec], index: int, count: int) -> list[RunSp
 
 
 def parse_shard(text: str) -> tuple[int, int]:
+    """The ``(I, N)`` of a shard ``"I/N"`` (1 <= I <= N); ``FlatnessError`` otherwise."""
     index, sep, count = text.partition("/")
     try:
         if not sep:

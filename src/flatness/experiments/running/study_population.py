@@ -325,6 +325,7 @@ class Population:
     train_seconds: float
 
     def as_dict(self) -> dict[str, Any]:
+        """The population as plain JSON-ready data."""
         return asdict(self)
 
 

@@ -108,6 +108,7 @@ class Splits:
 
     @property
     def num_features(self) -> int:
+        """The input width (columns of ``x_train``)."""
         return int(self.x_train.shape[1])
 
 

@@ -209,6 +209,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """The config of :meth:`as_dict`'s data; ``ValueError`` naming unknown fields."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -277,6 +278,7 @@ class Task:
         return self._cache[key]
 
     def clear_cache(self) -> None:
+        """Forget the splits :meth:`load` cached in this process."""
         self._cache.clear()
 
     @property
