@@ -16,6 +16,11 @@ sys.path.insert(0, str(DOCS / "_ext"))
 os.environ.setdefault("MPLBACKEND", "agg")
 
 import flatness  # noqa: E402
+import torch  # noqa: E402
+
+# The gallery's examples run in this process. One thread: on a shared 2-core machine (CI) two
+# threads spin against other jobs and a small model's step takes ~20x longer.
+torch.set_num_threads(1)
 
 project = "flatness"
 author = "the flatness developers"
@@ -34,6 +39,7 @@ extensions = [
     "api_pages",  # the API reference from __all__, and the missing-docstring gate
     "results_pages",  # results/README.md and a page per folder of committed results
     "task_pages",  # one page per built-in task, from the task registry
+    "registry_tables",  # the methods and measures tables of the guide, from their registries
 ]
 
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
