@@ -185,7 +185,14 @@ def write_pages(outdir: Path, modules: list[str]) -> None:
 _HOME_OF: dict[tuple[int, str], str] = {}
 
 
-def _lookup(path: str) -> tuple[bool, str | None]:
+def index_homes(modules: list[str]) -> None:
+    """Record where each exported object is documented, for resolving references to it."""
+    _HOME_OF.clear()
+    for (mod_name, name), home in canonical_homes(modules).items():
+        _HOME_OF[(id(getattr(importlib.import_module(mod_name), name)), name)] = home
+
+
+def lookup(path: str) -> tuple[bool, str | None]:
     """Whether ``path`` names an existing module or attribute of the package, and the path of
     the page entry that documents it (``None`` if none does)."""
     parts = path.split(".")
@@ -250,7 +257,7 @@ def _resolve_alias(app: Any, env: Any, node: Any, contnode: Any) -> Any:
     domain = env.get_domain("py")
     builder = app.builder
     for path in _candidates(node["reftarget"], node):
-        exists, documented = _lookup(path)
+        exists, documented = lookup(path)
         if not exists:
             continue
         if documented and documented != path:
@@ -275,9 +282,7 @@ def _builder_inited(app: Any) -> None:
     for problem in missing_docstrings(modules):
         logger.warning(f"missing docstring: {problem}", type="flatness", subtype="docstring")
     write_pages(Path(app.srcdir) / "api", modules)
-    _HOME_OF.clear()
-    for (mod_name, name), home in canonical_homes(modules).items():
-        _HOME_OF[(id(getattr(importlib.import_module(mod_name), name)), name)] = home
+    index_homes(modules)
 
 
 def _drop_type_docstring(app: Any, what: str, name: str, obj: Any, options: Any, lines: list[str]) -> None:

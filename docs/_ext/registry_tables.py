@@ -4,6 +4,7 @@
 sweep, summary line, class); ``.. flatness-measures::`` lists the measure names that
 :func:`flatness.measures.compute_measures` and ``flatness measure --measures`` accept, marking
 the default set. A method or measure added to a registry appears in the guide with no edit.
+The cells are reStructuredText: in a Markdown page, use them inside an ``{eval-rst}`` block.
 """
 
 from __future__ import annotations
