@@ -62,11 +62,13 @@ def test_the_gate_reports_each_kind_of_missing_docstring(tmp_path, monkeypatch):
             def _private(self):
                 pass
     '''))
-    (package / "undeclared.py").write_text('"""No __all__."""\n')
+    (package / "undeclared.py").write_text('"""No __all__."""\nVALUE = 1\n')
+    (package / "rooms").mkdir()
+    (package / "rooms" / "__init__.py").write_text('"""Submodules only: nothing to declare."""\n')
     (package / "_hidden.py").write_text("def g():\n    pass\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     modules = api_pages.public_modules("gatecheck")
-    assert modules == ["gatecheck", "gatecheck.mod", "gatecheck.undeclared"]
+    assert modules == ["gatecheck", "gatecheck.mod", "gatecheck.rooms", "gatecheck.undeclared"]
     assert sorted(api_pages.missing_docstrings(modules)) == [
         "gatecheck.mod.C.method: no docstring",
         "gatecheck.mod.C.prop: no docstring",
@@ -91,14 +93,14 @@ def test_references_resolve_by_any_import_path_and_fail_on_nothing():
     assert api_pages.lookup("flatness.methods.base.Method.step") == (True, "flatness.methods.Method.step")
     assert api_pages.lookup("flatness.measures.eigen.top_eigenvalues") == (True, "flatness.measures.top_eigenvalues")
     # exists but documented nowhere (outside every __all__): shown as code, not an error
-    assert api_pages.lookup("flatness.experiments.training._check_losses") == (True, None)
+    assert api_pages.lookup("flatness.experiments.running.training._check_losses") == (True, None)
     assert api_pages.lookup("flatness.FlatnessPenalty.no_such_method") == (False, None)
     assert api_pages.lookup("flatness.no_such_module.thing") == (False, None)
     assert api_pages.lookup("torch.nn.Linear") == (False, None)
 
 
 def test_task_pages_show_every_protocol_of_the_registry():
-    from flatness.experiments.tasks import TASKS
+    from flatness.experiments.world.tasks import TASKS
 
     for name, task in TASKS.items():
         page = task_pages.task_page(task, results_pages.results_dirs())

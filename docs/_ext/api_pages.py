@@ -5,17 +5,18 @@ command modules are documented by the CLI reference instead) gets one page: its 
 summary table of its ``__all__`` and the full documentation of the names documented there. Each
 object is documented once, on the page of the shallowest public module that exports it — the path
 users import it from (``flatness.FlatnessPenalty``); the defining module's table links there, and
-autodoc records the defining path as canonical, so references by either name resolve.
+a reference by any path that imports the object resolves to that page (:func:`lookup`).
 
 The gate (:func:`missing_docstrings`) fails the build for a public module without a docstring or
-without ``__all__``, a class or function in an ``__all__`` without a docstring, and a public
-method or property of such a class without one (an inherited docstring counts). Run it alone with
+without ``__all__`` (unless it binds no public name: a package of submodules), a class or
+function in an ``__all__`` without a docstring, and a public method or property of such a class
+without one (an inherited docstring counts). Run it alone with
 ``python docs/_ext/api_pages.py``.
 """
 
 from __future__ import annotations
 
-import ast
+import __future__
 import importlib
 import inspect
 import pkgutil
@@ -27,12 +28,15 @@ from typing import Any
 PACKAGE = "flatness"
 # Documented by the CLI reference (cli.md), not as Python API: the parsers of each command.
 EXCLUDED_PREFIXES = ("flatness.cli.",)
-GROUPS = (  # (caption, module prefix), first match wins
-    ("The command line", "flatness.cli"),
-    ("The pipeline", "flatness.experiments"),
-    ("Methods", "flatness.methods"),
-    ("Measures", "flatness.measures"),
+GROUPS = (  # (caption, module prefix) in the order of the index; a module goes to its longest prefix
     ("The library", "flatness"),
+    ("Measures", "flatness.measures"),
+    ("Methods", "flatness.methods"),
+    ("The pipeline", "flatness.experiments"),
+    ("The pipeline: world (tasks, data, models)", "flatness.experiments.world"),
+    ("The pipeline: running (runs, records, training)", "flatness.experiments.running"),
+    ("The pipeline: reporting (statistics, reports, the study)", "flatness.experiments.reporting"),
+    ("The command line", "flatness.cli"),
 )
 
 
@@ -87,6 +91,14 @@ def _public_members(cls: type) -> list[str]:
     return names
 
 
+def _public_attributes(module: ModuleType) -> list[str]:
+    """Names ``module`` binds that look public: no ``_`` prefix, not a module, not a
+    ``from __future__`` feature."""
+    return [name for name, value in vars(module).items()
+            if not name.startswith("_") and not inspect.ismodule(value)
+            and not isinstance(value, __future__._Feature)]
+
+
 def missing_docstrings(modules: list[str]) -> list[str]:
     """One line per public module, name, method or property without a docstring."""
     problems: list[str] = []
@@ -97,7 +109,8 @@ def missing_docstrings(modules: list[str]) -> list[str]:
             problems.append(f"{mod_name}: module has no docstring")
         exported = getattr(module, "__all__", None)
         if exported is None:
-            problems.append(f"{mod_name}: module has no __all__ (its public names are undeclared)")
+            if _public_attributes(module):  # a package of submodules alone declares nothing
+                problems.append(f"{mod_name}: module has no __all__ (its public names are undeclared)")
             continue
         for name in exported:
             if not hasattr(module, name):
@@ -118,7 +131,9 @@ def missing_docstrings(modules: list[str]) -> list[str]:
 
 
 def _group(mod_name: str) -> str:
-    return next(caption for caption, prefix in GROUPS if mod_name == prefix or mod_name.startswith(prefix + "."))
+    matches = [(len(prefix), caption) for caption, prefix in GROUPS
+               if mod_name == prefix or mod_name.startswith(prefix + ".")]
+    return max(matches)[1]
 
 
 def _relative(full: str, mod_name: str) -> str:
@@ -154,7 +169,7 @@ def _index(modules: list[str]) -> str:
              "Generated from the docstrings of every public module's ``__all__``. Each object is "
              "documented once, under the shortest public path that exports it (the one to import "
              "it from); every other module that exports it links there.", ""]
-    for caption, _ in GROUPS[::-1]:
+    for caption, _ in GROUPS:
         members = [m for m in modules if _group(m) == caption]
         if members:
             lines += [caption, "-" * len(caption), "", ".. toctree::", "   :maxdepth: 1", ""]

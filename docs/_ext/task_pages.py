@@ -19,11 +19,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _registry() -> dict[str, Any]:
-    return dict(importlib.import_module("flatness.experiments.tasks").TASKS)
+    return dict(importlib.import_module("flatness.experiments.world.tasks").TASKS)
 
 
 def _study_grids(name: str) -> list[str]:
-    grids = importlib.import_module("flatness.experiments.study_population").GRIDS
+    grids = importlib.import_module("flatness.experiments.running.study_population").GRIDS
     return [grid for task, grid in grids if task == name]
 
 
@@ -100,7 +100,7 @@ def write_task_pages(outdir: Path, results_pages: list[str]) -> None:
         if stale.name not in wanted:
             stale.unlink()
     index = ["# Built-in tasks", "",
-             "One page per task of the registry ({data}`flatness.experiments.tasks.TASKS`), generated "
+             "One page per task of the registry ({data}`flatness.experiments.world.tasks.TASKS`), generated "
              "from it when the documentation is built.", "",
              "| task | description | protocols |", "|---|---|---|"]
     for name, task in tasks.items():

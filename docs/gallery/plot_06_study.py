@@ -15,7 +15,7 @@ values — so read it as a tour of the outputs.
 # %%
 # The grid and the runs
 # ---------------------
-# A :class:`~flatness.experiments.study.StudyGrid` crosses its ``plane`` axes at the ``centre``
+# A :class:`~flatness.experiments.reporting.study.StudyGrid` crosses its ``plane`` axes at the ``centre``
 # values of the others; ``protocol`` overrides the task's training protocol. The runs are
 # ordinary runs of the pipeline (records, checkpoints, resumable).
 import tempfile
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from flatness.experiments.runner import run_grid
-from flatness.experiments.study import StudyGrid
-from flatness.experiments.study_population import collect_population
-from flatness.experiments.study_report import write_study_report
+from flatness.experiments.reporting.study import StudyGrid
+from flatness.experiments.reporting.study_report import write_study_report
+from flatness.experiments.running.runner import run_grid
+from flatness.experiments.running.study_population import collect_population
 
 grid = StudyGrid(
     "gallery", "breast-cancer-mlp",
