@@ -32,7 +32,9 @@ def test_every_public_module_and_name_has_a_docstring():
 def test_public_modules_skip_private_ones_and_the_command_modules():
     modules = api_pages.public_modules()
     assert modules[0] == "flatness"
-    assert {"flatness.measures", "flatness.methods.sam", "flatness.cli", "flatness.experiments"} <= set(modules)
+    assert {"flatness.measures", "flatness.methods.sam", "flatness.cli", "flatness.experiments"} <= set(
+        modules
+    )
     assert not [m for m in modules if "._" in m or m.startswith("flatness.cli.")]
 
 
@@ -91,7 +93,8 @@ def test_references_resolve_by_any_import_path_and_fail_on_nothing():
     api_pages.index_homes(api_pages.public_modules())
     assert api_pages.lookup("flatness.penalties.FlatnessPenalty") == (True, "flatness.FlatnessPenalty")
     assert api_pages.lookup("flatness.methods.base.Method.step") == (True, "flatness.methods.Method.step")
-    assert api_pages.lookup("flatness.measures.eigen.top_eigenvalues") == (True, "flatness.measures.top_eigenvalues")
+    top = "flatness.measures.top_eigenvalues"
+    assert api_pages.lookup("flatness.measures.eigen.top_eigenvalues") == (True, top)
     # exists but documented nowhere (outside every __all__): shown as code, not an error
     assert api_pages.lookup("flatness.experiments.running.training._check_losses") == (True, None)
     assert api_pages.lookup("flatness.FlatnessPenalty.no_such_method") == (False, None)
@@ -106,7 +109,8 @@ def test_task_pages_show_every_protocol_of_the_registry():
         page = task_pages.task_page(task, results_pages.results_dirs())
         assert page.startswith(f"# `{name}`")
         (epochs_row,) = [line for line in page.splitlines() if line.startswith("| `epochs` |")]
-        assert epochs_row == "| `epochs` | " + " | ".join(f"`{c.epochs}`" for c in task.protocols.values()) + " |"
+        epochs = " | ".join(f"`{c.epochs}`" for c in task.protocols.values())
+        assert epochs_row == f"| `epochs` | {epochs} |"
 
 
 def test_results_pages_include_each_folders_reports_and_figures():
@@ -134,8 +138,8 @@ def test_the_docs_extra_is_installed_within_its_declared_ranges():
 @pytest.mark.skipif(not HAS_SPHINX, reason="the docs extra is not installed (make docs installs it)")
 def test_the_site_builds_without_warnings(tmp_path):
     # every page but the gallery's executed output (make docs runs the examples)
-    cmd = [sys.executable, "-m", "sphinx", "-b", "html", "-W", "--keep-going", "-q", "-E",
-           "-D", "plot_gallery=0", "-d", str(tmp_path / "doctrees"), str(ROOT / "docs"), str(tmp_path / "html")]
+    cmd = [sys.executable, "-m", "sphinx", "-b", "html", "-W", "--keep-going", "-q", "-E", "-D", "plot_gallery=0",
+           "-d", str(tmp_path / "doctrees"), str(ROOT / "docs"), str(tmp_path / "html")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert (tmp_path / "html" / "api" / "flatness.html").read_text().count("FlatnessPenalty") > 5

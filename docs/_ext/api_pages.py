@@ -159,7 +159,8 @@ def _page(mod_name: str, homes: dict[tuple[str, str], str]) -> str:
         elif inspect.isfunction(obj):
             lines += [f".. autofunction:: {full}", ""]
         else:
-            lines += [f".. autodata:: {full}", "   :no-value:" if isinstance(obj, (dict, list)) and len(repr(obj)) > 300 else "", ""]
+            long_value = isinstance(obj, (dict, list)) and len(repr(obj)) > 300
+            lines += [f".. autodata:: {full}", "   :no-value:" if long_value else "", ""]
     lines += [f".. minigallery:: {' '.join(f'{mod_name}.{n}' for n in own)}", ""] if own else []
     return "\n".join(lines)
 

@@ -57,8 +57,8 @@ def task_page(task: Any, results_pages: list[str]) -> str:
     facts = []
     if task.paper_table:
         facts.append(f"- Reproduces the FA paper's {task.paper_table}.")
-    facts.append(f"- Classes: {task.num_classes}; input width: "
-                 + (f"{task.num_features}." if task.num_features else "set by the data (known after loading)."))
+    width = f"{task.num_features}." if task.num_features else "set by the data (known after loading)."
+    facts.append(f"- Classes: {task.num_classes}; input width: {width}")
     facts.append(f"- Task class: {{class}}`~{cls.__module__}.{cls.__qualname__}`"
                  f" (version {task.version}: records of another version are not reused).")
     if task.model_defaults:

@@ -59,9 +59,9 @@ for backend in BACKENDS:
 # ------------------------
 # On the paper's CIFAR-100 MLP shape (3072-512-256-100, B = 128, random inputs, as ``flatness
 # bench overhead`` times it): the median of 15 steps (forward, penalty, backward, Adam) per
-# backend, in three interleaved rounds of 5, against a plain step — on the machine and at the load
-# that built this page, so the figures are indicative only; ``benchmarks/RESULTS.md`` has the
-# benchmark's figures with their machines and spreads.
+# backend, in three interleaved rounds of 5, against a plain step — on the machine and at the
+# load that built this page, so the figures are indicative only; ``benchmarks/RESULTS.md`` has
+# the benchmark's figures with their machines and spreads.
 shape_x = torch.randn(128, 3072)
 shape_y = torch.randint(0, 100, (128,))
 
