@@ -80,6 +80,16 @@ def test_the_gate_reports_each_kind_of_missing_docstring(tmp_path, monkeypatch):
     ]
 
 
+def test_a_public_package_that_cannot_be_imported_fails_rather_than_vanishes(tmp_path, monkeypatch):
+    package = tmp_path / "gatebroken"
+    (package / "integration").mkdir(parents=True)
+    (package / "__init__.py").write_text('"""A package."""\n')
+    (package / "integration" / "__init__.py").write_text("import a_package_that_is_not_installed\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ImportError, match="gatebroken.integration"):
+        api_pages.public_modules("gatebroken")
+
+
 def test_every_exported_name_is_documented_once_at_its_shortest_public_path():
     modules = api_pages.public_modules()
     homes = api_pages.canonical_homes(modules)

@@ -44,7 +44,10 @@ def public_modules(package: str = PACKAGE) -> list[str]:
     """Dotted names of the public modules of ``package``, the package first, then sorted."""
     root = importlib.import_module(package)
     names = [package]
-    for info in pkgutil.walk_packages(root.__path__, package + "."):
+    def fail(name: str) -> None:  # walk_packages would skip a package that fails to import
+        raise ImportError(f"public package {name} cannot be imported (a missing optional dependency?)")
+
+    for info in pkgutil.walk_packages(root.__path__, package + ".", onerror=fail):
         if any(part.startswith("_") for part in info.name.split(".")):
             continue
         if info.name.startswith(EXCLUDED_PREFIXES):
