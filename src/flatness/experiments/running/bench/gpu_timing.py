@@ -88,9 +88,11 @@ class Budget:
         self.start = time.perf_counter()
 
     def elapsed(self) -> float:
+        """Seconds since the budget started."""
         return time.perf_counter() - self.start
 
     def remaining(self) -> float:
+        """Seconds left of the budget (negative once it is spent)."""
         return self.seconds - self.elapsed()
 
 
