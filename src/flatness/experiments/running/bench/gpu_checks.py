@@ -37,7 +37,7 @@ gradient (one more differentiation) ≈ 12·u, a first-order update ≈ 6·u.
   a first-order penalty under TF32 must be as good as an exact one under TF32.
 - ``update`` (SAM, NRS: first derivatives at a perturbed point): float32 1e-4, TF32 1e-2.
 - ``measure``: Tr(H) (the same probes on both sides) and λ_max (Lanczos, whose float32 stopping
-  rule is a residual of 1e-4·|λ|: :func:`flatness.measures.eigenvalues_of`): float32 1e-3,
+  rule is a residual of ``1e-4·|λ|``: :func:`flatness.measures.eigenvalues_of`): float32 1e-3,
   TF32 1e-2.
 
 Measured with the CPU as the device (float32 against float64, the full run's models and sizes,
