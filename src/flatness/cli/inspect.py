@@ -155,6 +155,12 @@ def measure_command(args: argparse.Namespace) -> int:
             raise FlatnessError(f"--{flag.replace('_', '-')} must be a finite number > 0")
     if args.noise_samples < 2:
         raise FlatnessError("--noise-samples must be >= 2")
+    for flag in ("entropy_gamma", "entropy_noise", "entropy_step_size"):
+        value = getattr(args, flag)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise FlatnessError(f"--{flag.replace('_', '-')} must be a finite number > 0")
+    if args.entropy_steps < 6 or args.entropy_nodes < 1:
+        raise FlatnessError("--entropy-steps must be >= 6 and --entropy-nodes >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     task, model, meta, batches = load_for_task(
@@ -168,6 +174,8 @@ def measure_command(args: argparse.Namespace) -> int:
         seed=args.seed, matvecs=args.matvecs, k=args.k, eps=args.eps, adaptive_eps=args.adaptive_eps,
         sharpness_steps=args.sharpness_steps, sigma=args.sigma, noise_samples=args.noise_samples,
         divergence_eps=args.divergence_eps, initial=None if initial is None else initial.state_dict(),
+        entropy_gamma=args.entropy_gamma, entropy_noise=args.entropy_noise, entropy_steps=args.entropy_steps,
+        entropy_step_size=args.entropy_step_size, entropy_nodes=args.entropy_nodes,
         function=args.function,
     )
     start = time.perf_counter()
@@ -341,8 +349,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="measures to compute (space- or comma-separated, or 'all'); default: loss "
                         "hessian_trace hessian_sq_trace lambda_max last_layer_lambda_max "
                         "eps_sharpness fisher_trace; also: hutchpp_trace adaptive_sharpness "
-                        "noise_loss model_divergence spectral_density param_norm path_norm "
-                        "distance_from_init margin pacbayes pacbayes_mag")
+                        "noise_loss local_entropy model_divergence spectral_density param_norm "
+                        "path_norm distance_from_init margin pacbayes pacbayes_mag")
     p.add_argument("--function", default="deployed", choices=("deployed", "batch_stats"),
                    help="the function measured: deployed = eval mode, BatchNorm on running statistics "
                         "(default); batch_stats = BatchNorm on each batch's statistics (as trained)")
@@ -354,6 +362,14 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sigma", type=float, default=0.01, help="σ of the weight noise (0.01)")
     p.add_argument("--noise-samples", type=int, default=20, help="Monte-Carlo draws (20)")
     p.add_argument("--divergence-eps", type=float, default=0.1, help="NRS radius ε (0.1)")
+    p.add_argument("--entropy-gamma", type=float, default=100.0, help="local entropy: scope γ (100)")
+    p.add_argument("--entropy-noise", type=float, default=0.1,
+                   help="local entropy: thermal noise ε, temperature ε² (0.1)")
+    p.add_argument("--entropy-steps", type=int, default=30,
+                   help="local entropy: Langevin steps per quadrature node, a third burn-in (30)")
+    p.add_argument("--entropy-step-size", type=float, default=None,
+                   help="local entropy: Langevin step size (default 0.05/γ)")
+    p.add_argument("--entropy-nodes", type=int, default=6, help="local entropy: quadrature nodes in λ (6)")
     p.add_argument("--density-steps", type=int, default=80, help="Lanczos steps of the SLQ density (80)")
     p.add_argument("--density-repeats", type=int, default=1, help="SLQ probes (1)")
     p.add_argument("--plot-dir", default=None, help="where spectral_density writes its PNG and .npz")

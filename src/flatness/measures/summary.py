@@ -35,6 +35,7 @@ from ..utils import FlatnessError, eval_mode
 from .divergence import model_divergence
 from .eigen import last_layer, top_eigenvalues
 from .fisher import fisher_trace
+from .local_entropy import local_entropy
 from .functional import Batch, LossFn, collect_batches, evaluate_at, trainable_params
 from .margin import output_margin
 from .noise import noisy_loss
@@ -68,6 +69,13 @@ class MeasureOptions:
     margin_quantile: float = 0.1
     pacbayes_deviation: float = 0.1
     pacbayes_samples: int = 10
+    # Entropy-SGD's local entropy (:mod:`.local_entropy`): scope γ, thermal noise ε, Langevin
+    # steps per quadrature node, step size (None: 0.05/γ), quadrature nodes
+    entropy_gamma: float = 100.0
+    entropy_noise: float = 0.1
+    entropy_steps: int = 30
+    entropy_step_size: float | None = None
+    entropy_nodes: int = 6
     function: Function = "deployed"
 
     def __post_init__(self) -> None:
@@ -124,6 +132,15 @@ def _noise(model: nn.Module, loss_fn: LossFn, data: list[Batch], o: MeasureOptio
     r = noisy_loss(model, loss_fn, data, o.sigma, o.noise_samples, seed=o.seed)
     return {"noise_loss": r.mean, "noise_loss_stderr": r.stderr, "noise_loss_ci": [r.ci_low, r.ci_high],
             "noise_loss_increase": r.increase, "noise_sigma": r.sigma}
+
+
+def _local_entropy(model: nn.Module, loss_fn: LossFn, data: list[Batch], o: MeasureOptions) -> dict[str, Any]:
+    r = local_entropy(model, loss_fn, data, o.entropy_gamma, o.entropy_noise, steps=o.entropy_steps,
+                      burn_in=o.entropy_steps // 3, step_size=o.entropy_step_size, nodes=o.entropy_nodes,
+                      seed=o.seed)
+    return {"local_entropy": r.value, "local_entropy_stderr": r.stderr,
+            "local_entropy_sharpness": r.sharpness, "local_entropy_gamma": r.gamma,
+            "local_entropy_noise": r.noise, "local_entropy_step_size": r.step_size}
 
 
 def _fisher(model: nn.Module, loss_fn: LossFn, data: list[Batch], o: MeasureOptions) -> dict[str, Any]:
@@ -184,6 +201,7 @@ MEASURES: dict[str, Measure] = {
     "eps_sharpness": _eps,
     "adaptive_sharpness": _adaptive,
     "noise_loss": _noise,
+    "local_entropy": _local_entropy,
     "fisher_trace": _fisher,
     "model_divergence": _divergence,
     "param_norm": _param_norm,
