@@ -13,11 +13,14 @@ to its parameters or buffers.
 - :mod:`.sharpness`: ε-sharpness and adaptive sharpness; :mod:`.noise`: expected loss under
   Gaussian weight noise; :mod:`.local_entropy`: Entropy-SGD's local entropy by Langevin sampling; :mod:`.fisher`: empirical Fisher trace; :mod:`.divergence`: NRS model
   divergence; :mod:`.summary`: several at once, :func:`final_measures`;
+- :mod:`.calibration`: expected calibration error, NLL and Brier score of predictions (not a
+  flatness measure: what flatness is said to predict);
 - reference measures of Jiang et al. (2019): :mod:`.norms` (parameter norm, path norm, distance
   from initialisation), :mod:`.margin` (output margin), :mod:`.pac_bayes` (PAC-Bayes flatness
   and bounds); :mod:`.reparam`: the function-preserving rescaling of Dinh et al. (2017).
 """
 
+from .calibration import ECE_BINS, Calibration, calibration
 from .density import SpectralDensity, density_of, lanczos, plot_spectral_density, spectral_density
 from .divergence import kl_from_logits, model_divergence
 from .eigen import (
@@ -89,6 +92,8 @@ __all__ = [
     "pac_bayes",
     "Change",
     "rescale_layers",
-
+    "ECE_BINS",
+    "Calibration",
+    "calibration",
     "reparametrization_check",
 ]
