@@ -245,6 +245,9 @@ class Task:
     config: TrainConfig
     num_classes: int = 0
     num_features: int | None = None  # input width; data-dependent tasks set it in ``load``
+    # What the inputs are: "tabular" (standardised features), "text" (sparse TF-IDF) or "image"
+    # (standardised CIFAR pixels); it chooses the final robustness evaluation's perturbations.
+    modality: ClassVar[str] = "tabular"
     # The model settings ``build_model`` accepts (e.g. hidden widths, dropout) and their defaults;
     # a run's non-default ones are part of its identity (RunSpec.model_kwargs).
     model_defaults: dict[str, Any] = {}
@@ -373,6 +376,7 @@ class Cifar100MLP(Task):
     paper_table = "Table 1"
     num_classes = 100
     num_features = 3072
+    modality = "image"
     version = 3
     # Protocol choices, backed by the records in results/cifar100-mlp/tuning/ (method none,
     # this protocol but for the setting named; `flatness report` there, summary.csv):
@@ -419,6 +423,7 @@ class NewsgroupsLogReg(Task):
     paper_table = "Table 2"
     num_classes = 20
     num_features = None  # the TF-IDF vocabulary size, known after load()
+    modality = "text"
     config = TrainConfig(epochs=20, batch_size=32, lr=3e-3, weight_decay=1e-4)
 
     def _load_raw(self, root: Path, download: bool | None) -> Splits:
@@ -473,6 +478,7 @@ class Cifar100Images(Task):
 
     num_classes = 100
     num_features = 3072
+    modality = "image"
     gpu_config: TrainConfig
     # FA by the first-order estimator: autograd's double backward through these convolutions
     # and attention is several times slower, and its third derivatives through train-mode
