@@ -28,6 +28,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "flatness.cli.bench",
     "flatness.cli.run",
     "flatness.cli.inspect",
+    "flatness.cli.connect",
     "flatness.cli.study",
 )
 

@@ -10,7 +10,8 @@ their stored order, the model in eval mode)::
     flatness landscape CKPT_LAM0 --other CKPT_LAM001 --task cifar100-mlp --kind interp --out pictures/
     flatness landscape CKPT --task cifar100-mlp --kind pca --out pictures/   # needs --trajectory N runs
 
-``measure`` prints one JSON object with ``--json`` (keys such as ``hessian_trace``,
+``landscape --kind interp`` re-estimates BatchNorm running statistics at every point on the first
+``--examples`` training examples (as ``flatness connect`` does). ``measure`` prints one JSON object with ``--json`` (keys such as ``hessian_trace``,
 ``hessian_sq_trace``, ``lambda_max``, ``eps_sharpness``, ``fisher_trace``), else one line per
 key. ``landscape`` writes ``NAME_KIND.npz`` and ``NAME_KIND.png`` into ``--out`` (atomically).
 Bad input (a checkpoint of another task, k above the number of parameters, an unknown measure)
@@ -36,7 +37,7 @@ from torch import Tensor, nn
 
 from ..utils import FlatnessError, take_first
 
-__all__ = ["add_cli", "load_for_task", "measure_command", "landscape_command"]
+__all__ = ["add_cli", "load_for_task", "training_batches", "measure_command", "landscape_command"]
 
 SPLITS = ("train", "test", "val")
 KINDS = ("1d", "2d", "interp", "pca")
@@ -88,6 +89,19 @@ def load_for_task(
     size = batch_size or getattr(task.config, "eval_batch_size", 1024)
     batches = list(iterate_batches(x, y, size, shuffle=False))
     return task, model, meta, batches
+
+
+def training_batches(task: Any, examples: int | None, batch_size: int, data_dir: str | None) -> list[tuple[Any, Tensor]]:
+    """The first ``examples`` (``None``: all) of the task's training split, in batches, in order."""
+    from ..experiments.world.data import iterate_batches
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=SPARSE_NOTES)
+        splits = task.load(data_dir)
+        x, y = splits.x_train, splits.y_train
+        if examples is not None:
+            x, y = take_first(x, examples), y[:examples]
+        return list(iterate_batches(x, y, batch_size, shuffle=False))
 
 
 def _emit_warnings(caught: Sequence[warnings.WarningMessage]) -> list[str]:
@@ -282,9 +296,12 @@ def landscape_command(args: argparse.Namespace) -> int:
         elif args.kind == "interp":
             other, _ = load_checkpoint(args.other, task=args.task)
             low, high = args.interp_range
+            # BatchNorm statistics re-estimated at each point on the first --examples training examples
+            stats = training_batches(task, args.examples, task.config.batch_size, args.data_dir)
             surface = interpolate(model, other, task.loss_fn, batches,
                                   alphas=torch.linspace(low, high, num or 41).tolist(),
-                                  metric=metric, metric_name="accuracy", progress=args.progress)
+                                  metric=metric, metric_name="accuracy", progress=args.progress,
+                                  stat_batches=stats)
             stem = f"{stem}_to_{Path(args.other).stem}"
         else:
             states: list[Any] = []
