@@ -147,3 +147,29 @@ def test_older_records_read_with_the_new_fields_none():
     r = read_record(BEFORE / "fa_lam0.01_seed0_p0e2091.json")
     assert all(getattr(r, k) is None for k in NEW_FIELDS) and r.final_test_acc is not None
     assert dataclasses.replace(r, final_test_ece=0.1).get("final_test_ece") == 0.1
+
+
+def test_the_reports_reliability_diagram_pools_the_runs_bins(tmp_path):
+    from flatness.experiments.reporting.plots import _pooled_reliability, plot_group
+    from flatness.experiments.reporting.report import summarize
+    from flatness.experiments.running.record import RunRecord
+    from flatness.measures import calibration
+
+    gen = torch.Generator().manual_seed(0)
+    logits = [torch.randn(50, 4, generator=gen) for _ in range(2)]
+    labels = [torch.randint(0, 4, (50,), generator=gen) for _ in range(2)]
+    records = []
+    for seed, (z, y) in enumerate(zip(logits, labels)):
+        c = calibration(z, y)
+        records.append(RunRecord(name=f"none_seed{seed}", task=BC, method="none", seed=seed, status="complete",
+                                 config={"epochs": 1, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.0},
+                                 final_test_acc=c.accuracy, final_test_ece=c.ece, final_test_reliability=c.reliability()))
+    both = calibration(torch.cat(logits), torch.cat(labels))
+    conf, acc, n, runs = _pooled_reliability(records)
+    assert n == 100 and runs == 2
+    assert conf == pytest.approx([v for v in both.confidence if v is not None])
+    assert acc == pytest.approx([v for v in both.bin_accuracy if v is not None])
+    (group,) = summarize(records)
+    written = plot_group(group, tmp_path)
+    assert tmp_path / f"{group.slug}_reliability.png" in written
+    assert _pooled_reliability([dataclasses.replace(r, final_test_reliability=None) for r in records]) is None

@@ -10,7 +10,8 @@ atomically:
   per group a statistics table: the difference from the baseline paired by seed with its 95 %
   interval, the effect size, paired t and Wilcoxon p-values raw and Holm-adjusted, the minimum
   detectable effect;
-* ``<group>_accuracy.png``, ``<group>_flatness.png``, ``<group>_curves.png`` (:mod:`.plots`).
+* ``<group>_accuracy.png``, ``<group>_flatness.png``, ``<group>_curves.png`` and, for records
+  with calibration fields, ``<group>_reliability.png`` (:mod:`.plots`).
 
 Degenerate comparisons (fewer than 2 pairs, identical values, zero variance) show a note
 instead of a p-value. The footnotes take their numbers from the measurement protocol
