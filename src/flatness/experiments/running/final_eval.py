@@ -40,9 +40,9 @@ import torch
 from torch import Tensor, nn
 
 from ...measures.calibration import calibration
-from ...utils import call_model, eval_mode, take_first
+from ...utils import call_model, eval_mode
 from ..world.corruptions import CORRUPTIONS, corrupt, from_pixels, gaussian_noise, to_pixels
-from ..world.data import Splits, iterate_batches
+from ..world.data import Splits, iterate_batches, select_rows
 from ..world.tasks import Task, TrainConfig
 from .training import evaluate
 
@@ -89,7 +89,7 @@ def final_robustness(model: nn.Module, task: Task, splits: Splits, config: Train
     """``final_test_robustness``: accuracies under input noise (and corruptions, image tasks)."""
     start = time.perf_counter()
     n = min(ROBUSTNESS_EXAMPLES, int(splits.y_test.shape[0]))
-    x, y = take_first(splits.x_test, n), splits.y_test[:n]
+    x, y = select_rows(splits.x_test, torch.arange(n, device=splits.y_test.device)), splits.y_test[:n]
     images = getattr(task, "modality", "tabular") == "image" and splits.pixel_mean is not None
     # images without their pixel statistics get noise in input units, like tabular features
     modality = "image" if images else ("text" if x.layout == torch.sparse_csr else "tabular")

@@ -101,11 +101,12 @@ def gaussian_blur(images: Tensor, sigma: float) -> Tensor:
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
     kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
     kernel = (kernel / kernel.sum()).to(images.dtype).to(images.device)
-    n, c, h, w = images.shape
-    flat = images.reshape(n * c, 1, h, w)
-    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
-    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
-    return flat.reshape(n, c, h, w)
+    h, w = images.shape[2:]
+    # separable: a weighted sum of shifted copies along each axis (a handful of taps)
+    padded = F.pad(images, (radius, radius, 0, 0), mode="replicate")
+    rows = sum(k * padded[..., i : i + w] for i, k in enumerate(kernel))
+    padded = F.pad(rows, (0, 0, radius, radius), mode="replicate")
+    return sum(k * padded[..., i : i + h, :] for i, k in enumerate(kernel))
 
 
 def contrast(images: Tensor, factor: float) -> Tensor:
