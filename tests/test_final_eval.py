@@ -163,7 +163,8 @@ def test_the_reports_reliability_diagram_pools_the_runs_bins(tmp_path):
         c = calibration(z, y)
         records.append(RunRecord(name=f"none_seed{seed}", task=BC, method="none", seed=seed, status="complete",
                                  config={"epochs": 1, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.0},
-                                 final_test_acc=c.accuracy, final_test_ece=c.ece, final_test_reliability=c.reliability()))
+                                 final_test_acc=c.accuracy, final_test_ece=c.ece, final_test_reliability=c.reliability(),
+                                 curves={"test_acc": [c.accuracy]}))
     both = calibration(torch.cat(logits), torch.cat(labels))
     conf, acc, n, runs = _pooled_reliability(records)
     assert n == 100 and runs == 2

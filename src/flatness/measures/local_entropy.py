@@ -47,9 +47,12 @@ on all of the measured data (so the injected noise is the only noise). The chain
 of increasing λ, each starting where the previous one ended, the first from an exact draw of
 N(w, ε²/γ I). The standard error is that of batch means: the b-th quarter of every chain
 gives one estimate of LE, and the four are treated as independent (a rough figure, 3 degrees
-of freedom, too small when the chains mix slowly); it ignores the two biases: the quadrature (below 1 % for a_i/γ up to 100 with 6 nodes) and the unadjusted
-step (on a quadratic of curvature k = λa + γ the chain's variance is ε²/(k(1 − ηk/2)); the
-default η = 0.05/γ keeps it 2.5 % in the flat directions; the chain is stable while ηk < 2).
+of freedom, too small when the chains mix slowly). It ignores two biases: the quadrature's
+(with 6 nodes, on a quadratic: below 1 % of the log-determinant term for a_i/γ ≤ 100, up to
+5 % of the Moreau term of a direction with a_i/γ = 100 far from its minimum) and the
+unadjusted step's (on a quadratic of curvature k = λa + γ the chain's variance is
+ε²/(k(1 − ηk/2)); the default η = 0.05/γ keeps it 2.5 % in the flat directions; the chain is
+stable while ηk < 2).
 Weights are perturbed through ``torch.func.functional_call``: the model is never written to.
 
 Example (a quadratic f(w) = ½ Σ a_i w_i², the model a linear map with rows √a_i):
