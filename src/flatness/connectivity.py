@@ -88,13 +88,16 @@ class PathCurve:
 
     @property
     def barrier_loss(self) -> float:
+        """The loss barrier (:func:`barrier`)."""
         return barrier(self.ts, self.loss)
 
     @property
     def barrier_error(self) -> float | None:
+        """The error barrier, ``None`` without an accuracy."""
         return None if self.error is None else barrier(self.ts, self.error)
 
     def as_dict(self) -> dict[str, Any]:
+        """``t``, ``loss``, ``barrier_loss`` (and ``error``, ``barrier_error``) as plain data."""
         out: dict[str, Any] = {"t": self.ts.tolist(), "loss": self.loss.tolist(), "barrier_loss": self.barrier_loss}
         if self.error is not None:
             out.update(error=self.error.tolist(), barrier_error=self.barrier_error)
@@ -110,6 +113,7 @@ class Connectivity:
     info: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
+        """Both paths' :meth:`PathCurve.as_dict` (``linear``, ``bezier``) and ``info``, as plain data."""
         out = {"linear": self.linear.as_dict(), **self.info}
         if self.bezier is not None:
             out["bezier"] = self.bezier.as_dict()

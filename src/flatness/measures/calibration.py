@@ -62,6 +62,7 @@ class Calibration:
 
     @property
     def bins(self) -> int:
+        """The number of confidence bins."""
         return len(self.counts)
 
     def reliability(self) -> dict[str, Any]:

@@ -112,6 +112,7 @@ class LocalEntropy:
 
     @property
     def sharpness(self) -> float:
+        """The smoothed loss's rise above the loss, −LE − f(w) (larger = sharper)."""
         return -self.value - self.loss
 
 
@@ -161,7 +162,7 @@ def local_entropy(
 
     Raises:
         FlatnessError: the loss is not finite at w, or a chain diverged (its loss rose above
-            f(w) by more than 100 (1 + |f(w)|): lower ``step_size``).
+            f(w) by more than ``100 (1 + |f(w)|)``: lower ``step_size``).
     """
     for name, value in (("gamma", gamma), ("noise", noise)):
         if not (math.isfinite(value) and value > 0):
