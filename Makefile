@@ -1,5 +1,6 @@
 # Two commands on a fresh machine:  `make demo` (main job) and `make test` (test suite).
-# Both create .venv and install the package with torch pinned by constraints.txt.
+# Both create .venv and install the package with torch pinned by constraints.txt, with the
+# integration extras (Lightning, transformers, TensorBoard): their tests run for real.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,7 +10,7 @@ BIN := $(VENV)/bin
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[all,test]'
 	touch $@
 
 install: $(BIN)/.installed
