@@ -16,9 +16,21 @@ from .utils import FlatnessError, eval_mode, preserved_mode
 
 __version__ = "0.2.0"
 
-_aliases.install()  # the 0.1 import paths (flatness.tasks, ...) for one more release
+_aliases.install()
+
+# Loaded on first use: the monitor imports the measures (SciPy), which `import flatness` does not.
+_LAZY = {"CurvatureMonitor": "flatness.monitor"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'flatness' has no attribute {name!r}")  # the 0.1 import paths (flatness.tasks, ...) for one more release
 
 __all__ = [
+    "CurvatureMonitor",
     "Estimate",
     "FlatnessError",
     "FlatnessPenalty",

@@ -104,7 +104,8 @@ def _hutchpp(model: nn.Module, loss_fn: LossFn, data: list[Batch], o: MeasureOpt
 
 def _sq_trace(model: nn.Module, loss_fn: LossFn, data: list[Batch], o: MeasureOptions) -> dict[str, Any]:
     est = hessian_sq_trace(model, loss_fn, data, o.matvecs, seed=o.seed)
-    return {"hessian_sq_trace": est.value, "hessian_sq_trace_stderr": est.stderr}
+    return {"hessian_sq_trace": est.value, "hessian_sq_trace_stderr": est.stderr,
+            "hessian_sq_trace_matvecs": est.num_samples}
 
 
 def _eigen(model: nn.Module, loss_fn: LossFn, data: list[Batch], o: MeasureOptions) -> dict[str, Any]:
