@@ -60,6 +60,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .batch_loss import ModelLoss, adapt, as_pair
 from .measures.functional import LossFn
 from .measures.summary import MEASURES, MeasureOptions, compute_measures
 from .passes import FUNCTIONS, Function
@@ -194,8 +195,10 @@ class CurvatureMonitor:
 
     Args:
         model: the network being trained (read only: nothing of it is changed).
-        loss_fn: ``loss_fn(model(x), y) -> scalar``, the batch-mean task loss.
-        batch: the held-out ``(x, y)`` batch measured every time (kept as a detached copy).
+        loss_fn: ``loss_fn(model(x), y) -> scalar``, the batch-mean task loss; or a
+            :class:`flatness.ModelLoss` ``fn(model, batch)`` for any batch (e.g. a dict).
+        batch: the held-out batch measured every time, an ``(x, y)`` pair (any batch with a
+            :class:`~flatness.ModelLoss`); kept as a detached copy.
         every: measure on steps 0, N, 2N, ... (N >= 1).
         measures: names from :data:`flatness.measures.MEASURES`, or the short names
             ``"trace"`` (Tr(H), ``hessian_trace``) and ``"sq_trace"`` (Tr(H²), with Tr(H²)/B as
@@ -218,8 +221,8 @@ class CurvatureMonitor:
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: LossFn,
-        batch: tuple[Any, Any],
+        loss_fn: LossFn | ModelLoss,
+        batch: Any,
         every: int = 100,
         measures: Sequence[str] = ("lambda_max", "trace", "sq_trace"),
         *,
@@ -235,14 +238,20 @@ class CurvatureMonitor:
             raise FlatnessError(f"every must be an integer >= 1, got {every!r}")
         if function not in FUNCTIONS:
             raise FlatnessError(f"function must be one of {FUNCTIONS}, got {function!r}")
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise FlatnessError("batch must be an (inputs, targets) pair")
+        if not isinstance(loss_fn, ModelLoss) and (not isinstance(batch, (tuple, list)) or len(batch) != 2):
+            raise FlatnessError("batch must be an (inputs, targets) pair (or give a ModelLoss for any batch)")
         if writer is not None and not callable(getattr(writer, "add_scalar", None)):
             raise FlatnessError(f"writer must have add_scalar (a SummaryWriter), got {type(writer).__name__}")
         self.model = model
         self.loss_fn = loss_fn
-        self.batch = detached_copy(tuple(batch))
-        self.batch_size = batch_size(self.batch[0])
+        # a ModelLoss runs as (BatchLoss(model, fn), batch, None): flatness.batch_loss
+        self._measured, self._measured_loss = adapt(model, loss_fn)
+        if isinstance(loss_fn, ModelLoss):
+            self.batch = as_pair(detached_copy(batch))
+            self.batch_size = loss_fn.size_of(self.batch[0][0])
+        else:
+            self.batch = detached_copy(tuple(batch))
+            self.batch_size = batch_size(self.batch[0])
         self.every = every
         self.measures = measure_names(measures)
         base = options if options is not None else DEFAULT_OPTIONS
@@ -284,7 +293,9 @@ class CurvatureMonitor:
             # measures in the parameters' dtype, whatever autocast region the loop is in
             stack.enter_context(torch.autocast(device_type, enabled=False))
             try:
-                values = compute_measures(model, self.loss_fn, [self.batch], self.measures, self.options)
+                values = compute_measures(
+                    self._measured, self._measured_loss, [self.batch], self.measures, self.options
+                )
             finally:
                 for p, g in grads:  # measures use autograd.grad; this keeps any .grad as it was
                     p.grad = g

@@ -30,6 +30,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..batch_loss import BatchLoss
 from ..passes import FUNCTIONS, Function, measure_pass
 from ..utils import FlatnessError, eval_mode
 from .divergence import model_divergence
@@ -220,6 +221,10 @@ DEFAULT_MEASURES: tuple[str, ...] = (
 )
 
 
+NEEDS_OUTPUT: frozenset[str] = frozenset({"margin", "model_divergence", "path_norm", "pacbayes", "pacbayes_mag"})
+"""Measures of the model's output (logits), which a :class:`flatness.ModelLoss` does not expose."""
+
+
 def compute_measures(
     model: nn.Module,
     loss_fn: LossFn,
@@ -236,6 +241,13 @@ def compute_measures(
     unknown = [m for m in measures if m not in MEASURES]
     if unknown:
         raise FlatnessError(f"unknown measure(s) {unknown}; expected some of {sorted(MEASURES)}")
+    if isinstance(model, BatchLoss):
+        need = [m for m in measures if m in NEEDS_OUTPUT]
+        if need:
+            raise FlatnessError(
+                f"measure(s) {need} need the model's output, and a ModelLoss gives only the loss: "
+                "measure with loss_fn(output, target)"
+            )
     options = options or MeasureOptions()
     data = collect_batches(batches)
     out: dict[str, Any] = {}
