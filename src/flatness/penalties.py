@@ -46,8 +46,9 @@ from .kfac import kfac_sq_trace
 from .lam_control import make_policy
 from .linear_io import SharedPrefix, share_prefix
 from .passes import curvature_pass
+from .precision import autocast_dtype, full_precision
 from .probes import Distribution, check_distribution, make_generator, sample_probes
-from .utils import batch_size, call_model, take_first, unwrap
+from .utils import batch_size, call_model, require_double_backward, take_first, unwrap
 
 __all__ = ["BACKENDS", "FlatnessPenalty", "NonFiniteCurvatureError"]
 
@@ -186,7 +187,10 @@ class FlatnessPenalty:
         # Under DDP the curvature pass runs on the wrapped module: it is built out of place with
         # autograd.grad(create_graph=True) on the local batch, and the one ordinary backward() of
         # task loss + penalty is what DDP all-reduces (it does not synchronise grads of grads).
-        self.local_model = unwrap(model)
+        self.local_model = unwrap(model)  # also the eager module inside torch.compile's wrapper
+        if backend != "finite-difference":
+            require_double_backward(self.local_model, f"backend={backend!r}")
+        self._warned_precision = False
         self.loss_fn = loss_fn
         self.lam = float(lam)
         self.probes = probes
@@ -471,9 +475,11 @@ class FlatnessPenalty:
         if prefix is not None and cx is not x and prefix.source is x:
             prefix = prefix.first_rows(cx)  # a sub-batch: the first rows of the shared prefix
         if self.backend == "finite-difference":  # its own passes (curvature_pass policy)
-            estimate = self._finite_difference(cx, cy, params, grad0, kinks)
+            with self._precision(ref.device.type, cx):
+                estimate = self._finite_difference(cx, cy, params, grad0, kinks)
         else:
-            with curvature_pass(self.local_model, dropout=not self.eval_during_curvature):
+            with curvature_pass(self.local_model, dropout=not self.eval_during_curvature), \
+                    self._precision(ref.device.type, cx):
                 estimate = self._estimate(cx, cy, params, first, prefix)
         value = float(estimate.detach())
         ratio_control = getattr(self.policy, "needs_grad_norms", False)
@@ -507,6 +513,24 @@ class FlatnessPenalty:
         self.last_sq_trace = value
         self.last_penalty = lam * value / full_batch
         return penalty
+
+    def _precision(self, device_type: str, cx: Any) -> contextlib.AbstractContextManager[Any]:
+        """Autocast off for the passes low precision breaks (:mod:`flatness.precision`)."""
+        dtype = autocast_dtype(device_type)
+        if dtype is None:
+            return contextlib.nullcontext()
+        if self.backend == "finite-difference":
+            if not self._warned_precision:
+                self._warned_precision = True
+                warnings.warn(
+                    f"backend='finite-difference' cannot run under {dtype} autocast (rounding swamps its "
+                    "differences of gradients): its passes run in full precision",
+                    RuntimeWarning, stacklevel=4,
+                )
+            return full_precision(device_type)
+        if self.backend == "auto" and self._backend(cx) == "verify":
+            return full_precision(device_type)  # the closed-form check compares in full precision
+        return contextlib.nullcontext()
 
     def _ratio_surrogate(
         self, unit: Tensor, params: list[Tensor], step: int, lam: float, shared: bool,

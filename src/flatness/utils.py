@@ -7,6 +7,7 @@ import errno
 import io
 import os
 import secrets
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -18,6 +19,8 @@ __all__ = [
     "FlatnessError",
     "atomic_write_bytes",
     "unwrap",
+    "compiled_parts",
+    "require_double_backward",
     "module_modes",
     "restore_modes",
     "preserved_mode",
@@ -33,17 +36,38 @@ class FlatnessError(Exception):
     """A user-facing error: the CLI prints its message as one line and exits non-zero."""
 
 
+def _is_compiled_wrapper(model: nn.Module) -> bool:
+    """Whether ``model`` is what ``torch.compile(module)`` returns (an ``OptimizedModule``)."""
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")  # loaded whenever something was compiled
+    return dynamo is not None and isinstance(model, dynamo.OptimizedModule)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel / DataParallel wrapper (else ``model``).
+    """The module inside a DistributedDataParallel / DataParallel wrapper, or inside the
+    wrapper ``torch.compile`` returns (else ``model``).
 
     Out-of-place passes (curvature, perturbations, torch.func transforms) run on it, so that
-    DDP's reducer sees exactly one forward/backward per step.
+    DDP's reducer sees exactly one forward/backward per step, and so that passes that
+    differentiate twice run eagerly: compiled code has no double backward.
     """
     from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-    while isinstance(model, (DistributedDataParallel, DataParallel)):
-        model = model.module
-    return model
+    while True:
+        if isinstance(model, (DistributedDataParallel, DataParallel)):
+            model = model.module
+        elif _is_compiled_wrapper(model):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def compiled_parts(model: nn.Module) -> list[str]:
+    """Names of the submodules of ``model`` that run compiled code (``torch.compile(sub)`` or
+    ``sub.compile()``; ``""`` is ``model`` itself)."""
+    return [
+        name for name, m in model.named_modules()
+        if _is_compiled_wrapper(m) or getattr(m, "_compiled_call_impl", None) is not None
+    ]
 
 
 def module_modes(model: nn.Module) -> list[bool]:
@@ -131,6 +155,18 @@ def call_model(model: nn.Module, x: Any) -> Tensor:
     if isinstance(x, dict):
         return model(**x)
     return model(x)
+
+
+def require_double_backward(model: nn.Module, what: str) -> None:
+    """A ``ValueError`` naming the first-order backend when ``model`` has compiled parts, whose
+    code has no double backward (``what`` differentiates twice)."""
+    compiled = compiled_parts(model)
+    if compiled:
+        raise ValueError(
+            f"{what} differentiates twice and the compiled part(s) {compiled} of this model have no "
+            "double backward (torch.compile): use backend='finite-difference' (first-order), or "
+            "compile the whole model, torch.compile(model), whose eager module is then differentiated"
+        )
 
 
 def _create_temp_file(path: Path) -> tuple[int, Path]:
