@@ -140,3 +140,31 @@ def test_a_training_step_of_a_compiled_model_with_the_penalty():
     opt.step()
     assert penalty.last_sq_trace > 0
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def _fp16_sam_recipe(scaled: bool) -> list[torch.Tensor]:
+    """docs/integrations.md's fp16 + GradScaler sequence for the SAM wrapper (on the CPU)."""
+    model = _model()
+    x, y = _batch()
+    sam = SAM(model.parameters(), torch.optim.SGD, rho=0.1, model=model, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=scaled)
+    for _ in range(3):
+        sam.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16, enabled=scaled):
+            loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        sam.first_step(zero_grad=True)  # ε̂ does not depend on the gradient's scale
+        with torch.autocast("cpu", dtype=torch.float16, enabled=scaled):
+            perturbed_loss = F.cross_entropy(model(x), y)
+        scaler.scale(perturbed_loss).backward()
+        sam.restore()
+        scaler.step(sam.base_optimizer)
+        scaler.update()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_the_documented_fp16_gradscaler_sequence_for_sam():
+    start = [p.detach().clone() for p in _model().parameters()]
+    full, scaled = _fp16_sam_recipe(False), _fp16_sam_recipe(True)
+    for s, a, b in zip(start, scaled, full):
+        assert torch.linalg.vector_norm(a - b) <= 0.05 * torch.linalg.vector_norm(b - s)

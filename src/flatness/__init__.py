@@ -9,6 +9,7 @@ paper's pipeline (:mod:`flatness.experiments`) or the command line (:mod:`flatne
 """
 
 from . import _aliases
+from .batch_loss import ModelLoss
 from .hutchinson import Estimate, hvp, measure_sq_trace, sq_trace, sq_trace_samples
 from .penalties import FlatnessPenalty, NonFiniteCurvatureError
 from .probes import make_generator, sample_probes
@@ -34,6 +35,7 @@ __all__ = [
     "Estimate",
     "FlatnessError",
     "FlatnessPenalty",
+    "ModelLoss",
     "NonFiniteCurvatureError",
     "eval_mode",
     "hvp",
