@@ -9,7 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")  # a guard for installs without the extra; CI has it
 
 from flatness import FlatnessPenalty  # noqa: E402
-from flatness.batch_loss import BatchLoss, ModelLoss, as_pair, hf_loss  # noqa: E402
+from flatness.batch_loss import ModelLoss, hf_loss  # noqa: E402
 from flatness.integrations.hf import CurvatureCallback, FlatnessTrainer  # noqa: E402
 
 N, T = 8, 6
@@ -58,9 +58,9 @@ def test_flatness_trainer_step_is_loss_plus_penalty_on_dict_batches(tmp_path, at
     ref = _bert(attn)
     ref.train()
     batch = transformers.default_data_collator(_dataset())
-    penalty = FlatnessPenalty(BatchLoss(ref, ModelLoss(hf_loss)), lambda loss, _: loss, lam=0.5, probes=2, seed=3)
+    penalty = FlatnessPenalty(ref, ModelLoss(hf_loss), lam=0.5, probes=2, seed=3)
     opt = torch.optim.SGD(ref.parameters(), lr=0.1)
-    (ref(**batch).loss + penalty(*as_pair(batch))).backward()
+    (ref(**batch).loss + penalty(batch)).backward()
     opt.step()
     assert penalty.last_sq_trace == pytest.approx(trainer.penalty.last_sq_trace, rel=1e-4)
     for (name, a), b in zip(model.named_parameters(), ref.parameters()):

@@ -46,9 +46,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .utils import FlatnessError, batch_size
+from .utils import FlatnessError, batch_size, unwrap
 
-__all__ = ["ModelLoss", "BatchLoss", "adapt", "as_pair", "output_is_loss", "hf_loss"]
+__all__ = ["ModelLoss", "BatchLoss", "adapt", "as_pair", "output_is_loss", "hf_loss", "batch_size_of", "adapt_wrapped", "call_pair"]
 
 
 class ModelLoss:
@@ -136,3 +136,30 @@ def adapt(model: nn.Module, loss_fn: Any) -> tuple[nn.Module, Callable[[Tensor, 
 def as_pair(batch: Any) -> tuple[tuple[Any], None]:
     """``((batch,), None)``: a whole batch as the (inputs, target) of an adapted pair."""
     return (batch,), None
+
+
+def batch_size_of(model: nn.Module, inputs: Any) -> int:
+    """B of ``inputs`` for ``model``: a :class:`BatchLoss`'s inputs ``(batch,)`` by its
+    :meth:`ModelLoss.size_of`, otherwise the leading dimension of the first tensor."""
+    if isinstance(model, BatchLoss) and isinstance(inputs, tuple) and len(inputs) == 1:
+        return model.loss.size_of(inputs[0])
+    return batch_size(inputs)
+
+
+def adapt_wrapped(model: nn.Module, loss_fn: Any) -> tuple[nn.Module, Any, nn.Module]:
+    """:func:`adapt`, plus the module an out-of-place pass runs: ``(model, loss_fn, local)``
+    with ``local`` the adapted :func:`flatness.utils.unwrap`-ped model (DDP, torch.compile)."""
+    adapted, fn = adapt(model, loss_fn)
+    if isinstance(loss_fn, ModelLoss) and unwrap(model) is not model:
+        return adapted, fn, BatchLoss(unwrap(model), loss_fn)
+    return adapted, fn, unwrap(adapted)
+
+
+def call_pair(model_loss: ModelLoss | None, x: Any, y: Any, what: str = "penalty") -> tuple[Any, Any]:
+    """``(x, y)`` of a call ``what(x, y)``, or the whole batch ``x`` as :func:`as_pair` when the
+    callee was built with a :class:`ModelLoss` (then ``what(batch)``)."""
+    if model_loss is not None:
+        if y is not None:
+            raise TypeError(f"a {what} built with a ModelLoss takes the whole batch: {what}(batch)")
+        return as_pair(x)
+    return x, y

@@ -60,7 +60,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .batch_loss import ModelLoss, adapt, as_pair
+from .batch_loss import ModelLoss
 from .measures.functional import LossFn
 from .measures.summary import MEASURES, MeasureOptions, compute_measures
 from .passes import FUNCTIONS, Function
@@ -244,11 +244,9 @@ class CurvatureMonitor:
             raise FlatnessError(f"writer must have add_scalar (a SummaryWriter), got {type(writer).__name__}")
         self.model = model
         self.loss_fn = loss_fn
-        # a ModelLoss runs as (BatchLoss(model, fn), batch, None): flatness.batch_loss
-        self._measured, self._measured_loss = adapt(model, loss_fn)
-        if isinstance(loss_fn, ModelLoss):
-            self.batch = as_pair(detached_copy(batch))
-            self.batch_size = loss_fn.size_of(self.batch[0][0])
+        if isinstance(loss_fn, ModelLoss):  # the measures take it with whole batches
+            self.batch = detached_copy(batch)
+            self.batch_size = loss_fn.size_of(self.batch)
         else:
             self.batch = detached_copy(tuple(batch))
             self.batch_size = batch_size(self.batch[0])
@@ -293,9 +291,7 @@ class CurvatureMonitor:
             # measures in the parameters' dtype, whatever autocast region the loop is in
             stack.enter_context(torch.autocast(device_type, enabled=False))
             try:
-                values = compute_measures(
-                    self._measured, self._measured_loss, [self.batch], self.measures, self.options
-                )
+                values = compute_measures(model, self.loss_fn, [self.batch], self.measures, self.options)
             finally:
                 for p, g in grads:  # measures use autograd.grad; this keeps any .grad as it was
                     p.grad = g

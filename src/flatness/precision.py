@@ -21,10 +21,12 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import warnings
+from collections.abc import Callable
 
 import torch
 
-__all__ = ["autocast_dtype", "full_precision"]
+__all__ = ["autocast_dtype", "full_precision", "PassPrecision"]
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -37,3 +39,29 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
 def full_precision(device_type: str) -> contextlib.AbstractContextManager[None]:
     """The body runs with autocast off on ``device_type`` (in the tensors' own dtypes)."""
     return torch.autocast(device_type, enabled=False)
+
+
+class PassPrecision:
+    """The autocast setting of one penalty's curvature passes (module docs); warns once."""
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        self.warned = False
+
+    def __call__(self, device_type: str, verifying: Callable[[], bool]) -> contextlib.AbstractContextManager[None]:
+        """A context for a pass on ``device_type``; ``verifying()``: whether it is auto's check."""
+        dtype = autocast_dtype(device_type)
+        if dtype is None:
+            return contextlib.nullcontext()
+        if self.backend == "finite-difference":
+            if not self.warned:
+                self.warned = True
+                warnings.warn(
+                    f"backend='finite-difference' cannot run under {dtype} autocast (rounding swamps its "
+                    "differences of gradients): its passes run in full precision",
+                    RuntimeWarning, stacklevel=5,
+                )
+            return full_precision(device_type)
+        if self.backend == "auto" and verifying():
+            return full_precision(device_type)  # the closed-form check compares in full precision
+        return contextlib.nullcontext()

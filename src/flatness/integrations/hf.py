@@ -45,7 +45,7 @@ import torch
 import transformers
 from torch import nn
 
-from ..batch_loss import ModelLoss, adapt, as_pair, hf_loss
+from ..batch_loss import ModelLoss, hf_loss
 from ..measures.summary import MeasureOptions
 from ..monitor import CurvatureMonitor, detached_copy, preserved_random_states
 from ..passes import Function
@@ -91,8 +91,7 @@ class FlatnessTrainer(transformers.Trainer):
     def _penalty_for(self, model: nn.Module) -> FlatnessPenalty:
         local = unwrap(model)
         if self.penalty is None or self._penalised is not local:
-            module, loss_fn = adapt(local, self.flatness_loss)
-            self.penalty = FlatnessPenalty(module, loss_fn, **self.penalty_kwargs)
+            self.penalty = FlatnessPenalty(local, self.flatness_loss, **self.penalty_kwargs)
             self._penalised = local
         return self.penalty
 
@@ -102,7 +101,7 @@ class FlatnessTrainer(transformers.Trainer):
         if not (model.training and torch.is_grad_enabled()) or self.penalty_kwargs["lam"] == 0:
             return result
         loss, outputs = result if return_outputs else (result, None)
-        loss = loss + self._penalty_for(model)(*as_pair(inputs))
+        loss = loss + self._penalty_for(model)(inputs)
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:

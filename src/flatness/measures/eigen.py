@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from ..probes import make_generator, random_matrix
 from ..utils import FlatnessError
-from .functional import LossFn, collect_batches
+from .functional import LossFn, accepts_model_loss, collect_batches
 from .operator import HessianOperator
 from .trace import Operator, operator_dim
 
@@ -295,6 +295,7 @@ def eigenvalues_of(
     )
 
 
+@accepts_model_loss
 def top_eigenvalues(
     model: nn.Module,
     loss_fn: LossFn,
@@ -347,6 +348,7 @@ def last_layer(model: nn.Module) -> tuple[str, list[Tensor]]:
     return name, params
 
 
+@accepts_model_loss
 def layer_top_eigenvalues(
     model: nn.Module,
     loss_fn: LossFn,

@@ -37,7 +37,14 @@ from torch import Tensor, nn
 
 from ..probes import make_generator
 from ..utils import FlatnessError, eval_mode
-from .functional import LossFn, collect_batches, evaluate_at, require_finite, select_params
+from .functional import (
+    LossFn,
+    accepts_model_loss,
+    collect_batches,
+    evaluate_at,
+    require_finite,
+    select_params,
+)
 
 __all__ = ["NoisyLoss", "noisy_loss"]
 
@@ -62,6 +69,7 @@ class NoisyLoss:
         return self.mean - self.base_loss
 
 
+@accepts_model_loss
 def noisy_loss(
     model: nn.Module,
     loss_fn: LossFn,

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from ..hutchinson import hvp
 from ..utils import FlatnessError, call_model, eval_mode
-from .functional import Batch, LossFn, collect_batches, require_finite, select_params
+from .functional import Batch, LossFn, collect_batches, model_loss_args, require_finite, select_params
 
 __all__ = ["LinearOperator", "HessianOperator"]
 
@@ -189,6 +189,7 @@ class HessianOperator(LinearOperator):
     ) -> None:
         if max_vectors is not None and max_vectors < 1:
             raise ValueError(f"max_vectors must be >= 1, got {max_vectors}")
+        model, loss_fn, batches = model_loss_args(model, loss_fn, batches)  # a ModelLoss: any batch
         named = select_params(model, params)
         self.names = [n for n, _ in named]
         self._params = [p for _, p in named]

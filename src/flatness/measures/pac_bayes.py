@@ -60,6 +60,7 @@ from torch import Tensor, nn
 from ..utils import FlatnessError, batch_size, eval_mode
 from .functional import (
     LossFn,
+    accepts_model_loss,
     collect_batches,
     evaluate_at,
     require_finite,
@@ -107,6 +108,7 @@ def _bound(sq_dist: float, w: Tensor, sigma: float, m: int, mag: bool, floor: fl
     return float(0.25 * torch.log(prior / posterior).sum()) + math.log(m / sigma) + 10
 
 
+@accepts_model_loss
 def pac_bayes(
     model: nn.Module,
     loss_fn: LossFn,

@@ -43,7 +43,14 @@ from torch import Tensor, nn
 
 from ..probes import make_generator
 from ..utils import eval_mode
-from .functional import LossFn, call_at, collect_batches, require_finite, select_params
+from .functional import (
+    LossFn,
+    accepts_model_loss,
+    call_at,
+    collect_batches,
+    require_finite,
+    select_params,
+)
 
 __all__ = ["Sharpness", "Region", "eps_sharpness", "adaptive_sharpness"]
 
@@ -72,6 +79,7 @@ def _global_norm(tensors: list[Tensor]) -> Tensor:
     return torch.sqrt(sum(t.pow(2).sum() for t in tensors))  # type: ignore[arg-type]
 
 
+@accepts_model_loss
 def eps_sharpness(
     model: nn.Module,
     loss_fn: LossFn,
@@ -185,6 +193,7 @@ def eps_sharpness(
     return Sharpness(best - base, base, best, float(eps), region, adaptive, steps)
 
 
+@accepts_model_loss
 def adaptive_sharpness(
     model: nn.Module,
     loss_fn: LossFn,

@@ -37,7 +37,14 @@ from .divergence import model_divergence
 from .eigen import last_layer, top_eigenvalues
 from .fisher import fisher_trace
 from .local_entropy import local_entropy
-from .functional import Batch, LossFn, collect_batches, evaluate_at, trainable_params
+from .functional import (
+    Batch,
+    LossFn,
+    accepts_model_loss,
+    collect_batches,
+    evaluate_at,
+    trainable_params,
+)
 from .margin import output_margin
 from .noise import noisy_loss
 from .norms import distance_from_init, parameter_norm, path_norm
@@ -225,6 +232,7 @@ NEEDS_OUTPUT: frozenset[str] = frozenset({"margin", "model_divergence", "path_no
 """Measures of the model's output (logits), which a :class:`flatness.ModelLoss` does not expose."""
 
 
+@accepts_model_loss
 def compute_measures(
     model: nn.Module,
     loss_fn: LossFn,
@@ -260,6 +268,7 @@ def compute_measures(
     return out
 
 
+@accepts_model_loss
 def final_measures(
     model: nn.Module,
     loss_fn: LossFn,

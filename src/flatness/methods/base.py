@@ -65,6 +65,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..batch_loss import BatchLoss, adapt, call_pair
 from ..passes import frozen_running_stats
 from ..utils import call_model, unwrap
 from .perturb import RandomReplay, trainable_parameters
@@ -167,7 +168,9 @@ class Method:
 
     Args:
         model: the network (possibly DDP-wrapped); its trainable parameters are updated.
-        loss_fn: the task loss ``loss_fn(model(x), y) -> scalar``.
+        loss_fn: the task loss ``loss_fn(model(x), y) -> scalar``; or a
+            :class:`flatness.ModelLoss` ``fn(model, batch)`` for any batch (dicts), with steps
+            ``step(batch, optimizer)`` (:mod:`flatness.batch_loss`).
         point: where the objective is evaluated (default :class:`Here`).
         terms: extra objective terms.
 
@@ -185,6 +188,7 @@ class Method:
         self, model: nn.Module, loss_fn: LossFn, *, point: Point | None = None,
         terms: Sequence[Term] = (),
     ) -> None:
+        model, loss_fn = adapt(model, loss_fn)  # a ModelLoss: model and loss as one module
         self.model = model
         self.loss_fn = loss_fn
         self.point = point if point is not None else Here()
@@ -236,11 +240,19 @@ class Method:
                 total = total + value
         return total
 
-    def step(self, x: Any, y: Any, optimizer: torch.optim.Optimizer) -> dict[str, float]:
-        """One training step on the batch: ``zero_grad``, the point's passes, ``optimizer.step()``.
+    def step(self, x: Any, y: Any, optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
+        """One training step: ``zero_grad``, the point's passes, ``optimizer.step()``.
 
-        Returns the logged values (``"loss"`` and each term's), floats or detached 0-d tensors.
+        Takes ``step(x, y, optimizer)``, or ``step(batch, optimizer)`` when the model is wrapped
+        with a :class:`flatness.ModelLoss`. Returns the logged values (``"loss"`` and each
+        term's), floats or detached 0-d tensors.
         """
+        if isinstance(self.model, BatchLoss):
+            if optimizer is None:
+                optimizer, y = y, None
+            x, y = call_pair(self.model.loss, x, y, "step")
+        if optimizer is None:
+            raise TypeError("step(x, y, optimizer): the optimizer is missing")
         params = trainable_parameters(self.model)
         optimizer.zero_grad(set_to_none=True)
         info: dict[str, float] = {}

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ..batch_loss import BatchLoss
 from ..passes import frozen_running_stats
 from ..probes import make_generator, rademacher
 from ..utils import unwrap
@@ -245,6 +246,9 @@ class NeighborhoodRegionSmoothing(Method):
     ) -> None:
         term = NeighbourTerm(eps, alpha, seed, dist)
         super().__init__(model, loss_fn, terms=[term])
+        if isinstance(self.model, BatchLoss):
+            raise ValueError("nrs needs the model output (its KL term), and a ModelLoss gives only the loss: "
+                             "use loss_fn(output, target), or the NRS optimizer wrapper, whose closure returns the output")
         self.eps, self.alpha = term.eps, term.alpha
 
     def __repr__(self) -> str:
