@@ -11,8 +11,10 @@ transformers = pytest.importorskip("transformers")  # a guard for installs witho
 from flatness import FlatnessPenalty  # noqa: E402
 from flatness.batch_loss import ModelLoss, hf_loss  # noqa: E402
 from flatness.integrations.hf import CurvatureCallback, FlatnessTrainer  # noqa: E402
+from flatness.measures import MeasureOptions  # noqa: E402
 
 N, T = 8, 6
+CHEAP = MeasureOptions(matvecs=4, k=1, eigen_tol=1e-2)  # the callbacks' plumbing, not accuracy
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
 
@@ -91,7 +93,7 @@ def test_curvature_callback_reports_through_the_trainer_to_tensorboard(tmp_path,
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))  # transformers 5's way
-    callback = CurvatureCallback(every=2, measures=["lambda_max", "trace"])
+    callback = CurvatureCallback(every=2, measures=["lambda_max", "trace"], options=CHEAP)
     args = _args(tmp_path, 4, report_to=["tensorboard"])
     trainer = FlatnessTrainer(model=_bert(), args=args, train_dataset=_dataset(), lam=0.1, probes=1,
                               every=2, seed=0, callbacks=[callback])
@@ -108,7 +110,7 @@ def test_curvature_callback_reports_through_the_trainer_to_tensorboard(tmp_path,
 
 
 def test_curvature_callback_on_a_plain_trainer_goes_to_the_log_history(tmp_path):
-    callback = CurvatureCallback(every=1, measures=["lambda_max"], path=tmp_path / "c.csv")
+    callback = CurvatureCallback(every=1, measures=["lambda_max"], path=tmp_path / "c.csv", options=CHEAP)
     trainer = transformers.Trainer(model=_bert(), args=_args(tmp_path, 2), train_dataset=_dataset(),
                                    callbacks=[callback])
     trainer.train()
