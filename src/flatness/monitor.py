@@ -322,9 +322,11 @@ class CurvatureMonitor:
         return out
 
     def state_dict(self) -> dict[str, Any]:
+        """The monitor's position in training (its call count), for a checkpoint."""
         return {"calls": self.calls}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from :meth:`state_dict`: the next measurement falls on the same steps as before."""
         self.calls = int(state["calls"])
 
     def __repr__(self) -> str:
