@@ -29,7 +29,7 @@ DOCS_GENERATED := docs/_build docs/api docs/tasks docs/results docs/auto_example
 	docs/sg_execution_times.rst
 
 $(BIN)/.docs-installed: $(BIN)/.installed
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,docs]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[all,test,docs]'
 	touch $@
 
 docs: $(BIN)/.docs-installed

@@ -52,7 +52,8 @@ templates_path: list[str] = []
 nitpicky = True
 nitpick_ignore_regex = [
     (r"py:.*", r"(torch|numpy|np|scipy|matplotlib|collections|typing|typing_extensions|argparse|platform|"
-               r"os|pathlib|concurrent|contextlib|dataclasses|enum|types|io|json|random|threading)(\..*)?"),
+               r"os|pathlib|concurrent|contextlib|dataclasses|enum|types|io|json|random|threading|"
+               r"lightning|pytorch_lightning|transformers|accelerate|tensorboard)(\..*)?"),
     (r"py:.*", r"(Tensor|Module|nn\..*|Generator|Path|PathLike|Callable|Iterable|Iterator|Sequence|"
                r"Mapping|MutableMapping|Any|Literal|IO|ndarray|Figure|Axes|Namespace|Self)"),
     (r"py:class", r"(int|float|str|bool|bytes|dict|list|tuple|set|frozenset|object|type|None|"

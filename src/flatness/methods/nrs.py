@@ -305,7 +305,7 @@ class NRS(_Ball, torch.optim.Optimizer):
     the main pass's dropout mask and, given ``model=``, leave the running statistics unchanged.
 
     Args:
-        params, base_optimizer_cls, **kwargs: as for :class:`flatness.methods.sam.SAM`.
+        params, base_optimizer_cls, kwargs: as for :class:`flatness.methods.sam.SAM`.
         eps, alpha, seed, dist: as for :class:`NeighborhoodRegionSmoothing` (the same δθ for
             the same seed and parameters).
         model: the network the closure runs (optional; for BatchNorm, see above).
