@@ -78,8 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # never a traceback for a CLI user
         if debug:
             traceback.print_exc()
+        first = (str(exc).strip().splitlines() or [""])[0]  # torch appends C++ frames
         print(
-            f"flatness: internal error: {type(exc).__name__}: {exc} "
+            f"flatness: internal error: {type(exc).__name__}: {first} "
             "(set FLATNESS_DEBUG=1 for the traceback)",
             file=sys.stderr,
         )

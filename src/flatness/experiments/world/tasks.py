@@ -94,6 +94,11 @@ SCHEDULES: tuple[str, ...] = ("constant", "cosine", "linear")
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd")
 VALIDATION_SPLIT_SEED = 0
 SUBSET_SEED = 0
+MAX_COUNT = 2**63 - 1  # counts reach torch (batch splits, sizes) as 64-bit integers
+
+
+def _is_count(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and minimum <= value <= MAX_COUNT
 
 
 @dataclass(frozen=True)
@@ -155,30 +160,26 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (isinstance(self.epochs, int) and self.epochs >= 1, "epochs must be an integer >= 1"),
-            (
-                isinstance(self.batch_size, int) and self.batch_size >= 1,
-                "batch_size must be an integer >= 1",
-            ),
+            (_is_count(self.epochs, 1), "epochs must be an integer from 1 to 2**63 - 1"),
+            (_is_count(self.batch_size, 1), "batch_size must be an integer from 1 to 2**63 - 1"),
             (self.lr > 0, "lr must be > 0"),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
             (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
             (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}"),
             (0 <= self.warmup_epochs <= self.epochs, "warmup_epochs must be in [0, epochs]"),
             (0 <= self.final_lr_fraction <= 1, "final_lr_fraction must be in [0, 1]"),
-            (self.eval_batch_size >= 1, "eval_batch_size must be >= 1"),
+            (_is_count(self.eval_batch_size, 1), "eval_batch_size must be an integer from 1 to 2**63 - 1"),
             (
-                self.train_eval_samples is None
-                or (isinstance(self.train_eval_samples, int) and self.train_eval_samples >= 1),
-                "train_eval_samples must be None or an integer >= 1",
+                self.train_eval_samples is None or _is_count(self.train_eval_samples, 1),
+                "train_eval_samples must be None or an integer from 1 to 2**63 - 1",
             ),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}"),
             (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
             (not self.nesterov or (self.optimizer == "sgd" and self.momentum > 0),
              "nesterov needs optimizer 'sgd' with momentum > 0"),
             (isinstance(self.model, str), "model must be an architecture name or ''"),
-            (all(isinstance(n, int) and n >= 0 for n in self._subsets()),
-             "train_subset, val_subset and test_subset must be integers >= 0 (0: all)"),
+            (all(_is_count(n, 0) for n in self._subsets()),
+             "train_subset, val_subset and test_subset must be integers from 0 (all) to 2**63 - 1"),
         ]
         for ok, message in checks:
             if not ok:
