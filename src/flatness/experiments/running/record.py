@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -286,7 +287,8 @@ def check_writable(directory: Path) -> None:
     try:
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(directory / ".write-test", lambda fh: fh.write(b"ok"))
-        (directory / ".write-test").unlink()
+        with contextlib.suppress(FileNotFoundError):  # another sweep's check removed it first
+            (directory / ".write-test").unlink()
     except OSError as exc:
         raise FlatnessError(f"cannot write results to {directory}: {exc.strerror or exc}") from None
 

@@ -41,7 +41,7 @@ from ...methods import make_method
 from ...probes import rank_seed
 from ...utils import FlatnessError, atomic_write_bytes, to_device
 from .checkpoints import save_checkpoint
-from .claims import claim_path, describe_holder, read_claim, try_claim
+from .claims import claim_path, clear_leftovers, describe_holder, read_claim, try_claim
 from .distributed import DistContext, EmulatedRanks, wrap_model
 from .measure import EPOCH_MEASURE_BATCHES, EPOCH_MEASURE_PROBES, measure_final, measure_sq_trace_per_B
 from .platforms import environment
@@ -432,6 +432,9 @@ def run_grid(
     say = log or (lambda msg: print(msg, file=sys.stderr))
     for d in dict.fromkeys(dirs.values()):
         check_writable(d)
+        cleared = clear_leftovers(d)  # a killed sweep's claims and half-written files
+        if cleared:
+            say(f"{d}: removed {len(cleared)} claim(s) and temporary file(s) of killed processes")
     todo: list[RunSpec] = []
     results: dict[str, list[RunRecord]] = {str(d): [] for d in dirs.values()}
     for task_name in dict.fromkeys(s.task for s in specs):
