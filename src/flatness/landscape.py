@@ -79,6 +79,9 @@ __all__ = [
 
 Direction = dict[str, Tensor]
 Metric = Callable[[Tensor, Any], Tensor]
+# ``progress``: False, True (a tqdm bar), or ``total -> bar`` (``update(n)``, ``close()``), e.g. the
+# CLI's bar that is plain periodic lines when stderr is not a terminal
+Progress = bool | Callable[[int], Any]
 
 
 @dataclass
@@ -203,7 +206,7 @@ def evaluate_points(
     points: Iterable[Mapping[str, Tensor]],
     num: int,
     metric: Metric | None = None,
-    progress: bool = False,
+    progress: Progress = False,
     stat_batches: Iterable[tuple[Any, Any]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Loss (and ``metric``) at each of ``num`` parameter points, eval mode; NaN where not finite.
@@ -215,28 +218,36 @@ def evaluate_points(
     """
     losses = np.full(num, np.nan)
     values = np.full(num, np.nan) if metric is not None else None
-    iterator: Iterable[Any] = enumerate(points)
-    if progress:
+    bar: Any = None
+    if callable(progress):
+        bar = progress(num)
+    elif progress:
         from tqdm import tqdm
 
-        iterator = tqdm(iterator, total=num, desc="landscape", leave=False)
+        bar = tqdm(total=num, desc="landscape", leave=False)
     reestimate = stat_batches is not None and bool(tracked_norm_layers(model))
     work = copy.deepcopy(model) if reestimate else model
     stats = list(stat_batches) if reestimate and stat_batches is not None else []
-    with eval_mode(work):
-        for i, params in iterator:
-            if reestimate:
-                with torch.no_grad():
-                    for name, p in work.named_parameters():
-                        if name in params:
-                            p.copy_(params[name])
-                reestimate_norm_statistics(work, stats)
-                params = trainable_params(work)
-            loss, value = evaluate_at(work, loss_fn, data, params, metric)
-            if math.isfinite(loss):
-                losses[i] = loss
-                if values is not None:
-                    values[i] = value
+    try:
+        with eval_mode(work):
+            for i, params in enumerate(points):
+                if reestimate:
+                    with torch.no_grad():
+                        for name, p in work.named_parameters():
+                            if name in params:
+                                p.copy_(params[name])
+                    reestimate_norm_statistics(work, stats)
+                    params = trainable_params(work)
+                loss, value = evaluate_at(work, loss_fn, data, params, metric)
+                if math.isfinite(loss):
+                    losses[i] = loss
+                    if values is not None:
+                        values[i] = value
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
     bad = int(np.sum(np.isnan(losses)))
     if bad:
         warnings.warn(
@@ -275,7 +286,7 @@ def surface_1d(
     include_1d: bool = False,
     metric: Metric | None = None,
     metric_name: str | None = None,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> Surface:
     """L(θ + α d) for α in ``alphas`` (default ``num`` points in [−span, span]).
 
@@ -307,7 +318,7 @@ def surface_2d(
     include_1d: bool = False,
     metric: Metric | None = None,
     metric_name: str | None = None,
-    progress: bool = False,
+    progress: Progress = False,
     kind: str = "2d",
 ) -> Surface:
     """L(θ + α d₁ + β d₂) on the grid ``xs × ys`` (default ``num × num`` in [−span, span]²).
@@ -346,7 +357,7 @@ def interpolate(
     num: int = 41,
     metric: Metric | None = None,
     metric_name: str | None = None,
-    progress: bool = False,
+    progress: Progress = False,
     norm_stats: str = "reestimate",
     stat_batches: Iterable[tuple[Any, Any]] | None = None,
 ) -> Surface:
@@ -437,7 +448,7 @@ def pca_surface(
     margin: float = 0.3,
     metric: Metric | None = None,
     metric_name: str | None = None,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> Surface:
     """The loss contour in the plane of the trajectory's first two PCA directions, with the path.
 

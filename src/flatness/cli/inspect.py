@@ -242,6 +242,15 @@ def _load_trajectory(path: Path, task_name: str) -> list[dict[str, Tensor]]:
     return states
 
 
+def _landscape_progress(args: argparse.Namespace) -> Any:
+    """``--progress``: the pipeline's bar (plain periodic lines when stderr is not a terminal)."""
+    if not args.progress:
+        return False
+    from ..experiments.running.progress import progress_bar
+
+    return lambda total: progress_bar(total, "landscape", "point", leave=False)
+
+
 def _default_trajectory(checkpoint: Path) -> Path | None:
     """``OUT/TASK/trajectories/NAME.pt`` next to ``OUT/TASK/checkpoints/NAME.pt``, if present."""
     candidate = checkpoint.parent.parent / "trajectories" / checkpoint.name
@@ -288,11 +297,11 @@ def landscape_command(args: argparse.Namespace) -> int:
         if args.kind == "1d":
             surface = surface_1d(model, task.loss_fn, batches, span=args.span, num=num or 41,
                                  seed=args.seed, include_1d=args.include_1d, metric=metric,
-                                 metric_name="accuracy", progress=args.progress)
+                                 metric_name="accuracy", progress=_landscape_progress(args))
         elif args.kind == "2d":
             surface = surface_2d(model, task.loss_fn, batches, span=args.span, num=num or 21,
                                  seed=args.seed, include_1d=args.include_1d, metric=metric,
-                                 metric_name="accuracy", progress=args.progress)
+                                 metric_name="accuracy", progress=_landscape_progress(args))
         elif args.kind == "interp":
             other, _ = load_checkpoint(args.other, task=args.task)
             low, high = args.interp_range
@@ -300,7 +309,7 @@ def landscape_command(args: argparse.Namespace) -> int:
             stats = training_batches(task, args.examples, task.config.batch_size, args.data_dir)
             surface = interpolate(model, other, task.loss_fn, batches,
                                   alphas=torch.linspace(low, high, num or 41).tolist(),
-                                  metric=metric, metric_name="accuracy", progress=args.progress,
+                                  metric=metric, metric_name="accuracy", progress=_landscape_progress(args),
                                   stat_batches=stats)
             stem = f"{stem}_to_{Path(args.other).stem}"
         else:
@@ -317,7 +326,7 @@ def landscape_command(args: argparse.Namespace) -> int:
                 )
             surface = pca_surface(model, task.loss_fn, batches, states, num=num or 21,
                                   margin=args.margin, metric=metric, metric_name="accuracy",
-                                  progress=args.progress)
+                                  progress=_landscape_progress(args))
     out = Path(args.out)
     npz = surface.save(out / f"{stem}_{args.kind}.npz")
     png = plot_surface(surface, out / f"{stem}_{args.kind}.png",
@@ -414,5 +423,6 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--margin", type=float, default=0.3, help="pca: grid margin around the path (0.3)")
     q.add_argument("--include-1d", action="store_true",
                    help="also perturb biases and normalisation parameters (default: left out)")
-    q.add_argument("--progress", action="store_true", help="progress bar on stderr")
+    q.add_argument("--progress", action="store_true",
+                   help="progress on stderr: a bar on a terminal, else a plain line every 30 s")
     q.set_defaults(func=landscape_command)
