@@ -8,10 +8,15 @@ BIN := $(VENV)/bin
 .PHONY: demo test install docs clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
+	@echo "==> make install: a virtual environment in $(VENV), then flatness with torch pinned by constraints.txt"
+	@echo "==> [1/3] creating $(VENV) with $(PYTHON)"
 	$(PYTHON) -m venv $(VENV)
+	@echo "==> [2/3] upgrading pip"
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[all,test]'
-	touch $@
+	@echo "==> [3/3] installing flatness, its dependencies (torch, numpy, scipy, scikit-learn, matplotlib) and the extras the tests use (pytest, Lightning, transformers, TensorBoard): the longest step"
+	$(BIN)/python -m pip install --progress-bar off -c constraints.txt -e '.[all,test]'
+	@touch $@
+	@echo "==> installed: $(BIN)/flatness ($(BIN)/flatness --help)"
 
 install: $(BIN)/.installed
 
