@@ -69,12 +69,19 @@ def leftovers(out: Path) -> list[str]:
     )
 
 
-def _phase_reached(out: Path, phase: str, records_before: int) -> bool:
+def _phase_reached(out: Path, phase: str, records_before: int, launched: float) -> bool:
     directory = out / BC
-    if phase == "training":  # a run is claimed: a worker is training it
-        return directory.exists() and any(directory.glob("*.claim"))
+    if phase == "training":  # this attempt claimed a run: a worker is training it
+        return directory.exists() and any(_newer(p, launched) for p in directory.glob("*.claim"))
     # "writing": a run has just written its record (its claim release, the next claim follow)
     return directory.exists() and len(list(directory.glob("*.json"))) > records_before
+
+
+def _newer(path: Path, since: float) -> bool:
+    try:
+        return path.stat().st_mtime >= since
+    except FileNotFoundError:
+        return False
 
 
 def chaos_sweep(out: Path, grid: list[str], kills: int, seed: int) -> list[str]:
@@ -89,10 +96,11 @@ def chaos_sweep(out: Path, grid: list[str], kills: int, seed: int) -> list[str]:
     for attempt, phase in enumerate(phases[:kills]):
         delay = rng.uniform(0.2, 3.0) if phase == "start" else rng.uniform(0.0, 1.0 if phase == "training" else 0.2)
         before = len(list((out / BC).glob("*.json"))) if (out / BC).exists() else 0
+        launched = time.time() - 0.02  # file times are kept at a coarser clock (a jiffy)
         proc = subprocess.Popen(_sweep_command(out, grid), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 300
-        while phase != "start" and proc.poll() is None and not _phase_reached(out, phase, before):
+        while phase != "start" and proc.poll() is None and not _phase_reached(out, phase, before, launched):
             assert time.monotonic() < deadline, f"the sweep never reached {phase}"
             time.sleep(0.01)
         try:

@@ -151,10 +151,13 @@ def test_an_empty_shard_says_so_and_succeeds(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    ("assignment", "message"),
-    [("lam_schedule=bogus:3", "unknown λ schedule part 'bogus:3'"), ("lam_control=bogus", "unknown λ controller 'bogus'")],
+    ("assignment", "message", "jobs"),
+    [
+        ("lam_schedule=bogus:3", "unknown λ schedule part 'bogus:3'", "1"),
+        ("lam_control=bogus", "unknown λ controller 'bogus'", "1"),
+        ("lam_schedule=bogus:3", "unknown λ schedule part 'bogus:3'", "2"),  # in a worker process
+    ],
 )
-@pytest.mark.parametrize("jobs", ["1", "2"])
 def test_lam_settings_are_checked_whatever_lam_is(tmp_path, capsys, assignment, message, jobs):
     out = tmp_path / "runs"
     argv = ["run", BC, "--lambdas", "0", "--method-arg", assignment, "--out", str(out), *QUICK, "--jobs", jobs]
