@@ -111,10 +111,10 @@ class CurvatureTerm(Term):
         """The norms from a curvature pass that starts at the task pass's prefix output."""
         if prefix.source is not evaluation.x:
             return None
-        local = unwrap(evaluation.model)
-        with curvature_pass(local, exact_norms=False):
+        rest = unwrap(evaluation.model)[prefix.length :]  # the modules the pass runs
+        with curvature_pass(rest, exact_norms=False):
             with closed.record(prefix=prefix):
-                logits = call_model(local[prefix.length :], prefix.output)
+                logits = call_model(rest, prefix.output)
             loss = evaluation.loss_fn(logits, evaluation.y)
             try:
                 return closed.sq_norms(loss, evaluation.loss_fn, batch_size(evaluation.x), create_graph=True)
