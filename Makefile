@@ -1,16 +1,22 @@
 # Two commands on a fresh machine:  `make demo` (main job) and `make test` (test suite).
-# Both create .venv and install the package with torch pinned by constraints.txt.
+# Both create .venv and install the package with torch pinned by constraints.txt, with the
+# integration extras (Lightning, transformers, TensorBoard): their tests run for real.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install clean
+.PHONY: demo test install docs clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
+	@echo "==> make install: a virtual environment in $(VENV), then flatness with torch pinned by constraints.txt"
+	@echo "==> [1/3] creating $(VENV) with $(PYTHON)"
 	$(PYTHON) -m venv $(VENV)
+	@echo "==> [2/3] upgrading pip"
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
-	touch $@
+	@echo "==> [3/3] installing flatness, its dependencies (torch, numpy, scipy, scikit-learn, matplotlib) and the extras the tests use (pytest, Lightning, transformers, TensorBoard): the longest step"
+	$(BIN)/python -m pip install --progress-bar off -c constraints.txt -e '.[all,test]'
+	@touch $@
+	@echo "==> installed: $(BIN)/flatness ($(BIN)/flatness --help)"
 
 install: $(BIN)/.installed
 
@@ -20,5 +26,20 @@ demo: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q
 
+# The documentation site (docs/README.md): the docs extra, then a clean Sphinx build into
+# docs/_build/html with warnings as errors; it executes every example of the gallery.
+# SPHINXOPTS='-D plot_gallery=0' skips running the examples (a quick look, not a check).
+SPHINXOPTS ?=
+DOCS_GENERATED := docs/_build docs/api docs/tasks docs/results docs/auto_examples docs/gen_modules \
+	docs/sg_execution_times.rst
+
+$(BIN)/.docs-installed: $(BIN)/.installed
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[all,test,docs]'
+	touch $@
+
+docs: $(BIN)/.docs-installed
+	rm -rf $(DOCS_GENERATED)
+	$(BIN)/python -m sphinx -b html -W --keep-going $(SPHINXOPTS) docs docs/_build/html
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) build src/*.egg-info $(DOCS_GENERATED)

@@ -122,7 +122,7 @@ def test_cli_run_writes_records_checkpoints_report_and_resumes(tmp_path, capsys)
     assert traj["steps"] == [0, r.steps // 2, r.steps] and len(traj["state_dicts"]) == 3
     for name in ("summary.md", "summary.csv"):
         assert (d / name).is_file()
-    assert len(list(d.glob("*.png"))) == 3
+    assert len(list(d.glob("*.png"))) == 4  # accuracy, flatness, curves, reliability
     assert not [p for p in d.rglob(".*") if p.is_file()]  # no temp files left
     assert not list(d.glob("*.claim"))  # claims released
 

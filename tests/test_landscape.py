@@ -107,7 +107,7 @@ def test_surface_2d_layout_is_rows_of_y():
 def test_interpolation_ends_are_the_two_models():
     a, b = _model(0), _model(1)
     x, y, data = _data()
-    s = interpolate(a, b, CE, data, alphas=[0.0, 0.5, 1.0], metric=_accuracy)
+    s = interpolate(a, b, CE, data, alphas=[0.0, 0.5, 1.0], metric=_accuracy, norm_stats="interpolate")
     assert s.loss[0] == pytest.approx(_loss_with(a, x, y), rel=1e-10)
     assert s.loss[2] == pytest.approx(_loss_with(b, x, y), rel=1e-10)  # buffers interpolated too
     assert s.info["distance"] > 0

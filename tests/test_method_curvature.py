@@ -341,10 +341,42 @@ def test_curvature_trains_newsgroups_logreg_on_sparse_inputs(real_data_dir, tmp_
 @pytest.mark.parametrize("dropout, passes", [(0.0, 1), (0.3, 2)])
 def test_the_task_loss_pass_doubles_as_the_curvature_pass_when_it_can(dropout, passes):
     """No active dropout or BatchNorm: one forward per step; else a separate (dropout-off)
-    curvature pass."""
+    curvature pass, which starts from the task pass's output of the layers before the first
+    dropout (they compute the same either way): the input layer runs once."""
     model = tiny_mlp(dropout=dropout)
-    calls = []
-    model[0].register_forward_hook(lambda *args: calls.append(1))
+    first, last = [], []
+    model[0].register_forward_hook(lambda *args: first.append(1))
+    model[-1].register_forward_hook(lambda *args: last.append(1))
     x, y = tiny_batch()
     make_method("curvature", model, CE, alpha=0.1).step(x, y, torch.optim.SGD(model.parameters(), lr=0.1))
-    assert len(calls) == passes
+    assert (len(first), len(last)) == (1, passes)
+
+
+def _dropout_mlp(inplace: bool) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(5, 7), nn.ReLU(inplace=inplace), nn.Dropout(0.4), nn.Linear(7, 6), nn.Tanh(),
+        nn.Dropout(0.2), nn.Linear(6, 4),
+    ).double()
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_with_dropout_the_step_is_the_dropout_task_loss_plus_the_dropout_off_penalty(inplace):
+    """The shared prefix (or, with an in-place activation, a whole pass on copies) gives the
+    gradient of L(dropout on, the step's mask) + α·mean ‖∇ℓ_i‖² (dropout off)."""
+    model = _dropout_mlp(inplace)
+    x, y = tiny_batch(n=9, d_in=5, d_out=4)
+    alpha = 0.7
+    torch.manual_seed(3)
+    task = CE(model(x), y)  # the step's dropout mask, drawn from the global generator
+    model.eval()
+    penalty = alpha * _loop_sq_grad_norms(model, x, y).mean()
+    model.train()
+    expected = torch.autograd.grad(task + penalty, list(model.parameters()))
+    method = make_method("curvature", model, CE, alpha=alpha)
+    torch.manual_seed(3)
+    info = method.step(x, y, torch.optim.SGD(model.parameters(), lr=0.0))
+    assert method.last_impl == "closed-form" and all(m.training for m in model.modules())
+    assert info["penalty"] == pytest.approx(float(penalty), rel=1e-10)
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)

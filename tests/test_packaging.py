@@ -11,8 +11,12 @@ from packaging.requirements import Requirement
 ROOT = Path(__file__).resolve().parents[1]
 
 
+EXTRAS = ("test", "lightning", "hf", "tensorboard")  # what `make install` installs ("all" + "test")
+
+
 def _declared() -> list[Requirement]:
-    """The requirements of the installed ``flatness`` metadata, with the ``test`` extra.
+    """The requirements of the installed ``flatness`` metadata, with the extras ``make install``
+    installs (``all`` is the other three, by reference).
 
     When the installed metadata belongs to another version (an older editable install of a
     different checkout), this tree's ``pyproject.toml`` is read instead.
@@ -24,13 +28,26 @@ def _declared() -> list[Requirement]:
         installed = None
     if installed is not None and installed.version == project["version"]:
         reqs = [Requirement(r) for r in installed.requires or []]
-        return [r for r in reqs if r.marker is None or r.marker.evaluate({"extra": "test"})]
-    return [Requirement(r) for r in [*project["dependencies"], *project["optional-dependencies"]["test"]]]
+        return [
+            r for r in reqs
+            if r.marker is None or any(r.marker.evaluate({"extra": e}) for e in EXTRAS)
+        ]
+    extras = project["optional-dependencies"]
+    return [Requirement(r) for r in [*project["dependencies"], *(d for e in EXTRAS for d in extras[e])]]
+
+
+def test_the_all_extra_is_the_three_integrations():
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    (only,) = extras["all"]
+    assert Requirement(only).name == "flatness"
+    assert Requirement(only).extras == {"lightning", "hf", "tensorboard"}
 
 
 def test_every_installed_dependency_satisfies_its_declared_range():
     declared = _declared()
-    assert {r.name for r in declared} >= {"torch", "numpy", "scipy", "scikit-learn"}
+    assert {r.name for r in declared} >= {
+        "torch", "numpy", "scipy", "scikit-learn", "lightning", "transformers", "accelerate", "tensorboard"
+    }
     for req in declared:
         version = importlib.metadata.version(req.name)
         assert req.specifier.contains(version, prereleases=True), (

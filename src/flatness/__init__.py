@@ -9,6 +9,7 @@ paper's pipeline (:mod:`flatness.experiments`) or the command line (:mod:`flatne
 """
 
 from . import _aliases
+from .batch_loss import ModelLoss
 from .hutchinson import Estimate, hvp, measure_sq_trace, sq_trace, sq_trace_samples
 from .penalties import FlatnessPenalty, NonFiniteCurvatureError
 from .probes import make_generator, sample_probes
@@ -16,12 +17,25 @@ from .utils import FlatnessError, eval_mode, preserved_mode
 
 __version__ = "0.2.0"
 
-_aliases.install()  # the 0.1 import paths (flatness.tasks, ...) for one more release
+_aliases.install()
+
+# Loaded on first use: the monitor imports the measures (SciPy), which `import flatness` does not.
+_LAZY = {"CurvatureMonitor": "flatness.monitor"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'flatness' has no attribute {name!r}")  # the 0.1 import paths (flatness.tasks, ...) for one more release
 
 __all__ = [
+    "CurvatureMonitor",
     "Estimate",
     "FlatnessError",
     "FlatnessPenalty",
+    "ModelLoss",
     "NonFiniteCurvatureError",
     "eval_mode",
     "hvp",

@@ -86,10 +86,12 @@ class OutputLayer:
 
     @property
     def weight(self) -> Tensor:
+        """The output layer's weight."""
         return self.module.weight
 
     @property
     def bias(self) -> Tensor | None:
+        """The output layer's bias (``None`` without one)."""
         return self.module.bias
 
     def _gram(self) -> Tensor:

@@ -177,6 +177,7 @@ class FrozenKinks(TorchFunctionMode):
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[None]:
+        """Run the forward pass as usual and record each ReLU's mask, in call order."""
         self.masks, self._replay, self._recorded = [], False, False
         with self:
             yield
@@ -184,6 +185,7 @@ class FrozenKinks(TorchFunctionMode):
 
     @contextlib.contextmanager
     def replaying(self) -> Iterator[None]:
+        """Run the forward pass with the recorded masks; ``RuntimeError`` if the ReLU calls differ."""
         self._replay, self._position = True, 0
         with self:
             yield

@@ -54,6 +54,7 @@ class Estimate:
     num_samples: int
 
     def as_dict(self) -> dict[str, float]:
+        """The three fields as a JSON-ready dict."""
         return {"value": self.value, "stderr": self.stderr, "num_samples": self.num_samples}
 
 

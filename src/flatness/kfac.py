@@ -92,6 +92,7 @@ class KroneckerFactors:
 
     @property
     def rows(self) -> int:
+        """N, the number of rows (examples) of the factors."""
         return int(self.grads.shape[0])
 
     def sq_trace_a(self) -> Tensor:

@@ -1,9 +1,11 @@
 r"""Adaptive λ: controllers that set the penalty strength from what training measures.
 
 Both implement the λ-policy interface of :class:`flatness.schedules.ScheduledLam`:
-:meth:`decide` before a step (λ and whether the curvature pass runs), :meth:`update` with the
-measurements of an active step (returns the λ applied on that step), a decision ``log``, and
-explicit state (:meth:`state_dict` / :meth:`load_state_dict`).
+:meth:`~flatness.schedules.ScheduledLam.decide` before a step (λ and whether the curvature
+pass runs), :meth:`~flatness.schedules.ScheduledLam.update` with the measurements of an active
+step (returns the λ applied on that step), a decision ``log``, and explicit state
+(:meth:`~flatness.schedules.ScheduledLam.state_dict` /
+:meth:`~flatness.schedules.ScheduledLam.load_state_dict`).
 
 **Gradient-ratio controller** (:class:`GradRatioController`). With :math:`g_L = \nabla L_\text{task}`
 and :math:`g_P = \nabla(\operatorname{Tr}(H^2)/B)` (the penalty's gradient at λ = 1) on an
@@ -154,10 +156,12 @@ class GradRatioController:
         return self.lam
 
     def pop_log(self) -> list[dict[str, Any]]:
+        """The decisions logged since the last call (e.g. one epoch's, for the run record)."""
         out, self.log = list(self.log), deque(maxlen=LOG_LENGTH)
         return out
 
     def state_dict(self) -> dict[str, Any]:
+        """The controller's running state, to resume a run exactly."""
         return {
             "log_mean": self._log_mean,
             "weight": self._weight,
@@ -166,6 +170,7 @@ class GradRatioController:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the state of :meth:`state_dict`."""
         self._log_mean = float(state["log_mean"])
         self._weight = float(state["weight"])
         self.lam = float(state["lam"])
@@ -226,9 +231,11 @@ class CurvatureSpikeController:
 
     @property
     def lam(self) -> float:
+        """The λ of the next active step (the base λ, times ``boost`` while boosted)."""
         return self.base_lam * (self.boost if self.boosted else 1.0)
 
     def decide(self, step: int) -> Decision:
+        """Active once ``step`` reaches ``next_active`` (set by :meth:`update`), at the current λ."""
         active = self.base_lam > 0 and step >= self.next_active
         return Decision(step, self.lam, active, f"every {self.interval}")
 
@@ -258,10 +265,12 @@ class CurvatureSpikeController:
         return self.lam
 
     def pop_log(self) -> list[dict[str, Any]]:
+        """The decisions logged since the last call (e.g. one epoch's, for the run record)."""
         out, self.log = list(self.log), deque(maxlen=LOG_LENGTH)
         return out
 
     def state_dict(self) -> dict[str, Any]:
+        """The controller's running state, to resume a run exactly."""
         return {
             "history": list(self.history),
             "interval": self.interval,
@@ -270,6 +279,7 @@ class CurvatureSpikeController:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the state of :meth:`state_dict`."""
         self.history = deque((float(v) for v in state["history"]), maxlen=self.window)
         self.interval = int(state["interval"])
         self.next_active = int(state["next_active"])

@@ -18,6 +18,8 @@ contour of L in that plane, centred at the final model.
 
 Every point is evaluated with ``torch.func.functional_call`` in eval mode: the user's model (its
 parameters, buffers and train/eval flags) is never modified, also when an exception is raised.
+Along an interpolation, BatchNorm running statistics are re-estimated at every point by default
+(:mod:`flatness.norm_statistics`, on a private copy of the model), as mode-connectivity work does.
 A non-finite loss at a grid point is stored as NaN, marked in the plot, and counted in a warning;
 the other points are still computed. Surfaces are saved as ``.npz`` and drawn as PNG.
 
@@ -34,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -55,6 +58,7 @@ from .measures.functional import (
     trainable_params,
 )
 from .measures.io import save_figure, save_npz
+from .norm_statistics import reestimate_norm_statistics, tracked_norm_layers
 from .probes import make_generator
 from .utils import FlatnessError, eval_mode
 
@@ -67,6 +71,7 @@ __all__ = [
     "surface_1d",
     "surface_2d",
     "interpolate",
+    "evaluate_points",
     "trajectory_pca",
     "pca_surface",
     "plot_surface",
@@ -74,6 +79,9 @@ __all__ = [
 
 Direction = dict[str, Tensor]
 Metric = Callable[[Tensor, Any], Tensor]
+# ``progress``: False, True (a tqdm bar), or ``total -> bar`` (``update(n)``, ``close()``), e.g. the
+# CLI's bar that is plain periodic lines when stderr is not a terminal
+Progress = bool | Callable[[int], Any]
 
 
 @dataclass
@@ -96,6 +104,7 @@ class Surface:
 
     @property
     def num_nonfinite(self) -> int:
+        """How many points of ``loss`` are NaN (a non-finite loss there)."""
         return int(np.sum(~np.isfinite(self.loss)))
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -190,29 +199,55 @@ def model_difference(model_a: nn.Module, model_b: nn.Module) -> Direction:
 # ---------------------------------------------------------------- evaluation
 
 
-def _evaluate_points(
+def evaluate_points(
     model: nn.Module,
     loss_fn: LossFn,
     data: list[Batch],
     points: Iterable[Mapping[str, Tensor]],
     num: int,
-    metric: Metric | None,
-    progress: bool,
+    metric: Metric | None = None,
+    progress: Progress = False,
+    stat_batches: Iterable[tuple[Any, Any]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Loss (and ``metric``) at each of ``num`` parameter points, eval mode; NaN where not finite.
+
+    With ``stat_batches`` and a model with running statistics, each point is evaluated on a
+    private copy of the model whose statistics are first re-estimated on ``stat_batches``
+    (:func:`flatness.norm_statistics.reestimate_norm_statistics`); points then hold parameters
+    only.
+    """
     losses = np.full(num, np.nan)
     values = np.full(num, np.nan) if metric is not None else None
-    iterator: Iterable[Any] = enumerate(points)
-    if progress:
+    bar: Any = None
+    if callable(progress):
+        bar = progress(num)
+    elif progress:
         from tqdm import tqdm
 
-        iterator = tqdm(iterator, total=num, desc="landscape", leave=False)
-    with eval_mode(model):
-        for i, params in iterator:
-            loss, value = evaluate_at(model, loss_fn, data, params, metric)
-            if math.isfinite(loss):
-                losses[i] = loss
-                if values is not None:
-                    values[i] = value
+        bar = tqdm(total=num, desc="landscape", leave=False)
+    reestimate = stat_batches is not None and bool(tracked_norm_layers(model))
+    work = copy.deepcopy(model) if reestimate else model
+    stats = list(stat_batches) if reestimate and stat_batches is not None else []
+    try:
+        with eval_mode(work):
+            for i, params in enumerate(points):
+                if reestimate:
+                    with torch.no_grad():
+                        for name, p in work.named_parameters():
+                            if name in params:
+                                p.copy_(params[name])
+                    reestimate_norm_statistics(work, stats)
+                    params = trainable_params(work)
+                loss, value = evaluate_at(work, loss_fn, data, params, metric)
+                if math.isfinite(loss):
+                    losses[i] = loss
+                    if values is not None:
+                        values[i] = value
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
     bad = int(np.sum(np.isnan(losses)))
     if bad:
         warnings.warn(
@@ -251,7 +286,7 @@ def surface_1d(
     include_1d: bool = False,
     metric: Metric | None = None,
     metric_name: str | None = None,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> Surface:
     """L(θ + α d) for α in ``alphas`` (default ``num`` points in [−span, span]).
 
@@ -263,7 +298,7 @@ def surface_1d(
         model, seed=seed, include_1d=include_1d)
     _check_same_architecture(theta, d, "the direction")
     xs = np.asarray(alphas if alphas is not None else np.linspace(-span, span, num), dtype=float)
-    loss, values = _evaluate_points(model, loss_fn, data, _along(theta, [d], ([a] for a in xs)),
+    loss, values = evaluate_points(model, loss_fn, data, _along(theta, [d], ([a] for a in xs)),
                                     len(xs), metric, progress)
     return Surface("1d", xs, loss, metric=values, metric_name=_metric_name(metric, metric_name),
                    info={"seed": seed, "include_1d": include_1d})
@@ -283,7 +318,7 @@ def surface_2d(
     include_1d: bool = False,
     metric: Metric | None = None,
     metric_name: str | None = None,
-    progress: bool = False,
+    progress: Progress = False,
     kind: str = "2d",
 ) -> Surface:
     """L(θ + α d₁ + β d₂) on the grid ``xs × ys`` (default ``num × num`` in [−span, span]²).
@@ -303,7 +338,7 @@ def surface_2d(
     gx = np.asarray(xs if xs is not None else np.linspace(-span, span, num), dtype=float)
     gy = np.asarray(ys if ys is not None else np.linspace(-span, span, num), dtype=float)
     coords = [(a, b) for b in gy for a in gx]  # row-major: loss[j, i] = f(xs[i], ys[j])
-    loss, values = _evaluate_points(model, loss_fn, data, _along(theta, [d1, d2], coords),
+    loss, values = evaluate_points(model, loss_fn, data, _along(theta, [d1, d2], coords),
                                     len(coords), metric, progress)
     shape = (len(gy), len(gx))
     return Surface(kind, gx, loss.reshape(shape), ys=gy,
@@ -322,20 +357,28 @@ def interpolate(
     num: int = 41,
     metric: Metric | None = None,
     metric_name: str | None = None,
-    progress: bool = False,
+    progress: Progress = False,
+    norm_stats: str = "reestimate",
+    stat_batches: Iterable[tuple[Any, Any]] | None = None,
 ) -> Surface:
     """L((1 − t) θ_a + t θ_b) for t in ``alphas`` (default ``num`` points in [−0.5, 1.5]).
 
-    Floating-point buffers (e.g. BatchNorm running statistics) are interpolated alike; other
-    buffers are model a's. Neither model is modified.
+    ``norm_stats``: ``"reestimate"`` (default) re-estimates BatchNorm running statistics at
+    every point on ``stat_batches`` (default: ``batches``; see :func:`evaluate_points`);
+    ``"interpolate"`` interpolates floating-point buffers like the weights (other buffers are
+    model a's). Models without running statistics are the same either way. Neither model is
+    modified.
     """
+    if norm_stats not in ("reestimate", "interpolate"):
+        raise FlatnessError(f"norm_stats must be 'reestimate' or 'interpolate', got {norm_stats!r}")
     data = collect_batches(batches)
     diff = model_difference(model_a, model_b)
     theta = trainable_params(model_a)
     buf_a = dict(model_a.named_buffers())
     buf_b = dict(model_b.named_buffers())
     _check_same_architecture(buf_a, buf_b, "the other model's buffers")
-    float_bufs = [n for n, b in buf_a.items() if b.is_floating_point()]
+    reestimate = norm_stats == "reestimate"
+    float_bufs = [] if reestimate else [n for n, b in buf_a.items() if b.is_floating_point()]
     ts = np.asarray(alphas if alphas is not None else np.linspace(-0.5, 1.5, num), dtype=float)
 
     def points():
@@ -345,10 +388,11 @@ def interpolate(
                 params[n] = buf_a[n] + float(t) * (buf_b[n].to(buf_a[n]) - buf_a[n])
             yield params
 
-    loss, values = _evaluate_points(model_a, loss_fn, data, points(), len(ts), metric, progress)
+    stats = (stat_batches if stat_batches is not None else [(b.x, b.y) for b in data]) if reestimate else None
+    loss, values = evaluate_points(model_a, loss_fn, data, points(), len(ts), metric, progress, stats)
     distance = math.sqrt(sum(float(d.pow(2).sum()) for d in diff.values()))
     return Surface("interp", ts, loss, metric=values, metric_name=_metric_name(metric, metric_name),
-                   info={"distance": distance})
+                   info={"distance": distance, "norm_stats": norm_stats})
 
 
 # ---------------------------------------------------------------- trajectory PCA
@@ -404,7 +448,7 @@ def pca_surface(
     margin: float = 0.3,
     metric: Metric | None = None,
     metric_name: str | None = None,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> Surface:
     """The loss contour in the plane of the trajectory's first two PCA directions, with the path.
 

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from . import layerwise
+from .batch_loss import ModelLoss, adapt_wrapped, batch_size_of, call_pair
 from .control_variate import cv_sq_trace
 from .finite_difference import FrozenKinks, fd_sq_trace, same_function_in_train_mode
 from .finite_difference import surrogate as fd_surrogate
@@ -46,8 +47,9 @@ from .kfac import kfac_sq_trace
 from .lam_control import make_policy
 from .linear_io import SharedPrefix, share_prefix
 from .passes import curvature_pass
+from .precision import PassPrecision
 from .probes import Distribution, check_distribution, make_generator, sample_probes
-from .utils import batch_size, call_model, take_first, unwrap
+from .utils import batch_size, call_model, require_double_backward, take_first
 
 __all__ = ["BACKENDS", "FlatnessPenalty", "NonFiniteCurvatureError"]
 
@@ -63,7 +65,10 @@ class FlatnessPenalty:
 
     Args:
         model: the network; its parameters that require grad are penalised (or ``params``).
-        loss_fn: ``loss_fn(model(x), y) -> scalar`` (batch mean), the task loss.
+        loss_fn: ``loss_fn(model(x), y) -> scalar`` (batch mean), the task loss; or a
+            :class:`flatness.ModelLoss` ``fn(model, batch)`` for any batch (dicts): the penalty is
+            then called as ``penalty(batch)``, B is the batch's size (:mod:`flatness.batch_loss`),
+            and the backends that need the model output (layer-wise, K-FAC, ``cv``) are refused.
         lam: λ >= 0. ``lam=0`` computes nothing and returns exact zeros.
         probes: M >= 1 probes per curvature pass.
         every: compute the penalty on calls 0, k, 2k, ... (k >= 1); zero on the others.
@@ -173,6 +178,12 @@ class FlatnessPenalty:
                 isinstance(h, (int, float)) and math.isfinite(h) and h > 0 for h in steps
             ):
                 raise ValueError(f"fd_step must be a finite number > 0 or a pair of them, got {fd_step!r}")
+        self.model_loss = loss_fn if isinstance(loss_fn, ModelLoss) else None
+        if self.model_loss is not None:
+            if backend in ("layerwise", "kfac") or estimator == "cv":
+                what = f"estimator={estimator!r}" if estimator == "cv" else f"backend={backend!r}"
+                raise ValueError(f"{what} needs the model output, and a ModelLoss gives only the loss: "
+                                 "use backend='auto', 'autograd' or 'finite-difference'")
         for name, used in (("backend='layerwise'", backend == "layerwise"), ("backend='kfac'", backend == "kfac"), ("estimator='cv'", estimator == "cv")):
             if used and params is not None:
                 raise ValueError(f"{name} penalises all of the model's parameters: drop params")
@@ -182,11 +193,16 @@ class FlatnessPenalty:
         self.policy = make_policy(float(lam), every, lam_schedule, lam_control, total_steps)
         # a fixed λ is not logged per step (the run's settings hold it)
         self._varying_lam = lam_schedule is not None or lam_control is not None
+        # a ModelLoss: the model and loss as one module (flatness.batch_loss); local_model: the
+        # module the out-of-place passes run, also the eager module inside torch.compile's wrapper
+        model, loss_fn, self.local_model = adapt_wrapped(model, loss_fn)
         self.model = model
         # Under DDP the curvature pass runs on the wrapped module: it is built out of place with
         # autograd.grad(create_graph=True) on the local batch, and the one ordinary backward() of
         # task loss + penalty is what DDP all-reduces (it does not synchronise grads of grads).
-        self.local_model = unwrap(model)
+        if backend != "finite-difference":
+            require_double_backward(self.local_model, f"backend={backend!r}")
+        self._precision = PassPrecision(backend)  # autocast: flatness.precision
         self.loss_fn = loss_fn
         self.lam = float(lam)
         self.probes = probes
@@ -209,6 +225,7 @@ class FlatnessPenalty:
 
     @property
     def params(self) -> list[Tensor]:
+        """The penalised parameters (``params`` as given, else the model's trainable ones)."""
         if self._params is not None:
             return self._params
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -225,12 +242,15 @@ class FlatnessPenalty:
         n = max(1, min(n, full))
         return take_first(x, n), take_first(y, n)
 
-    def __call__(self, x: Any, y: Any, *, log: dict[str, float] | None = None) -> Tensor:
+    def __call__(self, x: Any, y: Any = None, *, log: dict[str, float] | None = None) -> Tensor:
         """The penalty for this mini-batch: λ·Tr(H²)/B with graph, or an exact zero.
 
         ``log``: a dict that receives the floats of this step's λ decision (``lam`` when λ
         varies; the controllers' measurements), e.g. a training step's logged values.
         """
+        return self._call(*call_pair(self.model_loss, x, y), log)
+
+    def _call(self, x: Any, y: Any, log: dict[str, float] | None) -> Tensor:
         shared, self._shared = self._shared, None
         prefix, self._prefix = self._prefix, None
         first = shared[1] if shared is not None and shared[0] is x else None
@@ -247,7 +267,7 @@ class FlatnessPenalty:
             and same_function_in_train_mode(self.local_model)
         )
 
-    def objective(self, x: Any, y: Any, *, log: dict[str, float] | None = None) -> tuple[Tensor, Tensor]:
+    def objective(self, x: Any, y: Any = None, *, log: dict[str, float] | None = None) -> tuple[Tensor, Tensor]:
         """``(task_loss, task_loss + self(x, y))`` on this mini-batch, the second to back-propagate.
 
         The task loss is ``loss_fn(model(x), y)`` with the model in its current modes. The
@@ -267,9 +287,10 @@ class FlatnessPenalty:
             >>> loss, total = penalty.objective(torch.randn(16, 4), torch.randint(0, 3, (16,)))
             >>> total.backward()
         """
+        x, y = call_pair(self.model_loss, x, y)
         if not self.shares_task_gradient():
             loss = self.loss_fn(call_model(self.model, x), y)
-            return loss, loss + self(x, y, log=log)
+            return loss, loss + self._call(x, y, log)
         params = self.params
         kinks = FrozenKinks()
         with kinks.recording():
@@ -452,7 +473,7 @@ class FlatnessPenalty:
         log: dict[str, float] | None, *, grad0: Sequence[Tensor] | None = None,
         kinks: FrozenKinks | None = None,
     ) -> Tensor:
-        full_batch = batch_size(x)
+        full_batch = batch_size_of(self.local_model, x)
         if full_batch == 0:
             raise ValueError("empty batch: x holds no samples")
         step = self.calls
@@ -470,9 +491,11 @@ class FlatnessPenalty:
         if prefix is not None and cx is not x and prefix.source is x:
             prefix = prefix.first_rows(cx)  # a sub-batch: the first rows of the shared prefix
         if self.backend == "finite-difference":  # its own passes (curvature_pass policy)
-            estimate = self._finite_difference(cx, cy, params, grad0, kinks)
+            with self._precision(ref.device.type, lambda: False):
+                estimate = self._finite_difference(cx, cy, params, grad0, kinks)
         else:
-            with curvature_pass(self.local_model, dropout=not self.eval_during_curvature):
+            with curvature_pass(self.local_model, dropout=not self.eval_during_curvature), \
+                    self._precision(ref.device.type, lambda: self._backend(cx) == "verify"):
                 estimate = self._estimate(cx, cy, params, first, prefix)
         value = float(estimate.detach())
         ratio_control = getattr(self.policy, "needs_grad_norms", False)
@@ -554,6 +577,7 @@ class FlatnessPenalty:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the state of :meth:`state_dict` (resume a run exactly)."""
         self.calls = int(state["calls"])
         if state.get("generator") is not None:
             if self.generator is None:

@@ -65,6 +65,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .layers import LINEAR_TYPES
+from .linear_io import SharedPrefix
 from .passes import ExactNormDerivatives, math_attention
 from .utils import batch_size, call_model
 
@@ -369,11 +370,16 @@ class ClosedForm:
         self._records: dict[nn.Module, list[tuple[Any, Tensor, int, int]]] = {}
 
     @contextlib.contextmanager
-    def record(self, copy: bool = False) -> Iterator[None]:
+    def record(self, copy: bool = False, prefix: SharedPrefix | None = None) -> Iterator[None]:
         """Record the covered layers' inputs and outputs of the forward pass in the body
-        (train-mode BatchNorm on fixed batch statistics, see the module docs)."""
+        (train-mode BatchNorm on fixed batch statistics, see the module docs). A ``prefix``
+        recorded in another pass (:func:`flatness.linear_io.share_prefix`) stands for its layers'
+        calls: the body runs the rest of the model from the prefix's output."""
         with _recording(self.layers, copy) as records, \
                 fixed_batch_statistics(coupling_batch_norms(self.model)):
+            for c in prefix.calls if prefix is not None else ():
+                version = c.inputs._version if c.inputs.layout == torch.strided else 0
+                records.get(c.module, []).append((c.inputs, c.output, version, c.output._version))
             self._records = records
             yield
 

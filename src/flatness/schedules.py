@@ -240,6 +240,7 @@ class Decision:
     data: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
+        """The decision as a flat dict (its ``data`` merged in), one entry of the λ log."""
         return {"step": self.step, "lam": self.lam, "active": self.active, "reason": self.reason, **self.data}
 
 
@@ -291,9 +292,11 @@ class ScheduledLam:
         return out
 
     def state_dict(self) -> dict[str, Any]:
+        """The last step seen and whether it was active (for the log), to resume a run exactly."""
         return {"was_active": self._was_active, "last_step": self._last_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the state of :meth:`state_dict`."""
         self._was_active = state.get("was_active")
         self._last_step = state.get("last_step")
 

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import io
 import os
+import re
 import secrets
+import socket
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -17,7 +21,13 @@ from torch import Tensor, nn
 __all__ = [
     "FlatnessError",
     "atomic_write_bytes",
+    "process_alive",
+    "process_start",
+    "remove_orphaned_files",
+    "writer_tag",
     "unwrap",
+    "compiled_parts",
+    "require_double_backward",
     "module_modes",
     "restore_modes",
     "preserved_mode",
@@ -33,17 +43,38 @@ class FlatnessError(Exception):
     """A user-facing error: the CLI prints its message as one line and exits non-zero."""
 
 
+def _is_compiled_wrapper(model: nn.Module) -> bool:
+    """Whether ``model`` is what ``torch.compile(module)`` returns (an ``OptimizedModule``)."""
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")  # loaded whenever something was compiled
+    return dynamo is not None and isinstance(model, dynamo.OptimizedModule)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel / DataParallel wrapper (else ``model``).
+    """The module inside a DistributedDataParallel / DataParallel wrapper, or inside the
+    wrapper ``torch.compile`` returns (else ``model``).
 
     Out-of-place passes (curvature, perturbations, torch.func transforms) run on it, so that
-    DDP's reducer sees exactly one forward/backward per step.
+    DDP's reducer sees exactly one forward/backward per step, and so that passes that
+    differentiate twice run eagerly: compiled code has no double backward.
     """
     from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-    while isinstance(model, (DistributedDataParallel, DataParallel)):
-        model = model.module
-    return model
+    while True:
+        if isinstance(model, (DistributedDataParallel, DataParallel)):
+            model = model.module
+        elif _is_compiled_wrapper(model):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def compiled_parts(model: nn.Module) -> list[str]:
+    """Names of the submodules of ``model`` that run compiled code (``torch.compile(sub)`` or
+    ``sub.compile()``; ``""`` is ``model`` itself)."""
+    return [
+        name for name, m in model.named_modules()
+        if _is_compiled_wrapper(m) or getattr(m, "_compiled_call_impl", None) is not None
+    ]
 
 
 def module_modes(model: nn.Module) -> list[bool]:
@@ -133,6 +164,18 @@ def call_model(model: nn.Module, x: Any) -> Tensor:
     return model(x)
 
 
+def require_double_backward(model: nn.Module, what: str) -> None:
+    """A ``ValueError`` naming the first-order backend when ``model`` has compiled parts, whose
+    code has no double backward (``what`` differentiates twice)."""
+    compiled = compiled_parts(model)
+    if compiled:
+        raise ValueError(
+            f"{what} differentiates twice and the compiled part(s) {compiled} of this model have no "
+            "double backward (torch.compile): use backend='finite-difference' (first-order), or "
+            "compile the whole model, torch.compile(model), whose eager module is then differentiated"
+        )
+
+
 def _create_temp_file(path: Path) -> tuple[int, Path]:
     """A new, empty, uniquely named file next to ``path``, opened for writing.
 
@@ -141,7 +184,7 @@ def _create_temp_file(path: Path) -> tuple[int, Path]:
     """
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     while True:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.{writer_tag()}.tmp")
         try:
             return os.open(tmp, flags, 0o666), tmp
         except FileExistsError:
@@ -153,7 +196,9 @@ def atomic_write_bytes(path: str | os.PathLike[str], write: Callable[[IO[bytes]]
 
     The content is produced in memory first (so a serialiser such as ``torch.save`` never meets
     a full disk half-way), then written to a temp file in ``path``'s folder, flushed to disk and
-    renamed to ``path``: a reader sees either the old file or the complete new one. The file
+    renamed to ``path``: a reader sees either the old file or the complete new one. The temp
+    file's name says which process writes it (:func:`writer_tag`), so that one left by a killed
+    writer can be told from one being written (:func:`remove_orphaned_files`). The file
     honours the umask like any new file. On any error the temp file is removed and ``path`` is
     left as it was; a full disk (or quota) becomes one :class:`FlatnessError` naming ``path``,
     other errors of type ``OSError`` name ``path`` (not the temp file).
@@ -202,3 +247,78 @@ def _naming(exc: OSError, path: Path) -> OSError:
     if exc.errno is None:
         return exc
     return type(exc)(exc.errno, exc.strerror, str(path))
+
+
+# ----------------------------------------------------------------------------- dead writers
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks since boot) of process ``pid``, from Linux's /proc;
+    ``None`` where the process is gone or there is no /proc."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    fields = text.rpartition(")")[2].split()  # after the command name, which may hold spaces
+    try:
+        return fields[0], int(fields[19])  # proc(5): field 3 is the state, field 22 the start
+    except (IndexError, ValueError):
+        return None
+
+
+def process_start(pid: int | None = None) -> int | None:
+    """When process ``pid`` (default: this one) started, in clock ticks since boot; ``None``
+    where that is unknown (no /proc). With the pid it names one process, even once the pid is
+    reused."""
+    stat = _proc_stat(os.getpid() if pid is None else pid)
+    return None if stat is None else stat[1]
+
+
+def process_alive(pid: int, start: int | None = None) -> bool:
+    """Whether process ``pid`` of this host still runs: it exists and is not a zombie, and, with
+    ``start`` (:func:`process_start` when it was seen), it is that process and not a later one
+    given the same pid. A process that cannot be checked (another user's) counts as alive."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass  # it exists (another user's), or cannot be checked
+    stat = _proc_stat(pid)
+    if stat is None:
+        return True
+    state, started = stat
+    if state in ("Z", "X"):  # killed, not yet reaped
+        return False
+    return start is None or started == start
+
+
+def _host_tag() -> str:
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def writer_tag() -> str:
+    """This process in a file name: ``w<pid>s<start>h<host>`` (start 0 where unknown)."""
+    return f"w{os.getpid()}s{process_start() or 0}h{_host_tag()}"
+
+
+_TAGGED = re.compile(r"^\..+\.[0-9a-f]{8}\.w(\d+)s(\d+)h([0-9a-f]{8})\.(tmp|stale)$")
+
+
+def remove_orphaned_files(directory: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temp files under ``directory`` whose writers are gone (killed half-way, e.g.
+    by SIGKILL); returns them. Only files named by :func:`writer_tag` for a process of this host
+    are judged: a live writer's file, another host's, or an unknown one is left alone."""
+    removed = []
+    host = _host_tag()
+    for path in sorted(Path(directory).rglob(".*")):
+        match = _TAGGED.match(path.name)
+        if match is None or match.group(3) != host or not path.is_file():
+            continue
+        pid, start = int(match.group(1)), int(match.group(2))
+        if process_alive(pid, start or None):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed

@@ -20,12 +20,15 @@ from collections.abc import Sequence
 from .. import __version__
 from ..utils import FlatnessError
 
+__all__ = ["COMMAND_MODULES", "build_parser", "main"]
+
 # One module per command group; each defines ``add_cli(subparsers)``.
 COMMAND_MODULES: tuple[str, ...] = (
     "flatness.cli.demo",
     "flatness.cli.bench",
     "flatness.cli.run",
     "flatness.cli.inspect",
+    "flatness.cli.connect",
     "flatness.cli.study",
 )
 
@@ -36,6 +39,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``flatness`` parser with every subcommand (the CLI reference is generated from it)."""
     parser = _Parser(prog="flatness", description="Flatness-aware training of neural networks.")
     parser.add_argument("--version", action="version", version=f"flatness {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -53,6 +57,7 @@ def _os_error_line(exc: OSError) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``flatness ARGV`` (default: ``sys.argv[1:]``); return the exit code (module docs)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = bool(os.environ.get("FLATNESS_DEBUG"))
@@ -73,8 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # never a traceback for a CLI user
         if debug:
             traceback.print_exc()
+        first = (str(exc).strip().splitlines() or [""])[0]  # torch appends C++ frames
         print(
-            f"flatness: internal error: {type(exc).__name__}: {exc} "
+            f"flatness: internal error: {type(exc).__name__}: {first} "
             "(set FLATNESS_DEBUG=1 for the traceback)",
             file=sys.stderr,
         )

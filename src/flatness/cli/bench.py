@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from ..experiments.running.bench.arch import run_arch_bench
 from ..experiments.running.bench.ddp import run_ddp_scaling
+from ..experiments.running.bench.gpu import run_gpu_bench, summary_lines
 from ..experiments.running.bench.measures import run_measures_bench
 from ..experiments.running.bench.methods import run_methods_bench
 from ..experiments.running.bench.overhead import run_overhead
@@ -194,9 +196,61 @@ def _add_arch(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_arch)
 
 
+GPU_HELP = """\
+Checks and times flatness on one CUDA GPU in at most ~8 minutes (--budget-s, default 420 s;
+correctness always runs in full first, then timing cases that would overrun the budget are
+skipped and recorded as skipped):
+
+1. correctness, float32 on the GPU with TF32 off and on against float64 on the CPU (same
+   weights, probes and batch): the FA penalty's Tr(H²) and gradient for every backend
+   (autograd, layerwise, finite-difference, kfac, control variate) on the paper's MLP,
+   ResNet-20 with BatchNorm and the ViT; SAM's and NRS's one-step updates; λ_max and Tr(H) of a
+   small ResNet; tolerances per precision in the JSON;
+2. 40 steps of cifar100-resnet's gpu protocol (ResNet-18, B = 128) for none, FA (first-order,
+   every 10 steps) and SAM, and the projected time of the full 200-epoch protocol (synthetic
+   images unless --data-dir, $FLATNESS_DATA or the cache holds CIFAR-100);
+3. step time (ms and ratio to a plain step) and peak memory of a plain step, FA (M = 1 every
+   step, M = 5 every 10), first-order FA (k = 1, 10), K-FAC, SAM, GNP, NRS and the curvature
+   regulariser on the MLP (B = 128), ResNet-18 (B = 128) and ViT-Ti (B = 256), in float32 and
+   under bf16 autocast.
+
+Writes one JSON file (device, driver, CUDA, cuDNN and torch versions, every figure) and exits
+with status 1 if any correctness case failed (after writing it). --dry-run runs the same
+command on the CPU at tiny sizes in under a minute (no GPU needed).
+"""
+
+
+def _cmd_gpu(args: argparse.Namespace) -> int:
+    result, path = run_gpu_bench(
+        out=args.out, budget_s=args.budget_s, data_dir=args.data_dir, dry_run=args.dry_run,
+        seed=args.seed, fault=args.inject_fault,
+    )
+    for line in summary_lines(result, path):
+        print(line)
+    if not result["ok"]:
+        print(f"flatness: error: {len(result['correctness']['failures'])} correctness case(s) failed; see {path}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_gpu(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "gpu", help="correctness vs float64, step time and memory of every method on one GPU (≤ 8 min)",
+        description=GPU_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", default=None, help="the JSON file (default: benchmarks/gpu-DATE-DEVICE.json)")
+    p.add_argument("--budget-s", type=float, default=420.0, help="seconds the whole command may take (default 420)")
+    p.add_argument("--data-dir", default=None, help="CIFAR-100 directory for the protocol timing (default: $FLATNESS_DATA, then the cache; else synthetic images, said so in the JSON)")
+    p.add_argument("--dry-run", action="store_true", help="run on the CPU at tiny sizes (no GPU needed; < 1 minute)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, batches and probes")
+    p.add_argument("--inject-fault", default=None, help=argparse.SUPPRESS)  # test hook: corrupts matching cases
+    p.set_defaults(func=_cmd_gpu)
+
+
 def add_cli(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("bench", help="speed and memory benchmarks (ratios in one run)")
     bench_sub = parser.add_subparsers(dest="bench", metavar="BENCHMARK", parser_class=type(parser))
     bench_sub.required = True
-    for add in (_add_overhead, _add_methods, _add_measures, _add_ddp, _add_variance, _add_arch):
+    for add in (_add_overhead, _add_methods, _add_measures, _add_ddp, _add_variance, _add_arch, _add_gpu):
         add(bench_sub)

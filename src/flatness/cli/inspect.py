@@ -10,7 +10,8 @@ their stored order, the model in eval mode)::
     flatness landscape CKPT_LAM0 --other CKPT_LAM001 --task cifar100-mlp --kind interp --out pictures/
     flatness landscape CKPT --task cifar100-mlp --kind pca --out pictures/   # needs --trajectory N runs
 
-``measure`` prints one JSON object with ``--json`` (keys such as ``hessian_trace``,
+``landscape --kind interp`` re-estimates BatchNorm running statistics at every point on the first
+``--examples`` training examples (as ``flatness connect`` does). ``measure`` prints one JSON object with ``--json`` (keys such as ``hessian_trace``,
 ``hessian_sq_trace``, ``lambda_max``, ``eps_sharpness``, ``fisher_trace``), else one line per
 key. ``landscape`` writes ``NAME_KIND.npz`` and ``NAME_KIND.png`` into ``--out`` (atomically).
 Bad input (a checkpoint of another task, k above the number of parameters, an unknown measure)
@@ -36,7 +37,7 @@ from torch import Tensor, nn
 
 from ..utils import FlatnessError, take_first
 
-__all__ = ["add_cli", "load_for_task", "measure_command", "landscape_command"]
+__all__ = ["add_cli", "load_for_task", "training_batches", "measure_command", "landscape_command"]
 
 SPLITS = ("train", "test", "val")
 KINDS = ("1d", "2d", "interp", "pca")
@@ -88,6 +89,19 @@ def load_for_task(
     size = batch_size or getattr(task.config, "eval_batch_size", 1024)
     batches = list(iterate_batches(x, y, size, shuffle=False))
     return task, model, meta, batches
+
+
+def training_batches(task: Any, examples: int | None, batch_size: int, data_dir: str | None) -> list[tuple[Any, Tensor]]:
+    """The first ``examples`` (``None``: all) of the task's training split, in batches, in order."""
+    from ..experiments.world.data import iterate_batches
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=SPARSE_NOTES)
+        splits = task.load(data_dir)
+        x, y = splits.x_train, splits.y_train
+        if examples is not None:
+            x, y = take_first(x, examples), y[:examples]
+        return list(iterate_batches(x, y, batch_size, shuffle=False))
 
 
 def _emit_warnings(caught: Sequence[warnings.WarningMessage]) -> list[str]:
@@ -155,6 +169,12 @@ def measure_command(args: argparse.Namespace) -> int:
             raise FlatnessError(f"--{flag.replace('_', '-')} must be a finite number > 0")
     if args.noise_samples < 2:
         raise FlatnessError("--noise-samples must be >= 2")
+    for flag in ("entropy_gamma", "entropy_noise", "entropy_step_size"):
+        value = getattr(args, flag)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise FlatnessError(f"--{flag.replace('_', '-')} must be a finite number > 0")
+    if args.entropy_steps < 6 or args.entropy_nodes < 1:
+        raise FlatnessError("--entropy-steps must be >= 6 and --entropy-nodes >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     task, model, meta, batches = load_for_task(
@@ -168,6 +188,8 @@ def measure_command(args: argparse.Namespace) -> int:
         seed=args.seed, matvecs=args.matvecs, k=args.k, eps=args.eps, adaptive_eps=args.adaptive_eps,
         sharpness_steps=args.sharpness_steps, sigma=args.sigma, noise_samples=args.noise_samples,
         divergence_eps=args.divergence_eps, initial=None if initial is None else initial.state_dict(),
+        entropy_gamma=args.entropy_gamma, entropy_noise=args.entropy_noise, entropy_steps=args.entropy_steps,
+        entropy_step_size=args.entropy_step_size, entropy_nodes=args.entropy_nodes,
         function=args.function,
     )
     start = time.perf_counter()
@@ -220,6 +242,15 @@ def _load_trajectory(path: Path, task_name: str) -> list[dict[str, Tensor]]:
     return states
 
 
+def _landscape_progress(args: argparse.Namespace) -> Any:
+    """``--progress``: the pipeline's bar (plain periodic lines when stderr is not a terminal)."""
+    if not args.progress:
+        return False
+    from ..experiments.running.progress import progress_bar
+
+    return lambda total: progress_bar(total, "landscape", "point", leave=False)
+
+
 def _default_trajectory(checkpoint: Path) -> Path | None:
     """``OUT/TASK/trajectories/NAME.pt`` next to ``OUT/TASK/checkpoints/NAME.pt``, if present."""
     candidate = checkpoint.parent.parent / "trajectories" / checkpoint.name
@@ -266,17 +297,20 @@ def landscape_command(args: argparse.Namespace) -> int:
         if args.kind == "1d":
             surface = surface_1d(model, task.loss_fn, batches, span=args.span, num=num or 41,
                                  seed=args.seed, include_1d=args.include_1d, metric=metric,
-                                 metric_name="accuracy", progress=args.progress)
+                                 metric_name="accuracy", progress=_landscape_progress(args))
         elif args.kind == "2d":
             surface = surface_2d(model, task.loss_fn, batches, span=args.span, num=num or 21,
                                  seed=args.seed, include_1d=args.include_1d, metric=metric,
-                                 metric_name="accuracy", progress=args.progress)
+                                 metric_name="accuracy", progress=_landscape_progress(args))
         elif args.kind == "interp":
             other, _ = load_checkpoint(args.other, task=args.task)
             low, high = args.interp_range
+            # BatchNorm statistics re-estimated at each point on the first --examples training examples
+            stats = training_batches(task, args.examples, task.config.batch_size, args.data_dir)
             surface = interpolate(model, other, task.loss_fn, batches,
                                   alphas=torch.linspace(low, high, num or 41).tolist(),
-                                  metric=metric, metric_name="accuracy", progress=args.progress)
+                                  metric=metric, metric_name="accuracy", progress=_landscape_progress(args),
+                                  stat_batches=stats)
             stem = f"{stem}_to_{Path(args.other).stem}"
         else:
             states: list[Any] = []
@@ -292,7 +326,7 @@ def landscape_command(args: argparse.Namespace) -> int:
                 )
             surface = pca_surface(model, task.loss_fn, batches, states, num=num or 21,
                                   margin=args.margin, metric=metric, metric_name="accuracy",
-                                  progress=args.progress)
+                                  progress=_landscape_progress(args))
     out = Path(args.out)
     npz = surface.save(out / f"{stem}_{args.kind}.npz")
     png = plot_surface(surface, out / f"{stem}_{args.kind}.png",
@@ -341,8 +375,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="measures to compute (space- or comma-separated, or 'all'); default: loss "
                         "hessian_trace hessian_sq_trace lambda_max last_layer_lambda_max "
                         "eps_sharpness fisher_trace; also: hutchpp_trace adaptive_sharpness "
-                        "noise_loss model_divergence spectral_density param_norm path_norm "
-                        "distance_from_init margin pacbayes pacbayes_mag")
+                        "noise_loss local_entropy model_divergence spectral_density param_norm "
+                        "path_norm distance_from_init margin pacbayes pacbayes_mag")
     p.add_argument("--function", default="deployed", choices=("deployed", "batch_stats"),
                    help="the function measured: deployed = eval mode, BatchNorm on running statistics "
                         "(default); batch_stats = BatchNorm on each batch's statistics (as trained)")
@@ -354,6 +388,14 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sigma", type=float, default=0.01, help="σ of the weight noise (0.01)")
     p.add_argument("--noise-samples", type=int, default=20, help="Monte-Carlo draws (20)")
     p.add_argument("--divergence-eps", type=float, default=0.1, help="NRS radius ε (0.1)")
+    p.add_argument("--entropy-gamma", type=float, default=100.0, help="local entropy: scope γ (100)")
+    p.add_argument("--entropy-noise", type=float, default=0.1,
+                   help="local entropy: thermal noise ε, temperature ε² (0.1)")
+    p.add_argument("--entropy-steps", type=int, default=30,
+                   help="local entropy: Langevin steps per quadrature node, a third burn-in (30)")
+    p.add_argument("--entropy-step-size", type=float, default=None,
+                   help="local entropy: Langevin step size (default 0.05/γ)")
+    p.add_argument("--entropy-nodes", type=int, default=6, help="local entropy: quadrature nodes in λ (6)")
     p.add_argument("--density-steps", type=int, default=80, help="Lanczos steps of the SLQ density (80)")
     p.add_argument("--density-repeats", type=int, default=1, help="SLQ probes (1)")
     p.add_argument("--plot-dir", default=None, help="where spectral_density writes its PNG and .npz")
@@ -381,5 +423,6 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--margin", type=float, default=0.3, help="pca: grid margin around the path (0.3)")
     q.add_argument("--include-1d", action="store_true",
                    help="also perturb biases and normalisation parameters (default: left out)")
-    q.add_argument("--progress", action="store_true", help="progress bar on stderr")
+    q.add_argument("--progress", action="store_true",
+                   help="progress on stderr: a bar on a terminal, else a plain line every 30 s")
     q.set_defaults(func=landscape_command)

@@ -143,7 +143,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
             protocol=args.protocol,
         )
     if args.shard:
-        specs = select_shard(specs, *parse_shard(args.shard))
+        index, count = parse_shard(args.shard)
+        grid_size = len(specs)
+        specs = select_shard(specs, index, count)
+        if not specs:  # more shards than runs: this machine has nothing to do, and that is fine
+            runs = f"{grid_size} run" + ("" if grid_size == 1 else "s")
+            print(
+                f"flatness: shard {index}/{count} of this grid has no runs (the grid has {runs}, "
+                f"fewer than {count} shards); nothing to do",
+                file=sys.stderr,
+            )
+            return 0
     if args.emulate_ranks < 1:
         raise FlatnessError(f"--emulate-ranks must be >= 1, got {args.emulate_ranks}")
     dist_ctx = None

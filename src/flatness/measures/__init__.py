@@ -11,13 +11,16 @@ to its parameters or buffers.
 - :mod:`.eigen`: top-k eigenvalues (thick-restart Lanczos), condition number, effective dimension,
   per-layer blocks; :mod:`.density`: SLQ spectral density and its plot;
 - :mod:`.sharpness`: ε-sharpness and adaptive sharpness; :mod:`.noise`: expected loss under
-  Gaussian weight noise; :mod:`.fisher`: empirical Fisher trace; :mod:`.divergence`: NRS model
+  Gaussian weight noise; :mod:`.local_entropy`: Entropy-SGD's local entropy by Langevin sampling; :mod:`.fisher`: empirical Fisher trace; :mod:`.divergence`: NRS model
   divergence; :mod:`.summary`: several at once, :func:`final_measures`;
+- :mod:`.calibration`: expected calibration error, NLL and Brier score of predictions (not a
+  flatness measure: what flatness is said to predict);
 - reference measures of Jiang et al. (2019): :mod:`.norms` (parameter norm, path norm, distance
   from initialisation), :mod:`.margin` (output margin), :mod:`.pac_bayes` (PAC-Bayes flatness
   and bounds); :mod:`.reparam`: the function-preserving rescaling of Dinh et al. (2017).
 """
 
+from .calibration import ECE_BINS, Calibration, calibration
 from .density import SpectralDensity, density_of, lanczos, plot_spectral_density, spectral_density
 from .divergence import kl_from_logits, model_divergence
 from .eigen import (
@@ -30,6 +33,7 @@ from .eigen import (
 )
 from ..per_example import per_example_sq_grad_norms
 from .fisher import fisher_trace
+from .local_entropy import LocalEntropy, local_entropy, quadratic_local_entropy
 from .margin import Margin, margins_of, output_margin, zero_one_error
 from .noise import NoisyLoss, noisy_loss
 from .norms import distance_from_init, parameter_norm, path_norm
@@ -65,6 +69,9 @@ __all__ = [
     "adaptive_sharpness",
     "NoisyLoss",
     "noisy_loss",
+    "LocalEntropy",
+    "local_entropy",
+    "quadratic_local_entropy",
     "fisher_trace",
     "per_example_sq_grad_norms",
     "kl_from_logits",
@@ -85,5 +92,8 @@ __all__ = [
     "pac_bayes",
     "Change",
     "rescale_layers",
+    "ECE_BINS",
+    "Calibration",
+    "calibration",
     "reparametrization_check",
 ]

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from ..probes import Distribution, make_generator, random_matrix
-from .functional import LossFn
+from .functional import LossFn, accepts_model_loss
 from .io import save_figure, save_npz
 from .operator import HessianOperator
 from .trace import Operator, operator_dim
@@ -76,6 +76,7 @@ class SpectralDensity:
 
     @property
     def ritz_range(self) -> tuple[float, float]:
+        """The smallest and largest Ritz value over all repeats."""
         return float(min(t.min() for t in self.nodes)), float(max(t.max() for t in self.nodes))
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -191,6 +192,7 @@ def density_of(
     return SpectralDensity(tuple(nodes), tuple(weights), grid, density, dim, matvecs)
 
 
+@accepts_model_loss
 def spectral_density(
     model: nn.Module,
     loss_fn: LossFn,

@@ -8,7 +8,7 @@ operator's dtype and device, every new vector is orthogonalised against all of i
 pass when the first one cancels much, Daniel-Gragg-Kaufman-Stewart), the Ritz values are
 checked after every product and the iteration stops as soon as the k largest have residuals
 :math:`\lVert H u_i - \theta_i u_i\rVert \le \text{tol}\cdot|\theta_i|` (ARPACK's criterion,
-which bounds the distance of θ_i to an eigenvalue by tol·|θ_i|). A full basis restarts from the
+which bounds the distance of θ_i to an eigenvalue by ``tol·|θ_i|``). A full basis restarts from the
 best Ritz vectors instead of starting over. SciPy's ``eigsh`` (ARPACK) on ``H.to_scipy()``
 computes the same numbers but spent 64% of its time in ARPACK's own Fortran on the CIFAR-100
 MLP, and converts every vector to NumPy and back.
@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from ..probes import make_generator, random_matrix
 from ..utils import FlatnessError
-from .functional import LossFn, collect_batches
+from .functional import LossFn, accepts_model_loss, collect_batches
 from .operator import HessianOperator
 from .trace import Operator, operator_dim
 
@@ -73,6 +73,7 @@ class Spectrum:
 
     @property
     def lambda_max(self) -> float:
+        """The largest eigenvalue."""
         return self.eigenvalues[0]
 
     @property
@@ -89,6 +90,7 @@ class Spectrum:
         return float(np.sum(lam / (lam + z)))
 
     def as_dict(self, z: float = 1.0) -> dict[str, Any]:
+        """The summaries as JSON-ready keys (``lambda_max``, ``top_eigenvalues``, ...); ``z`` for :meth:`effective_dimension`."""
         return {
             "lambda_max": self.lambda_max,
             "top_eigenvalues": list(self.eigenvalues),
@@ -260,7 +262,7 @@ def eigenvalues_of(
     Args:
         H: the operator.
         k: how many (1 <= k <= number of parameters).
-        tol: relative accuracy of the Ritz values (residual <= tol·|λ|); default 1e-10 in
+        tol: relative accuracy of the Ritz values (residual <= ``tol·|λ|``); default 1e-10 in
             float64, 1e-4 in float32 (the products' own rounding error is about 1e-7 relative
             there).
         seed: seed of the Lanczos start vector (reproducible runs).
@@ -293,6 +295,7 @@ def eigenvalues_of(
     )
 
 
+@accepts_model_loss
 def top_eigenvalues(
     model: nn.Module,
     loss_fn: LossFn,
@@ -345,6 +348,7 @@ def last_layer(model: nn.Module) -> tuple[str, list[Tensor]]:
     return name, params
 
 
+@accepts_model_loss
 def layer_top_eigenvalues(
     model: nn.Module,
     loss_fn: LossFn,

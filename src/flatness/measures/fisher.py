@@ -44,11 +44,12 @@ from ..hutchinson import Estimate
 from ..passes import Function, measure_pass
 from ..per_example import PER_EXAMPLE_IMPLS, ClosedFormUnavailable, Impl, per_example_sq_grad_norms
 from ..utils import FlatnessError
-from .functional import LossFn, collect_batches, select_params
+from .functional import LossFn, accepts_model_loss, collect_batches, select_params
 
 __all__ = ["fisher_trace"]
 
 
+@accepts_model_loss
 def fisher_trace(
     model: nn.Module,
     loss_fn: LossFn,

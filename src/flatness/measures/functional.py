@@ -26,6 +26,9 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -35,6 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ..batch_loss import BatchLoss, ModelLoss, output_is_loss
 from ..utils import FlatnessError, batch_size
 
 __all__ = [
@@ -47,6 +51,8 @@ __all__ = [
     "loss_at",
     "evaluate_at",
     "require_finite",
+    "model_loss_args",
+    "accepts_model_loss",
 ]
 
 LossFn = Callable[[Tensor, Any], Tensor]
@@ -54,7 +60,7 @@ LossFn = Callable[[Tensor, Any], Tensor]
 
 @dataclass(frozen=True)
 class Batch:
-    """One batch and its weight |b| / N in the data-set average."""
+    """One batch and its weight ``|b| / N`` in the data-set average."""
 
     x: Any
     y: Any
@@ -158,3 +164,47 @@ def require_finite(value: float, what: str) -> float:
     if not math.isfinite(value):
         raise FlatnessError(f"{what} is not finite ({value}); is the checkpoint diverged?")
     return value
+
+
+def model_loss_args(model: nn.Module, loss_fn: Any, batches: Any) -> tuple[nn.Module, Any, Any]:
+    """For a :class:`flatness.ModelLoss`: the model and loss as one module, the loss as its
+    output, and the whole batches as weighted inputs (:mod:`flatness.batch_loss`); otherwise
+    the arguments unchanged. ``batches`` is then an iterable of whole batches (e.g. dicts)."""
+    if not isinstance(loss_fn, ModelLoss):
+        return model, loss_fn, batches
+    if isinstance(batches, Mapping):
+        raise FlatnessError("batches must be an iterable of batches (e.g. a list of dicts), got one dict")
+    whole = list(batches)
+    sizes = [loss_fn.size_of(b) for b in whole]
+    total = sum(sizes)
+    if total == 0:
+        raise FlatnessError("no data: the batches hold no examples")
+    return BatchLoss(model, loss_fn), output_is_loss, [Batch((b,), None, n / total) for b, n in zip(whole, sizes)]
+
+
+def accepts_model_loss(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator of a measure ``fn(model, loss_fn, batches, ...)``: it also takes a
+    :class:`flatness.ModelLoss` with any batches (:func:`model_loss_args`)."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        a = bound.arguments
+        if isinstance(a.get("loss_fn"), ModelLoss):
+            a["model"], a["loss_fn"], a["batches"] = model_loss_args(a["model"], a["loss_fn"], a["batches"])
+            if a.get("initial") is not None:  # the user's names → the adapted module's
+                a["initial"] = prefixed(a["initial"])
+            options = a.get("options")
+            if options is not None and getattr(options, "initial", None) is not None:
+                a["options"] = dataclasses.replace(options, initial=prefixed(options.initial))
+        return fn(*bound.args, **bound.kwargs)
+
+    return wrapper
+
+
+def prefixed(initial: nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Initial weights (a module or state dict) under :class:`flatness.batch_loss.BatchLoss`'s
+    names (``model.<name>``)."""
+    state = initial.state_dict() if isinstance(initial, nn.Module) else initial
+    return {f"model.{k}": v for k, v in state.items()}

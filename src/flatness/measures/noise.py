@@ -5,7 +5,7 @@ r"""Expected loss under Gaussian weight noise (local-entropy style), Monte Carlo
     \mathbb{E}_{\xi \sim \mathcal{N}(0, \sigma^2 I)}\, L(\theta + c \odot \xi)
     \approx \frac{1}{n}\sum_{s=1}^{n} L(\theta + c \odot \xi_s),
 
-with c = 1, or c = |θ| (``relative=True``: noise proportional to each weight). With a
+with c = 1, or c = ``|θ|`` (``relative=True``: noise proportional to each weight). With a
 ``floor`` ε > 0 each entry's standard deviation is √(σ²c² + ε²) instead of σc (Jiang et al.'s
 magnitude-aware noise, ``relative=True``: variance σ²θ_i² + ε²). A flat minimum
 keeps this close to L(θ); the increase over L(θ) is reported as well. The confidence interval is
@@ -37,7 +37,14 @@ from torch import Tensor, nn
 
 from ..probes import make_generator
 from ..utils import FlatnessError, eval_mode
-from .functional import LossFn, collect_batches, evaluate_at, require_finite, select_params
+from .functional import (
+    LossFn,
+    accepts_model_loss,
+    collect_batches,
+    evaluate_at,
+    require_finite,
+    select_params,
+)
 
 __all__ = ["NoisyLoss", "noisy_loss"]
 
@@ -62,6 +69,7 @@ class NoisyLoss:
         return self.mean - self.base_loss
 
 
+@accepts_model_loss
 def noisy_loss(
     model: nn.Module,
     loss_fn: LossFn,

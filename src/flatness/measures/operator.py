@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from ..hutchinson import hvp
 from ..utils import FlatnessError, call_model, eval_mode
-from .functional import Batch, LossFn, collect_batches, require_finite, select_params
+from .functional import Batch, LossFn, collect_batches, model_loss_args, require_finite, select_params
 
 __all__ = ["LinearOperator", "HessianOperator"]
 
@@ -113,10 +113,12 @@ class LinearOperator:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the vectors the operator takes and returns."""
         raise NotImplementedError
 
     @property
     def device(self) -> torch.device:
+        """The device of the vectors the operator takes and returns."""
         raise NotImplementedError
 
     def _matmat(self, X: Tensor) -> Tensor:
@@ -187,6 +189,7 @@ class HessianOperator(LinearOperator):
     ) -> None:
         if max_vectors is not None and max_vectors < 1:
             raise ValueError(f"max_vectors must be >= 1, got {max_vectors}")
+        model, loss_fn, batches = model_loss_args(model, loss_fn, batches)  # a ModelLoss: any batch
         named = select_params(model, params)
         self.names = [n for n, _ in named]
         self._params = [p for _, p in named]
@@ -207,14 +210,17 @@ class HessianOperator(LinearOperator):
 
     @property
     def device(self) -> torch.device:
+        """The parameters' device."""
         return self._params[0].device
 
     @property
     def dtype(self) -> torch.dtype:
+        """The parameters' dtype."""
         return self._params[0].dtype
 
     @property
     def batches(self) -> list[Batch]:
+        """The batches the Hessian is taken over (materialised once, weighted by batch size)."""
         return self._batches
 
     def loss(self) -> float:

@@ -67,6 +67,7 @@ from torch import Tensor, nn
 from ..utils import FlatnessError, batch_size, eval_mode
 from .functional import (
     LossFn,
+    accepts_model_loss,
     collect_batches,
     evaluate_at,
     require_finite,
@@ -115,6 +116,7 @@ def _bound(a: Tensor, sigma: float, m: int, mag: bool, floor: float) -> float:
     return float(0.25 * torch.log(prior / posterior).sum()) + math.log(m / sigma) + 10
 
 
+@accepts_model_loss
 def pac_bayes(
     model: nn.Module,
     loss_fn: LossFn,
@@ -138,7 +140,7 @@ def pac_bayes(
         model, loss_fn, batches: the network, its batch-mean loss (used with
             ``criterion="loss"``) and the training data.
         deviation: d > 0, the allowed rise of the expected error (or loss).
-        magnitude_aware: noise of standard deviation √(σ²θ_i² + ``floor``²) instead of σ.
+        magnitude_aware: noise of standard deviation √(σ²θ_i² + floor²) instead of σ.
         criterion: ``"error"`` (0-1 error, Jiang et al.) or ``"loss"`` (``loss_fn``).
         initial: the initial weights (module or state dict): adds the ``init`` bound.
         samples: Monte-Carlo draws per σ (>= 2); steps: bisection halvings; upper: first

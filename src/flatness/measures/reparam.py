@@ -44,7 +44,7 @@ from .summary import MeasureOptions, compute_measures
 __all__ = ["HOMOGENEOUS", "rescale_layers", "Change", "reparametrization_check"]
 
 HOMOGENEOUS: tuple[type[nn.Module], ...] = (nn.ReLU, nn.LeakyReLU, nn.Dropout, nn.Identity)
-"""Modules f with f(αz) = α f(z) for α > 0 (dropout: in eval mode), allowed between the layers."""
+"""Modules f with f(αz) = α f(z) for α > 0 (dropout in eval mode), allowed between the layers."""
 
 
 def _flat_children(module: nn.Module) -> list[nn.Module]:
@@ -95,11 +95,12 @@ class Change:
 
     @property
     def relative(self) -> float:
-        """|after − before| / |before| (|after − before| when before is 0)."""
+        """``|after − before| / |before|`` (``|after − before|`` when before is 0)."""
         diff = abs(self.after - self.before)
         return diff / abs(self.before) if self.before != 0 else diff
 
     def invariant(self, rtol: float) -> bool:
+        """Whether the value changed by at most ``rtol``, relatively (:attr:`relative`)."""
         return self.relative <= rtol
 
 

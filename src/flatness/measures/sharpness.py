@@ -7,7 +7,7 @@ gradient ascent.
     \qquad C_\varepsilon = \{\delta = c \odot u : \lVert u \rVert \le \varepsilon\},
 
 with the box ``‖u‖_∞ ≤ ε`` or the ball ``‖u‖_2 ≤ ε``, and the scale c = 1 (plain) or
-c = |θ| + η (adaptive). The adaptive region moves with the weights, so a rescaling of a ReLU
+c = ``|θ|`` + η (adaptive). The adaptive region moves with the weights, so a rescaling of a ReLU
 network that leaves its function unchanged (layer ℓ × a, layer ℓ+1 / a) leaves the adaptive
 sharpness unchanged (with η = 0), which plain ε-sharpness is not. Keskar's exact region
 ``|δ_i| ≤ ε(|θ_i| + 1)`` is the adaptive box with η = 1, and his normalised figure
@@ -43,7 +43,14 @@ from torch import Tensor, nn
 
 from ..probes import make_generator
 from ..utils import eval_mode
-from .functional import LossFn, call_at, collect_batches, require_finite, select_params
+from .functional import (
+    LossFn,
+    accepts_model_loss,
+    call_at,
+    collect_batches,
+    require_finite,
+    select_params,
+)
 
 __all__ = ["Sharpness", "Region", "eps_sharpness", "adaptive_sharpness"]
 
@@ -72,6 +79,7 @@ def _global_norm(tensors: list[Tensor]) -> Tensor:
     return torch.sqrt(sum(t.pow(2).sum() for t in tensors))  # type: ignore[arg-type]
 
 
+@accepts_model_loss
 def eps_sharpness(
     model: nn.Module,
     loss_fn: LossFn,
@@ -93,7 +101,7 @@ def eps_sharpness(
         model, loss_fn, batches: the network, its batch-mean loss and the data.
         eps: radius ε > 0 (in units of c).
         region: ``"box"`` (‖u‖_∞ ≤ ε, Keskar) or ``"ball"`` (‖u‖_2 ≤ ε over all parameters).
-        adaptive: scale the region by c = |θ| + η (reparametrisation-invariant for η = 0).
+        adaptive: scale the region by c = ``|θ|`` + η (reparametrisation-invariant for η = 0).
         eta: η >= 0 of the adaptive scale (Keskar's region: ``adaptive=True, eta=1``).
         steps: ascent steps (each one forward and backward pass over all batches).
         step_size: step in u (default 2.5ε/steps).
@@ -185,6 +193,7 @@ def eps_sharpness(
     return Sharpness(best - base, base, best, float(eps), region, adaptive, steps)
 
 
+@accepts_model_loss
 def adaptive_sharpness(
     model: nn.Module,
     loss_fn: LossFn,
@@ -197,7 +206,7 @@ def adaptive_sharpness(
     seed: int | None = 0,
     params: Iterable[Tensor] | None = None,
 ) -> Sharpness:
-    """Adaptive sharpness: :func:`eps_sharpness` with the region scaled by |θ| + η (Kwon et al.)."""
+    """Adaptive sharpness: :func:`eps_sharpness` with the region scaled by ``|θ|`` + η (Kwon et al.)."""
     return eps_sharpness(
         model, loss_fn, batches, eps, region,
         adaptive=True, eta=eta, steps=steps, seed=seed, params=params,

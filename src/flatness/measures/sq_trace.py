@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from ..hutchinson import Estimate
 from ..probes import Distribution, make_generator, random_matrix
-from .functional import LossFn
+from .functional import LossFn, accepts_model_loss
 from .operator import HessianOperator
 from .trace import Operator, _estimate, operator_dim, sq_norms
 
@@ -62,6 +62,7 @@ def sq_trace_of(
     return _estimate(torch.cat(samples))
 
 
+@accepts_model_loss
 def hessian_sq_trace(
     model: nn.Module,
     loss_fn: LossFn,

@@ -30,12 +30,21 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..batch_loss import BatchLoss
 from ..passes import FUNCTIONS, Function, measure_pass
 from ..utils import FlatnessError, eval_mode
 from .divergence import model_divergence
 from .eigen import last_layer, top_eigenvalues
 from .fisher import fisher_trace
-from .functional import Batch, LossFn, collect_batches, evaluate_at, trainable_params
+from .local_entropy import local_entropy
+from .functional import (
+    Batch,
+    LossFn,
+    accepts_model_loss,
+    collect_batches,
+    evaluate_at,
+    trainable_params,
+)
 from .margin import output_margin
 from .noise import noisy_loss
 from .norms import distance_from_init, parameter_norm, path_norm
@@ -68,6 +77,13 @@ class MeasureOptions:
     margin_quantile: float = 0.1
     pacbayes_deviation: float = 0.1
     pacbayes_samples: int = 10
+    # Entropy-SGD's local entropy (:mod:`.local_entropy`): scope γ, thermal noise ε, Langevin
+    # steps per quadrature node, step size (None: 0.05/γ), quadrature nodes
+    entropy_gamma: float = 100.0
+    entropy_noise: float = 0.1
+    entropy_steps: int = 30
+    entropy_step_size: float | None = None
+    entropy_nodes: int = 6
     function: Function = "deployed"
 
     def __post_init__(self) -> None:
@@ -96,7 +112,8 @@ def _hutchpp(model: nn.Module, loss_fn: LossFn, data: list[Batch], o: MeasureOpt
 
 def _sq_trace(model: nn.Module, loss_fn: LossFn, data: list[Batch], o: MeasureOptions) -> dict[str, Any]:
     est = hessian_sq_trace(model, loss_fn, data, o.matvecs, seed=o.seed)
-    return {"hessian_sq_trace": est.value, "hessian_sq_trace_stderr": est.stderr}
+    return {"hessian_sq_trace": est.value, "hessian_sq_trace_stderr": est.stderr,
+            "hessian_sq_trace_matvecs": est.num_samples}
 
 
 def _eigen(model: nn.Module, loss_fn: LossFn, data: list[Batch], o: MeasureOptions) -> dict[str, Any]:
@@ -124,6 +141,15 @@ def _noise(model: nn.Module, loss_fn: LossFn, data: list[Batch], o: MeasureOptio
     r = noisy_loss(model, loss_fn, data, o.sigma, o.noise_samples, seed=o.seed)
     return {"noise_loss": r.mean, "noise_loss_stderr": r.stderr, "noise_loss_ci": [r.ci_low, r.ci_high],
             "noise_loss_increase": r.increase, "noise_sigma": r.sigma}
+
+
+def _local_entropy(model: nn.Module, loss_fn: LossFn, data: list[Batch], o: MeasureOptions) -> dict[str, Any]:
+    r = local_entropy(model, loss_fn, data, o.entropy_gamma, o.entropy_noise, steps=o.entropy_steps,
+                      burn_in=o.entropy_steps // 3, step_size=o.entropy_step_size, nodes=o.entropy_nodes,
+                      seed=o.seed)
+    return {"local_entropy": r.value, "local_entropy_stderr": r.stderr,
+            "local_entropy_sharpness": r.sharpness, "local_entropy_gamma": r.gamma,
+            "local_entropy_noise": r.noise, "local_entropy_step_size": r.step_size}
 
 
 def _fisher(model: nn.Module, loss_fn: LossFn, data: list[Batch], o: MeasureOptions) -> dict[str, Any]:
@@ -184,6 +210,7 @@ MEASURES: dict[str, Measure] = {
     "eps_sharpness": _eps,
     "adaptive_sharpness": _adaptive,
     "noise_loss": _noise,
+    "local_entropy": _local_entropy,
     "fisher_trace": _fisher,
     "model_divergence": _divergence,
     "param_norm": _param_norm,
@@ -201,6 +228,11 @@ DEFAULT_MEASURES: tuple[str, ...] = (
 )
 
 
+NEEDS_OUTPUT: frozenset[str] = frozenset({"margin", "model_divergence", "path_norm", "pacbayes", "pacbayes_mag"})
+"""Measures of the model's output (logits), which a :class:`flatness.ModelLoss` does not expose."""
+
+
+@accepts_model_loss
 def compute_measures(
     model: nn.Module,
     loss_fn: LossFn,
@@ -217,6 +249,13 @@ def compute_measures(
     unknown = [m for m in measures if m not in MEASURES]
     if unknown:
         raise FlatnessError(f"unknown measure(s) {unknown}; expected some of {sorted(MEASURES)}")
+    if isinstance(model, BatchLoss):
+        need = [m for m in measures if m in NEEDS_OUTPUT]
+        if need:
+            raise FlatnessError(
+                f"measure(s) {need} need the model's output, and a ModelLoss gives only the loss: "
+                "measure with loss_fn(output, target)"
+            )
     options = options or MeasureOptions()
     data = collect_batches(batches)
     out: dict[str, Any] = {}
@@ -229,6 +268,7 @@ def compute_measures(
     return out
 
 
+@accepts_model_loss
 def final_measures(
     model: nn.Module,
     loss_fn: LossFn,

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from ..hutchinson import Estimate
 from ..probes import Distribution, make_generator, random_matrix
-from .functional import LossFn
+from .functional import LossFn, accepts_model_loss
 from .operator import HessianOperator, LinearOperator
 
 __all__ = [
@@ -144,6 +144,7 @@ def hutchpp_trace(
     return _estimate((G_perp * AG_perp).sum(0), offset=exact)
 
 
+@accepts_model_loss
 def hessian_trace(
     model: nn.Module,
     loss_fn: LossFn,

@@ -65,6 +65,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..batch_loss import BatchLoss, adapt, call_pair
 from ..passes import frozen_running_stats
 from ..utils import call_model, unwrap
 from .perturb import RandomReplay, trainable_parameters
@@ -122,12 +123,15 @@ class Term:
         raise NotImplementedError
 
     def observe(self, model: nn.Module) -> contextlib.AbstractContextManager[Any]:
+        """A context entered around the pass's forward (default: none)."""
         return contextlib.nullcontext()
 
     def state_dict(self) -> dict[str, Any]:
+        """The term's state (e.g. an adaptive λ's), merged into :meth:`Method.state_dict`."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the state of :meth:`state_dict` (``state`` may hold other entries too)."""
         return None
 
 
@@ -139,12 +143,15 @@ class Point:
     """
 
     def run(self, method: "Method", x: Any, y: Any, params: list[Tensor], info: dict[str, float]) -> None:
+        """Run the step's passes for ``method`` on the batch; leave the gradient in ``.grad``."""
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
+        """The point's state, merged into :meth:`Method.state_dict`."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the state of :meth:`state_dict` (``state`` may hold other entries too)."""
         return None
 
 
@@ -161,7 +168,9 @@ class Method:
 
     Args:
         model: the network (possibly DDP-wrapped); its trainable parameters are updated.
-        loss_fn: the task loss ``loss_fn(model(x), y) -> scalar``.
+        loss_fn: the task loss ``loss_fn(model(x), y) -> scalar``; or a
+            :class:`flatness.ModelLoss` ``fn(model, batch)`` for any batch (dicts), with steps
+            ``step(batch, optimizer)`` (:mod:`flatness.batch_loss`).
         point: where the objective is evaluated (default :class:`Here`).
         terms: extra objective terms.
 
@@ -179,6 +188,7 @@ class Method:
         self, model: nn.Module, loss_fn: LossFn, *, point: Point | None = None,
         terms: Sequence[Term] = (),
     ) -> None:
+        model, loss_fn = adapt(model, loss_fn)  # a ModelLoss: model and loss as one module
         self.model = model
         self.loss_fn = loss_fn
         self.point = point if point is not None else Here()
@@ -196,9 +206,11 @@ class Method:
 
     @classmethod
     def accepts(cls, keyword: str) -> bool:
+        """Whether the constructor takes ``keyword`` (:meth:`keywords`)."""
         return keyword in cls.keywords()
 
     def task_loss(self, x: Any, y: Any) -> Tensor:
+        """``loss_fn(model(x), y)``, with graph, in the model's current mode."""
         return self.loss_fn(call_model(self.model, x), y)
 
     def objective(
@@ -228,7 +240,19 @@ class Method:
                 total = total + value
         return total
 
-    def step(self, x: Any, y: Any, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    def step(self, x: Any, y: Any, optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
+        """One training step: ``zero_grad``, the point's passes, ``optimizer.step()``.
+
+        Takes ``step(x, y, optimizer)``, or ``step(batch, optimizer)`` when the model is wrapped
+        with a :class:`flatness.ModelLoss`. Returns the logged values (``"loss"`` and each
+        term's), floats or detached 0-d tensors.
+        """
+        if isinstance(self.model, BatchLoss):
+            if optimizer is None:
+                optimizer, y = y, None
+            x, y = call_pair(self.model.loss, x, y, "step")
+        if optimizer is None:
+            raise TypeError("step(x, y, optimizer): the optimizer is missing")
         params = trainable_parameters(self.model)
         optimizer.zero_grad(set_to_none=True)
         info: dict[str, float] = {}
@@ -237,12 +261,14 @@ class Method:
         return info
 
     def state_dict(self) -> dict[str, Any]:
+        """The point's and the terms' state in one dict (saved with a checkpoint)."""
         state = dict(self.point.state_dict())
         for term in self.terms:
             state.update(term.state_dict())
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the state of :meth:`state_dict`."""
         self.point.load_state_dict(state)
         for term in self.terms:
             term.load_state_dict(state)

@@ -22,7 +22,11 @@ batch, treated as constants; the value is that of the train-mode function, and n
 per-example gradients nor the penalty's gradient flow through the statistics. The running
 statistics are updated by the task loss's pass only. When the model has no dropout, attention
 or train-mode norm layer, the task loss's own pass is the curvature pass: one forward, one
-δ-pass, one backward.
+δ-pass, one backward. Otherwise the curvature pass starts where the two passes part: the
+leading Linear/activation modules of a Sequential give the same values with dropout on or off,
+so their outputs are taken from the task loss's pass (:func:`flatness.linear_io.share_prefix`),
+and the one backward computes their weight gradients once for both terms (for the paper's MLP
+the 3072 × 512 input layer, most of a step's arithmetic; ``flatness bench methods``).
 
 Requirements: ``loss_fn`` is the batch mean (or sum, see its ``reduction``) of per-example
 losses.
@@ -47,6 +51,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..linear_io import SharedPrefix, share_prefix
 from ..passes import curvature_pass, is_curvature_function
 from ..per_example import (
     PER_EXAMPLE_IMPLS,
@@ -55,7 +60,7 @@ from ..per_example import (
     Impl,
     per_example_sq_grad_norms,
 )
-from ..utils import batch_size, unwrap
+from ..utils import batch_size, call_model, unwrap
 from .base import Evaluation, LossFn, Method, Term, register_method
 from .perturb import require_nonnegative
 
@@ -77,23 +82,53 @@ class CurvatureTerm(Term):
         self.impl: str = impl
         self.last_impl: str | None = None
         self._shared: ClosedForm | None = None
+        self._prefix: tuple[ClosedForm, SharedPrefix] | None = None
 
     def observe(self, model: nn.Module) -> contextlib.AbstractContextManager[Any]:
-        """Record the closed form from the pass itself when it is a curvature pass already."""
+        """Record the closed form from the pass itself when it is a curvature pass already,
+        else the output of its mode-independent prefix (module docs)."""
         local = unwrap(model)
-        if self.alpha == 0 or self.impl == "vmap" or not is_curvature_function(local):
+        self._shared = self._prefix = None
+        if self.alpha == 0 or self.impl == "vmap":
             return contextlib.nullcontext()
         try:
-            self._shared = ClosedForm(local)
+            closed = ClosedForm(local)
         except ClosedFormUnavailable:
             return contextlib.nullcontext()
-        return self._shared.record()
+        if is_curvature_function(local):
+            self._shared = closed
+            return closed.record()
+        return self._sharing_prefix(local, closed)
+
+    @contextlib.contextmanager
+    def _sharing_prefix(self, local: nn.Module, closed: ClosedForm) -> Any:
+        with share_prefix(local) as prefix:
+            yield
+        if prefix.output is not None:
+            self._prefix = (closed, prefix)
+
+    def _from_prefix(self, evaluation: Evaluation, closed: ClosedForm, prefix: SharedPrefix) -> Tensor | None:
+        """The norms from a curvature pass that starts at the task pass's prefix output."""
+        if prefix.source is not evaluation.x:
+            return None
+        rest = unwrap(evaluation.model)[prefix.length :]  # the modules the pass runs
+        with curvature_pass(rest, exact_norms=False):
+            with closed.record(prefix=prefix):
+                logits = call_model(rest, prefix.output)
+            loss = evaluation.loss_fn(logits, evaluation.y)
+            try:
+                return closed.sq_norms(loss, evaluation.loss_fn, batch_size(evaluation.x), create_graph=True)
+            except ClosedFormUnavailable:  # e.g. a layer run twice: the whole pass below
+                return None
 
     def __call__(self, evaluation: Evaluation, info: dict[str, float]) -> Tensor | None:
         shared, self._shared = self._shared, None
+        prefixed, self._prefix = self._prefix, None
         if self.alpha == 0:
             return None
         sq, used = None, "closed-form"
+        if prefixed is not None:
+            sq = self._from_prefix(evaluation, *prefixed)
         if shared is not None:
             try:
                 sq = shared.sq_norms(
@@ -149,10 +184,12 @@ class CurvatureRegularization(Method):
 
     @property
     def impl(self) -> str:
+        """The requested form; ``"auto"`` turns into ``"vmap"`` for good once the closed form does not apply."""
         return self.term.impl
 
     @property
     def last_impl(self) -> str | None:
+        """The form the last step used (``"closed-form"`` or ``"vmap"``; ``None`` before the first)."""
         return self.term.last_impl
 
     def __repr__(self) -> str:

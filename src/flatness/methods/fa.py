@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from ..batch_loss import adapt
 from ..penalties import FlatnessPenalty
 from .base import Evaluation, Here, LossFn, Method, Term, register_method
 
@@ -90,6 +91,7 @@ class FlatnessAware(Method):
     protocol_defaults: ClassVar[dict[str, Any]] = {"probes": 5, "every": 10}
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, lam: float = 0.01, **kwargs: Any) -> None:
+        model, loss_fn = adapt(model, loss_fn)  # a ModelLoss: the penalty runs the same module
         self.penalty = FlatnessPenalty(model, loss_fn, lam=lam, **kwargs)
         term = PenaltyTerm(self.penalty)
         point = SharedTaskGradient(term) if self.penalty.backend == "finite-difference" else None

@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -44,6 +45,7 @@ from torch import Tensor, nn
 from .base import Evaluation, LossFn, Method, Point, Term, register_method
 from .perturb import (
     RandomReplay,
+    extra_pass,
     global_norm,
     perturbed,
     require_nonnegative,
@@ -51,7 +53,7 @@ from .perturb import (
     stash_for,
 )
 
-__all__ = ["GradientNormPenalty", "GradientNormTerm", "FiniteDifferencePoint", "GNP_FORMS"]
+__all__ = ["GradientNormPenalty", "GradientNormTerm", "FiniteDifferencePoint", "GNP_FORMS", "GNP"]
 
 Form = Literal["fd", "exact"]
 GNP_FORMS: tuple[str, ...] = ("fd", "exact")
@@ -156,3 +158,96 @@ class GradientNormPenalty(Method):
             f"GradientNormPenalty(rho={self.rho}, form={self.form!r}, squared={self.squared}, "
             f"fd_radius={self.fd_radius})"
         )
+
+
+class GNP(torch.optim.Optimizer):
+    """The finite-difference gradient-norm penalty as a wrapper around any optimizer class,
+    with the protocol of :class:`flatness.methods.sam.SAM`: for any training loop and for
+    ``step(closure)`` (Lightning's manual optimization).
+
+    ``.grad`` holds g = ∇L(θ) (the user's pass at θ); ``step(closure)`` moves to θ + r ĝ,
+    calls ``closure`` there (it recomputes the loss and calls ``backward()``), restores θ
+    exactly (also when the closure raises), sets the update direction
+    (1 - c)·g + c·∇L(θ + r ĝ), c = ρ/r (or 2ρ‖g‖/r with ``squared``), and lets the base
+    optimizer step: :class:`FiniteDifferencePoint`'s update, Zhao et al.'s algorithm.
+
+    Args:
+        params: parameters or parameter groups.
+        base_optimizer_cls: e.g. ``torch.optim.SGD``; built on the same parameter groups.
+        rho: penalty strength ρ >= 0. fd_radius: the step r > 0. squared: ρ‖∇L‖².
+        model: the network the closure runs (optional): given, the closure's pass is an extra
+            pass that leaves BatchNorm's running statistics unchanged (updated once per step,
+            by the user's pass at θ).
+        **kwargs: the base optimizer's arguments.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> opt = GNP(model.parameters(), torch.optim.SGD, rho=0.05, fd_radius=0.1, lr=0.1)
+        >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+        >>> def closure():
+        ...     loss = nn.functional.cross_entropy(model(x), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> opt.zero_grad(); loss = closure()   # g at θ
+        >>> _ = opt.step(closure)               # ∇L at θ + r ĝ, mixed with g; one SGD step
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        base_optimizer_cls: type[torch.optim.Optimizer],
+        rho: float = 0.05,
+        fd_radius: float = 0.1,
+        squared: bool = False,
+        *,
+        model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.rho = require_nonnegative("rho (ρ)", rho)
+        self.fd_radius = require_positive("fd_radius (r)", fd_radius)
+        self.squared = bool(squared)
+        self.model = model
+        super().__init__(params, dict(kwargs))
+        self.base_optimizer = base_optimizer_cls(self.param_groups, **kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+        self._stash: list[Tensor] | None = None
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """One GNP update; ``.grad`` must hold ∇L(θ), ``closure`` recomputes it (see above)."""
+        if closure is None:
+            raise RuntimeError(
+                "GNP.step needs a closure that recomputes the loss and calls backward() "
+                "(at the finite-difference point)"
+            )
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
+            raise RuntimeError("no parameter has a gradient: call backward() before step(closure)")
+        grads = [p.grad.detach().clone() for p in params]
+        norm = global_norm(grads).to(params[0].device)
+        self._stash = stash_for(params, self._stash)
+        with perturbed(params, grads, self.fd_radius / (norm + _TINY), self._stash):
+            self.zero_grad(set_to_none=True)
+            with torch.enable_grad(), extra_pass(self.model):
+                loss = closure()
+        c = self.rho * (2.0 * norm if self.squared else torch.ones_like(norm)) / self.fd_radius
+        at_theta = {id(p): g for p, g in zip(params, grads)}
+        with torch.no_grad():
+            for p in (p for group in self.param_groups for p in group["params"]):
+                g = at_theta.get(id(p))
+                if g is None and p.grad is None:
+                    continue
+                far = torch.zeros_like(p) if p.grad is None else p.grad
+                p.grad = far.lerp_(torch.zeros_like(p) if g is None else g, (1.0 - c).to(far.dtype))
+        self.base_optimizer.step()
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state; GNP itself keeps none between steps."""
+        return self.base_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.base_optimizer.load_state_dict(state_dict)
+        self.param_groups = self.base_optimizer.param_groups

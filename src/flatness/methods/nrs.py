@@ -41,6 +41,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -48,11 +49,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ..batch_loss import BatchLoss
 from ..passes import frozen_running_stats
 from ..probes import make_generator, rademacher
 from ..utils import unwrap
 from .base import Evaluation, LossFn, Method, Point, Term, register_method
-from .perturb import RandomReplay, perturbed, require_nonnegative
+from .perturb import RandomReplay, extra_pass, perturbed, require_nonnegative
 
 BallDistribution = Literal["gaussian", "rademacher"]
 BALL_DISTRIBUTIONS: tuple[str, ...] = ("gaussian", "rademacher")
@@ -66,6 +68,7 @@ __all__ = [
     "RandomPoint",
     "NeighborhoodRegionSmoothing",
     "RandomPerturbation",
+    "NRS",
 ]
 
 
@@ -243,6 +246,9 @@ class NeighborhoodRegionSmoothing(Method):
     ) -> None:
         term = NeighbourTerm(eps, alpha, seed, dist)
         super().__init__(model, loss_fn, terms=[term])
+        if isinstance(self.model, BatchLoss):
+            raise ValueError("nrs needs the model output (its KL term), and a ModelLoss gives only the loss: "
+                             "use loss_fn(output, target), or the NRS optimizer wrapper, whose closure returns the output")
         self.eps, self.alpha = term.eps, term.alpha
 
     def __repr__(self) -> str:
@@ -274,3 +280,113 @@ class RandomPerturbation(Method):
 
     def __repr__(self) -> str:
         return f"RandomPerturbation(eps={self.eps})"
+
+
+class NRS(_Ball, torch.optim.Optimizer):
+    """NRS as a wrapper around any optimizer class, driven by ``step(closure)``: for any
+    training loop and for Lightning's manual optimization.
+
+    The NRS objective couples the outputs at θ and θ + δθ (the KL term), so, unlike
+    :class:`flatness.methods.sam.SAM`, the wrapper runs every pass itself: ``closure()`` runs
+    the forward pass at the current weights and returns ``(loss, output)`` — it calls neither
+    ``backward`` nor ``zero_grad``. One ``step(closure)``:
+
+    1. draws δθ (one per step, from the wrapper's generator) and runs the closure at θ + δθ
+       without a graph, for the neighbour's output q̄;
+    2. runs it at θ — the step's main pass (dropout draws the step's mask, BatchNorm updates its
+       running statistics) — and back-propagates L(θ) + α·KL(p ‖ q̄);
+    3. runs it at θ + δθ again and back-propagates L(θ + δθ) + α·KL(p̄ ‖ q);
+    4. restores θ exactly (also when a pass raises) and lets the base optimizer step.
+
+    Steps 2 and 3 together give the exact gradient of L(θ) + α·KL(f(θ) ‖ f(θ+δθ)) + L(θ+δθ)
+    (each side of the KL differentiated where its output was computed; q̄ and p̄ are the same
+    numbers as q and p): the update of :class:`NeighborhoodRegionSmoothing`, at the cost of
+    one more forward pass, without access to the model's inputs. The neighbour passes replay
+    the main pass's dropout mask and, given ``model=``, leave the running statistics unchanged.
+
+    Args:
+        params, base_optimizer_cls, kwargs: as for :class:`flatness.methods.sam.SAM`.
+        eps, alpha, seed, dist: as for :class:`NeighborhoodRegionSmoothing` (the same δθ for
+            the same seed and parameters).
+        model: the network the closure runs (optional; for BatchNorm, see above).
+
+    ``step(closure, backward=...)``: how to back-propagate (default ``Tensor.backward``; in a
+    LightningModule ``self.manual_backward``). It returns the loss at θ; ``last`` holds the
+    step's ``loss``, ``kl`` and ``perturbed_loss`` as detached tensors.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.2), nn.Linear(8, 3))
+        >>> opt = NRS(model.parameters(), torch.optim.SGD, eps=0.1, alpha=1.0, seed=0, lr=0.1)
+        >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+        >>> def closure():
+        ...     out = model(x)
+        ...     return nn.functional.cross_entropy(out, y), out
+        >>> loss = opt.step(closure)
+        >>> sorted(opt.last)
+        ['kl', 'loss', 'perturbed_loss']
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        base_optimizer_cls: type[torch.optim.Optimizer],
+        eps: float = 0.1,
+        alpha: float = 1.0,
+        *,
+        seed: int | None = None,
+        dist: BallDistribution = "rademacher",
+        model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
+        _Ball.__init__(self, eps, seed, dist)
+        self.alpha = require_nonnegative("alpha (α)", alpha)
+        self.model = model
+        torch.optim.Optimizer.__init__(self, params, dict(kwargs))
+        self.base_optimizer = base_optimizer_cls(self.param_groups, **kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+        self.last: dict[str, Tensor] = {}
+
+    def _pass(self, closure: Callable[[], Any]) -> tuple[Tensor, Tensor]:
+        result = closure()
+        if not (isinstance(result, (tuple, list)) and len(result) == 2):
+            raise TypeError(
+                "NRS.step: the closure must return (loss, output) — the forward pass at the "
+                f"current weights, without backward() — got {type(result).__name__}"
+            )
+        return result[0], result[1]
+
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], Any] | None = None, backward: Callable[[Tensor], Any] | None = None
+    ) -> Tensor:
+        """One NRS update (see the class docs); returns the loss at θ."""
+        if closure is None:
+            raise RuntimeError("NRS.step needs a closure that returns (loss, output) at the current weights")
+        run_backward = backward if backward is not None else Tensor.backward
+        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        directions, scale = self.draw(params)
+        replay = RandomReplay.capture(params)
+        self.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            with torch.no_grad(), perturbed(params, directions, scale), extra_pass(self.model), replay():
+                _, neighbour = self._pass(closure)
+            loss, output = self._pass(closure)  # the main pass
+            kl = model_divergence(output, neighbour.detach())
+            run_backward(loss + self.alpha * kl)
+            with perturbed(params, directions, scale), extra_pass(self.model), replay():
+                perturbed_loss, neighbour = self._pass(closure)
+                run_backward(perturbed_loss + self.alpha * model_divergence(output.detach(), neighbour))
+        self.last = {"loss": loss.detach(), "kl": kl.detach(), "perturbed_loss": perturbed_loss.detach()}
+        self.base_optimizer.step()
+        return loss.detach()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state and δθ's generator (to resume the same draws)."""
+        return {"base": self.base_optimizer.state_dict(), **_Ball.state_dict(self)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.base_optimizer.load_state_dict(state_dict["base"])
+        self.param_groups = self.base_optimizer.param_groups
+        _Ball.load_state_dict(self, state_dict)

@@ -34,12 +34,16 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..passes import frozen_running_stats
+from ..utils import unwrap
+
 __all__ = [
     "trainable_parameters",
     "global_norm",
     "perturbed",
     "stash_for",
     "RandomReplay",
+    "extra_pass",
     "require_nonnegative",
     "require_positive",
 ]
@@ -139,6 +143,12 @@ class RandomReplay:
             for index, state in self.cuda_states.items():
                 torch.cuda.set_rng_state(state, index)
             yield
+
+
+def extra_pass(model: nn.Module | None) -> contextlib.AbstractContextManager[None]:
+    """Around an optimizer wrapper's closure call at a perturbed point: ``model``'s running
+    statistics frozen (:func:`flatness.passes.frozen_running_stats`); nothing without a model."""
+    return contextlib.nullcontext() if model is None else frozen_running_stats(unwrap(model))
 
 
 def _check_number(name: str, value: object) -> float:

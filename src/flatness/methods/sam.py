@@ -16,7 +16,9 @@ Dropout and BatchNorm: :class:`SharpnessAware` reuses the clean pass's dropout m
 perturbed pass (the random state is replayed), so both gradients belong to the same sub-network
 of the same mini-batch, and the perturbed pass leaves BatchNorm's running statistics unchanged
 (it normalises with its own batch statistics, like standard SAM implementations that freeze BN
-statistics in the second pass). The :class:`SAM` wrapper leaves both to the user's closure.
+statistics in the second pass). The :class:`SAM` wrapper leaves the dropout mask to the user's
+closure; given ``model=``, its closure's pass at θ + ε̂ leaves the running statistics unchanged,
+so that they are updated once per step, by the user's pass at θ.
 
 Example (the method, behind the common interface):
     >>> import torch
@@ -50,6 +52,7 @@ from torch import Tensor, nn
 from .base import LossFn, Method, Point, register_method
 from .perturb import (
     RandomReplay,
+    extra_pass,
     global_norm,
     perturbed,
     require_nonnegative,
@@ -119,7 +122,7 @@ class SharpnessAware(Method):
 
     Args:
         rho: radius ρ of the neighbourhood; ``rho=0`` gives plain training at twice the cost.
-        adaptive: adaptive SAM (ε̂ scaled by |θ|, which wants larger ρ, e.g. 0.5–2).
+        adaptive: adaptive SAM (ε̂ scaled by ``|θ|``, which wants larger ρ, e.g. 0.5–2).
     """
 
     name = "sam"
@@ -151,7 +154,28 @@ class SAM(torch.optim.Optimizer):
         base_optimizer_cls: e.g. ``torch.optim.SGD``; built on the same parameter groups.
         rho: radius ρ >= 0.
         adaptive: adaptive SAM.
+        model: the network the closure runs (optional). Given, the closure's pass at θ + ε̂ is
+            an extra pass (:mod:`flatness.passes`): BatchNorm normalises with the batch's
+            statistics but its running statistics stay as the pass at θ left them — updated
+            once per step, as in plain training. Without it the closure's forward updates them
+            a second time.
         **kwargs: the base optimizer's arguments (``lr=...``, ``momentum=...``).
+
+    Example (``step(closure)``, as in Lightning's manual optimization):
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        >>> opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, model=model, lr=0.1)
+        >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+        >>> def closure():
+        ...     loss = nn.functional.cross_entropy(model(x), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> opt.zero_grad()
+        >>> loss = closure()        # at θ: the gradient SAM ascends along; BN statistics updated
+        >>> _ = opt.step(closure)   # at θ + ε̂ (BN statistics untouched), θ back, the SGD step
+        >>> int(model[1].num_batches_tracked)
+        1
     """
 
     def __init__(
@@ -160,10 +184,13 @@ class SAM(torch.optim.Optimizer):
         base_optimizer_cls: type[torch.optim.Optimizer],
         rho: float = 0.05,
         adaptive: bool = False,
+        *,
+        model: nn.Module | None = None,
         **kwargs: Any,
     ) -> None:
         self.rho = require_nonnegative("rho (ρ)", rho)
         self.adaptive = bool(adaptive)
+        self.model = model
         super().__init__(params, dict(kwargs))
         self.base_optimizer = base_optimizer_cls(self.param_groups, **kwargs)
         self.param_groups = self.base_optimizer.param_groups
@@ -216,7 +243,7 @@ class SAM(torch.optim.Optimizer):
             )
         self.first_step(zero_grad=True)
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), extra_pass(self.model):
                 loss = closure()
         except BaseException:
             self.restore()

@@ -119,6 +119,13 @@ def comparison_specs(
     unknown = [m for m in [*methods, *grids, *method_kwargs] if not _known(m)]
     if unknown:
         raise FlatnessError(f"unknown method(s) {unknown}; expected some of {sorted(METHODS)} or A+B")
+    for flag, given in (("--grid", grids), ("--method-arg", method_kwargs)):
+        stray = [m for m in given if m not in methods]
+        if stray:  # it would be ignored without a word
+            raise FlatnessError(
+                f"{flag} {stray[0]}: {stray[0]!r} is not among the compared methods "
+                f"({', '.join(dict.fromkeys(methods))}); add it to --methods or drop the {flag}"
+            )
     for method, kwargs in method_kwargs.items():
         bad = [k for k in kwargs if not method_class(method).accepts(k)]
         if bad:

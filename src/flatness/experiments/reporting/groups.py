@@ -112,6 +112,7 @@ class Row:
 
     @property
     def seeds(self) -> list[int]:
+        """The seeds of the row's runs, sorted."""
         return sorted(r.seed for r in self.runs)
 
     def by_seed(self, metric: str) -> dict[int, float | None]:
@@ -153,10 +154,12 @@ class Group:
 
     @property
     def model_id(self) -> str:
+        """The model tag of the group's non-default model settings (``""`` for the default model)."""
         return model_tag(self.model_kwargs)
 
     @property
     def slug(self) -> str:
+        """A file-name-safe identifier of the group (method and the tags of its settings)."""
         parts = [self.method]
         if self.variant_id:
             parts.append(f"k{self.variant_id}")
@@ -168,6 +171,7 @@ class Group:
 
     @property
     def symbol(self) -> str:
+        """The symbol of the swept strength (``λ``, ``ρ``, ...), or its name."""
         return SYMBOLS.get(self.hparam or "", self.hparam or "")
 
     @property

@@ -1,7 +1,10 @@
 """The report's figures, with matplotlib's object API (no pyplot state, no backend switching).
 
 :func:`figure` gives a :class:`matplotlib.figure.Figure` on its own Agg canvas; :func:`save_png`
-writes it atomically. :func:`plot_group` draws a report group's three PNGs.
+writes it atomically. :func:`plot_group` draws a report group's PNGs: accuracy and measured
+flatness against the strength, test-accuracy curves, and the reliability diagram of the final
+models' test predictions (one line per strength, the seeds' bins pooled; records without
+calibration fields are left out).
 
 Example:
     >>> from flatness.experiments.reporting.plots import figure
@@ -126,8 +129,53 @@ def _curves(g: Group, path: Path) -> None:
     save_png(fig, path)
 
 
+def _pooled_reliability(runs: Sequence[Any]) -> tuple[list[float], list[float], int, int] | None:
+    """Mean confidence and accuracy per non-empty bin over the runs' reliability bins, weighted
+    by the bins' counts; ``None`` when no run has them."""
+    bins = [run.final_test_reliability for run in runs if run.final_test_reliability]
+    if not bins:
+        return None
+    width = bins[0]["bins"]
+    count, conf, acc = [0] * width, [0.0] * width, [0.0] * width
+    for b in (b for b in bins if b["bins"] == width):
+        for i, (n, c, a) in enumerate(zip(b["count"], b["confidence"], b["accuracy"])):
+            if n:
+                count[i] += n
+                conf[i] += n * c
+                acc[i] += n * a
+    filled = [i for i in range(width) if count[i]]
+    return [conf[i] / count[i] for i in filled], [acc[i] / count[i] for i in filled], sum(count), len(bins)
+
+
+def _reliability(g: Group, path: Path) -> bool:
+    fig, ax = figure(figsize=(4.6, 4.2))
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="perfect calibration")
+    drawn = False
+    for r in (r for r in g.rows if r.runs):
+        pooled = _pooled_reliability(r.runs)
+        if pooled is None:
+            continue
+        conf, acc, n, runs = pooled
+        name = g.method if r.value is None else f"{g.symbol or g.hparam} = {r.value:g}"
+        ece = mean_std(run.final_test_ece for run in r.runs if run.final_test_ece is not None)[0]
+        ax.plot(conf, acc, "-o", ms=3, label=f"{name}: ECE {ece:.3f} ({runs} runs, {n} predictions)")
+        drawn = True
+    if not drawn:
+        return False
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top label)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{g.task}: reliability of final test predictions ({g.method})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save_png(fig, path)
+    return True
+
+
 def plot_group(g: Group, directory: Path) -> list[Path]:
-    """A group's PNGs (accuracy and measured flatness vs strength, test-accuracy curves)."""
+    """A group's PNGs (accuracy and measured flatness vs strength, test-accuracy curves, and
+    the reliability diagram when its records have calibration fields)."""
     label = f"{g.symbol or g.hparam} ({g.method})" if g.hparam else g.method
     written = []
     if any(r.runs and r.value is not None for r in g.rows):
@@ -136,4 +184,6 @@ def plot_group(g: Group, directory: Path) -> list[Path]:
         _flatness(g, label, written[1])
     written.append(directory / f"{g.slug}_curves.png")
     _curves(g, written[-1])
+    if _reliability(g, directory / f"{g.slug}_reliability.png"):
+        written.append(directory / f"{g.slug}_reliability.png")
     return written

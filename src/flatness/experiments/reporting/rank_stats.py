@@ -228,6 +228,7 @@ class AxisCoefficient:
 
     @property
     def num_cells(self) -> int:
+        """How many cells the axis's ψ averages over."""
         return len(self.cells)
 
 

@@ -10,7 +10,8 @@ atomically:
   per group a statistics table: the difference from the baseline paired by seed with its 95 %
   interval, the effect size, paired t and Wilcoxon p-values raw and Holm-adjusted, the minimum
   detectable effect;
-* ``<group>_accuracy.png``, ``<group>_flatness.png``, ``<group>_curves.png`` (:mod:`.plots`).
+* ``<group>_accuracy.png``, ``<group>_flatness.png``, ``<group>_curves.png`` and, for records
+  with calibration fields, ``<group>_reliability.png`` (:mod:`.plots`).
 
 Degenerate comparisons (fewer than 2 pairs, identical values, zero variance) show a note
 instead of a p-value. The footnotes take their numbers from the measurement protocol
@@ -39,7 +40,6 @@ import csv
 import io
 import math
 import statistics
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ from ...utils import FlatnessError, atomic_write_bytes
 from .groups import METRICS, PAPER_FINAL_ACC, Group, Row, load_records, summarize
 from ..running.record import RunRecord
 from ..running.platforms import platform_note
+from ..running.progress import progress_bar, tracked
 from .plots import plot_group
 from .tables import (
     comparison_note,
@@ -322,18 +323,16 @@ def add_final_measures(
     from ..running.measure import FLATNESS_KEYS, cached_extras, final_model_extras
 
     todo = [r for r in records if r.complete and r.checkpoint]
-    from tqdm.auto import tqdm
-
     for r in records:  # no checkpoint (e.g. committed results): what the cache holds is shown
         if r not in todo or not (directory / str(r.checkpoint)).exists():
             r.extras.update(cached_extras(r, directory / "measures", FLATNESS_KEYS))
     todo = [r for r in todo if (directory / str(r.checkpoint)).exists()]
-    for r in tqdm(todo, desc="λ_max, Tr(H)", unit="run", leave=False, disable=not (progress and todo)):
+    bar = progress_bar(len(todo), "λ_max, Tr(H)", "run", leave=False, enabled=progress and bool(todo))
+    for r in tracked(todo, bar):
         try:
             r.extras.update(final_model_extras(r, directory, directory / "measures", FLATNESS_KEYS, data_dir, None))
         except StaleCheckpointError as exc:  # one bad pairing must not sink the whole report
-            # tqdm.write keeps the progress bar intact
-            tqdm.write(f"flatness: warning: {exc}; its λ_max and Tr(H) are left out", file=sys.stderr)
+            bar.write(f"flatness: warning: {exc}; its λ_max and Tr(H) are left out")
 
 
 def write_report(

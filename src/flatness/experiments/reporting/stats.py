@@ -163,6 +163,7 @@ class Comparison:
 
     @property
     def paired(self) -> bool:
+        """Whether the runs were paired by seed (paired t-test; otherwise Welch's)."""
         return self.test == "paired t"
 
 

@@ -8,9 +8,13 @@ trains, a background thread refreshes the claim's modification time every
 interrupted).
 
 A claim is *stale*, and is taken over, when its process is gone: on the same host, its pid no
-longer exists; on any host, it has not been refreshed for :data:`STALE_SECONDS` (the process was
-killed with the machine, or hangs). Taking over moves the stale file aside under a unique name
-(an atomic rename), checks that it moved the claim it judged stale, and claims afresh.
+longer names a running process that started when the claim's did (killed — also a zombie not yet
+reaped — or the pid since reused by another process); on any host, it has not been refreshed for
+:data:`STALE_SECONDS` (the process was killed with the machine, or hangs). Taking over moves the
+stale file aside under a unique name (an atomic rename), checks that it moved the claim it judged
+stale, and claims afresh. :func:`clear_leftovers` removes, before a sweep starts, what killed
+processes left: stale claims (also those of runs finished just before the kill) and temporary
+files of writes cut short (:func:`flatness.utils.remove_orphaned_files`).
 
 Example:
     >>> import tempfile, pathlib
@@ -36,7 +40,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["HEARTBEAT_SECONDS", "STALE_SECONDS", "Claim", "claim_path", "is_stale", "read_claim", "try_claim"]
+from ...utils import process_alive, process_start, remove_orphaned_files, writer_tag
+
+__all__ = [
+    "HEARTBEAT_SECONDS",
+    "STALE_SECONDS",
+    "Claim",
+    "claim_path",
+    "clear_leftovers",
+    "is_stale",
+    "read_claim",
+    "try_claim",
+]
 
 HEARTBEAT_SECONDS = 30.0
 STALE_SECONDS = 600.0
@@ -44,6 +59,7 @@ CLAIM_SUFFIX = ".claim"
 
 
 def claim_path(directory: Path, name: str) -> Path:
+    """The claim file of run ``name`` in ``directory``."""
     return Path(directory) / f"{name}{CLAIM_SUFFIX}"
 
 
@@ -62,16 +78,6 @@ def read_claim(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else {}
 
 
-def _pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True  # a process of another user, or not checkable: assume alive
-    return True
-
-
 def is_stale(path: Path, holder: dict[str, Any], now: float | None = None) -> bool:
     """Whether the claim at ``path`` (content ``holder``) was left by a process that is gone."""
     try:
@@ -80,9 +86,9 @@ def is_stale(path: Path, holder: dict[str, Any], now: float | None = None) -> bo
         return True
     if age > STALE_SECONDS:
         return True
-    pid = holder.get("pid")
-    if holder.get("host") == socket.gethostname() and isinstance(pid, int) and pid != os.getpid():
-        return not _pid_exists(pid)
+    pid, start = holder.get("pid"), holder.get("start")
+    if holder.get("host") == socket.gethostname() and isinstance(pid, int):
+        return not process_alive(pid, start if isinstance(start, int) else None)
     return False
 
 
@@ -113,10 +119,12 @@ class Claim:
                 os.utime(self.path)
 
     def start_heartbeat(self) -> None:
+        """Refresh the claim file every :data:`HEARTBEAT_SECONDS` from a daemon thread, while it is ours."""
         self._thread = threading.Thread(target=self._heartbeat, name=f"claim {self.path.name}", daemon=True)
         self._thread.start()
 
     def release(self) -> None:
+        """Stop the heartbeat and remove the claim file if it is still ours."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
@@ -127,7 +135,7 @@ class Claim:
 
 def _take_over(path: Path, holder: dict[str, Any]) -> None:
     """Remove the stale claim ``holder`` at ``path`` unless a fresh one replaced it meanwhile."""
-    aside = path.with_name(f".{path.name}.{secrets.token_hex(4)}.stale")
+    aside = path.with_name(f".{path.name}.{secrets.token_hex(4)}.{writer_tag()}.stale")
     try:
         os.rename(path, aside)
     except FileNotFoundError:
@@ -149,6 +157,7 @@ def try_claim(directory: Path, name: str, attempts: int = 3) -> Claim | None:
         {
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "start": process_start(),
             "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "token": token,
         }
@@ -177,3 +186,20 @@ def try_claim(directory: Path, name: str, attempts: int = 3) -> Claim | None:
         claim.start_heartbeat()
         return claim
     return None
+
+
+def clear_leftovers(directory: Path) -> list[Path]:
+    """Remove what killed processes left in ``directory`` and below; returns the paths.
+
+    Stale claims (:func:`is_stale`): those of runs still to do, and those of runs whose record
+    was written just before the kill (nobody would claim them again). Temporary files and
+    take-over files whose writer is gone (:func:`flatness.utils.remove_orphaned_files`). Live
+    processes' claims and files, and other hosts' files, are left alone.
+    """
+    removed = []
+    for path in sorted(Path(directory).glob(f"*{CLAIM_SUFFIX}")):
+        holder = read_claim(path)
+        if holder is not None and is_stale(path, holder):
+            _take_over(path, holder)
+            removed.append(path)
+    return removed + remove_orphaned_files(directory)

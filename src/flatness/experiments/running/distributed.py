@@ -65,6 +65,7 @@ class DistContext:
 
     @property
     def is_main(self) -> bool:
+        """Rank 0, the process that measures and writes the results."""
         return self.rank == 0
 
 
@@ -99,6 +100,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> Di
 
 
 def shutdown() -> None:
+    """Destroy the default process group, if one was initialised."""
     import torch.distributed as dist
 
     if dist.is_initialized():

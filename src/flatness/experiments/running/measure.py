@@ -27,6 +27,7 @@ from ...kfac import kfac_sq_trace
 from ...passes import measure_pass
 from ...utils import eval_mode
 from .checkpoints import check_checkpoint_matches, load_checkpoint
+from .final_eval import final_calibration, final_robustness
 from ..world.data import Splits, iterate_batches
 from .record import RunRecord, write_json
 from ..world.tasks import Task, TrainConfig, get_task
@@ -136,13 +137,16 @@ def measure_final(model: nn.Module, task: Task, splits: Splits, config: TrainCon
     ``measured_sq_trace_per_B`` is Tr(H²)/B by the fixed protocol of this module; the training
     set is the one the model was trained on (validation split excluded).
     ``measured_kfac_sq_trace_per_B`` is the K-FAC approximation of the same quantity on the
-    same batches (absent for models K-FAC does not cover).
+    same batches (absent for models K-FAC does not cover). Then, after them and with their own
+    random numbers (:mod:`.final_eval`), the test split's calibration (``final_test_ece``,
+    ``final_test_nll``, ``final_test_brier``, ``final_test_reliability``) and robustness
+    (``final_test_robustness``).
     """
     start = time.perf_counter()
     m = measure_sq_trace_per_B(model, task, splits.x_train, splits.y_train, config.batch_size)
     kfac = measure_kfac_per_B(model, task, splits.x_train, splits.y_train, config.batch_size)
     extra = {} if kfac is None else {"measured_kfac_sq_trace_per_B": kfac}
-    return {
+    out = {
         "measured_sq_trace_per_B": m["value"],
         "measured_sq_trace_per_B_stderr": m["stderr"],
         **extra,
@@ -155,6 +159,9 @@ def measure_final(model: nn.Module, task: Task, splits: Splits, config: TrainCon
             "seconds": time.perf_counter() - start,
         },
     }
+    out.update(final_calibration(model, task, splits, config))
+    out.update(final_robustness(model, task, splits, config))
+    return out
 
 
 FLATNESS_KEYS: tuple[str, ...] = ("lambda_max", "hessian_trace")

@@ -1,9 +1,12 @@
 """Progress display of the pipeline: a tqdm bar on a terminal, plain periodic lines otherwise.
 
-A bar redraws itself with carriage returns, which a log file keeps (hundreds of KB per run);
-when stderr is not a terminal, :func:`progress_bar` returns a :class:`LineProgress` instead,
-which writes one ordinary line at most every ``interval`` seconds. Both offer ``update``,
-``set_postfix``, ``write`` and ``close``.
+A bar redraws itself with carriage returns, which a log file keeps (hundreds of KB per run),
+and a bar that clears itself leaves no newline, so the next output runs into its line; when
+stderr is not a terminal, :func:`progress_bar` returns a :class:`LineProgress` instead, which
+writes one ordinary line at most every ``interval`` seconds (:data:`LINE_INTERVAL`). All
+offer ``update``, ``set_postfix``, ``write`` (a message on the progress stream that leaves the
+bar intact) and ``close``; with ``enabled=False`` they do nothing but ``write``. Every progress
+display of the pipeline and the CLI comes from here.
 
 Example:
     >>> import io
@@ -21,9 +24,14 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, TextIO
+from collections.abc import Iterable, Iterator
+from typing import Any, TextIO, TypeVar
 
-__all__ = ["LineProgress", "progress_bar"]
+T = TypeVar("T")
+
+__all__ = ["LINE_INTERVAL", "LineProgress", "progress_bar", "tracked"]
+
+LINE_INTERVAL = 30.0  # seconds between two plain progress lines
 
 
 class LineProgress:
@@ -46,6 +54,7 @@ class LineProgress:
         return text + (f" {self.postfix}" if self.postfix else "")
 
     def update(self, n: int = 1) -> None:
+        """Count ``n`` more; print a line if ``interval`` seconds passed since the last."""
         self.n += n
         now = time.monotonic()
         if now - self.last >= self.interval:
@@ -53,9 +62,11 @@ class LineProgress:
             self._show()
 
     def set_postfix(self, **values: Any) -> None:
+        """The ``key=value`` text at the end of the next lines."""
         self.postfix = " ".join(f"{k}={v}" for k, v in values.items())
 
     def write(self, message: str) -> None:
+        """Print ``message`` on a line of its own."""
         print(message, file=self.stream, flush=True)
 
     def _show(self) -> None:
@@ -63,8 +74,19 @@ class LineProgress:
         self.write(self._line())
 
     def close(self) -> None:
+        """Print the final count if ``leave`` and it has not been shown."""
         if self.leave and self.shown != (self.n, self.postfix):
             self._show()
+
+
+class _Silent(LineProgress):
+    """No progress shown; ``write`` still prints."""
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def close(self) -> None:
+        return None
 
 
 def progress_bar(
@@ -74,13 +96,33 @@ def progress_bar(
     *,
     leave: bool = True,
     stream: TextIO | None = None,
-    interval: float = 30.0,
+    interval: float | None = None,
+    enabled: bool = True,
 ) -> Any:
-    """A tqdm bar on ``stream`` (default stderr) if it is a terminal, else a :class:`LineProgress`."""
+    """A tqdm bar on ``stream`` (default stderr) if it is a terminal, else a :class:`LineProgress`
+    (a line every ``interval`` seconds, default :data:`LINE_INTERVAL`); nothing but ``write``
+    unless ``enabled``."""
     stream = sys.stderr if stream is None else stream
+    interval = LINE_INTERVAL if interval is None else interval
+    if not enabled:
+        return _Silent(total, description, unit, stream=stream, interval=interval, leave=False)
     isatty = getattr(stream, "isatty", None)
     if isatty is not None and isatty():
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, desc=description, unit=unit, leave=leave, file=stream)
+        bar = tqdm(total=total, desc=description, unit=unit, leave=leave, file=stream)
+        # tqdm.write prints to stdout unless told: messages go where the bar is
+        bar.write = lambda message: tqdm.write(message, file=stream)  # type: ignore[method-assign]
+        return bar
     return LineProgress(total, description, unit, stream=stream, interval=interval, leave=leave)
+
+
+def tracked(items: Iterable[T], bar: Any) -> Iterator[T]:
+    """``items`` one by one, each counted on ``bar`` once its turn is over; the bar is closed at
+    the end, also when the loop stops early or raises."""
+    try:
+        for item in items:
+            yield item
+            bar.update(1)
+    finally:
+        bar.close()

@@ -7,6 +7,10 @@ One JSON file ``OUT/TASK/NAME.json`` per finished run (``status`` ``"complete"``
   and accuracy measured in eval mode (``train_loss``/``train_acc`` in :attr:`RunRecord.curves`,
   on :attr:`RunRecord.train_eval_samples` training samples), the validation and test loss and
   accuracy; final values are top-level fields (``final_train_loss`` ... ``final_test_acc``);
+  records written since issue 31 also hold the test split's calibration (``final_test_ece``,
+  ``final_test_nll``, ``final_test_brier``, ``final_test_reliability``) and robustness
+  (``final_test_robustness``), ``None`` in older version-2 records
+  (:mod:`flatness.experiments.running.final_eval`);
 * version 1 (the committed results): read and converted; the fields it did not record are
   ``None`` (``final_test_loss`` is taken from its ``test_loss`` curve);
 * a newer version, or a file that is not valid JSON, is refused with one message naming the
@@ -24,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -101,6 +106,11 @@ class RunRecord:
     final_val_acc: float | None = None
     final_test_loss: float | None = None
     final_test_acc: float | None = None
+    final_test_ece: float | None = None
+    final_test_nll: float | None = None
+    final_test_brier: float | None = None
+    final_test_reliability: dict[str, Any] | None = None
+    final_test_robustness: dict[str, Any] | None = None
     best_test_acc: float | None = None
     best_test_epoch: int | None = None
     val_chosen_epoch: int | None = None
@@ -123,6 +133,7 @@ class RunRecord:
 
     @property
     def complete(self) -> bool:
+        """Whether the run finished (``status == "complete"``)."""
         return self.status == "complete"
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -272,10 +283,12 @@ def load_records(directory: str | os.PathLike[str]) -> list[RunRecord]:
 
 
 def check_writable(directory: Path) -> None:
+    """Create ``directory`` and write a test file in it; ``FlatnessError`` saying why not."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(directory / ".write-test", lambda fh: fh.write(b"ok"))
-        (directory / ".write-test").unlink()
+        with contextlib.suppress(FileNotFoundError):  # another sweep's check removed it first
+            (directory / ".write-test").unlink()
     except OSError as exc:
         raise FlatnessError(f"cannot write results to {directory}: {exc.strerror or exc}") from None
 

@@ -41,13 +41,13 @@ from ...methods import make_method
 from ...probes import rank_seed
 from ...utils import FlatnessError, atomic_write_bytes, to_device
 from .checkpoints import save_checkpoint
-from .claims import claim_path, describe_holder, read_claim, try_claim
+from .claims import claim_path, clear_leftovers, describe_holder, read_claim, try_claim
 from .distributed import DistContext, EmulatedRanks, wrap_model
 from .measure import EPOCH_MEASURE_BATCHES, EPOCH_MEASURE_PROBES, measure_final, measure_sq_trace_per_B
 from .platforms import environment
 from .progress import progress_bar
 from .record import RECORD_FIELDS, RunRecord, check_writable, read_record, write_record
-from .specs import RunSpec, accepts, identity, rank_kwargs
+from .specs import RunSpec, accepts, check_lam_policy, identity, rank_kwargs
 from ..world.tasks import TrainConfig, get_task
 from .training import TrainingDiverged, make_optimizer, steps_per_epoch, train
 
@@ -55,9 +55,11 @@ __all__ = ["execute_run", "claim_and_run", "pending_runs", "run_grid"]
 
 
 def _snapshot_steps(total: int, count: int) -> list[int]:
-    """``count`` optimisation steps evenly spread over ``0..total`` (0 = initial weights)."""
+    """``count`` optimisation steps evenly spread over ``0..total`` (0 = initial weights); at
+    most every step once."""
     if count <= 0:
         return []
+    count = min(count, total + 1)
     if count == 1:
         return [total]
     return sorted({round(i * total / (count - 1)) for i in range(count)})
@@ -128,6 +130,7 @@ def execute_run(
             },
         )
     try:
+        check_lam_policy(spec.method, kwargs)  # also at λ = 0, which builds no λ policy
         if dist_ctx is not None:
             # identical initial weights on every rank (DDP also broadcasts rank 0's), then each
             # rank's own streams: dropout from the global generator, probes from the method's
@@ -420,12 +423,23 @@ def run_grid(
         raise FlatnessError(f"--jobs must be >= 1, got {jobs}")
     if (dist_ctx is not None or emulate_ranks > 1) and jobs != 1:
         raise FlatnessError("--jobs must be 1 with --ddp / --emulate-ranks (the ranks are the parallelism)")
+    if emulate_ranks > 1 and specs:
+        smallest = min(int(s.config["batch_size"]) for s in specs)
+        if emulate_ranks > smallest:
+            raise FlatnessError(
+                f"--emulate-ranks must be at most the batch size B = {smallest} (each rank "
+                f"needs a sample of every batch), got {emulate_ranks}"
+            )
     if dist_ctx is not None:
         return _run_grid_ddp(specs, Path(out_root), dist_ctx, data_dir, download, progress, retry_failed, log)
     out_root = Path(out_root)
     dirs = {spec.task: out_root / spec.task for spec in specs}
+    say = log or (lambda msg: print(msg, file=sys.stderr))
     for d in dict.fromkeys(dirs.values()):
         check_writable(d)
+        cleared = clear_leftovers(d)  # a killed sweep's claims and half-written files
+        if cleared:
+            say(f"{d}: removed {len(cleared)} claim(s) and temporary file(s) of killed processes")
     todo: list[RunSpec] = []
     results: dict[str, list[RunRecord]] = {str(d): [] for d in dirs.values()}
     for task_name in dict.fromkeys(s.task for s in specs):
@@ -433,7 +447,6 @@ def run_grid(
         pending, done = pending_runs(task_specs, dirs[task_name], retry_failed)
         todo += pending
         results[str(dirs[task_name])] += done
-    say = log or (lambda msg: print(msg, file=sys.stderr))
     skipped = len(specs) - len(todo)
     if skipped:
         say(f"{skipped} of {len(specs)} runs already finished; skipping them")
@@ -459,7 +472,8 @@ def run_grid(
         else:
             threads = max(1, _available_cores() // jobs)
             context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init, initargs=(threads,)) as pool:
+            workers = min(jobs, len(todo))  # never more processes than runs
+            with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=(threads,)) as pool:
                 futures: dict[Future[tuple[RunRecord | None, str]], RunSpec] = {
                     pool.submit(
                         _worker_run,

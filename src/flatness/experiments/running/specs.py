@@ -25,7 +25,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ...lam_control import make_policy
 from ...methods import Method
+from ...methods.compose import ComposedMethod
 from ...methods import method_class as _method_class
 from ...probes import rank_seed
 from ...utils import FlatnessError
@@ -33,12 +35,17 @@ from ..world.tasks import get_task
 
 __all__ = [
     "RunSpec",
+    "check_lam_policy",
     "format_value",
     "default_values",
     "build_grid",
     "select_shard",
     "parse_shard",
 ]
+
+
+MAX_SEEDS = 100_000  # per strength: a grid is built, named and claimed run by run before training
+MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
 
 
 def default_method_kwargs(task: str, method: str) -> dict[str, Any]:
@@ -95,6 +102,7 @@ class RunSpec:
 
     @property
     def name(self) -> str:
+        """The run's name, the file stem of its record and checkpoint (method and strength, the tags of non-default settings, seed)."""
         parts = [self.method]
         if self.hparam is not None and self.value is not None:
             parts[0] += f"_{self.hparam}{format_value(self.value)}"
@@ -115,6 +123,7 @@ class RunSpec:
         return base * scale * (1.0 if not self.value else 2.5)
 
     def as_dict(self) -> dict[str, Any]:
+        """The spec as plain JSON-ready data (stored in the run record)."""
         return {
             "task": self.task,
             "method": self.method,
@@ -129,6 +138,7 @@ class RunSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunSpec":
+        """The spec of :meth:`as_dict`'s data."""
         return cls(
             task=d["task"],
             method=d["method"],
@@ -153,6 +163,22 @@ def method_class(method: str) -> type[Method]:
 def accepts(method: str, keyword: str) -> bool:
     """Whether the method's constructor takes ``keyword``."""
     return method_class(method).accepts(keyword)
+
+
+def check_lam_policy(method: str, kwargs: dict[str, Any]) -> None:
+    """Check the λ schedule or controller among a method's settings (``ValueError``), whatever λ is.
+
+    A penalty at λ = 0 builds no λ policy, so it would accept a bogus one, and its run would
+    record it: here :func:`flatness.lam_control.make_policy` checks the settings as a λ > 0 run
+    builds them (λ's value does not matter to their validity). ``kwargs`` as the method gets
+    them (with ``total_steps``); a composition's are routed to its components first.
+    """
+    cls = method_class(method)
+    parts = cls.route(kwargs).values() if issubclass(cls, ComposedMethod) else [kwargs]
+    for part in parts:
+        schedule, control = part.get("lam_schedule"), part.get("lam_control")
+        if schedule is not None or control is not None:
+            make_policy(1.0, part.get("every", 1), schedule, control, part.get("total_steps"))
 
 
 def rank_kwargs(kwargs: dict[str, Any], rank: int) -> dict[str, Any]:
@@ -198,9 +224,13 @@ def build_grid(
     """
     task_obj = get_task(task)
     cls = method_class(method)
+    if isinstance(seeds, int) and not 1 <= seeds <= MAX_SEEDS:
+        raise FlatnessError(f"seeds must be a count from 1 to {MAX_SEEDS}, got {seeds}")
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
-    if not seed_list or (isinstance(seeds, int) and seeds < 1):
+    if not seed_list:
         raise FlatnessError(f"seeds must be >= 1, got {seeds}")
+    if any(not 0 <= s <= MAX_SEED for s in seed_list):
+        raise FlatnessError(f"seeds must be integers from 0 to 2**63 - 1, got {seeds}")
     if values is None:
         grid = default_values(method)
     elif cls.hparam is None:
@@ -223,6 +253,13 @@ def build_grid(
         raise FlatnessError(f"invalid training protocol for {task}: {exc}") from None
     kwargs = default_method_kwargs(task, method)
     kwargs.update(method_kwargs or {})
+    for key in kwargs:
+        if cls.hparam is not None and key.rpartition(".")[2] == cls.hparam:
+            # the run would train at the swept value and record this one (issue 30, finding 2)
+            raise FlatnessError(
+                f"--method-arg {key} sets {cls.hparam}, the strength the sweep varies: "
+                f"give its values with --lambdas instead"
+            )
     if trajectory < 0:
         raise FlatnessError(f"--trajectory must be >= 0, got {trajectory}")
     settings = json.loads(json.dumps(task_obj.model_settings(model_kwargs)))  # as records store them
@@ -253,6 +290,7 @@ def select_shard(specs: Sequence[RunSpec], index: int, count: int) -> list[RunSp
 
 
 def parse_shard(text: str) -> tuple[int, int]:
+    """The ``(I, N)`` of a shard ``"I/N"`` (1 <= I <= N); ``FlatnessError`` otherwise."""
     index, sep, count = text.partition("/")
     try:
         if not sep:

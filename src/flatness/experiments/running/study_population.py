@@ -30,6 +30,7 @@ from ...utils import FlatnessError
 from .checkpoints import check_checkpoint_matches, initial_model, load_checkpoint
 from ..world.data import iterate_batches
 from .measure import MEASURE_SAMPLES
+from .progress import progress_bar, tracked
 from .record import RunRecord, read_record, write_json
 from .specs import RunSpec, build_grid, method_class
 from ..world.tasks import TrainConfig, get_task
@@ -355,6 +356,7 @@ class Population:
     missed: list[str] = field(default_factory=list)  # complete, but stopped by the epoch cap
 
     def as_dict(self) -> dict[str, Any]:
+        """The population as plain JSON-ready data."""
         return asdict(self)
 
 
@@ -368,13 +370,12 @@ def collect_population(
     progress: bool = False,
 ) -> Population:
     """Measure (or read from the cache) every finished run of ``entries``."""
-    from tqdm.auto import tqdm
-
     directory = out_root / grid.task
     cache = directory / "study" / "measures"
     rows, failed, missed, errors = [], [], [], {}
     measure_seconds = train_seconds = 0.0
-    for spec, settings in tqdm(entries, desc="measures", unit="model", leave=False, disable=not progress):
+    bar = progress_bar(len(entries), "measures", "model", leave=False, enabled=progress)
+    for spec, settings in tracked(entries, bar):
         record = read_record(directory / f"{spec.name}.json")
         if record is None:
             raise FlatnessError(f"run {spec.name} has no finished record in {directory}")

@@ -83,6 +83,7 @@ class History:
         return [e.get(key) for e in self.epochs]
 
     def as_dict(self) -> dict[str, Any]:
+        """The counts and times as plain JSON-ready data."""
         return {
             "epochs": self.epochs,
             "steps": self.steps,
@@ -114,6 +115,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
 
 
 def steps_per_epoch(num_samples: int, batch_size: int) -> int:
+    """Mini-batches per epoch: ⌈num_samples / batch_size⌉, at least 1."""
     return max(1, math.ceil(num_samples / batch_size))
 
 

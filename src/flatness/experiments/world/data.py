@@ -96,7 +96,11 @@ def download_allowed(download: bool | None = None) -> bool:
 
 @dataclass
 class Splits:
-    """Train, (optional) validation and test tensors of one task; inputs may be sparse CSR."""
+    """Train, (optional) validation and test tensors of one task; inputs may be sparse CSR.
+
+    ``pixel_mean``/``pixel_std``: for images standardised per channel, the channel statistics
+    used (pixels in [0, 1]), so that pixel-space corruptions can undo and redo it.
+    """
 
     x_train: Tensor
     y_train: Tensor
@@ -105,9 +109,12 @@ class Splits:
     num_classes: int
     x_val: Tensor | None = None
     y_val: Tensor | None = None
+    pixel_mean: tuple[float, ...] | None = None
+    pixel_std: tuple[float, ...] | None = None
 
     @property
     def num_features(self) -> int:
+        """The input width (columns of ``x_train``)."""
         return int(self.x_train.shape[1])
 
 
@@ -341,7 +348,8 @@ def load_cifar100(root: str | os.PathLike[str] | None = None, download: bool | N
 
     test = torch.from_numpy(scaled[x_te].reshape(-1, 3, 1024))
     return Splits(
-        standardise(train), torch.from_numpy(y_tr), standardise(test), torch.from_numpy(y_te), 100
+        standardise(train), torch.from_numpy(y_tr), standardise(test), torch.from_numpy(y_te), 100,
+        pixel_mean=tuple(mean.tolist()), pixel_std=tuple(var.sqrt().tolist()),
     )
 
 

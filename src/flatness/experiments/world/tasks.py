@@ -81,6 +81,11 @@ SCHEDULES: tuple[str, ...] = ("constant", "cosine", "linear")
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd")
 VALIDATION_SPLIT_SEED = 0
 SUBSET_SEED = 0
+MAX_COUNT = 2**63 - 1  # counts reach torch (batch splits, sizes) as 64-bit integers
+
+
+def _is_count(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and minimum <= value <= MAX_COUNT
 
 
 @dataclass(frozen=True)
@@ -147,30 +152,26 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (isinstance(self.epochs, int) and self.epochs >= 1, "epochs must be an integer >= 1"),
-            (
-                isinstance(self.batch_size, int) and self.batch_size >= 1,
-                "batch_size must be an integer >= 1",
-            ),
+            (_is_count(self.epochs, 1), "epochs must be an integer from 1 to 2**63 - 1"),
+            (_is_count(self.batch_size, 1), "batch_size must be an integer from 1 to 2**63 - 1"),
             (self.lr > 0, "lr must be > 0"),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
             (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
             (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}"),
             (0 <= self.warmup_epochs <= self.epochs, "warmup_epochs must be in [0, epochs]"),
             (0 <= self.final_lr_fraction <= 1, "final_lr_fraction must be in [0, 1]"),
-            (self.eval_batch_size >= 1, "eval_batch_size must be >= 1"),
+            (_is_count(self.eval_batch_size, 1), "eval_batch_size must be an integer from 1 to 2**63 - 1"),
             (
-                self.train_eval_samples is None
-                or (isinstance(self.train_eval_samples, int) and self.train_eval_samples >= 1),
-                "train_eval_samples must be None or an integer >= 1",
+                self.train_eval_samples is None or _is_count(self.train_eval_samples, 1),
+                "train_eval_samples must be None or an integer from 1 to 2**63 - 1",
             ),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}"),
             (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
             (not self.nesterov or (self.optimizer == "sgd" and self.momentum > 0),
              "nesterov needs optimizer 'sgd' with momentum > 0"),
             (isinstance(self.model, str), "model must be an architecture name or ''"),
-            (all(isinstance(n, int) and n >= 0 for n in self._subsets()),
-             "train_subset, val_subset and test_subset must be integers >= 0 (0: all)"),
+            (all(_is_count(n, 0) for n in self._subsets()),
+             "train_subset, val_subset and test_subset must be integers from 0 (all) to 2**63 - 1"),
             (self.stop_train_loss is None or self.stop_train_loss > 0, "stop_train_loss must be > 0"),
             (self.stop_train_acc is None or 0 < self.stop_train_acc <= 1, "stop_train_acc must be in (0, 1]"),
         ]
@@ -210,6 +211,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """The config of :meth:`as_dict`'s data; ``ValueError`` naming unknown fields."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -245,6 +247,9 @@ class Task:
     config: TrainConfig
     num_classes: int = 0
     num_features: int | None = None  # input width; data-dependent tasks set it in ``load``
+    # What the inputs are: "tabular" (standardised features), "text" (sparse TF-IDF) or "image"
+    # (standardised CIFAR pixels); it chooses the final robustness evaluation's perturbations.
+    modality: ClassVar[str] = "tabular"
     # The model settings ``build_model`` accepts (e.g. hidden widths, dropout) and their defaults;
     # a run's non-default ones are part of its identity (RunSpec.model_kwargs).
     model_defaults: dict[str, Any] = {}
@@ -278,6 +283,7 @@ class Task:
         return self._cache[key]
 
     def clear_cache(self) -> None:
+        """Forget the splits :meth:`load` cached in this process."""
         self._cache.clear()
 
     @property
@@ -376,6 +382,7 @@ class Cifar100MLP(Task):
     paper_table = "Table 1"
     num_classes = 100
     num_features = 3072
+    modality = "image"
     version = 3
     # Protocol choices, backed by the records in results/cifar100-mlp/tuning/ (method none,
     # this protocol but for the setting named; `flatness report` there, summary.csv):
@@ -422,6 +429,7 @@ class NewsgroupsLogReg(Task):
     paper_table = "Table 2"
     num_classes = 20
     num_features = None  # the TF-IDF vocabulary size, known after load()
+    modality = "text"
     config = TrainConfig(epochs=20, batch_size=32, lr=3e-3, weight_decay=1e-4)
 
     def _load_raw(self, root: Path, download: bool | None) -> Splits:
@@ -475,6 +483,7 @@ class Cifar100Images(Task):
 
     num_classes = 100
     num_features = 3072
+    modality = "image"
     gpu_config: TrainConfig
     full_config: TrainConfig | None = None  # the trained CPU protocol, where one is tuned
     protocol_aliases: ClassVar[dict[str, str]] = {"cpu": "smoke"}

@@ -10,6 +10,8 @@ import statistics
 import time
 from collections.abc import Callable
 
+__all__ = ["time_interleaved", "paper_mlp_setup", "training_adam", "platform_facts", "ratio_result"]
+
 
 def median_ms(times: list[float]) -> float:
     return 1000.0 * statistics.median(times)

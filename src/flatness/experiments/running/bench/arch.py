@@ -12,7 +12,7 @@ depth 4, 3 heads, MLP ratio 2):
   (``backend="finite-difference"``) every step / every 10 steps (timed over whole windows);
 - ``curvature``: Geng et al.'s curvature method (α·mean per-example ‖∇ℓ_i‖², every step), by
   the per-example closed form of :mod:`flatness.per_example` (unfolded-patch-free convolutions);
-- ``fd_rel_err``: |first-order / autograd − 1| of the Tr(H²) estimate on the same 4 probes,
+- ``fd_rel_err``: ``|first-order / autograd − 1|`` of the Tr(H²) estimate on the same 4 probes,
   float32, the default step;
 - ``params``: the model's number of parameters.
 

@@ -14,8 +14,9 @@ method, its median step time and the ratio to plain:
 - with ``--profile``, the top operators of one curvature step and one plain step
   (``torch.profiler``), to show where the curvature step's time goes.
 
-The issue's targets are ``curvature_ratio`` <= 1.5, ``sam_ratio`` <= 2.1, ``gnp_ratio`` <= 2.1
-and ``nrs_ratio`` <= 2.2; ``targets_met`` says whether this run met them all.
+The targets are ``curvature_ratio`` <= 1.25 (issue 30; the dropout-off curvature pass starts
+from the task pass's input layer), ``sam_ratio`` <= 2.1, ``gnp_ratio`` <= 2.1 and ``nrs_ratio``
+<= 2.2; ``targets_met`` says whether this run met them all.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from . import paper_mlp_setup, ratio_result, time_interleaved, training_adam
 __all__ = ["run_methods_bench", "TARGETS"]
 
 TARGETS: dict[str, float] = {
-    "curvature_ratio": 1.5,
+    "curvature_ratio": 1.25,
     "sam_ratio": 2.1,
     "gnp_ratio": 2.1,
     "nrs_ratio": 2.2,
