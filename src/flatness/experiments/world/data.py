@@ -156,8 +156,9 @@ def select_rows(x: Tensor, index: Tensor) -> Tensor:
     return x[index]
 
 
-def split_validation(splits: Splits, fraction: float, seed: int = 0) -> Splits:
-    """Carve a fixed, stratified validation split of ``fraction`` out of the training set.
+def split_validation(splits: Splits, fraction: float, seed: int = 0, *, stratify: bool = True) -> Splits:
+    """Carve a fixed validation split of ``fraction`` out of the training set, stratified by label
+    unless ``stratify`` is false (regression targets).
 
     The split depends only on ``seed`` (not on a run's seed), so every run of a sweep trains on
     the same samples. ``fraction == 0`` returns the splits unchanged (no validation set).
@@ -171,7 +172,7 @@ def split_validation(splits: Splits, fraction: float, seed: int = 0) -> Splits:
     n = int(splits.y_train.shape[0])
     labels = splits.y_train.cpu().numpy()
     keep, held = train_test_split(
-        np.arange(n), test_size=fraction, stratify=labels, random_state=seed
+        np.arange(n), test_size=fraction, stratify=labels if stratify else None, random_state=seed
     )
     keep_t, held_t = torch.from_numpy(np.asarray(keep)), torch.from_numpy(np.asarray(held))
     return replace(

@@ -254,6 +254,8 @@ class Task:
     model_defaults: dict[str, Any] = {}
     # Settings of a method that are this task's default (added to the runs' method settings).
     method_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+    metric_name: str = "accuracy"  # what :meth:`score` computes (the records' *_acc fields)
+    source: dict[str, Any] | None = None  # a plugin task's origin (set by world.plugins)
 
     def __init__(self) -> None:
         self._cache: dict[tuple[str, float], Splits] = {}
@@ -366,6 +368,10 @@ class Task:
     def predict(self, logits: Tensor) -> Tensor:
         """Predicted class ids (int64)."""
         return logits.argmax(dim=-1)
+
+    def score(self, logits: Tensor, y: Tensor) -> Tensor:
+        """Per-example score, higher is better, averaged into the ``*_acc`` values (here: hits)."""
+        return (self.predict(logits) == y.long()).float()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, config={self.config})"
@@ -587,8 +593,14 @@ TASKS: dict[str, Task] = {
 }
 
 
+# Plugin tasks loaded in this process, by name (:func:`flatness.experiments.world.plugins.resolve_task`).
+PLUGIN_TASKS: dict[str, Task] = {}
+
+
 def get_task(name: str) -> Task:
-    """The task called ``name``; ``FlatnessError`` listing the valid names otherwise."""
-    if name not in TASKS:
-        raise FlatnessError(f"unknown task {name!r}; expected one of: {', '.join(TASKS)}")
-    return TASKS[name]
+    """The built-in or loaded plugin task called ``name``; ``FlatnessError`` listing names otherwise."""
+    task = TASKS.get(name) or PLUGIN_TASKS.get(name)
+    if task is None:
+        raise FlatnessError(f"unknown task {name!r}; expected one of: {', '.join(TASKS)}, or a plugin "
+                            "FILE.py:FACTORY or package.module:FACTORY (`flatness tasks` lists them)")
+    return task
