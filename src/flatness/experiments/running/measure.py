@@ -30,7 +30,8 @@ from .checkpoints import check_checkpoint_matches, load_checkpoint
 from .final_eval import final_calibration, final_robustness
 from ..world.data import Splits, iterate_batches
 from .record import RunRecord, write_json
-from ..world.tasks import Task, TrainConfig, get_task
+from ..world.plugins import recorded_task
+from ..world.tasks import Task, TrainConfig
 
 __all__ = [
     "EPOCH_MEASURE_BATCHES",
@@ -216,7 +217,7 @@ def final_model_extras(
     missing = [k for k in wanted if k not in out]
     if not missing:
         return out
-    task = get_task(record.task)
+    task = recorded_task(record.task, record.task_source)  # a plugin task: loaded again from its file
     config = TrainConfig.from_dict(record.config)
     splits = task.splits(config, data_dir, download)
     model, meta = load_checkpoint(directory / str(record.checkpoint), task=record.task)
@@ -225,7 +226,8 @@ def final_model_extras(
     if "final_val_loss" in missing and splits.x_val is not None and splits.y_val is not None:
         from .training import evaluate
 
-        result = evaluate(model, splits.x_val, splits.y_val, task.predict, config.eval_batch_size, task.loss_fn)
+        result = evaluate(model, splits.x_val, splits.y_val, task.predict, config.eval_batch_size, task.loss_fn,
+                          task.score)
         new["final_val_loss"] = result["loss"]
     if any(k in missing for k in FLATNESS_KEYS):
         from ... import measures

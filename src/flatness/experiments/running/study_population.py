@@ -33,6 +33,7 @@ from .measure import MEASURE_SAMPLES
 from .progress import progress_bar, tracked
 from .record import RunRecord, read_record, write_json
 from .specs import RunSpec, build_grid, method_class
+from ..world.plugins import known_task, recorded_task
 from ..world.tasks import TrainConfig, get_task
 from .training import evaluate
 
@@ -42,6 +43,8 @@ __all__ = [
     "StudyGrid",
     "GRIDS",
     "get_grid",
+    "generic_grid",
+    "AS_DEFINED",
     "parse_method_label",
     "generalization",
     "measurement_inputs",
@@ -51,6 +54,8 @@ __all__ = [
 ]
 
 AXES: tuple[str, ...] = ("lr", "batch_size", "width", "weight_decay", "dropout", "method", "seed")
+# The width and dropout of a model the study cannot change (a plugin task's own model).
+AS_DEFINED = "as defined"
 MEASURE_BATCH = 1024  # memory only: one batch for breast-cancer, fewer Python passes
 # Study-sized options (the CLI defaults of `flatness measure` cost ~3x more on CIFAR-100)
 STUDY_OPTIONS: dict[str, Any] = {
@@ -110,7 +115,12 @@ class StudyGrid:
         task = get_task(self.task)
         hidden = task.model_defaults.get("hidden")
         if hidden is None or "dropout" not in task.model_defaults:
-            raise FlatnessError(f"flatness study needs a task with hidden widths and dropout, not {self.task}")
+            values = {v for layer in self.layers() for a in ("width", "dropout")
+                      for v in (*self.plane.get(a, ()), layer.get(a))}
+            if values - {AS_DEFINED, None}:
+                raise FlatnessError(f"grid {self.name!r} sets width or dropout, but task {self.task} has no "
+                                    "hidden-width and dropout model settings")
+            hidden = None
         out: list[tuple[RunSpec, dict[str, Any]]] = []
         names: set[str] = set()
         plane_axes = list(self.plane)
@@ -123,14 +133,14 @@ class StudyGrid:
                     out.append((spec, {a: settings[a] for a in AXES}))
         return out
 
-    def _spec(self, s: dict[str, Any], hidden: Sequence[int]) -> RunSpec:
+    def _spec(self, s: dict[str, Any], hidden: Sequence[int] | None) -> RunSpec:
         method, value = parse_method_label(s["method"])
         overrides = {**self.protocol, "lr": s["lr"], "batch_size": s["batch_size"],
                      "weight_decay": s["weight_decay"]}
-        widths = [max(1, round(s["width"] * h)) for h in hidden]
+        model = {} if hidden is None else {
+            "hidden": [max(1, round(s["width"] * h)) for h in hidden], "dropout": s["dropout"]}
         (spec,) = build_grid(self.task, method, None if value is None else [value], [s["seed"]],
-                             config_overrides=overrides,
-                             model_kwargs={"hidden": widths, "dropout": s["dropout"]})
+                             config_overrides=overrides, model_kwargs=model)
         return spec
 
 
@@ -174,10 +184,35 @@ GRIDS: dict[tuple[str, str], StudyGrid] = {
 }
 
 
+def generic_grid(task: str, name: str) -> StudyGrid:
+    """The ``small`` or ``full`` grid of a plugin task (which declares none), around its default
+    protocol: it varies what applies to any model — learning rate (the protocol's and a third of
+    it: never above the rate the task was set up with), weight decay (the protocol's and ten times
+    it, or 0 and 1e-3; ``full``: 0 added), the method, and in ``full`` also batch size (twice the
+    protocol's) and seed. Width and dropout stay the model's own (:data:`AS_DEFINED`)."""
+    c = get_task(task).config
+    wds = (c.weight_decay, 10 * c.weight_decay) if c.weight_decay > 0 else (0.0, 1e-3)
+    centre = {"batch_size": c.batch_size, "width": AS_DEFINED, "dropout": AS_DEFINED, "seed": 0}
+    if name == "small":
+        return StudyGrid("small", task, plane={"lr": (c.lr / 3, c.lr), "weight_decay": wds,
+                                               "method": ("none", "fa:0.1")}, centre=centre,
+                         description="generic: 2 lr x 2 weight decay x 2 methods at the task's protocol (8 models)")
+    if name == "full":
+        full_wds = (0.0, *wds) if c.weight_decay > 0 else (0.0, 1e-4, 1e-3)
+        return StudyGrid("full", task, plane={"lr": (c.lr / 10, c.lr / 3, c.lr), "weight_decay": full_wds,
+                                              "method": ("none", "fa:0.01", "fa:1", "sam:0.05")},
+                         centre=centre, alternatives={"batch_size": (2 * c.batch_size,), "seed": (1,)},
+                         description="generic: 3 lr x weight decay x 4 methods, at the centre and at twice the "
+                                     "batch size and another seed, at the task's protocol")
+    raise FlatnessError(f"no study grid {name!r} for {task}; known: full, small")
+
+
 def get_grid(task: str, name: str | None = None) -> StudyGrid:
     """The declared grid ``name`` of ``task`` (default: ``small`` if it has one, else ``full``);
-    ``FlatnessError`` listing the grids otherwise."""
+    a plugin task's: :func:`generic_grid`. ``FlatnessError`` listing the grids otherwise."""
     get_task(task)
+    if (task_obj := known_task(task)) is not None and task_obj.source is not None:
+        return generic_grid(task, name or "small")
     if name is None:
         name = "small" if (task, "small") in GRIDS else "full"
     if (task, name) not in GRIDS:
@@ -222,7 +257,7 @@ def measurement_inputs(
     1,024 training examples (one batch), and :data:`STUDY_OPTIONS` with the initial
     weights rebuilt from the run's seed.
     """
-    task = get_task(record.task)
+    task = recorded_task(record.task, record.task_source)
     config = TrainConfig.from_dict(record.config)
     splits = task.splits(config, data_dir, download)
     model, meta = load_checkpoint(directory / str(record.checkpoint), task=record.task)
@@ -270,7 +305,7 @@ def measure_run(
         values.update({k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     evaluation = {}
     for split, x, y in (("train", splits.x_train, splits.y_train), ("test", splits.x_test, splits.y_test)):
-        result = evaluate(model, x, y, task.predict, config.eval_batch_size, task.loss_fn)
+        result = evaluate(model, x, y, task.predict, config.eval_batch_size, task.loss_fn, task.score)
         evaluation[f"{split}_acc"], evaluation[f"{split}_loss"] = result["acc"], result["loss"]
     entry = {
         "name": record.name,
