@@ -74,7 +74,8 @@ def test_committed_results_are_version_2_records():
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"version": 3}, "version 3 run record, newer than this flatness reads (up to 2)"),
+        ({"version": 4}, "version 4 run record, newer than this flatness reads (up to 3)"),
+        ({"version": 2}, "is marked version 2 but has the version-3 field(s) ['resolved', 'task_source']"),
         ({"version": "2"}, "invalid record version"),
         ({"status": "running"}, "status 'running'"),
         ({"final_test_acc": "high"}, "malformed field 'final_test_acc'"),
