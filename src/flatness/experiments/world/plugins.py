@@ -7,7 +7,8 @@ Every command that takes a task accepts, besides a built-in name (``breast-cance
   script, so it can import its neighbours), and ``FACTORY()`` returns the task
   (:func:`~flatness.experiments.world.custom.custom_task`, or a
   :class:`~flatness.experiments.world.tasks.Task`; ``FACTORY`` may also name a task object);
-* ``package.module:FACTORY`` — the same, from an importable module;
+* ``package.module:FACTORY`` — the same, from an importable module (the working directory is
+  searched last, as by ``python -m``);
 * ``NAME`` — a task an installed package registers under the entry-point group
   ``flatness.tasks`` (``NAME = "package.module:FACTORY"``; the entry point's name must be its
   task's name).
@@ -41,6 +42,7 @@ import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
+import os
 import sys
 import traceback
 from collections.abc import Iterable, Mapping
@@ -86,8 +88,8 @@ def _line_in(exc: BaseException, file: str | None) -> str:
     """`` (FILE line N)``: the deepest frame of ``exc``'s traceback in ``file`` (or its syntax error)."""
     if file is None:
         return ""
-    if isinstance(exc, SyntaxError) and exc.filename and Path(exc.filename).resolve() == Path(file):
-        return f" ({Path(file).name} line {exc.lineno})"
+    if isinstance(exc, SyntaxError):
+        return ""  # its message names the file and line already
     lines = [f.lineno for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename).resolve() == Path(file)]
     return f" ({Path(file).name} line {lines[-1]})" if lines else ""
 
@@ -149,7 +151,7 @@ def _load_file(reference: str, target: str, factory: str, *, recorded: bool = Fa
         sys.modules.pop(module_name, None)
         if isinstance(exc, KeyboardInterrupt):
             raise
-        raise PluginError(f"task plugin {reference}: importing {target} failed: "
+        raise PluginError(f"task plugin {reference}: importing it failed: "
                           f"{_oneline(exc)}{_line_in(exc, str(path))}") from None
     source = {"reference": reference, "kind": "file", "location": str(path), "factory": factory,
               "file": str(path), "sha256": sha}
@@ -157,6 +159,8 @@ def _load_file(reference: str, target: str, factory: str, *, recorded: bool = Fa
 
 
 def _load_module(reference: str, module_name: str, factory: str) -> Task:
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())  # `flatness` is a console script: its sys.path[0] is its own folder
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -282,7 +286,7 @@ def check_source(recorded: Mapping[str, Any] | None, task: Task, what: str) -> N
         raise PluginError(
             f"{what} were made by the task plugin {recorded.get('reference')} ({recorded.get('file')}, SHA-256 "
             f"{str(old)[:12]}); the task {task.name} now comes from {current.get('file') or 'built-in code'} "
-            f"(SHA-256 {str(new)[:12]}): its code changed since. Restore that file, or use another --out"
+            f"(SHA-256 {str(new)[:12]}): its code changed since. Restore that file (or, for new runs, use another --out)"
         )
 
 
