@@ -453,3 +453,16 @@ def test_records_resolve_every_setting_of_a_built_in_task_too() -> None:
     assert kwargs["sam.rho"] == 0.05 and kwargs["fa.lam"] == 0.1 and kwargs["fa.probes"] == 5
     assert kwargs["sam.adaptive"] is False and kwargs["fa.dist"] == "rademacher" and list(kwargs) == sorted(kwargs)
     json.dumps(resolved)  # JSON data
+
+
+def test_a_module_plugin_in_the_working_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "user_tasks_mod.py").write_text(ENTRY_MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(tmp_path))])
+    code, _, err = cli(["run", "user_tasks_mod:make_task", "--method", "none", "--seeds", "1", "--out", "runs",
+                        "--quiet", "--no-plots"], capsys)
+    assert code == 0, err
+    (record,) = load_records(tmp_path / "runs" / "ep-toy")
+    assert record.task_source["kind"] == "module" and record.task_source["location"] == "user_tasks_mod"
+    assert record.task_source["sha256"] == _sha(tmp_path / "user_tasks_mod.py")
