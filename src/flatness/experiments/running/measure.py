@@ -138,14 +138,16 @@ def measure_final(model: nn.Module, task: Task, splits: Splits, config: TrainCon
     ``measured_sq_trace_per_B`` is Tr(H²)/B by the fixed protocol of this module; the training
     set is the one the model was trained on (validation split excluded).
     ``measured_kfac_sq_trace_per_B`` is the K-FAC approximation of the same quantity on the
-    same batches (absent for models K-FAC does not cover). Then, after them and with their own
-    random numbers (:mod:`.final_eval`), the test split's calibration (``final_test_ece``,
-    ``final_test_nll``, ``final_test_brier``, ``final_test_reliability``) and robustness
-    (``final_test_robustness``).
+    same batches (absent for models K-FAC does not cover, and for regression tasks). Then, after
+    them and with their own random numbers (:mod:`.final_eval`), the test split's calibration
+    (``final_test_ece``, ``final_test_nll``, ``final_test_brier``, ``final_test_reliability``)
+    and robustness (``final_test_robustness``).
     """
     start = time.perf_counter()
     m = measure_sq_trace_per_B(model, task, splits.x_train, splits.y_train, config.batch_size)
-    kfac = measure_kfac_per_B(model, task, splits.x_train, splits.y_train, config.batch_size)
+    # K-FAC samples class labels from the model's output: classification losses only
+    kfac = (measure_kfac_per_B(model, task, splits.x_train, splits.y_train, config.batch_size)
+            if task.task_type == "classification" else None)
     extra = {} if kfac is None else {"measured_kfac_sq_trace_per_B": kfac}
     out = {
         "measured_sq_trace_per_B": m["value"],

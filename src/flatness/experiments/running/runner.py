@@ -385,10 +385,10 @@ def pending_runs(
             raise FlatnessError(
                 f"{path} exists but is not a finished run record; move it away to re-run that run"
             )
+        task = get_task(spec.task)
+        check_source(record.task_source, task, f"the runs in {out_dir}")  # before: the task may have changed
         if identity(RunSpec.from_dict(dataclasses.asdict(record))) != identity(spec):
             raise FlatnessError(f"{path} holds a run with other settings; use another --out")
-        task = get_task(spec.task)
-        check_source(record.task_source, task, f"the runs in {out_dir}")
         version = task.version
         if record.task_version != version:
             raise FlatnessError(

@@ -63,6 +63,8 @@ STUDY_OPTIONS: dict[str, Any] = {
     "noise_samples": 10, "divergence_samples": 5, "pacbayes_samples": 10,
 }
 STUDY_MEASURES: tuple[str, ...] = tuple(MEASURES)
+# Measures that read a model's outputs as class scores: left out for a regression task
+CLASSIFICATION_MEASURES: tuple[str, ...] = ("model_divergence", "margin", "pacbayes", "pacbayes_mag")
 CACHE_VERSION = 1
 
 
@@ -189,7 +191,8 @@ def generic_grid(task: str, name: str) -> StudyGrid:
     protocol: it varies what applies to any model — learning rate (the protocol's and a third of
     it: never above the rate the task was set up with), weight decay (the protocol's and ten times
     it, or 0 and 1e-3; ``full``: 0 added), the method, and in ``full`` also batch size (twice the
-    protocol's) and seed. Width and dropout stay the model's own (:data:`AS_DEFINED`)."""
+    protocol's) and seed. Width and dropout stay the model's own (:data:`AS_DEFINED`). A
+    regression task is measured without :data:`CLASSIFICATION_MEASURES`."""
     c = get_task(task).config
     wds = (c.weight_decay, 10 * c.weight_decay) if c.weight_decay > 0 else (0.0, 1e-3)
     centre = {"batch_size": c.batch_size, "width": AS_DEFINED, "dropout": AS_DEFINED, "seed": 0}
@@ -293,7 +296,8 @@ def measure_run(
     values: dict[str, float] = {}
     errors: dict[str, str] = {}
     timings: dict[str, float] = {}
-    for name in STUDY_MEASURES:
+    names = [n for n in STUDY_MEASURES if task.task_type == "classification" or n not in CLASSIFICATION_MEASURES]
+    for name in names:
         begin = time.perf_counter()
         try:
             out = compute_measures(model, task.loss_fn, batches, [name], options)

@@ -255,6 +255,7 @@ class Task:
     # Settings of a method that are this task's default (added to the runs' method settings).
     method_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
     metric_name: str = "accuracy"  # what :meth:`score` computes (the records' *_acc fields)
+    task_type: str = "classification"  # or "regression" (a plugin task's, world.custom)
     source: dict[str, Any] | None = None  # a plugin task's origin (set by world.plugins)
 
     def __init__(self) -> None:
