@@ -477,9 +477,8 @@ def run_grid(
             threads = max(1, _available_cores() // jobs)
             context = multiprocessing.get_context("spawn")
             workers = min(jobs, len(todo))  # never more processes than runs
-            with ProcessPoolExecutor(
-                workers, mp_context=context, initializer=_worker_init, initargs=(threads, plugin_sources())
-            ) as pool:
+            init = (threads, plugin_sources())
+            with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=init) as pool:
                 futures: dict[Future[tuple[RunRecord | None, str]], RunSpec] = {
                     pool.submit(
                         _worker_run,
