@@ -168,6 +168,11 @@ def test_digits_plugin_through_every_command(tmp_path: Path, capsys: pytest.Capt
     code, printed, err = cli(["landscape", str(ckpt), "--task", ref, "--kind", "1d", "--num", "3",
                               "--examples", "64", "--out", str(tmp_path / "pictures"), "--json"], capsys)
     assert code == 0 and json.loads(printed)["points"] == 3, err
+    other = directory / "checkpoints" / f"{records[1].name}.pt"
+    code, printed, err = cli(["connect", str(ckpt), str(other), "--task", ref, "--num", "3", "--curve-steps", "0",
+                              "--examples", "64", "--stat-examples", "64", "--out", str(tmp_path / "pictures"),
+                              "--json"], capsys)
+    assert code == 0, err
 
     code, printed, err = cli(["compare", ref, "--methods", "sam", "--grid", "sam=0.05", "--seeds", "2",
                               "--epochs", "1", "--out", str(out), "--quiet", "--no-plots", "--no-measures"], capsys)
@@ -232,6 +237,8 @@ def test_a_second_users_task_file_runs_through_the_same_commands(
     assert r.model_kwargs == {"width": 8} and r.resolved["model_kwargs"] == {"width": 8}
     assert r.task_source["metric"] == "neg_mse" and r.final_test_acc < 0  # the negative MSE
     assert r.final_test_acc == pytest.approx(-r.final_test_loss, rel=1e-5)  # MSE loss, MSE score
+    assert r.final_test_ece is None and r.get("measured_kfac_sq_trace_per_B") is None  # class-score measures
+    assert r.final_test_robustness["clean_acc"] == pytest.approx(r.final_test_acc, rel=1e-5)  # its score
     assert "hold its score `neg_mse`" in printed
     code, _, err = cli(["run", ref, "--method", "none", "--seeds", "1", "--protocol", "long", "--epochs", "1",
                         "--out", str(out), "--quiet", "--no-plots"], capsys)

@@ -64,7 +64,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -76,8 +75,9 @@ from .data import (
     load_breast_cancer,
     load_cifar100,
     load_newsgroups,
-    select_rows,
+    SUBSET_SEED,
     split_validation,
+    stratified_subset,
 )
 from ...utils import FlatnessError
 from .models import check_mlp_setting, logistic_regression, mlp
@@ -93,7 +93,6 @@ __all__ = [
 SCHEDULES: tuple[str, ...] = ("constant", "cosine", "linear")
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd")
 VALIDATION_SPLIT_SEED = 0
-SUBSET_SEED = 0
 MAX_COUNT = 2**63 - 1  # counts reach torch (batch splits, sizes) as 64-bit integers
 
 
@@ -216,18 +215,6 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training-config field(s) {unknown}; known: {sorted(known)}")
         return cls(**values)
-
-
-def stratified_subset(x: Tensor, y: Tensor, size: int, seed: int = SUBSET_SEED) -> tuple[Tensor, Tensor]:
-    """A fixed class-stratified subset of ``size`` rows (all rows if ``size`` is 0 or too large)."""
-    n = int(y.shape[0])
-    if size <= 0 or size >= n:
-        return x, y
-    from sklearn.model_selection import train_test_split
-
-    keep, _ = train_test_split(np.arange(n), train_size=size, stratify=y.cpu().numpy(), random_state=seed)
-    index = torch.from_numpy(np.sort(np.asarray(keep)))
-    return select_rows(x, index), y[index]
 
 
 class Task:
