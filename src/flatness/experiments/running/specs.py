@@ -291,7 +291,7 @@ def resolved_method_kwargs(method: str, kwargs: dict[str, Any]) -> dict[str, Any
 
 
 def resolved_settings(spec: RunSpec, method_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """What a run computes with, in full (:attr:`RunRecord.resolved`): every training-config field
+    """What a run computes with, in full (a record's ``resolved``): every training-config field
     (the run name's ``config`` leaves the later fields out at their defaults), every model
     setting, every method keyword argument (``method_kwargs``: as the runner builds the method)."""
     task = get_task(spec.task)

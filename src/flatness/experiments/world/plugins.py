@@ -81,6 +81,7 @@ def _oneline(exc: BaseException) -> str:
 
 
 def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of the file's bytes, hex (what records store of a plugin's file)."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
