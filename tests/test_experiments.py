@@ -95,7 +95,7 @@ def test_cli_run_writes_records_checkpoints_report_and_resumes(tmp_path, capsys)
     d = out / BC
     records = _records(d)
     assert len(records) == 4 and all(r.status == "complete" for r in records.values())
-    assert all(json.loads(p.read_text())["version"] == 2 for p in d.glob("*.json"))
+    assert all(json.loads(p.read_text())["version"] == 3 for p in d.glob("*.json"))
     r = next(r for name, r in records.items() if name.startswith("fa_lam0_seed0"))
     assert r.measured_sq_trace_per_B > 0  # measured for λ = 0 too
     assert r.avg_train_sq_trace_per_B is None  # no penalty, nothing to average

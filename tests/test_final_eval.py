@@ -28,10 +28,12 @@ BC = "breast-cancer-mlp"
 BEFORE = Path(__file__).parent / "data" / "records_before_issue31"
 NEW_FIELDS = ("final_test_ece", "final_test_nll", "final_test_brier", "final_test_reliability", "final_test_robustness")
 TIMINGS = {"environment", "finished_at", "train_seconds", "seconds_per_epoch", "eval_seconds", "total_seconds"}
+# added by issue 26 (schema version 3): what made the run, not what it computed
+PROVENANCE = {"version", "resolved", "task_source"}
 
 
 def _without_timings(data: dict) -> dict:
-    data = {k: v for k, v in data.items() if k not in TIMINGS and k not in NEW_FIELDS}
+    data = {k: v for k, v in data.items() if k not in TIMINGS | PROVENANCE and k not in NEW_FIELDS}
     data["measurement"] = {k: v for k, v in data["measurement"].items() if k != "seconds"}
     data["curves"] = {k: v for k, v in data["curves"].items() if k != "seconds"}
     return data
@@ -100,7 +102,8 @@ def _image_splits(n: int = 40):
 
 
 def _task(modality: str):
-    return SimpleNamespace(modality=modality, predict=lambda z: z.argmax(-1))
+    return SimpleNamespace(modality=modality, predict=lambda z: z.argmax(-1), task_type="classification",
+                           score=lambda z, y: (z.argmax(-1) == y).float())
 
 
 def test_image_robustness_has_noise_and_corruptions_and_touches_nothing():

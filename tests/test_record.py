@@ -40,7 +40,7 @@ def test_round_trip_keeps_every_field_and_extras(tmp_path):
     record = _record(measured_sq_trace_per_B=math.nan, extras={"lambda_max": 3.5})
     write_record(tmp_path / "r.json", record)
     data = json.loads((tmp_path / "r.json").read_text())
-    assert data["format"] == "flatness-run" and data["version"] == SCHEMA_VERSION == 2
+    assert data["format"] == "flatness-run" and data["version"] == SCHEMA_VERSION == 3
     back = read_record(tmp_path / "r.json")
     assert math.isnan(back.measured_sq_trace_per_B)
     back.measured_sq_trace_per_B = record.measured_sq_trace_per_B = 0.0
@@ -74,7 +74,8 @@ def test_committed_results_are_version_2_records():
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"version": 3}, "version 3 run record, newer than this flatness reads (up to 2)"),
+        ({"version": 4}, "version 4 run record, newer than this flatness reads (up to 3)"),
+        ({"version": 2}, "is marked version 2 but has the version-3 field(s) ['resolved', 'task_source']"),
         ({"version": "2"}, "invalid record version"),
         ({"status": "running"}, "status 'running'"),
         ({"final_test_acc": "high"}, "malformed field 'final_test_acc'"),

@@ -30,6 +30,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "flatness.cli.inspect",
     "flatness.cli.connect",
     "flatness.cli.study",
+    "flatness.cli.tasks",
 )
 
 

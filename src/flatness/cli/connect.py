@@ -43,6 +43,7 @@ def connect_command(args: argparse.Namespace) -> int:
         args.checkpoint_a, args.task, split=args.split, examples=args.examples,
         batch_size=args.batch_size, data_dir=args.data_dir,
     )
+    args.task = task.name  # a plugin reference names the task it made
     model_b, _ = load_checkpoint(args.checkpoint_b, task=args.task)
     size = args.curve_batch_size or task.config.batch_size
     train = training_batches(task, None, size, args.data_dir) if args.curve_steps else None
@@ -85,7 +86,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                                    "line between the endpoints' values.")
     p.add_argument("checkpoint_a", metavar="CKPT_A", help="a checkpoint written by `flatness run`")
     p.add_argument("checkpoint_b", metavar="CKPT_B", help="another checkpoint of the same task")
-    p.add_argument("--task", required=True, help="the checkpoints' task, e.g. breast-cancer-mlp")
+    p.add_argument("--task", required=True, help="the checkpoints' task, e.g. breast-cancer-mlp, or its plugin "
+                   "FILE.py:FACTORY / package.module:FACTORY")
     p.add_argument("--out", default=".", metavar="DIR", help="where the PNG and JSON go (default: .)")
     p.add_argument("--data-dir", default=None, help="data directory (default: $FLATNESS_DATA, ~/.cache/flatness)")
     p.add_argument("--split", default="train", choices=SPLITS, help="evaluation split (default: train)")

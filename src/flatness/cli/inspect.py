@@ -69,9 +69,10 @@ def load_for_task(
     """
     from ..experiments.running.checkpoints import load_checkpoint
     from ..experiments.world.data import iterate_batches
-    from ..experiments.world.tasks import get_task
+    from ..experiments.world.plugins import resolve_task
 
-    task = get_task(task_name)
+    task = resolve_task(task_name)
+    task_name = task.name
     if examples < 1:
         raise FlatnessError(f"--examples must be >= 1, got {examples}")
     if split not in SPLITS:
@@ -181,6 +182,7 @@ def measure_command(args: argparse.Namespace) -> int:
         args.checkpoint, args.task, split=args.split, examples=args.examples,
         batch_size=args.batch_size, data_dir=args.data_dir,
     )
+    args.task = task.name  # a plugin reference names the task it made
     from ..experiments.running.checkpoints import checkpoint_initial_model
 
     initial = checkpoint_initial_model(args.checkpoint, args.task)  # rebuilt from the run's seed
@@ -259,7 +261,7 @@ def _default_trajectory(checkpoint: Path) -> Path | None:
 
 def _accuracy(task: Any) -> Callable[[Tensor, Tensor], Tensor]:
     def accuracy(logits: Tensor, y: Tensor) -> Tensor:
-        return (task.predict(logits) == y.long()).float().mean()
+        return task.score(logits, y).float().mean()  # hits, or a plugin task's own score
 
     return accuracy
 
@@ -286,6 +288,7 @@ def landscape_command(args: argparse.Namespace) -> int:
         args.checkpoint, args.task, split=args.split, examples=args.examples,
         batch_size=args.batch_size, data_dir=args.data_dir,
     )
+    args.task = task.name  # a plugin reference names the task it made
     metric = _accuracy(task)
     num = args.num
     start = time.perf_counter()
@@ -297,11 +300,11 @@ def landscape_command(args: argparse.Namespace) -> int:
         if args.kind == "1d":
             surface = surface_1d(model, task.loss_fn, batches, span=args.span, num=num or 41,
                                  seed=args.seed, include_1d=args.include_1d, metric=metric,
-                                 metric_name="accuracy", progress=_landscape_progress(args))
+                                 metric_name=task.metric_name, progress=_landscape_progress(args))
         elif args.kind == "2d":
             surface = surface_2d(model, task.loss_fn, batches, span=args.span, num=num or 21,
                                  seed=args.seed, include_1d=args.include_1d, metric=metric,
-                                 metric_name="accuracy", progress=_landscape_progress(args))
+                                 metric_name=task.metric_name, progress=_landscape_progress(args))
         elif args.kind == "interp":
             other, _ = load_checkpoint(args.other, task=args.task)
             low, high = args.interp_range
@@ -309,7 +312,7 @@ def landscape_command(args: argparse.Namespace) -> int:
             stats = training_batches(task, args.examples, task.config.batch_size, args.data_dir)
             surface = interpolate(model, other, task.loss_fn, batches,
                                   alphas=torch.linspace(low, high, num or 41).tolist(),
-                                  metric=metric, metric_name="accuracy", progress=_landscape_progress(args),
+                                  metric=metric, metric_name=task.metric_name, progress=_landscape_progress(args),
                                   stat_batches=stats)
             stem = f"{stem}_to_{Path(args.other).stem}"
         else:
@@ -325,7 +328,7 @@ def landscape_command(args: argparse.Namespace) -> int:
                     "`flatness run ... --trajectory N`) or --checkpoints CKPT CKPT ..."
                 )
             surface = pca_surface(model, task.loss_fn, batches, states, num=num or 21,
-                                  margin=args.margin, metric=metric, metric_name="accuracy",
+                                  margin=args.margin, metric=metric, metric_name=task.metric_name,
                                   progress=_landscape_progress(args))
     out = Path(args.out)
     npz = surface.save(out / f"{stem}_{args.kind}.npz")
@@ -355,7 +358,8 @@ def landscape_command(args: argparse.Namespace) -> int:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint written by `flatness run`")
-    p.add_argument("--task", required=True, help="the checkpoint's task, e.g. cifar100-mlp")
+    p.add_argument("--task", required=True,
+                   help="the checkpoint's task, e.g. cifar100-mlp, or its plugin FILE.py:FACTORY / package.module:FACTORY")
     p.add_argument("--data-dir", default=None, help="data directory (default: $FLATNESS_DATA, ~/.cache/flatness)")
     p.add_argument("--split", default="train", choices=SPLITS, help="data split (default: train)")
     p.add_argument("--examples", type=int, default=1000,

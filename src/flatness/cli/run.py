@@ -22,10 +22,14 @@ from ..experiments.running.distributed import init_distributed, launched_by_torc
 from ..experiments.reporting.report import write_report
 from ..experiments.running.runner import run_grid
 from ..experiments.running.specs import RunSpec, accepts, build_grid, parse_shard, select_shard
+from ..experiments.world.plugins import resolve_task
 from ..experiments.world.tasks import PAPER_TASKS, TASKS, get_task
 from ..utils import FlatnessError
 
-__all__ = ["add_cli", "check_device", "protocol_overrides"]
+__all__ = ["add_cli", "check_device", "protocol_overrides", "TASK_HELP"]
+
+TASK_HELP = (f"a built-in task ({', '.join(TASKS)}), an installed task plugin, or your own "
+             "FILE.py:FACTORY / package.module:FACTORY (docs/own-task.md; `flatness tasks` lists them)")
 
 
 
@@ -100,8 +104,7 @@ def _tasks_from_args(names: Sequence[str]) -> list[str]:
         if name == "all":
             out += list(PAPER_TASKS)
         else:
-            get_task(name)
-            out.append(name)
+            out.append(resolve_task(name).name)
     return list(dict.fromkeys(out))
 
 
@@ -193,12 +196,12 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         "run",
         help="sweep a method's strength over seeds on a paper task (resumable)",
         description=(
-            f"Train TASK ({', '.join(TASKS)}, or 'all' for the paper's three) for every "
-            "strength and seed, write one JSON per run, checkpoints, summary.md/csv and plots "
+            f"Train TASK ({', '.join(TASKS)}, 'all' for the paper's three, an installed task plugin, "
+            "or your own FILE.py:FACTORY / package.module:FACTORY) for every strength and seed, write one JSON per run, checkpoints, summary.md/csv and plots "
             "under OUT/TASK/. Re-running the same command skips finished runs."
         ),
     )
-    p.add_argument("tasks", nargs="+", metavar="TASK", help=f"one of {', '.join(TASKS)}, or 'all' ({', '.join(PAPER_TASKS)})")
+    p.add_argument("tasks", nargs="+", metavar="TASK", help=f"{TASK_HELP}; or 'all' ({', '.join(PAPER_TASKS)})")
     p.add_argument(
         "--method",
         default="fa",
@@ -327,8 +330,7 @@ def _parse_grids(items: Sequence[str] | None) -> dict[str, list[float]]:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    if args.task not in TASKS:
-        raise FlatnessError(f"unknown task {args.task!r}; expected one of {', '.join(TASKS)}")
+    args.task = resolve_task(args.task).name
     if args.seeds < 1:
         raise FlatnessError(f"--seeds must be >= 1, got {args.seeds}")
     if args.jobs < 1:
@@ -386,7 +388,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
             "write OUT/TASK/compare/summary.md, compare.json and compare.png."
         ),
     )
-    p.add_argument("task", metavar="TASK", help=f"one of {', '.join(TASKS)}")
+    p.add_argument("task", metavar="TASK", help=TASK_HELP)
     p.add_argument("--methods", nargs="+", metavar="NAME",
                    help=f"methods to compare (default: {' '.join(COMPARE_METHODS)}; none is always included)")
     p.add_argument("--grid", action="append", metavar="METHOD=V1,V2",

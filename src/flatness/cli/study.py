@@ -11,12 +11,14 @@ import argparse
 
 from ..experiments.running.specs import parse_shard
 from ..experiments.reporting.study import GRIDS, get_grid, run_study
+from ..experiments.world.plugins import resolve_task
 from ..utils import FlatnessError
 
 __all__ = ["add_cli"]
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
+    args.task = resolve_task(args.task).name
     grid = get_grid(args.task, args.grid)
     if args.jobs < 1:
         raise FlatnessError(f"--jobs must be >= 1, got {args.jobs}")
@@ -63,9 +65,12 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
             "method into OUT/TASK/study/GRID/."
         ),
     )
-    p.add_argument("task", metavar="TASK", help="breast-cancer-mlp (small grid), cifar100-mlp or cifar100-resnet")
+    p.add_argument("task", metavar="TASK", help="breast-cancer-mlp, cifar100-mlp, cifar100-resnet, or a task plugin "
+                   "(FILE.py:FACTORY, package.module:FACTORY, an installed one)")
     p.add_argument("--grid", default=None,
-                   help=f"the population (default: small, or crossed where a task has no small one); {', '.join(grids)}")
+                   help=f"the population (default: small, or crossed where a task has no small one); {', '.join(grids)}; "
+                        "a plugin task: small or full, crossed around its protocol (lr, weight decay, method; full: "
+                        "also batch size; its model's width and dropout are not varied)")
     p.add_argument("--out", default="runs", help="results root; runs in OUT/TASK (default: runs)")
     p.add_argument("--jobs", type=int, default=1, help="training runs in parallel processes (default 1)")
     p.add_argument("--shard", metavar="I/N", help="train and measure only the I-th of N slices (no report)")

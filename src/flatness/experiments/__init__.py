@@ -18,7 +18,14 @@ Everything here builds on the library (:mod:`flatness`) and nothing in the libra
 The 0.2 paths (``flatness.experiments.tasks``, ...) still import, with a deprecation warning.
 
 The most used names are importable from here (loaded on first use):
-``build_grid``, ``run_grid``, ``execute_run``, ``RunSpec``, ``get_task``, ``train``, ``TrainConfig``.
+``custom_task`` and ``TrainConfig`` (your own task from parts: ``docs/own-task.md``),
+``resolve_task`` (a task by name, ``FILE.py:FACTORY``, ``package.module:FACTORY`` or entry point),
+``build_grid``, ``run_grid``, ``execute_run``, ``RunSpec``, ``get_task``, ``train``.
+
+Example:
+    >>> import flatness.experiments as fx
+    >>> fx.TrainConfig(epochs=3, batch_size=64, lr=1e-3, weight_decay=0.0).optimizer
+    'adam'
 """
 
 from __future__ import annotations
@@ -26,9 +33,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["build_grid", "run_grid", "execute_run", "RunSpec", "get_task", "train", "TrainConfig"]
+__all__ = [
+    "custom_task", "TrainConfig", "resolve_task",
+    "build_grid", "run_grid", "execute_run", "RunSpec", "get_task", "train",
+]
 
 _HOMES = {
+    "custom_task": ".world.custom",
+    "resolve_task": ".world.plugins",
     "build_grid": ".running.specs",
     "RunSpec": ".running.specs",
     "run_grid": ".running.runner",

@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -83,6 +83,12 @@ __all__ = [
 LossFn = Callable[[Tensor, Any], Tensor]
 
 METHODS: dict[str, type["Method"]] = {}
+
+
+def signature_defaults(function: Any, names: Iterable[str]) -> dict[str, Any]:
+    """``{name: default}`` of ``function``'s parameters among ``names`` that have a default."""
+    params = inspect.signature(function).parameters
+    return {n: params[n].default for n in names if n in params and params[n].default is not inspect.Parameter.empty}
 
 
 def register_method(cls: type["Method"]) -> type["Method"]:
@@ -208,6 +214,12 @@ class Method:
     def accepts(cls, keyword: str) -> bool:
         """Whether the constructor takes ``keyword`` (:meth:`keywords`)."""
         return keyword in cls.keywords()
+
+    @classmethod
+    def keyword_defaults(cls) -> dict[str, Any]:
+        """The default of each keyword argument that has one (what a run's record completes its
+        settings with)."""
+        return signature_defaults(cls.__init__, cls.keywords())
 
     def task_loss(self, x: Any, y: Any) -> Tensor:
         """``loss_fn(model(x), y)``, with graph, in the model's current mode."""

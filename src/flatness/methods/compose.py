@@ -81,6 +81,11 @@ class ComposedMethod(Method):
         names = {k for c in cls.components for k in c.keywords()}
         return frozenset(names | {f"{c.name}.{k}" for c in cls.components for k in c.keywords()})
 
+    @classmethod
+    def keyword_defaults(cls) -> dict[str, Any]:
+        """Each component's defaults under its prefix (``"sam.rho"``): the components' bare names clash."""
+        return {f"{c.name}.{k}": v for c in cls.components for k, v in c.keyword_defaults().items()}
+
     def state_dict(self) -> dict[str, Any]:
         return {name: part.state_dict() for name, part in self.parts.items()}
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..batch_loss import adapt
 from ..penalties import FlatnessPenalty
-from .base import Evaluation, Here, LossFn, Method, Term, register_method
+from .base import Evaluation, Here, LossFn, Method, Term, register_method, signature_defaults
 
 __all__ = ["PAPER_GRID", "FlatnessAware", "PenaltyTerm", "SharedTaskGradient"]
 
@@ -101,3 +101,7 @@ class FlatnessAware(Method):
     def keywords(cls) -> frozenset[str]:
         penalty = inspect.signature(FlatnessPenalty.__init__).parameters
         return frozenset(k for k in penalty if k not in ("self", "model", "loss_fn"))
+
+    @classmethod
+    def keyword_defaults(cls) -> dict[str, Any]:
+        return signature_defaults(FlatnessPenalty.__init__, cls.keywords())

@@ -69,7 +69,8 @@ from .tables import (
     p_cell,
     protocol_line,
 )
-from ..world.tasks import TASKS, get_task
+from ..world.plugins import known_task
+from ..world.tasks import get_task
 
 __all__ = [
     "COMPARE_METHODS",
@@ -288,7 +289,7 @@ def _twin_note(results: Sequence[MethodResult]) -> str:
 
 
 def _loss_scale(task: str) -> str:
-    task_obj = TASKS.get(task)
+    task_obj = known_task(task)
     k = getattr(task_obj, "num_classes", 0)
     if not k or k < 2:
         return ""
@@ -305,7 +306,7 @@ def comparison_markdown(
 ) -> str:
     """The comparison's ``summary.md``; ``run_seconds``: (number of runs, sum of their times);
     ``records``: the runs behind it (a note when they come from more than one platform)."""
-    task_obj = TASKS.get(task)
+    task_obj = known_task(task)
     seeds = sorted({s for r in results for s in r.seeds})
     out = [f"# {task}: methods compared at their validation-chosen strength", ""]
     if task_obj is not None:

@@ -60,8 +60,8 @@ from .tables import (
     p_cell,
     protocol_line,
 )
-from ..running.specs import default_method_kwargs
-from ..world.tasks import TASKS
+from ..running.specs import default_method_kwargs, method_class
+from ..world.plugins import known_task
 
 __all__ = [
     "Row",
@@ -182,6 +182,22 @@ def _reference_section(g: Group, groups: Sequence[Group]) -> list[str]:
     return out
 
 
+def _task_lines(g: Group, task: Any) -> list[str]:
+    """The task's description and protocol; a plugin task's from its records (so a report needs
+    no plugin file), with where it came from and what its *acc* columns hold."""
+    source = next((r.task_source for row in g.rows for r in (*row.runs, *row.failed) if r.task_source), None)
+    description = task.description if task is not None and source is None else (source or {}).get("description")
+    if not description:
+        return []
+    lines = [f"{description}. Protocol: {protocol_line(g.config, g.method_kwargs)}."]
+    if source:
+        metric = source.get("metric", "accuracy")
+        held = "" if metric == "accuracy" else f" The *acc* columns hold its score `{metric}` (higher is better)."
+        lines.append(f"Task plugin `{source.get('reference')}` ({source.get('file')}, SHA-256 "
+                     f"{str(source.get('sha256'))[:12]}).{held}")
+    return lines
+
+
 def _columns_note() -> str:
     return (
         "Columns. *Final acc*: test accuracy after the last epoch. *Best acc†*: the best test "
@@ -206,10 +222,11 @@ def markdown(groups: Sequence[Group]) -> str:
     if mixed:
         out += [mixed, ""]
     for g in groups:
-        task = TASKS.get(g.task)
+        task = known_task(g.task)
         title = f"## {g.task} — method `{g.method}`"
         if g.variant_id:
-            default = default_method_kwargs(g.task, g.method) if g.task in TASKS else {}
+            default = (default_method_kwargs(g.task, g.method) if task is not None
+                       else method_class(g.method).protocol_defaults)
             changed = {k: v for k, v in g.method_kwargs.items() if default.get(k, object()) != v}
             title += ", " + ", ".join(f"{k}={v}" for k, v in sorted(changed.items()))
         elif task is not None and task.paper_table and g.method == "fa" and not g.model_id:
@@ -217,8 +234,7 @@ def markdown(groups: Sequence[Group]) -> str:
         if g.model_id:
             title += ", model " + ", ".join(f"{k}={v}" for k, v in sorted(g.model_kwargs.items()))
         out += [title, ""]
-        if task is not None:
-            out.append(f"{task.description}. Protocol: {protocol_line(g.config, g.method_kwargs)}.")
+        out += _task_lines(g, task)
         seeds = sorted({s for row in g.rows for s in row.seeds})
         out += [f"Seeds: {seeds}. Mean ± std over seeds. Baseline of the tests: {g.baseline or 'none found'}.", ""]
         out += _group_table(g)

@@ -16,6 +16,7 @@ from torch import nn
 
 from ...utils import FlatnessError, atomic_write_bytes
 from .record import RunRecord
+from ..world.plugins import recorded_task
 from ..world.tasks import TrainConfig, get_task
 
 __all__ = [
@@ -46,14 +47,18 @@ def save_checkpoint(
     task: str,
     meta: dict[str, Any],
     model_kwargs: dict[str, Any] | None = None,
+    task_source: dict[str, Any] | None = None,
 ) -> None:
     """Write the model's weights with its task name, the model settings it was built with
-    (``task.build_model(**model_kwargs)``) and ``meta`` (plain JSON-like data), atomically."""
+    (``task.build_model(**model_kwargs)``) and ``meta`` (plain JSON-like data), atomically.
+    ``task_source``: a plugin task's origin (:mod:`flatness.experiments.world.plugins`), so the
+    checkpoint loads without naming the plugin again."""
     get_task(task)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "version": 1,
         "task": task,
+        "task_source": task_source,
         "num_features": _input_width(model),
         "model_kwargs": dict(model_kwargs or {}),
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
@@ -74,7 +79,7 @@ def _read_payload(path: Path, task: str | None) -> dict[str, Any]:
     saved_task = payload.get("task")
     if task is not None and saved_task != task:
         raise FlatnessError(f"{path} is a checkpoint of task {saved_task!r}, not {task!r}")
-    get_task(str(saved_task))
+    recorded_task(str(saved_task), payload.get("task_source"))
     return payload
 
 

@@ -71,7 +71,10 @@ def predict_logits(model: nn.Module, x: Any, y: Tensor, batch_size: int) -> Tens
 
 
 def final_calibration(model: nn.Module, task: Task, splits: Splits, config: TrainConfig) -> dict[str, Any]:
-    """``final_test_ece``, ``final_test_nll``, ``final_test_brier``, ``final_test_reliability``."""
+    """``final_test_ece``, ``final_test_nll``, ``final_test_brier``, ``final_test_reliability``;
+    none for a (plugin) task without one class label per example (regression, sequences)."""
+    if task.task_type != "classification" or splits.y_test.dim() != 1:
+        return {}
     c = calibration(predict_logits(model, splits.x_test, splits.y_test, config.eval_batch_size), splits.y_test)
     return {"final_test_ece": c.ece, "final_test_nll": c.nll, "final_test_brier": c.brier,
             "final_test_reliability": c.reliability()}
@@ -95,8 +98,8 @@ def final_robustness(model: nn.Module, task: Task, splits: Splits, config: Train
     modality = "image" if images else ("text" if x.layout == torch.sparse_csr else "tabular")
     generator = torch.Generator().manual_seed(ROBUSTNESS_SEED)
 
-    def accuracy(inputs: Any) -> float:
-        return evaluate(model, inputs, y, task.predict, config.eval_batch_size)["acc"]
+    def accuracy(inputs: Any) -> float:  # the task's score: hits, or a plugin task's own
+        return evaluate(model, inputs, y, task.predict, config.eval_batch_size, score=task.score)["acc"]
 
     sigmas = NOISE_SIGMAS[modality]
     noise_acc = []

@@ -30,7 +30,8 @@ from .checkpoints import check_checkpoint_matches, load_checkpoint
 from .final_eval import final_calibration, final_robustness
 from ..world.data import Splits, iterate_batches
 from .record import RunRecord, write_json
-from ..world.tasks import Task, TrainConfig, get_task
+from ..world.plugins import recorded_task
+from ..world.tasks import Task, TrainConfig
 
 __all__ = [
     "EPOCH_MEASURE_BATCHES",
@@ -137,14 +138,16 @@ def measure_final(model: nn.Module, task: Task, splits: Splits, config: TrainCon
     ``measured_sq_trace_per_B`` is Tr(H²)/B by the fixed protocol of this module; the training
     set is the one the model was trained on (validation split excluded).
     ``measured_kfac_sq_trace_per_B`` is the K-FAC approximation of the same quantity on the
-    same batches (absent for models K-FAC does not cover). Then, after them and with their own
-    random numbers (:mod:`.final_eval`), the test split's calibration (``final_test_ece``,
-    ``final_test_nll``, ``final_test_brier``, ``final_test_reliability``) and robustness
-    (``final_test_robustness``).
+    same batches (absent for models K-FAC does not cover, and for regression tasks). Then, after
+    them and with their own random numbers (:mod:`.final_eval`), the test split's calibration
+    (``final_test_ece``, ``final_test_nll``, ``final_test_brier``, ``final_test_reliability``)
+    and robustness (``final_test_robustness``).
     """
     start = time.perf_counter()
     m = measure_sq_trace_per_B(model, task, splits.x_train, splits.y_train, config.batch_size)
-    kfac = measure_kfac_per_B(model, task, splits.x_train, splits.y_train, config.batch_size)
+    # K-FAC samples class labels from the model's output: classification losses only
+    kfac = (measure_kfac_per_B(model, task, splits.x_train, splits.y_train, config.batch_size)
+            if task.task_type == "classification" else None)
     extra = {} if kfac is None else {"measured_kfac_sq_trace_per_B": kfac}
     out = {
         "measured_sq_trace_per_B": m["value"],
@@ -216,7 +219,7 @@ def final_model_extras(
     missing = [k for k in wanted if k not in out]
     if not missing:
         return out
-    task = get_task(record.task)
+    task = recorded_task(record.task, record.task_source)  # a plugin task: loaded again from its file
     config = TrainConfig.from_dict(record.config)
     splits = task.splits(config, data_dir, download)
     model, meta = load_checkpoint(directory / str(record.checkpoint), task=record.task)
@@ -225,7 +228,8 @@ def final_model_extras(
     if "final_val_loss" in missing and splits.x_val is not None and splits.y_val is not None:
         from .training import evaluate
 
-        result = evaluate(model, splits.x_val, splits.y_val, task.predict, config.eval_batch_size, task.loss_fn)
+        result = evaluate(model, splits.x_val, splits.y_val, task.predict, config.eval_batch_size, task.loss_fn,
+                          task.score)
         new["final_val_loss"] = result["loss"]
     if any(k in missing for k in FLATNESS_KEYS):
         from ... import measures

@@ -3,7 +3,12 @@
 One JSON file ``OUT/TASK/NAME.json`` per finished run (``status`` ``"complete"`` or
 ``"failed"``), tagged ``"format": "flatness-run"`` and a schema ``"version"``:
 
-* version 2 (:data:`SCHEMA_VERSION`, written now): every epoch also records the training loss
+* version 3 (:data:`SCHEMA_VERSION`, written now): adds ``resolved`` (every setting the run
+  used: all training-config fields, all model settings, all method keyword arguments with the
+  method's defaults) and, for a plugin task, ``task_source`` (the factory's reference as given,
+  its resolved file or module, the SHA-256 of its file, the task's description and metric);
+  version-2 records read with ``resolved`` empty and no ``task_source``;
+* version 2: every epoch also records the training loss
   and accuracy measured in eval mode (``train_loss``/``train_acc`` in :attr:`RunRecord.curves`,
   on :attr:`RunRecord.train_eval_samples` training samples), the validation and test loss and
   accuracy; final values are top-level fields (``final_train_loss`` ... ``final_test_acc``);
@@ -21,7 +26,7 @@ Example:
     ...                    seed=0, status="complete", hparam="lam", value=0.01, final_test_acc=0.95)
     >>> data = record.to_json()
     >>> data["format"], data["version"], RunRecord.from_json(data) == record
-    ('flatness-run', 2, True)
+    ('flatness-run', 3, True)
     >>> record.get("final_test_acc"), record.get("lambda_max", "not measured")
     (0.95, 'not measured')
 """
@@ -53,7 +58,7 @@ __all__ = [
 ]
 
 RECORD_FORMAT = "flatness-run"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 STATUSES = ("complete", "failed")
 
 
@@ -68,7 +73,9 @@ class RunRecord:
     Identity (a :class:`~flatness.experiments.running.specs.RunSpec` as plain data): ``name``, ``task``,
     ``method``, ``hparam``, ``value``, ``seed``, ``config``, ``method_kwargs``, ``trajectory``,
     ``model_kwargs``,
-    ``protocol_id``, ``variant_id``, ``task_version``. Results (``None`` for a failed run, which
+    ``protocol_id``, ``variant_id``, ``task_version``. What made it: ``environment``
+    (:func:`~flatness.experiments.running.platforms.environment`), ``resolved``, ``task_source``
+    (module docs). Results (``None`` for a failed run, which
     has ``error`` instead): final/best/validation-chosen accuracies, final losses, the runner's
     flatness measurements, times, per-epoch ``curves`` (key -> one value per epoch: ``loss`` =
     the method's running mean over the epoch's training steps; ``train_loss``/``train_acc``,
@@ -99,6 +106,8 @@ class RunRecord:
     test_samples: int | None = None
     train_eval_samples: int | None = None
     environment: dict[str, Any] = field(default_factory=dict)
+    resolved: dict[str, Any] = field(default_factory=dict)  # config, model_kwargs, method_kwargs in full
+    task_source: dict[str, Any] | None = None  # a plugin task's origin (world.plugins)
     error: str | None = None
     final_train_loss: float | None = None
     final_train_acc: float | None = None
@@ -168,6 +177,9 @@ class RunRecord:
         values = {k: v for k, v in data.items() if k not in ("format", "version")}
         if version == 1:
             values = _from_version_1(values)
+        new = [k for k in _V3_NEW if k in values]
+        if version < 3 and new:
+            raise RecordError(f"is marked version {version} but has the version-3 field(s) {new}")
         unknown = sorted(set(values) - _FIELDS.keys())
         if unknown:
             raise RecordError(f"has unknown field(s) {unknown} for a version {version} run record")
@@ -187,6 +199,7 @@ RECORD_FIELDS: frozenset[str] = frozenset(_FIELDS) - {"extras"}
 _UnionType = type(int | None)
 _V1_NEW = ("train_eval_samples", "final_train_loss", "final_train_acc", "final_val_loss",
            "final_test_loss", "extras")
+_V3_NEW = ("resolved", "task_source")
 
 
 def _required(f: dataclasses.Field[Any]) -> bool:

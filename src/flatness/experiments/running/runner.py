@@ -47,7 +47,8 @@ from .measure import EPOCH_MEASURE_BATCHES, EPOCH_MEASURE_PROBES, measure_final,
 from .platforms import environment
 from .progress import progress_bar
 from .record import RECORD_FIELDS, RunRecord, check_writable, read_record, write_record
-from .specs import RunSpec, accepts, check_lam_policy, identity, rank_kwargs
+from .specs import RunSpec, accepts, check_lam_policy, identity, rank_kwargs, resolved_settings
+from ..world.plugins import check_source, plugin_sources, restore_plugins
 from ..world.tasks import TrainConfig, get_task
 from .training import TrainingDiverged, make_optimizer, steps_per_epoch, train
 
@@ -205,6 +206,9 @@ def execute_run(
         test_samples=int(splits.y_test.shape[0]),
         train_eval_samples=min(config.train_eval_samples or per_epoch_samples, per_epoch_samples),
         environment=environment(device),
+        resolved=resolved_settings(spec, kwargs),
+        task_source=None if task.source is None
+        else {**task.source, "description": task.description, "metric": task.metric_name},
     )
     started = time.perf_counter()
     try:
@@ -226,6 +230,7 @@ def execute_run(
             # a run with a stopping rule checks it on the training split every epoch, and
             # evaluates the rest (and measures the curvature curve) once, when it stops
             evaluate_every_epoch=config.reached_stop(None, None) is None,
+            score=task.score,
         )
     except (TrainingDiverged, FloatingPointError) as exc:
         if not is_main:
@@ -281,7 +286,8 @@ def execute_run(
         "finished_at": record.finished_at,
         "config": spec.config,
     }
-    save_checkpoint(out / str(record.checkpoint), model, task=spec.task, meta=meta, model_kwargs=spec.model_kwargs)
+    save_checkpoint(out / str(record.checkpoint), model, task=spec.task, meta=meta, model_kwargs=spec.model_kwargs,
+                    task_source=task.source)
     if snapshots:
         payload = {
             "format": "flatness-trajectory",
@@ -304,8 +310,9 @@ def _now() -> str:
 # Many runs
 
 
-def _worker_init(threads: int) -> None:
+def _worker_init(threads: int, plugins: list[tuple[str, dict[str, Any]]]) -> None:
     torch.set_num_threads(threads)
+    restore_plugins(plugins)  # a spawned process knows only the built-in tasks
 
 
 def _worker_run(
@@ -383,9 +390,11 @@ def pending_runs(
             raise FlatnessError(
                 f"{path} exists but is not a finished run record; move it away to re-run that run"
             )
+        task = get_task(spec.task)
+        check_source(record.task_source, task, f"the runs in {out_dir}")  # before: the task may have changed
         if identity(RunSpec.from_dict(dataclasses.asdict(record))) != identity(spec):
             raise FlatnessError(f"{path} holds a run with other settings; use another --out")
-        version = get_task(spec.task).version
+        version = task.version
         if record.task_version != version:
             raise FlatnessError(
                 f"{path} was made by version {record.task_version} of the {spec.task} "
@@ -473,7 +482,8 @@ def run_grid(
             threads = max(1, _available_cores() // jobs)
             context = multiprocessing.get_context("spawn")
             workers = min(jobs, len(todo))  # never more processes than runs
-            with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=(threads,)) as pool:
+            init = (threads, plugin_sources())
+            with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=init) as pool:
                 futures: dict[Future[tuple[RunRecord | None, str]], RunSpec] = {
                     pool.submit(
                         _worker_run,

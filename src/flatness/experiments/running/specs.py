@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -29,9 +30,10 @@ from ...lam_control import make_policy
 from ...methods import Method
 from ...methods.compose import ComposedMethod
 from ...methods import method_class as _method_class
+from ...methods.compose import ComposedMethod
 from ...probes import rank_seed
 from ...utils import FlatnessError
-from ..world.tasks import get_task
+from ..world.tasks import TrainConfig, get_task
 
 __all__ = [
     "RunSpec",
@@ -41,6 +43,7 @@ __all__ = [
     "build_grid",
     "select_shard",
     "parse_shard",
+    "resolved_settings",
 ]
 
 
@@ -269,6 +272,34 @@ def build_grid(
         for v in grid
         for s in seed_list
     ]
+
+
+def plain(value: Any) -> Any:
+    """``value`` as JSON data (tuples become lists; what JSON cannot hold, its ``repr``)."""
+    return json.loads(json.dumps(value, default=repr))
+
+
+def resolved_method_kwargs(method: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Every keyword argument the method is built with: ``kwargs`` over the method's defaults
+    (a composed method's under each component's prefix, ``"sam.rho"``), sorted."""
+    cls = method_class(method)
+    given = kwargs
+    if issubclass(cls, ComposedMethod):
+        given = {f"{c}.{k}": v for c, part in cls.route(kwargs).items() for k, v in part.items()}
+    full = {**cls.keyword_defaults(), **given}
+    return plain({k: full[k] for k in sorted(full)})
+
+
+def resolved_settings(spec: RunSpec, method_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """What a run computes with, in full (a record's ``resolved``): every training-config field
+    (the run name's ``config`` leaves the later fields out at their defaults), every model
+    setting, every method keyword argument (``method_kwargs``: as the runner builds the method)."""
+    task = get_task(spec.task)
+    return {
+        "config": plain(dataclasses.asdict(TrainConfig.from_dict(spec.config))),
+        "model_kwargs": plain(task.model_settings(spec.model_kwargs)),
+        "method_kwargs": resolved_method_kwargs(spec.method, method_kwargs),
+    }
 
 
 def identity(spec: RunSpec) -> dict[str, Any]:

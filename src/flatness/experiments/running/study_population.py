@@ -33,6 +33,7 @@ from .measure import MEASURE_SAMPLES
 from .progress import progress_bar, tracked
 from .record import RunRecord, read_record, write_json
 from .specs import RunSpec, build_grid, method_class
+from ..world.plugins import known_task, recorded_task
 from ..world.tasks import TrainConfig, get_task
 from .training import evaluate
 
@@ -42,6 +43,8 @@ __all__ = [
     "StudyGrid",
     "GRIDS",
     "get_grid",
+    "generic_grid",
+    "AS_DEFINED",
     "parse_method_label",
     "generalization",
     "reached_stopping_rule",
@@ -53,6 +56,8 @@ __all__ = [
 
 # The hyper-parameter axes of a study; the seed is a replicate, not an axis.
 AXES: tuple[str, ...] = ("lr", "batch_size", "width", "weight_decay", "dropout", "method")
+# The width and dropout of a model the study cannot change (a plugin task's own model).
+AS_DEFINED = "as defined"
 MEASURE_BATCH = 1024  # memory only: one batch for breast-cancer, fewer Python passes
 # Study-sized options (the CLI defaults of `flatness measure` cost ~3x more on CIFAR-100)
 STUDY_OPTIONS: dict[str, Any] = {
@@ -60,6 +65,8 @@ STUDY_OPTIONS: dict[str, Any] = {
     "noise_samples": 10, "divergence_samples": 5, "pacbayes_samples": 10,
 }
 STUDY_MEASURES: tuple[str, ...] = tuple(MEASURES)
+# Measures that read a model's outputs as class scores: left out for a regression task
+CLASSIFICATION_MEASURES: tuple[str, ...] = ("model_divergence", "margin", "pacbayes", "pacbayes_mag")
 CACHE_VERSION = 2  # 2: the magnitude-aware PAC-Bayes init bound centred consistently
 
 
@@ -143,10 +150,12 @@ class StudyGrid:
                 raise FlatnessError(f"grid {self.name!r}: {self.task} models have no dropout setting")
         else:
             hidden = task.model_defaults.get("hidden")
-            if hidden is None or "dropout" not in task.model_defaults:
-                raise FlatnessError(f"flatness study needs an MLP task (hidden widths, dropout) or an "
-                                    f"architecture template, not {self.task}")
-            model_kwargs = {"hidden": [max(1, round(s["width"] * h)) for h in hidden], "dropout": s["dropout"]}
+            has_settings = hidden is not None and "dropout" in task.model_defaults
+            if not has_settings and {s["width"], s["dropout"]} - {AS_DEFINED, None}:
+                raise FlatnessError(f"grid {self.name!r} sets width or dropout, but task {self.task} has no "
+                                    "hidden-width and dropout model settings")
+            if has_settings:
+                model_kwargs = {"hidden": [max(1, round(s["width"] * h)) for h in hidden], "dropout": s["dropout"]}
         (spec,) = build_grid(self.task, method, None if value is None else [value], [seed],
                              config_overrides=overrides, model_kwargs=model_kwargs)
         return spec
@@ -203,10 +212,39 @@ GRIDS: dict[tuple[str, str], StudyGrid] = {
 }
 
 
+def generic_grid(task: str, name: str) -> StudyGrid:
+    """The ``small`` or ``full`` grid of a plugin task (which declares none), around its default
+    protocol: it crosses what applies to any model — learning rate (the protocol's and a third of
+    it: never above the rate the task was set up with), weight decay (the protocol's and ten times
+    it, or 0 and 1e-3), the method, and in ``full`` also batch size (the protocol's and twice it)
+    — at two seeds. Width and dropout stay the model's own (:data:`AS_DEFINED`); the protocol is
+    the task's own (no stopping rule is assumed reachable). A regression task is measured without
+    :data:`CLASSIFICATION_MEASURES`."""
+    c = get_task(task).config
+    wds = (c.weight_decay, 10 * c.weight_decay) if c.weight_decay > 0 else (0.0, 1e-3)
+    fixed = {"width": AS_DEFINED, "dropout": AS_DEFINED}
+    if name == "small":
+        return StudyGrid("small", task, factors={"lr": (c.lr / 3, c.lr), "weight_decay": wds,
+                                                 "method": ("none", "fa:0.1")},
+                         fixed={**fixed, "batch_size": c.batch_size}, seeds=(0, 1),
+                         description="generic: 2 lr x 2 weight decay x 2 methods x 2 seeds at the task's "
+                                     "protocol (16 models)")
+    if name == "full":
+        return StudyGrid("full", task, factors={"lr": (c.lr / 3, c.lr), "weight_decay": wds,
+                                                "batch_size": (c.batch_size, 2 * c.batch_size),
+                                                "method": ("none", "fa:0.1")},
+                         fixed=fixed, seeds=(0, 1, 2),
+                         description="generic: 2 lr x 2 weight decay x 2 batch sizes x 2 methods, crossed, "
+                                     "x 3 seeds at the task's protocol (48 models)")
+    raise FlatnessError(f"no study grid {name!r} for {task}; known: full, small")
+
+
 def get_grid(task: str, name: str | None = None) -> StudyGrid:
     """The declared grid ``name`` of ``task`` (default: ``small`` if it has one, else ``crossed``);
-    ``FlatnessError`` listing the grids otherwise."""
+    a plugin task's: :func:`generic_grid`. ``FlatnessError`` listing the grids otherwise."""
     get_task(task)
+    if (task_obj := known_task(task)) is not None and task_obj.source is not None:
+        return generic_grid(task, name or "small")
     if name is None:
         name = "small" if (task, "small") in GRIDS else "crossed"
     if (task, name) not in GRIDS:
@@ -251,7 +289,7 @@ def measurement_inputs(
     1,024 training examples (one batch), and :data:`STUDY_OPTIONS` with the initial
     weights rebuilt from the run's seed.
     """
-    task = get_task(record.task)
+    task = recorded_task(record.task, record.task_source)
     config = TrainConfig.from_dict(record.config)
     splits = task.splits(config, data_dir, download)
     model, meta = load_checkpoint(directory / str(record.checkpoint), task=record.task)
@@ -287,7 +325,8 @@ def measure_run(
     values: dict[str, float] = {}
     errors: dict[str, str] = {}
     timings: dict[str, float] = {}
-    for name in STUDY_MEASURES:
+    names = [n for n in STUDY_MEASURES if task.task_type == "classification" or n not in CLASSIFICATION_MEASURES]
+    for name in names:
         begin = time.perf_counter()
         try:
             out = compute_measures(model, task.loss_fn, batches, [name], options)
@@ -299,7 +338,7 @@ def measure_run(
         values.update({k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     evaluation = {}
     for split, x, y in (("train", splits.x_train, splits.y_train), ("test", splits.x_test, splits.y_test)):
-        result = evaluate(model, x, y, task.predict, config.eval_batch_size, task.loss_fn)
+        result = evaluate(model, x, y, task.predict, config.eval_batch_size, task.loss_fn, task.score)
         evaluation[f"{split}_acc"], evaluation[f"{split}_loss"] = result["acc"], result["loss"]
     entry = {
         "name": record.name,

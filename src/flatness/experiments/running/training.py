@@ -60,6 +60,7 @@ __all__ = [
 ]
 
 Predict = Callable[[Tensor], Tensor]
+Score = Callable[[Tensor, Tensor], Tensor]
 EpochCallback = Callable[[int, dict[str, Any]], "dict[str, Any] | None"]
 StepCallback = Callable[[int, dict[str, float]], None]
 Augment = Callable[[Tensor, "torch.Generator | None"], Tensor]
@@ -155,13 +156,22 @@ def evaluate(
     predict: Predict,
     batch_size: int = 1024,
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    score: Score | None = None,
 ) -> dict[str, float]:
-    """Accuracy (and mean loss if ``loss_fn``) of ``model`` in eval mode; modes restored after."""
-    correct, total, loss_sum = 0, 0, 0.0
+    """Accuracy (and mean loss if ``loss_fn``) of ``model`` in eval mode; modes restored after.
+
+    ``score(logits, y)``: per-example scores averaged in place of the accuracy (a task's
+    :meth:`~flatness.experiments.world.tasks.Task.score`, e.g. a regression task's).
+    """
+    correct: float = 0
+    total, loss_sum = 0, 0.0
     with eval_mode(model):
         for xb, yb in iterate_batches(x, y, batch_size, shuffle=False):
             logits = call_model(model, xb)
-            correct += int((predict(logits) == yb.long()).sum())
+            if score is None:
+                correct += int((predict(logits) == yb.long()).sum())
+            else:
+                correct += float(score(logits, yb).sum())
             total += int(yb.shape[0])
             if loss_fn is not None:
                 loss_sum += float(loss_fn(logits, yb)) * int(yb.shape[0])
@@ -177,9 +187,11 @@ def evaluate_splits(
     config: TrainConfig,
     predict: Predict,
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    score: Score | None = None,
     only: Sequence[str] = ("train", "val", "test"),
 ) -> dict[str, float]:
-    """Eval-mode loss and accuracy on the training, validation and test splits.
+    """Eval-mode loss and accuracy (or ``score``, :func:`evaluate`) on the training, validation
+    and test splits.
 
     Keys ``train_acc``, ``val_acc``, ``test_acc`` (and ``*_loss`` with ``loss_fn``); no ``val_*``
     without a validation split. The training set is its first ``config.train_eval_samples``
@@ -193,7 +205,7 @@ def evaluate_splits(
     splits.append(("test", data.x_test, data.y_test))
     out: dict[str, float] = {}
     for name, x, y in (s for s in splits if s[0] in only):
-        result = evaluate(model, x, y, predict, config.eval_batch_size, loss_fn)
+        result = evaluate(model, x, y, predict, config.eval_batch_size, loss_fn, score)
         out.update({f"{name}_{key}": value for key, value in result.items()})
     return out
 
@@ -231,6 +243,7 @@ def train(
     shard: tuple[int, int] | None = None,
     min_batch: int = 1,
     augment: Augment | None = None,
+    score: Score | None = None,
 ) -> History:
     """Train ``model`` with ``method`` for ``config.epochs`` epochs; returns the :class:`History`.
 
@@ -242,6 +255,8 @@ def train(
         data: training split (shuffled each epoch), optional validation split, test split.
         config: epochs, batch size, schedule, evaluation batch size.
         predict: logits -> class ids (default argmax).
+        score: ``(logits, y)`` -> per-example scores, averaged in place of the accuracy
+            (:func:`evaluate`; default: hits of ``predict``).
         scheduler: ``"auto"`` builds :func:`make_scheduler` from ``config``; ``None`` for none;
             or any object with ``step()``, called after every optimisation step.
         generator: the shuffling generator (seed it for reproducible runs).
@@ -334,10 +349,10 @@ def train(
                 last = epoch == config.epochs
                 if stop_rule and not (evaluate_every_epoch or last):
                     # the rule's input every epoch; the other splits and the callback at the end
-                    record.update(evaluate_splits(model, data, config, predict, loss_fn, ("train",)))
+                    record.update(evaluate_splits(model, data, config, predict, loss_fn, score, ("train",)))
                     last = bool(config.reached_stop(record.get("train_loss"), record.get("train_acc")))
                 if evaluate_every_epoch or last:
-                    record.update(evaluate_splits(model, data, config, predict, loss_fn))
+                    record.update(evaluate_splits(model, data, config, predict, loss_fn, score))
                     if on_epoch_end is not None:
                         record.update(on_epoch_end(epoch, record) or {})
                 history.eval_seconds += time.perf_counter() - start

@@ -55,6 +55,8 @@ __all__ = [
     "Splits",
     "select_rows",
     "split_validation",
+    "stratified_subset",
+    "SUBSET_SEED",
     "load_breast_cancer",
     "load_cifar100",
     "load_newsgroups_text",
@@ -70,6 +72,7 @@ CIFAR100_ARCHIVE = "cifar-100-python.tar.gz"
 CIFAR100_FOLDER = "cifar-100-python"
 NEWSGROUPS_CACHE = "20news-bydate_py3.pkz"
 NEWSGROUPS_ARCHIVE = "20news-bydate.tar.gz"
+SUBSET_SEED = 0  # the fixed subsets of a task's protocol (TrainConfig.train_subset, ...)
 
 
 def _oneline(exc: BaseException) -> str:
@@ -156,8 +159,9 @@ def select_rows(x: Tensor, index: Tensor) -> Tensor:
     return x[index]
 
 
-def split_validation(splits: Splits, fraction: float, seed: int = 0) -> Splits:
-    """Carve a fixed, stratified validation split of ``fraction`` out of the training set.
+def split_validation(splits: Splits, fraction: float, seed: int = 0, *, stratify: bool = True) -> Splits:
+    """Carve a fixed validation split of ``fraction`` out of the training set, stratified by label
+    unless ``stratify`` is false (regression targets).
 
     The split depends only on ``seed`` (not on a run's seed), so every run of a sweep trains on
     the same samples. ``fraction == 0`` returns the splits unchanged (no validation set).
@@ -171,7 +175,7 @@ def split_validation(splits: Splits, fraction: float, seed: int = 0) -> Splits:
     n = int(splits.y_train.shape[0])
     labels = splits.y_train.cpu().numpy()
     keep, held = train_test_split(
-        np.arange(n), test_size=fraction, stratify=labels, random_state=seed
+        np.arange(n), test_size=fraction, stratify=labels if stratify else None, random_state=seed
     )
     keep_t, held_t = torch.from_numpy(np.asarray(keep)), torch.from_numpy(np.asarray(held))
     return replace(
@@ -181,6 +185,18 @@ def split_validation(splits: Splits, fraction: float, seed: int = 0) -> Splits:
         x_val=select_rows(splits.x_train, held_t),
         y_val=splits.y_train[held_t],
     )
+
+
+def stratified_subset(x: Tensor, y: Tensor, size: int, seed: int = SUBSET_SEED) -> tuple[Tensor, Tensor]:
+    """A fixed class-stratified subset of ``size`` rows (all rows if ``size`` is 0 or too large)."""
+    n = int(y.shape[0])
+    if size <= 0 or size >= n:
+        return x, y
+    from sklearn.model_selection import train_test_split
+
+    keep, _ = train_test_split(np.arange(n), train_size=size, stratify=y.cpu().numpy(), random_state=seed)
+    index = torch.from_numpy(np.sort(np.asarray(keep)))
+    return select_rows(x, index), y[index]
 
 
 def load_breast_cancer(split_seed: int = 0, test_fraction: float = 0.2) -> Splits:

@@ -64,14 +64,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .architectures import build_architecture
 from .augment import cifar_augment
-from .data import (Splits, data_dir, load_breast_cancer, load_cifar100, load_newsgroups, select_rows,
-                   split_validation)
+from .data import (SUBSET_SEED, Splits, data_dir, load_breast_cancer, load_cifar100, load_newsgroups,
+                   split_validation, stratified_subset)
 from ...utils import FlatnessError
 from .models import check_mlp_setting, logistic_regression, mlp
 
@@ -80,7 +79,6 @@ __all__ = ["SCHEDULES", "TrainConfig", "Task", "TASKS", "get_task"]
 SCHEDULES: tuple[str, ...] = ("constant", "cosine", "linear")
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd")
 VALIDATION_SPLIT_SEED = 0
-SUBSET_SEED = 0
 MAX_COUNT = 2**63 - 1  # counts reach torch (batch splits, sizes) as 64-bit integers
 
 
@@ -219,18 +217,6 @@ class TrainConfig:
         return cls(**values)
 
 
-def stratified_subset(x: Tensor, y: Tensor, size: int, seed: int = SUBSET_SEED) -> tuple[Tensor, Tensor]:
-    """A fixed class-stratified subset of ``size`` rows (all rows if ``size`` is 0 or too large)."""
-    n = int(y.shape[0])
-    if size <= 0 or size >= n:
-        return x, y
-    from sklearn.model_selection import train_test_split
-
-    keep, _ = train_test_split(np.arange(n), train_size=size, stratify=y.cpu().numpy(), random_state=seed)
-    index = torch.from_numpy(np.sort(np.asarray(keep)))
-    return select_rows(x, index), y[index]
-
-
 class Task:
     """One experiment of the paper: ``load`` data, ``build_model``, ``loss_fn``, ``predict``.
 
@@ -255,6 +241,9 @@ class Task:
     model_defaults: dict[str, Any] = {}
     # Settings of a method that are this task's default (added to the runs' method settings).
     method_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+    metric_name: str = "accuracy"  # what :meth:`score` computes (the records' *_acc fields)
+    task_type: str = "classification"  # or "regression" (a plugin task's, world.custom)
+    source: dict[str, Any] | None = None  # a plugin task's origin (set by world.plugins)
 
     def __init__(self) -> None:
         self._cache: dict[tuple[str, float], Splits] = {}
@@ -371,6 +360,10 @@ class Task:
     def predict(self, logits: Tensor) -> Tensor:
         """Predicted class ids (int64)."""
         return logits.argmax(dim=-1)
+
+    def score(self, logits: Tensor, y: Tensor) -> Tensor:
+        """Per-example score, higher is better, averaged into the ``*_acc`` values (here: hits)."""
+        return (self.predict(logits) == y.long()).float()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, config={self.config})"
@@ -590,16 +583,18 @@ class Cifar100ViT(Cifar100Images):
 # ``flatness run all``: the paper's three experiments (the image tasks are named explicitly).
 PAPER_TASKS: tuple[str, ...] = ("cifar100-mlp", "newsgroups-logreg", "breast-cancer-mlp")
 
-TASKS: dict[str, Task] = {
-    t.name: t
-    for t in (
-        Cifar100MLP(), NewsgroupsLogReg(), BreastCancerMLP(), Cifar100ResNet(), Cifar100AllConv(), Cifar100ViT()
-    )
-}
+TASKS: dict[str, Task] = {t.name: t for t in (Cifar100MLP(), NewsgroupsLogReg(), BreastCancerMLP(), Cifar100ResNet(),
+                                               Cifar100AllConv(), Cifar100ViT())}
+
+
+# Plugin tasks loaded in this process, by name (:func:`flatness.experiments.world.plugins.resolve_task`).
+PLUGIN_TASKS: dict[str, Task] = {}
 
 
 def get_task(name: str) -> Task:
-    """The task called ``name``; ``FlatnessError`` listing the valid names otherwise."""
-    if name not in TASKS:
-        raise FlatnessError(f"unknown task {name!r}; expected one of: {', '.join(TASKS)}")
-    return TASKS[name]
+    """The built-in or loaded plugin task called ``name``; ``FlatnessError`` listing names otherwise."""
+    task = TASKS.get(name) or PLUGIN_TASKS.get(name)
+    if task is None:
+        raise FlatnessError(f"unknown task {name!r}; expected one of: {', '.join(TASKS)}, or a plugin "
+                            "FILE.py:FACTORY or package.module:FACTORY (`flatness tasks` lists them)")
+    return task
