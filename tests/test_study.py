@@ -63,8 +63,9 @@ def test_initial_weights_are_rebuilt_exactly(tmp_path: Path) -> None:
 
 
 def test_grids_are_crossed_with_seeds_as_replicates() -> None:
-    for task, models in (("cifar100-mlp", 64), ("cifar100-resnet", 32), ("breast-cancer-mlp", 16)):
-        grid = get_grid(task, None)
+    for task, name, models in (("cifar100-mlp", None, 64), ("cifar100-resnet", None, 32),
+                               ("breast-cancer-mlp", None, 16), ("breast-cancer-mlp", "crossed", 192)):
+        grid = get_grid(task, name)
         entries = grid.entries()
         assert len(entries) == models and len({s.name for s, _ in entries}) == models
         settings = [e[1] for e in entries]
@@ -72,7 +73,7 @@ def test_grids_are_crossed_with_seeds_as_replicates() -> None:
         combos = {tuple(st[a] for a in grid.factors) for st in settings}
         assert len(combos) * len(grid.seeds) == models and len(grid.seeds) >= 2
         assert "seed" not in AXES and all(set(st) == {*AXES, "seed"} for st in settings)
-        if task != "breast-cancer-mlp":
+        if grid.name == "crossed":
             assert len(grid.factors) >= 4 and all(len(v) >= 2 for v in grid.factors.values())
             assert grid.protocol["stop_train_acc"] == 0.99 and grid.protocol["schedule"] == "constant"
     spec, settings = next(e for e in get_grid("cifar100-mlp").entries()

@@ -188,7 +188,7 @@ def _design_lines(population: Population, grid: StudyGrid) -> list[str]:
     lines = [
         f"Design: {' × '.join(f'{SHORT[a]} {list(v)}' for a, v in grid.factors.items())} crossed "
         f"({cells} settings) × seeds {list(grid.seeds)} as replicates = {cells * len(grid.seeds)} models. "
-        f"Fixed: {', '.join(f'{SHORT[a]} = {v}' for a, v in grid.fixed.items())}."
+        f"Fixed: {', '.join(f'{SHORT[a]} = {v}' for a, v in grid.fixed.items()) or 'nothing'}."
         + (f" Training subset: {subset:,} images (fixed, stratified)." if subset else ""),
         ("Stopping rule: " + " or ".join(rule) + f" (eval mode, whole training set), cap "
          f"{grid.protocol.get('epochs', '?')} epochs; " if rule else "No stopping rule: every model at the cap; ")

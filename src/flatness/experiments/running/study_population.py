@@ -186,6 +186,17 @@ GRIDS: dict[tuple[str, str], StudyGrid] = {
         description="the CI grid: 2 lr x 2 weight decay x 2 methods x 2 seeds, width 0.25, stopping at "
                     "training accuracy 0.9 (cap 5 epochs; 16 models)",
     ),
+    (_BREAST, "crossed"): StudyGrid(
+        "crossed", _BREAST,
+        factors={"lr": (1e-3, 3e-3), "batch_size": (16, 64), "width": (0.25, 1.0),
+                 "weight_decay": (0.0, 1e-3), "dropout": (0.0, 0.3), "method": ("none", "fa:0.1")},
+        fixed={},
+        seeds=(0, 1, 2),
+        protocol={**STOP_RULE, "epochs": 300},
+        description="2 lr x 2 batch sizes x 2 widths x 2 weight decays x 2 dropouts x 2 methods (none, "
+                    "FA λ = 0.1), crossed, x 3 seeds (192 models), each until its training accuracy is "
+                    ">= 0.99 (Adam at a constant lr, cap 300 epochs)",
+    ),
     (_CIFAR, "crossed"): StudyGrid(
         "crossed", _CIFAR,
         factors={"lr": (5e-4, 1e-3), "batch_size": (32, 128), "width": (0.5, 1.0),
