@@ -155,6 +155,18 @@ def test_small_study_end_to_end(small_study: tuple[Path, str]) -> None:
     reparam = json.loads((study_dir / "reparam.json").read_text())
     verdict = {m["measure"]: m["invariant"] for m in reparam["measures"]}
     assert verdict["adaptive_sharpness"] and verdict["path_norm"] and not verdict["lambda_max"]
+    # the claims (issue 31): calibration / robustness τ, seed-pair barriers, model selection
+    claims = json.loads((study_dir / "claims.json").read_text())
+    first = claims["calibration_robustness"][0]
+    for target in ("test_ece", "test_nll", "test_brier", "test_robust_acc"):
+        tau, low, high = first[target]
+        assert low <= tau <= high and len(first[f"{target}_given_fit"]) == 3, target
+    assert len(claims["barrier_pairs"]) == 8  # 8 settings x one pair of seeds (0, 1)
+    assert all(p["barrier_loss"] >= -1e-6 or p["barrier_loss"] != p["barrier_loss"] for p in claims["barrier_pairs"])
+    selection = claims["model_selection"]
+    assert selection["groups"] == 4 and selection["plane"] == ["lr", "weight_decay"]  # method x seed
+    assert {r["measure"] for r in selection["rows"]} >= {"lambda_max", "local_entropy_sharpness"}
+    assert "## Model selection" in text and "## Mode connectivity between seeds" in text
 
 
 @pytest.mark.slow

@@ -64,6 +64,8 @@ from ..running.study_population import (
     get_grid,
     parse_method_label,
 )
+from ..running.study_barriers import pair_barriers
+from .study_claims import write_claims_report
 from .study_report import write_reparam_report, write_study_report
 
 __all__ = ["AXES", "GRIDS", "StudyGrid", "get_grid", "parse_method_label", "run_study"]
@@ -110,6 +112,8 @@ def run_study(
                 f"trained and measured; run without --shard for the report")
     study_dir = out_root / task / "study" / grid_name
     text = write_study_report(population, grid, study_dir, plots=plots, resamples=resamples)
+    barriers = pair_barriers(population, out_root, data_dir=data_dir, download=download, progress=progress)
+    text += "\n" + write_claims_report(population, grid, study_dir, barriers, resamples=resamples)
     if reparam:
         text += "\n" + write_reparam_report(population, grid, out_root, study_dir, data_dir, download)
     say(f"study of {len(population.rows)} models written to {study_dir} "

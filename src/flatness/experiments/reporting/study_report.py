@@ -62,6 +62,7 @@ RANKED: tuple[tuple[str, str], ...] = (
     ("eps_sharpness", "ε-sharpness"),
     ("adaptive_sharpness", "adaptive sharpness"),
     ("noise_loss_increase", "loss rise under weight noise"),
+    ("local_entropy_sharpness", "local-entropy sharpness −F(w; γ) − L(w)"),
     ("fisher_trace", "empirical Fisher trace"),
     ("model_divergence", "NRS model divergence"),
     ("param_norm", "parameter norm"),

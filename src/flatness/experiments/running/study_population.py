@@ -373,7 +373,9 @@ def generalization(record: RunRecord, measured: dict[str, Any]) -> dict[str, flo
     From the run record's final eval-mode values (records of version 2 and later); a version-1
     record lacks the training ones, which are then taken from the study's own evaluation of the
     final checkpoint (eval mode, whole splits, ``measured["evaluation"]``). ``gap_acc`` = train −
-    test accuracy, ``gap_loss`` = test − train loss: larger means a larger generalisation gap.
+    test accuracy, ``gap_loss`` = test − train loss: larger means a larger generalisation gap. Where the record has
+    them: ``val_acc``, the test calibration (``test_ece``, ``test_nll``, ``test_brier``) and
+    ``test_robust_acc`` (mean accuracy under the corruptions of an image task, else under input noise).
     """
     ev = measured["evaluation"]
     out = {
@@ -385,6 +387,12 @@ def generalization(record: RunRecord, measured: dict[str, Any]) -> dict[str, flo
     out = {k: float(v) for k, v in out.items()}
     out["gap_acc"] = out["train_acc"] - out["test_acc"]
     out["gap_loss"] = out["test_loss"] - out["train_loss"]
+    # what the study's claims are tested against (records since issue 31; absent in older ones)
+    extra = {"val_acc": record.final_val_acc, "test_ece": record.final_test_ece,
+             "test_nll": record.final_test_nll, "test_brier": record.final_test_brier}
+    robust = record.final_test_robustness or {}
+    extra["test_robust_acc"] = robust.get("mean_corruption_acc", robust.get("mean_noise_acc"))
+    out.update({k: float(v) for k, v in extra.items() if v is not None})
     return out
 
 
