@@ -6,6 +6,7 @@ import contextlib
 import errno
 import hashlib
 import io
+import math
 import os
 import re
 import secrets
@@ -77,6 +78,11 @@ def compiled_parts(model: nn.Module) -> list[str]:
     ]
 
 
+def is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` is the wrapper ``torch.compile`` returns (it holds the original module)."""
+    return isinstance(getattr(model, "_orig_mod", None), nn.Module)
+
+
 def module_modes(model: nn.Module) -> list[bool]:
     """The ``training`` flag of every submodule, in ``model.modules()`` order."""
     return [m.training for m in model.modules()]
@@ -117,6 +123,27 @@ def batch_size(x: Any) -> int:
     if isinstance(x, dict) and x:
         return batch_size(next(iter(x.values())))
     raise TypeError(f"cannot tell the batch size of {type(x).__name__}")
+
+
+def check_sub_batch(sub_batch: int | float | None) -> None:
+    """A ``ValueError`` unless ``sub_batch`` is ``None``, an int >= 1 or a fraction in (0, 1]."""
+    if sub_batch is None:
+        return
+    if isinstance(sub_batch, bool) or not isinstance(sub_batch, (int, float)):
+        raise ValueError(f"sub_batch must be an int or a float, got {sub_batch!r}")
+    if isinstance(sub_batch, float) and not 0 < sub_batch <= 1:
+        raise ValueError(f"a fractional sub_batch must be in (0, 1], got {sub_batch}")
+    if isinstance(sub_batch, int) and sub_batch < 1:
+        raise ValueError(f"sub_batch must be >= 1, got {sub_batch}")
+
+
+def sub_batch_size(sub_batch: int | float | None, full: int) -> int:
+    """How many of ``full`` samples a ``sub_batch`` (:func:`check_sub_batch`) takes: all for
+    ``None``, at most ``full`` for an int, the fraction rounded up (at least 1) for a float."""
+    if sub_batch is None:
+        return full
+    n = sub_batch if isinstance(sub_batch, int) else math.ceil(sub_batch * full)
+    return max(1, min(n, full))
 
 
 def take_first(x: Any, n: int) -> Any:

@@ -1,0 +1,261 @@
+r"""The estimator protocol: one object per way of computing the FA penalty's Tr(H²).
+
+An :class:`Estimator` returns a differentiable estimate of
+
+.. math:: \operatorname{Tr}(H^2) = \mathbb{E}_v \lVert H v \rVert^2, \qquad
+    H = \nabla^2_\theta\, \ell(f_\theta(x), y),
+
+on one curvature batch, computed the way its backend computes it — one class per backend, each
+in its own module of :mod:`flatness.estimators` beside the operator module it uses:
+
+=======================  ===========================================  ==================  ===================
+``backend=``             class (operator module)                      shares              supports
+=======================  ===========================================  ==================  ===================
+``"autograd"``           ``AutogradEstimator`` (``hutchinson``)        nothing             autocast, DDP
+``"layerwise"``          ``LayerwiseEstimator`` (``layerwise``)        first layer         autocast, DDP
+``"auto"``               ``LayerwiseEstimator(check=True)``            first layer         autocast, DDP
+``"finite-difference"``  ``FiniteDifferenceEstimator``                 task gradient       compile, DDP
+                         (``finite_difference``)
+``"kfac"``               ``KFACEstimator`` (``kfac``)                  prefix              autocast, DDP
+``estimator="cv"``       ``ControlVariateEstimator``                   prefix              its engine's, DDP
+                         (``control_variate``) around the first two
+=======================  ===========================================  ==================  ===================
+
+Each declares, as attributes, what it can take from the training step's task pass
+(:class:`Share`) and what it supports (:class:`Support`: ``torch.autocast``, ``torch.compile``,
+DistributedDataParallel). :func:`flatness.estimators.make_estimator` is the one place where a
+``backend=``/``estimator=`` pair becomes an object, and :func:`estimate` the one place where the
+declarations are applied (an estimator that does not support autocast runs with it off).
+
+What an estimator takes from the task pass is a cache of that pass:
+:class:`flatness.linear_io.SharedPrefix` records the versions of the parameters and of the
+input it was computed from, and whether a backward went through it; a stale one is never used
+(:meth:`flatness.FlatnessPenalty.sharing` recomputes it).
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from flatness.estimators import Estimator, Share, estimate, make_estimator
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    >>> kfac = make_estimator("kfac", "hutchinson", model, nn.CrossEntropyLoss(),
+    ...                       generator=torch.Generator().manual_seed(0))
+    >>> isinstance(kfac, Estimator), kfac.shares == Share.PREFIX, kfac.supports.compile
+    (True, True, False)
+    >>> x, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+    >>> estimate(kfac, x, y).requires_grad  # differentiable: a training penalty
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from ..finite_difference import FrozenKinks, surrogate
+from ..linear_io import SharedPrefix
+from ..passes import curvature_pass
+from ..probes import Distribution, check_distribution
+
+__all__ = [
+    "Estimator",
+    "HutchinsonEngine",
+    "ProbeEstimator",
+    "Share",
+    "Shared",
+    "Support",
+    "TaskGradient",
+    "estimate",
+]
+
+LossFn = Callable[[Tensor, Any], Tensor]
+
+
+class Share(enum.Flag):
+    """What an estimator can take from the training step's task pass instead of computing it."""
+
+    NOTHING = 0
+    #: the task forward's first Linear output: one input-layer product forward and backward fewer
+    FIRST_LAYER = enum.auto()
+    #: the task forward's mode-independent prefix (:func:`flatness.linear_io.share_prefix`)
+    PREFIX = enum.auto()
+    #: the task pass's gradient g(θ) and ReLU masks: one gradient evaluation fewer
+    TASK_GRADIENT = enum.auto()
+
+
+@dataclass(frozen=True)
+class Support:
+    """What an estimator works with (``tests/test_estimators.py`` checks each declaration).
+
+    ``autocast``: its value under ``torch.autocast`` is the autocast function's (else
+    :func:`estimate` runs it with autocast off); ``compile``: it runs on a model compiled with
+    ``torch.compile`` (which refuses double backward); ``ddp``: it runs on the module inside
+    DistributedDataParallel and its term is all-reduced by the one ``backward()`` of the step.
+    """
+
+    autocast: bool
+    compile: bool
+    ddp: bool
+
+
+@dataclass
+class TaskGradient:
+    """What the task pass hands an estimator that shares it: its loss, g(θ) at the penalised
+    parameters and the ReLU masks of θ (:class:`flatness.finite_difference.FrozenKinks`). It is
+    computed and used within one :meth:`flatness.FlatnessPenalty.objective` call."""
+
+    loss: Tensor
+    params: list[Tensor]
+    grads: list[Tensor]
+    kinks: FrozenKinks
+
+    def surrogate(self) -> Tensor:
+        """The task loss's value with gradient g(θ) (:func:`flatness.finite_difference.surrogate`)."""
+        return surrogate(self.params, self.loss.detach(), self.grads)
+
+
+Shared = SharedPrefix | TaskGradient  # what an estimator takes from the task pass
+
+
+@runtime_checkable
+class Estimator(Protocol):
+    """A differentiable Tr(H²) estimate of ``loss_fn(model(x), y)`` on one curvature batch.
+
+    ``name`` is its ``backend=`` (or ``estimator=``) string; ``shares`` and ``supports`` are its
+    declarations; :meth:`ready` says what it takes from the task pass on its next call (a part
+    of ``shares``: e.g. ``backend="auto"`` takes nothing before its check against autograd).
+    ``__call__`` runs the curvature pass's function itself (:func:`flatness.passes.curvature_pass`).
+    """
+
+    name: str
+    shares: Share
+    supports: Support
+
+    def __call__(self, x: Any, y: Any, shared: Shared | None = None) -> Tensor: ...
+
+    def ready(self) -> Share: ...
+
+    def parameters(self) -> list[Tensor]: ...
+
+    def task_pass(self, x: Any, y: Any) -> TaskGradient: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class HutchinsonEngine(Protocol):
+    """(1/M) Σ_j ‖H v_j‖² for given probe blocks: what the control variate composes with."""
+
+    supports: Support
+
+    def mean_sq_norm(self, x: Any, y: Any, vectors: Sequence[Tensor | None], shared: Shared | None = None) -> Tensor:
+        ...
+
+    def draws_itself(self, x: Any) -> Tensor | None: ...
+
+
+class ProbeEstimator:
+    """What every estimator is built from: the model (unwrapped), the loss, the probes.
+
+    Args:
+        model: the network the curvature pass runs (the module inside a DDP wrapper).
+        loss_fn: ``loss_fn(model(x), y) -> scalar``, the task loss.
+        params: the parameters H is taken over (default: the model's trainable ones, read on
+            every call).
+        probes: M >= 1 Hutchinson probes.
+        dist: ``"rademacher"`` or ``"gaussian"``.
+        generator: the probes' generator (``None``: torch's global one).
+        dropout: keep dropout on in the curvature pass (default off, the paper's).
+    """
+
+    name: ClassVar[str] = ""
+    shares: Share = Share.NOTHING
+    supports: ClassVar[Support] = Support(autocast=True, compile=False, ddp=True)
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        *,
+        params: Sequence[Tensor] | None = None,
+        probes: int = 5,
+        dist: Distribution = "rademacher",
+        generator: torch.Generator | None = None,
+        dropout: bool = False,
+    ) -> None:
+        if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
+            raise ValueError(f"probes (M) must be an integer >= 1, got {probes!r}")
+        check_distribution(dist)
+        self.model = model
+        self.loss_fn = loss_fn
+        self.given_params = list(params) if params is not None else None
+        self.probes = probes
+        self.dist = dist
+        self._generator = generator
+        self.dropout = dropout
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        """The probes' generator (``None``: torch's global one), shared with :meth:`children`."""
+        return self._generator
+
+    @generator.setter
+    def generator(self, generator: torch.Generator | None) -> None:
+        self._generator = generator
+        for child in self.children():
+            child.generator = generator
+
+    def children(self) -> tuple[ProbeEstimator, ...]:
+        """The estimators this one computes with (they draw from its generator)."""
+        return ()
+
+    def parameters(self) -> list[Tensor]:
+        """The parameters H is taken over: as given, else the model's trainable ones now."""
+        if self.given_params is not None:
+            return self.given_params
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def curvature_pass(self) -> contextlib.AbstractContextManager[nn.Module]:
+        """The curvature pass's function: batch-statistics norms, running statistics untouched,
+        dropout off unless ``dropout`` (:func:`flatness.passes.curvature_pass`)."""
+        return curvature_pass(self.model, dropout=self.dropout)
+
+    def ready(self) -> Share:
+        return self.shares
+
+    def task_pass(self, x: Any, y: Any) -> TaskGradient:
+        raise TypeError(f"the {self.name} estimator does not share the task gradient")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(probes={self.probes}, dist={self.dist!r})"
+
+
+@contextlib.contextmanager
+def _autocast_as_declared(estimator: Estimator, device_type: str) -> Iterator[None]:
+    if estimator.supports.autocast or not torch.is_autocast_enabled(device_type):
+        yield
+        return
+    with torch.autocast(device_type, enabled=False):
+        yield
+
+
+def estimate(estimator: Estimator, x: Any, y: Any, shared: Shared | None = None) -> Tensor:
+    """``estimator(x, y, shared)`` with its declarations applied: an estimator that does not
+    support autocast runs with it switched off (in the parameters' precision)."""
+    params = estimator.parameters()
+    device_type = params[0].device.type if params else "cpu"
+    with _autocast_as_declared(estimator, device_type):
+        return estimator(x, y, shared)
