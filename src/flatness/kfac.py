@@ -119,6 +119,10 @@ class KroneckerFactors:
         return _sq_frobenius_of_second_moment(self.grads) / self.rows**2
 
 
+# losses of torch's that are not a likelihood of class ids (refused before being evaluated on them)
+_REGRESSION = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.GaussianNLLLoss, nn.PoissonNLLLoss)
+
+
 def _check_tolerance(dtype: torch.dtype) -> float:
     return {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 2e-2)
 
@@ -135,6 +139,8 @@ def loss_scale(loss_fn: Callable[[Tensor, Any], Tensor], out: Tensor, labels: Te
     n = out.shape[0]
     refusal = ("backend='kfac' needs loss_fn to be the cross-entropy of the model's logits and class "
                "ids (their batch mean or sum)")
+    if isinstance(loss_fn, _REGRESSION):
+        raise ValueError(f"{refusal}; {type(loss_fn).__name__} is a regression loss, which it does not cover")
     try:
         loss = loss_fn(out, labels)
     except (RuntimeError, ValueError, TypeError) as exc:

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from ...methods import make_method
+from ...methods.fa import PenaltyLog
 from ...probes import rank_seed
 from ...utils import FlatnessError, atomic_write_bytes, to_device
 from .checkpoints import save_checkpoint
@@ -74,10 +75,10 @@ def _avg_train_flatness(epochs: list[dict[str, Any]], batch_size: int) -> float 
     """The paper's average flatness: the mean of the method's Tr(H²) estimates over training, /B."""
     total, count = 0.0, 0
     for e in epochs:
-        if e.get("sq_trace") is not None:
-            steps = int(e.get("sq_trace_steps", e.get("steps", 1)) or 1)
-            total += e["sq_trace"] * steps
-            count += steps
+        logged = PenaltyLog.from_epoch(e)
+        if logged is not None:
+            total += logged.sq_trace * logged.steps
+            count += logged.steps
     return None if count == 0 else total / count / batch_size
 
 
