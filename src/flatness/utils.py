@@ -6,6 +6,7 @@ import contextlib
 import errno
 import hashlib
 import io
+import json
 import math
 import os
 import re
@@ -267,6 +268,20 @@ def atomic_write_bytes(path: str | os.PathLike[str], write: Callable[[IO[bytes]]
 
 
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def write_json(path: str | os.PathLike[str], obj: Any, *, indent: int | None = 1, sort_keys: bool = False) -> Path:
+    """``obj`` as JSON (NaN and infinities allowed) at ``path``, by :func:`atomic_write_bytes`."""
+    data = (json.dumps(obj, indent=indent, sort_keys=sort_keys, allow_nan=True) + "\n").encode()
+    atomic_write_bytes(path, lambda fh: fh.write(data))
+    return Path(path)
+
+
+def write_png(figure: Any, path: str | os.PathLike[str], *, dpi: int = 110, **savefig: Any) -> Path:
+    """A matplotlib figure as PNG at ``path``, by :func:`atomic_write_bytes` (``savefig``: more
+    arguments of ``Figure.savefig``, e.g. ``bbox_inches="tight"``)."""
+    atomic_write_bytes(path, lambda fh: figure.savefig(fh, format="png", dpi=dpi, **savefig))
+    return Path(path)
 
 
 def _naming(exc: OSError, path: Path) -> OSError:
