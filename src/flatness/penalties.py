@@ -54,11 +54,9 @@ class FlatnessPenalty:
         model: the network; its parameters that require grad are penalised (or ``params``).
         loss_fn: ``loss_fn(model(x), y) -> scalar`` (batch mean), the task loss.
         lam: λ >= 0; ``lam=0`` computes nothing and returns exact zeros.
-        probes: M >= 1 probes per curvature pass.
+        probes, dist: M >= 1 probes per curvature pass, ``"rademacher"`` (the paper's) or
+            ``"gaussian"``; seed, generator: their generator (:func:`flatness.make_generator`).
         every: compute the penalty on calls 0, k, 2k, ... (k >= 1); zero on the others.
-        dist: ``"rademacher"`` (the paper's) or ``"gaussian"`` (on the layer-wise path the input
-            layer's block is drawn in the data's image: the same law, other draws, cheaper).
-        seed, generator: the probes' generator (:func:`flatness.make_generator`).
         sub_batch: curvature pass on the first ``sub_batch`` samples (int) or that fraction of
             the batch (float in (0, 1]); still divided by the full B.
         eval_during_curvature: dropout off in the curvature pass (the paper; default); BatchNorm
@@ -117,7 +115,7 @@ class FlatnessPenalty:
         self._varying_lam = lam_schedule is not None or lam_control is not None  # else the run's settings hold λ
         # under DDP the pass runs on the wrapped module; the step's one backward() is all-reduced
         self.model, self.local_model, self.loss_fn, self.on_nonfinite = model, unwrap(model), loss_fn, on_nonfinite
-        self.backend, self.probes, self.dist, self.sub_batch = backend, probes, dist, sub_batch
+        self.backend, self.sub_batch = backend, sub_batch  # the estimator holds the probes
         self.estimator = make_estimator(
             backend, estimator, self.local_model, loss_fn, params=params, probes=probes, dist=dist,
             generator=make_generator(seed, generator), dropout=not eval_during_curvature, fd_step=fd_step,
@@ -134,6 +132,8 @@ class FlatnessPenalty:
     def params(self) -> list[Tensor]:
         """The penalised parameters (``params`` as given, else the model's trainable ones)."""
         return self.estimator.parameters()
+
+    probes = property(lambda self: self.estimator.probes, doc="M, the probes per curvature pass.")
 
     @property
     def generator(self) -> torch.Generator | None:
@@ -299,5 +299,5 @@ class FlatnessPenalty:
             self.policy.load_state_dict(state["policy"])
 
     def __repr__(self) -> str:
-        return (f"FlatnessPenalty(probes={self.probes}, dist={self.dist!r}, sub_batch={self.sub_batch}, "
-                f"backend={self.backend!r}, estimator={self.estimator.name!r}, policy={self.policy!r})")
+        return (f"FlatnessPenalty({self.estimator!r}, backend={self.backend!r}, estimator={self.estimator.name!r}, "
+                f"sub_batch={self.sub_batch}, policy={self.policy!r})")

@@ -54,9 +54,9 @@ class AutogradEstimator(ProbeEstimator):
     def __call__(self, x: Any, y: Any, shared: Shared | None = None) -> Tensor:
         with self.curvature_pass():
             vectors = sample_probes(self.parameters(), self.probes, self.dist, generator=self.generator)
-            return self.mean_sq_norm(x, y, vectors)
+            return self.sq_norm_mean(x, y, vectors)
 
-    def mean_sq_norm(self, x: Any, y: Any, vectors: Sequence[Tensor | None], shared: Shared | None = None) -> Tensor:
+    def sq_norm_mean(self, x: Any, y: Any, vectors: Sequence[Tensor | None], shared: Shared | None = None) -> Tensor:
         """(1/M) Σ_j ‖H v_j‖² for the given blocks (none ``None``), inside the curvature pass."""
         loss = self.loss_fn(call_model(self.model, x), y)
         return sq_trace(loss, self.parameters(), probe_vectors=vectors, create_graph=True)

@@ -155,7 +155,7 @@ class HutchinsonEngine(Protocol):
 
     supports: Support
 
-    def mean_sq_norm(self, x: Any, y: Any, vectors: Sequence[Tensor | None], shared: Shared | None = None) -> Tensor:
+    def sq_norm_mean(self, x: Any, y: Any, vectors: Sequence[Tensor | None], shared: Shared | None = None) -> Tensor:
         ...
 
     def draws_itself(self, x: Any) -> Tensor | None: ...

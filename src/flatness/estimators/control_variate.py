@@ -67,7 +67,7 @@ class ControlVariateEstimator(ProbeEstimator):
         with self.curvature_pass():
             return cv_sq_trace(
                 self.model, self.loss_fn, x, y, self.probes, self.dist, generator=self.generator,
-                sq_norm_mean=lambda vectors: self.engine.mean_sq_norm(x, y, vectors, prefix),
+                sq_norm_mean=lambda vectors: self.engine.sq_norm_mean(x, y, vectors, prefix),
                 prefix=prefix, drawn_by_engine=self.engine.draws_itself(x),
             )
 

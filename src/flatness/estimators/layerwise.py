@@ -127,14 +127,14 @@ class LayerwiseEstimator(ProbeEstimator):
                     first_linear_output=self._first(shared),
                 )
             vectors = sample_probes(self.parameters(), self.probes, self.dist, generator=self.generator)
-            return self.mean_sq_norm(x, y, vectors, shared)
+            return self.sq_norm_mean(x, y, vectors, shared)
 
-    def mean_sq_norm(self, x: Any, y: Any, vectors: Sequence[Tensor | None], shared: Shared | None = None) -> Tensor:
+    def sq_norm_mean(self, x: Any, y: Any, vectors: Sequence[Tensor | None], shared: Shared | None = None) -> Tensor:
         """(1/M) Σ_j ‖H v_j‖² for given blocks (the input layer's may be ``None``: see
         :meth:`draws_itself`), inside the curvature pass."""
         mode = self._mode(x)
         if mode == "autograd":
-            return self.fallback.mean_sq_norm(x, y, vectors)
+            return self.fallback.sq_norm_mean(x, y, vectors)
         if mode == "layerwise":
             return layerwise_sq_trace(
                 self.model, self.loss_fn, x, y, dist=self.dist, generator=self.generator,
@@ -155,7 +155,7 @@ class LayerwiseEstimator(ProbeEstimator):
         device = self.parameters()[0].device.type
         off = torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
         with off:
-            slow = self.fallback.mean_sq_norm(x, y, vectors)
+            slow = self.fallback.sq_norm_mean(x, y, vectors)
             fast = layerwise_sq_trace(self.model, self.loss_fn, x, y, probe_vectors=vectors)
         a, b = float(fast.detach()), float(slow.detach())
         if not (math.isfinite(a) and math.isfinite(b)):

@@ -71,7 +71,7 @@ def _state_copy(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-def _avg_train_flatness(epochs: list[dict[str, Any]], batch_size: int) -> float | None:
+def _avg_train_sq_trace_per_B(epochs: list[dict[str, Any]], batch_size: int) -> float | None:
     """The paper's average flatness: the mean of the method's Tr(H²) estimates over training, /B."""
     total, count = 0.0, 0
     for e in epochs:
@@ -260,7 +260,7 @@ def execute_run(
         val_chosen_test_acc=None if chosen is None else test[chosen],
         **{k: v for k, v in measurements.items() if k in RECORD_FIELDS},
         extras={k: v for k, v in measurements.items() if k not in RECORD_FIELDS},
-        avg_train_sq_trace_per_B=_avg_train_flatness(epochs, config.batch_size),
+        avg_train_sq_trace_per_B=_avg_train_sq_trace_per_B(epochs, config.batch_size),
         avg_epoch_sq_trace_per_B=sum(e["sq_trace_per_B"] for e in epochs) / len(epochs),
         train_seconds=history.train_seconds,
         seconds_per_epoch=history.train_seconds / len(epochs),
