@@ -1,9 +1,10 @@
 r"""Tr(H²) estimators for the FA penalty, one per backend, and the one place that picks one.
 
 :func:`make_estimator` turns the penalty's ``backend=``/``estimator=`` strings into an
-:class:`Estimator` (:mod:`flatness.estimators.base` declares the protocol): the registry
-:data:`BACKENDS` maps each backend to its class, and each class declares what it penalises,
-shares and supports, which is all the validation reads.
+:class:`Estimator` (:mod:`flatness.estimators.base` declares the protocol): the registries
+:data:`BACKENDS` and :data:`ESTIMATORS` map the strings to classes; each class validates its
+own arguments (e.g. refuses ``params`` if it penalises all the parameters) and declares what it
+shares and supports, which is what the penalty reads.
 
 Example:
     >>> import torch
@@ -53,24 +54,24 @@ __all__ = [
 ]
 
 
-def _auto(model: nn.Module, loss_fn: Any, params: Sequence[Tensor] | None, **settings: Any) -> ProbeEstimator:
-    if params is not None:  # a subset of the parameters: the closed form covers all of them
+def _auto(model: nn.Module, loss_fn: Any, *, params: Sequence[Tensor] | None = None, **settings: Any) -> ProbeEstimator:
+    """``backend="auto"``: the closed form, checked against autograd, where it applies; autograd
+    for a subset of the parameters (the closed form covers all of them)."""
+    if params is not None:
         return AutogradEstimator(model, loss_fn, params=params, **settings)
     return LayerwiseEstimator(model, loss_fn, check=True, **settings)
 
 
-# backend -> (constructor(model, loss_fn, params, **settings), takes params=, takes fd_step=)
-BACKENDS: dict[str, tuple[Callable[..., ProbeEstimator], bool, bool]] = {
-    "auto": (_auto, True, False),
-    "autograd": (lambda m, f, params, **s: AutogradEstimator(m, f, params=params, **s), True, False),
-    "layerwise": (lambda m, f, params, **s: LayerwiseEstimator(m, f, **s), False, False),
-    "finite-difference": (
-        lambda m, f, params, h=None, **s: FiniteDifferenceEstimator(m, f, params=params, h=h, **s), True, True
-    ),
-    "kfac": (lambda m, f, params, **s: KFACEstimator(m, f, **s), False, False),
+#: backend= -> the estimator class (or, for "auto", the rule choosing one)
+BACKENDS: dict[str, Callable[..., ProbeEstimator]] = {
+    "auto": _auto,
+    "autograd": AutogradEstimator,
+    "layerwise": LayerwiseEstimator,
+    "finite-difference": FiniteDifferenceEstimator,
+    "kfac": KFACEstimator,
 }
-# estimator -> whether it wraps the backend's Hutchinson engine
-ESTIMATORS: tuple[str, ...] = ("hutchinson", "cv")
+#: estimator= -> what wraps the backend's Hutchinson engine (``None``: the engine itself)
+ESTIMATORS: dict[str, type[ControlVariateEstimator] | None] = {"hutchinson": None, "cv": ControlVariateEstimator}
 
 
 def make_estimator(
@@ -86,8 +87,8 @@ def make_estimator(
     dropout: bool = False,
     fd_step: float | tuple[float, float] | None = None,
 ) -> Estimator:
-    """The estimator of ``backend`` (a key of :data:`BACKENDS`), wrapped in the control variate
-    for ``estimator="cv"``; ``model`` is the module the curvature pass runs (unwrapped from DDP).
+    """The estimator of ``backend`` (a key of :data:`BACKENDS`), wrapped as ``estimator`` says
+    (:data:`ESTIMATORS`); ``model`` is the module the curvature pass runs (unwrapped from DDP).
 
     Raises:
         ValueError: an unknown name, ``params`` for an estimator that penalises all the model's
@@ -99,18 +100,17 @@ def make_estimator(
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {', '.join(map(repr, ESTIMATORS))}, got {estimator!r}")
-    build, takes_params, takes_fd_step = BACKENDS[backend]
-    if fd_step is not None and not takes_fd_step:
-        raise ValueError(f"fd_step is for backend='finite-difference', not backend={backend!r}: drop fd_step")
-    options = {"h": fd_step} if takes_fd_step else {}
-    chosen = build(model, loss_fn, params, probes=probes, dist=dist, generator=generator, dropout=dropout, **options)
-    if estimator == "cv":
+    build, wrap = BACKENDS[backend], ESTIMATORS[estimator]
+    options: dict[str, Any] = {"probes": probes, "dist": dist, "generator": generator, "dropout": dropout}
+    if fd_step is not None:
+        if build is not FiniteDifferenceEstimator:
+            raise ValueError(f"fd_step is for backend='finite-difference', not backend={backend!r}: drop fd_step")
+        options["h"] = fd_step
+    chosen = build(model, loss_fn, params=params, **options)
+    if wrap is not None:
         if not isinstance(chosen, HutchinsonEngine):
             raise ValueError(f"backend={backend!r} has its own estimator: drop estimator")
-        chosen = ControlVariateEstimator(chosen)
-    for name, takes in ((f"backend={backend!r}", takes_params), (f"estimator={estimator!r}", estimator != "cv")):
-        if params is not None and not takes:
-            raise ValueError(f"{name} penalises all of the model's parameters: drop params")
+        chosen = wrap(chosen)
     if is_compiled(model) and not chosen.supports.compile:
         raise ValueError(
             f"backend={backend!r} differentiates twice, which torch.compile refuses: "

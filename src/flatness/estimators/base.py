@@ -176,6 +176,7 @@ class ProbeEstimator:
     """
 
     name: ClassVar[str] = ""
+    argument: ClassVar[str] = "backend"  # the penalty's argument that names it
     shares: Share = Share.NOTHING
     supports: ClassVar[Support] = Support(autocast=True, compile=False, ddp=True)
 
@@ -221,6 +222,11 @@ class ProbeEstimator:
         if self.given_params is not None:
             return self.given_params
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    def refuse_params(self, params: Sequence[Tensor] | None) -> None:
+        """For an estimator that penalises all the model's parameters: a ``ValueError`` for ``params``."""
+        if params is not None:
+            raise ValueError(f"{self.argument}={self.name!r} penalises all of the model's parameters: drop params")
 
     def curvature_pass(self) -> contextlib.AbstractContextManager[nn.Module]:
         """The curvature pass's function: batch-statistics norms, running statistics untouched,

@@ -44,6 +44,7 @@ class ControlVariateEstimator(ProbeEstimator):
     """
 
     name = "cv"
+    argument = "estimator"
     shares = Share.PREFIX
 
     def __init__(self, engine: HutchinsonEngine) -> None:
@@ -54,6 +55,7 @@ class ControlVariateEstimator(ProbeEstimator):
             generator=engine.generator, dropout=engine.dropout,
         )
         self.engine = engine
+        self.refuse_params(engine.given_params)
 
     @property
     def supports(self) -> Support:  # type: ignore[override]

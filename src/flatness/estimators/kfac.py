@@ -12,9 +12,10 @@ batch-mean cross-entropy, N for a summed one.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..kfac import kfac_sq_trace
 from ..linear_io import SharedPrefix
@@ -46,6 +47,11 @@ class KFACEstimator(ProbeEstimator):
     name = "kfac"
     shares = Share.PREFIX
     supports = Support(autocast=True, compile=False, ddp=True)
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Any], Tensor], *,
+                 params: Sequence[Tensor] | None = None, **settings: Any) -> None:
+        super().__init__(model, loss_fn, **settings)
+        self.refuse_params(params)
 
     def __call__(self, x: Any, y: Any, shared: Shared | None = None) -> Tensor:
         prefix = shared if isinstance(shared, SharedPrefix) else None

@@ -15,10 +15,11 @@ forward, signals backward) instead of by double backward:
 from __future__ import annotations
 
 import contextlib
+import enum
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -29,10 +30,15 @@ from ..probes import Distribution, sample_probes
 from .autograd import AutogradEstimator
 from .base import ProbeEstimator, Share, Shared, Support
 
-__all__ = ["LayerwiseEstimator"]
+__all__ = ["LayerwiseEstimator", "Route"]
 
 
-Mode = Literal["layerwise", "autograd", "verify"]
+class Route(enum.Enum):
+    """How a call computes: the closed form, autograd, or both with the same probes (the check)."""
+
+    CLOSED_FORM = "closed form"
+    AUTOGRAD = "autograd"
+    CHECK = "check"
 
 
 class LayerwiseEstimator(ProbeEstimator):
@@ -75,6 +81,7 @@ class LayerwiseEstimator(ProbeEstimator):
         model: nn.Module,
         loss_fn: Callable[[Tensor, Any], Tensor],
         *,
+        params: Sequence[Tensor] | None = None,
         probes: int = 5,
         dist: Distribution = "rademacher",
         generator: torch.Generator | None = None,
@@ -83,6 +90,7 @@ class LayerwiseEstimator(ProbeEstimator):
     ) -> None:
         super().__init__(model, loss_fn, probes=probes, dist=dist, generator=generator, dropout=dropout)
         self.check = check
+        self.refuse_params(params)
         self.agrees: bool | None = None
         self.fallback = AutogradEstimator(
             model, loss_fn, probes=probes, dist=dist, generator=generator, dropout=dropout
@@ -103,15 +111,15 @@ class LayerwiseEstimator(ProbeEstimator):
         """The first layer once the closed form is known to apply (after ``auto``'s check)."""
         return Share.FIRST_LAYER if not self.check or self.agrees else Share.NOTHING
 
-    def _mode(self, x: Any) -> Mode:
+    def _route(self, x: Any) -> Route:
         reason = unsupported_reason(self.model, x)
         if not self.check:
             if reason is not None:
                 raise ValueError(f"backend='layerwise' cannot compute this model's Tr(H²): {reason}")
-            return "layerwise"
+            return Route.CLOSED_FORM
         if reason is not None or self.agrees is False:
-            return "autograd"
-        return "layerwise" if self.agrees else "verify"
+            return Route.AUTOGRAD
+        return Route.CLOSED_FORM if self.agrees else Route.CHECK
 
     def _first(self, shared: Shared | None) -> Tensor | None:
         if not isinstance(shared, SharedPrefix):
@@ -120,7 +128,7 @@ class LayerwiseEstimator(ProbeEstimator):
 
     def __call__(self, x: Any, y: Any, shared: Shared | None = None) -> Tensor:
         with self.curvature_pass():
-            if self.dist == "gaussian" and self._mode(x) == "layerwise":
+            if self.dist == "gaussian" and self._route(x) is Route.CLOSED_FORM:
                 # its own draw: the input layer's Gaussian block in the data's image (same law, cheaper)
                 return layerwise_sq_trace(
                     self.model, self.loss_fn, x, y, self.probes, "gaussian", generator=self.generator,
@@ -132,10 +140,10 @@ class LayerwiseEstimator(ProbeEstimator):
     def sq_norm_mean(self, x: Any, y: Any, vectors: Sequence[Tensor | None], shared: Shared | None = None) -> Tensor:
         """(1/M) Σ_j ‖H v_j‖² for given blocks (the input layer's may be ``None``: see
         :meth:`draws_itself`), inside the curvature pass."""
-        mode = self._mode(x)
-        if mode == "autograd":
+        route = self._route(x)
+        if route is Route.AUTOGRAD:
             return self.fallback.sq_norm_mean(x, y, vectors)
-        if mode == "layerwise":
+        if route is Route.CLOSED_FORM:
             return layerwise_sq_trace(
                 self.model, self.loss_fn, x, y, dist=self.dist, generator=self.generator,
                 probe_vectors=vectors, first_linear_output=self._first(shared),
@@ -144,7 +152,7 @@ class LayerwiseEstimator(ProbeEstimator):
 
     def draws_itself(self, x: Any) -> Tensor | None:
         """The input layer's weight when its Gaussian block is drawn in the data's image here."""
-        if self.dist != "gaussian" or self._mode(x) != "layerwise":
+        if self.dist != "gaussian" or self._route(x) is not Route.CLOSED_FORM:
             return None
         linears = [m for m in self.model if type(m) is nn.Linear]
         return linears[0].weight if len(linears) > 1 else None
