@@ -138,7 +138,7 @@ class FlatnessPenalty:
     @property
     def generator(self) -> torch.Generator | None:
         """The probes' generator (``None``: torch's global one)."""
-        return self.estimator.generator  # type: ignore[attr-defined,no-any-return]
+        return self.estimator.generator
 
     @property
     def _layerwise_agrees(self) -> bool | None:
@@ -291,7 +291,7 @@ class FlatnessPenalty:
         self.calls = int(state["calls"])
         if state.get("generator") is not None:
             if self.generator is None:
-                self.estimator.generator = torch.Generator(device="cpu")  # type: ignore[attr-defined]
+                self.estimator.generator = torch.Generator(device="cpu")
             self.generator.set_state(state["generator"])  # type: ignore[union-attr]
         self.last_sq_trace = state.get("last_sq_trace")
         self.estimator.load_state_dict(state)

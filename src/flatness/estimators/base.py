@@ -127,7 +127,7 @@ class Estimator(Protocol):
     """A differentiable Tr(H²) estimate of ``loss_fn(model(x), y)`` on one curvature batch.
 
     ``name`` is its ``backend=`` (or ``estimator=``) string; ``shares`` and ``supports`` are its
-    declarations; :meth:`ready` says what it takes from the task pass on its next call (a part
+    declarations; ``probes`` and ``generator`` its Hutchinson probes (K-FAC draws its labels); :meth:`ready` says what it takes from the task pass on its next call (a part
     of ``shares``: e.g. ``backend="auto"`` takes nothing before its check against autograd).
     ``__call__`` runs the curvature pass's function itself (:func:`flatness.passes.curvature_pass`).
     """
@@ -135,6 +135,8 @@ class Estimator(Protocol):
     name: str
     shares: Share
     supports: Support
+    probes: int
+    generator: torch.Generator | None
 
     def __call__(self, x: Any, y: Any, shared: Shared | None = None) -> Tensor: ...
 

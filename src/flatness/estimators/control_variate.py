@@ -54,27 +54,29 @@ class ControlVariateEstimator(ProbeEstimator):
             engine.model, engine.loss_fn, probes=engine.probes, dist=engine.dist,
             generator=engine.generator, dropout=engine.dropout,
         )
-        self.engine = engine
+        self.engine: ProbeEstimator = engine
         self.refuse_params(engine.given_params)
 
     @property
     def supports(self) -> Support:  # type: ignore[override]
-        return Support(autocast=self.engine.supports.autocast, compile=False, ddp=self.engine.supports.ddp)
+        engine = self.engine.supports
+        return Support(autocast=engine.autocast, compile=False, ddp=engine.ddp)
 
     def children(self) -> tuple[ProbeEstimator, ...]:
-        return (self.engine,)  # type: ignore[return-value]
+        return (self.engine,)
 
     def __call__(self, x: Any, y: Any, shared: Shared | None = None) -> Tensor:
         prefix = shared if isinstance(shared, SharedPrefix) else None
+        engine: HutchinsonEngine = self.engine  # type: ignore[assignment]  # checked in __init__
         with self.curvature_pass():
             return cv_sq_trace(
                 self.model, self.loss_fn, x, y, self.probes, self.dist, generator=self.generator,
-                sq_norm_mean=lambda vectors: self.engine.sq_norm_mean(x, y, vectors, prefix),
-                prefix=prefix, drawn_by_engine=self.engine.draws_itself(x),
+                sq_norm_mean=lambda vectors: engine.sq_norm_mean(x, y, vectors, prefix),
+                prefix=prefix, drawn_by_engine=engine.draws_itself(x),
             )
 
     def state_dict(self) -> dict[str, Any]:
-        return self.engine.state_dict()  # type: ignore[attr-defined]
+        return self.engine.state_dict()
 
     def load_state_dict(self, state: Any) -> None:
-        self.engine.load_state_dict(state)  # type: ignore[attr-defined]
+        self.engine.load_state_dict(state)

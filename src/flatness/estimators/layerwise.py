@@ -74,6 +74,7 @@ class LayerwiseEstimator(ProbeEstimator):
         True
     """
 
+    shares = Share.FIRST_LAYER
     supports = Support(autocast=True, compile=False, ddp=True)
 
     def __init__(
@@ -102,10 +103,6 @@ class LayerwiseEstimator(ProbeEstimator):
     @property
     def name(self) -> str:  # type: ignore[override]
         return "auto" if self.check else "layerwise"
-
-    @property
-    def shares(self) -> Share:  # type: ignore[override]
-        return Share.FIRST_LAYER
 
     def ready(self) -> Share:
         """The first layer once the closed form is known to apply (after ``auto``'s check)."""
