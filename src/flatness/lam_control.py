@@ -1,11 +1,12 @@
 r"""Adaptive λ: controllers that set the penalty strength from what training measures.
 
-Both implement the λ-policy interface :class:`flatness.schedules.LamPolicy`: :meth:`~flatness.schedules.LamPolicy.decide`
-before a step (λ and whether the curvature pass runs), :meth:`~flatness.schedules.LamPolicy.update` with the measurements of
-an active step (returns the λ applied on that step), a decision ``log``, and explicit state
+Both implement the λ-policy interface :class:`flatness.schedules.LamPolicy`:
+:meth:`~flatness.schedules.LamPolicy.decide` before a step (λ and whether the curvature pass
+runs), :meth:`~flatness.schedules.LamPolicy.update` with the measurements of an active step
+(returns the λ applied on that step), a decision ``log``, and explicit state
 (:meth:`~flatness.schedules.LamPolicy.state_dict` /
-:meth:`~flatness.schedules.LamPolicy.load_state_dict`). :func:`make_policy` builds a penalty's policy
-and validates its arguments (also for λ = 0, where the policy is never active);
+:meth:`~flatness.schedules.LamPolicy.load_state_dict`). :func:`make_policy` builds a penalty's
+policy and validates its arguments (also for λ = 0, where the policy is never active);
 :func:`grad_norm_surrogate` is how the penalty measures the gradient norms for a policy that
 ``needs_grad_norms``.
 

@@ -104,8 +104,7 @@ class FlatnessPenalty:
         lam_control: Any = None,
         total_steps: int | None = None,
     ) -> None:
-        # each argument is validated by what uses it: λ and k by the policy, M and the probes by
-        # the estimator, the sub-batch and the guard here
+        # each argument is validated by its user: λ, k by the policy, M by the estimator, the rest here
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if on_nonfinite not in ("raise", "skip"):
@@ -120,11 +119,9 @@ class FlatnessPenalty:
             backend, estimator, self.local_model, loss_fn, params=params, probes=probes, dist=dist,
             generator=make_generator(seed, generator), dropout=not eval_during_curvature, fd_step=fd_step,
         )
-        self.calls = 0
-        self.last_sq_trace: float | None = None
-        self.last_penalty: float | None = None
-        self.last_lam: float | None = None
-        self._shared: SharedPrefix | None = None  # what sharing() recorded for the next call
+        self.calls, self._shared = 0, None  # _shared: what sharing() recorded for the next call
+        self.last_sq_trace: float | None = None  # and last_penalty, last_lam: floats after a pass
+        self.last_penalty = self.last_lam = self.last_sq_trace
         self._warned_stale = False
         self._remove_hook: Callable[[], None] | None = None
 
@@ -197,7 +194,7 @@ class FlatnessPenalty:
     def sharing(self) -> Iterator[None]:
         """Around the task loss's forward pass: the next call reuses its first layers.
 
-        Recorded for an estimator that takes it (:meth:`Estimator.ready`): the output of the
+        Recorded for an estimator that takes it (:meth:`flatness.estimators.Estimator.ready`): the output of the
         model's leading mode-independent modules (:func:`flatness.linear_io.share_prefix`), used
         only by a call on the very input tensor and only while it is not stale
         (:meth:`flatness.linear_io.SharedPrefix.stale`: else recomputed, with a warning).

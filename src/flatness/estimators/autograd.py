@@ -60,6 +60,3 @@ class AutogradEstimator(ProbeEstimator):
         """(1/M) Σ_j ‖H v_j‖² for the given blocks (none ``None``), inside the curvature pass."""
         loss = self.loss_fn(call_model(self.model, x), y)
         return sq_trace(loss, self.parameters(), probe_vectors=vectors, create_graph=True)
-
-    def draws_itself(self, x: Any) -> Tensor | None:
-        return None

@@ -77,14 +77,17 @@ LossFn = Callable[[Tensor, Any], Tensor]
 
 
 class Share(enum.Flag):
-    """What an estimator can take from the training step's task pass instead of computing it."""
+    """What an estimator can take from the training step's task pass instead of computing it.
+
+    ``FIRST_LAYER``: the task forward's first Linear output (one input-layer product forward and
+    backward fewer); ``PREFIX``: the task forward's mode-independent prefix
+    (:func:`flatness.linear_io.share_prefix`); ``TASK_GRADIENT``: the task pass's gradient g(θ)
+    and ReLU masks (one gradient evaluation fewer); ``NOTHING``.
+    """
 
     NOTHING = 0
-    #: the task forward's first Linear output: one input-layer product forward and backward fewer
     FIRST_LAYER = enum.auto()
-    #: the task forward's mode-independent prefix (:func:`flatness.linear_io.share_prefix`)
     PREFIX = enum.auto()
-    #: the task pass's gradient g(θ) and ReLU masks: one gradient evaluation fewer
     TASK_GRADIENT = enum.auto()
 
 
@@ -127,8 +130,9 @@ class Estimator(Protocol):
     """A differentiable Tr(H²) estimate of ``loss_fn(model(x), y)`` on one curvature batch.
 
     ``name`` is its ``backend=`` (or ``estimator=``) string; ``shares`` and ``supports`` are its
-    declarations; ``probes`` and ``generator`` its Hutchinson probes (K-FAC draws its labels); :meth:`ready` says what it takes from the task pass on its next call (a part
-    of ``shares``: e.g. ``backend="auto"`` takes nothing before its check against autograd).
+    declarations; ``probes`` and ``generator`` its Hutchinson probes (K-FAC draws its labels);
+    :meth:`ready` says what it takes from the task pass on its next call (a part of ``shares``:
+    e.g. ``backend="auto"`` takes nothing before its check against autograd).
     ``__call__`` runs the curvature pass's function itself (:func:`flatness.passes.curvature_pass`).
     """
 
@@ -138,17 +142,30 @@ class Estimator(Protocol):
     probes: int
     generator: torch.Generator | None
 
-    def __call__(self, x: Any, y: Any, shared: Shared | None = None) -> Tensor: ...
+    def __call__(self, x: Any, y: Any, shared: Shared | None = None) -> Tensor:
+        """The estimate on the batch ``(x, y)``, with the graph its gradient needs; ``shared``:
+        what the task pass handed over (valid, for this batch), or ``None``."""
+        ...
 
-    def ready(self) -> Share: ...
+    def ready(self) -> Share:
+        """What the next call takes from the task pass (a part of ``shares``)."""
+        ...
 
-    def parameters(self) -> list[Tensor]: ...
+    def parameters(self) -> list[Tensor]:
+        """The parameters H is taken over (read on every call)."""
+        ...
 
-    def task_pass(self, x: Any, y: Any) -> TaskGradient: ...
+    def task_pass(self, x: Any, y: Any) -> TaskGradient:
+        """The task loss and its gradient, for an estimator that takes the task gradient."""
+        ...
 
-    def state_dict(self) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, Any]:
+        """What the estimator needs to resume exactly (e.g. ``auto``'s verdict)."""
+        ...
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the state of :meth:`state_dict` (other keys of ``state`` are ignored)."""
+        ...
 
 
 @runtime_checkable
@@ -158,9 +175,13 @@ class HutchinsonEngine(Protocol):
     supports: Support
 
     def sq_norm_mean(self, x: Any, y: Any, vectors: Sequence[Tensor | None], shared: Shared | None = None) -> Tensor:
+        """(1/M) Σ_j ‖H v_j‖² for the probe blocks ``vectors`` (one per parameter, ``(M, *p.shape)``),
+        inside the curvature pass."""
         ...
 
-    def draws_itself(self, x: Any) -> Tensor | None: ...
+    def draws_itself(self, x: Any) -> Tensor | None:
+        """The parameter whose probe block this engine draws itself (``None`` in ``vectors``), if any."""
+        ...
 
 
 class ProbeEstimator:
@@ -236,15 +257,23 @@ class ProbeEstimator:
         return curvature_pass(self.model, dropout=self.dropout)
 
     def ready(self) -> Share:
+        """What the next call takes from the task pass: all it declares, unless it says otherwise."""
         return self.shares
 
     def task_pass(self, x: Any, y: Any) -> TaskGradient:
+        """The task pass for an estimator that takes the task gradient (this one does not)."""
         raise TypeError(f"the {self.name} estimator does not share the task gradient")
 
+    def draws_itself(self, x: Any) -> Tensor | None:
+        """The parameter whose probe block this engine draws itself: none (all are given)."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
+        """What the estimator needs to resume exactly (nothing, unless it says otherwise)."""
         return {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the state of :meth:`state_dict` (other keys of ``state`` are ignored)."""
         return None
 
     def __repr__(self) -> str:

@@ -57,7 +57,7 @@ class LayerwiseEstimator(ProbeEstimator):
     cannot show that ``loss_fn`` depends on the model output alone, its first covered pass
     computes both with the same probes (in full precision) and keeps the closed form only if they
     agree (relative difference <= 1e-8 in float64, 1e-4 in float32), otherwise it warns once and
-    uses autograd from then on; :attr:`agrees` holds the verdict (``None`` before the check).
+    uses autograd from then on; ``agrees`` holds the verdict (``None`` before the check).
     Without ``check`` a model it does not cover is a ``ValueError`` naming the reason.
 
     Example:

@@ -1,5 +1,6 @@
 """Training methods behind one template (:class:`Method` = a :class:`Point` + :class:`Term`\\ s +
-one step driver), looked up by name; ``"a+b"`` composes two (see :mod:`.base`, :mod:`.compose`).
+one step driver), looked up by name; ``"a+b"`` composes two (see :mod:`flatness.methods.base`,
+:mod:`flatness.methods.compose`).
 
 Each method module registers itself with :func:`register_method` when imported below.
 """

@@ -256,7 +256,8 @@ def select_and_summarize(
         r.vs_none = compare_samples(dict(zip(r.seeds, r.test_accs)), dict(zip(base.seeds, base.test_accs)))
         if any(v is not None for v in r.sq_trace_per_B) and any(v is not None for v in base.sq_trace_per_B):
             r.flatness_vs_none = compare_samples(
-                log10_by_seed(dict(zip(r.seeds, r.sq_trace_per_B))), log10_by_seed(dict(zip(base.seeds, base.sq_trace_per_B)))
+                log10_by_seed(dict(zip(r.seeds, r.sq_trace_per_B))),
+                log10_by_seed(dict(zip(base.seeds, base.sq_trace_per_B))),
             )
     for attr in ("vs_none", "flatness_vs_none"):  # each table its own Holm family
         compared = [r for r in results if getattr(r, attr) is not None]
