@@ -11,7 +11,8 @@ import torch.distributed as dist
 from helpers import dense_hessian, tiny_batch, tiny_mlp
 from torch import nn
 
-from flatness import FlatnessPenalty
+from flatness import FlatnessPenalty, ModelLoss
+from flatness.batch_loss import adapt, as_pair
 from flatness.estimators import (
     BACKENDS,
     AutogradEstimator,
@@ -132,29 +133,59 @@ def test_declared_autocast_support(backend, kind):
     for e in (ref, est):  # a first call: backend="auto" checks the closed form (in full precision)
         estimate(e, x, y)
     full = estimate(ref, x, y)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         value = estimate(est, x, y)
     value.backward()
+    messages = [str(w.message) for w in caught]
     if est.supports.autocast:
         assert float(value) == pytest.approx(float(full), rel=0.02) and float(value) != float(full)
-    else:
+        assert messages == []
+    else:  # and says so
         assert float(value) == float(full)
+        assert len(messages) == 1 and "its passes run in full precision" in messages[0]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_declared_compile_support(backend):
+    """A whole compiled model: every estimator differentiates its eager module. A model with a
+    compiled part: refused in one line naming the first-order backend unless the estimator
+    declares compile support, and then computed through the compiled part."""
     model = tiny_mlp()
-    compiled = torch.compile(model, backend="aot_eager")
+    whole = FlatnessPenalty(torch.compile(model, backend="aot_eager"), CE, backend=backend)
+    assert whole.local_model is model and whole.estimator.model is model
+    part = tiny_mlp()  # the same weights, its first layer compiled
+    part[0] = torch.compile(part[0], backend="aot_eager")
     if not make_estimator(backend, "hutchinson", model, CE).supports.compile:
-        with pytest.raises(ValueError, match="torch.compile"):
-            make_estimator(backend, "hutchinson", compiled, CE)
-        with pytest.raises(ValueError, match="torch.compile"):
-            FlatnessPenalty(compiled, CE, backend=backend)
+        refusal = r"differentiates twice .* compiled part\(s\) \['0'\] .* backend='finite-difference'"
+        with pytest.raises(ValueError, match=refusal):
+            make_estimator(backend, "hutchinson", part, CE)
+        with pytest.raises(ValueError, match=refusal):
+            FlatnessPenalty(part, CE, backend=backend)
         return
     x, y = tiny_batch()
     plain = estimate(make_estimator(backend, "hutchinson", model, CE, probes=2, generator=_gen(0)), x, y)
-    on_compiled = estimate(make_estimator(backend, "hutchinson", compiled, CE, probes=2, generator=_gen(0)), x, y)
-    assert float(on_compiled) == pytest.approx(float(plain), rel=1e-8)
+    on_part = estimate(make_estimator(backend, "hutchinson", part, CE, probes=2, generator=_gen(0)), x, y)
+    assert float(on_part) == pytest.approx(float(plain), rel=1e-8)
+
+
+@pytest.mark.parametrize("backend, kind", ALL)
+def test_declared_model_loss_support(backend, kind):
+    """A ModelLoss (the model and its loss as one module): supported, the estimate is that of the
+    (output, target) form on the same probes; not supported, one line saying the output is needed."""
+    x, y = tiny_batch()
+    wrapped = ModelLoss(lambda m, batch: CE(m(batch[0]), batch[1]))
+    module, output_is_loss = adapt(tiny_mlp(), wrapped)
+    plain = make_estimator(backend, kind, tiny_mlp(), CE, probes=2, generator=_gen(0))
+    if kind == "cv" or backend in ("layerwise", "kfac"):  # they start from the model output
+        assert not plain.supports.model_loss
+        with pytest.raises(ValueError, match="needs the model output, and a ModelLoss gives only the loss"):
+            make_estimator(backend, kind, module, output_is_loss)
+        return
+    adapted = make_estimator(backend, kind, module, output_is_loss, probes=2, generator=_gen(0))
+    assert adapted.supports.model_loss  # "auto": autograd (the closed form needs the output)
+    value = estimate(adapted, *as_pair((x, y)))
+    assert float(value) == pytest.approx(float(estimate(plain, x, y)), rel=1e-10)
 
 
 def test_declared_ddp_support(tmp_path):

@@ -34,11 +34,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from .batch_loss import ModelLoss, adapt_wrapped, batch_size_of, call_pair
 from .estimators import BACKENDS, Share, Shared, estimate, make_estimator
 from .lam_control import decision_log, grad_norm_surrogate, make_policy
 from .linear_io import STALE_PREFIX, SharedPrefix, share_prefix
+from .precision import PassPrecision
 from .probes import Distribution, make_generator
-from .utils import batch_size, call_model, check_sub_batch, sub_batch_size, take_first, unwrap
+from .utils import batch_size, call_model, check_sub_batch, sub_batch_size, take_first
 
 __all__ = ["BACKENDS", "FlatnessPenalty", "NonFiniteCurvatureError"]
 
@@ -52,7 +54,10 @@ class FlatnessPenalty:
 
     Args:
         model: the network; its parameters that require grad are penalised (or ``params``).
-        loss_fn: ``loss_fn(model(x), y) -> scalar`` (batch mean), the task loss.
+        loss_fn: ``loss_fn(model(x), y) -> scalar`` (batch mean), the task loss; or a
+            :class:`flatness.ModelLoss` ``fn(model, batch)`` for any batch (dicts): the penalty is
+            then called as ``penalty(batch)``, B is the batch's size (:mod:`flatness.batch_loss`),
+            and the estimators that need the model output (layer-wise, K-FAC, ``cv``) are refused.
         lam: λ >= 0; ``lam=0`` computes nothing and returns exact zeros.
         probes, dist: M >= 1 probes per curvature pass, ``"rademacher"`` (the paper's) or
             ``"gaussian"``; seed, generator: their generator (:func:`flatness.make_generator`).
@@ -69,7 +74,10 @@ class FlatnessPenalty:
             pass, else autograd), ``"autograd"``, ``"layerwise"`` (unchecked),
             ``"finite-difference"`` (no double backward; ``fd_step`` its relative steps) or
             ``"kfac"`` (Kronecker factors of a cross-entropy classifier); ``estimator="cv"`` adds
-            the output layer's exact Hessian block as a control variate.
+            the output layer's exact Hessian block as a control variate. Under ``torch.autocast``
+            the passes run in the autocast dtype, the finite-difference ones in full precision
+            (:mod:`flatness.precision`); a ``torch.compile``-d model is differentiated through its
+            eager module, and compiled parts are refused but by ``"finite-difference"``.
         lam_schedule: λ over the steps: a :mod:`flatness.schedules` schedule or its short form
             (``"warmup:0.1+cosine"``, fractions of ``total_steps``); ``lam`` is the peak.
         lam_control: an adaptive λ (:mod:`flatness.lam_control`): ``"ratio[:ρ[:β]]"``,
@@ -112,13 +120,17 @@ class FlatnessPenalty:
         check_sub_batch(sub_batch)
         self.policy = make_policy(lam, every, lam_schedule, lam_control, total_steps)
         self._varying_lam = lam_schedule is not None or lam_control is not None  # else the run's settings hold λ
-        # under DDP the pass runs on the wrapped module; the step's one backward() is all-reduced
-        self.model, self.local_model, self.loss_fn, self.on_nonfinite = model, unwrap(model), loss_fn, on_nonfinite
-        self.backend, self.sub_batch = backend, sub_batch  # the estimator holds the probes
-        self.estimator = make_estimator(
-            backend, estimator, self.local_model, loss_fn, params=params, probes=probes, dist=dist,
+        # a ModelLoss: the model and the loss as one module (flatness.batch_loss); local_model: the
+        # module the out-of-place passes run, inside DDP's wrapper (the step's one backward() is
+        # all-reduced) and torch.compile's (the eager module: compiled code has no double backward)
+        self.model_loss = loss_fn if isinstance(loss_fn, ModelLoss) else None
+        self.model, self.loss_fn, self.local_model = adapt_wrapped(model, loss_fn)
+        self.on_nonfinite, self.backend, self.sub_batch = on_nonfinite, backend, sub_batch
+        self.estimator = make_estimator(  # it holds the probes
+            backend, estimator, self.local_model, self.loss_fn, params=params, probes=probes, dist=dist,
             generator=make_generator(seed, generator), dropout=not eval_during_curvature, fd_step=fd_step,
         )
+        self._precision = PassPrecision()  # under autocast: flatness.precision
         self.calls, self._shared = 0, None  # _shared: what sharing() recorded for the next call
         self.last_sq_trace: float | None = None  # and last_penalty, last_lam: floats after a pass
         self.last_penalty = self.last_lam = self.last_sq_trace
@@ -145,9 +157,11 @@ class FlatnessPenalty:
         """Whether call number ``call`` (default: the next one) computes the curvature term."""
         return self.policy.decide(self.calls if call is None else call).active
 
-    def __call__(self, x: Any, y: Any, *, log: dict[str, float] | None = None) -> Tensor:
-        """The penalty for this mini-batch: λ·Tr(H²)/B with graph, or an exact zero. ``log``
-        receives the floats of the step's λ decision (``lam`` when λ varies, a controller's)."""
+    def __call__(self, x: Any, y: Any = None, *, log: dict[str, float] | None = None) -> Tensor:
+        """The penalty for this mini-batch (``penalty(batch)`` with a :class:`flatness.ModelLoss`):
+        λ·Tr(H²)/B with graph, or an exact zero. ``log`` receives the floats of the step's λ
+        decision (``lam`` when λ varies, a controller's)."""
+        x, y = call_pair(self.model_loss, x, y)
         return self._penalty(x, y, self._take_shared(x), log)
 
     def _take_shared(self, x: Any) -> SharedPrefix | None:
@@ -169,8 +183,9 @@ class FlatnessPenalty:
             and not self.policy.needs_grad_norms and self.model is self.local_model
         )
 
-    def objective(self, x: Any, y: Any, *, log: dict[str, float] | None = None) -> tuple[Tensor, Tensor]:
-        """``(task_loss, task_loss + self(x, y))`` on this mini-batch, the second to back-propagate.
+    def objective(self, x: Any, y: Any = None, *, log: dict[str, float] | None = None) -> tuple[Tensor, Tensor]:
+        """``(task_loss, task_loss + self(x, y))`` on this mini-batch (``objective(batch)`` with a
+        :class:`flatness.ModelLoss`), the second to back-propagate.
 
         The task loss is ``loss_fn(model(x), y)`` in the model's current modes. An estimator that
         shares the task gradient (``"finite-difference"``) takes g(θ) from it when
@@ -183,9 +198,10 @@ class FlatnessPenalty:
             >>> loss, total = penalty.objective(torch.randn(16, 4), torch.randint(0, 3, (16,)))
             >>> total.backward()
         """
+        x, y = call_pair(self.model_loss, x, y)
         if not self.shares_task_gradient():
             loss = self.loss_fn(call_model(self.model, x), y)
-            return loss, loss + self(x, y, log=log)
+            return loss, loss + self._penalty(x, y, self._take_shared(x), log)
         task = self.estimator.task_pass(x, y)
         penalty = self._penalty(x, y, task, log)
         return task.loss.detach(), task.surrogate() + penalty
@@ -223,7 +239,7 @@ class FlatnessPenalty:
     sharing_first_layer = sharing  # its former name
 
     def _penalty(self, x: Any, y: Any, shared: Shared | None, log: dict[str, float] | None) -> Tensor:
-        full_batch = batch_size(x)
+        full_batch = batch_size_of(self.local_model, x)  # B: a ModelLoss may say it
         if full_batch == 0:
             raise ValueError("empty batch: x holds no samples")
         step = self.calls
@@ -234,11 +250,13 @@ class FlatnessPenalty:
             raise ValueError("the model has no parameters that require grad")
         if not decision.active:
             return torch.zeros((), device=params[0].device, dtype=params[0].dtype)
-        n = sub_batch_size(self.sub_batch, full_batch)
-        cx, cy = take_first(x, n), take_first(y, n)
+        cx, cy = x, y
+        if self.sub_batch is not None:  # the first rows; the divisor stays B
+            n = sub_batch_size(self.sub_batch, batch_size(x))
+            cx, cy = take_first(x, n), take_first(y, n)
         if isinstance(shared, SharedPrefix) and cx is not x:
             shared = shared.first_rows(cx)  # a sub-batch: the first rows of the shared prefix
-        estimated = estimate(self.estimator, cx, cy, shared)
+        estimated = estimate(self.estimator, cx, cy, shared, precision=self._precision)
         lam, value = decision.lam, estimated.detach()
         # The step's one host read: the guard must decide before the optimizer steps, and the
         # same read gives the logged floats. λ·Tr(H²)/B in the estimate's dtype: it may overflow

@@ -79,11 +79,6 @@ def compiled_parts(model: nn.Module) -> list[str]:
     ]
 
 
-def is_compiled(model: nn.Module) -> bool:
-    """Whether ``model`` is the wrapper ``torch.compile`` returns (it holds the original module)."""
-    return isinstance(getattr(model, "_orig_mod", None), nn.Module)
-
-
 def module_modes(model: nn.Module) -> list[bool]:
     """The ``training`` flag of every submodule, in ``model.modules()`` order."""
     return [m.training for m in model.modules()]

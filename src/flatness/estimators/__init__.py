@@ -14,7 +14,7 @@ Example:
     >>> [make_estimator(b, "hutchinson", model, nn.CrossEntropyLoss()).name for b in BACKENDS]
     ['auto', 'autograd', 'layerwise', 'finite-difference', 'kfac']
     >>> make_estimator("auto", "cv", model, nn.CrossEntropyLoss()).supports
-    Support(autocast=True, compile=False, ddp=True)
+    Support(autocast=True, compile=False, ddp=True, model_loss=False)
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..batch_loss import BatchLoss
 from ..probes import Distribution
-from ..utils import is_compiled
+from ..utils import require_double_backward
 from .autograd import AutogradEstimator
 from .base import Estimator, HutchinsonEngine, ProbeEstimator, Share, Shared, Support, TaskGradient, estimate
 from .control_variate import ControlVariateEstimator
@@ -56,8 +57,9 @@ __all__ = [
 
 def _auto(model: nn.Module, loss_fn: Any, *, params: Sequence[Tensor] | None = None, **settings: Any) -> ProbeEstimator:
     """``backend="auto"``: the closed form, checked against autograd, where it applies; autograd
-    for a subset of the parameters (the closed form covers all of them)."""
-    if params is not None:
+    for a subset of the parameters (the closed form covers all of them) and for a
+    :class:`flatness.ModelLoss` (the closed form starts from the model output)."""
+    if params is not None or isinstance(model, BatchLoss):
         return AutogradEstimator(model, loss_fn, params=params, **settings)
     return LayerwiseEstimator(model, loss_fn, check=True, **settings)
 
@@ -88,13 +90,18 @@ def make_estimator(
     fd_step: float | tuple[float, float] | None = None,
 ) -> Estimator:
     """The estimator of ``backend`` (a key of :data:`BACKENDS`), wrapped as ``estimator`` says
-    (:data:`ESTIMATORS`); ``model`` is the module the curvature pass runs (unwrapped from DDP).
+    (:data:`ESTIMATORS`); ``model`` is the module the curvature pass runs (unwrapped from DDP
+    and from ``torch.compile``'s wrapper: :func:`flatness.utils.unwrap`), and a
+    :class:`flatness.batch_loss.BatchLoss` with ``loss_fn`` its
+    :func:`~flatness.batch_loss.output_is_loss` for a :class:`flatness.ModelLoss`
+    (:func:`flatness.batch_loss.adapt`).
 
     Raises:
         ValueError: an unknown name, ``params`` for an estimator that penalises all the model's
             parameters, ``estimator="cv"`` around a backend with an estimator of its own,
-            ``fd_step`` for another backend, or a ``torch.compile``-d model for an estimator that
-            needs double backward — each message naming the argument.
+            ``fd_step`` for another backend, a model with compiled parts for an estimator that
+            needs double backward, or a ModelLoss for one that needs the model output — each
+            message naming the argument.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
@@ -111,9 +118,10 @@ def make_estimator(
         if not isinstance(chosen, HutchinsonEngine):
             raise ValueError(f"backend={backend!r} has its own estimator: drop estimator")
         chosen = wrap(chosen)
-    if is_compiled(model) and not chosen.supports.compile:
-        raise ValueError(
-            f"backend={backend!r} differentiates twice, which torch.compile refuses: "
-            "use backend='finite-difference' (or pass the uncompiled model)"
-        )
+    if isinstance(model, BatchLoss) and not chosen.supports.model_loss:
+        what = f"estimator={estimator!r}" if wrap is not None else f"backend={backend!r}"
+        raise ValueError(f"{what} needs the model output, and a ModelLoss gives only the loss: "
+                         "use backend='auto', 'autograd' or 'finite-difference'")
+    if not chosen.supports.compile:
+        require_double_backward(model, f"backend={backend!r}")
     return chosen

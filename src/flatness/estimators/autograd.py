@@ -32,7 +32,8 @@ class AutogradEstimator(ProbeEstimator):
 
     (:func:`flatness.sq_trace` on the loss of a forward pass of its own, under the curvature pass's
     function). It shares nothing with the task pass; it supports autocast (the Hessian of the
-    autocast function) and DDP, not ``torch.compile`` (no double backward).
+    autocast function), DDP and a :class:`flatness.ModelLoss` (it needs only the loss), not
+    compiled parts (no double backward).
 
     Example:
         >>> import torch
@@ -49,7 +50,7 @@ class AutogradEstimator(ProbeEstimator):
 
     name = "autograd"
     shares = Share.NOTHING
-    supports = Support(autocast=True, compile=False, ddp=True)
+    supports = Support(autocast=True, compile=False, ddp=True, model_loss=True)
 
     def __call__(self, x: Any, y: Any, shared: Shared | None = None) -> Tensor:
         with self.curvature_pass():

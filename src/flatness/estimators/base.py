@@ -8,24 +8,26 @@ An :class:`Estimator` returns a differentiable estimate of
 on one curvature batch, computed the way its backend computes it — one class per backend, each
 in its own module of :mod:`flatness.estimators` beside the operator module it uses:
 
-=======================  ===========================================  ==================  ===================
+=======================  ===========================================  ==================  =======================
 ``backend=``             class (operator module)                      shares              supports
-=======================  ===========================================  ==================  ===================
-``"autograd"``           ``AutogradEstimator`` (``hutchinson``)        nothing             autocast, DDP
+=======================  ===========================================  ==================  =======================
+``"autograd"``           ``AutogradEstimator`` (``hutchinson``)        nothing             autocast, DDP, ModelLoss
 ``"layerwise"``          ``LayerwiseEstimator`` (``layerwise``)        first layer         autocast, DDP
 ``"auto"``               ``LayerwiseEstimator(check=True)``            first layer         autocast, DDP
-``"finite-difference"``  ``FiniteDifferenceEstimator``                 task gradient       compile, DDP
+                         (``AutogradEstimator`` for a ModelLoss)
+``"finite-difference"``  ``FiniteDifferenceEstimator``                 task gradient       compile, DDP, ModelLoss
                          (``finite_difference``)
 ``"kfac"``               ``KFACEstimator`` (``kfac``)                  prefix              autocast, DDP
-``estimator="cv"``       ``ControlVariateEstimator``                   prefix              its engine's, DDP
-                         (``control_variate``) around the first two
-=======================  ===========================================  ==================  ===================
+``estimator="cv"``       ``ControlVariateEstimator``                   prefix              its engine's autocast,
+                         (``control_variate``) around the first two                       DDP
+=======================  ===========================================  ==================  =======================
 
 Each declares, as attributes, what it can take from the training step's task pass
-(:class:`Share`) and what it supports (:class:`Support`: ``torch.autocast``, ``torch.compile``,
-DistributedDataParallel). :func:`flatness.estimators.make_estimator` is the one place where a
-``backend=``/``estimator=`` pair becomes an object, and :func:`estimate` the one place where the
-declarations are applied (an estimator that does not support autocast runs with it off).
+(:class:`Share`) and what it supports (:class:`Support`: ``torch.autocast``, compiled parts,
+DistributedDataParallel, a :class:`flatness.ModelLoss`). :func:`flatness.estimators.make_estimator`
+is the one place where a ``backend=``/``estimator=`` pair becomes an object (and refuses what
+the object does not support), and :func:`estimate` the one place where the declarations are
+applied to a call (an estimator that does not support autocast runs with it off).
 
 What an estimator takes from the task pass is a cache of that pass:
 :class:`flatness.linear_io.SharedPrefix` records the versions of the parameters and of the
@@ -50,7 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -60,6 +62,7 @@ from torch import Tensor, nn
 from ..finite_difference import FrozenKinks, surrogate
 from ..linear_io import SharedPrefix
 from ..passes import curvature_pass
+from ..precision import PassPrecision
 from ..probes import Distribution, check_distribution
 
 __all__ = [
@@ -96,14 +99,18 @@ class Support:
     """What an estimator works with (``tests/test_estimators.py`` checks each declaration).
 
     ``autocast``: its value under ``torch.autocast`` is the autocast function's (else
-    :func:`estimate` runs it with autocast off); ``compile``: it runs on a model compiled with
-    ``torch.compile`` (which refuses double backward); ``ddp``: it runs on the module inside
-    DistributedDataParallel and its term is all-reduced by the one ``backward()`` of the step.
+    :func:`estimate` runs it with autocast off); ``compile``: it runs on a model with parts
+    compiled by ``torch.compile`` (whose code has no double backward; a whole model compiled
+    with ``torch.compile(model)`` is differentiated through its eager module by every estimator);
+    ``ddp``: it runs on the module inside DistributedDataParallel and its term is all-reduced by
+    the one ``backward()`` of the step; ``model_loss``: it needs only the loss, not the model
+    output, so it runs on a :class:`flatness.ModelLoss` (:mod:`flatness.batch_loss`).
     """
 
     autocast: bool
     compile: bool
     ddp: bool
+    model_loss: bool
 
 
 @dataclass
@@ -201,7 +208,7 @@ class ProbeEstimator:
     name: ClassVar[str] = ""
     argument: ClassVar[str] = "backend"  # the penalty's argument that names it
     shares: Share = Share.NOTHING
-    supports: ClassVar[Support] = Support(autocast=True, compile=False, ddp=True)
+    supports: ClassVar[Support] = Support(autocast=True, compile=False, ddp=True, model_loss=False)
 
     def __init__(
         self,
@@ -280,19 +287,14 @@ class ProbeEstimator:
         return f"{type(self).__name__}(probes={self.probes}, dist={self.dist!r})"
 
 
-@contextlib.contextmanager
-def _autocast_as_declared(estimator: Estimator, device_type: str) -> Iterator[None]:
-    if estimator.supports.autocast or not torch.is_autocast_enabled(device_type):
-        yield
-        return
-    with torch.autocast(device_type, enabled=False):
-        yield
-
-
-def estimate(estimator: Estimator, x: Any, y: Any, shared: Shared | None = None) -> Tensor:
+def estimate(
+    estimator: Estimator, x: Any, y: Any, shared: Shared | None = None, *, precision: PassPrecision | None = None
+) -> Tensor:
     """``estimator(x, y, shared)`` with its declarations applied: an estimator that does not
-    support autocast runs with it switched off (in the parameters' precision)."""
+    support autocast runs with it switched off, in the parameters' precision, and says so once
+    per ``precision`` (:class:`flatness.precision.PassPrecision`; the caller's, e.g. a penalty's,
+    else a new one)."""
     params = estimator.parameters()
     device_type = params[0].device.type if params else "cpu"
-    with _autocast_as_declared(estimator, device_type):
+    with (precision or PassPrecision())(device_type, estimator.supports.autocast, estimator.name):
         return estimator(x, y, shared)

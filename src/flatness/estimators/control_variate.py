@@ -27,7 +27,8 @@ class ControlVariateEstimator(ProbeEstimator):
 
     It starts from the task forward's mode-independent prefix (:attr:`Share.PREFIX`; the
     layer-wise engine takes its first Linear output from it) and supports what its engine
-    supports but ``torch.compile``. All the model's trainable parameters are penalised.
+    supports but compiled parts and a :class:`flatness.ModelLoss` (its exact block needs the
+    model output). All the model's trainable parameters are penalised.
 
     Example:
         >>> import torch
@@ -60,7 +61,7 @@ class ControlVariateEstimator(ProbeEstimator):
     @property
     def supports(self) -> Support:  # type: ignore[override]
         engine = self.engine.supports
-        return Support(autocast=engine.autocast, compile=False, ddp=engine.ddp)
+        return Support(autocast=engine.autocast, compile=False, ddp=engine.ddp, model_loss=False)
 
     def children(self) -> tuple[ProbeEstimator, ...]:
         return (self.engine,)

@@ -48,7 +48,8 @@ class FiniteDifferenceEstimator(ProbeEstimator):
 
     It takes the task pass's g(θ) (:attr:`Share.TASK_GRADIENT`) when that pass computes the
     curvature pass's function (:func:`flatness.finite_difference.same_function_in_train_mode`)
-    for all trainable parameters. It supports ``torch.compile`` and DDP; not autocast (the
+    for all trainable parameters. It supports compiled parts (``torch.compile``), DDP and a
+    :class:`flatness.ModelLoss`; not autocast (the
     differences need the parameters' precision: :func:`flatness.estimators.estimate` runs it
     with autocast off). ``h``: the relative steps of :func:`flatness.finite_difference.step_sizes`.
 
@@ -68,7 +69,7 @@ class FiniteDifferenceEstimator(ProbeEstimator):
 
     name = "finite-difference"
     shares = Share.TASK_GRADIENT
-    supports = Support(autocast=False, compile=True, ddp=True)
+    supports = Support(autocast=False, compile=True, ddp=True, model_loss=True)
 
     def __init__(
         self,

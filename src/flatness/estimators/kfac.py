@@ -27,7 +27,8 @@ __all__ = ["KFACEstimator"]
 class KFACEstimator(ProbeEstimator):
     """K-FAC for classifiers built of Linear layers (cross-entropy of the logits; others are
     refused). It starts from the task forward's mode-independent prefix (:attr:`Share.PREFIX`)
-    and supports autocast and DDP, not ``torch.compile``; its only randomness is the sampled
+    and supports autocast and DDP, not compiled parts nor a :class:`flatness.ModelLoss` (it
+    needs the logits); its only randomness is the sampled
     labels (``generator``).
 
     Example:
@@ -46,7 +47,7 @@ class KFACEstimator(ProbeEstimator):
 
     name = "kfac"
     shares = Share.PREFIX
-    supports = Support(autocast=True, compile=False, ddp=True)
+    supports = Support(autocast=True, compile=False, ddp=True, model_loss=False)
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Any], Tensor], *,
                  params: Sequence[Tensor] | None = None, **settings: Any) -> None:

@@ -14,7 +14,6 @@ forward, signals backward) instead of by double backward:
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import math
 import warnings
@@ -26,6 +25,7 @@ from torch import Tensor, nn
 
 from ..layerwise import first_linear, layerwise_sq_trace, unsupported_reason
 from ..linear_io import SharedPrefix
+from ..precision import full_precision
 from ..probes import Distribution, sample_probes
 from .autograd import AutogradEstimator
 from .base import ProbeEstimator, Share, Shared, Support
@@ -49,7 +49,8 @@ class LayerwiseEstimator(ProbeEstimator):
 
     by :func:`flatness.layerwise.layerwise_sq_trace` on the model's own layers, for all its
     trainable parameters. It takes the task forward's first Linear output
-    (:attr:`Share.FIRST_LAYER`), supports autocast and DDP, not ``torch.compile``.
+    (:attr:`Share.FIRST_LAYER`), supports autocast and DDP, not compiled parts nor a
+    :class:`flatness.ModelLoss` (the closed form starts from the model output).
 
     With ``check=True`` (``backend="auto"``) it applies where
     :func:`flatness.layerwise.unsupported_reason` finds nothing, else it is
@@ -75,7 +76,7 @@ class LayerwiseEstimator(ProbeEstimator):
     """
 
     shares = Share.FIRST_LAYER
-    supports = Support(autocast=True, compile=False, ddp=True)
+    supports = Support(autocast=True, compile=False, ddp=True, model_loss=False)
 
     def __init__(
         self,
@@ -157,9 +158,7 @@ class LayerwiseEstimator(ProbeEstimator):
     def _verified(self, x: Any, y: Any, vectors: Sequence[Tensor | None]) -> Tensor:
         """``auto``'s first pass: autograd, and the closed form on the same probes, kept if they
         agree (in full precision: the check is about the loss, not about rounding)."""
-        device = self.parameters()[0].device.type
-        off = torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
-        with off:
+        with full_precision(self.parameters()[0].device.type):
             slow = self.fallback.sq_norm_mean(x, y, vectors)
             fast = layerwise_sq_trace(self.model, self.loss_fn, x, y, probe_vectors=vectors)
         a, b = float(fast.detach()), float(slow.detach())
