@@ -48,7 +48,7 @@ from .measure import EPOCH_MEASURE_BATCHES, EPOCH_MEASURE_PROBES, measure_final,
 from .platforms import environment
 from .progress import progress_bar
 from .record import RECORD_FIELDS, RunRecord, check_writable, read_record, write_record
-from .specs import RunSpec, accepts, check_lam_policy, identity, rank_kwargs, resolved_settings
+from .specs import RunSpec, accepts, identity, rank_kwargs, resolved_settings
 from ..world.plugins import check_source, plugin_sources, restore_plugins
 from ..world.tasks import TrainConfig, get_task
 from .training import TrainingDiverged, make_optimizer, steps_per_epoch, train
@@ -132,7 +132,6 @@ def execute_run(
             },
         )
     try:
-        check_lam_policy(spec.method, kwargs)  # also at λ = 0, which builds no λ policy
         if dist_ctx is not None:
             # identical initial weights on every rank (DDP also broadcasts rank 0's), then each
             # rank's own streams: dropout from the global generator, probes from the method's
