@@ -19,7 +19,7 @@ in its own module of :mod:`flatness.estimators` beside the operator module it us
                          (``finite_difference``)
 ``"kfac"``               ``KFACEstimator`` (``kfac``)                  prefix              autocast, DDP
 ``estimator="cv"``       ``ControlVariateEstimator``                   prefix              its engine's autocast,
-                         (``control_variate``) around the first two                       DDP
+                         (``control_variate``) around the first two                        DDP
 =======================  ===========================================  ==================  =======================
 
 Each declares, as attributes, what it can take from the training step's task pass
