@@ -7,6 +7,7 @@ import torch
 from helpers import tiny_batch, tiny_mlp
 from torch import nn
 
+from flatness import FlatnessPenalty
 from flatness.kfac import kfac_sq_trace, kronecker_factors
 from flatness.linear_io import share_prefix
 from flatness.probes import categorical
@@ -130,3 +131,49 @@ def test_in_place_activations_give_the_same_value_and_gradient():
     with share_prefix(inplace) as prefix:  # nothing is shared past an in-place module
         inplace(x)
     assert prefix.length == 0 and prefix.output is None
+
+
+def test_regression_losses_are_refused_with_the_reason():
+    """Issue 30, finding 3: MSE gave a meaningless number for one output and an unnamed shape
+    mismatch for two; K-FAC's factors are those of the cross-entropy of the logits only."""
+    x, _ = tiny_batch(seed=2, n=8, d_in=3)
+    for outputs in (1, 2):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, outputs)).double()
+        y = torch.randn(8, outputs, dtype=torch.float64)
+        with pytest.raises(ValueError, match="cross-entropy of the model's logits"):
+            kfac_sq_trace(model, nn.MSELoss(), x, y, seed=0)
+        penalty = FlatnessPenalty(model, nn.MSELoss(), lam=0.1, backend="kfac")
+        with pytest.raises(ValueError, match="MSELoss is a regression loss"):
+            penalty(x, y)
+        with pytest.raises(ValueError, match="cross-entropy of the model's logits"):  # any function
+            kfac_sq_trace(model, lambda out, t: ((out - t.unsqueeze(1)) ** 2).mean(), x, seed=0)
+    model = tiny_mlp()
+    weighted = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+    penalised = lambda out, y: CE(out, y) + 0.1 * out.square().mean()  # noqa: E731
+    for other in (nn.CrossEntropyLoss(label_smoothing=0.1), weighted, penalised):
+        with pytest.raises(ValueError, match="cross-entropy"):
+            kfac_sq_trace(model, other, x, seed=0)
+
+
+def test_a_summed_cross_entropy_is_n_squared_times_the_mean_like_the_other_backends():
+    """Issue 30, finding 4: reduction="sum" came out N² too large against the other backends."""
+    model = tiny_mlp(seed=4)
+    x, y = tiny_batch(seed=5, n=6)
+    n = x.shape[0]
+    mean_loss, sum_loss = nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="sum")
+    with eval_mode(model):
+        k_mean = kfac_sq_trace(model, mean_loss, x, y, seed=3)
+        k_sum = kfac_sq_trace(model, sum_loss, x, y, seed=3)
+        summed = lambda out, t: nn.functional.cross_entropy(out, t, reduction="sum")  # noqa: E731
+        functional = kfac_sq_trace(model, summed, x, y, seed=3)
+    assert float(k_sum) == pytest.approx(n**2 * float(k_mean), rel=1e-12)
+    assert float(functional) == pytest.approx(float(k_sum), rel=1e-12)
+    ratios = []
+    for loss_fn in (mean_loss, sum_loss):
+        kfac = FlatnessPenalty(model, loss_fn, lam=1.0, seed=3, backend="kfac")(x, y)
+        exact = FlatnessPenalty(model, loss_fn, lam=1.0, probes=4, seed=3, backend="autograd")(x, y)
+        ratios.append(float(kfac) / float(exact))
+    assert ratios[1] == pytest.approx(ratios[0], rel=1e-10)  # the same approximation either way
+    grads = torch.autograd.grad(k_sum, list(model.parameters()))
+    assert all(torch.isfinite(g).all() for g in grads)

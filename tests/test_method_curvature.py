@@ -77,7 +77,7 @@ def test_method_step_follows_the_gradient_of_loss_plus_alpha_mean_sq_norm():
     assert method.last_impl == "closed-form"
     for p, e in zip(model.parameters(), expected):
         torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)
-    assert info["penalty"] == pytest.approx(alpha * info["mean_sq_grad_norm"], rel=1e-12)
+    assert float(info["penalty"]) == pytest.approx(alpha * float(info["mean_sq_grad_norm"]), rel=1e-12)
 
 
 class Gain(nn.Module):

@@ -178,3 +178,60 @@ def test_each_method_fits_a_small_problem(label):
     with torch.no_grad():
         assert float(CE(model(x), y)) < 0.6 * start
 
+
+
+# --- no host synchronisation in a step -----------------------------------------------------
+
+from torch.overrides import TorchFunctionMode  # noqa: E402
+
+HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__float__, torch.Tensor.__int__,
+              torch.Tensor.__bool__, torch.Tensor.__index__}
+
+
+class HostReads(TorchFunctionMode):
+    """Records every read of a tensor's value on the host (on a device each one waits for it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in HOST_READS:
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_host_read_detector_sees_each_kind_of_read():
+    t = torch.ones(())
+    with HostReads() as seen:
+        float(t), t.item(), bool(t), int(t), t.tolist(), [0, 1][t.long()]
+    assert len(seen.reads) == 6
+
+
+def bn_mlp(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Dropout(0.3), nn.Linear(5, 3)).double()
+
+
+@pytest.mark.parametrize("label", sorted(SETTINGS) + ["sam+fa", "fa_every2"])
+def test_a_step_reads_nothing_on_the_host_but_the_fa_guard(label):
+    """Method.step never reads a tensor on the host (float(), .item(), bool(), ...): each read
+    waits for the device. The one exception is the FA penalty's curvature step, whose
+    non-finite guard must decide before the update: exactly one read there (the first step's
+    check of the closed form against autograd aside)."""
+    every = 2 if label == "fa_every2" else 1
+    settings = {"lam": 0.1, "probes": 2, "seed": 0, "every": every} if label.startswith("fa") else None
+    model = bn_mlp()
+    if label == "sam+fa":
+        method = make_method("sam+fa", model, CE, rho=0.1, lam=0.1, probes=2, seed=0)
+    else:
+        method = make_method("fa", model, CE, **settings) if settings else _method(label, model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = tiny_batch(n=8)
+    method.step(x, y, opt)  # the first step: FA's backend="auto" checks the closed form once
+    uses_fa = label.startswith("fa") or label == "sam+fa"
+    for step in range(1, 5):
+        with HostReads() as seen:
+            method.step(x, y, opt)
+        guard = uses_fa and step % every == 0
+        assert seen.reads == (["tolist"] if guard else []), f"step {step}: {seen.reads}"

@@ -143,3 +143,39 @@ def test_a_sub_batch_shares_the_first_rows_of_the_prefix(kwargs, dropout):
     (loss + alone(x, y)).backward()  # no shared prefix: the pass runs the sub-batch itself
     for a, b in zip(shared, _grads(model)):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.1])
+def test_bad_lam_policy_arguments_are_refused_at_any_lam(lam):
+    """Issue 30, finding 8: a bogus schedule or controller was accepted at λ = 0 (and written
+    into the record); it is refused at construction whatever λ, naming the argument."""
+    model = tiny_mlp()
+    with pytest.raises(ValueError, match="lam_schedule"):
+        FlatnessPenalty(model, CE, lam=lam, lam_schedule="bogus:3", total_steps=100)
+    with pytest.raises(ValueError, match="lam_schedule.*total_steps"):
+        FlatnessPenalty(model, CE, lam=lam, lam_schedule="warmup:0.1+cosine")
+    with pytest.raises(ValueError, match="lam_schedule"):
+        FlatnessPenalty(model, CE, lam=lam, lam_schedule=42)
+    for bogus in ("bogus", "ratio:x", "spike:0.5", object()):
+        with pytest.raises(ValueError, match="lam_control"):
+            FlatnessPenalty(model, CE, lam=lam, lam_control=bogus)
+    good = FlatnessPenalty(model, CE, lam=lam, lam_control="ratio:0.5", every=2)
+    assert good.is_active() == (lam > 0)
+    good = FlatnessPenalty(model, CE, lam=lam, lam_schedule="warmup:0.1+cosine", total_steps=100)
+    assert good.is_active(50) == (lam > 0)
+
+
+def test_every_lam_policy_implements_the_declared_protocol_with_one_log():
+    from flatness.lam_control import GradRatioController, make_policy
+    from flatness.schedules import DecisionLog, LamPolicy, ScheduledLam
+
+    policies = [make_policy(0.1), make_policy(0.1, lam_schedule="constant", total_steps=4),
+                make_policy(0.1, lam_control="ratio"), make_policy(0.1, lam_control="spike")]
+    assert {type(p).__name__ for p in policies} == {"ScheduledLam", "GradRatioController", "CurvatureSpikeController"}
+    for policy in policies:
+        assert isinstance(policy, LamPolicy) and isinstance(policy, DecisionLog)
+        assert type(policy).pop_log is DecisionLog.pop_log  # one implementation
+    assert GradRatioController.needs_grad_norms and not ScheduledLam.needs_grad_norms
+    spike = make_policy(0.1, lam_control="spike")
+    spike.update(0, sq_trace=torch.tensor(3.0))  # a measurement may be a 0-d tensor
+    assert len(spike.pop_log()) == 1 and spike.pop_log() == []

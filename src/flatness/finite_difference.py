@@ -294,68 +294,90 @@ def fd_sq_trace(
             model as it is.
     """
     params = list(params)
-    names = parameter_names(model, params)
     theta = [p.detach() for p in params]
-    device = theta[0].device
     h_v, h_u = relative_step(theta[0].dtype, h)
-    count = 0
     if freeze_kinks and kinks is None:
         kinks = FrozenKinks()
     elif not freeze_kinks:
         kinks = None
-
-    ctx = curvature_pass(model, dropout=dropout, attention_math=False, exact_norms=False) if policy else contextlib.nullcontext()
-    with ctx, _replayed_rng(device) as rewind:
-
-        def gradient(shifts: Sequence[tuple[float, Sequence[Tensor]]]) -> list[Tensor]:
-            nonlocal count
-            count += 1
-            point = []
-            for i, t in enumerate(theta):
-                shifted = t.clone()
-                for scale, d in shifts:
-                    shifted.add_(d[i], alpha=scale)
-                point.append(shifted.requires_grad_())
-            rewind()
-            frozen = kinks.replaying() if kinks is not None and shifts else contextlib.nullcontext()
-            record = kinks.recording() if kinks is not None and not shifts else contextlib.nullcontext()
-            with torch.enable_grad(), frozen, record:
-                loss = loss_fn(_call(model, dict(zip(names, point)), x), y)
-            grads = torch.autograd.grad(loss, point, allow_unused=True)
-            return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, theta)]
-
+    ctx = (curvature_pass(model, dropout=dropout, attention_math=False, exact_norms=False) if policy
+           else contextlib.nullcontext())
+    with ctx, _replayed_rng(theta[0].device) as rewind:
+        gradient = _ShiftedGradients(model, loss_fn, x, y, parameter_names(model, params), theta, kinks, rewind)
         if grad0 is None:
             g0 = gradient([])
         else:
             g0 = [g.detach() for g in grad0]
-            if kinks is not None and not kinks.recorded:  # the masks at θ: one forward pass
-                rewind()
-                with torch.no_grad(), kinks.recording():
-                    _call(model, dict(zip(names, theta)), x)
-        num = probe_vectors[0].shape[0]
-        values: list[Tensor] = []
-        total: list[Tensor] | None = [torch.zeros_like(t) for t in theta] if with_grad else None
-        steps: list[tuple[float, float]] = []
-        for j in range(num):
-            v = [pv[j] for pv in probe_vectors]
-            r = step_sizes(theta, v, h_v)
-            if r == 0.0:  # an all-zero probe: H v = 0, no gradient
-                values.append(torch.zeros((), device=device, dtype=theta[0].dtype))
-                steps.append((0.0, 0.0))
-                continue
-            g_r = gradient([(r, v)])
-            u = [(a - b) / r for a, b in zip(g_r, g0)]
-            values.append(_norm(u).square())
-            s = 0.0
-            if total is not None:
-                s = step_sizes(theta, u, h_u)
-                if s > 0.0:
-                    g_s = gradient([(s, u)])
-                    g_rs = gradient([(s, u), (r, v)])
-                    for acc, a, b, c, d in zip(total, g_rs, g_s, g_r, g0):
-                        acc.add_((a - b - c + d) * (2.0 / (r * s * num)))
-            steps.append((r, s))
-    return FDEstimate(torch.stack(values).detach(), total, steps, count)
+            gradient.record_kinks()
+        values, total, steps = _probe_terms(gradient, theta, g0, probe_vectors, h_v, h_u, with_grad)
+    return FDEstimate(torch.stack(values).detach(), total, steps, gradient.count)
+
+
+class _ShiftedGradients:
+    """g(θ + Σ scale·direction) at shifted parameters (``functional_call``), from the same random
+    state every time, with the ReLU kinks of θ replayed; ``count`` evaluations so far."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, x: Any, y: Any, names: list[str],
+                 theta: list[Tensor], kinks: FrozenKinks | None, rewind: Callable[[], None]) -> None:
+        self.model, self.loss_fn, self.x, self.y = model, loss_fn, x, y
+        self.names, self.theta, self.kinks, self.rewind = names, theta, kinks, rewind
+        self.count = 0
+
+    def __call__(self, shifts: Sequence[tuple[float, Sequence[Tensor]]]) -> list[Tensor]:
+        self.count += 1
+        point = []
+        for i, t in enumerate(self.theta):
+            shifted = t.clone()
+            for scale, d in shifts:
+                shifted.add_(d[i], alpha=scale)
+            point.append(shifted.requires_grad_())
+        self.rewind()
+        kinks = self.kinks
+        frozen = kinks.replaying() if kinks is not None and shifts else contextlib.nullcontext()
+        record = kinks.recording() if kinks is not None and not shifts else contextlib.nullcontext()
+        with torch.enable_grad(), frozen, record:
+            loss = self.loss_fn(_call(self.model, dict(zip(self.names, point)), self.x), self.y)
+        grads = torch.autograd.grad(loss, point, allow_unused=True)
+        return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, self.theta)]
+
+    def record_kinks(self) -> None:
+        """The masks at θ by one forward pass, unless the pass that gave g(θ) recorded them."""
+        if self.kinks is not None and not self.kinks.recorded:
+            self.rewind()
+            with torch.no_grad(), self.kinks.recording():
+                _call(self.model, dict(zip(self.names, self.theta)), self.x)
+
+
+def _probe_terms(
+    gradient: _ShiftedGradients, theta: list[Tensor], g0: list[Tensor], probe_vectors: Sequence[Tensor],
+    h_v: float, h_u: float, with_grad: bool,
+) -> tuple[list[Tensor], list[Tensor] | None, list[tuple[float, float]]]:
+    """Per probe: ‖u‖² with u = (g(θ + r v) − g(θ))/r, and (with ``with_grad``) the mean of the
+    second differences 2·T[v, u, ·]; the steps (r, s) taken."""
+    num = probe_vectors[0].shape[0]
+    values: list[Tensor] = []
+    total: list[Tensor] | None = [torch.zeros_like(t) for t in theta] if with_grad else None
+    steps: list[tuple[float, float]] = []
+    for j in range(num):
+        v = [pv[j] for pv in probe_vectors]
+        r = step_sizes(theta, v, h_v)
+        if r == 0.0:  # an all-zero probe: H v = 0, no gradient
+            values.append(torch.zeros((), device=theta[0].device, dtype=theta[0].dtype))
+            steps.append((0.0, 0.0))
+            continue
+        g_r = gradient([(r, v)])
+        u = [(a - b) / r for a, b in zip(g_r, g0)]
+        values.append(_norm(u).square())
+        s = 0.0
+        if total is not None:
+            s = step_sizes(theta, u, h_u)
+            if s > 0.0:
+                g_s = gradient([(s, u)])
+                g_rs = gradient([(s, u), (r, v)])
+                for acc, a, b, c, d in zip(total, g_rs, g_s, g_r, g0):
+                    acc.add_((a - b - c + d) * (2.0 / (r * s * num)))
+        steps.append((r, s))
+    return values, total, steps
 
 
 def surrogate(params: Sequence[Tensor], value: Tensor, grads: Sequence[Tensor]) -> Tensor:

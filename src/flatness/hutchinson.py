@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .probes import Distribution, make_generator, sample_probes
+from .probes import Distribution, chunked_samples, make_generator, sample_probes
 
 __all__ = [
     "Estimate",
@@ -56,6 +56,14 @@ class Estimate:
     def as_dict(self) -> dict[str, float]:
         """The three fields as a JSON-ready dict."""
         return {"value": self.value, "stderr": self.stderr, "num_samples": self.num_samples}
+
+    @classmethod
+    def from_samples(cls, samples: Tensor, offset: float = 0.0) -> Estimate:
+        """``offset`` + the mean of the per-probe ``samples``, with its standard error (NaN for one)."""
+        samples = samples.detach().double().cpu()
+        n = samples.numel()
+        stderr = float(samples.std(unbiased=True)) / math.sqrt(n) if n > 1 else math.nan
+        return cls(offset + float(samples.mean()), stderr, n)
 
 
 def _check_params(params: Sequence[Tensor]) -> list[Tensor]:
@@ -190,6 +198,11 @@ def sq_trace_samples(
     prods = _probe_products(
         loss, params, probes, dist, generator, seed, probe_vectors, create_graph, batched
     )
+    return _per_probe_sq_norms(prods)
+
+
+def _per_probe_sq_norms(prods: Sequence[Tensor]) -> Tensor:
+    """‖H v_j‖² for each probe j from the blocks (M, *p.shape) of the products: shape (M,)."""
     return torch.stack([hv.flatten(1).pow(2).sum(1) for hv in prods]).sum(0)
 
 
@@ -268,14 +281,9 @@ def measure_sq_trace(
         raise ValueError(f"number of probes must be >= 1, got {probes}")
     generator = make_generator(seed, generator)
     grads = torch.autograd.grad(loss, params, create_graph=True)
-    samples = []
-    done = 0
-    while done < probes:
-        m = min(batch_probes, probes - done)
-        vecs = sample_probes(params, m, dist, generator=generator)
-        prods = hvp(loss, params, vecs, grads=grads, create_graph=False)
-        samples.append(torch.stack([hv.flatten(1).pow(2).sum(1) for hv in prods]).sum(0))
-        done += m
-    values = torch.cat(samples).detach().double().cpu()
-    stderr = float(values.std(unbiased=True) / math.sqrt(probes)) if probes > 1 else float("nan")
-    return Estimate(float(values.mean()), stderr, probes)
+    samples = chunked_samples(
+        probes, batch_probes,
+        lambda m: sample_probes(params, m, dist, generator=generator),
+        lambda vecs: _per_probe_sq_norms(hvp(loss, params, vecs, grads=grads, create_graph=False)),
+    )
+    return Estimate.from_samples(samples)

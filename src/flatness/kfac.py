@@ -26,10 +26,14 @@ each factor by the cheaper of its d×d and N×N Gram matrices. One forward pass 
 pass to the layer outputs (not to the weights), no probes and no Hessian-vector product; the
 sampled labels are held fixed when the value is differentiated.
 
-The loss is taken to be a batch mean of per-example losses of the logits and class ids:
-cross-entropy over C >= 2 logits (labels sampled from their softmax) or binary cross-entropy on
-one logit (labels from Bernoulli(sigmoid)); every trainable parameter must belong to a Linear layer
-(:data:`flatness.layers.LINEAR_TYPES`) that runs once per forward pass.
+The loss must be the negative log-likelihood of those labels — cross-entropy over C >= 2 logits
+(labels sampled from their softmax) or binary cross-entropy on one logit (labels from
+Bernoulli(sigmoid)) — as the batch mean or the batch sum of the per-example terms; each call
+checks it on the sampled labels (:func:`loss_scale`) and refuses any other loss (a regression
+loss such as ``MSELoss`` has no such factors here). A summed loss is N times the mean, so its
+Tr(H²) is N² times the mean's: the estimate is scaled by :attr:`KroneckerFactors.loss_scale`\ ².
+Every trainable parameter must belong to a Linear layer (:data:`flatness.layers.LINEAR_TYPES`)
+that runs once per forward pass.
 
 Example:
     >>> import torch
@@ -49,17 +53,19 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from .linear_io import SharedPrefix, input_gram, linear_calls
 from .probes import categorical, make_generator
 
-__all__ = ["KroneckerFactors", "kfac_sq_trace", "kronecker_factors"]
+__all__ = ["KroneckerFactors", "kfac_sq_trace", "kronecker_factors", "loss_scale"]
 
 
 def _predictive(logits: Tensor) -> Tensor:
@@ -82,13 +88,16 @@ class KroneckerFactors:
     """One Linear layer's K-FAC factors on a batch, as rows: A = ÃᵀÃ/N, G = ΓᵀΓ/N.
 
     ``inputs``: the layer's input rows (N, n), dense or sparse; ``grads``: Γ, the per-example
-    output gradients at the sampled labels (N, m); ``bias``: whether ã has the bias's 1.
+    output gradients at the sampled labels (N, m); ``bias``: whether ã has the bias's 1;
+    ``loss_scale``: the loss over the batch mean of its per-example terms (1 for a mean, N for a
+    sum): Tr(H²) ≈ loss_scale² · Σ_l Tr(A_l²)·Tr(G_l²).
     """
 
     module: nn.Module
     inputs: Tensor
     grads: Tensor
     bias: bool
+    loss_scale: float = 1.0
 
     @property
     def rows(self) -> int:
@@ -110,6 +119,51 @@ class KroneckerFactors:
         return _sq_frobenius_of_second_moment(self.grads) / self.rows**2
 
 
+# losses of torch's that are not a likelihood of class ids (refused before being evaluated on them)
+_REGRESSION = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.GaussianNLLLoss, nn.PoissonNLLLoss)
+
+
+def _check_tolerance(dtype: torch.dtype) -> float:
+    return {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 2e-2)
+
+
+def loss_scale(loss_fn: Callable[[Tensor, Any], Tensor], out: Tensor, labels: Tensor) -> tuple[Tensor, float]:
+    """``(loss_fn(out, labels), c)``: the loss on sampled class ids and how it is reduced — c = 1
+    if it is the batch mean of their negative log-likelihood (cross-entropy of the logits, or
+    binary cross-entropy of one logit), c = N if it is the sum (one host read of both values).
+
+    Raises:
+        ValueError: ``loss_fn`` is not that likelihood (e.g. ``MSELoss``, class weights, label
+            smoothing, an added weight penalty), naming what it gave instead.
+    """
+    n = out.shape[0]
+    refusal = ("backend='kfac' needs loss_fn to be the cross-entropy of the model's logits and class "
+               "ids (their batch mean or sum)")
+    if isinstance(loss_fn, _REGRESSION):
+        raise ValueError(f"{refusal}; {type(loss_fn).__name__} is a regression loss, which it does not cover")
+    try:
+        loss = loss_fn(out, labels)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise ValueError(f"{refusal}; on sampled class ids it fails: {exc}") from None
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        raise ValueError(f"{refusal}; it does not return a scalar")
+    with torch.no_grad():
+        if out.shape[1] == 1:
+            nll = F.binary_cross_entropy_with_logits(out[:, 0], labels.to(out.dtype), reduction="sum")
+        else:
+            nll = F.cross_entropy(out, labels, reduction="sum")
+    value, total = float(loss.detach()), float(nll)
+    tol = _check_tolerance(out.dtype)
+    slack = n * tol * (1.0 + float(out.detach().abs().max()))
+    for scale in (1, n):  # the mean first: both hold for one example, where they are equal
+        if math.isclose(value * (n / scale), total, rel_tol=tol, abs_tol=slack):
+            return loss, float(scale)
+    raise ValueError(
+        f"{refusal}; on sampled class ids it gives {value:.6g} where the cross-entropy's batch mean "
+        f"is {total / n:.6g} (a regression loss such as MSELoss is not covered)"
+    )
+
+
 def kronecker_factors(
     model: nn.Module,
     loss_fn: Callable[[Tensor, Any], Tensor],
@@ -129,7 +183,8 @@ def kronecker_factors(
 
     Raises:
         ValueError: a trainable parameter outside the Linear layers, a Linear layer that runs
-            more than once, or an output that is not (N, C) logits.
+            more than once, an output that is not (N, C) logits, or a loss that is not their
+            cross-entropy (:func:`loss_scale`).
     """
     differentiable = torch.is_grad_enabled()
     with torch.enable_grad():  # Γ needs autograd; under no_grad the factors come back detached
@@ -144,8 +199,9 @@ def kronecker_factors(
         if out.dim() != 2:
             raise ValueError(f"K-FAC needs (N, C) logits, got an output of shape {tuple(out.shape)}")
         labels = categorical(_predictive(out.detach()), make_generator(seed, generator))
-        # the loss is a batch mean: N × it is the sum of the per-example losses
-        sampled = loss_fn(out, labels) * out.shape[0]
+        loss, scale = loss_scale(loss_fn, out, labels)
+        # the sum of the per-example losses: N × a batch mean (the summed loss itself)
+        sampled = loss * out.shape[0] if scale == 1 else loss
         outputs = [c.output for c in calls]
         grads = torch.autograd.grad(
             sampled, outputs, create_graph=differentiable, allow_unused=True
@@ -160,7 +216,7 @@ def kronecker_factors(
         factors.append(
             KroneckerFactors(
                 call.module, inputs, grad.reshape(-1, grad.shape[-1]),
-                getattr(call.module, "bias", None) is not None,
+                getattr(call.module, "bias", None) is not None, scale,
             )
         )
     return factors
@@ -176,6 +232,9 @@ def kfac_sq_trace(
     seed: int | None = None,
     prefix: SharedPrefix | None = None,
 ) -> Tensor:
-    """Σ_l Tr(A_l²)·Tr(G_l²), a differentiable scalar (see :func:`kronecker_factors`)."""
+    """c² · Σ_l Tr(A_l²)·Tr(G_l²), a differentiable scalar (see :func:`kronecker_factors`;
+    c = :attr:`KroneckerFactors.loss_scale`, 1 for a batch-mean loss)."""
     factors = kronecker_factors(model, loss_fn, x, y, generator=generator, seed=seed, prefix=prefix)
-    return torch.stack([f.sq_trace_a() * f.sq_trace_g() for f in factors]).sum()
+    total = torch.stack([f.sq_trace_a() * f.sq_trace_g() for f in factors]).sum()
+    scale = factors[0].loss_scale if factors else 1.0
+    return total if scale == 1 else total * scale**2

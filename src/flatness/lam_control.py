@@ -1,11 +1,14 @@
 r"""Adaptive λ: controllers that set the penalty strength from what training measures.
 
-Both implement the λ-policy interface of :class:`flatness.schedules.ScheduledLam`:
-:meth:`~flatness.schedules.ScheduledLam.decide` before a step (λ and whether the curvature
-pass runs), :meth:`~flatness.schedules.ScheduledLam.update` with the measurements of an active
-step (returns the λ applied on that step), a decision ``log``, and explicit state
-(:meth:`~flatness.schedules.ScheduledLam.state_dict` /
-:meth:`~flatness.schedules.ScheduledLam.load_state_dict`).
+Both implement the λ-policy interface :class:`flatness.schedules.LamPolicy`:
+:meth:`~flatness.schedules.LamPolicy.decide` before a step (λ and whether the curvature pass
+runs), :meth:`~flatness.schedules.LamPolicy.update` with the measurements of an active step
+(returns the λ applied on that step), a decision ``log``, and explicit state
+(:meth:`~flatness.schedules.LamPolicy.state_dict` /
+:meth:`~flatness.schedules.LamPolicy.load_state_dict`). :func:`make_policy` builds a penalty's
+policy and validates its arguments (also for λ = 0, where the policy is never active);
+:func:`grad_norm_surrogate` is how the penalty measures the gradient norms for a policy that
+``needs_grad_norms``.
 
 **Gradient-ratio controller** (:class:`GradRatioController`). With :math:`g_L = \nabla L_\text{task}`
 and :math:`g_P = \nabla(\operatorname{Tr}(H^2)/B)` (the penalty's gradient at λ = 1) on an
@@ -55,11 +58,22 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from .schedules import LOG_LENGTH, Constant, Decision, Schedule, ScheduledLam, parse_schedule
+import torch
+from torch import Tensor
 
-__all__ = ["CurvatureSpikeController", "GradRatioController", "make_policy", "parse_controller"]
+from .schedules import Constant, Decision, DecisionLog, LamPolicy, Schedule, ScheduledLam, parse_schedule
+
+__all__ = [
+    "CurvatureSpikeController",
+    "GradRatioController",
+    "decision_log",
+    "grad_norm_surrogate",
+    "make_policy",
+    "parse_controller",
+]
 
 
 def _positive(name: str, value: float, *, allow_inf: bool = False) -> float:
@@ -75,7 +89,7 @@ def _interval(name: str, value: int) -> int:
     return value
 
 
-class GradRatioController:
+class GradRatioController(DecisionLog):
     """λ such that the penalty's gradient norm is ``target`` × the task gradient's.
 
     Args:
@@ -101,6 +115,7 @@ class GradRatioController:
         lam_max: float = math.inf,
         log_every: int = 1,
     ) -> None:
+        super().__init__()
         self.target = _positive("target", target)
         self.every = _interval("every", every)
         if not (isinstance(smoothing, (int, float)) and 0 <= smoothing < 1):
@@ -113,7 +128,6 @@ class GradRatioController:
         if self.lam_min > self.lam_max:
             raise ValueError(f"lam_min ({lam_min}) must not exceed lam_max ({lam_max})")
         self.log_every = _interval("log_every", log_every)
-        self.log: deque[dict[str, Any]] = deque(maxlen=LOG_LENGTH)
         self._log_mean = 0.0  # β-EMA of log λ*, before bias correction
         self._weight = 0.0  # β-EMA of 1 (the bias correction)
         self.lam = self.lam_min  # last applied λ
@@ -155,11 +169,6 @@ class GradRatioController:
         self.updates += 1
         return self.lam
 
-    def pop_log(self) -> list[dict[str, Any]]:
-        """The decisions logged since the last call (e.g. one epoch's, for the run record)."""
-        out, self.log = list(self.log), deque(maxlen=LOG_LENGTH)
-        return out
-
     def state_dict(self) -> dict[str, Any]:
         """The controller's running state, to resume a run exactly."""
         return {
@@ -183,7 +192,7 @@ class GradRatioController:
         )
 
 
-class CurvatureSpikeController:
+class CurvatureSpikeController(DecisionLog):
     """Run the pass more often and raise λ when Tr(H²) jumps above its running median.
 
     Args:
@@ -208,6 +217,7 @@ class CurvatureSpikeController:
         every_max: int = 16,
         boost: float = 2.0,
     ) -> None:
+        super().__init__()
         if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
             raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
         self.base_lam = float(lam)
@@ -227,7 +237,6 @@ class CurvatureSpikeController:
         self.interval = self.every_min
         self.next_active = 0
         self.boosted = False
-        self.log: deque[dict[str, Any]] = deque(maxlen=LOG_LENGTH)
 
     @property
     def lam(self) -> float:
@@ -239,8 +248,10 @@ class CurvatureSpikeController:
         active = self.base_lam > 0 and step >= self.next_active
         return Decision(step, self.lam, active, f"every {self.interval}")
 
-    def update(self, step: int, *, sq_trace: float, **measurements: float) -> float:
-        """Classify this step's estimate, set the next active step; return this step's λ."""
+    def update(self, step: int, *, sq_trace: float | Tensor, **measurements: Any) -> float:
+        """Classify this step's estimate, set the next active step; return this step's λ.
+
+        It reads the estimate on the host (a spike decides the next step's schedule)."""
         value = float(sq_trace)
         data: dict[str, float] = {"sq_trace": value}
         if not math.isfinite(value):
@@ -263,11 +274,6 @@ class CurvatureSpikeController:
         data["next_interval"] = float(self.interval)
         self.log.append(Decision(step, self.lam, True, reason, data).as_dict())
         return self.lam
-
-    def pop_log(self) -> list[dict[str, Any]]:
-        """The decisions logged since the last call (e.g. one epoch's, for the run record)."""
-        out, self.log = list(self.log), deque(maxlen=LOG_LENGTH)
-        return out
 
     def state_dict(self) -> dict[str, Any]:
         """The controller's running state, to resume a run exactly."""
@@ -320,29 +326,118 @@ def parse_controller(spec: str, lam: float, every: int = 1) -> GradRatioControll
     )
 
 
+def _validated_schedule(lam_schedule: str | Schedule, lam: float, every: int, total_steps: int | None) -> ScheduledLam:
+    if isinstance(lam_schedule, str):
+        if total_steps is None:
+            raise ValueError(
+                f"lam_schedule {lam_schedule!r} needs total_steps, the length of the run in steps"
+            )
+        try:
+            lam_schedule = parse_schedule(lam_schedule, lam, total_steps)
+        except ValueError as exc:
+            raise ValueError(f"lam_schedule: {exc}") from None
+    return ScheduledLam(lam_schedule, every)
+
+
+def _validated_controller(lam_control: str | LamPolicy, lam: float, every: int) -> LamPolicy:
+    if isinstance(lam_control, str):
+        try:
+            return parse_controller(lam_control, lam, every)
+        except ValueError as exc:
+            raise ValueError(f"lam_control: {exc}") from None
+    if not isinstance(lam_control, LamPolicy):
+        raise ValueError(
+            "lam_control must be 'ratio[:TARGET[:SMOOTHING]]', 'spike[:FACTOR[:BOOST]]' or a λ-policy "
+            f"(flatness.schedules.LamPolicy: decide, update, needs_grad_norms, log, ...), got {lam_control!r}"
+        )
+    return lam_control
+
+
 def make_policy(
     lam: float,
     every: int = 1,
     lam_schedule: str | Schedule | None = None,
-    lam_control: str | Any | None = None,
+    lam_control: str | LamPolicy | None = None,
     total_steps: int | None = None,
-) -> Any:
+) -> LamPolicy:
     """The λ-policy of a penalty: a fixed λ, a schedule, or a controller (one of them).
 
     ``lam_schedule`` as text (:func:`flatness.schedules.parse_schedule`) needs ``total_steps``;
     ``lam_control`` as text: :func:`parse_controller`; objects are used as given. λ = 0 is
-    never active, whatever else is asked.
+    never active, whatever else is asked — but the other arguments are validated all the same
+    (as for λ = 1), so that a run at λ = 0 accepts exactly what a run at λ > 0 does. Messages
+    name the argument.
     """
+    if isinstance(lam, bool) or not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
+        raise ValueError(f"lam (λ) must be a finite number >= 0, got {lam!r}")
+    lam = float(lam)
     if lam_schedule is not None and lam_control is not None:
-        raise ValueError("give a λ schedule or a λ controller, not both")
-    if lam == 0:
-        return ScheduledLam(Constant(0.0), every)
+        raise ValueError("give a λ schedule or a λ controller, not both (lam_schedule or lam_control)")
+    check = lam if lam > 0 else 1.0  # λ = 0: validated as any λ would be, then not used
     if lam_control is not None:
-        return parse_controller(lam_control, lam, every) if isinstance(lam_control, str) else lam_control
-    if isinstance(lam_schedule, str):
-        if total_steps is None:
-            raise ValueError(
-                f"the λ schedule {lam_schedule!r} needs total_steps, the length of the run in steps"
-            )
-        return ScheduledLam(parse_schedule(lam_schedule, lam, total_steps), every)
-    return ScheduledLam(Constant(lam) if lam_schedule is None else lam_schedule, every)
+        policy = _validated_controller(lam_control, check, every)
+    elif lam_schedule is not None:
+        policy = _validated_schedule(lam_schedule, check, every, total_steps)
+    else:
+        policy = ScheduledLam(Constant(lam), every)
+    return policy if lam > 0 else ScheduledLam(Constant(0.0), every)
+
+
+def decision_log(policy: LamPolicy, step: int) -> dict[str, float]:
+    """The floats a training step logs about ``policy``'s decision at ``step``: the spike
+    controller's ``lam_interval`` (the pass's next interval) and ``lam_spike`` (1 on a spike)."""
+    entry = policy.log[-1] if policy.log else {}
+    if entry.get("step") != step or "next_interval" not in entry:
+        return {}
+    spike = float(str(entry["reason"]).startswith("spike"))
+    return {"lam_interval": float(entry["next_interval"]), "lam_spike": spike}
+
+
+def _norm(tensors: Sequence[Tensor]) -> float:
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors])))
+
+
+def grad_norm_surrogate(
+    policy: LamPolicy,
+    unit: Tensor,
+    params: Sequence[Tensor],
+    step: int,
+    lam: float,
+    retain_graph: bool,
+    log: dict[str, float] | None,
+) -> tuple[Tensor, Callable[[], None]]:
+    """λ·P for a policy that ``needs_grad_norms``: value λ·P, gradient λ·g_P; and the remover of
+    the hook it registers.
+
+    g_P = ∇P of the unit penalty P = Tr(H²)/B is computed here, by the backward the penalty
+    needs anyway (its graph is its own, so this is no extra work), and enters the loss through a
+    surrogate whose gradient is λ·g_P. A hook on the parameters' gradients
+    (``register_multi_grad_hook``) reads the step's backward: its gradient minus λ·g_P is the
+    task gradient (plus any other term's), whose norm goes to :meth:`LamPolicy.update` with
+    ‖g_P‖ — O(d) work, no extra pass. The new λ applies from the next active step. Under DDP the
+    hook sees this rank's gradients: each rank's controller follows its own.
+    """
+    params = list(params)
+    grads = torch.autograd.grad(unit, params, allow_unused=True, retain_graph=retain_graph)
+    g_pen = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
+    pen_norm = _norm(g_pen)
+    handle: Any = None
+
+    def hook(step_grads: Sequence[Tensor | None]) -> None:
+        remove()
+        task = [g - lam * gp for g, gp in zip(step_grads, g_pen) if g is not None]
+        task_norm = _norm(task) if task else 0.0
+        policy.update(step, task_grad_norm=task_norm, penalty_grad_norm=pen_norm)
+        if log is not None:
+            log["task_grad_norm"] = task_norm
+            log["penalty_grad_norm"] = pen_norm
+
+    def remove() -> None:
+        nonlocal handle
+        if handle is not None:
+            handle.remove()
+            handle = None
+
+    handle = torch.autograd.graph.register_multi_grad_hook(params, hook, mode="all")
+    linear = sum((p * (lam * g)).sum() for p, g in zip(params, g_pen))
+    return lam * unit.detach() + linear - linear.detach(), remove

@@ -69,7 +69,13 @@ from torch.nn.modules import module as _module_globals
 
 from .probes import Distribution, draw, make_generator, sample_probes
 
-__all__ = ["input_tangent_in_image", "layerwise_sq_trace", "supports", "unsupported_reason"]
+__all__ = [
+    "first_linear",
+    "input_tangent_in_image",
+    "layerwise_sq_trace",
+    "supports",
+    "unsupported_reason",
+]
 
 _ACTIVATIONS: tuple[type[nn.Module], ...] = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid)
 _PASSTHROUGH: tuple[type[nn.Module], ...] = (nn.Identity, nn.Dropout, nn.Flatten)
@@ -145,7 +151,8 @@ def supports(model: nn.Module, x: Any, params: Sequence[Tensor] | None = None) -
     return unsupported_reason(model, x, params) is None
 
 
-def _first_linear(model: nn.Sequential) -> int:
+def first_linear(model: nn.Sequential) -> int:
+    """The index of the first ``nn.Linear`` module of ``model``."""
     return next(i for i, m in enumerate(model) if type(m) is nn.Linear)
 
 
@@ -279,6 +286,146 @@ def input_tangent_in_image(
     return torch.matmul(factor.to(x.dtype), xi)
 
 
+def _probe_blocks(
+    model: nn.Sequential,
+    x: Tensor,
+    probes: int,
+    dist: Distribution,
+    generator: torch.Generator | None,
+    seed: int | None,
+    probe_vectors: Sequence[Tensor | None] | None,
+) -> tuple[dict[int, Tensor], int, torch.Generator | None]:
+    """The probe block of every parameter by ``id`` (the input layer's weight missing where it
+    is drawn in the data's image), the number of probes and the generator of the rest."""
+    params = list(model.parameters())
+    first_weight = model[first_linear(model)].weight
+    in_image = dist == "gaussian" and first_weight.shape[1] > x.shape[0]
+    if probe_vectors is None:
+        generator = make_generator(seed, generator)
+        drawn = [p for p in params if not (in_image and p is first_weight)]
+        return {id(p): v for p, v in zip(drawn, sample_probes(drawn, probes, dist, generator))}, probes, generator
+    if len(probe_vectors) != len(params):
+        raise ValueError(f"probe_vectors has {len(probe_vectors)} blocks for {len(params)} parameters")
+    if any(v is None and p is not first_weight for p, v in zip(params, probe_vectors)):
+        raise ValueError("only the first Linear's weight block may be None (drawn here)")
+    vec_of = {id(p): v for p, v in zip(params, probe_vectors) if v is not None}
+    num = next(iter(vec_of.values())).shape[0] if vec_of else probes
+    if id(first_weight) not in vec_of:
+        generator = make_generator(seed, generator)
+        if not in_image:  # drawn directly, after the given blocks
+            vec_of[id(first_weight)] = draw(
+                (num, *first_weight.shape), dist, generator, first_weight.device, first_weight.dtype
+            )
+    return vec_of, num, generator
+
+
+def _primal_forward(
+    model: nn.Sequential, x: Tensor, first_linear_output: Tensor | None
+) -> tuple[list[_Linear | _Act | None], Tensor]:
+    """The forward pass, keeping what the explicit backward needs. Modules before the first
+    Linear act on the data (no tangent reaches them)."""
+    first = first_linear(model)
+    records: list[_Linear | _Act | None] = []
+    h = x
+    for i, m in enumerate(model):
+        if i < first:
+            h = m(h)
+            records.append(None)
+        elif type(m) is nn.Linear:
+            records.append(_Linear(m, h))
+            h = first_linear_output if i == first and first_linear_output is not None else m(h)
+        elif type(m) in _ACTIVATIONS:
+            h, d1, d2 = _act_derivatives(m, h)
+            records.append(_Act(d1, d2))
+        else:  # Dropout (eval), Identity: identity
+            h = m(h)
+            records.append(None)
+    return records, h
+
+
+def _tangent_forward(
+    model: nn.Sequential, records: list[_Linear | _Act | None], vec_of: dict[int, Tensor], num: int,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor | None]:
+    """Ż_out along the M probes (Ż = Ẋ Wᵀ + X V_Wᵀ + v_b, Ẋ = σ'(Z) ⊙ Ż), and the input layer's
+    X Xᵀ where the image draw computed it."""
+    t: Tensor | None = None  # None: the tangent is zero (we are still at the data)
+    gram: Tensor | None = None
+    for m, rec in zip(model, records):
+        if isinstance(rec, _Linear):
+            rec.x_dot = t
+            if t is None and id(m.weight) not in vec_of:  # the input layer, Gaussian in its image
+                gram = rec.x @ rec.x.T
+                tz = input_tangent_in_image(rec.x, num, m.out_features, generator, gram)
+            else:
+                tz = _probe_product(rec.x, vec_of[id(m.weight)])  # a constant on the first layer
+            if t is not None:
+                tz = tz + torch.matmul(t, m.weight.T)
+            if m.bias is not None:
+                tz = tz + vec_of[id(m.bias)].unsqueeze(1)
+            t = tz.contiguous()
+        elif isinstance(rec, _Act):
+            rec.z_dot = t
+            t = rec.d1 * t
+    assert t is not None  # the model has a Linear layer
+    return t, gram
+
+
+def _output_signals(loss_fn: Callable[[Tensor, Any], Tensor], out: Tensor, y: Any, t: Tensor) -> tuple[Tensor, Tensor]:
+    """(g, ġ): ∂L/∂out and the loss Hessian w.r.t. the output applied to Ż_out — for the plain
+    cross-entropy g = w ⊙ (p - onehot(y)) and w ⊙ (diag(p) - p pᵀ) Ż per row (an out-of-range
+    label fails in scatter), for any other loss by double backward."""
+    closed = _cross_entropy_closed_form(loss_fn, out, y)
+    if closed is not None:
+        probs, row_weights = closed
+        labels = torch.where(y == loss_fn.ignore_index, 0, y).unsqueeze(1)  # type: ignore[attr-defined]
+        g = (probs - torch.zeros_like(probs).scatter_(1, labels, 1.0)) * row_weights
+        pt = probs * t
+        return g, (pt - probs * pt.sum(-1, keepdim=True)) * row_weights
+    loss = loss_fn(out, y)
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        raise ValueError("loss must be a scalar tensor; reduce it (e.g. mean)")
+    (g,) = torch.autograd.grad(loss, out, create_graph=True)  # ∂L/∂out, (B, d)
+    (t_grad,) = torch.autograd.grad(g, out, grad_outputs=t, create_graph=True, is_grads_batched=True)
+    return g, t_grad
+
+
+def _backward_sq_norm(
+    records: list[_Linear | _Act | None], g: Tensor, t_grad: Tensor, vec_of: dict[int, Tensor],
+    gram: Tensor | None,
+) -> Tensor:
+    """Σ_j ‖H v_j‖² by the explicit backward of the primal (g) and tangent (ġ) signals:
+    (Hv)_W = δ̇ᵀ X + δᵀ Ẋ, (Hv)_b = Σ_i δ̇_i, δ̇ = σ'(Z)⊙ġ + σ''(Z)⊙Ż⊙g."""
+    # Which records still need the primal signal g from above: a curved activation (σ'' ≠ 0)
+    # or a Linear with a tangent input lies below them. (Below a ReLU net's second layer
+    # nothing does: its g @ W would be computed for nothing.)
+    g_needed_below: list[bool] = []
+    needed = False
+    for rec in records:
+        g_needed_below.append(needed)
+        needed = needed or (isinstance(rec, _Act) and rec.d2 is not None) or (
+            isinstance(rec, _Linear) and rec.x_dot is not None)
+    total = torch.zeros((), dtype=t_grad.dtype, device=t_grad.device)
+    signal: Tensor | None = g
+    for i in reversed(range(len(records))):
+        rec = records[i]
+        if isinstance(rec, _Act):
+            new_t = rec.d1 * t_grad
+            if rec.d2 is not None:
+                new_t = new_t + rec.d2 * rec.z_dot * signal
+            t_grad, signal = new_t, (rec.d1 * signal if g_needed_below[i] else None)
+        elif isinstance(rec, _Linear):
+            lin = rec.module
+            total = total + _frobenius_sq(t_grad, rec.x, signal, rec.x_dot, gram if rec.x_dot is None else None)
+            if lin.bias is not None:
+                total = total + t_grad.sum(1).pow(2).sum()
+            if rec.x_dot is None:  # the input is the data: nothing below needs a signal
+                break
+            t_grad = torch.matmul(t_grad, lin.weight) + torch.matmul(signal, vec_of[id(lin.weight)])
+            signal = signal @ lin.weight if g_needed_below[i] else None
+    return total
+
+
 def layerwise_sq_trace(
     model: nn.Sequential,
     loss_fn: Callable[[Tensor, Any], Tensor],
@@ -304,7 +451,7 @@ def layerwise_sq_trace(
     Linear's weight block may be ``None``, to be drawn here from ``generator``/``seed`` as above
     (how :func:`flatness.control_variate.cv_sq_trace` combines with the image draw).
     ``first_linear_output``: the first Linear's output on ``x``, already computed (and shared with
-    the task loss, see :meth:`flatness.FlatnessPenalty.sharing_first_layer`).
+    the task loss, see :meth:`flatness.FlatnessPenalty.sharing`).
 
     Raises:
         ValueError: the model or input is not covered (the message says why), or a block other
@@ -314,112 +461,8 @@ def layerwise_sq_trace(
     if reason is not None:
         raise ValueError(f"layerwise_sq_trace cannot compute this model's Tr(H²): {reason}; "
                          "use flatness.sq_trace instead")
-    params = list(model.parameters())
-    first = _first_linear(model)
-    first_weight = model[first].weight
-    in_image = dist == "gaussian" and model[first].in_features > x.shape[0]
-    if probe_vectors is None:
-        generator = make_generator(seed, generator)
-        drawn = [p for p in params if not (in_image and p is first_weight)]
-        vec_of = {id(p): v for p, v in zip(drawn, sample_probes(drawn, probes, dist, generator))}
-        num = probes
-    else:
-        if len(probe_vectors) != len(params):
-            raise ValueError(f"probe_vectors has {len(probe_vectors)} blocks for {len(params)} parameters")
-        if any(v is None and p is not first_weight for p, v in zip(params, probe_vectors)):
-            raise ValueError("only the first Linear's weight block may be None (drawn here)")
-        vec_of = {id(p): v for p, v in zip(params, probe_vectors) if v is not None}
-        num = next(iter(vec_of.values())).shape[0] if vec_of else probes
-        if id(first_weight) not in vec_of:
-            generator = make_generator(seed, generator)
-            if not in_image:  # drawn directly, after the given blocks
-                vec_of[id(first_weight)] = draw(
-                    (num, *first_weight.shape), dist, generator, first_weight.device, first_weight.dtype
-                )
-    gram: Tensor | None = None  # the input layer's X Xᵀ, shared by the image draw and ‖(Hv)_W‖²
-
-    # Primal forward, keeping what the explicit backward needs. Modules before the first Linear
-    # act on the data (no tangent reaches them).
-    records: list[_Linear | _Act | None] = []
-    h = x
-    for i, m in enumerate(model):
-        if i < first:
-            h = m(h)
-            records.append(None)
-        elif type(m) is nn.Linear:
-            records.append(_Linear(m, h))
-            h = first_linear_output if i == first and first_linear_output is not None else m(h)
-        elif type(m) in _ACTIVATIONS:
-            h, d1, d2 = _act_derivatives(m, h)
-            records.append(_Act(d1, d2))
-        else:  # Dropout (eval), Identity: identity
-            h = m(h)
-            records.append(None)
-    out = h
-    closed = _cross_entropy_closed_form(loss_fn, out, y)
-    if closed is not None:  # ∂L/∂out = w ⊙ (p - onehot(y)); an out-of-range label fails in scatter
-        probs, row_weights = closed
-        labels = torch.where(y == loss_fn.ignore_index, 0, y).unsqueeze(1)
-        g = (probs - torch.zeros_like(probs).scatter_(1, labels, 1.0)) * row_weights
-    else:
-        loss = loss_fn(out, y)
-        if not isinstance(loss, Tensor) or loss.dim() != 0:
-            raise ValueError("loss must be a scalar tensor; reduce it (e.g. mean)")
-        (g,) = torch.autograd.grad(loss, out, create_graph=True)  # ∂L/∂out, (B, d)
-
-    # Tangent forward along the M probes: Ż = Ẋ Wᵀ + X V_Wᵀ + v_b, Ẋ = σ'(Z) ⊙ Ż.
-    t: Tensor | None = None  # None: the tangent is zero (we are still at the data)
-    for m, rec in zip(model, records):
-        if isinstance(rec, _Linear):
-            rec.x_dot = t
-            if t is None and id(m.weight) not in vec_of:  # the input layer, Gaussian in its image
-                gram = rec.x @ rec.x.T
-                tz = input_tangent_in_image(rec.x, num, m.out_features, generator, gram)
-            else:
-                tz = _probe_product(rec.x, vec_of[id(m.weight)])  # a constant on the first layer
-            if t is not None:
-                tz = tz + torch.matmul(t, m.weight.T)
-            if m.bias is not None:
-                tz = tz + vec_of[id(m.bias)].unsqueeze(1)
-            t = tz.contiguous()
-        elif isinstance(rec, _Act):
-            rec.z_dot = t
-            t = rec.d1 * t
-    # δ̇ at the output: the loss Hessian w.r.t. the output applied to Ż_out — for the plain
-    # cross-entropy w ⊙ (diag(p) - p pᵀ) Ż per row, for any other loss by double backward.
-    if closed is not None:
-        pt = probs * t
-        t_grad = (pt - probs * pt.sum(-1, keepdim=True)) * row_weights
-    else:
-        (t_grad,) = torch.autograd.grad(g, out, grad_outputs=t, create_graph=True, is_grads_batched=True)
-
-    # Which records still need the primal signal g from above: a curved activation (σ'' ≠ 0)
-    # or a Linear with a tangent input lies below them. (Below a ReLU net's second layer
-    # nothing does: its g @ W would be computed for nothing.)
-    g_needed_below: list[bool] = []
-    needed = False
-    for rec in records:
-        g_needed_below.append(needed)
-        needed = needed or (isinstance(rec, _Act) and rec.d2 is not None) or (
-            isinstance(rec, _Linear) and rec.x_dot is not None)
-
-    # Explicit backward of the primal (g) and tangent (t_grad) signals, summing ‖(Hv_j)‖².
-    total = torch.zeros((), dtype=out.dtype, device=out.device)
-    for i in reversed(range(len(records))):
-        rec = records[i]
-        if isinstance(rec, _Act):
-            new_t = rec.d1 * t_grad  # δ̇ = σ'(Z)⊙ġ + σ''(Z)⊙Ż⊙g
-            if rec.d2 is not None:
-                new_t = new_t + rec.d2 * rec.z_dot * g
-            t_grad, g = new_t, (rec.d1 * g if g_needed_below[i] else None)
-        elif isinstance(rec, _Linear):
-            lin = rec.module
-            # (Hv)_W = δ̇ᵀ X + δᵀ Ẋ,  (Hv)_b = Σ_i δ̇_i
-            total = total + _frobenius_sq(t_grad, rec.x, g, rec.x_dot, gram if rec.x_dot is None else None)
-            if lin.bias is not None:
-                total = total + t_grad.sum(1).pow(2).sum()
-            if rec.x_dot is None:  # the input is the data: nothing below needs a signal
-                break
-            t_grad = torch.matmul(t_grad, lin.weight) + torch.matmul(g, vec_of[id(lin.weight)])
-            g = g @ lin.weight if g_needed_below[i] else None
-    return total / num
+    vec_of, num, generator = _probe_blocks(model, x, probes, dist, generator, seed, probe_vectors)
+    records, out = _primal_forward(model, x, first_linear_output)
+    t, gram = _tangent_forward(model, records, vec_of, num, generator)
+    g, t_grad = _output_signals(loss_fn, out, y, t)
+    return _backward_sq_norm(records, g, t_grad, vec_of, gram) / num

@@ -33,7 +33,13 @@ from torch import Tensor, nn
 from .layers import LINEAR_TYPES
 from .utils import call_model
 
-__all__ = ["LinearCall", "SharedPrefix", "input_gram", "linear_calls", "share_prefix"]
+__all__ = ["STALE_PREFIX", "LinearCall", "SharedPrefix", "input_gram", "linear_calls", "share_prefix"]
+
+STALE_PREFIX = (
+    "penalty.sharing(): a backward pass or a parameter update came between the task forward and "
+    "the penalty call, so the shared layers are recomputed (call the penalty before backward() and "
+    "optimizer.step() to share them)"
+)
 
 # Modules whose output is the same in train and eval mode (Dropout only with p = 0).
 _MODE_FREE = (*LINEAR_TYPES, nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.Identity, nn.Flatten)
@@ -130,27 +136,59 @@ def _prefix_length(model: nn.Module) -> int:
 
 @dataclass
 class SharedPrefix:
-    """A forward pass's mode-independent prefix: its input, output and Linear calls."""
+    """A forward pass's mode-independent prefix: its input, output and Linear calls.
+
+    It is a cache of that forward pass, valid only while nothing it was computed from has
+    changed: ``versions`` holds the version counters (``Tensor._version``, bumped by every
+    in-place update such as ``optimizer.step()``) of the input and of the prefix's parameters
+    when the layers ran, and ``consumed`` becomes true when a backward pass goes through its
+    output (which frees the graph the curvature pass would extend). :meth:`stale` says whether
+    either happened.
+    """
 
     length: int
     source: Any = None
     output: Tensor | None = None
     calls: list[LinearCall] = field(default_factory=list)
+    versions: list[tuple[Tensor, int]] = field(default_factory=list)
+    consumed: list[bool] = field(default_factory=lambda: [False])  # shared with first_rows' views
+
+    def stale(self) -> bool:
+        """Whether the prefix no longer holds the current weights' values (or its graph)."""
+        return self.consumed[0] or any(t._version != v for t, v in self.versions)
 
     def first_rows(self, source: Any) -> SharedPrefix:
-        """The prefix of ``source``, the first rows of this prefix's 2-D input (a sub-batch):
-        the prefix works row by row, so its values for those rows are the first rows of its own."""
-        if self.output is None or not isinstance(self.source, Tensor) or self.source.dim() != 2:
-            return SharedPrefix(self.length)
-        if not isinstance(source, Tensor) or source.data_ptr() != self.source.data_ptr():
-            return SharedPrefix(self.length)  # not a leading slice of the recorded input
-        n = int(source.shape[0])
+        """The prefix of ``source``, a leading slice ``x[:n]`` of this prefix's batch-first input
+        (a sub-batch): the prefix works sample by sample, so its values for those samples are the
+        first rows of its own (of every Linear input's rows, ``n`` × its rows per sample)."""
+        empty = SharedPrefix(self.length)
+        if self.output is None or not isinstance(self.source, Tensor) or not isinstance(source, Tensor):
+            return empty
+        whole = self.source
+        if (
+            source.layout != torch.strided or whole.layout != torch.strided
+            or source.data_ptr() != whole.data_ptr() or source.shape[1:] != whole.shape[1:]
+            or source.stride() != whole.stride() or source.shape[0] > whole.shape[0]
+        ):
+            return empty  # not a leading slice of the recorded input
+        n, total = int(source.shape[0]), int(whole.shape[0])
         output = self.output[:n]
         calls = [
-            LinearCall(c.module, c.inputs[:n], c.output, output if c.passed_on is self.output else c.passed_on[:n], n)
+            LinearCall(
+                c.module, c.inputs[: n * (c.inputs.shape[0] // total)], c.output,
+                output if c.passed_on is self.output else c.passed_on[:n], n,
+            )
             for c in self.calls
         ]
-        return SharedPrefix(self.length, source, output, calls)
+        return SharedPrefix(self.length, source, output, calls, self.versions, self.consumed)
+
+    def first_linear_output(self, module: nn.Module) -> Tensor | None:
+        """The output of ``module`` if it is the prefix's first Linear call (its rows of a
+        sub-batch), else ``None``: what :func:`flatness.layerwise.layerwise_sq_trace` shares."""
+        if self.output is None or not self.calls or self.calls[0].module is not module:
+            return None
+        call = self.calls[0]
+        return call.output if call.rows is None else call.output[: call.rows]
 
 
 @contextlib.contextmanager
@@ -161,7 +199,7 @@ def share_prefix(model: nn.Module) -> Iterator[SharedPrefix]:
     :mod:`flatness.control_variate`) can start there. The two passes then share the prefix's forward and, in the one backward of
     task loss + penalty, its weight gradients: for the paper's MLP, the 3072 × 512 input layer.
     Nothing is recorded for other models or for models with in-place modules (the pass then
-    runs the whole model).
+    runs the whole model). The record is a cache: see :meth:`SharedPrefix.stale`.
     """
     prefix = SharedPrefix(0 if _has_inplace(model) else _prefix_length(model))
     if prefix.length == 0:
@@ -171,12 +209,20 @@ def share_prefix(model: nn.Module) -> Iterator[SharedPrefix]:
 
     def start(module: nn.Module, args: tuple[Any, ...]) -> None:
         prefix.source, prefix.calls = args[0], []
+        prefix.versions = [(args[0], args[0]._version)] if isinstance(args[0], Tensor) else []
 
     def linear(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
         prefix.calls.append(LinearCall(module, args[0].reshape(-1, args[0].shape[-1]), output))
+        prefix.versions += [(p, p._version) for p in module.parameters()]
+
+    def mark_consumed(grad: Tensor) -> None:
+        prefix.consumed[0] = True
 
     def end(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
         prefix.output = output
+        prefix.versions.append((output, output._version))
+        if output.requires_grad:  # a backward through it frees the graph the pass would extend
+            output.register_hook(mark_consumed)
 
     handles = [model[0].register_forward_pre_hook(start)]
     handles += [model[i].register_forward_hook(linear) for i in range(prefix.length) if isinstance(model[i], LINEAR_TYPES)]

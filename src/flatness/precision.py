@@ -1,12 +1,14 @@
 """Autocast (mixed precision) and the curvature passes.
 
 Inside ``torch.autocast`` the penalty's passes run in the autocast dtype like the task loss
-(bf16 on CPUs and recent GPUs, fp16 on GPUs), except where low precision breaks an estimator:
-the finite-difference backend takes differences of gradients at nearby weights, which rounding
-at 8 (bf16) or 11 (fp16) mantissa bits swamps, so its passes run with autocast off
-(:func:`full_precision`) and it says so once; ``backend="auto"``'s one-time comparison of the
-closed form with autograd also runs in full precision, so that rounding is not mistaken for a
-loss that is not a function of the output.
+(bf16 on CPUs and recent GPUs, fp16 on GPUs), except where low precision breaks an estimator.
+Each estimator declares it (``autocast`` of :class:`flatness.estimators.Support`), and
+:class:`PassPrecision` runs the passes of one that does not with autocast off
+(:func:`full_precision`) and says so once: the finite-difference backend takes differences of
+gradients at nearby weights, which rounding at 8 (bf16) or 11 (fp16) mantissa bits swamps.
+``backend="auto"``'s one-time comparison of the closed form with autograd also runs in full
+precision (:class:`flatness.estimators.LayerwiseEstimator`), so that rounding is not mistaken
+for a loss that is not a function of the output.
 
 Example:
     >>> import torch
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable
 
 import torch
 
@@ -42,26 +43,22 @@ def full_precision(device_type: str) -> contextlib.AbstractContextManager[None]:
 
 
 class PassPrecision:
-    """The autocast setting of one penalty's curvature passes (module docs); warns once."""
+    """The autocast setting of one estimator's curvature passes (module docs); warns once."""
 
-    def __init__(self, backend: str) -> None:
-        self.backend = backend
+    def __init__(self) -> None:
         self.warned = False
 
-    def __call__(self, device_type: str, verifying: Callable[[], bool]) -> contextlib.AbstractContextManager[None]:
-        """A context for a pass on ``device_type``; ``verifying()``: whether it is auto's check."""
+    def __call__(self, device_type: str, supported: bool, name: str) -> contextlib.AbstractContextManager[None]:
+        """A context for a pass on ``device_type`` of the estimator ``name``, which ``supported``
+        says whether it supports autocast: the caller's setting, or full precision."""
         dtype = autocast_dtype(device_type)
-        if dtype is None:
+        if dtype is None or supported:
             return contextlib.nullcontext()
-        if self.backend == "finite-difference":
-            if not self.warned:
-                self.warned = True
-                warnings.warn(
-                    f"backend='finite-difference' cannot run under {dtype} autocast (rounding swamps its "
-                    "differences of gradients): its passes run in full precision",
-                    RuntimeWarning, stacklevel=5,
-                )
-            return full_precision(device_type)
-        if self.backend == "auto" and verifying():
-            return full_precision(device_type)  # the closed-form check compares in full precision
-        return contextlib.nullcontext()
+        if not self.warned:
+            self.warned = True
+            warnings.warn(
+                f"the {name!r} estimator cannot run under {dtype} autocast (rounding swamps what it "
+                "computes, e.g. differences of gradients): its passes run in full precision",
+                RuntimeWarning, stacklevel=5,
+            )
+        return full_precision(device_type)

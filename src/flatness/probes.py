@@ -31,8 +31,8 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Literal, TypeVar
 
 import torch
 from torch import Tensor
@@ -42,8 +42,10 @@ __all__ = [
     "Distribution",
     "categorical",
     "check_distribution",
+    "chunked_samples",
     "draw",
     "make_generator",
+    "matrix_probes",
     "rademacher",
     "random_matrix",
     "rank_seed",
@@ -51,6 +53,7 @@ __all__ = [
 ]
 
 Distribution = Literal["rademacher", "gaussian"]
+Probes = TypeVar("Probes")
 DISTRIBUTIONS: tuple[str, ...] = ("rademacher", "gaussian")
 
 
@@ -212,6 +215,43 @@ def random_matrix(
     ):
         return draw((num, dim), dist, generator, device, dtype, out=out.T).T
     return draw((num, dim), dist, generator, device, dtype).T
+
+
+def matrix_probes(
+    dim: int,
+    dist: Distribution,
+    generator: torch.Generator | None,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> Callable[[int], Tensor]:
+    """``draw(m)``: a ``(dim, m)`` block of probes (:func:`random_matrix`), one buffer refilled
+    block after block where it can be (for :func:`chunked_samples`)."""
+    buffer: Tensor | None = None
+
+    def draw_block(num: int) -> Tensor:
+        nonlocal buffer
+        buffer = random_matrix(dim, num, dist, generator, dtype, device, out=buffer)
+        return buffer
+
+    return draw_block
+
+
+def chunked_samples(
+    num: int, chunk: int, draw_chunk: Callable[[int], Probes], evaluate: Callable[[Probes], Tensor]
+) -> Tensor:
+    """The per-probe values of ``num`` probes, drawn ``draw_chunk(m)`` and evaluated
+    ``evaluate(probes) -> (m,)`` at most ``chunk`` at a time (which bounds the memory of the
+    products), concatenated in drawing order: the loop of every Hutchinson measure.
+
+    Example:
+        >>> A = torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))
+        >>> draw_chunk = matrix_probes(3, "rademacher", make_generator(0), torch.float64, "cpu")
+        >>> chunked_samples(7, 3, draw_chunk, lambda v: (v * (A @ v)).sum(0))  # vᵀAv = Tr(A) for ±1
+        tensor([6., 6., 6., 6., 6., 6., 6.], dtype=torch.float64)
+    """
+    if num < 1 or chunk < 1:
+        raise ValueError(f"the number of probes and the chunk size must be >= 1, got {num} and {chunk}")
+    return torch.cat([evaluate(draw_chunk(min(chunk, num - start))) for start in range(0, num, chunk)])
 
 
 def categorical(

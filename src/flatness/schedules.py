@@ -12,9 +12,11 @@ with its caller (the penalty counts its calls), so a schedule has no state of it
 - :class:`Join`: schedule i from boundary i on, counted from that boundary
   (``optax.join_schedules``).
 
-:func:`parse_schedule` reads the CLI's short form (``"warmup:0.2+cosine"``, fractions of the
-run). :class:`ScheduledLam` turns a schedule into the λ-policy interface that the penalty calls
-(:class:`Decision` per step; the controllers of :mod:`flatness.lam_control` share it).
+:func:`parse_schedule` reads the short form (``"warmup:0.2+cosine"``, fractions of the run).
+:class:`LamPolicy` declares the λ-policy interface that the penalty calls (a :class:`Decision`
+per step, explicit state, a decision log); :class:`ScheduledLam` implements it for a schedule
+and the controllers of :mod:`flatness.lam_control` for adaptive λ, all keeping their log through
+the one :class:`DecisionLog`.
 
 Example:
     >>> from flatness.schedules import Cosine, Join, WarmUp, parse_schedule
@@ -35,13 +37,15 @@ import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
     "Constant",
     "Cosine",
     "Decision",
+    "DecisionLog",
     "Join",
+    "LamPolicy",
     "Schedule",
     "ScheduledLam",
     "Step",
@@ -244,15 +248,62 @@ class Decision:
         return {"step": self.step, "lam": self.lam, "active": self.active, "reason": self.reason, **self.data}
 
 
-class ScheduledLam:
+@runtime_checkable
+class LamPolicy(Protocol):
+    """The λ-policy interface of :class:`flatness.FlatnessPenalty` (optax style: declared state).
+
+    - :meth:`decide` before a step: λ and whether the curvature pass runs;
+    - :meth:`update` after an active step's curvature quantities are known, with keyword
+      measurements — ``sq_trace`` (the estimate, a detached 0-d tensor: read it only if the
+      policy needs it, every read waits for the device), or with ``needs_grad_norms`` the two
+      floats ``task_grad_norm`` and ``penalty_grad_norm`` — returns the λ applied on that step;
+    - ``needs_grad_norms``: declares which of the two :meth:`update` takes;
+    - ``log``, :meth:`pop_log`: the decisions (:class:`DecisionLog`);
+    - :meth:`state_dict` / :meth:`load_state_dict`: everything needed to resume exactly.
+    """
+
+    needs_grad_norms: bool
+    log: deque[dict[str, Any]]
+
+    def decide(self, step: int) -> Decision:
+        """λ at ``step`` and whether the curvature pass runs."""
+        ...
+
+    def update(self, step: int, **measurements: Any) -> float:
+        """Take an active step's measurements; return the λ applied on that step."""
+        ...
+
+    def pop_log(self) -> list[dict[str, Any]]:
+        """The decisions logged since the last call."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """The policy's running state, to resume a run exactly."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the state of :meth:`state_dict`."""
+        ...
+
+
+class DecisionLog:
+    """The decision log of a λ-policy: ``log`` (the last :data:`LOG_LENGTH` decisions, the
+    oldest go first) and :meth:`pop_log`; every policy here keeps its log through this class."""
+
+    def __init__(self) -> None:
+        self.log: deque[dict[str, Any]] = deque(maxlen=LOG_LENGTH)
+
+    def pop_log(self) -> list[dict[str, Any]]:
+        """The decisions logged since the last call (e.g. one epoch's, for the run record)."""
+        out, self.log = list(self.log), deque(maxlen=LOG_LENGTH)
+        return out
+
+
+class ScheduledLam(DecisionLog):
     """The λ-policy of a fixed schedule: λ = schedule(t); the pass runs when λ > 0 and t % every == 0.
 
-    The policy interface (shared with :mod:`flatness.lam_control`): :meth:`decide` before the
-    step, :meth:`update` after the curvature quantities of an active step are known (returns the
-    λ to apply on this step), ``log`` (the decisions of active steps and of every change of
-    activity), :meth:`pop_log`, :meth:`state_dict` / :meth:`load_state_dict`.
-    ``needs_grad_norms`` says whether :meth:`update` needs the two gradient norms. The log keeps
-    the last :data:`LOG_LENGTH` decisions.
+    Implements :class:`LamPolicy`; the log holds the decisions of active steps and of every
+    change of activity; :meth:`update` returns the schedule's value (it needs no measurement).
 
     Example:
         >>> from flatness.schedules import ScheduledLam, WarmUp
@@ -264,9 +315,13 @@ class ScheduledLam:
     needs_grad_norms = False
 
     def __init__(self, schedule: Schedule, every: int = 1) -> None:
+        super().__init__()
+        if not callable(schedule):
+            raise ValueError(
+                f"lam_schedule must be a schedule (a function of the step) or its short form, got {schedule!r}"
+            )
         self.schedule = schedule
         self.every = _check_steps("every", every, 1)
-        self.log: deque[dict[str, Any]] = deque(maxlen=LOG_LENGTH)
         self._was_active: bool | None = None
         self._last_step: int | None = None
 
@@ -282,14 +337,9 @@ class ScheduledLam:
             self._was_active, self._last_step = active, step
         return decision
 
-    def update(self, step: int, **measurements: float) -> float:
+    def update(self, step: int, **measurements: Any) -> float:
         """λ for an active step: the schedule's value (measurements are not used)."""
         return float(self.schedule(step))
-
-    def pop_log(self) -> list[dict[str, Any]]:
-        """The decisions logged since the last call (e.g. one epoch's, for the run record)."""
-        out, self.log = list(self.log), deque(maxlen=LOG_LENGTH)
-        return out
 
     def state_dict(self) -> dict[str, Any]:
         """The last step seen and whether it was active (for the log), to resume a run exactly."""

@@ -6,6 +6,8 @@ import contextlib
 import errno
 import hashlib
 import io
+import json
+import math
 import os
 import re
 import secrets
@@ -117,6 +119,27 @@ def batch_size(x: Any) -> int:
     if isinstance(x, dict) and x:
         return batch_size(next(iter(x.values())))
     raise TypeError(f"cannot tell the batch size of {type(x).__name__}")
+
+
+def check_sub_batch(sub_batch: int | float | None) -> None:
+    """A ``ValueError`` unless ``sub_batch`` is ``None``, an int >= 1 or a fraction in (0, 1]."""
+    if sub_batch is None:
+        return
+    if isinstance(sub_batch, bool) or not isinstance(sub_batch, (int, float)):
+        raise ValueError(f"sub_batch must be an int or a float, got {sub_batch!r}")
+    if isinstance(sub_batch, float) and not 0 < sub_batch <= 1:
+        raise ValueError(f"a fractional sub_batch must be in (0, 1], got {sub_batch}")
+    if isinstance(sub_batch, int) and sub_batch < 1:
+        raise ValueError(f"sub_batch must be >= 1, got {sub_batch}")
+
+
+def sub_batch_size(sub_batch: int | float | None, full: int) -> int:
+    """How many of ``full`` samples a ``sub_batch`` (:func:`check_sub_batch`) takes: all for
+    ``None``, at most ``full`` for an int, the fraction rounded up (at least 1) for a float."""
+    if sub_batch is None:
+        return full
+    n = sub_batch if isinstance(sub_batch, int) else math.ceil(sub_batch * full)
+    return max(1, min(n, full))
 
 
 def take_first(x: Any, n: int) -> Any:
@@ -240,6 +263,20 @@ def atomic_write_bytes(path: str | os.PathLike[str], write: Callable[[IO[bytes]]
 
 
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def write_json(path: str | os.PathLike[str], obj: Any, *, indent: int | None = 1, sort_keys: bool = False) -> Path:
+    """``obj`` as JSON (NaN and infinities allowed) at ``path``, by :func:`atomic_write_bytes`."""
+    data = (json.dumps(obj, indent=indent, sort_keys=sort_keys, allow_nan=True) + "\n").encode()
+    atomic_write_bytes(path, lambda fh: fh.write(data))
+    return Path(path)
+
+
+def write_png(figure: Any, path: str | os.PathLike[str], *, dpi: int = 110, **savefig: Any) -> Path:
+    """A matplotlib figure as PNG at ``path``, by :func:`atomic_write_bytes` (``savefig``: more
+    arguments of ``Figure.savefig``, e.g. ``bbox_inches="tight"``)."""
+    atomic_write_bytes(path, lambda fh: figure.savefig(fh, format="png", dpi=dpi, **savefig))
+    return Path(path)
 
 
 def _naming(exc: OSError, path: Path) -> OSError:

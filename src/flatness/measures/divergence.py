@@ -113,5 +113,4 @@ def model_divergence(
     arr = torch.tensor(values, dtype=torch.float64)
     if not torch.isfinite(arr).all():
         raise FlatnessError(f"non-finite model divergence at eps={eps}; use a smaller eps")
-    stderr = float(arr.std(unbiased=True)) / math.sqrt(samples) if samples > 1 else math.nan
-    return Estimate(float(arr.mean()), stderr, samples)
+    return Estimate.from_samples(arr)

@@ -33,7 +33,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -83,6 +82,4 @@ def fisher_trace(
     values = torch.cat(parts).double().cpu()
     if not torch.isfinite(values).all():
         raise FlatnessError("non-finite per-example gradients; is the checkpoint diverged?")
-    n = values.numel()
-    stderr = float(values.std(unbiased=True)) / math.sqrt(n) if n > 1 else math.nan
-    return Estimate(float(values.mean()), stderr, n)
+    return Estimate.from_samples(values)

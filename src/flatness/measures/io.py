@@ -1,4 +1,5 @@
-"""Atomic writers for result files: a temporary file in the same folder, then ``os.replace``.
+"""Result files of the measures: ``.npz``, JSON and PNG, each written atomically by
+:func:`flatness.utils.atomic_write_bytes` (a temporary file in the same folder, then ``os.replace``).
 
 A crash or an interrupt never leaves a half-written PNG, ``.npz`` or JSON behind.
 
@@ -13,36 +14,28 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
-from ..utils import atomic_write_bytes
+from ..utils import atomic_write_bytes, write_json, write_png
 
-__all__ = ["atomic_write", "save_npz", "save_json", "save_figure"]
-
-
-def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
-    """Call ``write(file)`` on a temporary file next to ``path``, then move it into place."""
-    atomic_write_bytes(path, write)
-    return Path(path)
+__all__ = ["save_npz", "save_json", "save_figure"]
 
 
 def save_npz(path: str | os.PathLike[str], **arrays: Any) -> Path:
     """``numpy.savez`` written atomically."""
-    return atomic_write(path, lambda f: np.savez(f, **arrays))
+    atomic_write_bytes(path, lambda f: np.savez(f, **arrays))
+    return Path(path)
 
 
 def save_json(path: str | os.PathLike[str], obj: Any) -> Path:
     """Pretty JSON (sorted keys) written atomically."""
-    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
-    return atomic_write(path, lambda f: f.write(text.encode()))
+    return write_json(path, obj, indent=2, sort_keys=True)
 
 
 def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 120) -> Path:
     """Save a matplotlib figure (a ``matplotlib.figure.Figure``) as PNG atomically."""
-    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+    return write_png(fig, path, dpi=dpi)

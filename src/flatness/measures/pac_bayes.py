@@ -57,7 +57,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -116,6 +116,55 @@ def _bound(a: Tensor, sigma: float, m: int, mag: bool, floor: float) -> float:
     return float(0.25 * torch.log(prior / posterior).sum()) + math.log(m / sigma) + 10
 
 
+def _check_arguments(deviation: float, criterion: str, steps: int, upper: float, tolerance: float) -> None:
+    if not (math.isfinite(deviation) and deviation > 0):
+        raise ValueError(f"deviation must be a finite number > 0, got {deviation!r}")
+    if criterion not in ("error", "loss"):
+        raise ValueError(f"criterion must be 'error' or 'loss', got {criterion!r}")
+    if steps < 1 or not (math.isfinite(upper) and upper > 0) or not 0 <= tolerance < 1:
+        raise ValueError("need steps >= 1, upper > 0 and 0 <= tolerance < 1")
+
+
+def _largest_sigma(
+    rise: Callable[[float], float], deviation: float, upper: float, steps: int, tolerance: float, criterion: str
+) -> tuple[float, float, float, float]:
+    """``(lo, rise(lo), hi, rise(hi))`` bracketing the σ where ``rise`` crosses ``deviation``:
+    ``upper`` doubled while the rise stays below it, then bisected ``steps`` times (or until the
+    rise at ``lo`` is within ``tolerance`` of it)."""
+    lo, lo_rise, hi = 0.0, 0.0, upper
+    hi_rise = rise(hi)
+    doublings = 0
+    while hi_rise <= deviation:
+        if doublings == MAX_DOUBLINGS:
+            raise FlatnessError(f"the {criterion} rises by at most {deviation} even at σ = {hi:.3g}")
+        lo, lo_rise, hi = hi, hi_rise, 2 * hi
+        hi_rise = rise(hi)
+        doublings += 1
+    for _ in range(steps):
+        mid = 0.5 * (lo + hi)
+        value = rise(mid)
+        if value <= deviation:
+            lo, lo_rise = mid, value
+            if value >= (1 - tolerance) * deviation and tolerance > 0:
+                break
+        else:
+            hi, hi_rise = mid, value
+    if lo == 0.0:
+        raise FlatnessError(
+            f"the {criterion} rises by more than {deviation} already at σ = {hi:.3g}; "
+            "use a larger deviation"
+        )
+    return lo, lo_rise, hi, hi_rise
+
+
+def _initial_weights(initial: nn.Module | Mapping[str, Tensor], names: list[str]) -> Tensor:
+    state = initial.state_dict() if isinstance(initial, nn.Module) else initial
+    missing = [n for n in names if n not in state]
+    if missing:
+        raise FlatnessError(f"the initial weights have no parameter {missing[0]!r}")
+    return torch.cat([state[n].detach().double().reshape(-1).cpu() for n in names])
+
+
 @accepts_model_loss
 def pac_bayes(
     model: nn.Module,
@@ -152,12 +201,7 @@ def pac_bayes(
         FlatnessError: the loss is not finite at θ, or no σ above upper/2^steps keeps the
             deviation ≤ d.
     """
-    if not (math.isfinite(deviation) and deviation > 0):
-        raise ValueError(f"deviation must be a finite number > 0, got {deviation!r}")
-    if criterion not in ("error", "loss"):
-        raise ValueError(f"criterion must be 'error' or 'loss', got {criterion!r}")
-    if steps < 1 or not (math.isfinite(upper) and upper > 0) or not 0 <= tolerance < 1:
-        raise ValueError("need steps >= 1, upper > 0 and 0 <= tolerance < 1")
+    _check_arguments(deviation, criterion, steps, upper, tolerance)
     data = collect_batches(batches)
     named = select_params(model, params)
     chosen = [p for _, p in named]
@@ -177,39 +221,12 @@ def pac_bayes(
             return math.inf
         return r.mean - base
 
-    lo, lo_rise = 0.0, 0.0
-    hi = float(upper)
-    hi_rise = rise(hi)
-    doublings = 0
-    while hi_rise <= deviation:
-        if doublings == MAX_DOUBLINGS:
-            raise FlatnessError(f"the {criterion} rises by at most {deviation} even at σ = {hi:.3g}")
-        lo, lo_rise, hi = hi, hi_rise, 2 * hi
-        hi_rise = rise(hi)
-        doublings += 1
-    for _ in range(steps):
-        mid = 0.5 * (lo + hi)
-        value = rise(mid)
-        if value <= deviation:
-            lo, lo_rise = mid, value
-            if value >= (1 - tolerance) * deviation and tolerance > 0:
-                break
-        else:
-            hi, hi_rise = mid, value
-    if lo == 0.0:
-        raise FlatnessError(
-            f"the {criterion} rises by more than {deviation} already at σ = {hi:.3g}; "
-            "use a larger deviation"
-        )
+    lo, lo_rise, hi, hi_rise = _largest_sigma(rise, deviation, float(upper), steps, tolerance, criterion)
     w = torch.cat([p.detach().double().reshape(-1).cpu() for p in chosen])
     m = sum(batch_size(b.x) for b in data)
     bound_init = None
     if initial is not None:
-        state = initial.state_dict() if isinstance(initial, nn.Module) else initial
-        missing = [n for n, _ in named if n not in state]
-        if missing:
-            raise FlatnessError(f"the initial weights have no parameter {missing[0]!r}")
-        w0 = torch.cat([state[n].detach().double().reshape(-1).cpu() for n, _ in named])
+        w0 = _initial_weights(initial, [n for n, _ in named])
         bound_init = _bound(w - w0, lo, m, magnitude_aware, floor)
     return PacBayes(
         sigma=lo,

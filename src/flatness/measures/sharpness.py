@@ -79,6 +79,48 @@ def _global_norm(tensors: list[Tensor]) -> Tensor:
     return torch.sqrt(sum(t.pow(2).sum() for t in tensors))  # type: ignore[arg-type]
 
 
+def _check_arguments(eps: float, region: str, steps: int, eta: float) -> None:
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    if region not in ("box", "ball"):
+        raise ValueError(f"region must be 'box' or 'ball', got {region!r}")
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+
+
+def _project(u: list[Tensor], region: Region, eps: float) -> list[Tensor]:
+    """``u`` projected onto the region (the box ‖u‖_∞ ≤ ε or the ball ‖u‖_2 ≤ ε)."""
+    if region == "box":
+        return [t.clamp(-eps, eps) for t in u]
+    norm = float(_global_norm(u))
+    return [t * (eps / norm) for t in u] if norm > eps else u
+
+
+def _ascent_step(u: list[Tensor], grads: list[Tensor], size: float, region: Region, eps: float) -> list[Tensor] | None:
+    """One projected ascent step: along sign(g) in the box, along g/‖g‖ in the ball (``None``
+    at g = 0 in the ball)."""
+    if region == "box":
+        return _project([t + size * g.sign() for t, g in zip(u, grads)], region, eps)
+    gnorm = float(_global_norm(grads))
+    if gnorm == 0.0:
+        return None
+    return _project([t + (size / gnorm) * g for t, g in zip(u, grads)], region, eps)
+
+
+def _random_point(theta: list[Tensor], region: Region, eps: float, gen: torch.Generator | None) -> list[Tensor]:
+    """A uniform point of the region (the ball's: a Gaussian direction, radius ε·U^(1/P))."""
+    if region == "box":
+        return [(2 * torch.rand(p.shape, generator=gen, dtype=p.dtype) - 1).to(p.device) * eps
+                for p in theta]
+    direction = [torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) for p in theta]
+    dim = sum(p.numel() for p in theta)
+    radius = eps * float(torch.rand((), generator=gen)) ** (1.0 / dim)
+    norm = float(_global_norm(direction))
+    return [d * (radius / norm) for d in direction]
+
+
 @accepts_model_loss
 def eps_sharpness(
     model: nn.Module,
@@ -110,14 +152,7 @@ def eps_sharpness(
         seed: seed of the random start.
         params: perturb only these parameters (default: all trainable ones).
     """
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
-    if region not in ("box", "ball"):
-        raise ValueError(f"region must be 'box' or 'ball', got {region!r}")
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    _check_arguments(eps, region, steps, eta)
     data = collect_batches(batches)
     named = select_params(model, params)
     names = [n for n, _ in named]
@@ -125,12 +160,6 @@ def eps_sharpness(
     scale = [p.abs() + eta if adaptive else torch.ones_like(p) for p in theta]
     alpha = 2.5 * eps / max(steps, 1) if step_size is None else float(step_size)
     gen = make_generator(seed)
-
-    def project(u: list[Tensor]) -> list[Tensor]:
-        if region == "box":
-            return [t.clamp(-eps, eps) for t in u]
-        norm = float(_global_norm(u))
-        return [t * (eps / norm) for t in u] if norm > eps else u
 
     def at(u: list[Tensor]) -> dict[str, Tensor]:
         return {n: t + c * d for n, t, c, d in zip(names, theta, scale, u)}
@@ -144,33 +173,15 @@ def eps_sharpness(
             total += float(loss.detach())
         return total, [t.grad if t.grad is not None else torch.zeros_like(t) for t in u]
 
-    def ascent_step(u: list[Tensor], grads: list[Tensor], size: float) -> list[Tensor] | None:
-        if region == "box":
-            return project([t + size * g.sign() for t, g in zip(u, grads)])
-        gnorm = float(_global_norm(grads))
-        if gnorm == 0.0:
-            return None
-        return project([t + (size / gnorm) * g for t, g in zip(u, grads)])
-
-    def random_point() -> list[Tensor]:
-        if region == "box":
-            return [(2 * torch.rand(p.shape, generator=gen, dtype=p.dtype) - 1).to(p.device) * eps
-                    for p in theta]
-        # uniform in the ball: Gaussian direction, radius ε·U^(1/P)
-        direction = [torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) for p in theta]
-        dim = sum(p.numel() for p in theta)
-        radius = eps * float(torch.rand((), generator=gen)) ** (1.0 / dim)
-        norm = float(_global_norm(direction))
-        return [d * (radius / norm) for d in direction]
-
     with eval_mode(model):
         zero = [torch.zeros_like(p) for p in theta]
         base, grads = loss_and_grad(zero)
         require_finite(base, "the loss")
         # Start at the maximiser of the linearised loss (ε·sign(g) or ε·g/‖g‖ in u), which
         # the ascent then refines; at an exact critical point, or on request, at a random point.
-        start = None if random_start else ascent_step(zero, grads, eps)
-        u = random_point() if start is None or all(float(g.abs().max()) == 0 for g in grads) else start
+        start = None if random_start else _ascent_step(zero, grads, eps, region, eps)
+        critical = all(float(g.abs().max()) == 0 for g in grads)
+        u = _random_point(theta, region, eps, gen) if start is None or critical else start
         best = base
         for step in range(steps + 1):
             total, grads = loss_and_grad(u)
@@ -186,7 +197,7 @@ def eps_sharpness(
             if step == steps:
                 break
             with torch.no_grad():
-                moved = ascent_step([t.detach() for t in u], grads, alpha)
+                moved = _ascent_step([t.detach() for t in u], grads, alpha, region, eps)
             if moved is None:
                 break
             u = moved

@@ -33,10 +33,10 @@ import torch
 from torch import Tensor, nn
 
 from ..hutchinson import Estimate
-from ..probes import Distribution, make_generator, random_matrix
+from ..probes import Distribution, chunked_samples, make_generator, matrix_probes
 from .functional import LossFn, accepts_model_loss
 from .operator import HessianOperator
-from .trace import Operator, _estimate, operator_dim, sq_norms
+from .trace import Operator, operator_dim, sq_norms
 
 __all__ = ["sq_trace_of", "hessian_sq_trace"]
 
@@ -53,13 +53,8 @@ def sq_trace_of(
     """Hutchinson's Tr(A²) = E‖A v‖² for a symmetric operator (dense tensor or linear operator)."""
     if num_matvecs < 1:
         raise ValueError(f"num_matvecs must be >= 1, got {num_matvecs}")
-    dim = operator_dim(A)
-    gen = make_generator(seed, generator)
-    samples, v = [], None
-    for start in range(0, num_matvecs, chunk):  # v: one block, refilled chunk after chunk
-        v = random_matrix(dim, min(chunk, num_matvecs - start), dist, gen, A.dtype, A.device, out=v)
-        samples.append(sq_norms(A, v))
-    return _estimate(torch.cat(samples))
+    draw_chunk = matrix_probes(operator_dim(A), dist, make_generator(seed, generator), A.dtype, A.device)
+    return Estimate.from_samples(chunked_samples(num_matvecs, chunk, draw_chunk, lambda v: sq_norms(A, v)))
 
 
 @accepts_model_loss

@@ -34,7 +34,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
@@ -42,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from ..hutchinson import Estimate
-from ..probes import Distribution, make_generator, random_matrix
+from ..probes import Distribution, chunked_samples, make_generator, matrix_probes, random_matrix
 from .functional import LossFn, accepts_model_loss
 from .operator import HessianOperator, LinearOperator
 
@@ -85,13 +84,6 @@ def apply_chunked(A: Operator, X: Tensor, chunk: int) -> Tensor:
     return torch.cat([A @ X[:, s : s + chunk] for s in range(0, X.shape[1], chunk)], dim=1)
 
 
-def _estimate(samples: Tensor, offset: float = 0.0) -> Estimate:
-    samples = samples.detach().double().cpu()
-    n = samples.numel()
-    stderr = float(samples.std(unbiased=True)) / math.sqrt(n) if n > 1 else math.nan
-    return Estimate(offset + float(samples.mean()), stderr, n)
-
-
 def hutchinson_trace(
     A: Operator,
     num_matvecs: int = 100,
@@ -104,14 +96,9 @@ def hutchinson_trace(
     """Hutchinson's Tr(A) from ``num_matvecs`` products; stderr from the per-probe spread."""
     if num_matvecs < 1:
         raise ValueError(f"num_matvecs must be >= 1, got {num_matvecs}")
-    dim = operator_dim(A)
     dtype, device = operator_dtype_device(A)
-    gen = make_generator(seed, generator)
-    samples, g = [], None
-    for start in range(0, num_matvecs, chunk):  # g: one block, refilled chunk after chunk
-        g = random_matrix(dim, min(chunk, num_matvecs - start), dist, gen, dtype, device, out=g)
-        samples.append(quadratic_forms(A, g))
-    return _estimate(torch.cat(samples))
+    draw_chunk = matrix_probes(operator_dim(A), dist, make_generator(seed, generator), dtype, device)
+    return Estimate.from_samples(chunked_samples(num_matvecs, chunk, draw_chunk, lambda g: quadratic_forms(A, g)))
 
 
 def hutchpp_trace(
@@ -141,7 +128,7 @@ def hutchpp_trace(
     G_perp = G - Q @ (Q.T @ G)
     AG_perp = apply_chunked(A, G_perp, chunk)
     # gᵀ(I-QQᵀ) A (I-QQᵀ) g = (G_perp)ᵀ A G_perp, column by column.
-    return _estimate((G_perp * AG_perp).sum(0), offset=exact)
+    return Estimate.from_samples((G_perp * AG_perp).sum(0), offset=exact)
 
 
 @accepts_model_loss

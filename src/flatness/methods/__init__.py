@@ -1,10 +1,11 @@
 """Training methods behind one template (:class:`Method` = a :class:`Point` + :class:`Term`\\ s +
-one step driver), looked up by name; ``"a+b"`` composes two (see :mod:`.base`, :mod:`.compose`).
+one step driver), looked up by name; ``"a+b"`` composes two (see :mod:`flatness.methods.base`,
+:mod:`flatness.methods.compose`).
 
 Each method module registers itself with :func:`register_method` when imported below.
 """
 
-from .base import METHODS, Evaluation, Here, Method, Point, Term, register_method
+from .base import METHODS, Evaluation, Here, Method, Point, Term, logged, register_method
 from . import fa as _fa  # noqa: F401  (registers "fa")
 from . import sam as _sam  # noqa: F401  (registers "sam")
 from . import gnp as _gnp  # noqa: F401  (registers "gnp")
@@ -19,6 +20,7 @@ __all__ = [
     "Here",
     "Term",
     "Evaluation",
+    "logged",
     "make_method",
     "method_class",
     "method_hparam",

@@ -32,13 +32,15 @@ or ``None``), ``default_grid`` (its default sweep) and ``protocol_defaults`` (th
 the experiments' default protocol, which run names leave implicit, e.g. FA's 5 probes every 10
 steps); its ``__init__`` validates its hyper-parameters (clear ``ValueError``) and hands its
 point and terms to :class:`Method`. Returned step values are for logging: Python floats, or
-detached 0-d tensors (the task loss) that the training loop converts once per epoch, so that a
-step does not wait for the device.
+detached 0-d tensors (:func:`logged`) that the training loop converts once per epoch, so that a
+step does not wait for the device: a step reads nothing on the host (``float()``, ``.item()``,
+``bool()`` of a tensor; ``tests/test_methods_common.py`` checks every method), but for the FA
+penalty's one read on a curvature step (its non-finite guard must decide before the update).
 
 Example (a composed method, and a new term in a few lines):
     >>> import torch
     >>> from torch import nn
-    >>> from flatness.methods import Method, Term, make_method
+    >>> from flatness.methods import Method, Term, logged, make_method
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
     >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
     >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
@@ -48,7 +50,7 @@ Example (a composed method, and a new term in a few lines):
     >>> class LogitPenalty(Term):  # β·mean ‖f(x)‖², evaluated wherever the point says
     ...     def __call__(self, ev, info):
     ...         value = ev.logits.square().sum(dim=1).mean()
-    ...         info["logit_norm"] = float(value.detach())
+    ...         info["logit_norm"] = logged(value)
     ...         return 0.1 * value
     >>> sorted(Method(model, nn.CrossEntropyLoss(), terms=[LogitPenalty()]).step(x, y, opt))
     ['logit_norm', 'loss']
@@ -76,6 +78,7 @@ __all__ = [
     "Here",
     "Term",
     "Evaluation",
+    "logged",
     "register_method",
     "METHODS",
 ]
@@ -89,6 +92,12 @@ def signature_defaults(function: Any, names: Iterable[str]) -> dict[str, Any]:
     """``{name: default}`` of ``function``'s parameters among ``names`` that have a default."""
     params = inspect.signature(function).parameters
     return {n: params[n].default for n in names if n in params and params[n].default is not inspect.Parameter.empty}
+
+
+def logged(value: Tensor) -> Tensor:
+    """A step's logged value of ``value``: detached and in float64 (what ``float(value)`` gave,
+    without waiting for the device; the training loop reads the epoch's sum once)."""
+    return value.detach().double()
 
 
 def register_method(cls: type["Method"]) -> type["Method"]:

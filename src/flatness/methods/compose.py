@@ -1,4 +1,4 @@
-r"""Methods composed by name: ``"sam+fa"`` = SAM's point with FA's term (see :mod:`.base`), and
+r"""Methods composed by name: ``"sam+fa"`` = SAM's point with FA's term (see :mod:`flatness.methods.base`), and
 the lookup of any method by name (:func:`make_method`, :func:`method_class`).
 
 A composition builds each component as it would be built alone (each validates its own

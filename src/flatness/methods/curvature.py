@@ -61,7 +61,7 @@ from ..per_example import (
     per_example_sq_grad_norms,
 )
 from ..utils import batch_size, call_model, unwrap
-from .base import Evaluation, LossFn, Method, Term, register_method
+from .base import Evaluation, LossFn, Method, Term, logged, register_method
 from .perturb import require_nonnegative
 
 __all__ = ["CurvatureRegularization", "CurvatureTerm"]
@@ -157,8 +157,8 @@ class CurvatureTerm(Term):
         self.last_impl = used
         mean_sq = sq.mean()
         penalty = self.alpha * mean_sq
-        info["penalty"] = float(penalty.detach())
-        info["mean_sq_grad_norm"] = float(mean_sq.detach())
+        info["penalty"] = logged(penalty)
+        info["mean_sq_grad_norm"] = logged(mean_sq)
         return penalty
 
 

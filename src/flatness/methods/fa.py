@@ -9,27 +9,59 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Any, ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar, NamedTuple
 
 from torch import Tensor, nn
 
 from ..batch_loss import adapt
+from ..estimators import Share
 from ..penalties import FlatnessPenalty
 from .base import Evaluation, Here, LossFn, Method, Term, register_method, signature_defaults
 
-__all__ = ["PAPER_GRID", "FlatnessAware", "PenaltyTerm", "SharedTaskGradient"]
+__all__ = ["PAPER_GRID", "FlatnessAware", "PenaltyLog", "PenaltyTerm", "SharedTaskGradient"]
 
 PAPER_GRID: tuple[float, ...] = (0.0, 0.001, 0.01, 0.1, 1.0)  # the paper's λ sweep
+
+
+class PenaltyLog(NamedTuple):
+    """The penalty's logged values: one curvature step's, or an epoch's means over its
+    ``steps`` curvature steps. The one definition of the names under which a step logs them
+    (:meth:`as_info`) and of how an epoch record holds their means (:meth:`from_epoch`).
+    """
+
+    sq_trace: float  # the Tr(H²) estimate
+    penalty: float  # λ·Tr(H²)/B, the value added to the loss
+    steps: int = 1
+
+    def as_info(self) -> dict[str, float]:
+        """The entries of a step's logged values (``Method.step``'s dict)."""
+        return {"penalty": self.penalty, "sq_trace": self.sq_trace}
+
+    @classmethod
+    def from_epoch(cls, epoch: Mapping[str, Any]) -> PenaltyLog | None:
+        """The means in an epoch record (``None`` if no step logged them): the training loop
+        averages each logged value over the steps that logged it, counted in ``<name>_steps``
+        when fewer than the epoch's ``steps``."""
+        if epoch.get("sq_trace") is None:
+            return None
+        steps = int(epoch.get("sq_trace_steps", epoch.get("steps", 1)) or 1)
+        return cls(epoch["sq_trace"], epoch.get("penalty"), steps)
+
+    @classmethod
+    def of(cls, penalty: FlatnessPenalty) -> PenaltyLog:
+        """The penalty's last curvature step (zeros before its first finite one)."""
+        return cls(float(penalty.last_sq_trace or 0.0), float(penalty.last_penalty or 0.0))
 
 
 class PenaltyTerm(Term):
     """λ·Tr(H²)/B from a :class:`flatness.FlatnessPenalty` on the evaluation's batch.
 
     The penalty is built out of place (``autograd.grad(create_graph=True)``) and added to the
-    task loss before one ordinary ``backward()``, which is also what DDP needs. Logs
-    ``penalty``, ``sq_trace`` and, with a λ schedule or controller, ``lam`` (the λ applied)
-    and the controller's measurements on the steps that compute it: the training loop averages them per epoch
-    into the run record, with ``lam_steps`` the number of curvature steps.
+    task loss before one ordinary ``backward()``, which is also what DDP needs. Logs the
+    penalty's :class:`PenaltyLog` and, with
+    a λ schedule or controller, ``lam`` (the λ applied) and the controller's measurements on the
+    steps that compute it: the training loop averages them per epoch into the run record.
     """
 
     def __init__(self, penalty: FlatnessPenalty) -> None:
@@ -39,8 +71,7 @@ class PenaltyTerm(Term):
         curvature_step = self.penalty.is_active()
         value = self.penalty(evaluation.x, evaluation.y, log=info)
         if curvature_step:
-            info["penalty"] = float(self.penalty.last_penalty or 0.0)
-            info["sq_trace"] = float(self.penalty.last_sq_trace or 0.0)
+            info.update(PenaltyLog.of(self.penalty).as_info())
         return value
 
     def observe(self, model: nn.Module) -> contextlib.AbstractContextManager[Any]:
@@ -67,13 +98,12 @@ class SharedTaskGradient(Here):
 
     def run(self, method: Method, x: Any, y: Any, params: list[Tensor], info: dict[str, float]) -> None:
         penalty = self.term.penalty
-        if method.terms != [self.term] or penalty.model is not penalty.local_model or not penalty.shares_task_gradient():
+        if method.terms != [self.term] or not penalty.shares_task_gradient():  # (not under DDP either)
             super().run(method, x, y, params, info)
             return
         loss, total = penalty.objective(x, y, log=info)
         info["loss"] = loss  # detached: no host synchronisation per step
-        info["penalty"] = float(penalty.last_penalty or 0.0)
-        info["sq_trace"] = float(penalty.last_sq_trace or 0.0)
+        info.update(PenaltyLog.of(penalty).as_info())
         total.backward()
 
 
@@ -94,7 +124,8 @@ class FlatnessAware(Method):
         model, loss_fn = adapt(model, loss_fn)  # a ModelLoss: the penalty runs the same module
         self.penalty = FlatnessPenalty(model, loss_fn, lam=lam, **kwargs)
         term = PenaltyTerm(self.penalty)
-        point = SharedTaskGradient(term) if self.penalty.backend == "finite-difference" else None
+        shares_gradient = Share.TASK_GRADIENT in self.penalty.estimator.shares
+        point = SharedTaskGradient(term) if shares_gradient else None
         super().__init__(model, loss_fn, point=point, terms=[term])
 
     @classmethod

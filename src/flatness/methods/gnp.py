@@ -42,7 +42,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .base import Evaluation, LossFn, Method, Point, Term, register_method
+from .base import Evaluation, LossFn, Method, Point, Term, logged, register_method
 from .perturb import (
     RandomReplay,
     extra_pass,
@@ -75,7 +75,7 @@ class GradientNormTerm(Term):
             evaluation.loss, evaluation.params, create_graph=True, allow_unused=True
         )
         sq_norm = sum((g.square().sum() for g in grads if g is not None), torch.zeros(()))
-        info["grad_norm"] = float(sq_norm.detach().sqrt())
+        info["grad_norm"] = logged(sq_norm.detach().sqrt())
         # clamp: d‖g‖ is undefined at g = 0; there the penalty's gradient is taken as 0
         penalty = sq_norm if self.squared else sq_norm.clamp_min(_TINY**2).sqrt()
         return self.rho * penalty
@@ -96,10 +96,10 @@ class FiniteDifferencePoint(Point):
     def run(self, method: Method, x: Any, y: Any, params: list[Tensor], info: dict[str, float]) -> None:
         replay = RandomReplay.capture(params)
         loss = method.task_loss(x, y)
-        info["loss"] = float(loss.detach())
+        info["loss"] = logged(loss)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         norm = global_norm(grads).to(params[0].device)
-        info["grad_norm"] = float(norm)
+        info["grad_norm"] = logged(norm)
         r = self.fd_radius
         self._stash = stash_for(params, self._stash)
         with perturbed(params, grads, r / (norm + _TINY), self._stash):

@@ -53,7 +53,7 @@ from ..batch_loss import BatchLoss
 from ..passes import frozen_running_stats
 from ..probes import make_generator, rademacher
 from ..utils import unwrap
-from .base import Evaluation, LossFn, Method, Point, Term, register_method
+from .base import Evaluation, LossFn, Method, Point, Term, logged, register_method
 from .perturb import RandomReplay, extra_pass, perturbed, require_nonnegative
 
 BallDistribution = Literal["gaussian", "rademacher"]
@@ -200,8 +200,8 @@ class NeighbourTerm(_Ball, Term):
             neighbour_logits = _call_with(model, shifted, evaluation.x)
         perturbed_loss = evaluation.loss_fn(neighbour_logits, evaluation.y)
         kl = model_divergence(evaluation.logits, neighbour_logits)
-        info["kl"] = float(kl.detach())
-        info["perturbed_loss"] = float(perturbed_loss.detach())
+        info["kl"] = logged(kl)
+        info["perturbed_loss"] = logged(perturbed_loss)
         return self.alpha * kl + perturbed_loss
 
 

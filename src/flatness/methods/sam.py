@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import LossFn, Method, Point, register_method
+from .base import LossFn, Method, Point, logged, register_method
 from .perturb import (
     RandomReplay,
     extra_pass,
@@ -105,7 +105,7 @@ class AscentPoint(Point):
     def run(self, method: Method, x: Any, y: Any, params: list[Tensor], info: dict[str, float]) -> None:
         replay = RandomReplay.capture(params)
         loss = method.task_loss(x, y)
-        info["loss"] = float(loss.detach())
+        info["loss"] = logged(loss)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         directions, scale = sam_direction(params, grads, self.rho, self.adaptive)
         self._stash = stash_for(params, self._stash)

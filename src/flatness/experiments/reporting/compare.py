@@ -175,7 +175,7 @@ class MethodResult:
     test_accs: list[float] = field(default_factory=list)  # per seed (same order as seeds)
     vs_none: Comparison | None = None  # test accuracy against `none`, paired by seed, Holm-adjusted
     flatness_vs_none: Comparison | None = None  # log10 final Tr(H²)/B against `none`, likewise
-    sq_traces: list[float | None] = field(default_factory=list)  # final Tr(H²)/B per seed
+    sq_trace_per_B: list[float | None] = field(default_factory=list)  # final Tr(H²)/B per seed
     role: str = ""  # "baseline" (`none` itself), "no `none` runs", or "" (compared)
     scan_seeds: list[int] = field(default_factory=list)  # the grid was scanned at these seeds only
     flatness: dict[str, float] = field(default_factory=dict)  # key -> mean over seeds
@@ -239,7 +239,7 @@ def select_and_summarize(
             val_acc=best["val_acc"],
             val_loss=best["val_loss"],
             test_accs=[float(r.final_test_acc) for r in chosen],
-            sq_traces=[r.get(FLATNESS_METRIC) for r in chosen],
+            sq_trace_per_B=[r.get(FLATNESS_METRIC) for r in chosen],
         )
         for key in ("measured_sq_trace_per_B", *FLATNESS_KEYS):
             values = [r.get(key) for r in chosen if isinstance(r.get(key), (int, float))]
@@ -257,9 +257,10 @@ def select_and_summarize(
             r.role = "baseline"
             continue
         r.vs_none = compare_samples(dict(zip(r.seeds, r.test_accs)), dict(zip(base.seeds, base.test_accs)))
-        if any(v is not None for v in r.sq_traces) and any(v is not None for v in base.sq_traces):
+        if any(v is not None for v in r.sq_trace_per_B) and any(v is not None for v in base.sq_trace_per_B):
             r.flatness_vs_none = compare_samples(
-                log10_by_seed(dict(zip(r.seeds, r.sq_traces))), log10_by_seed(dict(zip(base.seeds, base.sq_traces)))
+                log10_by_seed(dict(zip(r.seeds, r.sq_trace_per_B))),
+                log10_by_seed(dict(zip(base.seeds, base.sq_trace_per_B))),
             )
     for attr in ("vs_none", "flatness_vs_none"):  # each table its own Holm family
         compared = [r for r in results if getattr(r, attr) is not None]

@@ -15,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +24,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ...utils import atomic_write_bytes
+from ...utils import write_png
 from .groups import PAPER_FINAL_ACC, Group
 from .stats import mean_std
 
@@ -40,10 +39,8 @@ def figure(ncols: int = 1, figsize: tuple[float, float] = (5.5, 3.8)) -> tuple[F
 
 
 def save_png(fig: Figure, path: Path) -> None:
-    """Write ``fig`` as a PNG, atomically (no half-written file)."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    atomic_write_bytes(path, lambda fh: fh.write(buf.getvalue()))
+    """Write ``fig`` as the reports' PNG (110 dpi, tight box) by :func:`flatness.utils.write_png`."""
+    write_png(fig, path, dpi=110, bbox_inches="tight")
 
 
 def _x_axis(ax: Axes, values: Sequence[float], label: str) -> None:

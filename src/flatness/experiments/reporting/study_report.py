@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from ...utils import atomic_write_bytes
+from ...utils import atomic_write_bytes, write_png
 from ..running.record import read_record, write_json
 from .rank_stats import AxisCoefficient, crossed_partial_tau, crossed_tau, granulated_kendall, mean_granulated
 from ..running.study_population import (
@@ -278,9 +278,7 @@ def _population_rows(population: Population) -> list[dict[str, Any]]:
 
 
 def _save(fig: Any, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    atomic_write_bytes(path, lambda fh: fh.write(buf.getvalue()))
+    write_png(fig, path, dpi=100, bbox_inches="tight")
 
 
 def _scatter(population: Population, axis: str, keys: Sequence[str], path: Path) -> None:

@@ -45,6 +45,7 @@ __all__ = [
     "final_model_extras",
     "measure_final",
     "measure_kfac_per_B",
+    "measure_kfac_sq_trace_per_B",
     "measure_sq_trace_per_B",
 ]
 
@@ -104,7 +105,7 @@ def measure_sq_trace_per_B(
     }
 
 
-def measure_kfac_per_B(
+def measure_kfac_sq_trace_per_B(
     model: nn.Module,
     task: Task,
     x: Tensor,
@@ -116,7 +117,8 @@ def measure_kfac_per_B(
 ) -> float | None:
     """Mean over the batches of :func:`measure_sq_trace_per_B` of the K-FAC Tr(H_b²)/B
     (:mod:`flatness.kfac`, labels sampled from a generator seeded with ``seed``), or ``None``
-    for a model K-FAC does not cover (parameters outside Linear layers)."""
+    for a model K-FAC does not cover (parameters outside Linear layers, a loss other than the
+    cross-entropy of the logits)."""
     n = min(num_samples, int(y.shape[0]))
     n_batches = n // batch_size
     if n_batches == 0:
@@ -132,6 +134,8 @@ def measure_kfac_per_B(
     return sum(values) / len(values)
 
 
+measure_kfac_per_B = measure_kfac_sq_trace_per_B  # its former name (docs/glossary.md)
+
 def measure_final(model: nn.Module, task: Task, splits: Splits, config: TrainConfig) -> dict[str, Any]:
     """Every measurement of a final model, as flat record entries (extend here, e.g. λ_max).
 
@@ -146,7 +150,7 @@ def measure_final(model: nn.Module, task: Task, splits: Splits, config: TrainCon
     start = time.perf_counter()
     m = measure_sq_trace_per_B(model, task, splits.x_train, splits.y_train, config.batch_size)
     # K-FAC samples class labels from the model's output: classification losses only
-    kfac = (measure_kfac_per_B(model, task, splits.x_train, splits.y_train, config.batch_size)
+    kfac = (measure_kfac_sq_trace_per_B(model, task, splits.x_train, splits.y_train, config.batch_size)
             if task.task_type == "classification" else None)
     extra = {} if kfac is None else {"measured_kfac_sq_trace_per_B": kfac}
     out = {

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ...utils import FlatnessError, atomic_write_bytes
+from ...utils import FlatnessError, atomic_write_bytes, write_json
 
 __all__ = [
     "RECORD_FIELDS",
@@ -233,12 +233,6 @@ def _fits(value: Any, hint: Any) -> bool:
             return True
     return False
 
-
-
-def write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write ``obj`` as JSON atomically (temp file in the same folder, then rename)."""
-    data = (json.dumps(obj, indent=1, sort_keys=False, allow_nan=True) + "\n").encode()
-    atomic_write_bytes(path, lambda fh: fh.write(data))
 
 
 def write_record(path: str | os.PathLike[str], record: RunRecord) -> None:

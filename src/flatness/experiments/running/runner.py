@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from ...methods import make_method
+from ...methods.fa import PenaltyLog
 from ...probes import rank_seed
 from ...utils import FlatnessError, atomic_write_bytes, to_device
 from .checkpoints import save_checkpoint
@@ -47,7 +48,7 @@ from .measure import EPOCH_MEASURE_BATCHES, EPOCH_MEASURE_PROBES, measure_final,
 from .platforms import environment
 from .progress import progress_bar
 from .record import RECORD_FIELDS, RunRecord, check_writable, read_record, write_record
-from .specs import RunSpec, accepts, check_lam_policy, identity, rank_kwargs, resolved_settings
+from .specs import RunSpec, accepts, identity, rank_kwargs, resolved_settings
 from ..world.plugins import check_source, plugin_sources, restore_plugins
 from ..world.tasks import TrainConfig, get_task
 from .training import TrainingDiverged, make_optimizer, steps_per_epoch, train
@@ -70,14 +71,14 @@ def _state_copy(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-def _avg_train_flatness(epochs: list[dict[str, Any]], batch_size: int) -> float | None:
+def _avg_train_sq_trace_per_B(epochs: list[dict[str, Any]], batch_size: int) -> float | None:
     """The paper's average flatness: the mean of the method's Tr(H²) estimates over training, /B."""
     total, count = 0.0, 0
     for e in epochs:
-        if e.get("sq_trace") is not None:
-            steps = int(e.get("sq_trace_steps", e.get("steps", 1)) or 1)
-            total += e["sq_trace"] * steps
-            count += steps
+        logged = PenaltyLog.from_epoch(e)
+        if logged is not None:
+            total += logged.sq_trace * logged.steps
+            count += logged.steps
     return None if count == 0 else total / count / batch_size
 
 
@@ -131,7 +132,6 @@ def execute_run(
             },
         )
     try:
-        check_lam_policy(spec.method, kwargs)  # also at λ = 0, which builds no λ policy
         if dist_ctx is not None:
             # identical initial weights on every rank (DDP also broadcasts rank 0's), then each
             # rank's own streams: dropout from the global generator, probes from the method's
@@ -264,7 +264,7 @@ def execute_run(
         val_chosen_test_acc=None if chosen is None else test[chosen],
         **{k: v for k, v in measurements.items() if k in RECORD_FIELDS},
         extras={k: v for k, v in measurements.items() if k not in RECORD_FIELDS},
-        avg_train_sq_trace_per_B=_avg_train_flatness(epochs, config.batch_size),
+        avg_train_sq_trace_per_B=_avg_train_sq_trace_per_B(epochs, config.batch_size),
         avg_epoch_sq_trace_per_B=sum(epochs[i]["sq_trace_per_B"] for i in evaluated) / len(evaluated),
         train_seconds=history.train_seconds,
         seconds_per_epoch=history.train_seconds / len(epochs),

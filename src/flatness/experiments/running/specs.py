@@ -26,9 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...lam_control import make_policy
 from ...methods import Method
-from ...methods.compose import ComposedMethod
 from ...methods import method_class as _method_class
 from ...methods.compose import ComposedMethod
 from ...probes import rank_seed
@@ -37,7 +35,6 @@ from ..world.tasks import TrainConfig, get_task
 
 __all__ = [
     "RunSpec",
-    "check_lam_policy",
     "format_value",
     "default_values",
     "build_grid",
@@ -166,22 +163,6 @@ def method_class(method: str) -> type[Method]:
 def accepts(method: str, keyword: str) -> bool:
     """Whether the method's constructor takes ``keyword``."""
     return method_class(method).accepts(keyword)
-
-
-def check_lam_policy(method: str, kwargs: dict[str, Any]) -> None:
-    """Check the λ schedule or controller among a method's settings (``ValueError``), whatever λ is.
-
-    A penalty at λ = 0 builds no λ policy, so it would accept a bogus one, and its run would
-    record it: here :func:`flatness.lam_control.make_policy` checks the settings as a λ > 0 run
-    builds them (λ's value does not matter to their validity). ``kwargs`` as the method gets
-    them (with ``total_steps``); a composition's are routed to its components first.
-    """
-    cls = method_class(method)
-    parts = cls.route(kwargs).values() if issubclass(cls, ComposedMethod) else [kwargs]
-    for part in parts:
-        schedule, control = part.get("lam_schedule"), part.get("lam_control")
-        if schedule is not None or control is not None:
-            make_policy(1.0, part.get("every", 1), schedule, control, part.get("total_steps"))
 
 
 def rank_kwargs(kwargs: dict[str, Any], rank: int) -> dict[str, Any]:
