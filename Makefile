@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install docs clean
+.PHONY: demo test install docs readme-figure clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	@echo "==> make install: a virtual environment in $(VENV), then flatness with torch pinned by constraints.txt"
@@ -40,6 +40,14 @@ $(BIN)/.docs-installed: $(BIN)/.installed
 docs: $(BIN)/.docs-installed
 	rm -rf $(DOCS_GENERATED)
 	$(BIN)/python -m sphinx -b html -W --keep-going $(SPHINXOPTS) docs docs/_build/html
+
+# The README's figure is figure 1 of the gallery's landscape example (docs/_ext/readme_figure.py
+# checks that the example still draws it): refresh the committed copy from a `make docs` build.
+README_FIGURE := sphx_glr_plot_04_landscape_001.png
+
+readme-figure:
+	test -f docs/auto_examples/images/$(README_FIGURE) || $(MAKE) docs
+	cp docs/auto_examples/images/$(README_FIGURE) docs/_static/$(README_FIGURE)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info $(DOCS_GENERATED)

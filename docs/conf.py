@@ -40,6 +40,7 @@ extensions = [
     "results_pages",  # results/README.md and a page per folder of committed results
     "task_pages",  # one page per built-in task, from the task registry
     "registry_tables",  # the methods and measures tables of the guide, from their registries
+    "readme_figure",  # the README's figure: a committed copy of a gallery image, checked
 ]
 
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}

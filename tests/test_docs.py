@@ -18,6 +18,7 @@ EXT = ROOT / "docs" / "_ext"
 sys.path.insert(0, str(EXT))  # the extensions import each other, as under Sphinx
 
 import api_pages  # noqa: E402
+import readme_figure  # noqa: E402
 import results_pages  # noqa: E402
 import task_pages  # noqa: E402
 
@@ -143,6 +144,45 @@ def test_the_docs_extra_is_installed_within_its_declared_ranges():
             f"{req.name} {version} is installed but pyproject.toml declares {req}"
         )
 
+
+
+def test_the_readme_is_short_and_its_figure_is_a_committed_gallery_image():
+    assert len((ROOT / "README.md").read_text(encoding="utf-8").splitlines()) <= 200
+    figures = readme_figure.readme_figures()
+    assert figures, "the README shows no figure"
+    assert readme_figure.figure_problems() == []
+    for rel in figures:  # the caption names the example the figure comes from
+        example = readme_figure._GALLERY_NAME.fullmatch(Path(rel).name).group(1)
+        assert f"docs/gallery/{example}.py" in (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_the_figure_check_reports_a_figure_without_its_example(tmp_path):
+    (tmp_path / "docs" / "_static").mkdir(parents=True)
+    (tmp_path / "docs" / "gallery").mkdir()
+    (tmp_path / "docs" / "gallery" / "plot_01_kept.py").write_text("")
+    committed = ROOT / readme_figure.readme_figures()[0]
+    for name in ("sphx_glr_plot_01_kept_001.png", "sphx_glr_plot_09_gone_001.png", "landscape.png"):
+        (tmp_path / "docs" / "_static" / name).write_bytes(committed.read_bytes())
+    readme = tmp_path / "README.md"
+    readme.write_text("![a](docs/_static/sphx_glr_plot_01_kept_001.png)\n![b](docs/_static/sphx_glr_plot_09_gone_001.png)\n"
+                      "![c](docs/_static/landscape.png)\n![d](docs/_static/sphx_glr_plot_01_kept_002.png)\n")
+    assert readme_figure.figure_problems(readme, tmp_path) == [
+        "README figure docs/_static/sphx_glr_plot_09_gone_001.png: its example docs/gallery/plot_09_gone.py does not exist",
+        "README figure docs/_static/landscape.png: not named sphx_glr_plot_NAME_00K.png after a gallery example",
+        "README figure docs/_static/sphx_glr_plot_01_kept_002.png: no such file",
+    ]
+    # after a build that ran the gallery: a figure it no longer draws, or draws at another size
+    drawn = tmp_path / "drawn"
+    drawn.mkdir()
+    header = committed.read_bytes()
+    width, height = readme_figure.png_size(committed)
+    resized = header[:16] + (width + 1).to_bytes(4, "big") + height.to_bytes(4, "big") + header[24:]
+    (drawn / "sphx_glr_plot_01_kept_001.png").write_bytes(resized)
+    readme.write_text("![a](docs/_static/sphx_glr_plot_01_kept_001.png)\n![b](docs/_static/sphx_glr_plot_09_gone_001.png)\n")
+    problems = readme_figure.drawn_problems(drawn, readme, tmp_path)
+    assert len(problems) == 2 and "run `make readme-figure`" in problems[0] and "drew no" in problems[1]
+    (drawn / "sphx_glr_plot_01_kept_001.png").write_bytes(header)
+    assert readme_figure.drawn_problems(drawn, readme, tmp_path) == [problems[1]]
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_SPHINX, reason="the docs extra is not installed (make docs installs it)")

@@ -5,19 +5,21 @@ A small study: which measures rank the generalisation gap?
 ``flatness study TASK`` trains a population of models over a declared grid of hyper-parameters,
 measures every model with every measure of :mod:`flatness.measures` (and Jiang et al.'s
 reference measures), and ranks the measures by Kendall's τ with the generalisation gap, with
-scatter plots per grid axis. The committed studies have 90 and 180 models; this page runs the
-smallest population the report accepts in a build: four Breast Cancer MLPs (two learning rates ×
-plain training and FA at λ = 0.1, 3 epochs, a quarter of the task's width), through the same
-functions the command calls. Four models make no statistics — τ over four points takes five
-values — so read it as a tour of the outputs.
+scatter plots per grid axis. The project's grids are crossed factorial designs of 32 to 192
+models, each trained to a stopping rule (``flatness study TASK --list`` shows them); this page
+runs the smallest population the report accepts in a build: four Breast Cancer MLPs (two
+learning rates × plain training and FA at λ = 0.1, 3 epochs, a quarter of the task's width),
+through the same functions the command calls. Four models make no statistics — τ over four
+points takes five values — so read it as a tour of the outputs.
 """
 
 # %%
 # The grid and the runs
 # ---------------------
-# A :class:`~flatness.experiments.reporting.study.StudyGrid` crosses its ``plane`` axes at the ``centre``
-# values of the others; ``protocol`` overrides the task's training protocol. The runs are
-# ordinary runs of the pipeline (records, checkpoints, resumable).
+# A :class:`~flatness.experiments.reporting.study.StudyGrid` crosses its ``factors`` fully and
+# gives every other axis its ``fixed`` value; ``seeds`` are replicates of every setting, and
+# ``protocol`` overrides the task's training protocol. The runs are ordinary runs of the
+# pipeline (records, checkpoints, resumable).
 import tempfile
 from pathlib import Path
 
@@ -30,9 +32,11 @@ from flatness.experiments.running.study_population import collect_population
 
 grid = StudyGrid(
     "gallery", "breast-cancer-mlp",
-    plane={"lr": (1e-3, 3e-3), "method": ("none", "fa:0.1")},
-    centre={"batch_size": 32, "width": 0.25, "weight_decay": 0.0, "dropout": 0.3, "seed": 0},
+    factors={"lr": (1e-3, 3e-3), "method": ("none", "fa:0.1")},
+    fixed={"batch_size": 32, "width": 0.25, "weight_decay": 0.0, "dropout": 0.3},
+    seeds=(0,),
     protocol={"epochs": 3},
+    description="the gallery's population: 2 lr x 2 methods, one seed, 3 epochs",
 )
 entries = grid.entries()
 for spec, settings in entries:

@@ -162,7 +162,7 @@ class Configuration:
 
     @property
     def label(self) -> str:
-        """The configuration as Markdown table text: the method in backticks, its strength, its epochs."""
+        """The configuration as Markdown table text — the method in backticks, its strength, its epochs."""
         name = f"`{self.method}`"
         if self.hparam is not None and self.value is not None:
             name += f" {SYMBOLS.get(self.hparam, self.hparam)} = {format_value(float(self.value))}"

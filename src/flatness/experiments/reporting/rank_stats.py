@@ -20,7 +20,7 @@ the gap beyond how well a model fits?) is Kendall's (1942) partial τ,
     \tau_{\mu g \cdot \ell} = \frac{\tau_{\mu g} - \tau_{\mu \ell}\,\tau_{g \ell}}
         {\sqrt{(1-\tau_{\mu \ell}^2)(1-\tau_{g \ell}^2)}},
 
-undefined (NaN) when μ or g is a function of ℓ's ranks (|τ_{·ℓ}| = 1).
+undefined (NaN) when μ or g is a function of ℓ's ranks (:math:`|\tau_{\cdot\ell}| = 1`).
 
 **Granulated ψ_i** of a hyper-parameter axis i: the mean τ over the *cells* of axis i, a cell
 being the models that share every other hyper-parameter and the seed (they differ in axis i
