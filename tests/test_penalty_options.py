@@ -179,3 +179,13 @@ def test_every_lam_policy_implements_the_declared_protocol_with_one_log():
     spike = make_policy(0.1, lam_control="spike")
     spike.update(0, sq_trace=torch.tensor(3.0))  # a measurement may be a 0-d tensor
     assert len(spike.pop_log()) == 1 and spike.pop_log() == []
+
+
+@pytest.mark.parametrize("probes", [0, 2**64, 1_000_001, 2.0, True])
+def test_a_probe_count_out_of_range_is_one_clear_error(probes: object) -> None:
+    # issue 30: 99999999999999999999 probes overflowed deep in torch ("unpacking long long")
+    model, (x, y) = tiny_mlp(), tiny_batch()
+    with pytest.raises(ValueError, match=r"probes \(M\) must be an integer from 1 to 1,000,000"):
+        FlatnessPenalty(model, nn.CrossEntropyLoss(), lam=0.1, probes=probes)
+    with pytest.raises(ValueError, match=r"probes \(M\)"):
+        cv_sq_trace(model, nn.CrossEntropyLoss(), x, y, probes=probes)

@@ -61,7 +61,7 @@ from torch import Tensor, nn
 from .hutchinson import sq_trace
 from .layers import sparse_linear
 from .linear_io import SharedPrefix, input_gram, linear_calls
-from .probes import Distribution, make_generator, sample_probes
+from .probes import Distribution, check_probes, make_generator, sample_probes
 
 __all__ = ["OutputLayer", "cv_sq_trace", "output_layer"]
 
@@ -230,8 +230,7 @@ def cv_sq_trace(
             :func:`flatness.layerwise.layerwise_sq_trace`'s draw of Gaussian blocks in the data's
             image (:func:`flatness.layerwise.input_tangent_in_image`).
     """
-    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
-        raise ValueError(f"probes (M) must be an integer >= 1, got {probes!r}")
+    check_probes(probes)
     params = [p for p in model.parameters() if p.requires_grad]
     layer = output_layer(model, loss_fn, x, y, prefix)
     index = {id(p): i for i, p in enumerate(params)}

@@ -42,6 +42,7 @@ __all__ = [
     "Distribution",
     "categorical",
     "check_distribution",
+    "check_probes",
     "chunked_samples",
     "draw",
     "make_generator",
@@ -62,6 +63,20 @@ def check_distribution(dist: str) -> str:
     if dist not in DISTRIBUTIONS:
         raise ValueError(f"unknown probe distribution {dist!r}; expected one of {DISTRIBUTIONS}")
     return dist
+
+
+MAX_PROBES = 1_000_000  # far above any useful M; a larger count would only hang or overflow
+
+
+def check_probes(probes: object) -> int:
+    """``probes`` if it is an integer from 1 to :data:`MAX_PROBES`, else a ``ValueError`` naming M.
+
+    >>> check_probes(5)
+    5
+    """
+    if isinstance(probes, bool) or not isinstance(probes, int) or not 1 <= probes <= MAX_PROBES:
+        raise ValueError(f"probes (M) must be an integer from 1 to {MAX_PROBES:,}, got {probes!r}")
+    return probes
 
 
 def make_generator(

@@ -63,7 +63,7 @@ from ..finite_difference import FrozenKinks, surrogate
 from ..linear_io import SharedPrefix
 from ..passes import curvature_pass
 from ..precision import PassPrecision
-from ..probes import Distribution, check_distribution
+from ..probes import Distribution, check_distribution, check_probes
 
 __all__ = [
     "Estimator",
@@ -221,8 +221,7 @@ class ProbeEstimator:
         generator: torch.Generator | None = None,
         dropout: bool = False,
     ) -> None:
-        if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
-            raise ValueError(f"probes (M) must be an integer >= 1, got {probes!r}")
+        check_probes(probes)
         check_distribution(dist)
         self.model = model
         self.loss_fn = loss_fn
