@@ -120,7 +120,7 @@ def test_image_tasks_have_cpu_and_gpu_protocols():
         task = get_task(name)
         assert task.config is task.protocol("cpu") and task.config.model == cpu_model
         gpu = task.protocol("gpu")
-        assert gpu.model == gpu_model and gpu.augment and not any(gpu._subsets())
+        assert gpu.model == gpu_model and gpu.augment and not any(gpu.subsets())
         assert task.config.train_subset > 0 and "SUBSET" in task.description and "SMOKE" in task.description
         assert task.protocol_name(gpu.as_dict()) == "gpu" and task.protocol_name(gpu.replace(epochs=gpu.epochs - 1)) is None
         assert isinstance(task.build_model(config=gpu.replace(model="resnet20")), nn.Module)
@@ -287,7 +287,7 @@ def test_resnet_has_a_trained_cpu_protocol_beside_the_smoke_one():
     assert list(task.protocols) == ["smoke", "cpu-full", "gpu"]
     assert task.protocol("cpu") is task.protocol("smoke") is task.config  # the former name
     full = task.protocol("cpu-full")
-    assert full.model == "resnet20" and not any(full._subsets()) and full.augment and full.epochs > task.config.epochs
+    assert full.model == "resnet20" and not any(full.subsets()) and full.augment and full.epochs > task.config.epochs
     (smoke,) = build_grid("cifar100-resnet", "none", None, 1)
     (trained,) = build_grid("cifar100-resnet", "none", None, 1, protocol="cpu-full")
     assert smoke.name == "none_seed0" and trained.name == "none_seed0_pcpu-full"

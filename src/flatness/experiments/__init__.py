@@ -46,7 +46,7 @@ _HOMES = {
     "run_grid": ".running.runner",
     "execute_run": ".running.runner",
     "get_task": ".world.tasks",
-    "TrainConfig": ".world.tasks",
+    "TrainConfig": ".world.config",
     "train": ".running.training",
 }
 

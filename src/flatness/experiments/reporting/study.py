@@ -13,7 +13,7 @@ generalisation gap (:mod:`flatness.experiments.reporting.study_report`).
 factorial design: every combination), fixes the other axes, and trains every setting at every
 one of its *seeds*: the seeds are replicates, not an axis. Every model trains to the grid's
 stopping rule (after Jiang et al.: training accuracy ≥ 0.99 at a constant learning rate, with
-an epoch cap; :class:`~flatness.experiments.world.tasks.TrainConfig` ``stop_train_acc``, or
+an epoch cap; :class:`~flatness.experiments.world.config.TrainConfig` ``stop_train_acc``, or
 ``stop_train_loss`` for their cross-entropy criterion); a model that reaches the cap first is
 counted and left out, so the gap compares models that fit their training sets rather than how
 far training got.

@@ -1,6 +1,6 @@
 """Markdown pieces shared by ``flatness report`` and ``flatness compare``.
 
-Number formats, the protocol line (from the run's :class:`~flatness.experiments.world.tasks.TrainConfig`),
+Number formats, the protocol line (from the run's :class:`~flatness.experiments.world.config.TrainConfig`),
 the footnotes of the measured columns (from the measurement protocol of
 :mod:`flatness.experiments.running.measure`, read when the text is made, so they follow the protocol),
 and the statistics table of :class:`~flatness.experiments.reporting.stats.Comparison` rows with its note.

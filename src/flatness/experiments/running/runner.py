@@ -1,7 +1,7 @@
 r"""Sweeps of a training method over its strength and seeds: ``flatness run TASK``.
 
 A *run* is one (task, method, strength, seed, protocol) combination. Each run trains the task's
-model with its default protocol (:class:`flatness.experiments.world.tasks.TrainConfig`, optionally overridden),
+model with its default protocol (:class:`flatness.experiments.world.config.TrainConfig`, optionally overridden),
 measures the final model, and writes into the results directory ``OUT/TASK/``:
 
 * ``NAME.json`` — the :class:`~flatness.experiments.running.record.RunRecord` (written atomically,

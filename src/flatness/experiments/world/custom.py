@@ -1,7 +1,7 @@
 r"""Your own task from parts: :func:`custom_task` (``flatness.experiments.custom_task``).
 
 A task is a model factory, training and test data, a loss and a training protocol
-(:class:`~flatness.experiments.world.tasks.TrainConfig`). Everything the pipeline does with the
+(:class:`~flatness.experiments.world.config.TrainConfig`). Everything the pipeline does with the
 built-in tasks — ``flatness run`` sweeps with resume and claims, ``report``, ``compare``,
 ``study``, ``measure``, ``landscape`` — then works on it, once a command names the function
 that returns it (``FILE.py:FACTORY``, ``package.module:FACTORY`` or an installed entry point:
@@ -194,7 +194,7 @@ class CustomTask(Task):
         return self._cache[key]
 
     def splits(self, config: TrainConfig, data_dir_: Any = None, download: bool | None = None) -> Splits:
-        if self.task_type == "classification" or not any(config._subsets()):
+        if self.task_type == "classification" or not any(config.subsets()):
             return super().splits(config, data_dir_, download)
         data = self.load(val_fraction=config.val_fraction)  # regression: fixed random subsets
 

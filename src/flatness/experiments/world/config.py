@@ -1,0 +1,160 @@
+"""A training protocol as plain data: :class:`TrainConfig` (epochs, batch size, optimiser,
+schedule, evaluation subsets, stopping rule), checked when built.
+
+Example:
+    >>> from flatness.experiments.world.config import TrainConfig
+    >>> config = TrainConfig(epochs=2, batch_size=32, lr=1e-3, weight_decay=0.0)
+    >>> config.as_dict()
+    {'epochs': 2, 'batch_size': 32, 'lr': 0.001, 'weight_decay': 0.0, 'val_fraction': 0.1, 'schedule': 'constant', 'warmup_epochs': 0.0, 'final_lr_fraction': 0.0, 'eval_batch_size': 1024}
+    >>> config.replace(train_subset=100).subsets()
+    (100, 0, 0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["SCHEDULES", "OPTIMIZERS", "TrainConfig"]
+
+SCHEDULES: tuple[str, ...] = ("constant", "cosine", "linear")
+OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd")
+MAX_COUNT = 2**63 - 1  # counts reach torch (batch splits, sizes) as 64-bit integers
+
+
+def _is_count(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and minimum <= value <= MAX_COUNT
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training protocol; plain data, serialisable with :meth:`as_dict`.
+
+    Args:
+        epochs: passes over the training split.
+        batch_size: mini-batch size B (also the B of Tr(H²)/B).
+        lr: Adam's (peak) learning rate.
+        weight_decay: Adam's L2 coefficient.
+        val_fraction: share of the training set held out for validation (fixed split).
+        schedule: ``"constant"``, ``"cosine"`` or ``"linear"`` decay, per step, from ``lr`` to
+            ``final_lr_fraction * lr`` at the end of training.
+        warmup_epochs: linear warm-up from ``lr / 10`` to ``lr`` over this many epochs first.
+        final_lr_fraction: end point of a decaying schedule, as a fraction of ``lr``.
+        eval_batch_size: batch size of evaluation passes (speed only, no effect on results).
+        train_eval_samples: the per-epoch eval-mode pass over the training set uses its first
+            this many samples (a fixed subset; ``None`` = all). Evaluation only: training is
+            the same whatever its value.
+        optimizer: ``"adam"`` (L2 weight decay added to the gradient, the paper's), ``"adamw"``
+            (decoupled weight decay) or ``"sgd"`` (with ``momentum``, optionally Nesterov; L2
+            weight decay).
+        momentum: SGD's momentum (ignored by Adam/AdamW).
+        nesterov: SGD with Nesterov momentum.
+        model: the architecture (:data:`flatness.experiments.world.architectures.ARCHITECTURES`) for
+            tasks that offer several; ``""`` for the task's only model.
+        augment: apply the task's training augmentation (:meth:`Task.augment`) per mini-batch.
+        train_subset, val_subset, test_subset: train / validate / test on a fixed stratified
+            subset of that many samples of the split (0: the whole split); the subsets do not
+            depend on a run's seed.
+        stop_train_loss, stop_train_acc: a stopping rule (Jiang et al. 2019): end training after
+            the first epoch whose eval-mode training loss is ≤ ``stop_train_loss`` or accuracy
+            ≥ ``stop_train_acc`` (on the ``train_eval_samples``); ``epochs`` is then the cap.
+    """
+
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    val_fraction: float = 0.1
+    schedule: str = "constant"
+    warmup_epochs: float = 0.0
+    final_lr_fraction: float = 0.0
+    eval_batch_size: int = 1024
+    train_eval_samples: int | None = None
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    nesterov: bool = False
+    model: str = ""
+    augment: bool = False
+    train_subset: int = 0
+    val_subset: int = 0
+    test_subset: int = 0
+    stop_train_loss: float | None = None
+    stop_train_acc: float | None = None
+
+    # Fields added after the first protocols: left out of :meth:`as_dict` while at their
+    # default, so the names and records of existing runs stay valid.
+    LATER_FIELDS: typing.ClassVar[tuple[str, ...]] = (
+        "train_eval_samples", "optimizer", "momentum", "nesterov", "model", "augment",
+        "train_subset", "val_subset", "test_subset", "stop_train_loss", "stop_train_acc",
+    )
+
+    def __post_init__(self) -> None:
+        checks = [
+            (_is_count(self.epochs, 1), "epochs must be an integer from 1 to 2**63 - 1"),
+            (_is_count(self.batch_size, 1), "batch_size must be an integer from 1 to 2**63 - 1"),
+            (self.lr > 0, "lr must be > 0"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
+            (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}"),
+            (0 <= self.warmup_epochs <= self.epochs, "warmup_epochs must be in [0, epochs]"),
+            (0 <= self.final_lr_fraction <= 1, "final_lr_fraction must be in [0, 1]"),
+            (_is_count(self.eval_batch_size, 1), "eval_batch_size must be an integer from 1 to 2**63 - 1"),
+            (
+                self.train_eval_samples is None or _is_count(self.train_eval_samples, 1),
+                "train_eval_samples must be None or an integer from 1 to 2**63 - 1",
+            ),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}"),
+            (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
+            (not self.nesterov or (self.optimizer == "sgd" and self.momentum > 0),
+             "nesterov needs optimizer 'sgd' with momentum > 0"),
+            (isinstance(self.model, str), "model must be an architecture name or ''"),
+            (all(_is_count(n, 0) for n in self.subsets()),
+             "train_subset, val_subset and test_subset must be integers from 0 (all) to 2**63 - 1"),
+            (self.stop_train_loss is None or self.stop_train_loss > 0, "stop_train_loss must be > 0"),
+            (self.stop_train_acc is None or 0 < self.stop_train_acc <= 1, "stop_train_acc must be in (0, 1]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"{message} (got {self.as_dict()})")
+
+    def subsets(self) -> tuple[int, int, int]:
+        """``(train_subset, val_subset, test_subset)``; all 0: the whole splits."""
+        return (self.train_subset, self.val_subset, self.test_subset)
+
+    def reached_stop(self, train_loss: float | None, train_acc: float | None) -> bool | None:
+        """Whether the stopping rule is met by these training values (``None``: no rule)."""
+        if self.stop_train_loss is None and self.stop_train_acc is None:
+            return None
+        return bool((self.stop_train_loss is not None and train_loss is not None and train_loss <= self.stop_train_loss)
+                    or (self.stop_train_acc is not None and train_acc is not None and train_acc >= self.stop_train_acc))
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields as plain data; the later fields are left out while at their defaults.
+
+        So configs (and the names and identities of runs) from before those fields existed
+        stay the same.
+        """
+        out = dataclasses.asdict(self)
+        for f in dataclasses.fields(self):
+            if f.name in self.LATER_FIELDS and out[f.name] == f.default:
+                del out[f.name]
+        return out
+
+    def replace(self, **overrides: Any) -> "TrainConfig":
+        """A copy with ``overrides`` (unknown field names raise ``ValueError``)."""
+        fields = {f.name: f.type for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown training-config field(s) {unknown}; known: {sorted(fields)}")
+        return dataclasses.replace(self, **overrides)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """The config of :meth:`as_dict`'s data; ``ValueError`` naming unknown fields."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training-config field(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
