@@ -30,7 +30,9 @@ kernel.
 A method class sets ``name`` (registry key), ``hparam`` (the strength swept in experiments,
 or ``None``), ``default_grid`` (its default sweep) and ``protocol_defaults`` (the settings of
 the experiments' default protocol, which run names leave implicit, e.g. FA's 5 probes every 10
-steps); its ``__init__`` validates its hyper-parameters (clear ``ValueError``) and hands its
+steps), and for reports ``symbol`` (the strength's symbol, ``λ``) and ``twin`` (the settings
+at which it *is* another method: ``{"method", "settings", "strength_equals", "why"}``, e.g. gnp
+at ρ = its ``fd_radius`` is SAM); its ``__init__`` validates its hyper-parameters (clear ``ValueError``) and hands its
 point and terms to :class:`Method`. Returned step values are for logging: Python floats, or
 detached 0-d tensors (:func:`logged`) that the training loop converts once per epoch, so that a
 step does not wait for the device: a step reads nothing on the host (``float()``, ``.item()``,
@@ -198,6 +200,8 @@ class Method:
     hparam: ClassVar[str | None] = None
     default_grid: ClassVar[tuple[float, ...]] = ()
     protocol_defaults: ClassVar[dict[str, Any]] = {}
+    symbol: ClassVar[str | None] = None  # the strength's symbol in tables (hparam's name if None)
+    twin: ClassVar[dict[str, Any] | None] = None  # see the module docs
 
     def __init__(
         self, model: nn.Module, loss_fn: LossFn, *, point: Point | None = None,

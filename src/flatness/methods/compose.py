@@ -114,6 +114,7 @@ def _compose(names: tuple[str, ...]) -> type[Method]:
         {
             "name": "+".join(names),
             "hparam": None if first is None else first.hparam,
+            "symbol": None if first is None else first.symbol,
             "default_grid": () if first is None else first.default_grid,
             "protocol_defaults": defaults,
             "components": tuple(classes),

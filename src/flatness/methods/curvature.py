@@ -174,6 +174,7 @@ class CurvatureRegularization(Method):
 
     name = "curvature"
     hparam = "alpha"
+    symbol = "α"
     # at initialisation mean_i ‖∇θ ℓ_i‖² is ~10 (Breast Cancer MLP) to ~200 (CIFAR-100 MLP)
     default_grid = (0.0001, 0.001, 0.01)
 

@@ -117,6 +117,7 @@ class FlatnessAware(Method):
 
     name = "fa"
     hparam = "lam"
+    symbol = "λ"
     default_grid = PAPER_GRID
     protocol_defaults: ClassVar[dict[str, Any]] = {"probes": 5, "every": 10}
 

@@ -37,7 +37,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -130,7 +130,15 @@ class GradientNormPenalty(Method):
 
     name = "gnp"
     hparam = "rho"
+    symbol = "ρ"
     default_grid = (0.01, 0.05, 0.1)
+    # the finite-difference form at ρ = r steps along (1 − c)·g + c·∇L(θ + r·ĝ) with c = ρ/r = 1:
+    # SAM's update at radius ρ (tables show that configuration once, as SAM)
+    twin: ClassVar[dict[str, Any] | None] = {
+        "method": "sam", "settings": {"form": "fd", "squared": False}, "strength_equals": "fd_radius",
+        "why": "equals its finite-difference radius r = {value:g}: c = ρ/r = 1, which is exactly SAM's "
+               "update at ρ = {value:g}",
+    }
 
     def __init__(
         self,

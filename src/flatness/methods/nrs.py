@@ -233,6 +233,7 @@ class NeighborhoodRegionSmoothing(Method):
 
     name = "nrs"
     hparam = "eps"
+    symbol = "ε"
     default_grid = (0.05, 0.1, 0.5)  # the NRS paper's ε search
 
     def __init__(
@@ -264,6 +265,7 @@ class RandomPerturbation(Method):
 
     name = "rpr"
     hparam = "eps"
+    symbol = "ε"
     default_grid = (0.05, 0.1, 0.5)  # the NRS paper's ε search
 
     def __init__(

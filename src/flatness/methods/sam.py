@@ -127,6 +127,7 @@ class SharpnessAware(Method):
 
     name = "sam"
     hparam = "rho"
+    symbol = "ρ"
     default_grid = (0.01, 0.05, 0.1)
 
     def __init__(

@@ -29,7 +29,7 @@ accuracy per method; accuracy vs measured Tr(H²)/B per run). The runner's own p
 report (``OUT/TASK/summary.md``) is refreshed too.
 
 ``gnp`` at ρ equal to its finite-difference radius r is SAM at ρ = r (c = ρ/r = 1,
-:func:`flatness.experiments.reporting.groups.sam_twin`): that configuration is left out of gnp's grid,
+gnp's declared ``twin``, :func:`flatness.experiments.reporting.groups.twin_of`): that configuration is left out of gnp's grid,
 and, when its runs exist anyway, shown in gnp's grid marked as SAM and never chosen for gnp.
 
 Example:
@@ -51,7 +51,7 @@ from typing import Any
 
 from ...methods import METHODS
 from ...utils import FlatnessError, atomic_write_bytes
-from .groups import FLATNESS_METRIC, SYMBOLS, log10_by_seed, sam_twin
+from .groups import FLATNESS_METRIC, log10_by_seed, strength_symbol, twin_of
 from ..running.measure import FLATNESS_KEYS, final_model_extras
 from ..running.platforms import platform_note
 from .plots import figure, save_png
@@ -93,7 +93,7 @@ def comparison_grid(method: str) -> list[float | None]:
     values = default_values(method)
     if values == [None]:
         return [None]
-    grid = [v for v in values if v is not None and v > 0 and sam_twin(method, v, {}) is None]
+    grid = [v for v in values if v is not None and v > 0 and twin_of(method, v, {}) is None]
     if not grid:
         raise FlatnessError(f"method {method!r} has no positive strength in its grid")
     return grid
@@ -193,7 +193,8 @@ def select_and_summarize(
     ``final_val_loss`` (the tie-break). Per-run flatness entries listed in :data:`FLATNESS_KEYS`
     (and ``measured_sq_trace_per_B``) are averaged when present. ``none`` is the baseline of the
     tests (paired by seed, Holm over the methods) and of the time ratios. A grid entry that is
-    another method's configuration (``sam_rho``: gnp at ρ = r is SAM) is never chosen.
+    another method's configuration (:func:`twin_of`: gnp at ρ = r is SAM) is never chosen; its
+    ``sam_rho`` holds the twin's strength (the key keeps its name: gnp's is the one twin).
     """
     results: list[MethodResult] = []
     for method in dict.fromkeys(["none", *methods]):
@@ -208,10 +209,10 @@ def select_and_summarize(
             done = [r for r in by_value[value] if r.complete]
             mean, std, _ = mean_std([r.get("final_val_acc") for r in done])
             loss, loss_std, _ = mean_std([r.get("final_val_loss") for r in done])
-            twin = sam_twin(method, value, mine[0].method_kwargs)
+            twin = twin_of(method, value, mine[0].method_kwargs)
             grid.append({"value": value, "val_acc": mean, "val_acc_std": std, "val_loss": loss,
                          "val_loss_std": loss_std, "runs": len(done),
-                         "failed": len(by_value[value]) - len(done), "sam_rho": twin})
+                         "failed": len(by_value[value]) - len(done), "sam_rho": None if twin is None else twin[1]})
         usable = [g for g in grid if g["runs"] and math.isfinite(g["val_acc"]) and g["sam_rho"] is None]
         if not usable:
             continue
@@ -272,7 +273,7 @@ def select_and_summarize(
 def _setting(r: MethodResult) -> str:
     if r.hparam is None or r.value is None:
         return "—"
-    return f"{SYMBOLS.get(r.hparam, r.hparam)} = {format_value(float(r.value))}"
+    return f"{strength_symbol(r.method, r.hparam)} = {format_value(float(r.value))}"
 
 
 def _twin_note(results: Sequence[MethodResult]) -> str:
@@ -368,12 +369,13 @@ def comparison_markdown(
     for r in results:
         if r.hparam is None:
             continue
-        sym = SYMBOLS.get(r.hparam, r.hparam)
+        sym = strength_symbol(r.method, r.hparam)
         cells = []
         for g in r.grid:
             mark = " **(chosen)**" if g["value"] == r.value else ""
             if g.get("sam_rho") is not None:
-                mark = f" (≡ `sam` ρ = {g['sam_rho']:g}, not chosen for {r.method})"
+                other = method_class(r.method).twin["method"]
+                mark = f" (≡ `{other}` {strength_symbol(other, None)} = {g['sam_rho']:g}, not chosen for {r.method})"
             extra = f", {g['failed']} failed" if g["failed"] else ""
             cells.append(
                 f"{sym} = {format_value(float(g['value']))}: {fmt(g['val_acc'], g['val_acc_std'])}"

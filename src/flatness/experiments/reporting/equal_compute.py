@@ -45,7 +45,7 @@ from typing import Any
 
 from ...utils import FlatnessError, atomic_write_bytes
 from .compare import COMPARE_METHODS, comparison_specs
-from .groups import SYMBOLS
+from .groups import strength_symbol
 from .plots import figure, save_png
 from ..running.record import RunRecord, read_record, write_json
 from ..running.runner import run_grid
@@ -165,7 +165,7 @@ class Configuration:
         """The configuration as Markdown table text — the method in backticks, its strength, its epochs."""
         name = f"`{self.method}`"
         if self.hparam is not None and self.value is not None:
-            name += f" {SYMBOLS.get(self.hparam, self.hparam)} = {format_value(float(self.value))}"
+            name += f" {strength_symbol(self.method, self.hparam)} = {format_value(float(self.value))}"
         return f"{name}, {self.epochs} ep"
 
 

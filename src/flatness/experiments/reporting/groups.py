@@ -12,44 +12,43 @@ method settings (a λ schedule or controller) or a composed method (``sam+fa``) 
 *reference* (:func:`reference_group`: fixed λ; ``sam`` alone) at the same strength, paired by
 seed, Holm-adjusted over all such comparisons of the report (one family).
 
+What a method *is* comes from its class (:mod:`flatness.methods.base`): the symbol of its
+strength and its twin (a configuration identical to another method's, shown once).
+
 Example:
-    >>> from flatness.experiments.reporting.groups import sam_twin
-    >>> sam_twin("gnp", 0.1, {}), sam_twin("gnp", 0.05, {}), sam_twin("gnp", 0.1, {"squared": True})
-    (0.1, None, None)
+    >>> from flatness.experiments.reporting.groups import strength_symbol, twin_of
+    >>> twin_of("gnp", 0.1, {}), twin_of("gnp", 0.05, {}), twin_of("gnp", 0.1, {"squared": True})
+    (('sam', 0.1), None, None)
+    >>> strength_symbol("fa", "lam"), strength_symbol("sam+fa", "rho"), strength_symbol("none", None)
+    ('λ', 'ρ', '')
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...methods import METHODS
+from ...methods import method_class
 from ..running.record import RunRecord, load_records
-from ..running.specs import _short_hash
+from ..running.specs import short_hash
+from ..world.plugins import known_task
 from .stats import Comparison, adjust_holm, compare_samples, mean_std
 
 __all__ = [
-    "PAPER_FINAL_ACC",
-    "SYMBOLS",
     "METRICS",
     "load_records",
-    "sam_twin",
+    "strength_symbol",
+    "twin_of",
+    "paper_results",
+    "variant_settings",
     "reference_group",
     "Row",
     "Group",
     "summarize",
 ]
 
-# The paper's final test accuracies (its Tables 1–3), for comparison in the tables.
-PAPER_FINAL_ACC: dict[str, dict[float, float]] = {
-    "cifar100-mlp": {0.0: 0.2633, 0.001: 0.2633, 0.01: 0.2700, 0.1: 0.2667, 1.0: 0.2583},
-    "newsgroups-logreg": {0.0: 0.0535, 0.001: 0.0535, 0.01: 0.0534, 0.1: 0.053, 1.0: 0.053},
-    "breast-cancer-mlp": {0.0: 0.5556, 0.001: 0.5585, 0.01: 0.5859},
-}
-SYMBOLS = {"lam": "λ", "rho": "ρ", "alpha": "α", "eps": "ε"}
 # the curvature every run has, by one fixed protocol (its second comparison with the baseline)
 FLATNESS_METRIC = "measured_sq_trace_per_B"
 METRICS = (
@@ -68,22 +67,38 @@ METRICS = (
 )
 
 
-def sam_twin(method: str, value: float | None, method_kwargs: Mapping[str, Any]) -> float | None:
-    """The SAM radius that a ``gnp`` configuration *is*, else ``None``.
+def strength_symbol(method: str, hparam: str | None) -> str:
+    """The symbol of ``method``'s swept strength (its class's ``symbol``: ``λ``, ``ρ``, ...), else
+    the hyper-parameter's name (a method this process does not know: its name as recorded)."""
+    try:
+        symbol = method_class(method).symbol
+    except ValueError:
+        symbol = None
+    return symbol or hparam or ""
 
-    gnp's finite-difference form (non-squared norm) steps along (1 − c)·g + c·∇L(θ + r·ĝ) with
-    c = ρ/r, r its ``fd_radius``: at ρ = r, c = 1 and the step is SAM's with radius ρ = r
-    (:mod:`flatness.methods.gnp`). Tables show that configuration once, as SAM.
+
+def twin_of(method: str, value: float | None, method_kwargs: Mapping[str, Any]) -> tuple[str, float] | None:
+    """``(other method, strength)`` when this configuration *is* another method's, else ``None``.
+
+    Read from the method class's ``twin`` (:mod:`flatness.methods.base`): its ``settings`` over
+    the class's defaults match, and the strength equals the setting ``strength_equals`` (gnp's
+    finite-difference form at ρ = its radius r is SAM at ρ = r, :mod:`flatness.methods.gnp`).
+    Tables show that configuration once, as the other method.
     """
-    if method != "gnp" or value is None or "gnp" not in METHODS:
+    try:
+        cls = method_class(method)
+    except ValueError:
         return None
-    params = inspect.signature(METHODS["gnp"]).parameters
-    settings = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
-    settings.update(method_kwargs)
-    radius = settings.get("fd_radius")
-    if settings.get("form") != "fd" or settings.get("squared") or radius is None:
+    twin = cls.twin
+    if twin is None or value is None:
         return None
-    return float(radius) if math.isclose(float(value), float(radius), rel_tol=1e-9) else None
+    settings = {**cls.keyword_defaults(), **method_kwargs}
+    if any(settings.get(k) != v for k, v in twin["settings"].items()):
+        return None
+    at = settings.get(twin["strength_equals"])
+    if at is None or not math.isclose(float(value), float(at), rel_tol=1e-9):
+        return None
+    return twin["method"], float(at)
 
 
 @dataclass
@@ -93,7 +108,7 @@ class Row:
     ``vs_baseline``: the final-accuracy comparison with the group's baseline (Holm-adjusted
     over every comparison with the same baseline runs); ``flatness_vs_baseline``: the same for
     log10 of the final measured Tr(H²)/B (a ratio of curvatures is what compares across strengths); ``role``: ``"baseline"``, ``"no baseline"`` or ``""`` (compared).
-    ``sam_rho``: set when this is a gnp configuration identical to SAM at that ρ.
+    ``twin``: ``(method, strength)`` when this configuration is another method's (:func:`twin_of`).
     ``reference``/``vs_reference``/``flatness_vs_reference``: the same strength of the group's
     reference (:func:`reference_group`) and the two comparisons with it.
     """
@@ -105,7 +120,7 @@ class Row:
     vs_baseline: Comparison | None = None
     flatness_vs_baseline: Comparison | None = None
     role: str = ""
-    sam_rho: float | None = None
+    twin: tuple[str, float] | None = None
     vs_reference: Comparison | None = None
     flatness_vs_reference: Comparison | None = None
     reference: Row | None = None
@@ -172,7 +187,7 @@ class Group:
     @property
     def symbol(self) -> str:
         """The symbol of the swept strength (``λ``, ``ρ``, ...), or its name."""
-        return SYMBOLS.get(self.hparam or "", self.hparam or "")
+        return strength_symbol(self.method, self.hparam)
 
     @property
     def comparisons(self) -> list[tuple[Row, Comparison]]:
@@ -209,6 +224,34 @@ def reference_group(g: Group, groups: Sequence[Group]) -> Group | None:
         if first:
             return first[0]
     return None
+
+
+def variant_settings(g: Group, groups: Sequence[Group]) -> dict[str, Any]:
+    """The method settings in which a configured variant differs from the method's defaults, read
+    from the records: those of the same task and method's default-settings runs in ``groups``,
+    else the method class's ``protocol_defaults`` (a task's own defaults, e.g. FA's backend on
+    the CIFAR image tasks, then show too)."""
+    plain = next((h for h in groups if h.task == g.task and h.method == g.method and not h.variant_id), None)
+    if plain is not None:
+        default = plain.method_kwargs
+    else:
+        try:
+            default = method_class(g.method).protocol_defaults
+        except ValueError:
+            default = {}
+    return {k: v for k, v in g.method_kwargs.items() if default.get(k, _MISSING) != v}
+
+
+_MISSING = object()
+
+
+def paper_results(g: Group) -> dict[float, float]:
+    """The paper's final test accuracies by strength for this group's table (the task's
+    ``paper_final_acc``): at the task's default protocol and model only."""
+    task = known_task(g.task)
+    if task is None or g.protocol_id or g.model_id:
+        return {}
+    return task.paper_final_acc.get(g.method, {})
 
 
 def _settings_label(g: Group) -> str:
@@ -288,7 +331,7 @@ def _group_rows(recs: Sequence[RunRecord]) -> list[Row]:
 
 def model_tag(model_kwargs: Mapping[str, Any]) -> str:
     """``""`` for the task's default model, else a short tag of its settings (as run names)."""
-    return _short_hash(dict(model_kwargs)) if model_kwargs else ""
+    return short_hash(dict(model_kwargs)) if model_kwargs else ""
 
 
 def summarize(records: Sequence[RunRecord]) -> list[Group]:
@@ -302,7 +345,7 @@ def summarize(records: Sequence[RunRecord]) -> list[Group]:
         kwargs = recs[0].method_kwargs
         rows = _group_rows(recs)
         for row in rows:
-            row.sam_rho = sam_twin(method, row.value, kwargs)
+            row.twin = twin_of(method, row.value, kwargs)
         groups.append(Group(task, method, hparam, variant, protocol, recs[0].config, kwargs, rows,
                             model_kwargs=dict(recs[0].model_kwargs)))
     for g in groups:

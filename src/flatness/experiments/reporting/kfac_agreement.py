@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ...utils import FlatnessError, atomic_write_bytes
-from .groups import SYMBOLS
+from .groups import strength_symbol
 from ..running.record import load_records, write_json
 from ..running.specs import format_value
 from .stats import kendall_tau_ci, mean_std
@@ -81,7 +81,7 @@ def _markdown(directory: Path, result: dict[str, Any]) -> str:
     ]
     for g in result["groups"]:
         setting = "—" if g["value"] is None else (
-            f"{SYMBOLS.get(g['hparam'], g['hparam'])} = {format_value(float(g['value']))}"
+            f"{strength_symbol(g['method'], g['hparam'])} = {format_value(float(g['value']))}"
         )
         if g["variant_id"]:
             setting += f" (k{g['variant_id']})"

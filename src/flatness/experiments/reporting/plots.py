@@ -25,7 +25,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ...utils import write_png
-from .groups import PAPER_FINAL_ACC, Group
+from .groups import Group, paper_results
 from .stats import mean_std
 
 __all__ = ["figure", "save_png", "plot_group"]
@@ -63,7 +63,7 @@ def _accuracy(g: Group, label: str, path: Path) -> None:
         ys = [r.stats[metric][0] for r in swept]
         es = [0.0 if not math.isfinite(r.stats[metric][1]) else r.stats[metric][1] for r in swept]
         ax.errorbar(xs, ys, yerr=es, marker=marker, capsize=3, label=name)
-    paper = PAPER_FINAL_ACC.get(g.task, {}) if g.method == "fa" and not g.protocol_id else {}
+    paper = paper_results(g)
     px = [v for v in xs if v in paper]
     if px:
         ours = [y for r in swept for y in (r.stats["final_test_acc"][0],) if math.isfinite(y)]

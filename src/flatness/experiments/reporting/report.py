@@ -44,8 +44,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ...methods import method_class
 from ...utils import FlatnessError, atomic_write_bytes
-from .groups import METRICS, PAPER_FINAL_ACC, Group, Row, load_records, summarize
+from .groups import (METRICS, Group, Row, load_records, paper_results, strength_symbol, summarize,
+                     variant_settings)
 from ..running.record import RunRecord
 from ..running.platforms import platform_note
 from ..running.progress import progress_bar, tracked
@@ -60,7 +62,6 @@ from .tables import (
     p_cell,
     protocol_line,
 )
-from ..running.specs import default_method_kwargs, method_class
 from ..world.plugins import known_task
 
 __all__ = [
@@ -78,12 +79,14 @@ __all__ = [
 def _label(row: Row) -> str:
     if row.value is None:
         return "—"
-    twin = f" (≡ SAM ρ = {row.sam_rho:g})" if row.sam_rho is not None else ""
-    return f"{row.value:g}{twin}"
+    if row.twin is None:
+        return f"{row.value:g}"
+    method, value = row.twin
+    return f"{row.value:g} (≡ {method.upper()} {strength_symbol(method, None)} = {value:g})"
 
 
 def _group_table(g: Group) -> list[str]:
-    paper = PAPER_FINAL_ACC.get(g.task, {}) if g.method == "fa" and not g.protocol_id and not g.model_id else {}
+    paper = paper_results(g)
     head = [
         g.symbol or "setting", "runs", "Final acc", "Best acc†", "Val-chosen acc", "Avg. flatness (train est.)",
         "Avg. flatness (measured)", "Final Tr(H²)/B (measured)", "λ_max", "Tr(H)",
@@ -116,6 +119,16 @@ def _group_table(g: Group) -> list[str]:
             cells.append("—" if ref is None else f"{ref:.4f}")
         out.append("| " + " | ".join(cells) + " |")
     return out
+
+
+def _twin_note(g: Group) -> list[str]:
+    """Why a row is marked as another method (the method class's ``twin``, its ``why``)."""
+    row = next((row for row in g.rows if row.twin is not None), None)
+    if row is None:
+        return []
+    method, value = row.twin
+    why = method_class(g.method).twin["why"].format(value=value)
+    return ["", f"`{g.method}` at {g.symbol} = {value:g} {why} (marked ≡ {method.upper()}; not a separate method)."]
 
 
 def _sharper_note(g: Group) -> list[str]:
@@ -225,11 +238,9 @@ def markdown(groups: Sequence[Group]) -> str:
         task = known_task(g.task)
         title = f"## {g.task} — method `{g.method}`"
         if g.variant_id:
-            default = (default_method_kwargs(g.task, g.method) if task is not None
-                       else method_class(g.method).protocol_defaults)
-            changed = {k: v for k, v in g.method_kwargs.items() if default.get(k, object()) != v}
+            changed = variant_settings(g, groups)
             title += ", " + ", ".join(f"{k}={v}" for k, v in sorted(changed.items()))
-        elif task is not None and task.paper_table and g.method == "fa" and not g.model_id:
+        elif task is not None and task.paper_table and g.method in task.paper_final_acc and not g.model_id:
             title += f" (the paper's {task.paper_table})"
         if g.model_id:
             title += ", model " + ", ".join(f"{k}={v}" for k, v in sorted(g.model_kwargs.items()))
@@ -241,11 +252,7 @@ def markdown(groups: Sequence[Group]) -> str:
         for row in g.rows:
             for r in row.failed:
                 out.append(f"\nFailed: `{r['name']}`: {r.get('error')}")
-        twins = [row for row in g.rows if row.sam_rho is not None]
-        if twins:
-            rho = twins[0].sam_rho
-            out += ["", f"`gnp` at ρ = {rho:g} equals its finite-difference radius r = {rho:g}: c = ρ/r = 1, "
-                        f"which is exactly SAM's update at ρ = {rho:g} (marked ≡ SAM; not a separate method)."]
+        out += _twin_note(g)
         if g.comparisons:
             sym = g.symbol or "setting"
             out += ["", f"Final test accuracy against {g.baseline}:", ""]

@@ -54,7 +54,8 @@ def default_method_kwargs(task: str, method: str) -> dict[str, Any]:
     return {**method_class(method).protocol_defaults, **get_task(task).method_defaults.get(method, {})}
 
 
-def _short_hash(obj: Any) -> str:
+def short_hash(obj: Any) -> str:
+    """Six hex digits of SHA-1 over ``obj`` as sorted JSON: the tags of run names (``_kXXXXXX``)."""
     text = json.dumps(obj, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:6]
 
@@ -87,18 +88,18 @@ class RunSpec:
         task = get_task(self.task)
         if self.config == task.config.as_dict():
             return ""
-        return task.protocol_name(self.config) or _short_hash(self.config)
+        return task.protocol_name(self.config) or short_hash(self.config)
 
     @property
     def variant_id(self) -> str:
         """``""`` for the method's default settings, else a short hash of its keyword arguments."""
         default = default_method_kwargs(self.task, self.method)
-        return "" if self.method_kwargs == default else _short_hash(self.method_kwargs)
+        return "" if self.method_kwargs == default else short_hash(self.method_kwargs)
 
     @property
     def model_id(self) -> str:
         """``""`` for the task's default model, else a short hash of the model settings."""
-        return _short_hash(self.model_kwargs) if self.model_kwargs else ""
+        return short_hash(self.model_kwargs) if self.model_kwargs else ""
 
     @property
     def name(self) -> str:
@@ -118,9 +119,7 @@ class RunSpec:
     @property
     def cost(self) -> float:
         """A rough relative cost, to start the longest runs first (better packing over jobs)."""
-        base = {"cifar100-mlp": 8.0, "newsgroups-logreg": 5.0}.get(self.task, 1.0)
-        scale = self.config.get("epochs", 1) / max(1, get_task(self.task).config.epochs)
-        return base * scale * (1.0 if not self.value else 2.5)
+        return get_task(self.task).run_cost(self.config) * (1.0 if not self.value else 2.5)
 
     def as_dict(self) -> dict[str, Any]:
         """The spec as plain JSON-ready data (stored in the run record)."""
