@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ...hutchinson import measure_sq_trace
 from ...kfac import kfac_sq_trace
+from ...measures import MeasureOptions, compute_measures
 from ...passes import measure_pass
 from ...utils import eval_mode
 from .checkpoints import check_checkpoint_matches, load_checkpoint
@@ -42,6 +43,7 @@ __all__ = [
     "MEASURE_SAMPLES",
     "MEASURE_SEED",
     "cached_extras",
+    "final_flatness",
     "final_model_extras",
     "measure_final",
     "measure_kfac_per_B",
@@ -172,6 +174,9 @@ def measure_final(model: nn.Module, task: Task, splits: Splits, config: TrainCon
 
 
 FLATNESS_KEYS: tuple[str, ...] = ("lambda_max", "hessian_trace")
+# λ_max to 1e-3 relative (Lanczos), Tr(H) by Hutchinson with FINAL_TRACE_MATVECS products, seed 0,
+# the deployed (eval-mode) function: the values flatness.measures.final_measures gives
+FINAL_MEASURE_OPTIONS = MeasureOptions(seed=0, matvecs=FINAL_TRACE_MATVECS, k=1, eigen_tol=1e-3)
 
 
 def _read_cache_entry(record: RunRecord, cache: Path) -> dict[str, Any]:
@@ -216,7 +221,7 @@ def final_model_extras(
     Taken from the run record when it has them, else from ``cache/NAME.json`` (valid while the
     record's ``finished_at`` matches), else computed from the checkpoint and added to the cache.
     Validation loss: the task loss over the validation split, eval mode. λ_max and Tr(H):
-    :func:`flatness.measures.final_measures` on the first 1024 training samples in batches of B.
+    :func:`final_flatness` (one call into :mod:`flatness.measures`).
     """
     cached = _read_cache_entry(record, cache)
     out = cached_extras(record, cache, wanted, cached)
@@ -236,20 +241,27 @@ def final_model_extras(
                           task.score)
         new["final_val_loss"] = result["loss"]
     if any(k in missing for k in FLATNESS_KEYS):
-        from ... import measures
-
-        n = min(MEASURE_SAMPLES, int(splits.y_train.shape[0]))
-        batch = min(config.batch_size, n)
-        batches = [
-            b for _, b in zip(range(n // batch), iterate_batches(splits.x_train, splits.y_train, batch, shuffle=False))
-        ]
-        start = time.perf_counter()
-        values = measures.final_measures(model, task.loss_fn, batches, seed=0, matvecs=FINAL_TRACE_MATVECS)
-        new.update({k: float(values[k]) for k in FLATNESS_KEYS})
-        new["measure_samples"], new["measure_batch_size"] = batch * len(batches), batch
-        new["measure_seconds"] = time.perf_counter() - start
+        new.update(final_flatness(model, task, splits, config))
     cached.update(new)
     cached.update({"name": record.name, "finished_at": record.finished_at})
     write_json(cache / f"{record.name}.json", cached)
     out.update({k: float(new[k]) for k in missing if k in new})
     return out
+
+
+def final_flatness(model: nn.Module, task: Task, splits: Splits, config: TrainConfig) -> dict[str, Any]:
+    """λ_max and Tr(H) (:data:`FLATNESS_KEYS`) of a final model by one call to
+    :func:`flatness.measures.compute_measures` (:data:`FINAL_MEASURE_OPTIONS`) on the first
+    :data:`MEASURE_SAMPLES` training samples in fixed batches of B, with the sample count, batch
+    size and seconds (``measure_*``)."""
+    n = min(MEASURE_SAMPLES, int(splits.y_train.shape[0]))
+    batch = min(config.batch_size, n)
+    batches = [b for _, b in zip(range(n // batch), iterate_batches(splits.x_train, splits.y_train, batch, shuffle=False))]
+    start = time.perf_counter()
+    values = compute_measures(model, task.loss_fn, batches, FLATNESS_KEYS, FINAL_MEASURE_OPTIONS)
+    return {
+        **{k: float(values[k]) for k in FLATNESS_KEYS},
+        "measure_samples": batch * len(batches),
+        "measure_batch_size": batch,
+        "measure_seconds": time.perf_counter() - start,
+    }
