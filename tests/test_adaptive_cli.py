@@ -81,7 +81,7 @@ def test_a_bad_schedule_is_a_one_line_error(tmp_path, capsys):
 def test_compare_equal_compute_writes_table_and_plot(tmp_path, capsys):
     out = tmp_path / "runs"
     code = main(["compare", "breast-cancer-mlp", "--equal-compute", "--methods", "sam+fa",
-                 "--grid", "sam+fa=0.05", "--method-arg", "sam+fa:lam=0.1", "--seeds", "1",
+                 "--grid", "sam+fa=0.05", "--method-arg", "sam+fa.lam=0.1", "--seeds", "1",
                  "--epochs", "1", "--out", str(out), "--quiet"])
     assert code == 0
     compare = out / "breast-cancer-mlp" / "compare"

@@ -66,11 +66,12 @@ def test_compare_refuses_a_grid_or_setting_of_a_method_it_does_not_compare(tmp_p
     assert main([*base, "--grid", "fa=0.1"]) == 2
     line = _one_error_line(capsys)
     assert "--grid fa" in line and "not among the compared methods" in line and "none, sam" in line
-    assert main([*base, "--method-arg", "fa:probes=2"]) == 2
+    assert main([*base, "--method-arg", "fa.probes=2"]) == 2
     line = _one_error_line(capsys)
     assert "--method-arg fa" in line and "not among the compared methods" in line
     assert _files(out) == []
-    with pytest.raises(FlatnessError, match="--grid fa"):
+    # the pipeline names its parameters; the CLI line above names the flags
+    with pytest.raises(FlatnessError, match="`grids` fa: 'fa' is not among the compared methods"):
         comparison_specs(BC, ["sam"], 1, grids={"fa": [0.1]})
     assert {s.method for s in comparison_specs(BC, ["sam"], 1, grids={"sam": [0.1]})} == {"none", "sam"}
 

@@ -5,7 +5,10 @@ Each subcommand lives with the code it drives: a module listed in ``COMMAND_MODU
 User errors (:class:`flatness.FlatnessError`, ``ValueError``) and every ``OSError`` (missing or
 unwritable files, a read-only or full disk: ``PATH: reason``) become one line on stderr and exit
 code 2; anything unexpected one line and exit code 1 (``FLATNESS_DEBUG=1`` shows
-the traceback).
+the traceback). The pipeline names a wrong argument as its function does
+(:class:`~flatness.experiments.world.errors.SettingError`); the line names the flag instead: a
+command's ``flag_names`` default (``{"values": "--lambdas"}``), else ``--`` and the
+parameter's name with dashes where the command has an option of that name.
 """
 
 from __future__ import annotations
@@ -57,6 +60,18 @@ def _os_error_line(exc: OSError) -> str:
     return f"{' -> '.join(paths)}: {reason}" if paths else reason
 
 
+def _in_flags(exc: Exception, args: argparse.Namespace) -> str:
+    """``exc``'s message; a pipeline :class:`SettingError`'s with the command's flags for its
+    parameters (module docs)."""
+    from ..experiments.world.errors import SettingError
+
+    if not isinstance(exc, SettingError):
+        return str(exc)
+    names = {p: "--" + p.replace("_", "-") for p in exc.parameters if p in vars(args)}
+    names.update(getattr(args, "flag_names", {}))
+    return exc.spelled(names)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``flatness ARGV`` (default: ``sys.argv[1:]``); return the exit code (module docs)."""
     parser = build_parser()
@@ -73,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FlatnessError, ValueError, OSError) as exc:
         if debug:
             traceback.print_exc()
-        message = _os_error_line(exc) if isinstance(exc, OSError) else " ".join(str(exc).split())
+        message = _os_error_line(exc) if isinstance(exc, OSError) else " ".join(_in_flags(exc, args).split())
         print(f"flatness: error: {message}", file=sys.stderr)
         return 2
     except Exception as exc:  # never a traceback for a CLI user

@@ -1,7 +1,15 @@
 """``flatness run``, ``flatness report`` and ``flatness compare``: sweeps and their tables.
 
-The work is done by :mod:`flatness.experiments` (runner, report, compare); this module parses
-and checks the command lines, every argument before any work starts.
+The work is done by :mod:`flatness.experiments` (runner, report, compare), which checks the
+arguments, every one before any work starts; this module parses the command lines and names
+the pipeline's parameters by their flags (``flag_names``, :mod:`flatness.cli`).
+
+``--method-arg`` has one syntax in ``run`` and ``compare`` (:func:`parse_method_args`):
+``KEY=VALUE`` sets a setting of the method (``compare``: of every compared method that takes
+``KEY`` other than as its swept strength), ``METHOD.KEY=VALUE`` of one method only (``run``:
+the method or one of its components, ``sam+fa`` with ``fa.lam=0.01``; ``compare``: one of the
+compared methods, ``sam+fa.lam=0.01``). ``VALUE`` is JSON or a bare word. ``compare``'s
+former ``METHOD:KEY=VALUE`` is still read, with a deprecation line on stderr (until 0.4).
 """
 
 from __future__ import annotations
@@ -20,17 +28,18 @@ from ..experiments.reporting.equal_compute import run_equal_compute
 from ..experiments.reporting.kfac_agreement import write_kfac_agreement
 from ..experiments.running.distributed import init_distributed, launched_by_torchrun, shutdown
 from ..experiments.reporting.report import write_report
-from ..experiments.running.runner import run_grid
-from ..experiments.running.specs import RunSpec, accepts, build_grid, parse_shard, select_shard
+from ..experiments.running.runner import check_run_options, run_grid
+from ..experiments.running.specs import RunSpec, accepts, build_grid, method_class, parse_shard, select_shard
 from ..experiments.world.plugins import resolve_task
 from ..experiments.world.tasks import PAPER_TASKS, TASKS, get_task
 from ..utils import FlatnessError
 
-__all__ = ["add_cli", "check_device", "protocol_overrides", "TASK_HELP"]
+__all__ = ["add_cli", "check_device", "parse_method_args", "protocol_overrides", "TASK_HELP"]
 
 TASK_HELP = (f"a built-in task ({', '.join(TASKS)}), an installed task plugin, or your own "
              "FILE.py:FACTORY / package.module:FACTORY (docs/own-task.md; `flatness tasks` lists them)")
-
+METHOD_ARG_HELP = ("a setting of the method, KEY=VALUE, or of one method, METHOD.KEY=VALUE (repeatable; "
+                   "VALUE is JSON or a word)")
 
 
 def _parse_assignments(items: Sequence[str] | None, what: str) -> dict[str, Any]:
@@ -45,6 +54,44 @@ def _parse_assignments(items: Sequence[str] | None, what: str) -> dict[str, Any]
             out[key] = raw  # a bare word: a string value
     return out
 
+
+def parse_method_args(
+    items: Sequence[str] | None, methods: Sequence[str], *, compared: bool = False
+) -> dict[str, dict[str, Any]]:
+    """``--method-arg`` items (module docs) as settings by method, for the ``methods`` of a run
+    (one, ``compared=False``: a ``METHOD.`` prefix that is not the method itself is left on the
+    key, a component's) or of a comparison (the prefix names a compared method)."""
+    out: dict[str, dict[str, Any]] = {m: {} for m in methods}
+    for item in items or []:
+        method, colon, rest = item.partition(":")
+        if colon and "=" not in method:  # 0.3's compare spelling METHOD:KEY=VALUE
+            print(f"flatness: warning: --method-arg {item}: METHOD:KEY=VALUE is deprecated (removed in 0.4); "
+                  f"write {method}.{rest}", file=sys.stderr)
+            item = f"{method}.{rest}"
+        ((key, value),) = _parse_assignments([item], "--method-arg").items()
+        prefix, dot, bare = key.partition(".")
+        if dot and prefix in out:
+            out[prefix][bare] = value
+        elif not compared:
+            out[methods[0]][key] = value  # a bare key, or a component's prefixed one (sam+fa: fa.lam)
+        elif dot:
+            raise FlatnessError(f"--method-arg {key}: {prefix!r} is not among the compared methods "
+                                f"({', '.join(methods)}); add it to --methods or drop the --method-arg")
+        else:
+            takers = [m for m in methods if method_class(m).accepts(key) and method_class(m).hparam != key]
+            if not takers:
+                raise FlatnessError(f"--method-arg {key}: no compared method ({', '.join(methods)}) takes {key!r} "
+                                    "as a setting")
+            for m in takers:
+                out[m][key] = value
+    return {m: kwargs for m, kwargs in out.items() if kwargs}
+
+
+# the pipeline's parameters by the flags that set them (the rest: --NAME, flatness.cli)
+RUN_FLAGS = {"values": "--lambdas", "method_kwargs": "--method-arg", "model_kwargs": "--model-arg",
+             "dist_ctx": "--ddp"}
+COMPARE_FLAGS = {"values": "--grid", "grids": "--grid", "method_kwargs": "--method-arg",
+                 "max_factor": "--max-budget-factor", "epochs_grid": "--budget-epochs"}
 
 PROTOCOL_FLAGS = ("epochs", "batch_size", "lr", "warmup_epochs", "train_eval_samples")
 
@@ -110,40 +157,23 @@ def _tasks_from_args(names: Sequence[str]) -> list[str]:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     tasks = _tasks_from_args(args.tasks)
-    if args.seeds < 1:
-        raise FlatnessError(f"--seeds must be >= 1, got {args.seeds}")
-    if args.jobs < 1:
-        raise FlatnessError(f"--jobs must be >= 1, got {args.jobs}")
-    if args.lambdas is not None:
-        bad = [v for v in args.lambdas if not (math.isfinite(v) and v >= 0)]
-        if bad:
-            raise FlatnessError(f"--lambdas must be finite and >= 0, got {bad[0]:g}")
     overrides = protocol_overrides(args)
     if args.protocol is not None:
         for task in tasks:
             get_task(task).protocol(args.protocol)
     check_device(args.device)
-    method_kwargs = _parse_assignments(args.method_arg, "--method-arg")
+    method_kwargs = parse_method_args(args.method_arg, [args.method]).get(args.method, {})
     model_kwargs = _parse_assignments(args.model_arg, "--model-arg")
     for key, value in (("probes", args.probes), ("every", args.every)):
         if value is not None:
-            if value < 1:
-                raise FlatnessError(f"--{key} must be >= 1, got {value}")
             if not accepts(args.method, key):
                 raise FlatnessError(f"method {args.method!r} takes no --{key}")
             method_kwargs[key] = value
     specs: list[RunSpec] = []
     for task in tasks:
         specs += build_grid(
-            task,
-            args.method,
-            args.lambdas,
-            args.seeds,
-            config_overrides=overrides,
-            method_kwargs=method_kwargs,
-            trajectory=args.trajectory,
-            model_kwargs=model_kwargs,
-            protocol=args.protocol,
+            task, args.method, args.lambdas, args.seeds, config_overrides=overrides, method_kwargs=method_kwargs,
+            trajectory=args.trajectory, model_kwargs=model_kwargs, protocol=args.protocol,
         )
     if args.shard:
         index, count = parse_shard(args.shard)
@@ -151,32 +181,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
         specs = select_shard(specs, index, count)
         if not specs:  # more shards than runs: this machine has nothing to do, and that is fine
             runs = f"{grid_size} run" + ("" if grid_size == 1 else "s")
-            print(
-                f"flatness: shard {index}/{count} of this grid has no runs (the grid has {runs}, "
-                f"fewer than {count} shards); nothing to do",
-                file=sys.stderr,
-            )
+            print(f"flatness: shard {index}/{count} of this grid has no runs (the grid has {runs}, fewer than "
+                  f"{count} shards); nothing to do", file=sys.stderr)
             return 0
-    if args.emulate_ranks < 1:
-        raise FlatnessError(f"--emulate-ranks must be >= 1, got {args.emulate_ranks}")
-    dist_ctx = None
-    if args.ddp or launched_by_torchrun():
-        if args.emulate_ranks > 1:
-            raise FlatnessError("--emulate-ranks is the one-process twin of --ddp: use one of them")
-        dist_ctx = init_distributed(args.backend)
+    ddp = args.ddp or launched_by_torchrun()
+    check_run_options(specs, jobs=args.jobs, emulate_ranks=args.emulate_ranks, distributed=ddp)
+    return _train_and_report(args, specs, init_distributed(args.backend) if ddp else None)
+
+
+def _train_and_report(args: argparse.Namespace, specs: list[RunSpec], dist_ctx: Any) -> int:
     start = time.perf_counter()
     try:
         results = run_grid(
-            specs,
-            args.out,
-            jobs=args.jobs,
-            data_dir=args.data_dir,
-            download=False if args.no_download else None,
-            progress=not args.quiet,
-            retry_failed=args.retry_failed,
-            dist_ctx=dist_ctx,
-            emulate_ranks=args.emulate_ranks,
-            device=args.device,
+            specs, args.out, jobs=args.jobs, data_dir=args.data_dir, download=False if args.no_download else None,
+            progress=not args.quiet, retry_failed=args.retry_failed, dist_ctx=dist_ctx,
+            emulate_ranks=args.emulate_ranks, device=args.device,
         )
     finally:
         if dist_ctx is not None:
@@ -206,17 +225,10 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         "--method",
         default="fa",
         help="training method (default: fa); A+B composes two, e.g. sam+fa: --lambdas sweeps the "
-        "first one's strength, --method-arg KEY=VALUE (or A.KEY=VALUE) sets the others",
+        "first one's strength, --method-arg KEY=VALUE (or B.KEY=VALUE) sets the others",
     )
-    p.add_argument(
-        "--lambdas",
-        "--values",
-        dest="lambdas",
-        type=float,
-        nargs="+",
-        metavar="V",
-        help="strengths of the method's hyper-parameter (default for fa: 0 0.001 0.01 0.1 1)",
-    )
+    p.add_argument("--lambdas", "--values", dest="lambdas", type=float, nargs="+", metavar="V",
+                   help="strengths of the method's hyper-parameter (default for fa: 0 0.001 0.01 0.1 1)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1 (default 3)")
     _add_protocol_flags(p)
     p.add_argument(
@@ -226,62 +238,33 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         "3 epochs on a subset, not trained), cpu-full (cifar100-resnet) or gpu; a non-default "
         "protocol is part of the run names",
     )
-    p.add_argument(
-        "--device", default="cpu", help="cpu (default), cuda or cuda:N (under --ddp each rank uses its own device)"
-    )
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default), cuda or cuda:N (under --ddp each rank uses its own device)")
     p.add_argument("--probes", type=int, help="Hutchinson probes M per curvature step (fa: 5)")
     p.add_argument("--every", type=int, help="curvature step every K steps (fa: 10)")
-    p.add_argument(
-        "--method-arg",
-        action="append",
-        metavar="KEY=VALUE",
-        help="extra keyword argument of the method (repeatable; VALUE is JSON or a word)",
-    )
-    p.add_argument(
-        "--model-arg",
-        action="append",
-        metavar="KEY=VALUE",
-        help="a model setting of the task, e.g. weight_scale=1.0 or hidden=[256,128] (repeatable; "
-        "VALUE is JSON or a word); a non-default setting is part of the run names",
-    )
+    p.add_argument("--method-arg", action="append", metavar="[METHOD.]KEY=VALUE", help=METHOD_ARG_HELP)
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                   help="a model setting of the task, e.g. weight_scale=1.0 or hidden=[256,128] (repeatable; "
+                        "VALUE is JSON or a word); a non-default setting is part of the run names")
     p.add_argument("--data-dir", help="data directory (default: $FLATNESS_DATA or ~/.cache/flatness)")
     p.add_argument("--out", default="runs", help="results root; a folder per task (default: runs)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (default 1)")
-    p.add_argument(
-        "--trajectory",
-        type=int,
-        default=0,
-        metavar="N",
-        help="keep N weight snapshots evenly along training (for landscape plots; default 0)",
-    )
+    p.add_argument("--trajectory", type=int, default=0, metavar="N",
+                   help="keep N weight snapshots evenly along training (for landscape plots; default 0)")
     p.add_argument("--no-download", action="store_true", help="never download missing data")
     p.add_argument("--retry-failed", action="store_true", help="re-run runs recorded as failed")
     p.add_argument("--no-plots", action="store_true", help="write the tables but no PNG plots")
-    p.add_argument(
-        "--measures",
-        action="store_true",
-        help="the report also computes each final model's λ_max and Tr(H) (as `flatness report --measures`)",
-    )
+    p.add_argument("--measures", action="store_true",
+                   help="the report also computes each final model's λ_max and Tr(H) (as `flatness report --measures`)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument(
-        "--shard",
-        metavar="I/N",
-        help="run only the I-th of N disjoint slices of the grid (several machines, one --out)",
-    )
-    p.add_argument(
-        "--ddp",
-        action="store_true",
-        help="train each run with DistributedDataParallel (automatic under torchrun)",
-    )
+    p.add_argument("--shard", metavar="I/N",
+                   help="run only the I-th of N disjoint slices of the grid (several machines, one --out)")
+    p.add_argument("--ddp", action="store_true",
+                   help="train each run with DistributedDataParallel (automatic under torchrun)")
     p.add_argument("--backend", choices=("gloo", "nccl"), help="DDP backend (default: nccl on GPU, else gloo)")
-    p.add_argument(
-        "--emulate-ranks",
-        type=int,
-        default=1,
-        metavar="N",
-        help="one process doing the arithmetic of an N-rank DDP run (reference for --ddp)",
-    )
-    p.set_defaults(func=_cmd_run)
+    p.add_argument("--emulate-ranks", type=int, default=1, metavar="N",
+                   help="one process doing the arithmetic of an N-rank DDP run (reference for --ddp)")
+    p.set_defaults(func=_cmd_run, flag_names=RUN_FLAGS)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -331,20 +314,18 @@ def _parse_grids(items: Sequence[str] | None) -> dict[str, list[float]]:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     args.task = resolve_task(args.task).name
-    if args.seeds < 1:
-        raise FlatnessError(f"--seeds must be >= 1, got {args.seeds}")
-    if args.jobs < 1:
-        raise FlatnessError(f"--jobs must be >= 1, got {args.jobs}")
     overrides = protocol_overrides(args)
     if args.protocol is not None:
         get_task(args.task).protocol(args.protocol)
-    method_kwargs = _parse_method_args(args.method_arg)
+    methods = list(dict.fromkeys(["none", *(args.methods or COMPARE_METHODS)]))
+    for method in methods:
+        method_class(method)  # an unknown name: one clear error, before --method-arg reads the methods
     common = dict(
-        methods=args.methods or COMPARE_METHODS,
+        methods=methods,
         seeds=args.seeds,
         grids=_parse_grids(args.grid),
         config_overrides=overrides,
-        method_kwargs=method_kwargs,
+        method_kwargs=parse_method_args(args.method_arg, methods, compared=True),
         protocol=args.protocol,
         jobs=args.jobs,
         data_dir=args.data_dir,
@@ -352,11 +333,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         plots=not args.no_plots,
     )
-    if args.select_seeds is not None and (args.equal_compute or not 1 <= args.select_seeds <= args.seeds):
-        raise FlatnessError(f"--select-seeds must be between 1 and --seeds ({args.seeds}), without --equal-compute")
+    if args.select_seeds is not None and args.equal_compute:
+        raise FlatnessError("--select-seeds does not go with --equal-compute")
     if args.equal_compute:
-        if not (math.isfinite(args.max_budget_factor) and args.max_budget_factor >= 1):
-            raise FlatnessError(f"--max-budget-factor must be >= 1, got {args.max_budget_factor}")
         _, text = run_equal_compute(args.task, args.out, max_factor=args.max_budget_factor,
                                     epochs_grid=args.budget_epochs, **common)
     else:
@@ -365,17 +344,6 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     print(text)
     print(f"written to {Path(args.out) / args.task / 'compare'}", file=sys.stderr)
     return 0
-
-
-def _parse_method_args(items: Sequence[str] | None) -> dict[str, dict[str, Any]]:
-    """``--method-arg METHOD:KEY=VALUE`` of compare, grouped by method."""
-    out: dict[str, dict[str, Any]] = {}
-    for item in items or []:
-        method, sep, assignment = item.partition(":")
-        if not sep or not method:
-            raise FlatnessError(f"--method-arg must look like METHOD:KEY=VALUE, got {item!r}")
-        out.setdefault(method, {}).update(_parse_assignments([assignment], "--method-arg"))
-    return out
 
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:
@@ -407,8 +375,10 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-measures", action="store_true", help="skip λ_max and Tr(H) of the final models")
     p.add_argument("--no-plots", action="store_true", help="tables only")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--method-arg", action="append", metavar="METHOD:KEY=VALUE",
-                   help="a setting of one compared method, e.g. fa:estimator=cv (repeatable)")
+    p.add_argument("--method-arg", action="append", metavar="[METHOD.]KEY=VALUE",
+                   help="a setting of the compared methods that take KEY (not as their swept strength), or of "
+                        "one, e.g. fa.estimator=cv (repeatable; VALUE is JSON or a word; METHOD:KEY=VALUE is "
+                        "deprecated)")
     p.add_argument("--equal-compute", action="store_true",
                    help="train every method x strength at each --budget-epochs, count compute as steps x "
                         "CPU cost per step, set each against `none` at the same budget, the Pareto front "
@@ -418,7 +388,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
                         "(default: 1x and 2x the protocol's)")
     p.add_argument("--max-budget-factor", type=float, default=10.0,
                    help="with --equal-compute: at most this many times the protocol's epochs for `none`")
-    p.set_defaults(func=_cmd_compare)
+    p.set_defaults(func=_cmd_compare, flag_names=COMPARE_FLAGS)
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:

@@ -22,10 +22,8 @@ def _cmd_study(args: argparse.Namespace) -> int:
     grid = get_grid(args.task, args.grid)
     if args.jobs < 1:
         raise FlatnessError(f"--jobs must be >= 1, got {args.jobs}")
-    if args.resamples < 100:
-        raise FlatnessError(f"--resamples must be >= 100, got {args.resamples}")
     if args.shard:
-        parse_shard(args.shard)
+        parse_shard(args.shard)  # before the --reparam check below: a malformed shard is the first error
         if args.reparam:
             raise FlatnessError("--reparam needs the whole population: drop --shard")
     if args.list:

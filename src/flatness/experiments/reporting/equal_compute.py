@@ -52,6 +52,7 @@ from ..running.runner import run_grid
 from ..running.specs import RunSpec, build_grid, format_value
 from .stats import Comparison, adjust_holm, compare_samples, mean_std
 from .tables import comparison_note, comparison_table, fmt, protocol_line
+from ..world.errors import SettingError
 from ..world.tasks import TrainConfig, get_task
 
 __all__ = ["Configuration", "budget_epochs", "pareto_front", "step_costs", "run_equal_compute"]
@@ -287,13 +288,13 @@ def run_equal_compute(
     """Train every configuration at every epoch count and the budget-matched `none` runs; write
     the table, the tests and the plot."""
     if not (math.isfinite(max_factor) and max_factor >= 1):
-        raise FlatnessError(f"--max-budget-factor must be >= 1, got {max_factor}")
+        raise SettingError(f"`max_factor` must be >= 1, got {max_factor}", "max_factor")
     base_specs = comparison_specs(task, methods, seeds, grids=grids, config_overrides=config_overrides,
                                   method_kwargs=method_kwargs, protocol=protocol)
     protocol_epochs = int(base_specs[0].config["epochs"])
     grid = sorted(set(epochs_grid or (protocol_epochs, 2 * protocol_epochs)))
     if any(e < 1 for e in grid):
-        raise FlatnessError(f"--budget-epochs must be >= 1, got {grid}")
+        raise SettingError(f"`epochs_grid` must be >= 1, got {grid}", "epochs_grid")
     specs = [s for e in grid for s in comparison_specs(
         task, methods, seeds, grids=grids, config_overrides={**(config_overrides or {}), "epochs": e},
         method_kwargs=method_kwargs, protocol=protocol)]

@@ -53,9 +53,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ...utils import FlatnessError
 from ..running.runner import run_grid
 from ..running.specs import parse_shard, select_shard
+from ..world.errors import SettingError
 from ..running.study_population import (
     AXES,
     GRIDS,
@@ -97,7 +97,7 @@ def run_study(
     grid_name = grid.name
     entries = grid.entries()
     if resamples < 100:
-        raise FlatnessError(f"--resamples must be >= 100, got {resamples}")
+        raise SettingError(f"`resamples` must be >= 100, got {resamples}", "resamples")
     if shard is not None:
         chosen = {s.name for s in select_shard([s for s, _ in entries], *parse_shard(shard))}
         entries = [e for e in entries if e[0].name in chosen]

@@ -28,9 +28,8 @@ import multiprocessing
 import os
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -38,48 +37,22 @@ import torch
 from torch import Tensor, nn
 
 from ...methods import make_method
-from ...methods.fa import PenaltyLog
 from ...probes import rank_seed
-from ...utils import FlatnessError, atomic_write_bytes, to_device
-from .checkpoints import save_checkpoint
+from ...utils import FlatnessError, to_device
 from .claims import claim_path, clear_leftovers, describe_holder, read_claim, try_claim
 from .distributed import DistContext, EmulatedRanks, wrap_model
 from .measure import EPOCH_MEASURE_BATCHES, EPOCH_MEASURE_PROBES, measure_final, measure_sq_trace_per_B
-from .platforms import environment
 from .progress import progress_bar
-from .record import RECORD_FIELDS, RunRecord, check_writable, read_record, write_record
-from .specs import RunSpec, accepts, identity, rank_kwargs, resolved_settings
+from .outputs import Snapshots, finished_record, now, snapshot_steps, started_record, write_run
+from .record import RunRecord, check_writable, read_record, write_record
+from .specs import RunSpec, accepts, identity, rank_kwargs
+from ..world.errors import SettingError
 from ..world.plugins import check_source, plugin_sources, restore_plugins
-from ..world.tasks import TrainConfig, get_task
+from ..world.data import Splits
+from ..world.tasks import Task, TrainConfig, get_task
 from .training import TrainingDiverged, make_optimizer, steps_per_epoch, train
 
-__all__ = ["execute_run", "claim_and_run", "pending_runs", "run_grid"]
-
-
-def _snapshot_steps(total: int, count: int) -> list[int]:
-    """``count`` optimisation steps evenly spread over ``0..total`` (0 = initial weights); at
-    most every step once."""
-    if count <= 0:
-        return []
-    count = min(count, total + 1)
-    if count == 1:
-        return [total]
-    return sorted({round(i * total / (count - 1)) for i in range(count)})
-
-
-def _state_copy(model: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
-def _avg_train_sq_trace_per_B(epochs: list[dict[str, Any]], batch_size: int) -> float | None:
-    """The paper's average flatness: the mean of the method's Tr(H²) estimates over training, /B."""
-    total, count = 0.0, 0
-    for e in epochs:
-        logged = PenaltyLog.from_epoch(e)
-        if logged is not None:
-            total += logged.sq_trace * logged.steps
-            count += logged.steps
-    return None if count == 0 else total / count / batch_size
+__all__ = ["execute_run", "method_settings", "claim_and_run", "pending_runs", "check_run_options", "run_grid"]
 
 
 def execute_run(
@@ -108,122 +81,27 @@ def execute_run(
     task = get_task(spec.task)
     config = TrainConfig.from_dict(spec.config)
     splits = task.splits(config, data_dir, download)
-    kwargs = dict(spec.method_kwargs)
-    if spec.hparam is not None and spec.value is not None:
-        kwargs[spec.hparam] = spec.value
-    if accepts(spec.method, "seed") and "seed" not in kwargs:
-        kwargs["seed"] = spec.seed  # the method's own randomness (e.g. FA's probes)
-    if accepts(spec.method, "total_steps") and "total_steps" not in kwargs:
-        # the run's length, for schedules given as fractions of it (FA's lam_schedule)
-        kwargs["total_steps"] = config.epochs * steps_per_epoch(int(splits.y_train.shape[0]), config.batch_size)
+    kwargs = method_settings(spec, config, int(splits.y_train.shape[0]))
     torch.manual_seed(spec.seed)  # what checkpoints.initial_model replays
     model = task.build_model(num_features=splits.num_features, config=config, **spec.model_kwargs)
     world = dist_ctx.world_size if dist_ctx is not None else emulate_ranks
     is_main = dist_ctx is None or dist_ctx.is_main
     device = torch.device(dist_ctx.device if dist_ctx is not None else device)
     if device.type != "cpu":
-        model = model.to(device)
-        splits = dataclasses.replace(
-            splits,
-            **{
-                f.name: to_device(getattr(splits, f.name), device)
-                for f in dataclasses.fields(splits)
-                if isinstance(getattr(splits, f.name), Tensor)
-            },
-        )
-    try:
-        if dist_ctx is not None:
-            # identical initial weights on every rank (DDP also broadcasts rank 0's), then each
-            # rank's own streams: dropout from the global generator, probes from the method's
-            torch.manual_seed(rank_seed(spec.seed, dist_ctx.rank))
-            method = make_method(
-                spec.method, wrap_model(model, dist_ctx), task.loss_fn, **rank_kwargs(kwargs, dist_ctx.rank)
-            )
-        elif emulate_ranks > 1:
-            seeds = [rank_seed(spec.seed, r) for r in range(emulate_ranks)]
-            per_rank = [
-                make_method(spec.method, model, task.loss_fn, **rank_kwargs(kwargs, r))
-                for r in range(emulate_ranks)
-            ]
-            method = EmulatedRanks(per_rank, seeds)
-        else:
-            method = make_method(spec.method, model, task.loss_fn, **kwargs)
-    except (TypeError, ValueError) as exc:
-        message = " ".join(str(exc).split())
-        raise FlatnessError(f"method {spec.method!r} rejects its settings {kwargs}: {message}") from None
+        model, splits = model.to(device), _splits_on(splits, device)
+    method = _build_method(spec, model, task.loss_fn, kwargs, dist_ctx, emulate_ranks)
     optimizer = make_optimizer(model, config)
     generator = torch.Generator().manual_seed(spec.seed)
-    per_epoch_samples = int(splits.y_train.shape[0])
-    per_epoch = steps_per_epoch(per_epoch_samples, config.batch_size)
-    snap_steps = set(_snapshot_steps(config.epochs * per_epoch, spec.trajectory))
-    snapshots: list[tuple[int, dict[str, Tensor]]] = []
-    if 0 in snap_steps:
-        snapshots.append((0, _state_copy(model)))
-
-    def on_step_end(step: int, info: dict[str, float]) -> None:
-        if step in snap_steps:
-            snapshots.append((step, _state_copy(model)))
-
-    def on_epoch_end(epoch: int, record: dict[str, Any]) -> dict[str, Any]:
-        if not is_main:
-            return {"sq_trace_per_B": float("nan")}  # measured (and recorded) by rank 0 only
-        m = measure_sq_trace_per_B(
-            model,
-            task,
-            splits.x_train,
-            splits.y_train,
-            config.batch_size,
-            num_samples=EPOCH_MEASURE_BATCHES * config.batch_size,
-            probes=EPOCH_MEASURE_PROBES,
-        )
-        return {"sq_trace_per_B": m["value"]}
-
-    base = RunRecord(
-        name=spec.name,
-        task=spec.task,
-        method=spec.method,
-        hparam=spec.hparam,
-        value=spec.value,
-        seed=spec.seed,
-        status="failed",
-        config=dict(spec.config),
-        method_kwargs=dict(spec.method_kwargs),
-        trajectory=spec.trajectory,
-        model_kwargs=dict(spec.model_kwargs),
-        protocol_id=spec.protocol_id,
-        variant_id=spec.variant_id,
-        task_version=task.version,
-        ranks=world,
-        distributed=None
-        if world == 1
-        else {
-            "world_size": world,
-            "backend": "emulated" if dist_ctx is None else dist_ctx.backend,
-            "semantics": "per-rank penalty/perturbation on the local shard, gradients averaged",
-        },
-        train_samples=int(splits.y_train.shape[0]),
-        val_samples=0 if splits.y_val is None else int(splits.y_val.shape[0]),
-        test_samples=int(splits.y_test.shape[0]),
-        train_eval_samples=min(config.train_eval_samples or per_epoch_samples, per_epoch_samples),
-        environment=environment(device),
-        resolved=resolved_settings(spec, kwargs),
-        task_source=None if task.source is None
-        else {**task.source, "description": task.description, "metric": task.metric_name},
-    )
+    per_epoch = steps_per_epoch(int(splits.y_train.shape[0]), config.batch_size)
+    snapshots = Snapshots(model, set(snapshot_steps(config.epochs * per_epoch, spec.trajectory)))
+    base = started_record(spec, task, splits, config, kwargs, world, dist_ctx, device)
     started = time.perf_counter()
     try:
         history = train(
-            model,
-            method,
-            optimizer,
-            splits,
-            config,
-            predict=task.predict,
-            generator=generator,
-            progress=progress,
-            description=spec.name,
-            on_epoch_end=on_epoch_end,
-            on_step_end=on_step_end if snap_steps else None,
+            model, method, optimizer, splits, config,
+            predict=task.predict, generator=generator, progress=progress, description=spec.name,
+            on_epoch_end=_epoch_measurement(model, task, splits, config, is_main),
+            on_step_end=snapshots.on_step_end if snapshots.steps else None,
             shard=None if dist_ctx is None else (dist_ctx.rank, dist_ctx.world_size),
             min_batch=world,
             augment=task.augment if config.augment else None,
@@ -235,75 +113,77 @@ def execute_run(
     except (TrainingDiverged, FloatingPointError) as exc:
         if not is_main:
             return None
-        record = dataclasses.replace(base, error=f"{type(exc).__name__}: {exc}", finished_at=_now())
+        record = dataclasses.replace(base, error=f"{type(exc).__name__}: {exc}", finished_at=now())
         write_record(out / f"{spec.name}.json", record)
         return record
     if not is_main:
         return None
     measurements = measure_final(model, task, splits, config)  # fields, or else extras
-    epochs = history.epochs
-    evaluated = [i for i, e in enumerate(epochs) if "test_acc" in e]  # all, unless a stopping rule
-    test = [e.get("test_acc") for e in epochs]
-    val = [e.get("val_acc") for e in epochs]
-    best_epoch = max(evaluated, key=lambda i: test[i])
-    has_val = all(val[i] is not None for i in evaluated)
-    chosen = max(evaluated, key=lambda i: val[i]) if has_val else None
-    last = epochs[-1]
-    record = dataclasses.replace(
-        base,
-        status="complete",
-        final_train_loss=last.get("train_loss"),
-        final_train_acc=last.get("train_acc"),
-        final_val_loss=last.get("val_loss"),
-        final_val_acc=last.get("val_acc"),
-        final_test_loss=last.get("test_loss"),
-        final_test_acc=test[-1],
-        best_test_acc=test[best_epoch],
-        best_test_epoch=best_epoch + 1,
-        val_chosen_epoch=None if chosen is None else chosen + 1,
-        val_chosen_test_acc=None if chosen is None else test[chosen],
-        **{k: v for k, v in measurements.items() if k in RECORD_FIELDS},
-        extras={k: v for k, v in measurements.items() if k not in RECORD_FIELDS},
-        avg_train_sq_trace_per_B=_avg_train_sq_trace_per_B(epochs, config.batch_size),
-        avg_epoch_sq_trace_per_B=sum(epochs[i]["sq_trace_per_B"] for i in evaluated) / len(evaluated),
-        train_seconds=history.train_seconds,
-        seconds_per_epoch=history.train_seconds / len(epochs),
-        eval_seconds=history.eval_seconds,
-        total_seconds=time.perf_counter() - started,
-        steps=history.steps,
-        curves={key: [e.get(key) for e in epochs] for key in sorted({k for e in epochs for k in e})},
-        checkpoint=f"checkpoints/{spec.name}.pt",
-        trajectory_file=f"trajectories/{spec.name}.pt" if snapshots else None,
-        finished_at=_now(),
-    )
-    meta = {
-        "name": record.name,
-        "method": record.method,
-        "hparam": record.hparam,
-        "value": record.value,
-        "seed": record.seed,
-        "final_test_acc": record.final_test_acc,
-        "finished_at": record.finished_at,
-        "config": spec.config,
-    }
-    save_checkpoint(out / str(record.checkpoint), model, task=spec.task, meta=meta, model_kwargs=spec.model_kwargs,
-                    task_source=task.source)
-    if snapshots:
-        payload = {
-            "format": "flatness-trajectory",
-            "task": spec.task,
-            "name": spec.name,
-            "steps": [s for s, _ in snapshots],
-            "steps_per_epoch": per_epoch,
-            "state_dicts": [sd for _, sd in snapshots],
-        }
-        atomic_write_bytes(out / str(record.trajectory_file), lambda fh: torch.save(payload, fh))
-    write_record(out / f"{spec.name}.json", record)  # last: its presence marks the run as done
+    record = finished_record(base, history, measurements, config, started, trajectory=bool(snapshots.taken))
+    write_run(out, spec, record, model, task.source, snapshots.taken, per_epoch)
     return record
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+def method_settings(spec: RunSpec, config: TrainConfig, train_samples: int) -> dict[str, Any]:
+    """The keyword arguments a run builds its method with: the spec's settings, its strength,
+    its seed (the method's own randomness, e.g. FA's probes) and its length in steps (for
+    schedules given as fractions of it, FA's ``lam_schedule``) where the method takes them."""
+    kwargs = dict(spec.method_kwargs)
+    if spec.hparam is not None and spec.value is not None:
+        kwargs[spec.hparam] = spec.value
+    if accepts(spec.method, "seed") and "seed" not in kwargs:
+        kwargs["seed"] = spec.seed
+    if accepts(spec.method, "total_steps") and "total_steps" not in kwargs:
+        kwargs["total_steps"] = config.epochs * steps_per_epoch(train_samples, config.batch_size)
+    return kwargs
+
+
+def _splits_on(splits: Splits, device: torch.device) -> Splits:
+    """``splits`` with every tensor on ``device``."""
+    tensors = {f.name: getattr(splits, f.name) for f in dataclasses.fields(splits)}
+    return dataclasses.replace(
+        splits, **{name: to_device(value, device) for name, value in tensors.items() if isinstance(value, Tensor)}
+    )
+
+
+def _build_method(
+    spec: RunSpec, model: nn.Module, loss_fn: Any, kwargs: dict[str, Any], dist_ctx: DistContext | None,
+    emulate_ranks: int,
+) -> Any:
+    """The run's method: on this DDP rank, as ``emulate_ranks`` emulated ranks, or plain; a
+    method refusing its settings is a :class:`FlatnessError` naming them."""
+    try:
+        if dist_ctx is not None:
+            # identical initial weights on every rank (DDP also broadcasts rank 0's), then each
+            # rank's own streams: dropout from the global generator, probes from the method's
+            torch.manual_seed(rank_seed(spec.seed, dist_ctx.rank))
+            return make_method(spec.method, wrap_model(model, dist_ctx), loss_fn, **rank_kwargs(kwargs, dist_ctx.rank))
+        if emulate_ranks > 1:
+            seeds = [rank_seed(spec.seed, r) for r in range(emulate_ranks)]
+            per_rank = [make_method(spec.method, model, loss_fn, **rank_kwargs(kwargs, r)) for r in range(emulate_ranks)]
+            return EmulatedRanks(per_rank, seeds)
+        return make_method(spec.method, model, loss_fn, **kwargs)
+    except (TypeError, ValueError) as exc:
+        message = " ".join(str(exc).split())
+        raise FlatnessError(f"method {spec.method!r} rejects its settings {kwargs}: {message}") from None
+
+
+def _epoch_measurement(
+    model: nn.Module, task: Task, splits: Splits, config: TrainConfig, is_main: bool
+) -> Callable[[int, dict[str, Any]], dict[str, Any]]:
+    """The per-epoch flatness curve (:func:`measure_sq_trace_per_B`, the light protocol), on the
+    main rank only."""
+
+    def on_epoch_end(epoch: int, record: dict[str, Any]) -> dict[str, Any]:
+        if not is_main:
+            return {"sq_trace_per_B": float("nan")}  # measured (and recorded) by rank 0 only
+        m = measure_sq_trace_per_B(
+            model, task, splits.x_train, splits.y_train, config.batch_size,
+            num_samples=EPOCH_MEASURE_BATCHES * config.batch_size, probes=EPOCH_MEASURE_PROBES,
+        )
+        return {"sq_trace_per_B": m["value"]}
+
+    return on_epoch_end
 
 
 # --------------------------------------------------------------------------------------------
@@ -393,18 +273,42 @@ def pending_runs(
         task = get_task(spec.task)
         check_source(record.task_source, task, f"the runs in {out_dir}")  # before: the task may have changed
         if identity(RunSpec.from_dict(dataclasses.asdict(record))) != identity(spec):
-            raise FlatnessError(f"{path} holds a run with other settings; use another --out")
+            raise FlatnessError(f"{path} holds a run with other settings; use another results directory")
         version = task.version
         if record.task_version != version:
             raise FlatnessError(
                 f"{path} was made by version {record.task_version} of the {spec.task} "
-                f"protocol (now {version}); use another --out"
+                f"protocol (now {version}); use another results directory"
             )
         if record.status == "failed" and retry_failed:
             todo.append(spec)
         else:
             done.append(record)
     return todo, done
+
+
+def check_run_options(
+    specs: Sequence[RunSpec], *, jobs: int = 1, emulate_ranks: int = 1, distributed: bool = False
+) -> None:
+    """Check :func:`run_grid`'s parallelism before any work (a front end calls it before it
+    starts a DDP job); a :class:`SettingError` naming the parameter otherwise."""
+    if jobs < 1:
+        raise SettingError(f"`jobs` must be >= 1, got {jobs}", "jobs")
+    if emulate_ranks < 1:
+        raise SettingError(f"`emulate_ranks` must be >= 1, got {emulate_ranks}", "emulate_ranks")
+    if distributed and emulate_ranks > 1:
+        raise SettingError("`emulate_ranks` is the one-process twin of `dist_ctx`: use one of them",
+                           "emulate_ranks", "dist_ctx")
+    if (distributed or emulate_ranks > 1) and jobs != 1:
+        raise SettingError("`jobs` must be 1 with `dist_ctx` / `emulate_ranks` (the ranks are the parallelism)",
+                           "jobs", "dist_ctx", "emulate_ranks")
+    if emulate_ranks > 1 and specs:
+        smallest = min(int(s.config["batch_size"]) for s in specs)
+        if emulate_ranks > smallest:
+            raise SettingError(
+                f"`emulate_ranks` must be at most the batch size B = {smallest} (each rank needs a sample of "
+                f"every batch), got {emulate_ranks}", "emulate_ranks",
+            )
 
 
 def run_grid(
@@ -426,96 +330,90 @@ def run_grid(
     Returns the finished records per results directory. Runs already finished are skipped, and
     so are runs another process has claimed (:func:`claim_and_run`). With ``jobs > 1`` each run
     is a task for a pool of spawned processes with ``cores // jobs`` torch threads each; the
-    longest runs are started first.
+    longest runs are started first. The options are checked first (:func:`check_run_options`).
     """
-    if jobs < 1:
-        raise FlatnessError(f"--jobs must be >= 1, got {jobs}")
-    if (dist_ctx is not None or emulate_ranks > 1) and jobs != 1:
-        raise FlatnessError("--jobs must be 1 with --ddp / --emulate-ranks (the ranks are the parallelism)")
-    if emulate_ranks > 1 and specs:
-        smallest = min(int(s.config["batch_size"]) for s in specs)
-        if emulate_ranks > smallest:
-            raise FlatnessError(
-                f"--emulate-ranks must be at most the batch size B = {smallest} (each rank "
-                f"needs a sample of every batch), got {emulate_ranks}"
-            )
+    check_run_options(specs, jobs=jobs, emulate_ranks=emulate_ranks, distributed=dist_ctx is not None)
     if dist_ctx is not None:
         return _run_grid_ddp(specs, Path(out_root), dist_ctx, data_dir, download, progress, retry_failed, log)
-    out_root = Path(out_root)
-    dirs = {spec.task: out_root / spec.task for spec in specs}
+    dirs = {spec.task: Path(out_root) / spec.task for spec in specs}
     say = log or (lambda msg: print(msg, file=sys.stderr))
     for d in dict.fromkeys(dirs.values()):
         check_writable(d)
         cleared = clear_leftovers(d)  # a killed sweep's claims and half-written files
         if cleared:
             say(f"{d}: removed {len(cleared)} claim(s) and temporary file(s) of killed processes")
-    todo: list[RunSpec] = []
-    results: dict[str, list[RunRecord]] = {str(d): [] for d in dirs.values()}
-    for task_name in dict.fromkeys(s.task for s in specs):
-        task_specs = [s for s in specs if s.task == task_name]
-        pending, done = pending_runs(task_specs, dirs[task_name], retry_failed)
-        todo += pending
-        results[str(dirs[task_name])] += done
+    todo, results = _pending(specs, dirs, retry_failed)
     skipped = len(specs) - len(todo)
     if skipped:
         say(f"{skipped} of {len(specs)} runs already finished; skipping them")
     if not todo:
         return results
     todo.sort(key=lambda s: -s.cost)
-    bar = None
-    if progress:
-        bar = progress_bar(len(todo), "runs", "run")
-        say = bar.write if log is None else say
+    bar = progress_bar(len(todo), "runs", "run") if progress else None
+    if bar is not None and log is None:
+        say = bar.write
+
+    def finished(spec: RunSpec, record: RunRecord | None, message: str) -> None:
+        if record is not None:
+            results[str(dirs[spec.task])].append(record)
+        say(message)
+        if bar is not None:
+            bar.update(1)
+
     try:
         if jobs == 1:
             for spec in todo:
-                record, message = claim_and_run(
-                    spec, dirs[spec.task], retry_failed, data_dir=data_dir, download=download,
-                    progress=progress, emulate_ranks=emulate_ranks, device=device,
-                )
-                if record is not None:
-                    results[str(dirs[spec.task])].append(record)
-                say(message)
-                if bar is not None:
-                    bar.update(1)
+                finished(spec, *claim_and_run(spec, dirs[spec.task], retry_failed, data_dir=data_dir,
+                                              download=download, progress=progress, emulate_ranks=emulate_ranks,
+                                              device=device))
         else:
-            threads = max(1, _available_cores() // jobs)
-            context = multiprocessing.get_context("spawn")
-            workers = min(jobs, len(todo))  # never more processes than runs
-            init = (threads, plugin_sources())
-            with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=init) as pool:
-                futures: dict[Future[tuple[RunRecord | None, str]], RunSpec] = {
-                    pool.submit(
-                        _worker_run,
-                        spec.as_dict(),
-                        str(dirs[spec.task]),
-                        None if data_dir is None else str(data_dir),
-                        download,
-                        retry_failed,
-                        device,
-                    ): spec
-                    for spec in todo
-                }
-                remaining = set(futures)
-                try:
-                    while remaining:
-                        finished, remaining = wait(remaining, return_when=FIRST_COMPLETED)
-                        for fut in finished:
-                            record, message = fut.result()  # a worker's FlatnessError ends the sweep
-                            spec = futures[fut]
-                            if record is not None:
-                                results[str(dirs[spec.task])].append(record)
-                            say(message)
-                            if bar is not None:
-                                bar.update(1)
-                except BaseException:
-                    for fut in remaining:
-                        fut.cancel()
-                    raise
+            _run_pool(todo, dirs, jobs, data_dir, download, retry_failed, device, finished)
     finally:
         if bar is not None:
             bar.close()
     return results
+
+
+def _pending(
+    specs: Sequence[RunSpec], dirs: dict[str, Path], retry_failed: bool
+) -> tuple[list[RunSpec], dict[str, list[RunRecord]]]:
+    """The runs still to do, and the finished records per results directory (:func:`pending_runs`)."""
+    todo: list[RunSpec] = []
+    results: dict[str, list[RunRecord]] = {str(d): [] for d in dirs.values()}
+    for task_name in dict.fromkeys(s.task for s in specs):
+        pending, done = pending_runs([s for s in specs if s.task == task_name], dirs[task_name], retry_failed)
+        todo += pending
+        results[str(dirs[task_name])] += done
+    return todo, results
+
+
+def _run_pool(
+    todo: Sequence[RunSpec], dirs: dict[str, Path], jobs: int, data_dir: str | os.PathLike[str] | None,
+    download: bool | None, retry_failed: bool, device: str,
+    finished: Callable[[RunSpec, RunRecord | None, str], None],
+) -> None:
+    """``todo`` in a pool of ``jobs`` spawned processes, ``finished`` called as each ends; a
+    worker's :class:`FlatnessError` ends the sweep (the runs not started are cancelled)."""
+    threads = max(1, _available_cores() // jobs)
+    context = multiprocessing.get_context("spawn")
+    workers = min(jobs, len(todo))  # never more processes than runs
+    init = (threads, plugin_sources())
+    data = None if data_dir is None else str(data_dir)
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=init) as pool:
+        futures: dict[Future[tuple[RunRecord | None, str]], RunSpec] = {
+            pool.submit(_worker_run, spec.as_dict(), str(dirs[spec.task]), data, download, retry_failed, device): spec
+            for spec in todo
+        }
+        remaining = set(futures)
+        try:
+            while remaining:
+                done, remaining = wait(remaining, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    finished(futures[fut], *fut.result())
+        except BaseException:
+            for fut in remaining:
+                fut.cancel()
+            raise
 
 
 def _run_grid_ddp(
@@ -530,7 +428,7 @@ def _run_grid_ddp(
 ) -> dict[str, list[RunRecord]]:
     """Every rank runs the same pending runs in the same order; rank 0 decides which and writes.
 
-    No claims: the ranks of one job must train the same runs (run one DDP job per ``--out``).
+    No claims: the ranks of one job must train the same runs (run one DDP job per results root).
     """
     import torch.distributed as dist
 
@@ -538,13 +436,9 @@ def _run_grid_ddp(
     results: dict[str, list[RunRecord]] = {str(d): [] for d in dirs.values()}
     plan: list[Any] = [None]
     if ctx.is_main:
-        todo: list[RunSpec] = []
         for d in dict.fromkeys(dirs.values()):
             check_writable(d)
-        for task_name in dict.fromkeys(s.task for s in specs):
-            pending, done = pending_runs([s for s in specs if s.task == task_name], dirs[task_name], retry_failed)
-            todo += pending
-            results[str(dirs[task_name])] += done
+        todo, results = _pending(specs, dirs, retry_failed)
         plan = [[s.as_dict() for s in sorted(todo, key=lambda s: -s.cost)]]
     dist.broadcast_object_list(plan, src=0)  # a shared filesystem is not assumed
     say = log or (lambda msg: print(msg, file=sys.stderr))

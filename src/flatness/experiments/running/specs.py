@@ -31,7 +31,8 @@ from ...methods import method_class as _method_class
 from ...methods.compose import ComposedMethod
 from ...probes import rank_seed
 from ...utils import FlatnessError
-from ..world.tasks import TrainConfig, get_task
+from ..world.errors import SettingError
+from ..world.tasks import Task, TrainConfig, get_task
 
 __all__ = [
     "RunSpec",
@@ -178,7 +179,7 @@ def default_values(method: str) -> list[float | None]:
         return [None]
     grid = cls.default_grid
     if not grid:
-        raise FlatnessError(f"method {method!r} has no default grid: give its values with --lambdas")
+        raise SettingError(f"method {method!r} has no default grid: give its strengths in `values`", "values")
     return [float(v) for v in grid]
 
 
@@ -207,44 +208,23 @@ def build_grid(
     """
     task_obj = get_task(task)
     cls = method_class(method)
-    if isinstance(seeds, int) and not 1 <= seeds <= MAX_SEEDS:
-        raise FlatnessError(f"seeds must be a count from 1 to {MAX_SEEDS}, got {seeds}")
-    seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
-    if not seed_list:
-        raise FlatnessError(f"seeds must be >= 1, got {seeds}")
-    if any(not 0 <= s <= MAX_SEED for s in seed_list):
-        raise FlatnessError(f"seeds must be integers from 0 to 2**63 - 1, got {seeds}")
-    if values is None:
-        grid = default_values(method)
-    elif cls.hparam is None:
-        raise FlatnessError(f"method {method!r} has no strength to sweep; drop --lambdas")
-    else:
-        grid = [float(v) for v in values]
-    for v in grid:
-        if v is not None and not (math.isfinite(v) and v >= 0):
-            raise FlatnessError(f"{cls.hparam or 'strength'} values must be finite and >= 0, got {v}")
-    if len({format_value(v) for v in grid if v is not None}) != len([v for v in grid if v is not None]):
-        raise FlatnessError(f"repeated values in the grid: {grid}")
-    overrides = dict(config_overrides or {})
-    try:
-        default = task_obj.config if protocol is None else task_obj.protocol(protocol)
-        if "epochs" in overrides and "warmup_epochs" not in overrides and default.warmup_epochs:
-            # the warm-up keeps its share of training (cifar100-mlp: 2 of 10 epochs -> 0.2 of 1)
-            overrides["warmup_epochs"] = default.warmup_epochs * overrides["epochs"] / default.epochs
-        config = default.replace(**overrides)
-    except (TypeError, ValueError) as exc:
-        raise FlatnessError(f"invalid training protocol for {task}: {exc}") from None
+    seed_list = _seed_list(seeds)
+    grid = _strength_grid(method, values)
+    config = _protocol(task_obj, protocol, config_overrides or {})
     kwargs = default_method_kwargs(task, method)
     kwargs.update(method_kwargs or {})
+    unknown = [k for k in kwargs if not cls.accepts(k)]
+    if unknown:
+        raise SettingError(f"method {method!r} takes no setting {unknown[0]!r} (`method_kwargs`)", "method_kwargs")
     for key in kwargs:
         if cls.hparam is not None and key.rpartition(".")[2] == cls.hparam:
             # the run would train at the swept value and record this one (issue 30, finding 2)
-            raise FlatnessError(
-                f"--method-arg {key} sets {cls.hparam}, the strength the sweep varies: "
-                f"give its values with --lambdas instead"
+            raise SettingError(
+                f"`method_kwargs` {key} sets {cls.hparam}, the strength the sweep varies: "
+                "give its strengths in `values` instead", "method_kwargs", "values",
             )
     if trajectory < 0:
-        raise FlatnessError(f"--trajectory must be >= 0, got {trajectory}")
+        raise SettingError(f"`trajectory` must be >= 0, got {trajectory}", "trajectory")
     settings = json.loads(json.dumps(task_obj.model_settings(model_kwargs)))  # as records store them
     model = {k: v for k, v in settings.items() if v != task_obj.model_defaults.get(k)}
     return [
@@ -252,6 +232,49 @@ def build_grid(
         for v in grid
         for s in seed_list
     ]
+
+
+def _seed_list(seeds: int | Sequence[int]) -> list[int]:
+    """The seeds of a sweep: a count N (seeds 0..N-1) or explicit seeds, checked."""
+    if isinstance(seeds, int) and not 1 <= seeds <= MAX_SEEDS:
+        raise SettingError(f"`seeds` must be a count from 1 to {MAX_SEEDS}, got {seeds}", "seeds")
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    if not seed_list:
+        raise SettingError(f"`seeds` must be >= 1, got {seeds}", "seeds")
+    if any(not 0 <= s <= MAX_SEED for s in seed_list):
+        raise SettingError(f"`seeds` must be integers from 0 to 2**63 - 1, got {seeds}", "seeds")
+    return seed_list
+
+
+def _strength_grid(method: str, values: Sequence[float] | None) -> list[float | None]:
+    """The swept strengths: ``values`` (finite, >= 0, no repeats), else the method's default grid."""
+    cls = method_class(method)
+    if values is None:
+        grid = default_values(method)
+    elif cls.hparam is None:
+        raise SettingError(f"method {method!r} has no strength to sweep; give no `values`", "values")
+    else:
+        grid = [float(v) for v in values]
+    for v in grid:
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            raise SettingError(f"`values` ({cls.hparam or 'strength'}) must be finite and >= 0, got {v:g}", "values")
+    if len({format_value(v) for v in grid if v is not None}) != len([v for v in grid if v is not None]):
+        raise SettingError(f"repeated strengths in `values`: {grid}", "values")
+    return grid
+
+
+def _protocol(task: Task, protocol: str | None, overrides: dict[str, Any]) -> TrainConfig:
+    """The named protocol (default: the task's first) with ``overrides``; an ``epochs`` override
+    without ``warmup_epochs`` scales the warm-up by the same factor (the same share of training)."""
+    overrides = dict(overrides)
+    try:
+        default = task.config if protocol is None else task.protocol(protocol)
+        if "epochs" in overrides and "warmup_epochs" not in overrides and default.warmup_epochs:
+            # the warm-up keeps its share of training (cifar100-mlp: 2 of 10 epochs -> 0.2 of 1)
+            overrides["warmup_epochs"] = default.warmup_epochs * overrides["epochs"] / default.epochs
+        return default.replace(**overrides)
+    except (TypeError, ValueError) as exc:
+        raise FlatnessError(f"invalid training protocol for {task.name}: {exc}") from None
 
 
 def plain(value: Any) -> Any:
@@ -295,17 +318,20 @@ def select_shard(specs: Sequence[RunSpec], index: int, count: int) -> list[RunSp
     same partition from the same command line, and the slices' costs are similar.
     """
     if not (1 <= index <= count):
-        raise FlatnessError(f"--shard must be I/N with 1 <= I <= N, got {index}/{count}")
+        raise SettingError(f"`index` must be from 1 to `count`, got {index} of {count}", "index", "count")
     ordered = sorted(specs, key=lambda s: (s.task, -s.cost, s.name))
     return ordered[index - 1 :: count]
 
 
 def parse_shard(text: str) -> tuple[int, int]:
-    """The ``(I, N)`` of a shard ``"I/N"`` (1 <= I <= N); ``FlatnessError`` otherwise."""
+    """The ``(I, N)`` of a shard ``"I/N"`` (1 <= I <= N); a :class:`SettingError` otherwise."""
     index, sep, count = text.partition("/")
     try:
         if not sep:
             raise ValueError
-        return int(index), int(count)
+        i, n = int(index), int(count)
     except ValueError:
-        raise FlatnessError(f"--shard must look like I/N (e.g. 2/4), got {text!r}") from None
+        raise SettingError(f"`shard` must look like I/N (e.g. 2/4), got {text!r}", "shard") from None
+    if not 1 <= i <= n:
+        raise SettingError(f"`shard` must be I/N with 1 <= I <= N, got {i}/{n}", "shard")
+    return i, n

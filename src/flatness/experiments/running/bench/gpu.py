@@ -41,9 +41,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ....utils import FlatnessError, atomic_write_bytes
+from ....utils import atomic_write_bytes
 from ...world.architectures import ResNet, VisionTransformer, cifar_resnet, resnet18, vit_small, vit_tiny
 from ...world.models import mlp
+from ...world.errors import SettingError
 from ...world.tasks import get_task
 from ..platforms import environment
 from . import platform_facts
@@ -298,10 +299,10 @@ def run_gpu_bench(
     Without CUDA and without ``dry_run``: a :class:`~flatness.FlatnessError` (nothing is run).
     """
     if not dry_run and not torch.cuda.is_available():
-        raise FlatnessError("flatness bench gpu needs a CUDA device (torch sees none); "
-                            "--dry-run runs it on the CPU at tiny sizes")
+        raise SettingError("flatness bench gpu needs a CUDA device (torch sees none); "
+                           "`dry_run` runs it on the CPU at tiny sizes", "dry_run")
     if budget_s <= 0:
-        raise ValueError(f"--budget-s must be > 0, got {budget_s}")
+        raise SettingError(f"`budget_s` must be > 0, got {budget_s}", "budget_s")
     budget = Budget(budget_s)
     device = torch.device("cpu" if dry_run else "cuda")
     sizes = DRY if dry_run else FULL
