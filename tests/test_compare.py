@@ -98,16 +98,17 @@ def test_ties_pick_the_smaller_strength_and_failed_runs_are_listed():
 
 @pytest.fixture
 def fake_measures(monkeypatch):
-    """A stand-in for final_measures (λ_max by Lanczos is slow); records what it was given."""
+    """A stand-in for compute_measures (λ_max by Lanczos is slow); records what it was given."""
     calls = []
 
-    def fake(model, loss_fn, batches, seed=0, **kw):
+    def fake(model, loss_fn, batches, names, options=None, **kw):
         batches = list(batches)
         calls.append([int(x.shape[0]) for x, _ in batches])
+        assert tuple(names) == ("lambda_max", "hessian_trace") and options.matvecs == measure.FINAL_TRACE_MATVECS
         weight = sum(float(p.detach().abs().sum()) for p in model.parameters())
-        return {"loss": 0.0, "lambda_max": weight, "hessian_trace": 2 * weight, "fisher_trace": 0.0}
+        return {"lambda_max": weight, "hessian_trace": 2 * weight}
 
-    monkeypatch.setattr(flatness.measures, "final_measures", fake)
+    monkeypatch.setattr(flatness.measures, "compute_measures", fake)
     return calls
 
 

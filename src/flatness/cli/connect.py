@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from ..utils import FlatnessError
-from .inspect import SPARSE_NOTES, SPLITS, _accuracy, _emit_warnings, _print, load_for_task, training_batches
+from .inspect import (SPARSE_NOTES, SPLITS, emit_warnings, load_for_task, print_result, task_accuracy,
+                      training_batches)
 
 __all__ = ["add_cli", "connect_command"]
 
@@ -52,7 +53,7 @@ def connect_command(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         warnings.filterwarnings("ignore", message=SPARSE_NOTES)
-        result = connect(model_a, model_b, task.loss_fn, batches, train, num=args.num, accuracy=_accuracy(task),
+        result = connect(model_a, model_b, task.loss_fn, batches, train, num=args.num, accuracy=task_accuracy(task),
                          stat_batches=stats, curve_steps=args.curve_steps, curve_lr=args.curve_lr, seed=args.seed)
     stem = f"{Path(args.checkpoint_a).stem}_to_{Path(args.checkpoint_b).stem}_connect"
     out = Path(args.out)
@@ -71,10 +72,10 @@ def connect_command(args: argparse.Namespace) -> int:
                        bezier_barrier_error=result.bezier.barrier_error)
     summary.update({k: v for k, v in result.info.items() if k not in ("checkpoint_a", "checkpoint_b")})
     summary.update(json=str(json_path), png=str(png))
-    messages = _emit_warnings(caught)
+    messages = emit_warnings(caught)
     if messages:
         summary["warnings"] = messages
-    _print(summary, args.json)
+    print_result(summary, args.json)
     return 0
 
 

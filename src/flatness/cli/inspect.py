@@ -37,7 +37,10 @@ from torch import Tensor, nn
 
 from ..utils import FlatnessError, take_first
 
-__all__ = ["add_cli", "load_for_task", "training_batches", "measure_command", "landscape_command"]
+__all__ = [
+    "add_cli", "emit_warnings", "landscape_command", "load_for_task", "measure_command", "print_result",
+    "task_accuracy", "training_batches",
+]
 
 SPLITS = ("train", "test", "val")
 KINDS = ("1d", "2d", "interp", "pca")
@@ -105,7 +108,8 @@ def training_batches(task: Any, examples: int | None, batch_size: int, data_dir:
         return list(iterate_batches(x, y, batch_size, shuffle=False))
 
 
-def _emit_warnings(caught: Sequence[warnings.WarningMessage]) -> list[str]:
+def emit_warnings(caught: Sequence[warnings.WarningMessage]) -> list[str]:
+    """Print each distinct caught warning once on stderr (``flatness: warning: ...``); return them."""
     messages = list(dict.fromkeys(str(w.message) for w in caught))
     for message in messages:
         print(f"flatness: warning: {message}", file=sys.stderr)
@@ -122,7 +126,8 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _print(result: dict[str, Any], as_json: bool) -> None:
+def print_result(result: dict[str, Any], as_json: bool) -> None:
+    """``result`` on stdout: one JSON object (``as_json``), else aligned ``key  value`` lines."""
     if as_json:
         print(json.dumps(_jsonable(result), sort_keys=True))
         return
@@ -218,12 +223,12 @@ def measure_command(args: argparse.Namespace) -> int:
             result["spectral_density_npz"] = str(dens.save(out / f"{stem}_density.npz"))
             result["spectral_density_ritz_range"] = list(dens.ritz_range)
     result["seconds"] = time.perf_counter() - start
-    messages = _emit_warnings(caught)
+    messages = emit_warnings(caught)
     if messages:
         result["warnings"] = messages
     if args.out:
         save_json(args.out, _jsonable(result))
-    _print(result, args.json)
+    print_result(result, args.json)
     return 0
 
 
@@ -259,7 +264,8 @@ def _default_trajectory(checkpoint: Path) -> Path | None:
     return candidate if checkpoint.parent.name == "checkpoints" and candidate.is_file() else None
 
 
-def _accuracy(task: Any) -> Callable[[Tensor, Tensor], Tensor]:
+def task_accuracy(task: Any) -> Callable[[Tensor, Tensor], Tensor]:
+    """The batch mean of the task's per-example score (hits, or a plugin task's own score)."""
     def accuracy(logits: Tensor, y: Tensor) -> Tensor:
         return task.score(logits, y).float().mean()  # hits, or a plugin task's own score
 
@@ -267,21 +273,9 @@ def _accuracy(task: Any) -> Callable[[Tensor, Tensor], Tensor]:
 
 
 def landscape_command(args: argparse.Namespace) -> int:
-    from ..landscape import interpolate, pca_surface, plot_surface, surface_1d, surface_2d
-    from ..experiments.running.checkpoints import load_checkpoint
+    from ..landscape import plot_surface
 
-    if args.kind not in KINDS:
-        raise FlatnessError(f"--kind must be one of {', '.join(KINDS)}")
-    if args.kind == "interp" and not args.other:
-        raise FlatnessError("--kind interp needs --other CHECKPOINT (the second model)")
-    if args.kind != "interp" and args.other:
-        raise FlatnessError("--other is only used with --kind interp")
-    if args.kind != "pca" and (args.trajectory or args.checkpoints):
-        raise FlatnessError("--trajectory/--checkpoints are only used with --kind pca")
-    if args.num is not None and args.num < 2:
-        raise FlatnessError("--num must be >= 2")
-    if not (math.isfinite(args.span) and args.span > 0):
-        raise FlatnessError("--span must be a finite number > 0")
+    _check_landscape_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     task, model, meta, batches = load_for_task(
@@ -289,47 +283,12 @@ def landscape_command(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, data_dir=args.data_dir,
     )
     args.task = task.name  # a plugin reference names the task it made
-    metric = _accuracy(task)
-    num = args.num
     start = time.perf_counter()
     checkpoint = Path(args.checkpoint)
-    stem = checkpoint.stem
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         warnings.filterwarnings("ignore", message=SPARSE_NOTES)
-        if args.kind == "1d":
-            surface = surface_1d(model, task.loss_fn, batches, span=args.span, num=num or 41,
-                                 seed=args.seed, include_1d=args.include_1d, metric=metric,
-                                 metric_name=task.metric_name, progress=_landscape_progress(args))
-        elif args.kind == "2d":
-            surface = surface_2d(model, task.loss_fn, batches, span=args.span, num=num or 21,
-                                 seed=args.seed, include_1d=args.include_1d, metric=metric,
-                                 metric_name=task.metric_name, progress=_landscape_progress(args))
-        elif args.kind == "interp":
-            other, _ = load_checkpoint(args.other, task=args.task)
-            low, high = args.interp_range
-            # BatchNorm statistics re-estimated at each point on the first --examples training examples
-            stats = training_batches(task, args.examples, task.config.batch_size, args.data_dir)
-            surface = interpolate(model, other, task.loss_fn, batches,
-                                  alphas=torch.linspace(low, high, num or 41).tolist(),
-                                  metric=metric, metric_name=task.metric_name, progress=_landscape_progress(args),
-                                  stat_batches=stats)
-            stem = f"{stem}_to_{Path(args.other).stem}"
-        else:
-            states: list[Any] = []
-            if args.checkpoints:
-                states += [load_checkpoint(p, task=args.task)[0] for p in args.checkpoints]
-            traj = Path(args.trajectory) if args.trajectory else _default_trajectory(checkpoint)
-            if traj is not None:
-                states += _load_trajectory(traj, args.task)
-            if not states:
-                raise FlatnessError(
-                    "--kind pca needs checkpoints along training: --trajectory FILE (written by "
-                    "`flatness run ... --trajectory N`) or --checkpoints CKPT CKPT ..."
-                )
-            surface = pca_surface(model, task.loss_fn, batches, states, num=num or 21,
-                                  margin=args.margin, metric=metric, metric_name=task.metric_name,
-                                  progress=_landscape_progress(args))
+        surface, stem = _surface(args, task, model, batches, checkpoint)
     out = Path(args.out)
     npz = surface.save(out / f"{stem}_{args.kind}.npz")
     png = plot_surface(surface, out / f"{stem}_{args.kind}.png",
@@ -349,11 +308,63 @@ def landscape_command(args: argparse.Namespace) -> int:
         "seconds": time.perf_counter() - start,
         **{k: v for k, v in surface.info.items() if isinstance(v, (int, float, list))},
     }
-    messages = _emit_warnings(caught)
+    messages = emit_warnings(caught)
     if messages:
         result["warnings"] = messages
-    _print(result, args.json)
+    print_result(result, args.json)
     return 0
+
+
+def _check_landscape_args(args: argparse.Namespace) -> None:
+    if args.kind not in KINDS:
+        raise FlatnessError(f"--kind must be one of {', '.join(KINDS)}")
+    if args.kind == "interp" and not args.other:
+        raise FlatnessError("--kind interp needs --other CHECKPOINT (the second model)")
+    if args.kind != "interp" and args.other:
+        raise FlatnessError("--other is only used with --kind interp")
+    if args.kind != "pca" and (args.trajectory or args.checkpoints):
+        raise FlatnessError("--trajectory/--checkpoints are only used with --kind pca")
+    if args.num is not None and args.num < 2:
+        raise FlatnessError("--num must be >= 2")
+    if not (math.isfinite(args.span) and args.span > 0):
+        raise FlatnessError("--span must be a finite number > 0")
+
+
+def _surface(args: argparse.Namespace, task: Any, model: nn.Module, batches: list[Any], checkpoint: Path) -> tuple[Any, str]:
+    """The surface ``args.kind`` asks for, and the stem of its file names."""
+    from ..experiments.running.checkpoints import load_checkpoint
+    from ..landscape import interpolate, pca_surface, surface_1d, surface_2d
+
+    metric, num, stem = task_accuracy(task), args.num, checkpoint.stem
+    shared = dict(metric=metric, metric_name=task.metric_name, progress=_landscape_progress(args))
+    if args.kind == "1d":
+        surface = surface_1d(model, task.loss_fn, batches, span=args.span, num=num or 41, seed=args.seed,
+                             include_1d=args.include_1d, **shared)
+    elif args.kind == "2d":
+        surface = surface_2d(model, task.loss_fn, batches, span=args.span, num=num or 21, seed=args.seed,
+                             include_1d=args.include_1d, **shared)
+    elif args.kind == "interp":
+        other, _ = load_checkpoint(args.other, task=args.task)
+        low, high = args.interp_range
+        # BatchNorm statistics re-estimated at each point on the first --examples training examples
+        stats = training_batches(task, args.examples, task.config.batch_size, args.data_dir)
+        surface = interpolate(model, other, task.loss_fn, batches, alphas=torch.linspace(low, high, num or 41).tolist(),
+                              stat_batches=stats, **shared)
+        stem = f"{stem}_to_{Path(args.other).stem}"
+    else:
+        states: list[Any] = []
+        if args.checkpoints:
+            states += [load_checkpoint(p, task=args.task)[0] for p in args.checkpoints]
+        traj = Path(args.trajectory) if args.trajectory else _default_trajectory(checkpoint)
+        if traj is not None:
+            states += _load_trajectory(traj, args.task)
+        if not states:
+            raise FlatnessError(
+                "--kind pca needs checkpoints along training: --trajectory FILE (written by "
+                "`flatness run ... --trajectory N`) or --checkpoints CKPT CKPT ..."
+            )
+        surface = pca_surface(model, task.loss_fn, batches, states, num=num or 21, margin=args.margin, **shared)
+    return surface, stem
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -16,7 +16,7 @@ resumable, ``--jobs``), into ``OUT/TASK/``. Then, per method:
   table, and the minimum detectable effect at the seed count used;
 * flatness of the final models: Tr(H²)/B as recorded by the runner (its fixed measurement
   protocol, :mod:`flatness.experiments.running.measure`), and λ_max and Tr(H) from
-  :func:`flatness.measures.final_measures` on the same fixed training samples (cached per run
+  :func:`flatness.measures.compute_measures` on the same fixed training samples (cached per run
   under ``OUT/TASK/measures/``, the cache ``flatness report --measures`` uses too), unless the
   run record already holds them; the final Tr(H²)/B is compared with ``none``'s like the
   accuracy (paired by seed, on log10, Holm over the methods: its own table);
@@ -69,6 +69,7 @@ from .tables import (
     p_cell,
     protocol_line,
 )
+from ..world.errors import SettingError
 from ..world.plugins import known_task
 from ..world.tasks import get_task
 
@@ -120,22 +121,19 @@ def comparison_specs(
     unknown = [m for m in [*methods, *grids, *method_kwargs] if not _known(m)]
     if unknown:
         raise FlatnessError(f"unknown method(s) {unknown}; expected some of {sorted(METHODS)} or A+B")
-    for flag, given in (("--grid", grids), ("--method-arg", method_kwargs)):
+    for name, given in (("grids", grids), ("method_kwargs", method_kwargs)):
         stray = [m for m in given if m not in methods]
         if stray:  # it would be ignored without a word
-            raise FlatnessError(
-                f"{flag} {stray[0]}: {stray[0]!r} is not among the compared methods "
-                f"({', '.join(dict.fromkeys(methods))}); add it to --methods or drop the {flag}"
+            raise SettingError(
+                f"`{name}` {stray[0]}: {stray[0]!r} is not among the compared methods "
+                f"({', '.join(dict.fromkeys(methods))}); add it to `methods` or drop the `{name}`",
+                name, "methods",
             )
-    for method, kwargs in method_kwargs.items():
-        bad = [k for k in kwargs if not method_class(method).accepts(k)]
-        if bad:
-            raise FlatnessError(f"method {method!r} takes no setting {bad[0]!r}")
     specs: list[RunSpec] = []
     for method in dict.fromkeys(methods):
         values = grids.get(method)
         if values is not None and any(not (math.isfinite(v) and v > 0) for v in values):
-            raise FlatnessError(f"--grid values for {method} must be finite and > 0, got {values}")
+            raise SettingError(f"`grids` values for {method} must be finite and > 0, got {values}", "grids")
         grid = comparison_grid(method) if values is None else list(values)
         specs += build_grid(
             task,
@@ -317,6 +315,27 @@ def comparison_markdown(
         f"Protocol: {protocol_line(config)}. Seeds: {seeds}; mean ± std over seeds.",
         "",
         *([mixed, ""] if (mixed := platform_note(records)) else []),
+        *_results_table(results),
+    ]
+    out += _tests_against_none(results)
+    twin = _twin_note(results)
+    if twin:
+        out += ["", twin]
+    out += _grids(task, results)
+    if run_seconds is not None:
+        count, seconds = run_seconds
+        out += ["", f"The {count} runs took {seconds:.0f} s in all (training, evaluation and the "
+                    "runner's measurements, summed over the run records)."]
+    if wall is not None:
+        out.append(f"Wall time of the `flatness compare` call that wrote this file: {wall:.0f} s "
+                   "(finished runs are reused, not retrained).")
+    out.append("")
+    return "\n".join(out)
+
+
+def _results_table(results: Sequence[MethodResult]) -> list[str]:
+    """One row per method at its chosen strength, and the columns' note."""
+    out = [
         "| method | chosen on val. | val acc | val loss | test acc | p t / Holm vs none | Tr(H²)/B | λ_max | Tr(H) | time/epoch vs none |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -344,9 +363,15 @@ def comparison_markdown(
         "test accuracies against `none`, raw / Holm-adjusted over the methods (the statistics table "
         f"below has the rest). *Tr(H²)/B*: the runner's fixed measurement of the final model "
         f"({final_flatness_note()}). *λ_max*, *Tr(H)*: {final_measures_note()} "
-        "(`flatness.measures.final_measures`). *Time/epoch*: optimisation time per epoch (no "
+        "(`flatness.measures.compute_measures`). *Time/epoch*: optimisation time per epoch (no "
         "evaluation) from the run records, relative to `none`.",
     ]
+    return out
+
+
+def _tests_against_none(results: Sequence[MethodResult]) -> list[str]:
+    """The statistics tables: final test accuracy and log10 final Tr(H²)/B against `none`."""
+    out: list[str] = []
     compared = [(r, r.vs_none) for r in results if r.vs_none is not None]
     if compared:
         out += ["", "## Final test accuracy against `none`", ""]
@@ -358,14 +383,16 @@ def comparison_markdown(
         out += comparison_table("method", [(f"`{r.method}` {_setting(r)}", c) for r, c in flat], digits=2)
         out += ["", comparison_note("log10 of the final measured Tr(H²)/B", "`none`", [c for _, c in flat], digits=2)
                 + " A Δ of -0.30 halves Tr(H²)/B; +1 multiplies it by 10."]
-    twin = _twin_note(results)
-    if twin:
-        out += ["", twin]
+    return out
+
+
+def _grids(task: str, results: Sequence[MethodResult]) -> list[str]:
+    """Each method's grid: mean final validation accuracy / loss per strength, the choice marked."""
     scanned = sorted({s for r in results for s in r.scan_seeds})
     heading = (f"## Scan: each method's grid at seed{'s' if len(scanned) > 1 else ''} {scanned} (final validation "
                "accuracy / loss; the chosen strength was then trained at every seed)" if scanned
                else "## Grids (mean final validation accuracy / loss over seeds)")
-    out += ["", heading, "", _loss_scale(task).strip(), ""]
+    out = ["", heading, "", _loss_scale(task).strip(), ""]
     for r in results:
         if r.hparam is None:
             continue
@@ -382,15 +409,7 @@ def comparison_markdown(
                 f" / {fmt(g['val_loss'])}{extra}{mark}"
             )
         out.append(f"- `{r.method}`: " + "; ".join(cells))
-    if run_seconds is not None:
-        count, seconds = run_seconds
-        out += ["", f"The {count} runs took {seconds:.0f} s in all (training, evaluation and the "
-                    "runner's measurements, summed over the run records)."]
-    if wall is not None:
-        out.append(f"Wall time of the `flatness compare` call that wrote this file: {wall:.0f} s "
-                   "(finished runs are reused, not retrained).")
-    out.append("")
-    return "\n".join(out)
+    return out
 
 
 def plot_comparison(task: str, results: Sequence[MethodResult], records: dict[str, RunRecord], path: Path) -> None:
@@ -473,7 +492,8 @@ def run_comparison(
     scan: dict[str, list[dict[str, Any]]] = {}
     if select_seeds is not None:
         if not 1 <= select_seeds <= seeds:
-            raise FlatnessError(f"--select-seeds must be between 1 and --seeds ({seeds}), got {select_seeds}")
+            raise SettingError(f"`select_seeds` must be between 1 and `seeds` ({seeds}), got {select_seeds}",
+                               "select_seeds", "seeds")
         scan_specs = comparison_specs(task, methods, select_seeds, grids=grids, **common)
         run_grid(scan_specs, out_root, **train)
         scan_records = _read_records(scan_specs, directory, cache, data_dir, download)

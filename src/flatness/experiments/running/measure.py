@@ -24,7 +24,6 @@ from torch import Tensor, nn
 
 from ...hutchinson import measure_sq_trace
 from ...kfac import kfac_sq_trace
-from ...measures import MeasureOptions, compute_measures
 from ...passes import measure_pass
 from ...utils import eval_mode
 from .checkpoints import check_checkpoint_matches, load_checkpoint
@@ -174,9 +173,8 @@ def measure_final(model: nn.Module, task: Task, splits: Splits, config: TrainCon
 
 
 FLATNESS_KEYS: tuple[str, ...] = ("lambda_max", "hessian_trace")
-# λ_max to 1e-3 relative (Lanczos), Tr(H) by Hutchinson with FINAL_TRACE_MATVECS products, seed 0,
-# the deployed (eval-mode) function: the values flatness.measures.final_measures gives
-FINAL_MEASURE_OPTIONS = MeasureOptions(seed=0, matvecs=FINAL_TRACE_MATVECS, k=1, eigen_tol=1e-3)
+# λ_max of final models to this relative tolerance (Lanczos), as flatness.measures.final_measures
+FINAL_EIGEN_TOL = 1e-3
 
 
 def _read_cache_entry(record: RunRecord, cache: Path) -> dict[str, Any]:
@@ -251,14 +249,21 @@ def final_model_extras(
 
 def final_flatness(model: nn.Module, task: Task, splits: Splits, config: TrainConfig) -> dict[str, Any]:
     """λ_max and Tr(H) (:data:`FLATNESS_KEYS`) of a final model by one call to
-    :func:`flatness.measures.compute_measures` (:data:`FINAL_MEASURE_OPTIONS`) on the first
-    :data:`MEASURE_SAMPLES` training samples in fixed batches of B, with the sample count, batch
-    size and seconds (``measure_*``)."""
+    :func:`flatness.measures.compute_measures` on the first :data:`MEASURE_SAMPLES` training
+    samples in fixed batches of B, with the sample count, batch size and seconds (``measure_*``).
+
+    λ_max to :data:`FINAL_EIGEN_TOL` relative, Tr(H) by Hutchinson with
+    :data:`FINAL_TRACE_MATVECS` products, seed 0, the deployed (eval-mode) function: the values
+    :func:`flatness.measures.final_measures` gives, without its loss and Fisher passes.
+    """
+    from ... import measures
+
+    options = measures.MeasureOptions(seed=0, matvecs=FINAL_TRACE_MATVECS, k=1, eigen_tol=FINAL_EIGEN_TOL)
     n = min(MEASURE_SAMPLES, int(splits.y_train.shape[0]))
     batch = min(config.batch_size, n)
     batches = [b for _, b in zip(range(n // batch), iterate_batches(splits.x_train, splits.y_train, batch, shuffle=False))]
     start = time.perf_counter()
-    values = compute_measures(model, task.loss_fn, batches, FLATNESS_KEYS, FINAL_MEASURE_OPTIONS)
+    values = measures.compute_measures(model, task.loss_fn, batches, FLATNESS_KEYS, options)
     return {
         **{k: float(values[k]) for k in FLATNESS_KEYS},
         "measure_samples": batch * len(batches),

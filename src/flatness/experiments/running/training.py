@@ -290,61 +290,23 @@ def train(
         TrainingDiverged: the task loss became NaN or infinite.
     """
     predict = predict or (lambda logits: logits.argmax(dim=-1))
-    n_train = int(data.y_train.shape[0])
-    per_epoch = steps_per_epoch(n_train, config.batch_size)
+    per_epoch = steps_per_epoch(int(data.y_train.shape[0]), config.batch_size)
     if scheduler == "auto":
         scheduler = make_scheduler(optimizer, config, per_epoch)
     loss_fn = getattr(method, "loss_fn", None)
     history = History()
     stop_rule = config.reached_stop(None, None) is not None
     bar = progress_bar(config.epochs * per_epoch, description, "step", leave=False) if progress else None
+    loop = _EpochLoop(method, optimizer, data, config, scheduler, generator, on_step_end, shard, min_batch, augment, bar)
     try:
         with preserved_mode(model):
             for epoch in range(1, config.epochs + 1):
                 model.train()
-                sums: dict[str, Any] = {}
-                counts: dict[str, int] = {}
-                pending: list[tuple[int, Any]] = []
                 start = time.perf_counter()
-                batches = iterate_batches(
-                    data.x_train, data.y_train, config.batch_size, shuffle=True, generator=generator
-                )
-                for x, y in batches:
-                    if min_batch > 1 and int(y.shape[0]) < min_batch:
-                        continue  # identical on every rank: the global batch sizes agree
-                    if augment is not None:
-                        x = augment(x, generator)
-                    if shard is not None:
-                        x, y = take_shard(x, y, *shard)
-                    info = method.step(x, y, optimizer)
-                    pending.append((history.steps + 1, info.get("loss")))
-                    if len(pending) >= _SYNC_EVERY or not isinstance(pending[-1][1], Tensor):
-                        _check_losses(pending, epoch)
-                    if scheduler is not None:
-                        scheduler.step()
-                    history.steps += 1
-                    for key, value in info.items():
-                        value = value.detach() if isinstance(value, Tensor) else float(value)
-                        sums[key] = sums.get(key, 0.0) + value
-                        counts[key] = counts.get(key, 0) + 1
-                    if on_step_end is not None:
-                        on_step_end(history.steps, info)
-                    if bar is not None:
-                        bar.update(1)
-                _check_losses(pending, epoch)
-                sums = {key: float(total) for key, total in sums.items()}  # one sync per epoch
+                sums, counts = loop.run(epoch, history)
                 seconds = time.perf_counter() - start
                 history.train_seconds += seconds
-                record: dict[str, Any] = {
-                    "epoch": epoch,
-                    "steps": counts.get("loss", 0),
-                    "seconds": seconds,
-                    "lr": float(optimizer.param_groups[0]["lr"]),
-                }
-                for key, total in sums.items():
-                    record[key] = total / counts[key]
-                    if counts[key] != counts.get("loss"):
-                        record[f"{key}_steps"] = counts[key]
+                record = _epoch_record(epoch, sums, counts, seconds, optimizer)
                 start = time.perf_counter()
                 last = epoch == config.epochs
                 if stop_rule and not (evaluate_every_epoch or last):
@@ -366,3 +328,72 @@ def train(
         if bar is not None:
             bar.close()
     return history
+
+
+@dataclass
+class _EpochLoop:
+    """One epoch of :func:`train`'s optimisation steps (its arguments of the same names)."""
+
+    method: Method
+    optimizer: torch.optim.Optimizer
+    data: Splits
+    config: TrainConfig
+    scheduler: Any
+    generator: torch.Generator | None
+    on_step_end: StepCallback | None
+    shard: tuple[int, int] | None
+    min_batch: int
+    augment: Augment | None
+    bar: Any
+
+    def run(self, epoch: int, history: History) -> tuple[dict[str, float], dict[str, int]]:
+        """Step through the epoch's shuffled mini-batches; the sums and counts of every value the
+        steps returned (read from the device once, at the end)."""
+        sums: dict[str, Any] = {}
+        counts: dict[str, int] = {}
+        pending: list[tuple[int, Any]] = []
+        batches = iterate_batches(
+            self.data.x_train, self.data.y_train, self.config.batch_size, shuffle=True, generator=self.generator
+        )
+        for x, y in batches:
+            if self.min_batch > 1 and int(y.shape[0]) < self.min_batch:
+                continue  # identical on every rank: the global batch sizes agree
+            if self.augment is not None:
+                x = self.augment(x, self.generator)
+            if self.shard is not None:
+                x, y = take_shard(x, y, *self.shard)
+            info = self.method.step(x, y, self.optimizer)
+            pending.append((history.steps + 1, info.get("loss")))
+            if len(pending) >= _SYNC_EVERY or not isinstance(pending[-1][1], Tensor):
+                _check_losses(pending, epoch)
+            if self.scheduler is not None:
+                self.scheduler.step()
+            history.steps += 1
+            for key, value in info.items():
+                value = value.detach() if isinstance(value, Tensor) else float(value)
+                sums[key] = sums.get(key, 0.0) + value
+                counts[key] = counts.get(key, 0) + 1
+            if self.on_step_end is not None:
+                self.on_step_end(history.steps, info)
+            if self.bar is not None:
+                self.bar.update(1)
+        _check_losses(pending, epoch)
+        return {key: float(total) for key, total in sums.items()}, counts  # one sync per epoch
+
+
+def _epoch_record(
+    epoch: int, sums: dict[str, float], counts: dict[str, int], seconds: float, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """An epoch's record before evaluation: its number, steps, seconds, learning rate, and the
+    mean over steps of every logged value (with ``<key>_steps`` where fewer steps logged it)."""
+    record: dict[str, Any] = {
+        "epoch": epoch,
+        "steps": counts.get("loss", 0),
+        "seconds": seconds,
+        "lr": float(optimizer.param_groups[0]["lr"]),
+    }
+    for key, total in sums.items():
+        record[key] = total / counts[key]
+        if counts[key] != counts.get("loss"):
+            record[f"{key}_steps"] = counts[key]
+    return record

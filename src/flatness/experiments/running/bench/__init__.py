@@ -9,8 +9,12 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-__all__ = ["time_interleaved", "paper_mlp_setup", "training_adam", "platform_facts", "ratio_result"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["cifar_subset", "time_interleaved", "paper_mlp_setup", "training_adam", "platform_facts", "ratio_result"]
 
 
 def median_ms(times: list[float]) -> float:
@@ -123,3 +127,26 @@ def ratio_result(
             if cpu_ms is not None:
                 result[f"{name}_cpu_ratio"] = cpu_ms[name] / cpu_ms["plain"]
     return result
+
+
+def cifar_subset(examples: int, data_dir: str | None) -> tuple["torch.Tensor", "torch.Tensor", str]:
+    """The first ``examples`` CIFAR-100 training images (standardised), or synthetic stand-ins.
+
+    Synthetic inputs stand in only where no directory was named: a ``data_dir`` without the
+    data raises (a benchmark told where its data is must not time something else).
+    """
+    import torch
+
+    from ...world.errors import SettingError
+    from ...world.tasks import get_task
+
+    try:
+        splits = get_task("cifar100-mlp").load(data_dir, download=False)
+        return splits.x_train[:examples].float(), splits.y_train[:examples].long(), "cifar100"
+    except Exception as exc:  # no data here: the timings do not depend on the pixel values
+        if data_dir is not None:
+            raise SettingError(f"no CIFAR-100 in `data_dir` {data_dir}: {exc}", "data_dir") from exc
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(examples, 3072, generator=gen)
+        y = torch.randint(0, 100, (examples,), generator=gen)
+        return x, y, f"synthetic N(0,1) ({type(exc).__name__}: {str(exc)[:80]})"

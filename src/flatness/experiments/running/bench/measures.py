@@ -38,6 +38,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,9 +47,8 @@ from torch import nn
 from ....landscape import surface_2d
 from ....measures import HessianOperator, hessian_trace, lanczos, spectral_density, top_eigenvalues
 from ....measures.operator import LinearOperator
-from ....utils import FlatnessError
 from ...world.models import mlp
-from . import platform_facts
+from . import cifar_subset, platform_facts
 
 __all__ = ["run_measures_bench"]
 
@@ -57,26 +57,6 @@ TARGET_SURFACE_S = 300.0
 TARGET_HVP_OVERHEAD = 1.2
 TARGET_LAMBDA_MAX_HVPS = 40
 LAMBDA_MAX_TOL = 1e-3
-
-
-def _cifar_subset(examples: int, data_dir: str | None) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """The first ``examples`` CIFAR-100 training images (standardised), or synthetic stand-ins.
-
-    Synthetic inputs stand in only where no directory was named: a ``data_dir`` without the
-    data raises (a benchmark told where its data is must not time something else).
-    """
-    try:
-        from ...world.tasks import get_task
-
-        splits = get_task("cifar100-mlp").load(data_dir, download=False)
-        return splits.x_train[:examples].float(), splits.y_train[:examples].long(), "cifar100"
-    except Exception as exc:  # no data here: the timings do not depend on the pixel values
-        if data_dir is not None:
-            raise FlatnessError(f"no CIFAR-100 in --data-dir {data_dir}: {exc}") from exc
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(examples, 3072, generator=gen)
-        y = torch.randint(0, 100, (examples,), generator=gen)
-        return x, y, f"synthetic N(0,1) ({type(exc).__name__}: {str(exc)[:80]})"
 
 
 class _Diagonal(LinearOperator):
@@ -128,29 +108,18 @@ def _timed(fn: Any) -> tuple[Any, float, float]:
     return out, time.perf_counter() - start, time.process_time() - cpu
 
 
-def run_measures_bench(
-    examples: int = 1000,
-    matvecs: int = 100,
-    grid: int = 21,
-    train_steps: int = 50,
-    threads: int | None = None,
-    data_dir: str | None = None,
-    quick: bool = False,
-    seed: int = 0,
-    density_steps: int = 80,
-) -> dict[str, Any]:
-    """Time the measures against ``hvp_ms`` and a ``grid × grid`` surface; figures in a dict."""
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(seed)
+def _trained_mlp(
+    loss_fn: nn.Module, examples: int, train_steps: int, data_dir: str | None, quick: bool, seed: int
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor, str]:
+    """The paper's CIFAR-100 MLP (or a small one on N(0, 1) data, ``quick``) after
+    ``train_steps`` Adam steps, in eval mode, with its data and where the data came from."""
     if quick:
         gen = torch.Generator().manual_seed(seed)
         x, y, source = torch.randn(examples, 64, generator=gen), torch.randint(0, 10, (examples,), generator=gen), "synthetic (quick)"
         model = mlp(64, 10, (32, 16), dropout=0.3)
     else:
-        x, y, source = _cifar_subset(examples, data_dir)
+        x, y, source = cifar_subset(examples, data_dir)
         model = mlp(3072, 100, (512, 256), dropout=0.3)
-    loss_fn = nn.CrossEntropyLoss()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train()
     gen = torch.Generator().manual_seed(seed)
@@ -160,8 +129,30 @@ def run_measures_bench(
         loss_fn(model(x[idx]), y[idx]).backward()
         opt.step()
     model.eval()
-    batches = list(zip(x.split(1000), y.split(1000)))
+    return model, x, y, source
 
+
+@dataclass
+class _Timed:
+    """Tr(H), the spectral density and the fast λ_max with their wall and CPU seconds, and the
+    figures against the Hessian-vector product's time (``hvp_ms``, the overheads)."""
+
+    trace: Any
+    trace_s: float
+    trace_cpu: float
+    dens: Any
+    dens_s: float
+    fast: Any
+    fast_s: float
+    figures: dict[str, Any]
+    overheads: dict[str, float]
+
+
+def _against_hvp_floor(
+    model: nn.Module, loss_fn: nn.Module, batches: list[Any], matvecs: int, density_steps: int, seed: int
+) -> _Timed:
+    """Tr(H), the spectral density and the fast λ_max, each timed between samples of one
+    Hessian-vector product's time (the floor), and their overheads over that floor."""
     hvp = _HvpFloor(model, loss_fn, batches)
     before_trace = hvp.sample()
     trace, trace_s, trace_cpu = _timed(
@@ -186,41 +177,64 @@ def run_measures_bench(
     }
     everything = [*before_trace, *before_density, *before_eig, *after_eig]
     hvp_ms, hvp_cpu_ms = (1000.0 * x for x in _floor(everything))
-    spec, eig_s, eig_cpu = _timed(lambda: top_eigenvalues(model, loss_fn, batches, k=1, seed=seed))
-    surface, surface_s, surface_cpu = _timed(
-        lambda: surface_2d(model, loss_fn, batches, num=grid, seed=seed)
-    )
     overheads = {
         "hessian_trace_hvp_overhead": trace_s / (trace.num_samples * floors["hessian_trace"][0]),
         "density_hvp_overhead": dens_s / (dens.num_matvecs * floors["density"][0]),
         "density_reorth_overhead": reorth_s / (density_steps * floors["density"][0]),
         "lambda_max_hvp_overhead": fast_s / (fast.num_matvecs * floors["lambda_max"][0]),
     }
-    cpu_overheads = {
-        "hessian_trace_hvp_overhead_cpu": trace_cpu / (trace.num_samples * floors["hessian_trace"][1]),
-        "density_hvp_overhead_cpu": dens_cpu / (dens.num_matvecs * floors["density"][1]),
-        "lambda_max_hvp_overhead_cpu": fast_cpu / (fast.num_matvecs * floors["lambda_max"][1]),
-    }
-    return {
-        "data": source,
-        "examples": int(len(y)),
-        "num_params": sum(p.numel() for p in model.parameters()),
+    figures = {
         "hvp_ms": hvp_ms,
         "hvp_cpu_ms": hvp_cpu_ms,
         "hvp_ms_range": [1000.0 * min(w for w, _ in everything), 1000.0 * max(w for w, _ in everything)],
         **overheads,
-        **cpu_overheads,
+        "hessian_trace_hvp_overhead_cpu": trace_cpu / (trace.num_samples * floors["hessian_trace"][1]),
+        "density_hvp_overhead_cpu": dens_cpu / (dens.num_matvecs * floors["density"][1]),
+        "lambda_max_hvp_overhead_cpu": fast_cpu / (fast.num_matvecs * floors["lambda_max"][1]),
+    }
+    return _Timed(trace, trace_s, trace_cpu, dens, dens_s, fast, fast_s, figures, overheads)
+
+
+def run_measures_bench(
+    examples: int = 1000,
+    matvecs: int = 100,
+    grid: int = 21,
+    train_steps: int = 50,
+    threads: int | None = None,
+    data_dir: str | None = None,
+    quick: bool = False,
+    seed: int = 0,
+    density_steps: int = 80,
+) -> dict[str, Any]:
+    """Time the measures against ``hvp_ms`` and a ``grid × grid`` surface; figures in a dict."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    loss_fn = nn.CrossEntropyLoss()
+    model, x, y, source = _trained_mlp(loss_fn, examples, train_steps, data_dir, quick, seed)
+    batches = list(zip(x.split(1000), y.split(1000)))
+    t = _against_hvp_floor(model, loss_fn, batches, matvecs, density_steps, seed)
+    trace, fast, trace_s = t.trace, t.fast, t.trace_s
+    spec, eig_s, eig_cpu = _timed(lambda: top_eigenvalues(model, loss_fn, batches, k=1, seed=seed))
+    surface, surface_s, surface_cpu = _timed(
+        lambda: surface_2d(model, loss_fn, batches, num=grid, seed=seed)
+    )
+    return {
+        "data": source,
+        "examples": int(len(y)),
+        "num_params": sum(p.numel() for p in model.parameters()),
+        **t.figures,
         "hvp_overhead_target": TARGET_HVP_OVERHEAD,
         "lambda_max_hvps": fast.num_matvecs,
         "lambda_max_hvps_target": TARGET_LAMBDA_MAX_HVPS,
         "lambda_max_tol": LAMBDA_MAX_TOL,
         "lambda_max_fast": fast.lambda_max,
-        "lambda_max_fast_seconds": fast_s,
+        "lambda_max_fast_seconds": t.fast_s,
         "lambda_max_rel_error": abs(fast.lambda_max - spec.lambda_max) / abs(spec.lambda_max),
-        "density_steps": dens.num_matvecs,
-        "density_seconds": dens_s,
+        "density_steps": t.dens.num_matvecs,
+        "density_seconds": t.dens_s,
         "targets_met": bool(
-            max(overheads.values()) <= TARGET_HVP_OVERHEAD
+            max(t.overheads.values()) <= TARGET_HVP_OVERHEAD
             and fast.num_matvecs <= TARGET_LAMBDA_MAX_HVPS
         ),
         "lambda_max": spec.lambda_max,
@@ -231,7 +245,7 @@ def run_measures_bench(
         "hessian_trace_matvecs": trace.num_samples,
         "hessian_trace_seconds": trace_s,
         "eig_plus_trace_seconds": eig_s + trace_s,
-        "eig_plus_trace_cpu_seconds": eig_cpu + trace_cpu,
+        "eig_plus_trace_cpu_seconds": eig_cpu + t.trace_cpu,
         "load_average_1min": os.getloadavg()[0],
         "eig_plus_trace_target_seconds": TARGET_EIG_TRACE_S,
         "eig_plus_trace_pass": eig_s + trace_s < TARGET_EIG_TRACE_S,

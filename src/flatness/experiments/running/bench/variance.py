@@ -49,8 +49,7 @@ from ....linear_io import share_prefix
 from ....probes import make_generator, sample_probes
 from ....utils import eval_mode
 from ...world.models import mlp
-from . import platform_facts, time_interleaved
-from .measures import _cifar_subset
+from . import cifar_subset, platform_facts, time_interleaved
 
 __all__ = ["run_variance_bench"]
 
@@ -106,18 +105,55 @@ def run_variance_bench(
         y_all = torch.randint(0, 10, (len(x_all),), generator=gen)
         source, model = "synthetic (quick)", mlp(64, 10, (32, 16), dropout=0.3)
     else:
-        x_all, y_all, source = _cifar_subset(max(examples, batch), data_dir)
+        x_all, y_all, source = cifar_subset(max(examples, batch), data_dir)
         model = mlp(3072, 100, (512, 256), dropout=0.3, weight_scale=0.5)
     loss_fn = nn.CrossEntropyLoss()
     _train(model, x_all, y_all, train_steps, batch, seed)
     model.eval()  # the curvature pass: dropout off
     x, y = x_all[-batch:], y_all[-batch:]
+    result: dict[str, Any] = {"data": source, "train_steps": train_steps, "batch": batch, "draws": draws}
+    var = _probe_variances(model, loss_fn, x, y, draws, seed, result)
+    ms = _step_times(model, loss_fn, x, y, batch, seed, steps, rounds)
+    result["plain_ms"] = ms["plain"]
+    grad_plain, grad_cv = _grad_variances(model, loss_fn, x, y, grad_draws, seed)
+    base = var["hutchinson"] / 5 * ms["hutchinson_m5"]
+    base_extra = var["hutchinson"] / 5 * (ms["hutchinson_m5"] - ms["plain"])
+    best_name, best = "", float("inf")
+    for m in PROBES:
+        for kind in ("hutchinson", "cv", "gaussian", "cv_gaussian"):
+            name, variance = f"{kind}_m{m}", var[kind] / m
+            ratio = variance * ms[name] / base
+            result[f"{name}_variance"] = variance
+            result[f"{name}_ms"] = ms[name]
+            result[f"{name}_variance_time_ratio"] = ratio
+            result[f"{name}_variance_extra_time_ratio"] = variance * (ms[name] - ms["plain"]) / base_extra
+            if kind != "hutchinson" and ratio < best:
+                best_name, best = name, ratio
+    result["variance_time_ratio"] = best
+    result["best_estimator"] = best_name
+    result["grad_draws"] = grad_draws
+    result["cv_m5_grad_variance_ratio"] = grad_cv / grad_plain
+    result.update(platform_facts())
+    return result
+
+
+def _variance_ratio_interval(a: np.ndarray, b: np.ndarray, seed: int, paired: bool) -> list[float]:
+    """A 95% bootstrap interval of var(b) / var(a) (:func:`scipy.stats.bootstrap`)."""
+    interval = stats.bootstrap(
+        (a, b),
+        lambda a, b, axis=-1: np.var(b, ddof=1, axis=axis) / np.var(a, ddof=1, axis=axis),
+        n_resamples=2000, random_state=seed, paired=paired, vectorized=True,
+    ).confidence_interval
+    return [float(interval.low), float(interval.high)]
+
+
+def _probe_variances(
+    model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor, draws: int, seed: int,
+    result: dict[str, Any],
+) -> dict[str, float]:
+    """Single-probe variances by estimator (``hutchinson``, ``cv`` on the same probes,
+    ``gaussian``, ``cv_gaussian``) over ``draws`` draws; their figures go into ``result``."""
     params = list(model.parameters())
-
-    def engine(vectors: list[torch.Tensor]) -> torch.Tensor:
-        return layerwise_sq_trace(model, loss_fn, x, y, probe_vectors=vectors)
-
-    # Single-probe values of both estimators on the same probes.
     layer = output_layer(model, loss_fn, x, y)
     exact_part = float(layer.sq_norm().detach())
     index = {id(p): i for i, p in enumerate(params)}
@@ -126,7 +162,7 @@ def run_variance_bench(
     plain_vals, cv_vals = [], []
     for _ in range(draws):
         v = sample_probes(params, 1, generator=probe_gen)
-        plain = float(engine(v).detach())
+        plain = float(layerwise_sq_trace(model, loss_fn, x, y, probe_vectors=v).detach())
         sub = float(layer.sq_norms(v[w_index], v[b_index]).detach()[0])
         plain_vals.append(plain)
         cv_vals.append(exact_part + plain - sub)
@@ -135,25 +171,32 @@ def run_variance_bench(
         float(layerwise_sq_trace(model, loss_fn, x, y, 1, "gaussian", generator=gauss_gen).detach())
         for _ in range(draws)
     ])
-    both_arr = np.asarray([
-        float(_cv_gaussian(model, loss_fn, x, y, 1, gauss_gen).detach()) for _ in range(draws)
-    ])
-    var_both = float(both_arr.var(ddof=1))
+    both_arr = np.asarray([float(_cv_gaussian(model, loss_fn, x, y, 1, gauss_gen).detach()) for _ in range(draws)])
     plain_arr, cv_arr = np.asarray(plain_vals), np.asarray(cv_vals)
-    var_plain, var_cv = float(plain_arr.var(ddof=1)), float(cv_arr.var(ddof=1))
-    var_gauss = float(gauss_arr.var(ddof=1))
-    gauss_interval = stats.bootstrap(
-        (plain_arr, gauss_arr),
-        lambda a, b, axis=-1: np.var(b, ddof=1, axis=axis) / np.var(a, ddof=1, axis=axis),
-        n_resamples=2000, random_state=seed, vectorized=True,
-    ).confidence_interval
-    interval = stats.bootstrap(
-        (plain_arr, cv_arr),
-        lambda a, b, axis=-1: np.var(b, ddof=1, axis=axis) / np.var(a, ddof=1, axis=axis),
-        n_resamples=2000, random_state=seed, paired=True, vectorized=True,
-    ).confidence_interval
+    var = {"hutchinson": float(plain_arr.var(ddof=1)), "cv": float(cv_arr.var(ddof=1)),
+           "gaussian": float(gauss_arr.var(ddof=1)), "cv_gaussian": float(both_arr.var(ddof=1))}
+    gauss_interval = _variance_ratio_interval(plain_arr, gauss_arr, seed, paired=False)
+    interval = _variance_ratio_interval(plain_arr, cv_arr, seed, paired=True)
+    result.update({
+        "sq_trace": float(plain_arr.mean()),
+        "sq_trace_stderr": float(np.sqrt(var["hutchinson"] / draws)),
+        "output_block_sq_norm": exact_part,
+        "cv_variance_fraction": var["cv"] / var["hutchinson"],
+        "cv_variance_fraction_ci95": interval,
+        "gaussian_variance_fraction": var["gaussian"] / var["hutchinson"],
+        "gaussian_variance_fraction_ci95": gauss_interval,
+        "cv_gaussian_variance_fraction": var["cv_gaussian"] / var["hutchinson"],
+    })
+    return var
 
-    # Time of one FA training step (task loss + λ·estimate/B, one backward, Adam), interleaved.
+
+def _step_times(
+    model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int, seed: int, steps: int,
+    rounds: int,
+) -> dict[str, float]:
+    """Median ms of one FA training step (task loss + λ·estimate/B, one backward, Adam) with each
+    estimator and probe count, and of the plain step, timed interleaved."""
+
     def step_case(estimate: Callable[..., torch.Tensor] | None, share: bool = False) -> Callable[[], None]:
         net = copy.deepcopy(model).train()
         opt = torch.optim.Adam(net.parameters(), lr=1e-3)
@@ -189,9 +232,16 @@ def run_variance_bench(
         cases[f"cv_gaussian_m{m}"] = step_case(
             lambda net, gen, prefix, m=m: _cv_gaussian(net, loss_fn, x, y, m, gen, prefix), share=True
         )
-    ms = time_interleaved(cases, rounds=rounds, reps_per_round=max(1, steps // rounds))
+    return time_interleaved(cases, rounds=rounds, reps_per_round=max(1, steps // rounds))
 
-    # Variance of the penalty's gradient, M = 5, over a few draws of each estimator.
+
+def _grad_variances(
+    model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor, grad_draws: int, seed: int
+) -> tuple[float, float]:
+    """The total variance (summed over parameters) of the penalty's gradient at M = 5 over
+    ``grad_draws`` draws: plain Hutchinson, then the control variate."""
+    params = list(model.parameters())
+
     def grad_variance(estimate: Callable[[], torch.Tensor]) -> float:
         samples = []
         for _ in range(grad_draws):
@@ -199,43 +249,10 @@ def run_variance_bench(
             samples.append(torch.cat([g.flatten() for g in grads]).double())
         return float(torch.stack(samples).var(0, unbiased=True).sum())
 
+    def engine(vectors: list[torch.Tensor]) -> torch.Tensor:
+        return layerwise_sq_trace(model, loss_fn, x, y, probe_vectors=vectors)
+
     grad_gen = make_generator(seed + 3)
     grad_plain = grad_variance(lambda: layerwise_sq_trace(model, loss_fn, x, y, 5, generator=grad_gen))
-    grad_cv = grad_variance(
-        lambda: cv_sq_trace(model, loss_fn, x, y, 5, generator=grad_gen, sq_norm_mean=engine)
-    )
-
-    result: dict[str, Any] = {
-        "data": source,
-        "train_steps": train_steps,
-        "batch": batch,
-        "draws": draws,
-        "sq_trace": float(plain_arr.mean()),
-        "sq_trace_stderr": float(np.sqrt(var_plain / draws)),
-        "output_block_sq_norm": exact_part,
-        "cv_variance_fraction": var_cv / var_plain,
-        "cv_variance_fraction_ci95": [float(interval.low), float(interval.high)],
-        "gaussian_variance_fraction": var_gauss / var_plain,
-        "gaussian_variance_fraction_ci95": [float(gauss_interval.low), float(gauss_interval.high)],
-        "cv_gaussian_variance_fraction": var_both / var_plain,
-        "plain_ms": ms["plain"],
-    }
-    base = var_plain / 5 * ms["hutchinson_m5"]
-    base_extra = var_plain / 5 * (ms["hutchinson_m5"] - ms["plain"])
-    best_name, best = "", float("inf")
-    for m in PROBES:
-        for name, var in ((f"hutchinson_m{m}", var_plain / m), (f"cv_m{m}", var_cv / m),
-                          (f"gaussian_m{m}", var_gauss / m), (f"cv_gaussian_m{m}", var_both / m)):
-            ratio = var * ms[name] / base
-            result[f"{name}_variance"] = var
-            result[f"{name}_ms"] = ms[name]
-            result[f"{name}_variance_time_ratio"] = ratio
-            result[f"{name}_variance_extra_time_ratio"] = var * (ms[name] - ms["plain"]) / base_extra
-            if not name.startswith("hutchinson") and ratio < best:
-                best_name, best = name, ratio
-    result["variance_time_ratio"] = best
-    result["best_estimator"] = best_name
-    result["grad_draws"] = grad_draws
-    result["cv_m5_grad_variance_ratio"] = grad_cv / grad_plain
-    result.update(platform_facts())
-    return result
+    grad_cv = grad_variance(lambda: cv_sq_trace(model, loss_fn, x, y, 5, generator=grad_gen, sq_norm_mean=engine))
+    return grad_plain, grad_cv
