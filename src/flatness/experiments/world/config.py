@@ -53,7 +53,8 @@ class TrainConfig:
         nesterov: SGD with Nesterov momentum.
         model: the architecture (:data:`flatness.experiments.world.architectures.ARCHITECTURES`) for
             tasks that offer several; ``""`` for the task's only model.
-        augment: apply the task's training augmentation (:meth:`Task.augment`) per mini-batch.
+        augment: apply the task's training augmentation
+            (:meth:`~flatness.experiments.world.tasks.Task.augment`) per mini-batch.
         train_subset, val_subset, test_subset: train / validate / test on a fixed stratified
             subset of that many samples of the split (0: the whole split); the subsets do not
             depend on a run's seed.

@@ -1,9 +1,9 @@
 """An invalid argument of a pipeline function, named as the function names it.
 
 The pipeline checks its arguments once, where they are used, and says which parameter is wrong
-in its own terms, the name in backticks (`` `seeds` ``); a front end that spells the parameters
-otherwise (the CLI: ``--seeds``, ``--lambdas`` for ``values``) rewrites the names with
-:meth:`SettingError.spelled`.
+in its own terms, the name in backticks (``"`seeds` must be ..."``); a front end that spells
+the parameters otherwise (the CLI: ``--seeds``, ``--lambdas`` for ``values``) rewrites the
+names with :meth:`SettingError.spelled`.
 
 Example:
     >>> error = SettingError("`jobs` must be >= 1, got 0", "jobs")
@@ -26,7 +26,7 @@ class SettingError(FlatnessError):
     """A :class:`~flatness.FlatnessError` about the arguments ``parameters`` of a pipeline call.
 
     Args:
-        message: one line that writes each parameter's name in backticks (`` `values` ``).
+        message: one line that writes each parameter's name in backticks (``"`values` must be ..."``).
         parameters: the names written so, in the function's terms.
     """
 
