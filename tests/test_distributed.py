@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from flatness.experiments.world.errors import SettingError
 from flatness.experiments.running.distributed import EmulatedRanks, shard_bounds, take_shard
 from flatness.probes import rank_seed
 from flatness.methods import make_method
@@ -134,7 +135,7 @@ def test_shards_are_disjoint_and_cover_the_grid():
     parts = [select_shard(grid, i, 4) for i in range(1, 5)]
     names = [s.name for part in parts for s in part]
     assert sorted(names) == sorted(s.name for s in grid) and len(set(names)) == len(names)
-    with pytest.raises(Exception, match="I/N"):
+    with pytest.raises(SettingError, match="`index` must be from 1 to `count`, got 5 of 4"):
         select_shard(grid, 5, 4)
 
 
