@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install docs readme-figure clean
+.PHONY: demo test lint install docs readme-figure clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	@echo "==> make install: a virtual environment in $(VENV), then flatness with torch pinned by constraints.txt"
@@ -13,7 +13,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	@echo "==> [2/3] upgrading pip"
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	@echo "==> [3/3] installing flatness, its dependencies (torch, numpy, scipy, scikit-learn, matplotlib) and the extras the tests use (pytest, Lightning, transformers, TensorBoard): the longest step"
+	@echo "==> [3/3] installing flatness, its dependencies (torch, numpy, scipy, scikit-learn, matplotlib) and the extras the tests use (pytest, ruff, Lightning, transformers, TensorBoard): the longest step"
 	$(BIN)/python -m pip install --progress-bar off -c constraints.txt -e '.[all,test]'
 	@touch $@
 	@echo "==> installed: $(BIN)/flatness ($(BIN)/flatness --help)"
@@ -25,6 +25,11 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q
+
+# The lint gates of pyproject.toml's [tool.ruff] (style, pyflakes, isort, bugbear, complexity,
+# Google-style docstrings); ruff is in the test extra, pinned by constraints.txt.
+lint: $(BIN)/.installed
+	$(BIN)/ruff check src tests benchmarks examples docs
 
 # The documentation site (docs/README.md): the docs extra, then a clean Sphinx build into
 # docs/_build/html with warnings as errors; it executes every example of the gallery.
