@@ -40,14 +40,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import flatness.passes as passes
 import flatness.penalties as penalties
-from flatness.experiments.world.architectures import cifar_resnet
 from flatness.experiments.running.bench import paper_mlp_setup, platform_facts, time_interleaved, training_adam
+from flatness.experiments.world.architectures import cifar_resnet
 from flatness.methods import make_method
 
 
 def _paper_mlp_cases(**specs: tuple[str, dict[str, object]]) -> dict[str, Callable[[], object]]:
     """One training step per case (name -> (method, hyper-parameters)) on the benchmarks' paper
-    MLP and batch, each case with its own copy of the model and its own optimiser."""
+    MLP and batch, each case with its own copy of the model and its own optimiser.
+    """
     base, loss_fn, x, y = paper_mlp_setup(128, 0, False, 1)
 
     def case(name: str, hp: dict[str, object]) -> Callable[[], object]:
@@ -102,7 +103,8 @@ def norms(batch: int = 32) -> None:
 
 class _OperatorTimer(TorchDispatchMode):
     """Seconds and calls per aten operator of the code run inside it, keyed by the operator's
-    name, or by name and input shapes with ``by_shapes``."""
+    name, or by name and input shapes with ``by_shapes``.
+    """
 
     def __init__(self, by_shapes: bool = False) -> None:
         super().__init__()

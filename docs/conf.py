@@ -15,8 +15,9 @@ DOCS = Path(__file__).resolve().parent
 sys.path.insert(0, str(DOCS / "_ext"))
 os.environ.setdefault("MPLBACKEND", "agg")
 
-import flatness  # noqa: E402
 import torch  # noqa: E402
+
+import flatness  # noqa: E402
 
 # The gallery's examples run in this process. One thread: on a shared 2-core machine (CI) two
 # threads spin against other jobs and a small model's step takes ~20x longer.

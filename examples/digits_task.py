@@ -1,7 +1,9 @@
 # digits_task.py
 import torch
 from sklearn.datasets import load_digits
+
 import flatness.experiments as fx
+
 
 class SmallCNN(torch.nn.Module):
     def __init__(self):

@@ -1,5 +1,6 @@
 """End to end on breast-cancer-mlp at toy size: adaptive λ, K-FAC, the control variate and
-FA + SAM in the training loop and through ``flatness run``; ``flatness compare --equal-compute``."""
+FA + SAM in the training loop and through ``flatness run``; ``flatness compare --equal-compute``.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import torch
 
 from flatness.cli import main
 from flatness.experiments.running.record import load_records
-from flatness.experiments.world.tasks import get_task
 from flatness.experiments.running.training import make_optimizer, train
+from flatness.experiments.world.tasks import get_task
 from flatness.methods import make_method
 
 

@@ -1,5 +1,6 @@
 """CIFAR architectures, augmentation, the image tasks' protocols, and every method / measure /
-landscape on a tiny ResNet, All-CNN-C and ViT."""
+landscape on a tiny ResNet, All-CNN-C and ViT.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from torch import nn
 
 from flatness import landscape
 from flatness.cli import main
+from flatness.experiments.running.platforms import cpu_model as this_cpu_model
+from flatness.experiments.running.specs import build_grid
+from flatness.experiments.running.training import make_optimizer
 from flatness.experiments.world.architectures import (
     ARCHITECTURES,
     AllConvNet,
@@ -23,10 +27,7 @@ from flatness.experiments.world.architectures import (
     resnet18,
 )
 from flatness.experiments.world.augment import cifar_augment, random_crop_flip
-from flatness.experiments.running.platforms import cpu_model as this_cpu_model
-from flatness.experiments.running.specs import build_grid
 from flatness.experiments.world.tasks import TrainConfig, get_task, stratified_subset
-from flatness.experiments.running.training import make_optimizer
 from flatness.measures import MEASURES, MeasureOptions, compute_measures
 from flatness.methods import make_method
 from flatness.utils import FlatnessError

@@ -1,5 +1,6 @@
 """Mixed precision and torch.compile: the penalty (every backend) and SAM under bf16 autocast on the
-CPU; compiled models get the penalty through their eager module, or one clear error."""
+CPU; compiled models get the penalty through their eager module, or one clear error.
+"""
 
 import warnings
 

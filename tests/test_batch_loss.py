@@ -1,6 +1,7 @@
 """Any batch, any loss: a model that takes a dict batch and computes its own loss, declared with
 ModelLoss(fn(model, batch)), gets the same penalty, method steps and measures as the same model with
-loss_fn(output, target) on (x, y) batches; what needs the output says so in one line."""
+loss_fn(output, target) on (x, y) batches; what needs the output says so in one line.
+"""
 
 import pytest
 import torch

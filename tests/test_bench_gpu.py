@@ -1,7 +1,8 @@
 """``flatness bench gpu``: the dry run (CPU, tiny sizes) runs every case and writes a complete
 JSON; a corrupted case fails the command after the JSON is written; a short budget skips timing,
 not correctness; without CUDA and without ``--dry-run`` it is one error line. No timing
-assertions (the figures are checked by running the command on a GPU)."""
+assertions (the figures are checked by running the command on a GPU).
+"""
 
 import json
 
@@ -114,7 +115,8 @@ def test_relative_error_and_tf32_switch():
 
 def test_full_run_models_build_and_take_their_batches():
     """The GPU run's own models (the dry run uses stand-ins): each builds and maps a batch of
-    its inputs to 100 logits, so a wrong builder cannot first show on a lent GPU."""
+    its inputs to 100 logits, so a wrong builder cannot first show on a lent GPU.
+    """
     from flatness.experiments.running.bench.gpu import FULL
 
     builders = {**FULL.check_models, **{f"update-{k}": b for k, b in FULL.update_models.items()},

@@ -1,5 +1,6 @@
 """``flatness bench measures`` and ``bench overhead``: every reported key, end to end on a tiny
-model. No timing assertions here (speed targets are checked by running the benchmarks)."""
+model. No timing assertions here (speed targets are checked by running the benchmarks).
+"""
 
 import contextlib
 import json
@@ -11,6 +12,7 @@ import torch
 from flatness.cli import main
 from flatness.experiments.running.bench.overhead import TARGETS
 from flatness.experiments.running.platforms import cpu_model
+
 
 @pytest.fixture(autouse=True)
 def restore_threads():

@@ -1,10 +1,11 @@
 """``flatness bench methods``: runs end to end (tiny model) and reports every ratio; no timing
-assertions here (speed targets are checked by running the benchmark itself)."""
+assertions here (speed targets are checked by running the benchmark itself).
+"""
 
 import json
 
-from flatness.experiments.running.bench.methods import TARGETS
 from flatness.cli import main
+from flatness.experiments.running.bench.methods import TARGETS
 
 
 def test_bench_methods_quick_json_has_every_ratio(capsys):

@@ -1,5 +1,6 @@
 """``flatness bench variance``: runs end to end (tiny model) and reports every figure; no timing
-assertions here (the target is checked by running the benchmark itself)."""
+assertions here (the target is checked by running the benchmark itself).
+"""
 
 import json
 

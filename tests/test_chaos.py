@@ -44,7 +44,8 @@ def _sweep_command(out: Path, grid: list[str]) -> list[str]:
 
 def _comparable(value: Any) -> Any:
     """A record without its timings, pid and host (what may differ between two runs), at any
-    depth (``curves["seconds"]``, ``measurement["seconds"]``, ``environment["pid"]``)."""
+    depth (``curves["seconds"]``, ``measurement["seconds"]``, ``environment["pid"]``).
+    """
     if isinstance(value, dict):
         return {k: _comparable(v) for k, v in value.items()
                 if k not in TIMING_KEYS | PROCESS_KEYS and "seconds" not in k}
@@ -87,7 +88,8 @@ def _newer(path: Path, since: float) -> bool:
 def chaos_sweep(out: Path, grid: list[str], kills: int, seed: int) -> list[str]:
     """Start the sweep ``kills`` times and SIGKILL its process group at a random moment of a
     randomly chosen phase — while starting up, while a run trains, just after a run wrote its
-    record — then let it finish; returns a line per attempt."""
+    record — then let it finish; returns a line per attempt.
+    """
     rng = random.Random(seed)
     phases = []
     while len(phases) < kills:  # every phase in turn, in a random order each round

@@ -1,5 +1,6 @@
 """SAM, GNP and NRS as optimizer wrappers driven by ``step(closure)``: the same update as the methods,
-BatchNorm running statistics updated once per step (by the pass at θ) when given the model."""
+BatchNorm running statistics updated once per step (by the pass at θ) when given the model.
+"""
 
 import copy
 

@@ -1,5 +1,6 @@
 """Mode connectivity (flatness.connectivity, flatness connect) and BatchNorm re-estimation
-(flatness.norm_statistics, landscape interpolation)."""
+(flatness.norm_statistics, landscape interpolation).
+"""
 
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ def data(n=40, seed=1):
 
 class Ring(nn.Module):
     """Two basins on a ring: margin 1 − 2(‖w‖² − 1)² of the right class (label 1), so the loss
-    softplus(−margin) is lowest on the unit circle and highest at its centre."""
+    softplus(−margin) is lowest on the unit circle and highest at its centre.
+    """
 
     def __init__(self, w):
         super().__init__()

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from helpers import dense_hessian, flat_params, loss_of_flat, tiny_batch, tiny_mlp
 from torch import nn
 
 from flatness.control_variate import cv_sq_trace, output_layer
@@ -15,6 +14,7 @@ from flatness.layerwise import layerwise_sq_trace
 from flatness.linear_io import share_prefix
 from flatness.probes import sample_probes
 from flatness.utils import eval_mode
+from helpers import dense_hessian, flat_params, loss_of_flat, tiny_batch, tiny_mlp
 
 CE = nn.functional.cross_entropy
 

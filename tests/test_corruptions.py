@@ -1,6 +1,7 @@
 """Image corruptions (plain torch): identity at severity 0, damage growing with severity, shapes and
 dtypes, determinism, and agreement with the references (scipy's Gaussian filter, colorsys' HSV,
-Pillow's JPEG)."""
+Pillow's JPEG).
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """The same run twice gives the same record except its timings (and the same checkpoint), for
-every training method, composed methods and FA's estimator backends included."""
+every training method, composed methods and FA's estimator backends included.
+"""
 
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ from torch import nn
 
 from flatness.experiments.world.errors import SettingError
 from flatness.experiments.running.distributed import EmulatedRanks, shard_bounds, take_shard
-from flatness.probes import rank_seed
 from flatness.methods import make_method
+from flatness.probes import rank_seed
 
 CE = nn.CrossEntropyLoss()
 

@@ -1,6 +1,7 @@
 """The documentation's machinery (docs/_ext): the missing-docstring gate, the resolution of
 references, the generated task and results pages, and — with the docs extra installed — the
-strict Sphinx build itself (without running the gallery; ``make docs`` runs it)."""
+strict Sphinx build itself (without running the gallery; ``make docs`` runs it).
+"""
 
 import importlib.metadata
 import importlib.util

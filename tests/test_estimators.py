@@ -1,5 +1,6 @@
 """The Tr(H²) estimators: each against a dense float64 Hessian (or autograd), their declared
-sharing and support (autocast, torch.compile, DDP) and the one registry that picks them."""
+sharing and support (autocast, torch.compile, DDP) and the one registry that picks them.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import dense_hessian, tiny_batch, tiny_mlp
 from torch import nn
 
 from flatness import FlatnessPenalty, ModelLoss
@@ -28,6 +28,7 @@ from flatness.estimators import (
 from flatness.kfac import kfac_sq_trace
 from flatness.probes import sample_probes
 from flatness.utils import eval_mode
+from helpers import dense_hessian, tiny_batch, tiny_mlp
 
 CE = nn.CrossEntropyLoss()
 HUTCHINSON = [("autograd", "hutchinson"), ("layerwise", "hutchinson"), ("auto", "hutchinson"),
@@ -46,7 +47,8 @@ def _flat_probes(model: nn.Module, num: int, seed: int) -> torch.Tensor:
 
 def _dense_expectation(model, x, y, num, seed, control_variate):
     """(1/M) Σ_j ‖H v_j‖² on the estimator's own probes, from the dense Hessian (eval mode);
-    with the control variate, ‖H_LL‖² + (1/M) Σ_j (‖H v_j‖² − ‖H_LL v_j,L‖²)."""
+    with the control variate, ‖H_LL‖² + (1/M) Σ_j (‖H v_j‖² − ‖H_LL v_j,L‖²).
+    """
     with eval_mode(model):
         H = dense_hessian(model, x, y)
     V = _flat_probes(model, num, seed)
@@ -125,7 +127,8 @@ def _float32_model() -> nn.Sequential:
 @pytest.mark.parametrize("backend, kind", ALL)
 def test_declared_autocast_support(backend, kind):
     """Supported: under CPU bfloat16 autocast the estimate is the autocast function's (close to
-    float32's, and differentiable); not supported: computed with autocast off, exactly float32's."""
+    float32's, and differentiable); not supported: computed with autocast off, exactly float32's.
+    """
     model = _float32_model()
     g = _gen(1)
     x, y = torch.randn(32, 10, generator=g), torch.randint(0, 3, (32,), generator=g)
@@ -150,7 +153,8 @@ def test_declared_autocast_support(backend, kind):
 def test_declared_compile_support(backend):
     """A whole compiled model: every estimator differentiates its eager module. A model with a
     compiled part: refused in one line naming the first-order backend unless the estimator
-    declares compile support, and then computed through the compiled part."""
+    declares compile support, and then computed through the compiled part.
+    """
     model = tiny_mlp()
     whole = FlatnessPenalty(torch.compile(model, backend="aot_eager"), CE, backend=backend)
     assert whole.local_model is model and whole.estimator.model is model
@@ -172,7 +176,8 @@ def test_declared_compile_support(backend):
 @pytest.mark.parametrize("backend, kind", ALL)
 def test_declared_model_loss_support(backend, kind):
     """A ModelLoss (the model and its loss as one module): supported, the estimate is that of the
-    (output, target) form on the same probes; not supported, one line saying the output is needed."""
+    (output, target) form on the same probes; not supported, one line saying the output is needed.
+    """
     x, y = tiny_batch()
     wrapped = ModelLoss(lambda m, batch: CE(m(batch[0]), batch[1]))
     module, output_is_loss = adapt(tiny_mlp(), wrapped)
@@ -190,7 +195,8 @@ def test_declared_model_loss_support(backend, kind):
 
 def test_declared_ddp_support(tmp_path):
     """Every estimator declares DDP support: inside a (one-rank, gloo) DistributedDataParallel
-    model the penalty's gradient is the unwrapped model's."""
+    model the penalty's gradient is the unwrapped model's.
+    """
     assert all(make_estimator(b, k, tiny_mlp(), CE).supports.ddp for b, k in ALL)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:

@@ -1,5 +1,6 @@
 """Every example script in examples/ runs as a user would run it (a subprocess, a fresh
-interpreter) and produces what its docstring promises."""
+interpreter) and produces what its docstring promises.
+"""
 
 import glob
 import os

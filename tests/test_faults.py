@@ -1,5 +1,6 @@
 """The record layer and the CLI under faults: full or read-only disks, the umask, concurrent
-runs on one results directory, bad demo arguments, logs that are not terminals, short warm-ups."""
+runs on one results directory, bad demo arguments, logs that are not terminals, short warm-ups.
+"""
 
 from __future__ import annotations
 
@@ -25,7 +26,6 @@ from flatness.experiments.running.runner import run_grid
 from flatness.experiments.running.specs import build_grid
 from flatness.experiments.world.tasks import get_task
 from flatness.utils import FlatnessError, atomic_write_bytes
-
 from test_record import _record
 
 BC = "breast-cancer-mlp"

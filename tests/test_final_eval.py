@@ -1,5 +1,6 @@
 """Calibration and robustness of every run's final model: the new record fields, and that they
-change no field a record had before them (same seed, same values)."""
+change no field a record had before them (same seed, same values).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +16,12 @@ from torch import nn
 
 from flatness.cli import main
 from flatness.experiments.running import measure
-from flatness.experiments.running.final_eval import ROBUSTNESS_EXAMPLES, _noisy_text, final_calibration, final_robustness
+from flatness.experiments.running.final_eval import (
+    ROBUSTNESS_EXAMPLES,
+    _noisy_text,
+    final_calibration,
+    final_robustness,
+)
 from flatness.experiments.running.record import read_record
 from flatness.experiments.running.runner import execute_run
 from flatness.experiments.running.specs import build_grid

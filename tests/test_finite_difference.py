@@ -1,6 +1,7 @@
 """First-order FA (flatness.finite_difference, FlatnessPenalty(backend="finite-difference")):
 exact in the limit (float64, against autograd and against the derivative of the exact value),
-ReLU kinks frozen at θ, the model never modified, torch.compile, fused attention, DDP."""
+ReLU kinks frozen at θ, the model never modified, torch.compile, fused attention, DDP.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ import torch
 from torch import nn
 
 from flatness import FlatnessPenalty
-from flatness.experiments.world.architectures import VisionTransformer
 from flatness.experiments.running.distributed import EmulatedRanks, take_shard
+from flatness.experiments.world.architectures import VisionTransformer
 from flatness.finite_difference import (
     fd_sq_trace,
     relative_step,
@@ -325,7 +326,8 @@ def test_two_gloo_ranks_equal_the_one_process_twin(tmp_path):
 @pytest.mark.parametrize("build", [smooth_cnn, relu_bn_cnn])
 def test_fa_method_shares_the_task_gradient_as_g_theta(build):
     """The method's step takes g(θ) from its task pass (one forward pass fewer) and updates the
-    weights as the unshared step does."""
+    weights as the unshared step does.
+    """
     from flatness.methods.base import Here
     from flatness.methods.fa import SharedTaskGradient
 

@@ -1,5 +1,6 @@
 """Gaussian probes drawn in the data's image (flatness.layerwise.input_tangent_in_image): the
-estimate is Gaussian Hutchinson's, exactly, for a reconstructed probe — value and gradient."""
+estimate is Gaussian Hutchinson's, exactly, for a reconstructed probe — value and gradient.
+"""
 
 import statistics
 
@@ -39,7 +40,8 @@ def _dense_sq_trace(model, x, y):
 
 def test_image_draw_is_the_estimate_of_a_reconstructed_gaussian_probe():
     """Re-drawing the same stream, V₁ = (X⁺ L Ξ)ᵀ satisfies X V₁ᵀ = L Ξ: with it as an explicit
-    probe, generic double backward gives the image route's value and gradient (float64)."""
+    probe, generic double backward gives the image route's value and gradient (float64).
+    """
     model, (x, y) = _wide_mlp(), _batch()
     params = list(model.parameters())
     fast = layerwise_sq_trace(model, CE, x, y, 3, "gaussian", seed=5)
@@ -79,7 +81,8 @@ def test_singular_gram_uses_a_square_root_from_the_eigendecomposition():
 
 def test_rademacher_and_narrow_inputs_keep_sample_probes_draws():
     """Only Gaussian probes with fewer rows than input features take the image route; the rest
-    draw exactly as sample_probes does."""
+    draw exactly as sample_probes does.
+    """
     model, (x, y) = _wide_mlp(), _batch()
     params = list(model.parameters())
     rad = layerwise_sq_trace(model, CE, x, y, 2, "rademacher", seed=3).detach()

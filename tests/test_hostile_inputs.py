@@ -1,6 +1,7 @@
 """Issue 30's pipeline findings, tried again: every bad command line is one clear error line
 (exit 2) naming its cause, written before any work and leaving nothing behind; an empty shard
-says so."""
+says so.
+"""
 
 from __future__ import annotations
 

@@ -164,7 +164,8 @@ def test_non_scalar_loss_and_frozen_params_are_rejected():
 
 def test_float32_sq_trace_is_within_1e6_of_float64_on_the_paper_mlp():
     """The 1.6 M-entry input block of the CIFAR-100 MLP: float32 sums of squares stay accurate
-    (``vector_norm(hv).square()`` came out 6e-5 low there)."""
+    (``vector_norm(hv).square()`` came out 6e-5 low there).
+    """
     from flatness.layerwise import layerwise_sq_trace
 
     torch.manual_seed(0)

@@ -1,5 +1,6 @@
 """Hugging Face, for real: FlatnessTrainer on a tiny BertForSequenceClassification built from a
-config (no download), with dict batches; CurvatureCallback into the Trainer's logs and TensorBoard."""
+config (no download), with dict batches; CurvatureCallback into the Trainer's logs and TensorBoard.
+"""
 
 import glob
 

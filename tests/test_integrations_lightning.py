@@ -1,5 +1,6 @@
 """Lightning, for real: CurvatureCallback into TensorBoard event files, the penalty under automatic
-optimization, SAM/GNP/NRS under manual optimization with BatchNorm statistics updated once per step."""
+optimization, SAM/GNP/NRS under manual optimization with BatchNorm statistics updated once per step.
+"""
 
 import warnings
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import tiny_batch, tiny_mlp
 from torch import nn
 
 from flatness import FlatnessPenalty
@@ -12,6 +11,7 @@ from flatness.kfac import kfac_sq_trace, kronecker_factors
 from flatness.linear_io import share_prefix
 from flatness.probes import categorical
 from flatness.utils import eval_mode
+from helpers import tiny_batch, tiny_mlp
 
 CE = nn.CrossEntropyLoss()
 
@@ -135,7 +135,8 @@ def test_in_place_activations_give_the_same_value_and_gradient():
 
 def test_regression_losses_are_refused_with_the_reason():
     """Issue 30, finding 3: MSE gave a meaningless number for one output and an unnamed shape
-    mismatch for two; K-FAC's factors are those of the cross-entropy of the logits only."""
+    mismatch for two; K-FAC's factors are those of the cross-entropy of the logits only.
+    """
     x, _ = tiny_batch(seed=2, n=8, d_in=3)
     for outputs in (1, 2):
         torch.manual_seed(0)

@@ -60,7 +60,8 @@ def test_closed_form_cross_entropy_equals_its_double_backward(labels):
     """nn.CrossEntropyLoss() takes the closed-form softmax gradient and Hessian; a wrapper of the
     same loss takes autograd's double backward: same value and gradient, ignored labels included
     (the mean over the kept rows), zero on both when every label is ignored (torch's backward of
-    that NaN loss gives zero gradients)."""
+    that NaN loss gives zero gradients).
+    """
     model = _model(nn.Tanh, out=4)
     g = torch.Generator().manual_seed(5)
     x, y = torch.randn(9, 12, generator=g, dtype=torch.float64), torch.randint(0, 4, (9,), generator=g)

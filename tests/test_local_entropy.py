@@ -1,5 +1,6 @@
 """Local entropy (Entropy-SGD's F): its normalisation, the Langevin estimate against the closed
-form on a quadratic, the measure policy, divergence, and ``flatness measure --measures local_entropy``."""
+form on a quadratic, the measure policy, divergence, and ``flatness measure --measures local_entropy``.
+"""
 
 from __future__ import annotations
 

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from flatness import FlatnessError
-from flatness.probes import make_generator, rademacher, random_matrix
 from flatness.measures import (
     HessianOperator,
     MeasureOptions,
@@ -35,6 +34,7 @@ from flatness.measures import (
 )
 from flatness.measures.divergence import divergence_at
 from flatness.measures.functional import collect_batches
+from flatness.probes import make_generator, rademacher, random_matrix
 from helpers import dense_hessian, tiny_batch, tiny_mlp
 
 CE = nn.functional.cross_entropy
@@ -195,7 +195,8 @@ def test_hutchinson_samples_are_exact_quadratic_forms(problem):
 
 def test_operator_row_route_gives_exact_quadratic_forms_and_norms_with_reused_blocks(problem):
     """HessianOperator.quadratic_forms / sq_norms (rows, scratch blocks reused between calls of
-    different widths) and Hutchinson's refilled probe block give the dense values, draw for draw."""
+    different widths) and Hutchinson's refilled probe block give the dense values, draw for draw.
+    """
     model, x, y, batches, H = problem
     op = HessianOperator(model, CE, batches)
     gen = make_generator(2)
@@ -210,7 +211,8 @@ def test_operator_row_route_gives_exact_quadratic_forms_and_norms_with_reused_bl
 
 def test_single_batch_reductions_match_the_dense_hessian(problem):
     """One batch: each product is reduced as it comes out (no block of products kept), for
-    probe blocks drawn as rows, contiguous (P, K) blocks, one or several vectors per backward."""
+    probe blocks drawn as rows, contiguous (P, K) blocks, one or several vectors per backward.
+    """
     model, x, y, batches, _ = problem
     H = dense_hessian(model, x, y)
     for max_vectors in (1, 3):

@@ -1,6 +1,7 @@
 """Composed methods (sam+fa, ...): the update equals the hand-written two-step update, keywords
 are routed to components, run names and protocol defaults come from the method classes, and
-a composed method trains from the command line."""
+a composed method trains from the command line.
+"""
 
 import copy
 import json
@@ -21,7 +22,8 @@ CE = nn.CrossEntropyLoss()
 
 def _hand_sam_fa_update(model, x, y, rho, lam, probes, seed, lr):
     """SAM ascent from ∇L(θ); at θ + ε̂ the gradient of L + λ·Tr(H²)/B with the penalty's
-    probes; θ - lr·that gradient."""
+    probes; θ - lr·that gradient.
+    """
     theta = [p.detach().clone() for p in model.parameters()]
     near = copy.deepcopy(model)
     g = torch.autograd.grad(CE(near(x), y), list(near.parameters()))

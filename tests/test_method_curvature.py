@@ -1,6 +1,7 @@
 """Curvature regularization: the per-layer closed form (Geng et al. eq. 12) equals the vmap
 per-example fallback and a plain loop over examples, in value and in gradient; the method's
-step follows the gradient of loss + α·mean ‖∇ℓ_i‖² (also on BatchNorm CNNs and attention)."""
+step follows the gradient of loss + α·mean ‖∇ℓ_i‖² (also on BatchNorm CNNs and attention).
+"""
 
 import copy
 import warnings
@@ -322,7 +323,8 @@ def test_on_a_multihead_attention_model_training_reduces_the_loss():
 @pytest.mark.slow
 def test_curvature_trains_newsgroups_logreg_on_sparse_inputs(real_data_dir, tmp_path):
     """The supported task × method pair that used to fail ("the vmap per-example form does not
-    support sparse inputs"): SparseLinear on CSR batches gets the closed form."""
+    support sparse inputs"): SparseLinear on CSR batches gets the closed form.
+    """
     import json
 
     from flatness.cli import main
@@ -342,7 +344,8 @@ def test_curvature_trains_newsgroups_logreg_on_sparse_inputs(real_data_dir, tmp_
 def test_the_task_loss_pass_doubles_as_the_curvature_pass_when_it_can(dropout, passes):
     """No active dropout or BatchNorm: one forward per step; else a separate (dropout-off)
     curvature pass, which starts from the task pass's output of the layers before the first
-    dropout (they compute the same either way): the input layer runs once."""
+    dropout (they compute the same either way): the input layer runs once.
+    """
     model = tiny_mlp(dropout=dropout)
     first, last = [], []
     model[0].register_forward_hook(lambda *args: first.append(1))
@@ -363,7 +366,8 @@ def _dropout_mlp(inplace: bool) -> nn.Module:
 @pytest.mark.parametrize("inplace", [False, True])
 def test_with_dropout_the_step_is_the_dropout_task_loss_plus_the_dropout_off_penalty(inplace):
     """The shared prefix (or, with an in-place activation, a whole pass on copies) gives the
-    gradient of L(dropout on, the step's mask) + α·mean ‖∇ℓ_i‖² (dropout off)."""
+    gradient of L(dropout on, the step's mask) + α·mean ‖∇ℓ_i‖² (dropout off).
+    """
     model = _dropout_mlp(inplace)
     x, y = tiny_batch(n=9, d_in=5, d_out=4)
     alpha = 0.7

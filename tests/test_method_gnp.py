@@ -1,5 +1,6 @@
 """Gradient-norm penalty: the exact form matches g + ρHg/‖g‖ from a dense Hessian, and the
-finite-difference form converges to it as the step r shrinks."""
+finite-difference form converges to it as the step r shrinks.
+"""
 
 import pytest
 import torch

@@ -1,5 +1,6 @@
 """NRS and RPR: the KL term vanishes at ε = 0, the gradient matches a two-model hand
-computation, δθ is uniform in the ε-ball, and the model divergence is the KL divergence."""
+computation, δθ is uniform in the ε-ball, and the model divergence is the KL divergence.
+"""
 
 import copy
 import math

@@ -1,5 +1,6 @@
 """`flatness run --model-arg KEY=VALUE`: model settings reach the model and the run names, bad
-ones are one-line errors, and runs without them keep their names and committed records."""
+ones are one-line errors, and runs without them keep their names and committed records.
+"""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ from torch import nn
 from flatness.cli import main
 from flatness.cli import run as run_cli
 from flatness.experiments.running.checkpoints import load_checkpoint
-from flatness.experiments.world.models import mlp
 from flatness.experiments.running.record import read_record
 from flatness.experiments.running.runner import pending_runs
 from flatness.experiments.running.specs import RunSpec, build_grid
+from flatness.experiments.world.models import mlp
 from flatness.experiments.world.tasks import get_task
 from flatness.utils import FlatnessError
 

@@ -1,5 +1,6 @@
 """CurvatureMonitor: the values of the measures it names, on its schedule, into CSV and TensorBoard,
-and nothing of the model or of the random streams changed."""
+and nothing of the model or of the random streams changed.
+"""
 
 import random
 
@@ -141,8 +142,8 @@ def test_schedule_csv_header_once_and_resume(tmp_path):
 
 
 def test_tensorboard_event_files_get_the_scalars(tmp_path):
-    from torch.utils.tensorboard import SummaryWriter
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(log_dir=str(tmp_path / "tb"))
     monitor = CurvatureMonitor(_model(), F.cross_entropy, _batch(), every=2, path=None, writer=writer)

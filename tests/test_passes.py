@@ -1,6 +1,7 @@
 """The extra-pass policy (flatness.passes): BatchNorm on batch statistics with running
 statistics bitwise unchanged, dropout off, modes restored (also on exceptions); the penalty on a
-BatchNorm CNN estimates the Tr(H²) of the train-mode task loss; attention gets double backward."""
+BatchNorm CNN estimates the Tr(H²) of the train-mode task loss; attention gets double backward.
+"""
 
 import copy
 import math
@@ -115,7 +116,8 @@ def test_measure_pass_deployed_and_batch_statistics():
 
 def test_penalty_on_a_batchnorm_cnn_estimates_the_train_mode_sq_trace():
     """Tr(H²) of the train-mode task loss (batch statistics) from a dense Hessian; the
-    penalty's estimates agree within 3 standard errors; running statistics never change."""
+    penalty's estimates agree within 3 standard errors; running statistics never change.
+    """
     model = tiny_cnn()
     x, y = cnn_batch()
     hessian = dense_hessian(copy.deepcopy(model).train(), x, y)  # the copy's stats may move
@@ -168,7 +170,8 @@ METHOD_SETTINGS = {
 @pytest.mark.parametrize("label", list(METHOD_SETTINGS))
 def test_each_method_updates_running_statistics_once_per_step(label):
     """After a step, BatchNorm's running statistics are those of one plain train-mode forward
-    at θ: every extra pass (perturbed, neighbour, curvature) leaves them bitwise unchanged."""
+    at θ: every extra pass (perturbed, neighbour, curvature) leaves them bitwise unchanged.
+    """
     from flatness.methods import make_method
 
     name, hp = METHOD_SETTINGS[label]
@@ -239,7 +242,8 @@ def test_penalty_gradient_through_norm_layers_is_exact(norm, dims, shape):
 def test_second_derivatives_through_fused_norm_layers_are_exact():
     """Why the curvature method's pass keeps torch's fused BN/GN/LN kernels: the gradient of
     the mean squared per-example gradient norm (a second derivative) equals the one through
-    norm layers decomposed into primitives, in float64."""
+    norm layers decomposed into primitives, in float64.
+    """
     from flatness.per_example import per_example_sq_grad_norms
 
     def build():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import tiny_batch, tiny_mlp
 from torch import nn
 
 from flatness.control_variate import cv_sq_trace
@@ -13,6 +12,7 @@ from flatness.lam_control import CurvatureSpikeController
 from flatness.methods import make_method
 from flatness.penalties import FlatnessPenalty
 from flatness.utils import eval_mode
+from helpers import tiny_batch, tiny_mlp
 
 CE = nn.CrossEntropyLoss()
 
@@ -148,7 +148,8 @@ def test_a_sub_batch_shares_the_first_rows_of_the_prefix(kwargs, dropout):
 @pytest.mark.parametrize("lam", [0.0, 0.1])
 def test_bad_lam_policy_arguments_are_refused_at_any_lam(lam):
     """Issue 30, finding 8: a bogus schedule or controller was accepted at λ = 0 (and written
-    into the record); it is refused at construction whatever λ, naming the argument."""
+    into the record); it is refused at construction whatever λ, naming the argument.
+    """
     model = tiny_mlp()
     with pytest.raises(ValueError, match="lam_schedule"):
         FlatnessPenalty(model, CE, lam=lam, lam_schedule="bogus:3", total_steps=100)

@@ -1,7 +1,8 @@
 """The per-example gradient engine: closed forms == vmap == explicit per-example autograd, in
 value and in gradient (float64), on Linear, SparseLinear (CSR/COO), Conv1d/Conv2d (stride,
 padding, dilation, groups), BatchNorm (running and batch statistics), in-place activations,
-sequence inputs and mixed models."""
+sequence inputs and mixed models.
+"""
 
 import copy
 
@@ -157,7 +158,8 @@ def test_sparse_linear_with_sparse_inputs(layout):
 
 def _fixed_stats_reference(model, x):
     """A copy whose BatchNorm layers are in eval mode with the batch's statistics as running
-    statistics: per example, the function the engine differentiates (built with torch's BN)."""
+    statistics: per example, the function the engine differentiates (built with torch's BN).
+    """
     ref = copy.deepcopy(model)
     stats = {}
 
@@ -276,7 +278,8 @@ def test_unreduced_losses_and_bad_impl_are_refused():
 @pytest.mark.parametrize("norm", [nn.LayerNorm(6), nn.GroupNorm(2, 6)])
 def test_differentiable_vmap_through_layer_and_group_norm_matches_the_loop(norm):
     """torch's batched backward of the fused norm kernels is wrong when differentiated again;
-    the engine computes them from elementary ops there."""
+    the engine computes them from elementary ops there.
+    """
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), norm, nn.Tanh(), nn.Linear(6, 3)).double()
     with torch.no_grad():

@@ -1,6 +1,7 @@
 """Task plugins: ``custom_task``, the three ways to name a task (FILE.py:FACTORY,
 package.module:FACTORY, entry point ``flatness.tasks``), every command on the digits example and on
-a second user task of its own, what the records store, resume on a changed plugin, bad plugins."""
+a second user task of its own, what the records store, resume on a changed plugin, bad plugins.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 import flatness.experiments as fx
 from flatness.cli import main
 from flatness.experiments.running import study_population
-from flatness.experiments.running.record import load_records, read_record
+from flatness.experiments.running.record import load_records
 from flatness.experiments.running.specs import build_grid, resolved_settings
 from flatness.experiments.world import plugins
 from flatness.experiments.world.custom import TaskDefinitionError

@@ -1,5 +1,6 @@
 """Progress off a terminal, everywhere: plain whole lines, no carriage returns, and the next
-output (the report's tables) starts on a line of its own."""
+output (the report's tables) starts on a line of its own.
+"""
 
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ def test_landscape_progress_is_whole_lines(one_run, tmp_path, monkeypatch):
 
 def test_no_progress_bar_outside_the_progress_module():
     """tqdm is reached only through running/progress.py (and the library's landscape, where a
-    user asks for a bar with ``progress=True``)."""
+    user asks for a bar with ``progress=True``).
+    """
     root = Path(flatness.__file__).parent
     allowed = {root / "experiments" / "running" / "progress.py", root / "landscape.py"}
     users = sorted(str(p.relative_to(root)) for p in root.rglob("*.py") if "tqdm" in p.read_text() and p not in allowed)

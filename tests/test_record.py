@@ -123,7 +123,8 @@ def test_a_truncated_record_is_named_and_report_exits_non_zero(tmp_path, capsys)
 
 def test_records_name_the_package_version_and_the_checkout_commit():
     """A record says what made it: the package version always, the commit and dirty flag when the
-    package runs from a git checkout (the test suite does: it runs from the source tree)."""
+    package runs from a git checkout (the test suite does: it runs from the source tree).
+    """
     import re
     import subprocess
 

@@ -1,6 +1,7 @@
 """Nothing the penalty shares with the task pass outlives the weights it was computed from
 (issue 30, finding 1 and item 2): the shared first layer (layer-wise closed form), the shared
-prefix of K-FAC and of the control variate, and the K-FAC factors built on it."""
+prefix of K-FAC and of the control variate, and the K-FAC factors built on it.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ import warnings
 
 import pytest
 import torch
-from helpers import tiny_batch
 from torch import nn
 
 from flatness import FlatnessPenalty
 from flatness.linear_io import share_prefix
 from flatness.methods import make_method
+from helpers import tiny_batch
 
 CE = nn.CrossEntropyLoss()
 
@@ -42,7 +43,8 @@ def _fresh(model: nn.Module, x, y, kwargs) -> float:
 @pytest.mark.parametrize("cache", list(CACHES))
 def test_a_cache_that_a_step_or_a_backward_made_stale_is_recomputed(cache, what):
     """The task loss computed inside ``sharing()``, then ``backward()`` (and ``optimizer.step()``),
-    then the penalty: the value at the current weights, a gradient, and one warning line."""
+    then the penalty: the value at the current weights, a gradient, and one warning line.
+    """
     kwargs = CACHES[cache]
     x, y = tiny_batch(seed=1, n=8, d_in=4)
     model = _model()
@@ -109,7 +111,8 @@ def test_the_record_knows_the_versions_it_was_computed_from():
 def test_fa_steps_with_a_sub_batch_of_a_shared_forward_equal_the_unshared_ones(kwargs):
     """The layer-wise control variate on a sub-batch took the whole batch's shared input layer
     and failed from its second step (after auto's check) on; every step now equals a loop that
-    shares nothing."""
+    shares nothing.
+    """
     x, y = tiny_batch(seed=5, n=8, d_in=4)
     method_model, loop_model = _model(), _model()
     method = make_method("fa", method_model, CE, lam=0.3, probes=2, seed=1, sub_batch=3, **kwargs)

@@ -1,5 +1,6 @@
 """The spectral engines without curvlinops: thick-restart Lanczos (top eigenvalues), the operator's
-SciPy adapter, Papyan's smoothing of SLQ quadratures (float64, exact references)."""
+SciPy adapter, Papyan's smoothing of SLQ quadratures (float64, exact references).
+"""
 
 import numpy as np
 import pytest

@@ -12,6 +12,7 @@ import torch
 
 from flatness.cli import main
 from flatness.experiments import study_population
+from flatness.experiments.reporting.study import AXES, get_grid, parse_method_label, run_study
 from flatness.experiments.running.checkpoints import (
     checkpoint_initial_model,
     initial_model,
@@ -19,7 +20,6 @@ from flatness.experiments.running.checkpoints import (
 )
 from flatness.experiments.running.runner import execute_run
 from flatness.experiments.running.specs import RunSpec, build_grid, identity
-from flatness.experiments.reporting.study import AXES, get_grid, parse_method_label, run_study
 from flatness.measures import distance_from_init
 from flatness.utils import FlatnessError
 
@@ -86,7 +86,6 @@ def test_grids_are_crossed_with_seeds_as_replicates() -> None:
     for bad in ("fa", "none:1", "fa:x", "nope:1"):
         with pytest.raises(FlatnessError):
             parse_method_label(bad)
-    from flatness.experiments.running.study_population import StudyGrid
 
     base = get_grid("cifar100-mlp")
     for broken, message in (

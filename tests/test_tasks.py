@@ -6,16 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from flatness.hutchinson import sq_trace
-from flatness.probes import sample_probes
-from flatness.experiments.world.models import logistic_regression, mlp
-from flatness.layers import SparseLinear, sparse_linear
-from flatness.penalties import FlatnessPenalty
 from flatness.experiments.running.checkpoints import load_checkpoint, save_checkpoint
 from flatness.experiments.world.data import iterate_batches
+from flatness.experiments.world.models import logistic_regression, mlp
 from flatness.experiments.world.tasks import TASKS, TrainConfig, get_task
+from flatness.hutchinson import sq_trace
+from flatness.layers import SparseLinear, sparse_linear
+from flatness.penalties import FlatnessPenalty
+from flatness.probes import sample_probes
 from flatness.utils import FlatnessError
-
 from helpers import dense_hessian
 
 

@@ -9,9 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-from flatness.experiments.world.data import Splits
-from flatness.methods import Method, make_method
-from flatness.experiments.world.tasks import TrainConfig
 from flatness.experiments.running.training import (
     TrainingDiverged,
     evaluate,
@@ -20,6 +17,9 @@ from flatness.experiments.running.training import (
     make_scheduler,
     train,
 )
+from flatness.experiments.world.data import Splits
+from flatness.experiments.world.tasks import TrainConfig
+from flatness.methods import Method, make_method
 
 
 def _toy_data(n: int = 96, seed: int = 0) -> Splits:

@@ -15,8 +15,8 @@ without one (an inherited docstring counts). Run it alone with
 """
 
 from __future__ import annotations
-
 import __future__
+
 import importlib
 import inspect
 import pkgutil
@@ -64,7 +64,8 @@ def canonical_homes(modules: list[str]) -> dict[tuple[str, str], str]:
     """``(module, name) -> module`` whose page documents the name: of the public modules that
     export the same object under that name, the one users import it from — the shallowest
     (``flatness`` before ``flatness.penalties``). autodoc then records the defining module's
-    name as ``:canonical:``, so references by either path resolve."""
+    name as ``:canonical:``, so references by either path resolve.
+    """
     exporters: dict[tuple[int, str], list[str]] = {}
     entries: list[tuple[str, str, tuple[int, str]]] = []
     for mod_name in modules:
@@ -96,7 +97,8 @@ def _public_members(cls: type) -> list[str]:
 
 def _public_attributes(module: ModuleType) -> list[str]:
     """Names ``module`` binds that look public: no ``_`` prefix, not a module, not a
-    ``from __future__`` feature."""
+    ``from __future__`` feature.
+    """
     return [name for name, value in vars(module).items()
             if not name.startswith("_") and not inspect.ismodule(value)
             and not isinstance(value, __future__._Feature)]
@@ -213,7 +215,8 @@ def index_homes(modules: list[str]) -> None:
 
 def lookup(path: str) -> tuple[bool, str | None]:
     """Whether ``path`` names an existing module or attribute of the package, and the path of
-    the page entry that documents it (``None`` if none does)."""
+    the page entry that documents it (``None`` if none does).
+    """
     parts = path.split(".")
     if parts[0] != PACKAGE:
         return False, None
@@ -242,7 +245,8 @@ def lookup(path: str) -> tuple[bool, str | None]:
 
 def _candidates(target: str, node: Any) -> list[str]:
     """Absolute paths a reference may mean: relative to the documented object's class and
-    module, to the page's, then to each enclosing package, then as written."""
+    module, to the page's, then to each enclosing package, then as written.
+    """
     name = target.lstrip(".")
     scopes: list[str] = []
     source = str(node.source or "")
@@ -270,7 +274,8 @@ def _resolve_alias(app: Any, env: Any, node: Any, contnode: Any) -> Any:
     """Resolve a Python reference that names an object by another of its import paths (the
     defining module's, a module-relative or class-relative name) to the page that documents it.
     A reference to an existing object that no page documents (a helper outside every
-    ``__all__``) is shown as code, unlinked; a reference to nothing stays a warning."""
+    ``__all__``) is shown as code, unlinked; a reference to nothing stays a warning.
+    """
     if node.get("refdomain") != "py":
         return None
     domain = env.get_domain("py")
@@ -317,7 +322,8 @@ def _drop_type_docstring(app: Any, what: str, name: str, obj: Any, options: Any,
 def _dataclass_factories(app: Any, what: str, name: str, obj: Any, options: Any, signature: str | None,
                          return_annotation: str | None) -> tuple[str | None, str | None] | None:
     """A dataclass field's ``default_factory`` shows as ``<factory>``, which is not Python and
-    breaks the signature's parsing (``dict[str`` as a type): show ``...`` instead."""
+    breaks the signature's parsing (``dict[str`` as a type): show ``...`` instead.
+    """
     if signature and "<factory>" in signature:
         return signature.replace("<factory>", "..."), return_annotation
     return None

@@ -127,7 +127,8 @@ def output_is_loss(loss: Tensor, target: Any) -> Tensor:
 
 def adapt(model: nn.Module, loss_fn: Any) -> tuple[nn.Module, Callable[[Tensor, Any], Tensor]]:
     """``(BatchLoss(model, loss_fn), output_is_loss)`` for a :class:`ModelLoss`, else the pair
-    unchanged; the adapted pair is called with :func:`as_pair`'s inputs and target."""
+    unchanged; the adapted pair is called with :func:`as_pair`'s inputs and target.
+    """
     if isinstance(loss_fn, ModelLoss):
         return BatchLoss(model, loss_fn), output_is_loss
     return model, loss_fn
@@ -140,7 +141,8 @@ def as_pair(batch: Any) -> tuple[tuple[Any], None]:
 
 def batch_size_of(model: nn.Module, inputs: Any) -> int:
     """B of ``inputs`` for ``model``: a :class:`BatchLoss`'s inputs ``(batch,)`` by its
-    :meth:`ModelLoss.size_of`, otherwise the leading dimension of the first tensor."""
+    :meth:`ModelLoss.size_of`, otherwise the leading dimension of the first tensor.
+    """
     if isinstance(model, BatchLoss) and isinstance(inputs, tuple) and len(inputs) == 1:
         return model.loss.size_of(inputs[0])
     return batch_size(inputs)
@@ -148,7 +150,8 @@ def batch_size_of(model: nn.Module, inputs: Any) -> int:
 
 def adapt_wrapped(model: nn.Module, loss_fn: Any) -> tuple[nn.Module, Any, nn.Module]:
     """:func:`adapt`, plus the module an out-of-place pass runs: ``(model, loss_fn, local)``
-    with ``local`` the adapted :func:`flatness.utils.unwrap`-ped model (DDP, torch.compile)."""
+    with ``local`` the adapted :func:`flatness.utils.unwrap`-ped model (DDP, torch.compile).
+    """
     adapted, fn = adapt(model, loss_fn)
     if isinstance(loss_fn, ModelLoss) and unwrap(model) is not model:
         return adapted, fn, BatchLoss(unwrap(model), loss_fn)
@@ -157,7 +160,8 @@ def adapt_wrapped(model: nn.Module, loss_fn: Any) -> tuple[nn.Module, Any, nn.Mo
 
 def call_pair(model_loss: ModelLoss | None, x: Any, y: Any, what: str = "penalty") -> tuple[Any, Any]:
     """``(x, y)`` of a call ``what(x, y)``, or the whole batch ``x`` as :func:`as_pair` when the
-    callee was built with a :class:`ModelLoss` (then ``what(batch)``)."""
+    callee was built with a :class:`ModelLoss` (then ``what(batch)``).
+    """
     if model_loss is not None:
         if y is not None:
             raise TypeError(f"a {what} built with a ModelLoss takes the whole batch: {what}(batch)")

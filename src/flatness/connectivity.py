@@ -170,7 +170,8 @@ def linear_path(
     stat_batches: Iterable[tuple[Any, Any]] | None = None,
 ) -> PathCurve:
     """Loss (and error, with ``accuracy(logits, y)``) on ``batches`` at ``num`` points of the line,
-    BatchNorm statistics re-estimated on ``stat_batches`` (default: ``batches``) at each."""
+    BatchNorm statistics re-estimated on ``stat_batches`` (default: ``batches``) at each.
+    """
     theta_a, theta_b = _endpoints(model_a, model_b)
     ts = np.linspace(0.0, 1.0, num)
     points = [{n: theta_a[n] + float(t) * (theta_b[n] - theta_a[n]) for n in theta_a} for t in ts]
@@ -188,7 +189,8 @@ def train_bezier(
     seed: int | None = 0,
 ) -> tuple[dict[str, Tensor], list[float]]:
     """The control point θ of a quadratic Bézier curve from model a to model b, trained on
-    ``train_batches`` (see the module docs), and the loss at each step."""
+    ``train_batches`` (see the module docs), and the loss at each step.
+    """
     if steps < 1 or not lr > 0:
         raise FlatnessError(f"the curve needs steps >= 1 and lr > 0 (got {steps}, {lr})")
     if not train_batches:
@@ -254,7 +256,8 @@ def connect(
 ) -> Connectivity:
     """The linear path and (with ``train_batches`` and ``curve_steps`` > 0) the trained Bézier
     curve between two models, evaluated on ``batches``; statistics re-estimated on
-    ``stat_batches`` (default: ``train_batches``, else ``batches``)."""
+    ``stat_batches`` (default: ``train_batches``, else ``batches``).
+    """
     if num < 2:
         raise FlatnessError(f"a path needs num >= 2 points, got {num}")
     data = collect_batches(batches)

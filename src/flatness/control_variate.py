@@ -133,7 +133,8 @@ class OutputLayer:
 
 def _softmax_scale(g: Tensor, out: Tensor, z: Tensor) -> tuple[Tensor, float] | None:
     """(p, s) if the loss's output Hessian is s·(diag(p) − ppᵀ) per row, checked on one
-    fixed direction r (softmax cross-entropy, with or without label smoothing), else None."""
+    fixed direction r (softmax cross-entropy, with or without label smoothing), else None.
+    """
     rows, classes = z.shape
     r = torch.sin(torch.arange(rows * classes, dtype=z.dtype, device=z.device) * 0.7 + 0.3)
     r = r.reshape(out.shape)

@@ -219,7 +219,8 @@ class FrozenKinks(TorchFunctionMode):
 @contextlib.contextmanager
 def _replayed_rng(device: torch.device) -> Iterator[Callable[[], None]]:
     """Yields ``rewind()``, which resets torch's RNG (CPU and ``device``) to its state at entry;
-    the state is put back on exit, so the evaluations draw the same numbers and consume none."""
+    the state is put back on exit, so the evaluations draw the same numbers and consume none.
+    """
     cpu = torch.get_rng_state()
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
@@ -246,7 +247,8 @@ def _call(model: nn.Module, params: dict[str, Tensor], x: Any) -> Tensor:
 class FDEstimate:
     """Per-probe ‖H v_j‖² (``values``, shape ``(M,)``, detached), the mean over probes of
     ∇‖H v_j‖² per parameter (``grads``, ``None`` if not asked for), the steps and the number
-    of gradient evaluations made."""
+    of gradient evaluations made.
+    """
 
     values: Tensor
     grads: list[Tensor] | None
@@ -315,7 +317,8 @@ def fd_sq_trace(
 
 class _ShiftedGradients:
     """g(θ + Σ scale·direction) at shifted parameters (``functional_call``), from the same random
-    state every time, with the ReLU kinks of θ replayed; ``count`` evaluations so far."""
+    state every time, with the ReLU kinks of θ replayed; ``count`` evaluations so far.
+    """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, x: Any, y: Any, names: list[str],
                  theta: list[Tensor], kinks: FrozenKinks | None, rewind: Callable[[], None]) -> None:
@@ -353,7 +356,8 @@ def _probe_terms(
     h_v: float, h_u: float, with_grad: bool,
 ) -> tuple[list[Tensor], list[Tensor] | None, list[tuple[float, float]]]:
     """Per probe: ‖u‖² with u = (g(θ + r v) − g(θ))/r, and (with ``with_grad``) the mean of the
-    second differences 2·T[v, u, ·]; the steps (r, s) taken."""
+    second differences 2·T[v, u, ·]; the steps (r, s) taken.
+    """
     num = probe_vectors[0].shape[0]
     values: list[Tensor] = []
     total: list[Tensor] | None = [torch.zeros_like(t) for t in theta] if with_grad else None

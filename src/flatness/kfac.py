@@ -70,7 +70,8 @@ __all__ = ["KroneckerFactors", "kfac_sq_trace", "kronecker_factors", "loss_scale
 
 def _predictive(logits: Tensor) -> Tensor:
     """The model's predictive distribution over class ids: softmax of C >= 2 logits, or
-    Bernoulli(sigmoid) over {0, 1} for one logit (binary cross-entropy)."""
+    Bernoulli(sigmoid) over {0, 1} for one logit (binary cross-entropy).
+    """
     if logits.shape[1] == 1:
         p = torch.sigmoid(logits)
         return torch.cat([1 - p, p], dim=1)
@@ -233,7 +234,8 @@ def kfac_sq_trace(
     prefix: SharedPrefix | None = None,
 ) -> Tensor:
     """c² · Σ_l Tr(A_l²)·Tr(G_l²), a differentiable scalar (see :func:`kronecker_factors`;
-    c = :attr:`KroneckerFactors.loss_scale`, 1 for a batch-mean loss)."""
+    c = :attr:`KroneckerFactors.loss_scale`, 1 for a batch-mean loss).
+    """
     factors = kronecker_factors(model, loss_fn, x, y, generator=generator, seed=seed, prefix=prefix)
     total = torch.stack([f.sq_trace_a() * f.sq_trace_g() for f in factors]).sum()
     scale = factors[0].loss_scale if factors else 1.0

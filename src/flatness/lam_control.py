@@ -251,7 +251,8 @@ class CurvatureSpikeController(DecisionLog):
     def update(self, step: int, *, sq_trace: float | Tensor, **measurements: Any) -> float:
         """Classify this step's estimate, set the next active step; return this step's λ.
 
-        It reads the estimate on the host (a spike decides the next step's schedule)."""
+        It reads the estimate on the host (a spike decides the next step's schedule).
+        """
         value = float(sq_trace)
         data: dict[str, float] = {"sq_trace": value}
         if not math.isfinite(value):
@@ -385,7 +386,8 @@ def make_policy(
 
 def decision_log(policy: LamPolicy, step: int) -> dict[str, float]:
     """The floats a training step logs about ``policy``'s decision at ``step``: the spike
-    controller's ``lam_interval`` (the pass's next interval) and ``lam_spike`` (1 on a spike)."""
+    controller's ``lam_interval`` (the pass's next interval) and ``lam_spike`` (1 on a spike).
+    """
     entry = policy.log[-1] if policy.log else {}
     if entry.get("step") != step or "next_interval" not in entry:
         return {}

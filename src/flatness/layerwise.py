@@ -147,7 +147,8 @@ def unsupported_reason(
 
 def supports(model: nn.Module, x: Any, params: Sequence[Tensor] | None = None) -> bool:
     """Whether :func:`layerwise_sq_trace` applies to ``model`` on input ``x`` (see
-    :func:`unsupported_reason` for why not)."""
+    :func:`unsupported_reason` for why not).
+    """
     return unsupported_reason(model, x, params) is None
 
 
@@ -164,7 +165,8 @@ def _cross_entropy_closed_form(
     ids ``y`` (B,); otherwise None. The weights are 1/n on the n rows whose label is not
     ``ignore_index`` and 0 on the others (the loss's mean; all 0 when every label is ignored, where
     torch's own backward gives zero gradients), so that ∂L/∂out = w ⊙ (p - onehot(y))
-    and the Hessian applied to ż is w ⊙ (p ⊙ ż - p (pᵀż)) — with no host synchronisation."""
+    and the Hessian applied to ż is w ⊙ (p ⊙ ż - p (pᵀż)) — with no host synchronisation.
+    """
     if not (
         type(loss_fn) is nn.CrossEntropyLoss and loss_fn.weight is None and loss_fn.label_smoothing == 0.0
         and loss_fn.reduction == "mean" and out.dim() == 2 and out.is_floating_point()
@@ -296,7 +298,8 @@ def _probe_blocks(
     probe_vectors: Sequence[Tensor | None] | None,
 ) -> tuple[dict[int, Tensor], int, torch.Generator | None]:
     """The probe block of every parameter by ``id`` (the input layer's weight missing where it
-    is drawn in the data's image), the number of probes and the generator of the rest."""
+    is drawn in the data's image), the number of probes and the generator of the rest.
+    """
     params = list(model.parameters())
     first_weight = model[first_linear(model)].weight
     in_image = dist == "gaussian" and first_weight.shape[1] > x.shape[0]
@@ -323,7 +326,8 @@ def _primal_forward(
     model: nn.Sequential, x: Tensor, first_linear_output: Tensor | None
 ) -> tuple[list[_Linear | _Act | None], Tensor]:
     """The forward pass, keeping what the explicit backward needs. Modules before the first
-    Linear act on the data (no tangent reaches them)."""
+    Linear act on the data (no tangent reaches them).
+    """
     first = first_linear(model)
     records: list[_Linear | _Act | None] = []
     h = x
@@ -348,7 +352,8 @@ def _tangent_forward(
     generator: torch.Generator | None,
 ) -> tuple[Tensor, Tensor | None]:
     """Ż_out along the M probes (Ż = Ẋ Wᵀ + X V_Wᵀ + v_b, Ẋ = σ'(Z) ⊙ Ż), and the input layer's
-    X Xᵀ where the image draw computed it."""
+    X Xᵀ where the image draw computed it.
+    """
     t: Tensor | None = None  # None: the tangent is zero (we are still at the data)
     gram: Tensor | None = None
     for m, rec in zip(model, records):
@@ -374,7 +379,8 @@ def _tangent_forward(
 def _output_signals(loss_fn: Callable[[Tensor, Any], Tensor], out: Tensor, y: Any, t: Tensor) -> tuple[Tensor, Tensor]:
     """(g, ġ): ∂L/∂out and the loss Hessian w.r.t. the output applied to Ż_out — for the plain
     cross-entropy g = w ⊙ (p - onehot(y)) and w ⊙ (diag(p) - p pᵀ) Ż per row (an out-of-range
-    label fails in scatter), for any other loss by double backward."""
+    label fails in scatter), for any other loss by double backward.
+    """
     closed = _cross_entropy_closed_form(loss_fn, out, y)
     if closed is not None:
         probs, row_weights = closed
@@ -395,7 +401,8 @@ def _backward_sq_norm(
     gram: Tensor | None,
 ) -> Tensor:
     """Σ_j ‖H v_j‖² by the explicit backward of the primal (g) and tangent (ġ) signals:
-    (Hv)_W = δ̇ᵀ X + δᵀ Ẋ, (Hv)_b = Σ_i δ̇_i, δ̇ = σ'(Z)⊙ġ + σ''(Z)⊙Ż⊙g."""
+    (Hv)_W = δ̇ᵀ X + δᵀ Ẋ, (Hv)_b = Σ_i δ̇_i, δ̇ = σ'(Z)⊙ġ + σ''(Z)⊙Ż⊙g.
+    """
     # Which records still need the primal signal g from above: a curved activation (σ'' ≠ 0)
     # or a Linear with a tangent input lies below them. (Below a ReLU net's second layer
     # nothing does: its g @ W would be computed for nothing.)

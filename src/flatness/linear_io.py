@@ -160,7 +160,8 @@ class SharedPrefix:
     def first_rows(self, source: Any) -> SharedPrefix:
         """The prefix of ``source``, a leading slice ``x[:n]`` of this prefix's batch-first input
         (a sub-batch): the prefix works sample by sample, so its values for those samples are the
-        first rows of its own (of every Linear input's rows, ``n`` × its rows per sample)."""
+        first rows of its own (of every Linear input's rows, ``n`` × its rows per sample).
+        """
         empty = SharedPrefix(self.length)
         if self.output is None or not isinstance(self.source, Tensor) or not isinstance(source, Tensor):
             return empty
@@ -184,7 +185,8 @@ class SharedPrefix:
 
     def first_linear_output(self, module: nn.Module) -> Tensor | None:
         """The output of ``module`` if it is the prefix's first Linear call (its rows of a
-        sub-batch), else ``None``: what :func:`flatness.layerwise.layerwise_sq_trace` shares."""
+        sub-batch), else ``None``: what :func:`flatness.layerwise.layerwise_sq_trace` shares.
+        """
         if self.output is None or not self.calls or self.calls[0].module is not module:
             return None
         call = self.calls[0]

@@ -59,8 +59,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _NormBase
-from torch.overrides import TorchFunctionMode
 from torch.nn.modules.dropout import _DropoutNd
+from torch.overrides import TorchFunctionMode
 
 from .utils import preserved_mode
 
@@ -89,7 +89,8 @@ def norm_layers(model: nn.Module) -> list[_NormBase]:
 @contextlib.contextmanager
 def batch_statistics(layers: Iterable[_NormBase]) -> Iterator[None]:
     """The body runs ``layers`` on the statistics of their input batch, in either mode,
-    updating nothing; their flags and running-statistics references are restored on exit."""
+    updating nothing; their flags and running-statistics references are restored on exit.
+    """
     saved = [(m, m.track_running_stats, m.running_mean, m.running_var) for m in layers]
     try:
         for m, *_ in saved:
@@ -106,7 +107,8 @@ def batch_statistics(layers: Iterable[_NormBase]) -> Iterator[None]:
 
 def frozen_running_stats(model: nn.Module) -> contextlib.AbstractContextManager[None]:
     """Norm layers in train mode keep normalising with batch statistics but update nothing;
-    the rest of the model (modes, dropout) is left as it is."""
+    the rest of the model (modes, dropout) is left as it is.
+    """
     return batch_statistics([m for m in norm_layers(model) if m.training])
 
 
@@ -238,7 +240,8 @@ def measure_pass(model: nn.Module, function: Function = "deployed") -> Iterator[
 def is_curvature_function(model: nn.Module) -> bool:
     """Whether ``model``'s forward, as it stands, already computes what :func:`curvature_pass`
     would: no active dropout, attention or norm layer in train mode (then a method may
-    take its curvature quantities from the main pass instead of running an extra one)."""
+    take its curvature quantities from the main pass instead of running an extra one).
+    """
     for m in model.modules():
         if not m.training:
             continue

@@ -160,7 +160,8 @@ class FlatnessPenalty:
     def __call__(self, x: Any, y: Any = None, *, log: dict[str, float] | None = None) -> Tensor:
         """The penalty for this mini-batch (``penalty(batch)`` with a :class:`flatness.ModelLoss`):
         λ·Tr(H²)/B with graph, or an exact zero. ``log`` receives the floats of the step's λ
-        decision (``lam`` when λ varies, a controller's)."""
+        decision (``lam`` when λ varies, a controller's).
+        """
         x, y = call_pair(self.model_loss, x, y)
         return self._penalty(x, y, self._take_shared(x), log)
 
@@ -292,7 +293,8 @@ class FlatnessPenalty:
 
     def state_dict(self) -> dict[str, Any]:
         """Schedule position, generator state, the estimator's state (``auto``'s verdict) and
-        the λ-policy's, to resume a run exactly."""
+        the λ-policy's, to resume a run exactly.
+        """
         return {
             "calls": self.calls,
             "generator": None if self.generator is None else self.generator.get_state(),

@@ -94,7 +94,8 @@ CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d)
 class PerExampleNorms(NamedTuple):
     """``loss``: the batch loss of the pass (``loss_fn``'s reduction); ``sq_norms``: (n,)
     per-example ‖∇θ ℓ_i‖²; ``impl``: ``"closed-form"`` or ``"vmap"``. Both tensors carry a
-    graph when computed with ``create_graph=True``."""
+    graph when computed with ``create_graph=True``.
+    """
 
     loss: Tensor
     sq_norms: Tensor
@@ -232,7 +233,8 @@ def _conv_per_example_weight_grads(
     a: Tensor, delta: Tensor, weight: Tensor, kernel: Any, stride: Any, padding: Any, dilation: Any, groups: int
 ) -> Tensor:
     """‖∇_W ℓ_i‖² of a 2-D convolution: one weight-gradient call with the batch as n·groups
-    groups (differentiable: the call has a double backward), no unfolded patches."""
+    groups (differentiable: the call has a double backward), no unfolded patches.
+    """
     n = a.shape[0]
     shape = (n * weight.shape[0], weight.shape[1], *kernel)
     _, grads, _ = torch.ops.aten.convolution_backward(
@@ -326,7 +328,8 @@ def _recording(
 ) -> Iterator[dict[nn.Module, list[tuple[Any, Tensor, int, int]]]]:
     """Forward hooks recording (input, output, their versions) per call of each layer; with
     ``copy`` the layer sees a copy of its input and the model a copy of its output, so that
-    later in-place ops cannot change the recorded tensors."""
+    later in-place ops cannot change the recorded tensors.
+    """
     records: dict[nn.Module, list[tuple[Any, Tensor, int, int]]] = {m: [] for m in layers}
 
     def pre_hook(module: nn.Module, inputs: tuple[Any, ...]) -> tuple[Any, ...] | None:
@@ -374,7 +377,8 @@ class ClosedForm:
         """Record the covered layers' inputs and outputs of the forward pass in the body
         (train-mode BatchNorm on fixed batch statistics, see the module docs). A ``prefix``
         recorded in another pass (:func:`flatness.linear_io.share_prefix`) stands for its layers'
-        calls: the body runs the rest of the model from the prefix's output."""
+        calls: the body runs the rest of the model from the prefix's output.
+        """
         with _recording(self.layers, copy) as records, \
                 fixed_batch_statistics(coupling_batch_norms(self.model)):
             for c in prefix.calls if prefix is not None else ():
@@ -482,7 +486,8 @@ _TRANSFORM_MESSAGES = ("vmap", "transform", "batching rule", "functorch")
 
 def _transform_limitation(exc: BaseException) -> bool:
     """Whether ``exc`` says torch.func cannot transform an op (``.item()``, data-dependent
-    control flow, in-place ops on captured tensors, a missing batching rule)."""
+    control flow, in-place ops on captured tensors, a missing batching rule).
+    """
     text = str(exc).lower()
     return any(m in text for m in _TRANSFORM_MESSAGES)
 

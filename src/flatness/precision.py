@@ -50,7 +50,8 @@ class PassPrecision:
 
     def __call__(self, device_type: str, supported: bool, name: str) -> contextlib.AbstractContextManager[None]:
         """A context for a pass on ``device_type`` of the estimator ``name``, which ``supported``
-        says whether it supports autocast: the caller's setting, or full precision."""
+        says whether it supports autocast: the caller's setting, or full precision.
+        """
         dtype = autocast_dtype(device_type)
         if dtype is None or supported:
             return contextlib.nullcontext()

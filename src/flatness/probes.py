@@ -240,7 +240,8 @@ def matrix_probes(
     device: torch.device | str,
 ) -> Callable[[int], Tensor]:
     """``draw(m)``: a ``(dim, m)`` block of probes (:func:`random_matrix`), one buffer refilled
-    block after block where it can be (for :func:`chunked_samples`)."""
+    block after block where it can be (for :func:`chunked_samples`).
+    """
     buffer: Tensor | None = None
 
     def draw_block(num: int) -> Tensor:

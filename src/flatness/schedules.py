@@ -288,7 +288,8 @@ class LamPolicy(Protocol):
 
 class DecisionLog:
     """The decision log of a λ-policy: ``log`` (the last :data:`LOG_LENGTH` decisions, the
-    oldest go first) and :meth:`pop_log`; every policy here keeps its log through this class."""
+    oldest go first) and :meth:`pop_log`; every policy here keeps its log through this class.
+    """
 
     def __init__(self) -> None:
         self.log: deque[dict[str, Any]] = deque(maxlen=LOG_LENGTH)

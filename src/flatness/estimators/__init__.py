@@ -58,7 +58,8 @@ __all__ = [
 def _auto(model: nn.Module, loss_fn: Any, *, params: Sequence[Tensor] | None = None, **settings: Any) -> ProbeEstimator:
     """``backend="auto"``: the closed form, checked against autograd, where it applies; autograd
     for a subset of the parameters (the closed form covers all of them) and for a
-    :class:`flatness.ModelLoss` (the closed form starts from the model output)."""
+    :class:`flatness.ModelLoss` (the closed form starts from the model output).
+    """
     if params is not None or isinstance(model, BatchLoss):
         return AutogradEstimator(model, loss_fn, params=params, **settings)
     return LayerwiseEstimator(model, loss_fn, check=True, **settings)

@@ -117,7 +117,8 @@ class Support:
 class TaskGradient:
     """What the task pass hands an estimator that shares it: its loss, g(θ) at the penalised
     parameters and the ReLU masks of θ (:class:`flatness.finite_difference.FrozenKinks`). It is
-    computed and used within one :meth:`flatness.FlatnessPenalty.objective` call."""
+    computed and used within one :meth:`flatness.FlatnessPenalty.objective` call.
+    """
 
     loss: Tensor
     params: list[Tensor]
@@ -151,7 +152,8 @@ class Estimator(Protocol):
 
     def __call__(self, x: Any, y: Any, shared: Shared | None = None) -> Tensor:
         """The estimate on the batch ``(x, y)``, with the graph its gradient needs; ``shared``:
-        what the task pass handed over (valid, for this batch), or ``None``."""
+        what the task pass handed over (valid, for this batch), or ``None``.
+        """
         ...
 
     def ready(self) -> Share:
@@ -183,7 +185,8 @@ class HutchinsonEngine(Protocol):
 
     def sq_norm_mean(self, x: Any, y: Any, vectors: Sequence[Tensor | None], shared: Shared | None = None) -> Tensor:
         """(1/M) Σ_j ‖H v_j‖² for the probe blocks ``vectors`` (one per parameter, ``(M, *p.shape)``),
-        inside the curvature pass."""
+        inside the curvature pass.
+        """
         ...
 
     def draws_itself(self, x: Any) -> Tensor | None:
@@ -259,7 +262,8 @@ class ProbeEstimator:
 
     def curvature_pass(self) -> contextlib.AbstractContextManager[nn.Module]:
         """The curvature pass's function: batch-statistics norms, running statistics untouched,
-        dropout off unless ``dropout`` (:func:`flatness.passes.curvature_pass`)."""
+        dropout off unless ``dropout`` (:func:`flatness.passes.curvature_pass`).
+        """
         return curvature_pass(self.model, dropout=self.dropout)
 
     def ready(self) -> Share:
@@ -292,7 +296,8 @@ def estimate(
     """``estimator(x, y, shared)`` with its declarations applied: an estimator that does not
     support autocast runs with it switched off, in the parameters' precision, and says so once
     per ``precision`` (:class:`flatness.precision.PassPrecision`; the caller's, e.g. a penalty's,
-    else a new one)."""
+    else a new one).
+    """
     params = estimator.parameters()
     device_type = params[0].device.type if params else "cpu"
     with (precision or PassPrecision())(device_type, estimator.supports.autocast, estimator.name):

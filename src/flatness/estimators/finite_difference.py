@@ -88,7 +88,8 @@ class FiniteDifferenceEstimator(ProbeEstimator):
 
     def ready(self) -> Share:
         """The task gradient, when the task pass is the curvature pass's function of all the
-        trainable parameters."""
+        trainable parameters.
+        """
         if self.given_params is None and same_function_in_train_mode(self.model):
             return Share.TASK_GRADIENT
         return Share.NOTHING

@@ -137,7 +137,8 @@ class LayerwiseEstimator(ProbeEstimator):
 
     def sq_norm_mean(self, x: Any, y: Any, vectors: Sequence[Tensor | None], shared: Shared | None = None) -> Tensor:
         """(1/M) Σ_j ‖H v_j‖² for given blocks (the input layer's may be ``None``: see
-        :meth:`draws_itself`), inside the curvature pass."""
+        :meth:`draws_itself`), inside the curvature pass.
+        """
         route = self._route(x)
         if route is Route.AUTOGRAD:
             return self.fallback.sq_norm_mean(x, y, vectors)
@@ -157,7 +158,8 @@ class LayerwiseEstimator(ProbeEstimator):
 
     def _verified(self, x: Any, y: Any, vectors: Sequence[Tensor | None]) -> Tensor:
         """``auto``'s first pass: autograd, and the closed form on the same probes, kept if they
-        agree (in full precision: the check is about the loss, not about rounding)."""
+        agree (in full precision: the check is about the loss, not about rounding).
+        """
         with full_precision(self.parameters()[0].device.type):
             slow = self.fallback.sq_norm_mean(x, y, vectors)
             fast = layerwise_sq_trace(self.model, self.loss_fn, x, y, probe_vectors=vectors)

@@ -20,6 +20,7 @@ to its parameters or buffers.
   and bounds); :mod:`.reparam`: the function-preserving rescaling of Dinh et al. (2017).
 """
 
+from ..per_example import per_example_sq_grad_norms
 from .calibration import ECE_BINS, Calibration, calibration
 from .density import SpectralDensity, density_of, lanczos, plot_spectral_density, spectral_density
 from .divergence import kl_from_logits, model_divergence
@@ -31,7 +32,6 @@ from .eigen import (
     module_params,
     top_eigenvalues,
 )
-from ..per_example import per_example_sq_grad_norms
 from .fisher import fisher_trace
 from .local_entropy import LocalEntropy, local_entropy, quadratic_local_entropy
 from .margin import Margin, margins_of, output_margin, zero_one_error

@@ -149,7 +149,8 @@ class _Lanczos:
 
     def push(self, v: Tensor, orthogonalise: bool = False) -> None:
         """Make ``v`` the next basis vector, normalised; ``orthogonalise`` it against the basis
-        first (twice) unless it is a residual direction, which already is orthogonal."""
+        first (twice) unless it is a residual direction, which already is orthogonal.
+        """
         known = self.V[: self.j]
         if orthogonalise and self.j:
             for _ in range(2):

@@ -169,7 +169,8 @@ def require_finite(value: float, what: str) -> float:
 def model_loss_args(model: nn.Module, loss_fn: Any, batches: Any) -> tuple[nn.Module, Any, Any]:
     """For a :class:`flatness.ModelLoss`: the model and loss as one module, the loss as its
     output, and the whole batches as weighted inputs (:mod:`flatness.batch_loss`); otherwise
-    the arguments unchanged. ``batches`` is then an iterable of whole batches (e.g. dicts)."""
+    the arguments unchanged. ``batches`` is then an iterable of whole batches (e.g. dicts).
+    """
     if not isinstance(loss_fn, ModelLoss):
         return model, loss_fn, batches
     if isinstance(batches, Mapping):
@@ -184,7 +185,8 @@ def model_loss_args(model: nn.Module, loss_fn: Any, batches: Any) -> tuple[nn.Mo
 
 def accepts_model_loss(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Decorator of a measure ``fn(model, loss_fn, batches, ...)``: it also takes a
-    :class:`flatness.ModelLoss` with any batches (:func:`model_loss_args`)."""
+    :class:`flatness.ModelLoss` with any batches (:func:`model_loss_args`).
+    """
     signature = inspect.signature(fn)
 
     @functools.wraps(fn)
@@ -205,6 +207,7 @@ def accepts_model_loss(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def prefixed(initial: nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Initial weights (a module or state dict) under :class:`flatness.batch_loss.BatchLoss`'s
-    names (``model.<name>``)."""
+    names (``model.<name>``).
+    """
     state = initial.state_dict() if isinstance(initial, nn.Module) else initial
     return {f"model.{k}": v for k, v in state.items()}

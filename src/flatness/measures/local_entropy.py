@@ -120,7 +120,8 @@ def quadratic_local_entropy(
     eigenvalues: Tensor, offset: Tensor, *, gamma: float, noise: float, constant: float = 0.0
 ) -> float:
     """The closed form of LE(w) for f(w') = c + ½ Σ_i a_i (w' − m)_i², ``offset`` = w − m in the
-    eigenbasis (see the module docs): −c − ½ Σ γ a_i d_i²/(a_i + γ) − ε²/2 Σ log(1 + a_i/γ)."""
+    eigenbasis (see the module docs): −c − ½ Σ γ a_i d_i²/(a_i + γ) − ε²/2 Σ log(1 + a_i/γ).
+    """
     a, d = eigenvalues.double(), offset.double()
     moreau = 0.5 * float((gamma * a / (a + gamma) * d.pow(2)).sum())
     return -constant - moreau - 0.5 * noise**2 * float(torch.log1p(a / gamma).sum())

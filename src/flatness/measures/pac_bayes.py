@@ -130,7 +130,8 @@ def _largest_sigma(
 ) -> tuple[float, float, float, float]:
     """``(lo, rise(lo), hi, rise(hi))`` bracketing the σ where ``rise`` crosses ``deviation``:
     ``upper`` doubled while the rise stays below it, then bisected ``steps`` times (or until the
-    rise at ``lo`` is within ``tolerance`` of it)."""
+    rise at ``lo`` is within ``tolerance`` of it).
+    """
     lo, lo_rise, hi = 0.0, 0.0, upper
     hi_rise = rise(hi)
     doublings = 0

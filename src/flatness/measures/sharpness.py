@@ -100,7 +100,8 @@ def _project(u: list[Tensor], region: Region, eps: float) -> list[Tensor]:
 
 def _ascent_step(u: list[Tensor], grads: list[Tensor], size: float, region: Region, eps: float) -> list[Tensor] | None:
     """One projected ascent step: along sign(g) in the box, along g/‖g‖ in the ball (``None``
-    at g = 0 in the ball)."""
+    at g = 0 in the ball).
+    """
     if region == "box":
         return _project([t + size * g.sign() for t, g in zip(u, grads)], region, eps)
     gnorm = float(_global_norm(grads))

@@ -36,7 +36,6 @@ from ..utils import FlatnessError, eval_mode
 from .divergence import model_divergence
 from .eigen import last_layer, top_eigenvalues
 from .fisher import fisher_trace
-from .local_entropy import local_entropy
 from .functional import (
     Batch,
     LossFn,
@@ -45,6 +44,7 @@ from .functional import (
     evaluate_at,
     trainable_params,
 )
+from .local_entropy import local_entropy
 from .margin import output_margin
 from .noise import noisy_loss
 from .norms import distance_from_init, parameter_norm, path_norm

@@ -5,12 +5,15 @@ one step driver), looked up by name; ``"a+b"`` composes two (see :mod:`flatness.
 Each method module registers itself with :func:`register_method` when imported below.
 """
 
+# The import order is the registration order: METHODS lists the methods as here.
+# isort: off
 from .base import METHODS, Evaluation, Here, Method, Point, Term, logged, register_method
 from . import fa as _fa  # noqa: F401  (registers "fa")
 from . import sam as _sam  # noqa: F401  (registers "sam")
 from . import gnp as _gnp  # noqa: F401  (registers "gnp")
 from . import curvature as _curvature  # noqa: F401  (registers "curvature")
 from . import nrs as _nrs  # noqa: F401  (registers "nrs" and "rpr")
+# isort: on
 from .compose import compose, make_method, method_class, method_hparam
 
 __all__ = [

@@ -98,7 +98,8 @@ def signature_defaults(function: Any, names: Iterable[str]) -> dict[str, Any]:
 
 def logged(value: Tensor) -> Tensor:
     """A step's logged value of ``value``: detached and in float64 (what ``float(value)`` gave,
-    without waiting for the device; the training loop reads the epoch's sum once)."""
+    without waiting for the device; the training loop reads the epoch's sum once).
+    """
     return value.detach().double()
 
 
@@ -231,7 +232,8 @@ class Method:
     @classmethod
     def keyword_defaults(cls) -> dict[str, Any]:
         """The default of each keyword argument that has one (what a run's record completes its
-        settings with)."""
+        settings with).
+        """
         return signature_defaults(cls.__init__, cls.keywords())
 
     def task_loss(self, x: Any, y: Any) -> Tensor:

@@ -86,7 +86,8 @@ class CurvatureTerm(Term):
 
     def observe(self, model: nn.Module) -> contextlib.AbstractContextManager[Any]:
         """Record the closed form from the pass itself when it is a curvature pass already,
-        else the output of its mode-independent prefix (module docs)."""
+        else the output of its mode-independent prefix (module docs).
+        """
         local = unwrap(model)
         self._shared = self._prefix = None
         if self.alpha == 0 or self.impl == "vmap":

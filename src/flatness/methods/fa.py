@@ -42,7 +42,8 @@ class PenaltyLog(NamedTuple):
     def from_epoch(cls, epoch: Mapping[str, Any]) -> PenaltyLog | None:
         """The means in an epoch record (``None`` if no step logged them): the training loop
         averages each logged value over the steps that logged it, counted in ``<name>_steps``
-        when fewer than the epoch's ``steps``."""
+        when fewer than the epoch's ``steps``.
+        """
         if epoch.get("sq_trace") is None:
             return None
         steps = int(epoch.get("sq_trace_steps", epoch.get("steps", 1)) or 1)

@@ -147,7 +147,8 @@ class RandomReplay:
 
 def extra_pass(model: nn.Module | None) -> contextlib.AbstractContextManager[None]:
     """Around an optimizer wrapper's closure call at a perturbed point: ``model``'s running
-    statistics frozen (:func:`flatness.passes.frozen_running_stats`); nothing without a model."""
+    statistics frozen (:func:`flatness.passes.frozen_running_stats`); nothing without a model.
+    """
     return contextlib.nullcontext() if model is None else frozen_running_stats(unwrap(model))
 
 
