@@ -1,6 +1,8 @@
-"""Hugging Face: FlatnessTrainer (a ``transformers.Trainer`` whose loss adds λ·Tr(H²)/B) and a
-CurvatureCallback, on a small BertForSequenceClassification built from a config (no download)
-with the Trainer's dict batches (``model(**batch).loss``).
+"""Hugging Face: FlatnessTrainer and a CurvatureCallback on a small BERT classifier.
+
+FlatnessTrainer is a ``transformers.Trainer`` whose loss adds λ·Tr(H²)/B; the model is a small
+BertForSequenceClassification built from a config (no download), trained on the Trainer's dict
+batches (``model(**batch).loss``).
 
 The task is synthetic: does token 7 occur in the sequence? Needs ``pip install 'flatness[hf]'``
 (and ``flatness[tensorboard]`` for event files). About 20 s on a CPU.

@@ -1,5 +1,6 @@
-"""PyTorch Lightning: the FA penalty in ``training_step`` (automatic optimization) and a
-CurvatureCallback writing λ_max, Tr(H), Tr(H²)/B to TensorBoard every 20 steps.
+"""PyTorch Lightning: the FA penalty in ``training_step`` (automatic optimization).
+
+A CurvatureCallback writes λ_max, Tr(H), Tr(H²)/B to TensorBoard every 20 steps.
 
 Needs ``pip install 'flatness[lightning,tensorboard]'``. About 15 s on a CPU.
 

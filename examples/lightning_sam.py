@@ -1,6 +1,8 @@
-"""PyTorch Lightning, manual optimization: SAM, GNP or NRS as optimizer wrappers driven by
-``optimizer.step(closure)``, on a network with BatchNorm, whose running statistics are updated
-once per step (the wrappers get ``model=self``: their extra passes update nothing).
+"""PyTorch Lightning, manual optimization: SAM, GNP or NRS as optimizer wrappers.
+
+They are driven by ``optimizer.step(closure)``, on a network with BatchNorm, whose running
+statistics are updated once per step (the wrappers get ``model=self``: their extra passes update
+nothing).
 
 Needs ``pip install 'flatness[lightning]'``. About 15 s on a CPU.
 

@@ -1,5 +1,6 @@
-"""``flatness bench measures`` and ``bench overhead``: every reported key, end to end on a tiny
-model. No timing assertions here (speed targets are checked by running the benchmarks).
+"""``flatness bench measures`` and ``bench overhead``: every reported key, end to end on a tiny model.
+
+No timing assertions here (speed targets are checked by running the benchmarks).
 """
 
 import contextlib

@@ -151,9 +151,10 @@ def test_declared_autocast_support(backend, kind):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_declared_compile_support(backend):
-    """A whole compiled model: every estimator differentiates its eager module. A model with a
-    compiled part: refused in one line naming the first-order backend unless the estimator
-    declares compile support, and then computed through the compiled part.
+    """A whole compiled model: every estimator differentiates its eager module.
+
+    A model with a compiled part: refused in one line naming the first-order backend unless the
+    estimator declares compile support, and then computed through the compiled part.
     """
     model = tiny_mlp()
     whole = FlatnessPenalty(torch.compile(model, backend="aot_eager"), CE, backend=backend)

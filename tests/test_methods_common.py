@@ -216,10 +216,11 @@ def bn_mlp(seed: int = 0) -> nn.Sequential:
 
 @pytest.mark.parametrize("label", sorted(SETTINGS) + ["sam+fa", "fa_every2"])
 def test_a_step_reads_nothing_on_the_host_but_the_fa_guard(label):
-    """Method.step never reads a tensor on the host (float(), .item(), bool(), ...): each read
-    waits for the device. The one exception is the FA penalty's curvature step, whose
-    non-finite guard must decide before the update: exactly one read there (the first step's
-    check of the closed form against autograd aside).
+    """Method.step never reads a tensor on the host (float(), .item(), bool(), ...): each read waits for the device.
+
+    The one exception is the FA penalty's curvature step, whose non-finite guard must decide before
+    the update: exactly one read there (the first step's check of the closed form against autograd
+    aside).
     """
     every = 2 if label == "fa_every2" else 1
     settings = {"lam": 0.1, "probes": 2, "seed": 0, "every": every} if label.startswith("fa") else None

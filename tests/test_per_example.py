@@ -277,7 +277,7 @@ def test_unreduced_losses_and_bad_impl_are_refused():
 
 @pytest.mark.parametrize("norm", [nn.LayerNorm(6), nn.GroupNorm(2, 6)])
 def test_differentiable_vmap_through_layer_and_group_norm_matches_the_loop(norm):
-    """torch's batched backward of the fused norm kernels is wrong when differentiated again;
+    """The batched backward of torch's fused norm kernels is wrong when differentiated again;
     the engine computes them from elementary ops there.
     """
     torch.manual_seed(0)

@@ -57,7 +57,7 @@ def test_landscape_progress_is_whole_lines(one_run, tmp_path, monkeypatch):
 
 
 def test_no_progress_bar_outside_the_progress_module():
-    """tqdm is reached only through running/progress.py (and the library's landscape, where a
+    """The tqdm package is reached only through running/progress.py (and the library's landscape, where a
     user asks for a bar with ``progress=True``).
     """
     root = Path(flatness.__file__).parent

@@ -96,9 +96,7 @@ def _public_members(cls: type) -> list[str]:
 
 
 def _public_attributes(module: ModuleType) -> list[str]:
-    """Names ``module`` binds that look public: no ``_`` prefix, not a module, not a
-    ``from __future__`` feature.
-    """
+    """Names ``module`` binds that look public: no ``_`` prefix, not a module, not a ``from __future__`` feature."""
     return [name for name, value in vars(module).items()
             if not name.startswith("_") and not inspect.ismodule(value)
             and not isinstance(value, __future__._Feature)]

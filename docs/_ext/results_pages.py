@@ -49,8 +49,9 @@ def folder_page(rel: str, results: Path = RESULTS) -> str:
 
 
 def write_results_pages(outdir: Path, results: Path = RESULTS) -> list[str]:
-    """Write ``outdir/index.md`` (``results/README.md`` and the folder list) and the folder
-    pages; remove stale ones. Returns the folders.
+    """Write ``outdir/index.md`` (``results/README.md`` and the folder list) and the folder pages; remove stale ones.
+
+    Returns the folders.
     """
     outdir.mkdir(parents=True, exist_ok=True)
     folders = results_dirs(results)

@@ -71,6 +71,7 @@ class ModelLoss:
         self.batch_size = batch_size
 
     def __call__(self, model: nn.Module, batch: Any) -> Tensor:
+        """The scalar loss of ``model`` on the whole ``batch``."""
         return self.fn(model, batch)
 
     def size_of(self, batch: Any) -> int:
@@ -113,6 +114,7 @@ class BatchLoss(nn.Module):
         self.loss = loss
 
     def forward(self, batch: Any) -> Tensor:
+        """The wrapped model's loss on ``batch``, checked to be a scalar tensor."""
         value = self.loss(self.model, batch)
         if not isinstance(value, Tensor) or value.dim() != 0:
             got = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
@@ -126,8 +128,10 @@ def output_is_loss(loss: Tensor, target: Any) -> Tensor:
 
 
 def adapt(model: nn.Module, loss_fn: Any) -> tuple[nn.Module, Callable[[Tensor, Any], Tensor]]:
-    """``(BatchLoss(model, loss_fn), output_is_loss)`` for a :class:`ModelLoss`, else the pair
-    unchanged; the adapted pair is called with :func:`as_pair`'s inputs and target.
+    """The pair to call: ``(BatchLoss(model, loss_fn), output_is_loss)`` for a :class:`ModelLoss`.
+
+    Otherwise the pair unchanged; the adapted pair is called with :func:`as_pair`'s inputs and
+    target.
     """
     if isinstance(loss_fn, ModelLoss):
         return BatchLoss(model, loss_fn), output_is_loss
@@ -140,8 +144,10 @@ def as_pair(batch: Any) -> tuple[tuple[Any], None]:
 
 
 def batch_size_of(model: nn.Module, inputs: Any) -> int:
-    """B of ``inputs`` for ``model``: a :class:`BatchLoss`'s inputs ``(batch,)`` by its
-    :meth:`ModelLoss.size_of`, otherwise the leading dimension of the first tensor.
+    """B of ``inputs`` for ``model``.
+
+    A :class:`BatchLoss`'s inputs ``(batch,)`` by its :meth:`ModelLoss.size_of`, otherwise the
+    leading dimension of the first tensor.
     """
     if isinstance(model, BatchLoss) and isinstance(inputs, tuple) and len(inputs) == 1:
         return model.loss.size_of(inputs[0])
@@ -149,8 +155,10 @@ def batch_size_of(model: nn.Module, inputs: Any) -> int:
 
 
 def adapt_wrapped(model: nn.Module, loss_fn: Any) -> tuple[nn.Module, Any, nn.Module]:
-    """:func:`adapt`, plus the module an out-of-place pass runs: ``(model, loss_fn, local)``
-    with ``local`` the adapted :func:`flatness.utils.unwrap`-ped model (DDP, torch.compile).
+    """:func:`adapt`, plus the module an out-of-place pass runs.
+
+    Returns ``(model, loss_fn, local)`` with ``local`` the adapted :func:`flatness.utils.unwrap`-ped
+    model (DDP, torch.compile).
     """
     adapted, fn = adapt(model, loss_fn)
     if isinstance(loss_fn, ModelLoss) and unwrap(model) is not model:
@@ -159,8 +167,9 @@ def adapt_wrapped(model: nn.Module, loss_fn: Any) -> tuple[nn.Module, Any, nn.Mo
 
 
 def call_pair(model_loss: ModelLoss | None, x: Any, y: Any, what: str = "penalty") -> tuple[Any, Any]:
-    """``(x, y)`` of a call ``what(x, y)``, or the whole batch ``x`` as :func:`as_pair` when the
-    callee was built with a :class:`ModelLoss` (then ``what(batch)``).
+    """``(x, y)`` of a call ``what(x, y)``, or the whole batch ``x`` as :func:`as_pair`.
+
+    The whole batch when the callee was built with a :class:`ModelLoss` (then ``what(batch)``).
     """
     if model_loss is not None:
         if y is not None:

@@ -1,5 +1,7 @@
-r"""Mode connectivity: the loss barrier on the straight line between two models and on a trained
-quadratic Bézier curve (Garipov et al. 2018; Frankle et al. 2020).
+r"""Mode connectivity: the loss barrier between two models.
+
+On the straight line between them and on a trained quadratic Bézier curve (Garipov et al. 2018;
+Frankle et al. 2020).
 
 .. math::
 
@@ -169,8 +171,9 @@ def linear_path(
     accuracy: Accuracy | None = None,
     stat_batches: Iterable[tuple[Any, Any]] | None = None,
 ) -> PathCurve:
-    """Loss (and error, with ``accuracy(logits, y)``) on ``batches`` at ``num`` points of the line,
-    BatchNorm statistics re-estimated on ``stat_batches`` (default: ``batches``) at each.
+    """Loss (and error, with ``accuracy(logits, y)``) on ``batches`` at ``num`` points of the line.
+
+    BatchNorm statistics are re-estimated on ``stat_batches`` (default: ``batches``) at each point.
     """
     theta_a, theta_b = _endpoints(model_a, model_b)
     ts = np.linspace(0.0, 1.0, num)
@@ -188,8 +191,9 @@ def train_bezier(
     lr: float = 1e-3,
     seed: int | None = 0,
 ) -> tuple[dict[str, Tensor], list[float]]:
-    """The control point θ of a quadratic Bézier curve from model a to model b, trained on
-    ``train_batches`` (see the module docs), and the loss at each step.
+    """The control point θ of a quadratic Bézier curve from model a to model b, and the loss at each step.
+
+    θ is trained on ``train_batches`` (see the module docs).
     """
     if steps < 1 or not lr > 0:
         raise FlatnessError(f"the curve needs steps >= 1 and lr > 0 (got {steps}, {lr})")
@@ -254,8 +258,9 @@ def connect(
     curve_lr: float = 1e-3,
     seed: int | None = 0,
 ) -> Connectivity:
-    """The linear path and (with ``train_batches`` and ``curve_steps`` > 0) the trained Bézier
-    curve between two models, evaluated on ``batches``; statistics re-estimated on
+    """The linear path and the trained Bézier curve between two models, evaluated on ``batches``.
+
+    The curve with ``train_batches`` and ``curve_steps`` > 0; statistics re-estimated on
     ``stat_batches`` (default: ``train_batches``, else ``batches``).
     """
     if num < 2:

@@ -132,8 +132,9 @@ class OutputLayer:
 
 
 def _softmax_scale(g: Tensor, out: Tensor, z: Tensor) -> tuple[Tensor, float] | None:
-    """(p, s) if the loss's output Hessian is s·(diag(p) − ppᵀ) per row, checked on one
-    fixed direction r (softmax cross-entropy, with or without label smoothing), else None.
+    """(p, s) if the loss's output Hessian is s·(diag(p) − ppᵀ) per row, else None.
+
+    Checked on one fixed direction r (softmax cross-entropy, with or without label smoothing).
     """
     rows, classes = z.shape
     r = torch.sin(torch.arange(rows * classes, dtype=z.dtype, device=z.device) * 0.7 + 0.3)
@@ -216,11 +217,16 @@ def cv_sq_trace(
     r"""‖H_LL‖² + (1/M) Σ_j (‖H v_j‖² − ‖H_LL v_{j,L}‖²), differentiable; all trainable parameters.
 
     Args:
-        model, loss_fn, x, y: the loss ``loss_fn(model(x), y)`` (run the model in the mode the
-            curvature pass needs; this function does not change modes).
+        model: the network, run in the mode the curvature pass needs (this function does not
+            change modes).
+        loss_fn: the loss ``loss_fn(model(x), y)``.
+        x: the batch's inputs.
+        y: the batch's targets.
         probes: M >= 1.
-        dist, generator, seed: the probes, drawn as :func:`flatness.sample_probes` draws them
-            for the model's trainable parameters.
+        dist: the probes' distribution; they are drawn as :func:`flatness.sample_probes` draws
+            them for the model's trainable parameters.
+        generator: the probes' random generator (see :func:`flatness.sample_probes`).
+        seed: the probes' seed (see :func:`flatness.sample_probes`).
         sq_norm_mean: ``f(vectors) -> (1/M) Σ_j ‖H v_j‖²`` for the same loss (e.g.
             :func:`flatness.layerwise.layerwise_sq_trace` with ``probe_vectors=``); default
             :func:`flatness.sq_trace` on the loss of this call's own forward pass (no second

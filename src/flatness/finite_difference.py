@@ -127,12 +127,12 @@ def parameter_names(model: nn.Module, params: Sequence[Tensor]) -> list[str]:
 
 
 def same_function_in_train_mode(model: nn.Module) -> bool:
-    """Whether the model in its current modes computes the curvature pass's function.
+    r"""Whether the model in its current modes computes the curvature pass's function.
 
     True when no module is stochastic in training: no ``nn.Dropout*`` with ``p > 0`` and no
     module with a positive float ``dropout`` attribute (``nn.MultiheadAttention``, ViT
     attention) in train mode. BatchNorm uses batch statistics in both. Then the task loss's
-    gradient is the curvature pass's :math:`g(\\theta)` and can be shared.
+    gradient is the curvature pass's :math:`g(\theta)` and can be shared.
     """
     for m in model.modules():
         if not m.training:
@@ -218,8 +218,9 @@ class FrozenKinks(TorchFunctionMode):
 
 @contextlib.contextmanager
 def _replayed_rng(device: torch.device) -> Iterator[Callable[[], None]]:
-    """Yields ``rewind()``, which resets torch's RNG (CPU and ``device``) to its state at entry;
-    the state is put back on exit, so the evaluations draw the same numbers and consume none.
+    """Yields ``rewind()``, which resets torch's RNG (CPU and ``device``) to its state at entry.
+
+    The state is put back on exit, so the evaluations draw the same numbers and consume none.
     """
     cpu = torch.get_rng_state()
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
@@ -245,9 +246,10 @@ def _call(model: nn.Module, params: dict[str, Tensor], x: Any) -> Tensor:
 
 @dataclass(frozen=True)
 class FDEstimate:
-    """Per-probe ‖H v_j‖² (``values``, shape ``(M,)``, detached), the mean over probes of
-    ∇‖H v_j‖² per parameter (``grads``, ``None`` if not asked for), the steps and the number
-    of gradient evaluations made.
+    """Per-probe ‖H v_j‖² and the mean over probes of ∇‖H v_j‖² per parameter.
+
+    ``values``: shape ``(M,)``, detached; ``grads``: ``None`` if not asked for; then the steps and
+    the number of gradient evaluations made.
     """
 
     values: Tensor
@@ -277,7 +279,8 @@ def fd_sq_trace(
     Args:
         model: the network (not modified: shifted parameters go through ``functional_call``).
         loss_fn: ``loss_fn(model(x), y) -> scalar``.
-        x, y: the curvature batch.
+        x: the curvature batch's inputs.
+        y: the curvature batch's targets.
         params: the parameters θ (of ``model``) the Hessian is taken over; the others stay.
         probe_vectors: one ``(M, *p.shape)`` tensor per parameter.
         h: the relative steps ``(h_v, h_u)`` of :func:`step_sizes`, or one number for both
@@ -316,8 +319,10 @@ def fd_sq_trace(
 
 
 class _ShiftedGradients:
-    """g(θ + Σ scale·direction) at shifted parameters (``functional_call``), from the same random
-    state every time, with the ReLU kinks of θ replayed; ``count`` evaluations so far.
+    """g(θ + Σ scale·direction) at shifted parameters (``functional_call``).
+
+    From the same random state every time, with the ReLU kinks of θ replayed; ``count`` evaluations
+    so far.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, x: Any, y: Any, names: list[str],
@@ -355,8 +360,9 @@ def _probe_terms(
     gradient: _ShiftedGradients, theta: list[Tensor], g0: list[Tensor], probe_vectors: Sequence[Tensor],
     h_v: float, h_u: float, with_grad: bool,
 ) -> tuple[list[Tensor], list[Tensor] | None, list[tuple[float, float]]]:
-    """Per probe: ‖u‖² with u = (g(θ + r v) − g(θ))/r, and (with ``with_grad``) the mean of the
-    second differences 2·T[v, u, ·]; the steps (r, s) taken.
+    """Per probe: ‖u‖² with u = (g(θ + r v) − g(θ))/r; and the steps (r, s) taken.
+
+    With ``with_grad``, also the mean of the second differences 2·T[v, u, ·].
     """
     num = probe_vectors[0].shape[0]
     values: list[Tensor] = []

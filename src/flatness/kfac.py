@@ -69,8 +69,10 @@ __all__ = ["KroneckerFactors", "kfac_sq_trace", "kronecker_factors", "loss_scale
 
 
 def _predictive(logits: Tensor) -> Tensor:
-    """The model's predictive distribution over class ids: softmax of C >= 2 logits, or
-    Bernoulli(sigmoid) over {0, 1} for one logit (binary cross-entropy).
+    """The model's predictive distribution over class ids.
+
+    Softmax of C >= 2 logits, or Bernoulli(sigmoid) over {0, 1} for one logit (binary
+    cross-entropy).
     """
     if logits.shape[1] == 1:
         p = torch.sigmoid(logits)
@@ -129,8 +131,9 @@ def _check_tolerance(dtype: torch.dtype) -> float:
 
 
 def loss_scale(loss_fn: Callable[[Tensor, Any], Tensor], out: Tensor, labels: Tensor) -> tuple[Tensor, float]:
-    """``(loss_fn(out, labels), c)``: the loss on sampled class ids and how it is reduced — c = 1
-    if it is the batch mean of their negative log-likelihood (cross-entropy of the logits, or
+    """``(loss_fn(out, labels), c)``: the loss on sampled class ids and how it is reduced.
+
+    c = 1 if it is the batch mean of their negative log-likelihood (cross-entropy of the logits, or
     binary cross-entropy of one logit), c = N if it is the sum (one host read of both values).
 
     Raises:
@@ -233,8 +236,9 @@ def kfac_sq_trace(
     seed: int | None = None,
     prefix: SharedPrefix | None = None,
 ) -> Tensor:
-    """c² · Σ_l Tr(A_l²)·Tr(G_l²), a differentiable scalar (see :func:`kronecker_factors`;
-    c = :attr:`KroneckerFactors.loss_scale`, 1 for a batch-mean loss).
+    """c² · Σ_l Tr(A_l²)·Tr(G_l²), a differentiable scalar.
+
+    See :func:`kronecker_factors`; c = :attr:`KroneckerFactors.loss_scale`, 1 for a batch-mean loss.
     """
     factors = kronecker_factors(model, loss_fn, x, y, generator=generator, seed=seed, prefix=prefix)
     total = torch.stack([f.sq_trace_a() * f.sq_trace_g() for f in factors]).sum()

@@ -385,8 +385,10 @@ def make_policy(
 
 
 def decision_log(policy: LamPolicy, step: int) -> dict[str, float]:
-    """The floats a training step logs about ``policy``'s decision at ``step``: the spike
-    controller's ``lam_interval`` (the pass's next interval) and ``lam_spike`` (1 on a spike).
+    """The floats a training step logs about ``policy``'s decision at ``step``.
+
+    The spike controller's ``lam_interval`` (the pass's next interval) and ``lam_spike`` (1 on a
+    spike).
     """
     entry = policy.log[-1] if policy.log else {}
     if entry.get("step") != step or "next_interval" not in entry:
@@ -408,8 +410,7 @@ def grad_norm_surrogate(
     retain_graph: bool,
     log: dict[str, float] | None,
 ) -> tuple[Tensor, Callable[[], None]]:
-    """λ·P for a policy that ``needs_grad_norms``: value λ·P, gradient λ·g_P; and the remover of
-    the hook it registers.
+    """λ·P for a policy that ``needs_grad_norms``: value λ·P, gradient λ·g_P; and the remover of the hook it registers.
 
     g_P = ∇P of the unit penalty P = Tr(H²)/B is computed here, by the backward the penalty
     needs anyway (its graph is its own, so this is no extra work), and enters the loss through a

@@ -1,5 +1,7 @@
-r"""Loss-landscape pictures: random filter-normalised directions, 1D and 2D surfaces, linear
-interpolation between two models, and the PCA of a training trajectory over a 2D contour.
+r"""Loss-landscape pictures.
+
+Random filter-normalised directions, 1D and 2D surfaces, linear interpolation between two models,
+and the PCA of a training trajectory over a 2D contour.
 
 .. math::
 

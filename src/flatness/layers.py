@@ -68,9 +68,11 @@ class SparseLinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x Wᵀ + b`` by :func:`sparse_linear`."""
         return sparse_linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
+        """The layer's sizes, as ``nn.Linear`` shows them."""
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 

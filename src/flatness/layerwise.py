@@ -146,8 +146,9 @@ def unsupported_reason(
 
 
 def supports(model: nn.Module, x: Any, params: Sequence[Tensor] | None = None) -> bool:
-    """Whether :func:`layerwise_sq_trace` applies to ``model`` on input ``x`` (see
-    :func:`unsupported_reason` for why not).
+    """Whether :func:`layerwise_sq_trace` applies to ``model`` on input ``x``.
+
+    :func:`unsupported_reason` says why not.
     """
     return unsupported_reason(model, x, params) is None
 
@@ -160,12 +161,13 @@ def first_linear(model: nn.Sequential) -> int:
 def _cross_entropy_closed_form(
     loss_fn: Callable[[Tensor, Any], Tensor], out: Tensor, y: Any
 ) -> tuple[Tensor, Tensor] | None:
-    """(softmax(out), per-row weights) where ``loss_fn`` is exactly ``nn.CrossEntropyLoss`` with
-    mean reduction, no class weights and no label smoothing, on logits ``out`` (B, C) and class
-    ids ``y`` (B,); otherwise None. The weights are 1/n on the n rows whose label is not
-    ``ignore_index`` and 0 on the others (the loss's mean; all 0 when every label is ignored, where
-    torch's own backward gives zero gradients), so that ∂L/∂out = w ⊙ (p - onehot(y))
-    and the Hessian applied to ż is w ⊙ (p ⊙ ż - p (pᵀż)) — with no host synchronisation.
+    """(softmax(out), per-row weights) where ``loss_fn`` is exactly a plain ``nn.CrossEntropyLoss``; otherwise None.
+
+    Plain: mean reduction, no class weights and no label smoothing, on logits ``out`` (B, C) and
+    class ids ``y`` (B,). The weights are 1/n on the n rows whose label is not ``ignore_index`` and
+    0 on the others (the loss's mean; all 0 when every label is ignored, where torch's own backward
+    gives zero gradients), so that ∂L/∂out = w ⊙ (p - onehot(y)) and the Hessian applied to ż is w ⊙
+    (p ⊙ ż - p (pᵀż)) — with no host synchronisation.
     """
     if not (
         type(loss_fn) is nn.CrossEntropyLoss and loss_fn.weight is None and loss_fn.label_smoothing == 0.0
@@ -243,7 +245,7 @@ def _frobenius_sq(
 
 
 def _probe_product(x: Tensor, v: Tensor) -> Tensor:
-    """x v_jᵀ for every probe j as one matrix product: x (B, d_in), v (M, d_out, d_in) -> (M, B, d_out)."""
+    """The products x v_jᵀ for every probe j as one matrix product: x (B, d_in), v (M, d_out, d_in) -> (M, B, d_out)."""
     m, d_out, d_in = v.shape
     return (x @ v.reshape(m * d_out, d_in).T).view(x.shape[0], m, d_out).transpose(0, 1)
 
@@ -297,8 +299,9 @@ def _probe_blocks(
     seed: int | None,
     probe_vectors: Sequence[Tensor | None] | None,
 ) -> tuple[dict[int, Tensor], int, torch.Generator | None]:
-    """The probe block of every parameter by ``id`` (the input layer's weight missing where it
-    is drawn in the data's image), the number of probes and the generator of the rest.
+    """The probe block of every parameter by ``id``, the number of probes and the generator of the rest.
+
+    The input layer's weight is missing where it is drawn in the data's image.
     """
     params = list(model.parameters())
     first_weight = model[first_linear(model)].weight
@@ -325,8 +328,9 @@ def _probe_blocks(
 def _primal_forward(
     model: nn.Sequential, x: Tensor, first_linear_output: Tensor | None
 ) -> tuple[list[_Linear | _Act | None], Tensor]:
-    """The forward pass, keeping what the explicit backward needs. Modules before the first
-    Linear act on the data (no tangent reaches them).
+    """The forward pass, keeping what the explicit backward needs.
+
+    Modules before the first Linear act on the data (no tangent reaches them).
     """
     first = first_linear(model)
     records: list[_Linear | _Act | None] = []
@@ -351,8 +355,9 @@ def _tangent_forward(
     model: nn.Sequential, records: list[_Linear | _Act | None], vec_of: dict[int, Tensor], num: int,
     generator: torch.Generator | None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Ż_out along the M probes (Ż = Ẋ Wᵀ + X V_Wᵀ + v_b, Ẋ = σ'(Z) ⊙ Ż), and the input layer's
-    X Xᵀ where the image draw computed it.
+    """Ż_out along the M probes, and the input layer's X Xᵀ where the image draw computed it.
+
+    Ż = Ẋ Wᵀ + X V_Wᵀ + v_b, Ẋ = σ'(Z) ⊙ Ż.
     """
     t: Tensor | None = None  # None: the tangent is zero (we are still at the data)
     gram: Tensor | None = None
@@ -377,9 +382,10 @@ def _tangent_forward(
 
 
 def _output_signals(loss_fn: Callable[[Tensor, Any], Tensor], out: Tensor, y: Any, t: Tensor) -> tuple[Tensor, Tensor]:
-    """(g, ġ): ∂L/∂out and the loss Hessian w.r.t. the output applied to Ż_out — for the plain
-    cross-entropy g = w ⊙ (p - onehot(y)) and w ⊙ (diag(p) - p pᵀ) Ż per row (an out-of-range
-    label fails in scatter), for any other loss by double backward.
+    """(g, ġ): ∂L/∂out and the loss Hessian w.r.t. the output applied to Ż_out.
+
+    For the plain cross-entropy g = w ⊙ (p - onehot(y)) and w ⊙ (diag(p) - p pᵀ) Ż per row (an
+    out-of-range label fails in scatter), for any other loss by double backward.
     """
     closed = _cross_entropy_closed_form(loss_fn, out, y)
     if closed is not None:
@@ -400,7 +406,8 @@ def _backward_sq_norm(
     records: list[_Linear | _Act | None], g: Tensor, t_grad: Tensor, vec_of: dict[int, Tensor],
     gram: Tensor | None,
 ) -> Tensor:
-    """Σ_j ‖H v_j‖² by the explicit backward of the primal (g) and tangent (ġ) signals:
+    """Σ_j ‖H v_j‖² by the explicit backward of the primal (g) and tangent (ġ) signals.
+
     (Hv)_W = δ̇ᵀ X + δᵀ Ẋ, (Hv)_b = Σ_i δ̇_i, δ̇ = σ'(Z)⊙ġ + σ''(Z)⊙Ż⊙g.
     """
     # Which records still need the primal signal g from above: a curved activation (σ'' ≠ 0)

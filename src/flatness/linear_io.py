@@ -158,9 +158,10 @@ class SharedPrefix:
         return self.consumed[0] or any(t._version != v for t, v in self.versions)
 
     def first_rows(self, source: Any) -> SharedPrefix:
-        """The prefix of ``source``, a leading slice ``x[:n]`` of this prefix's batch-first input
-        (a sub-batch): the prefix works sample by sample, so its values for those samples are the
-        first rows of its own (of every Linear input's rows, ``n`` × its rows per sample).
+        """The prefix of ``source``, a leading slice ``x[:n]`` of this prefix's batch-first input (a sub-batch).
+
+        The prefix works sample by sample, so its values for those samples are the first rows of its
+        own (of every Linear input's rows, ``n`` × its rows per sample).
         """
         empty = SharedPrefix(self.length)
         if self.output is None or not isinstance(self.source, Tensor) or not isinstance(source, Tensor):
@@ -184,8 +185,9 @@ class SharedPrefix:
         return SharedPrefix(self.length, source, output, calls, self.versions, self.consumed)
 
     def first_linear_output(self, module: nn.Module) -> Tensor | None:
-        """The output of ``module`` if it is the prefix's first Linear call (its rows of a
-        sub-batch), else ``None``: what :func:`flatness.layerwise.layerwise_sq_trace` shares.
+        """The output of ``module`` if it is the prefix's first Linear call (its rows of a sub-batch), else ``None``.
+
+        This is what :func:`flatness.layerwise.layerwise_sq_trace` shares.
         """
         if self.output is None or not self.calls or self.calls[0].module is not module:
             return None
@@ -195,13 +197,15 @@ class SharedPrefix:
 
 @contextlib.contextmanager
 def share_prefix(model: nn.Module) -> Iterator[SharedPrefix]:
-    """Record, during the body's forward pass (e.g. the task loss's), the output of ``model``'s
-    mode-independent prefix — the leading Linear/activation modules of a Sequential, which give
-    the same values with dropout on or off — so that a curvature pass (:mod:`flatness.kfac`,
-    :mod:`flatness.control_variate`) can start there. The two passes then share the prefix's forward and, in the one backward of
-    task loss + penalty, its weight gradients: for the paper's MLP, the 3072 × 512 input layer.
-    Nothing is recorded for other models or for models with in-place modules (the pass then
-    runs the whole model). The record is a cache: see :meth:`SharedPrefix.stale`.
+    """Record the output of ``model``'s mode-independent prefix during the body's forward pass.
+
+    The body's forward pass is e.g. the task loss's; the prefix is the leading Linear/activation
+    modules of a Sequential, which give the same values with dropout on or off — so that a curvature
+    pass (:mod:`flatness.kfac`, :mod:`flatness.control_variate`) can start there. The two passes
+    then share the prefix's forward and, in the one backward of task loss + penalty, its weight
+    gradients: for the paper's MLP, the 3072 × 512 input layer. Nothing is recorded for other models
+    or for models with in-place modules (the pass then runs the whole model). The record is a cache:
+    see :meth:`SharedPrefix.stale`.
     """
     prefix = SharedPrefix(0 if _has_inplace(model) else _prefix_length(model))
     if prefix.length == 0:

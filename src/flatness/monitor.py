@@ -90,8 +90,10 @@ def measure_names(measures: Sequence[str]) -> list[str]:
 
 @contextlib.contextmanager
 def preserved_random_states(devices: Sequence[int] = ()) -> Iterator[None]:
-    """The body may draw random numbers; torch's CPU state, the CUDA states of ``devices``,
-    Python's ``random`` and NumPy's global state are put back bitwise on exit (also on error).
+    """The body may draw random numbers; the random states are put back bitwise on exit (also on error).
+
+    The states: torch's CPU state, the CUDA states of ``devices``, Python's ``random`` and NumPy's
+    global state.
     """
     py_state = random.getstate()
     np_state = np.random.get_state()
@@ -104,9 +106,10 @@ def preserved_random_states(devices: Sequence[int] = ()) -> Iterator[None]:
 
 
 def detached_copy(x: Any) -> Any:
-    """A detached copy of a tensor or a (nested) tuple/list/dict of tensors; other values as
-    they are. A monitored batch is kept this way: later in-place changes by a data loader
-    (reused buffers) do not reach it.
+    """A detached copy of a tensor or a (nested) tuple/list/dict of tensors; other values as they are.
+
+    A monitored batch is kept this way: later in-place changes by a data loader (reused buffers) do
+    not reach it.
     """
     if isinstance(x, torch.Tensor):
         return x.detach().clone()
@@ -131,8 +134,9 @@ def _scalar(value: Any) -> float | None:
 
 
 class _CsvLog:
-    """Append-only CSV: each record is one ``write`` of a complete line (``O_APPEND``), the
-    header once; a file that exists is continued if its header matches (resume).
+    """Append-only CSV: each record is one ``write`` of a complete line (``O_APPEND``), the header once.
+
+    A file that exists is continued if its header matches (resume).
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:

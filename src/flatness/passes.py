@@ -88,8 +88,9 @@ def norm_layers(model: nn.Module) -> list[_NormBase]:
 
 @contextlib.contextmanager
 def batch_statistics(layers: Iterable[_NormBase]) -> Iterator[None]:
-    """The body runs ``layers`` on the statistics of their input batch, in either mode,
-    updating nothing; their flags and running-statistics references are restored on exit.
+    """The body runs ``layers`` on the statistics of their input batch, in either mode, updating nothing.
+
+    Their flags and running-statistics references are restored on exit.
     """
     saved = [(m, m.track_running_stats, m.running_mean, m.running_var) for m in layers]
     try:
@@ -106,8 +107,9 @@ def batch_statistics(layers: Iterable[_NormBase]) -> Iterator[None]:
 
 
 def frozen_running_stats(model: nn.Module) -> contextlib.AbstractContextManager[None]:
-    """Norm layers in train mode keep normalising with batch statistics but update nothing;
-    the rest of the model (modes, dropout) is left as it is.
+    """Norm layers in train mode keep normalising with batch statistics but update nothing.
+
+    The rest of the model (modes, dropout) is left as it is.
     """
     return batch_statistics([m for m in norm_layers(model) if m.training])
 
@@ -238,9 +240,10 @@ def measure_pass(model: nn.Module, function: Function = "deployed") -> Iterator[
 
 
 def is_curvature_function(model: nn.Module) -> bool:
-    """Whether ``model``'s forward, as it stands, already computes what :func:`curvature_pass`
-    would: no active dropout, attention or norm layer in train mode (then a method may
-    take its curvature quantities from the main pass instead of running an extra one).
+    """Whether ``model``'s forward, as it stands, already computes what :func:`curvature_pass` would.
+
+    That is: no active dropout, attention or norm layer in train mode (then a method may take its
+    curvature quantities from the main pass instead of running an extra one).
     """
     for m in model.modules():
         if not m.training:

@@ -158,9 +158,10 @@ class FlatnessPenalty:
         return self.policy.decide(self.calls if call is None else call).active
 
     def __call__(self, x: Any, y: Any = None, *, log: dict[str, float] | None = None) -> Tensor:
-        """The penalty for this mini-batch (``penalty(batch)`` with a :class:`flatness.ModelLoss`):
-        λ·Tr(H²)/B with graph, or an exact zero. ``log`` receives the floats of the step's λ
-        decision (``lam`` when λ varies, a controller's).
+        """The penalty for this mini-batch: λ·Tr(H²)/B with graph, or an exact zero.
+
+        ``penalty(batch)`` with a :class:`flatness.ModelLoss`. ``log`` receives the floats of the
+        step's λ decision (``lam`` when λ varies, a controller's).
         """
         x, y = call_pair(self.model_loss, x, y)
         return self._penalty(x, y, self._take_shared(x), log)
@@ -185,8 +186,9 @@ class FlatnessPenalty:
         )
 
     def objective(self, x: Any, y: Any = None, *, log: dict[str, float] | None = None) -> tuple[Tensor, Tensor]:
-        """``(task_loss, task_loss + self(x, y))`` on this mini-batch (``objective(batch)`` with a
-        :class:`flatness.ModelLoss`), the second to back-propagate.
+        """``(task_loss, task_loss + self(x, y))`` on this mini-batch, the second to back-propagate.
+
+        ``objective(batch)`` with a :class:`flatness.ModelLoss`.
 
         The task loss is ``loss_fn(model(x), y)`` in the model's current modes. An estimator that
         shares the task gradient (``"finite-difference"``) takes g(θ) from it when
@@ -292,8 +294,10 @@ class FlatnessPenalty:
         return torch.zeros((), device=ref.device, dtype=ref.dtype)
 
     def state_dict(self) -> dict[str, Any]:
-        """Schedule position, generator state, the estimator's state (``auto``'s verdict) and
-        the λ-policy's, to resume a run exactly.
+        """The state to resume a run exactly.
+
+        Schedule position, generator state, the estimator's state (``auto``'s verdict) and the
+        λ-policy's.
         """
         return {
             "calls": self.calls,

@@ -92,9 +92,11 @@ CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d)
 
 
 class PerExampleNorms(NamedTuple):
-    """``loss``: the batch loss of the pass (``loss_fn``'s reduction); ``sq_norms``: (n,)
-    per-example ‖∇θ ℓ_i‖²; ``impl``: ``"closed-form"`` or ``"vmap"``. Both tensors carry a
-    graph when computed with ``create_graph=True``.
+    """The batch loss and the per-example squared gradient norms of one pass.
+
+    ``loss``: the batch loss of the pass (``loss_fn``'s reduction); ``sq_norms``: (n,) per-example
+    ‖∇θ ℓ_i‖²; ``impl``: ``"closed-form"`` or ``"vmap"``. Both tensors carry a graph when computed
+    with ``create_graph=True``.
     """
 
     loss: Tensor
@@ -232,8 +234,10 @@ def _conv_geometry(m: nn.Module) -> tuple[tuple[int, int], ...]:
 def _conv_per_example_weight_grads(
     a: Tensor, delta: Tensor, weight: Tensor, kernel: Any, stride: Any, padding: Any, dilation: Any, groups: int
 ) -> Tensor:
-    """‖∇_W ℓ_i‖² of a 2-D convolution: one weight-gradient call with the batch as n·groups
-    groups (differentiable: the call has a double backward), no unfolded patches.
+    """‖∇_W ℓ_i‖² of a 2-D convolution, with no unfolded patches.
+
+    One weight-gradient call with the batch as n·groups groups (differentiable: the call has a
+    double backward).
     """
     n = a.shape[0]
     shape = (n * weight.shape[0], weight.shape[1], *kernel)
@@ -326,8 +330,9 @@ def _sequence_first(model: nn.Module) -> bool:
 def _recording(
     layers: Sequence[nn.Module], copy: bool
 ) -> Iterator[dict[nn.Module, list[tuple[Any, Tensor, int, int]]]]:
-    """Forward hooks recording (input, output, their versions) per call of each layer; with
-    ``copy`` the layer sees a copy of its input and the model a copy of its output, so that
+    """Forward hooks recording (input, output, their versions) per call of each layer.
+
+    With ``copy`` the layer sees a copy of its input and the model a copy of its output, so that
     later in-place ops cannot change the recorded tensors.
     """
     records: dict[nn.Module, list[tuple[Any, Tensor, int, int]]] = {m: [] for m in layers}
@@ -374,8 +379,9 @@ class ClosedForm:
 
     @contextlib.contextmanager
     def record(self, copy: bool = False, prefix: SharedPrefix | None = None) -> Iterator[None]:
-        """Record the covered layers' inputs and outputs of the forward pass in the body
-        (train-mode BatchNorm on fixed batch statistics, see the module docs). A ``prefix``
+        """Record the covered layers' inputs and outputs of the forward pass in the body.
+
+        Train-mode BatchNorm runs on fixed batch statistics (see the module docs). A ``prefix``
         recorded in another pass (:func:`flatness.linear_io.share_prefix`) stands for its layers'
         calls: the body runs the rest of the model from the prefix's output.
         """
@@ -485,8 +491,10 @@ _TRANSFORM_MESSAGES = ("vmap", "transform", "batching rule", "functorch")
 
 
 def _transform_limitation(exc: BaseException) -> bool:
-    """Whether ``exc`` says torch.func cannot transform an op (``.item()``, data-dependent
-    control flow, in-place ops on captured tensors, a missing batching rule).
+    """Whether ``exc`` says torch.func cannot transform an op.
+
+    Such as ``.item()``, data-dependent control flow, in-place ops on captured tensors, a missing
+    batching rule.
     """
     text = str(exc).lower()
     return any(m in text for m in _TRANSFORM_MESSAGES)
@@ -579,6 +587,10 @@ def per_example_sq_grad_norms(
     """‖∇θ ℓ(f(x_i), y_i)‖² for every example of the batch, and the batch loss.
 
     Args:
+        model: the network.
+        loss_fn: ``loss_fn(model(x), y)``, the batch mean (or sum) of per-example losses.
+        x: the batch's inputs.
+        y: the batch's targets.
         params: the parameters the gradient is taken in (default: all trainable ones).
         impl: ``"auto"`` (the closed form where it applies, else vmap), ``"closed-form"``
             (:class:`ClosedFormUnavailable` where it does not apply) or ``"vmap"``.

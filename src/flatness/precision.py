@@ -49,8 +49,9 @@ class PassPrecision:
         self.warned = False
 
     def __call__(self, device_type: str, supported: bool, name: str) -> contextlib.AbstractContextManager[None]:
-        """A context for a pass on ``device_type`` of the estimator ``name``, which ``supported``
-        says whether it supports autocast: the caller's setting, or full precision.
+        """A context for a pass of the estimator ``name`` on ``device_type``: the caller's setting, or full precision.
+
+        ``supported`` says whether the estimator supports autocast.
         """
         dtype = autocast_dtype(device_type)
         if dtype is None or supported:

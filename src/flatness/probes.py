@@ -239,8 +239,9 @@ def matrix_probes(
     dtype: torch.dtype,
     device: torch.device | str,
 ) -> Callable[[int], Tensor]:
-    """``draw(m)``: a ``(dim, m)`` block of probes (:func:`random_matrix`), one buffer refilled
-    block after block where it can be (for :func:`chunked_samples`).
+    """``draw(m)``: a ``(dim, m)`` block of probes (:func:`random_matrix`).
+
+    One buffer is refilled block after block where it can be (for :func:`chunked_samples`).
     """
     buffer: Tensor | None = None
 
@@ -255,9 +256,10 @@ def matrix_probes(
 def chunked_samples(
     num: int, chunk: int, draw_chunk: Callable[[int], Probes], evaluate: Callable[[Probes], Tensor]
 ) -> Tensor:
-    """The per-probe values of ``num`` probes, drawn ``draw_chunk(m)`` and evaluated
-    ``evaluate(probes) -> (m,)`` at most ``chunk`` at a time (which bounds the memory of the
-    products), concatenated in drawing order: the loop of every Hutchinson measure.
+    """The per-probe values of ``num`` probes, concatenated in drawing order: the loop of every Hutchinson measure.
+
+    The probes are drawn ``draw_chunk(m)`` and evaluated ``evaluate(probes) -> (m,)`` at most
+    ``chunk`` at a time (which bounds the memory of the products).
 
     Example:
         >>> A = torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))

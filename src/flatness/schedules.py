@@ -60,7 +60,8 @@ LOG_LENGTH = 4096  # decisions kept in a policy's log (the oldest go first); pop
 class Schedule(Protocol):
     """λ as a function of the 0-based optimisation step."""
 
-    def __call__(self, step: int) -> float: ...
+    def __call__(self, step: int) -> float:
+        """λ at the 0-based optimisation ``step``."""
 
 
 def _check_lam(name: str, value: float) -> float:
@@ -85,6 +86,7 @@ class Constant:
         _check_lam("lam", self.lam)
 
     def __call__(self, step: int) -> float:
+        """λ = lam at every step."""
         return float(self.lam)
 
 
@@ -102,6 +104,7 @@ class WarmUp:
         _check_steps("start", self.start)
 
     def __call__(self, step: int) -> float:
+        """λ at ``step``: 0 before ``start``, then rising linearly to lam."""
         progress = (step - self.start) / self.steps
         return float(self.lam) * min(1.0, max(0.0, progress))
 
@@ -120,6 +123,7 @@ class Cosine:
         _check_steps("steps", self.steps, 1)
 
     def __call__(self, step: int) -> float:
+        """λ at ``step`` on the cosine from ``start_lam`` to ``end_lam``."""
         progress = min(1.0, max(0.0, step / self.steps))
         return self.end_lam + (self.start_lam - self.end_lam) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
@@ -141,6 +145,7 @@ class Step:
             raise ValueError(f"milestones must be increasing integers >= 0, got {self.milestones!r}")
 
     def __call__(self, step: int) -> float:
+        """λ at ``step``: lam times ``factor`` for each milestone passed."""
         return float(self.lam) * self.factor ** bisect.bisect_right(self.milestones, step)
 
 
@@ -158,6 +163,7 @@ class Join:
             raise ValueError(f"boundaries must be increasing, got {list(self.boundaries)}")
 
     def __call__(self, step: int) -> float:
+        """The value of the schedule whose segment holds ``step``, counted from the segment's start."""
         i = bisect.bisect_right(self.boundaries, step)
         offset = self.boundaries[i - 1] if i > 0 else 0
         return self.schedules[i](step - offset)
@@ -287,8 +293,10 @@ class LamPolicy(Protocol):
 
 
 class DecisionLog:
-    """The decision log of a λ-policy: ``log`` (the last :data:`LOG_LENGTH` decisions, the
-    oldest go first) and :meth:`pop_log`; every policy here keeps its log through this class.
+    """The decision log of a λ-policy: ``log`` and :meth:`pop_log`.
+
+    ``log`` holds the last :data:`LOG_LENGTH` decisions, the oldest first; every policy here keeps
+    its log through this class.
     """
 
     def __init__(self) -> None:

@@ -52,8 +52,9 @@ def _is_compiled_wrapper(model: nn.Module) -> bool:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel / DataParallel wrapper, or inside the
-    wrapper ``torch.compile`` returns (else ``model``).
+    """The module inside a wrapper, else ``model``.
+
+    The wrappers: DistributedDataParallel / DataParallel, and the one ``torch.compile`` returns.
 
     Out-of-place passes (curvature, perturbations, torch.func transforms) run on it, so that
     DDP's reducer sees exactly one forward/backward per step, and so that passes that
@@ -71,8 +72,9 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def compiled_parts(model: nn.Module) -> list[str]:
-    """Names of the submodules of ``model`` that run compiled code (``torch.compile(sub)`` or
-    ``sub.compile()``; ``""`` is ``model`` itself).
+    """Names of the submodules of ``model`` that run compiled code.
+
+    Compiled by ``torch.compile(sub)`` or ``sub.compile()``; ``""`` is ``model`` itself.
     """
     return [
         name for name, m in model.named_modules()
@@ -135,8 +137,9 @@ def check_sub_batch(sub_batch: int | float | None) -> None:
 
 
 def sub_batch_size(sub_batch: int | float | None, full: int) -> int:
-    """How many of ``full`` samples a ``sub_batch`` (:func:`check_sub_batch`) takes: all for
-    ``None``, at most ``full`` for an int, the fraction rounded up (at least 1) for a float.
+    """How many of ``full`` samples a ``sub_batch`` (:func:`check_sub_batch`) takes.
+
+    All for ``None``, at most ``full`` for an int, the fraction rounded up (at least 1) for a float.
     """
     if sub_batch is None:
         return full
@@ -190,8 +193,9 @@ def call_model(model: nn.Module, x: Any) -> Tensor:
 
 
 def require_double_backward(model: nn.Module, what: str) -> None:
-    """A ``ValueError`` naming the first-order backend when ``model`` has compiled parts, whose
-    code has no double backward (``what`` differentiates twice).
+    """A ``ValueError`` naming the first-order backend when ``model`` has compiled parts.
+
+    Compiled code has no double backward (``what`` differentiates twice).
     """
     compiled = compiled_parts(model)
     if compiled:
@@ -276,8 +280,9 @@ def write_json(path: str | os.PathLike[str], obj: Any, *, indent: int | None = 1
 
 
 def write_png(figure: Any, path: str | os.PathLike[str], *, dpi: int = 110, **savefig: Any) -> Path:
-    """A matplotlib figure as PNG at ``path``, by :func:`atomic_write_bytes` (``savefig``: more
-    arguments of ``Figure.savefig``, e.g. ``bbox_inches="tight"``).
+    """A matplotlib figure as PNG at ``path``, by :func:`atomic_write_bytes`.
+
+    ``savefig``: more arguments of ``Figure.savefig``, e.g. ``bbox_inches="tight"``.
     """
     atomic_write_bytes(path, lambda fh: figure.savefig(fh, format="png", dpi=dpi, **savefig))
     return Path(path)
@@ -294,7 +299,8 @@ def _naming(exc: OSError, path: Path) -> OSError:
 
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, start time in clock ticks since boot) of process ``pid``, from Linux's /proc;
+    """(state, start time in clock ticks since boot) of process ``pid``, from Linux's /proc.
+
     ``None`` where the process is gone or there is no /proc.
     """
     try:
@@ -309,18 +315,21 @@ def _proc_stat(pid: int) -> tuple[str, int] | None:
 
 
 def process_start(pid: int | None = None) -> int | None:
-    """When process ``pid`` (default: this one) started, in clock ticks since boot; ``None``
-    where that is unknown (no /proc). With the pid it names one process, even once the pid is
-    reused.
+    """When process ``pid`` (default: this one) started, in clock ticks since boot.
+
+    ``None`` where that is unknown (no /proc). With the pid it names one process, even once the pid
+    is reused.
     """
     stat = _proc_stat(os.getpid() if pid is None else pid)
     return None if stat is None else stat[1]
 
 
 def process_alive(pid: int, start: int | None = None) -> bool:
-    """Whether process ``pid`` of this host still runs: it exists and is not a zombie, and, with
-    ``start`` (:func:`process_start` when it was seen), it is that process and not a later one
-    given the same pid. A process that cannot be checked (another user's) counts as alive.
+    """Whether process ``pid`` of this host still runs.
+
+    It exists and is not a zombie, and, with ``start`` (:func:`process_start` when it was seen), it
+    is that process and not a later one given the same pid. A process that cannot be checked
+    (another user's) counts as alive.
     """
     try:
         os.kill(pid, 0)
@@ -350,9 +359,10 @@ _TAGGED = re.compile(r"^\..+\.[0-9a-f]{8}\.w(\d+)s(\d+)h([0-9a-f]{8})\.(tmp|stal
 
 
 def remove_orphaned_files(directory: str | os.PathLike[str]) -> list[Path]:
-    """Remove the temp files under ``directory`` whose writers are gone (killed half-way, e.g.
-    by SIGKILL); returns them. Only files named by :func:`writer_tag` for a process of this host
-    are judged: a live writer's file, another host's, or an unknown one is left alone.
+    """Remove the temp files under ``directory`` whose writers are gone (killed half-way, e.g. by SIGKILL).
+
+    Returns them. Only files named by :func:`writer_tag` for a process of this host are judged: a
+    live writer's file, another host's, or an unknown one is left alone.
     """
     removed = []
     host = _host_tag()

@@ -56,8 +56,9 @@ __all__ = [
 
 
 def _auto(model: nn.Module, loss_fn: Any, *, params: Sequence[Tensor] | None = None, **settings: Any) -> ProbeEstimator:
-    """``backend="auto"``: the closed form, checked against autograd, where it applies; autograd
-    for a subset of the parameters (the closed form covers all of them) and for a
+    """``backend="auto"``: the closed form, checked against autograd, where it applies.
+
+    Autograd for a subset of the parameters (the closed form covers all of them) and for a
     :class:`flatness.ModelLoss` (the closed form starts from the model output).
     """
     if params is not None or isinstance(model, BatchLoss):
@@ -90,11 +91,11 @@ def make_estimator(
     dropout: bool = False,
     fd_step: float | tuple[float, float] | None = None,
 ) -> Estimator:
-    """The estimator of ``backend`` (a key of :data:`BACKENDS`), wrapped as ``estimator`` says
-    (:data:`ESTIMATORS`); ``model`` is the module the curvature pass runs (unwrapped from DDP
-    and from ``torch.compile``'s wrapper: :func:`flatness.utils.unwrap`), and a
-    :class:`flatness.batch_loss.BatchLoss` with ``loss_fn`` its
-    :func:`~flatness.batch_loss.output_is_loss` for a :class:`flatness.ModelLoss`
+    """The estimator of ``backend`` (a key of :data:`BACKENDS`), wrapped as ``estimator`` says (:data:`ESTIMATORS`).
+
+    ``model`` is the module the curvature pass runs (unwrapped from DDP and from ``torch.compile``'s
+    wrapper: :func:`flatness.utils.unwrap`), and a :class:`flatness.batch_loss.BatchLoss` with
+    ``loss_fn`` its :func:`~flatness.batch_loss.output_is_loss` for a :class:`flatness.ModelLoss`
     (:func:`flatness.batch_loss.adapt`).
 
     Raises:

@@ -53,6 +53,7 @@ class AutogradEstimator(ProbeEstimator):
     supports = Support(autocast=True, compile=False, ddp=True, model_loss=True)
 
     def __call__(self, x: Any, y: Any, shared: Shared | None = None) -> Tensor:
+        """The mean of ‖H v_j‖² over fresh probes, by double backward."""
         with self.curvature_pass():
             vectors = sample_probes(self.parameters(), self.probes, self.dist, generator=self.generator)
             return self.sq_norm_mean(x, y, vectors)

@@ -115,9 +115,11 @@ class Support:
 
 @dataclass
 class TaskGradient:
-    """What the task pass hands an estimator that shares it: its loss, g(θ) at the penalised
-    parameters and the ReLU masks of θ (:class:`flatness.finite_difference.FrozenKinks`). It is
-    computed and used within one :meth:`flatness.FlatnessPenalty.objective` call.
+    """What the task pass hands an estimator that shares it.
+
+    Its loss, g(θ) at the penalised parameters and the ReLU masks of θ
+    (:class:`flatness.finite_difference.FrozenKinks`). It is computed and used within one
+    :meth:`flatness.FlatnessPenalty.objective` call.
     """
 
     loss: Tensor
@@ -151,8 +153,9 @@ class Estimator(Protocol):
     generator: torch.Generator | None
 
     def __call__(self, x: Any, y: Any, shared: Shared | None = None) -> Tensor:
-        """The estimate on the batch ``(x, y)``, with the graph its gradient needs; ``shared``:
-        what the task pass handed over (valid, for this batch), or ``None``.
+        """The estimate on the batch ``(x, y)``, with the graph its gradient needs.
+
+        ``shared``: what the task pass handed over (valid, for this batch), or ``None``.
         """
         ...
 
@@ -184,8 +187,9 @@ class HutchinsonEngine(Protocol):
     supports: Support
 
     def sq_norm_mean(self, x: Any, y: Any, vectors: Sequence[Tensor | None], shared: Shared | None = None) -> Tensor:
-        """(1/M) Σ_j ‖H v_j‖² for the probe blocks ``vectors`` (one per parameter, ``(M, *p.shape)``),
-        inside the curvature pass.
+        """(1/M) Σ_j ‖H v_j‖² for the probe blocks ``vectors``, inside the curvature pass.
+
+        One block per parameter, ``(M, *p.shape)``.
         """
         ...
 
@@ -261,8 +265,9 @@ class ProbeEstimator:
             raise ValueError(f"{self.argument}={self.name!r} penalises all of the model's parameters: drop params")
 
     def curvature_pass(self) -> contextlib.AbstractContextManager[nn.Module]:
-        """The curvature pass's function: batch-statistics norms, running statistics untouched,
-        dropout off unless ``dropout`` (:func:`flatness.passes.curvature_pass`).
+        """The curvature pass's function (:func:`flatness.passes.curvature_pass`).
+
+        Batch-statistics norms, running statistics untouched, dropout off unless ``dropout``.
         """
         return curvature_pass(self.model, dropout=self.dropout)
 
@@ -293,10 +298,11 @@ class ProbeEstimator:
 def estimate(
     estimator: Estimator, x: Any, y: Any, shared: Shared | None = None, *, precision: PassPrecision | None = None
 ) -> Tensor:
-    """``estimator(x, y, shared)`` with its declarations applied: an estimator that does not
-    support autocast runs with it switched off, in the parameters' precision, and says so once
-    per ``precision`` (:class:`flatness.precision.PassPrecision`; the caller's, e.g. a penalty's,
-    else a new one).
+    """``estimator(x, y, shared)`` with its declarations applied.
+
+    An estimator that does not support autocast runs with it switched off, in the parameters'
+    precision, and says so once per ``precision`` (:class:`flatness.precision.PassPrecision`; the
+    caller's, e.g. a penalty's, else a new one).
     """
     params = estimator.parameters()
     device_type = params[0].device.type if params else "cpu"

@@ -60,13 +60,16 @@ class ControlVariateEstimator(ProbeEstimator):
 
     @property
     def supports(self) -> Support:  # type: ignore[override]
+        """What the engine supports, without ``torch.compile`` or a :class:`flatness.ModelLoss`."""
         engine = self.engine.supports
         return Support(autocast=engine.autocast, compile=False, ddp=engine.ddp, model_loss=False)
 
     def children(self) -> tuple[ProbeEstimator, ...]:
+        """The engine that computes the products."""
         return (self.engine,)
 
     def __call__(self, x: Any, y: Any, shared: Shared | None = None) -> Tensor:
+        """The control-variate estimate (:func:`flatness.control_variate.cv_sq_trace`) with the engine's products."""
         prefix = shared if isinstance(shared, SharedPrefix) else None
         engine: HutchinsonEngine = self.engine  # type: ignore[assignment]  # checked in __init__
         with self.curvature_pass():
@@ -77,7 +80,9 @@ class ControlVariateEstimator(ProbeEstimator):
             )
 
     def state_dict(self) -> dict[str, Any]:
+        """The engine's state."""
         return self.engine.state_dict()
 
     def load_state_dict(self, state: Any) -> None:
+        """Restore the engine's state."""
         self.engine.load_state_dict(state)

@@ -87,9 +87,7 @@ class FiniteDifferenceEstimator(ProbeEstimator):
         self.h = check_fd_step(h)
 
     def ready(self) -> Share:
-        """The task gradient, when the task pass is the curvature pass's function of all the
-        trainable parameters.
-        """
+        """The task gradient, when the task pass is the curvature pass's function of all the trainable parameters."""
         if self.given_params is None and same_function_in_train_mode(self.model):
             return Share.TASK_GRADIENT
         return Share.NOTHING
@@ -104,6 +102,7 @@ class FiniteDifferenceEstimator(ProbeEstimator):
         return TaskGradient(loss, params, list(grads), kinks)
 
     def __call__(self, x: Any, y: Any, shared: Shared | None = None) -> Tensor:
+        """The finite-difference estimate, reusing the task gradient handed over in ``shared``."""
         params = self.parameters()
         probes = sample_probes(params, self.probes, self.dist, generator=self.generator)
         task = shared if isinstance(shared, TaskGradient) else None

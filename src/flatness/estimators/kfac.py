@@ -25,11 +25,11 @@ __all__ = ["KFACEstimator"]
 
 
 class KFACEstimator(ProbeEstimator):
-    """K-FAC for classifiers built of Linear layers (cross-entropy of the logits; others are
-    refused). It starts from the task forward's mode-independent prefix (:attr:`Share.PREFIX`)
-    and supports autocast and DDP, not compiled parts nor a :class:`flatness.ModelLoss` (it
-    needs the logits); its only randomness is the sampled
-    labels (``generator``).
+    """K-FAC for classifiers built of Linear layers (cross-entropy of the logits; others are refused).
+
+    It starts from the task forward's mode-independent prefix (:attr:`Share.PREFIX`) and supports
+    autocast and DDP, not compiled parts nor a :class:`flatness.ModelLoss` (it needs the logits);
+    its only randomness is the sampled labels (``generator``).
 
     Example:
         >>> import torch
@@ -55,6 +55,7 @@ class KFACEstimator(ProbeEstimator):
         self.refuse_params(params)
 
     def __call__(self, x: Any, y: Any, shared: Shared | None = None) -> Tensor:
+        """The K-FAC estimate (:func:`flatness.kfac.kfac_sq_trace`), from the shared prefix where there is one."""
         prefix = shared if isinstance(shared, SharedPrefix) else None
         with self.curvature_pass():
             return kfac_sq_trace(self.model, self.loss_fn, x, y, generator=self.generator, prefix=prefix)

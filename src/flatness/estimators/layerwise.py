@@ -99,10 +99,12 @@ class LayerwiseEstimator(ProbeEstimator):
         )
 
     def children(self) -> tuple[ProbeEstimator, ...]:
+        """The autograd estimator used where the closed form does not apply."""
         return (self.fallback,)
 
     @property
     def name(self) -> str:  # type: ignore[override]
+        """``auto`` when the closed form is checked against autograd, else ``layerwise``."""
         return "auto" if self.check else "layerwise"
 
     def ready(self) -> Share:
@@ -125,6 +127,7 @@ class LayerwiseEstimator(ProbeEstimator):
         return shared.first_linear_output(self.model[first_linear(self.model)])
 
     def __call__(self, x: Any, y: Any, shared: Shared | None = None) -> Tensor:
+        """The closed-form estimate where it applies (and agrees), else the fallback's."""
         with self.curvature_pass():
             if self.dist == "gaussian" and self._route(x) is Route.CLOSED_FORM:
                 # its own draw: the input layer's Gaussian block in the data's image (same law, cheaper)
@@ -136,8 +139,9 @@ class LayerwiseEstimator(ProbeEstimator):
             return self.sq_norm_mean(x, y, vectors, shared)
 
     def sq_norm_mean(self, x: Any, y: Any, vectors: Sequence[Tensor | None], shared: Shared | None = None) -> Tensor:
-        """(1/M) Σ_j ‖H v_j‖² for given blocks (the input layer's may be ``None``: see
-        :meth:`draws_itself`), inside the curvature pass.
+        """(1/M) Σ_j ‖H v_j‖² for given blocks, inside the curvature pass.
+
+        The input layer's block may be ``None``: see :meth:`draws_itself`.
         """
         route = self._route(x)
         if route is Route.AUTOGRAD:
@@ -157,8 +161,9 @@ class LayerwiseEstimator(ProbeEstimator):
         return linears[0].weight if len(linears) > 1 else None
 
     def _verified(self, x: Any, y: Any, vectors: Sequence[Tensor | None]) -> Tensor:
-        """``auto``'s first pass: autograd, and the closed form on the same probes, kept if they
-        agree (in full precision: the check is about the loss, not about rounding).
+        """``auto``'s first pass: autograd, and the closed form on the same probes, kept if they agree.
+
+        The two are compared in full precision: the check is about the loss, not about rounding.
         """
         with full_precision(self.parameters()[0].device.type):
             slow = self.fallback.sq_norm_mean(x, y, vectors)
@@ -181,8 +186,10 @@ class LayerwiseEstimator(ProbeEstimator):
         return fast
 
     def state_dict(self) -> dict[str, Any]:
+        """``auto``'s verdict (whether the closed form agreed), to resume without checking again."""
         return {"layerwise_agrees": self.agrees} if self.check else {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore ``auto``'s verdict."""
         if self.check:
             self.agrees = state.get("layerwise_agrees")

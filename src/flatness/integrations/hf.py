@@ -97,6 +97,7 @@ class FlatnessTrainer(transformers.Trainer):
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
+        """The Trainer's loss, plus the flatness penalty on training steps (grad enabled, λ ≠ 0)."""
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         if not (model.training and torch.is_grad_enabled()) or self.penalty_kwargs["lam"] == 0:
             return result
@@ -105,6 +106,7 @@ class FlatnessTrainer(transformers.Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """The Trainer's log, with the last penalty and its Tr(H²) estimate beside the loss."""
         if self.penalty is not None and self.penalty.last_penalty is not None and "loss" in logs:
             logs = {**logs, "flatness_penalty": self.penalty.last_penalty,
                     "flatness_sq_trace": self.penalty.last_sq_trace}
@@ -160,6 +162,7 @@ class CurvatureCallback(transformers.TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
                     train_dataloader: Any = None, **kwargs: Any) -> Any:
+        """Measure the curvature every ``every`` steps and log it."""
         step = state.global_step
         if model is None or step % self.every:
             return control

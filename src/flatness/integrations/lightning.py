@@ -75,8 +75,9 @@ __all__ = ["CurvatureCallback"]
 
 
 class CurvatureCallback(pl.Callback):
-    """Curvature measures every ``every`` optimizer steps, for the trainer's loggers (at the
-    global step) and ``pl_module.log`` (see the module docs).
+    """Curvature measures every ``every`` optimizer steps, for the trainer's loggers and ``pl_module.log``.
+
+    The loggers get them at the global step (see the module docs).
 
     Args:
         every: measure after the optimizer steps N, 2N, ... (at the end of the batch whose
@@ -132,12 +133,14 @@ class CurvatureCallback(pl.Callback):
         return self.monitor
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        """Keep a detached copy of the first training batch (the measures' batch)."""
         if self.batch is None:
             self.batch = detached_copy(batch)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        """Measure the curvature every ``every`` optimizer steps and log it."""
         step = trainer.global_step  # optimizer steps done: the model after `step` updates
         # under gradient accumulation several batches share a global step: measure once
         if step % self.every or step == self._measured_step:

@@ -148,8 +148,10 @@ class _Lanczos:
         return torch.linalg.eigh(self.T[: self.j, : self.j])
 
     def push(self, v: Tensor, orthogonalise: bool = False) -> None:
-        """Make ``v`` the next basis vector, normalised; ``orthogonalise`` it against the basis
-        first (twice) unless it is a residual direction, which already is orthogonal.
+        """Make ``v`` the next basis vector, normalised.
+
+        ``orthogonalise`` it against the basis first (twice) unless it is a residual direction,
+        which already is orthogonal.
         """
         known = self.V[: self.j]
         if orthogonalise and self.j:

@@ -167,9 +167,10 @@ def require_finite(value: float, what: str) -> float:
 
 
 def model_loss_args(model: nn.Module, loss_fn: Any, batches: Any) -> tuple[nn.Module, Any, Any]:
-    """For a :class:`flatness.ModelLoss`: the model and loss as one module, the loss as its
-    output, and the whole batches as weighted inputs (:mod:`flatness.batch_loss`); otherwise
-    the arguments unchanged. ``batches`` is then an iterable of whole batches (e.g. dicts).
+    """For a :class:`flatness.ModelLoss`: the model and loss as one module; otherwise the arguments unchanged.
+
+    The loss is that module's output, and the whole batches are its weighted inputs
+    (:mod:`flatness.batch_loss`); ``batches`` is then an iterable of whole batches (e.g. dicts).
     """
     if not isinstance(loss_fn, ModelLoss):
         return model, loss_fn, batches
@@ -184,8 +185,10 @@ def model_loss_args(model: nn.Module, loss_fn: Any, batches: Any) -> tuple[nn.Mo
 
 
 def accepts_model_loss(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorator of a measure ``fn(model, loss_fn, batches, ...)``: it also takes a
-    :class:`flatness.ModelLoss` with any batches (:func:`model_loss_args`).
+    """Decorator of a measure ``fn(model, loss_fn, batches, ...)``.
+
+    The measure then also takes a :class:`flatness.ModelLoss` with any batches
+    (:func:`model_loss_args`).
     """
     signature = inspect.signature(fn)
 
@@ -206,8 +209,9 @@ def accepts_model_loss(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def prefixed(initial: nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Initial weights (a module or state dict) under :class:`flatness.batch_loss.BatchLoss`'s
-    names (``model.<name>``).
+    """Initial weights (a module or state dict) under :class:`flatness.batch_loss.BatchLoss`'s names.
+
+    The names are ``model.<name>``.
     """
     state = initial.state_dict() if isinstance(initial, nn.Module) else initial
     return {f"model.{k}": v for k, v in state.items()}

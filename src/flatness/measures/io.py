@@ -1,5 +1,7 @@
-"""Result files of the measures: ``.npz``, JSON and PNG, each written atomically by
-:func:`flatness.utils.atomic_write_bytes` (a temporary file in the same folder, then ``os.replace``).
+"""Result files of the measures: ``.npz``, JSON and PNG.
+
+Each is written atomically by :func:`flatness.utils.atomic_write_bytes` (a temporary file in the
+same folder, then ``os.replace``).
 
 A crash or an interrupt never leaves a half-written PNG, ``.npz`` or JSON behind.
 

@@ -119,8 +119,10 @@ class LocalEntropy:
 def quadratic_local_entropy(
     eigenvalues: Tensor, offset: Tensor, *, gamma: float, noise: float, constant: float = 0.0
 ) -> float:
-    """The closed form of LE(w) for f(w') = c + ½ Σ_i a_i (w' − m)_i², ``offset`` = w − m in the
-    eigenbasis (see the module docs): −c − ½ Σ γ a_i d_i²/(a_i + γ) − ε²/2 Σ log(1 + a_i/γ).
+    """The closed form of LE(w) for f(w') = c + ½ Σ_i a_i (w' − m)_i².
+
+    ``offset`` = w − m in the eigenbasis (see the module docs): −c − ½ Σ γ a_i d_i²/(a_i + γ) − ε²/2
+    Σ log(1 + a_i/γ).
     """
     a, d = eigenvalues.double(), offset.double()
     moreau = 0.5 * float((gamma * a / (a + gamma) * d.pow(2)).sum())
@@ -151,6 +153,9 @@ def local_entropy(
     """LE(w) of the loss over ``batches`` (see the module docs) by thermodynamic integration.
 
     Args:
+        model: the network.
+        loss_fn: its batch-mean loss.
+        batches: the data the loss is averaged over.
         gamma: the scope γ (Entropy-SGD's γ): the coupling to w; the Gaussian reference
             N(w, ε²/γ I) has standard deviation ``noise / sqrt(gamma)`` per weight (default 0.01).
         noise: the thermal noise ε (the temperature is ε²).

@@ -1,5 +1,6 @@
-r"""Norm-based reference measures of Jiang et al. (2019, "Fantastic generalization measures"):
-parameter norm, distance from initialisation and path norm.
+r"""Norm-based reference measures of Jiang et al. (2019, "Fantastic generalization measures").
+
+Parameter norm, distance from initialisation and path norm.
 
 .. math::
 

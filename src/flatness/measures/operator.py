@@ -263,9 +263,11 @@ class HessianOperator(LinearOperator):
         return out.T if X.shape[1] == 1 else transposed(out)
 
     def quadratic_forms(self, X: Tensor) -> Tensor:
+        """vⱼᵀ H vⱼ for the columns vⱼ of ``X``."""
         return self._row_reductions(X, squares=False)
 
     def sq_norms(self, X: Tensor) -> Tensor:
+        """‖H vⱼ‖² for the columns vⱼ of ``X``."""
         return self._row_reductions(X, squares=True)
 
     def _row_reductions(self, X: Tensor, squares: bool) -> Tensor:

@@ -1,5 +1,7 @@
-r"""PAC-Bayes flatness measures and bounds (Jiang et al., 2019): the largest Gaussian weight
-noise under which the expected training error rises by at most a set deviation d.
+r"""PAC-Bayes flatness measures and bounds (Jiang et al., 2019).
+
+The largest Gaussian weight noise under which the expected training error rises by at most a set
+deviation d.
 
 .. math::
 
@@ -128,8 +130,9 @@ def _check_arguments(deviation: float, criterion: str, steps: int, upper: float,
 def _largest_sigma(
     rise: Callable[[float], float], deviation: float, upper: float, steps: int, tolerance: float, criterion: str
 ) -> tuple[float, float, float, float]:
-    """``(lo, rise(lo), hi, rise(hi))`` bracketing the σ where ``rise`` crosses ``deviation``:
-    ``upper`` doubled while the rise stays below it, then bisected ``steps`` times (or until the
+    """``(lo, rise(lo), hi, rise(hi))`` bracketing the σ where ``rise`` crosses ``deviation``.
+
+    ``upper`` is doubled while the rise stays below it, then bisected ``steps`` times (or until the
     rise at ``lo`` is within ``tolerance`` of it).
     """
     lo, lo_rise, hi = 0.0, 0.0, upper
@@ -187,16 +190,20 @@ def pac_bayes(
     """Largest noise σ* with E e(θ + noise) − e(θ) ≤ ``deviation``, and the PAC-Bayes bounds.
 
     Args:
-        model, loss_fn, batches: the network, its batch-mean loss (used with
-            ``criterion="loss"``) and the training data.
+        model: the network.
+        loss_fn: its batch-mean loss (used with ``criterion="loss"``).
+        batches: the training data.
         deviation: d > 0, the allowed rise of the expected error (or loss).
         magnitude_aware: noise of standard deviation √(σ²θ_i² + floor²) instead of σ.
+        floor: the floor of the magnitude-aware standard deviation.
         criterion: ``"error"`` (0-1 error, Jiang et al.) or ``"loss"`` (``loss_fn``).
         initial: the initial weights (module or state dict): adds the ``init`` bound.
-        samples: Monte-Carlo draws per σ (>= 2); steps: bisection halvings; upper: first
-            upper end of the bracket (doubled while the deviation stays ≤ d).
+        samples: Monte-Carlo draws per σ (>= 2).
+        steps: bisection halvings.
+        upper: first upper end of the bracket (doubled while the deviation stays ≤ d).
         tolerance: stop once the deviation is in [(1 − tolerance)·d, d] (0: all ``steps``).
-        seed: seed of the noise draws (the same draws at every σ); params: perturb only these.
+        seed: seed of the noise draws (the same draws at every σ).
+        params: perturb only these.
 
     Raises:
         FlatnessError: the loss is not finite at θ, or no σ above upper/2^steps keeps the

@@ -1,5 +1,4 @@
-r"""ε-sharpness (Keskar et al., 2017) and adaptive sharpness (Kwon et al., 2021), by projected
-gradient ascent.
+r"""ε-sharpness (Keskar et al., 2017) and adaptive sharpness (Kwon et al., 2021), by projected gradient ascent.
 
 .. math::
 
@@ -99,9 +98,7 @@ def _project(u: list[Tensor], region: Region, eps: float) -> list[Tensor]:
 
 
 def _ascent_step(u: list[Tensor], grads: list[Tensor], size: float, region: Region, eps: float) -> list[Tensor] | None:
-    """One projected ascent step: along sign(g) in the box, along g/‖g‖ in the ball (``None``
-    at g = 0 in the ball).
-    """
+    """One projected ascent step: along sign(g) in the box, along g/‖g‖ in the ball (``None`` at g = 0 in the ball)."""
     if region == "box":
         return _project([t + size * g.sign() for t, g in zip(u, grads)], region, eps)
     gnorm = float(_global_norm(grads))
@@ -141,7 +138,9 @@ def eps_sharpness(
     """ε-sharpness of the loss averaged over ``batches``, by projected gradient ascent.
 
     Args:
-        model, loss_fn, batches: the network, its batch-mean loss and the data.
+        model: the network.
+        loss_fn: its batch-mean loss.
+        batches: the data.
         eps: radius ε > 0 (in units of c).
         region: ``"box"`` (‖u‖_∞ ≤ ε, Keskar) or ``"ball"`` (‖u‖_2 ≤ ε over all parameters).
         adaptive: scale the region by c = ``|θ|`` + η (reparametrisation-invariant for η = 0).

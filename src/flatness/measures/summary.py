@@ -278,9 +278,10 @@ def final_measures(
     matvecs: int = 30,
     function: Function = "deployed",
 ) -> dict[str, float]:
-    """The cheap end-of-run set: ``loss``, ``lambda_max``, ``hessian_trace`` (+ ``_stderr``),
-    ``fisher_trace``. λ_max to 1e-3 relative, Tr(H) by Hutchinson with ``matvecs`` products;
-    ``function`` as in the module docs.
+    """The cheap end-of-run set: ``loss``, ``lambda_max``, ``hessian_trace`` (+ ``_stderr``), ``fisher_trace``.
+
+    λ_max to 1e-3 relative, Tr(H) by Hutchinson with ``matvecs`` products; ``function`` as in the
+    module docs.
     """
     data = collect_batches(batches)
     with measure_pass(model, function):

@@ -1,6 +1,7 @@
-"""Training methods behind one template (:class:`Method` = a :class:`Point` + :class:`Term`\\ s +
-one step driver), looked up by name; ``"a+b"`` composes two (see :mod:`flatness.methods.base`,
-:mod:`flatness.methods.compose`).
+r"""Training methods behind one template, looked up by name; ``"a+b"`` composes two.
+
+The template: :class:`Method` = a :class:`Point` + :class:`Term`\ s + one step driver (see
+:mod:`flatness.methods.base`, :mod:`flatness.methods.compose`).
 
 Each method module registers itself with :func:`register_method` when imported below.
 """

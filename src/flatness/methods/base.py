@@ -97,8 +97,10 @@ def signature_defaults(function: Any, names: Iterable[str]) -> dict[str, Any]:
 
 
 def logged(value: Tensor) -> Tensor:
-    """A step's logged value of ``value``: detached and in float64 (what ``float(value)`` gave,
-    without waiting for the device; the training loop reads the epoch's sum once).
+    """A step's logged value of ``value``: detached and in float64.
+
+    What ``float(value)`` gave, without waiting for the device; the training loop reads the epoch's
+    sum once.
     """
     return value.detach().double()
 
@@ -138,6 +140,7 @@ class Term:
     """
 
     def __call__(self, evaluation: Evaluation, info: dict[str, float]) -> Tensor | None:
+        """The term's value on ``evaluation`` (``None``: nothing to add); logged floats go into ``info``."""
         raise NotImplementedError
 
     def observe(self, model: nn.Module) -> contextlib.AbstractContextManager[Any]:
@@ -177,6 +180,7 @@ class Here(Point):
     """At θ itself: one main pass of task loss + terms, one ``backward()``."""
 
     def run(self, method: "Method", x: Any, y: Any, params: list[Tensor], info: dict[str, float]) -> None:
+        """The objective (task loss + terms) at θ, back-propagated in one ``backward()``."""
         replay = RandomReplay.capture(params)
         method.objective(x, y, params, replay, info, main=True).backward()
 
@@ -231,9 +235,7 @@ class Method:
 
     @classmethod
     def keyword_defaults(cls) -> dict[str, Any]:
-        """The default of each keyword argument that has one (what a run's record completes its
-        settings with).
-        """
+        """The default of each keyword argument that has one (what a run's record completes its settings with)."""
         return signature_defaults(cls.__init__, cls.keywords())
 
     def task_loss(self, x: Any, y: Any) -> Tensor:

@@ -1,5 +1,7 @@
-r"""Methods composed by name: ``"sam+fa"`` = SAM's point with FA's term (see :mod:`flatness.methods.base`), and
-the lookup of any method by name (:func:`make_method`, :func:`method_class`).
+r"""Methods composed by name, and the lookup of any method by name.
+
+``"sam+fa"`` = SAM's point with FA's term (see :mod:`flatness.methods.base`); the lookup:
+:func:`make_method`, :func:`method_class`.
 
 A composition builds each component as it would be built alone (each validates its own
 settings), takes the one component that moves the evaluation point (SAM, GNP's finite
@@ -78,6 +80,7 @@ class ComposedMethod(Method):
 
     @classmethod
     def keywords(cls) -> frozenset[str]:
+        """The components' keywords, bare and qualified by their method's name (``sam.rho``)."""
         names = {k for c in cls.components for k in c.keywords()}
         return frozenset(names | {f"{c.name}.{k}" for c in cls.components for k in c.keywords()})
 
@@ -87,9 +90,11 @@ class ComposedMethod(Method):
         return {f"{c.name}.{k}": v for c in cls.components for k, v in c.keyword_defaults().items()}
 
     def state_dict(self) -> dict[str, Any]:
+        """Each component's state, by its name."""
         return {name: part.state_dict() for name, part in self.parts.items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore each component's state from its name's entry."""
         for name, part in self.parts.items():
             if name in state:
                 part.load_state_dict(state[name])

@@ -85,8 +85,9 @@ class CurvatureTerm(Term):
         self._prefix: tuple[ClosedForm, SharedPrefix] | None = None
 
     def observe(self, model: nn.Module) -> contextlib.AbstractContextManager[Any]:
-        """Record the closed form from the pass itself when it is a curvature pass already,
-        else the output of its mode-independent prefix (module docs).
+        """Record the closed form from the pass itself, or the output of its mode-independent prefix.
+
+        The closed form when it is a curvature pass already, else the prefix (module docs).
         """
         local = unwrap(model)
         self._shared = self._prefix = None
@@ -123,6 +124,7 @@ class CurvatureTerm(Term):
                 return None
 
     def __call__(self, evaluation: Evaluation, info: dict[str, float]) -> Tensor | None:
+        """α·mean_i ‖∇θ ℓ_i‖² on ``evaluation``, from the main pass's records where it shared them."""
         shared, self._shared = self._shared, None
         prefixed, self._prefix = self._prefix, None
         if self.alpha == 0:

@@ -25,9 +25,10 @@ PAPER_GRID: tuple[float, ...] = (0.0, 0.001, 0.01, 0.1, 1.0)  # the paper's λ s
 
 
 class PenaltyLog(NamedTuple):
-    """The penalty's logged values: one curvature step's, or an epoch's means over its
-    ``steps`` curvature steps. The one definition of the names under which a step logs them
-    (:meth:`as_info`) and of how an epoch record holds their means (:meth:`from_epoch`).
+    """The penalty's logged values: one curvature step's, or an epoch's means over its ``steps`` curvature steps.
+
+    The one definition of the names under which a step logs them (:meth:`as_info`) and of how an
+    epoch record holds their means (:meth:`from_epoch`).
     """
 
     sq_trace: float  # the Tr(H²) estimate
@@ -40,9 +41,10 @@ class PenaltyLog(NamedTuple):
 
     @classmethod
     def from_epoch(cls, epoch: Mapping[str, Any]) -> PenaltyLog | None:
-        """The means in an epoch record (``None`` if no step logged them): the training loop
-        averages each logged value over the steps that logged it, counted in ``<name>_steps``
-        when fewer than the epoch's ``steps``.
+        """The means in an epoch record (``None`` if no step logged them).
+
+        The training loop averages each logged value over the steps that logged it, counted in
+        ``<name>_steps`` when fewer than the epoch's ``steps``.
         """
         if epoch.get("sq_trace") is None:
             return None
@@ -69,6 +71,7 @@ class PenaltyTerm(Term):
         self.penalty = penalty
 
     def __call__(self, evaluation: Evaluation, info: dict[str, float]) -> Tensor:
+        """λ·Tr(H²)/B on the evaluation's batch (an exact zero off the curvature steps)."""
         curvature_step = self.penalty.is_active()
         value = self.penalty(evaluation.x, evaluation.y, log=info)
         if curvature_step:
@@ -80,24 +83,29 @@ class PenaltyTerm(Term):
         return self.penalty.sharing()
 
     def state_dict(self) -> dict[str, Any]:
+        """The penalty's state."""
         return {"penalty": self.penalty.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the penalty's state."""
         if "penalty" in state:
             self.penalty.load_state_dict(state["penalty"])
 
 
 class SharedTaskGradient(Here):
-    """At θ, as :class:`Here`; but on a curvature step where the finite-difference penalty can
-    take g(θ) from the task pass (:meth:`flatness.FlatnessPenalty.objective`: the model is the
-    same function in train mode, whole batch, not under DDP), the step's own task gradient is
-    that g(θ) — one gradient evaluation fewer per curvature step.
+    """At θ, as :class:`Here`; but on a curvature step the task gradient can come from the penalty.
+
+    Where the finite-difference penalty can take g(θ) from the task pass
+    (:meth:`flatness.FlatnessPenalty.objective`: the model is the same function in train mode, whole
+    batch, not under DDP), the step's own task gradient is that g(θ) — one gradient evaluation fewer
+    per curvature step.
     """
 
     def __init__(self, term: PenaltyTerm) -> None:
         self.term = term
 
     def run(self, method: Method, x: Any, y: Any, params: list[Tensor], info: dict[str, float]) -> None:
+        """The step at θ, with the penalty's task gradient as the step's own where it can share it."""
         penalty = self.term.penalty
         if method.terms != [self.term] or not penalty.shares_task_gradient():  # (not under DDP either)
             super().run(method, x, y, params, info)
@@ -132,9 +140,11 @@ class FlatnessAware(Method):
 
     @classmethod
     def keywords(cls) -> frozenset[str]:
+        """The keywords of :class:`flatness.FlatnessPenalty`, but the model and the loss."""
         penalty = inspect.signature(FlatnessPenalty.__init__).parameters
         return frozenset(k for k in penalty if k not in ("self", "model", "loss_fn"))
 
     @classmethod
     def keyword_defaults(cls) -> dict[str, Any]:
+        """The defaults of :class:`flatness.FlatnessPenalty`'s keywords."""
         return signature_defaults(FlatnessPenalty.__init__, cls.keywords())

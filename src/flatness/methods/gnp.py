@@ -71,6 +71,7 @@ class GradientNormTerm(Term):
         self.squared = squared
 
     def __call__(self, evaluation: Evaluation, info: dict[str, float]) -> Tensor:
+        """ρ‖∇L‖ (or ρ‖∇L‖²) of the evaluation's loss by double backward; logs ``grad_norm``."""
         grads = torch.autograd.grad(
             evaluation.loss, evaluation.params, create_graph=True, allow_unused=True
         )
@@ -94,6 +95,7 @@ class FiniteDifferencePoint(Point):
         self._stash: list[Tensor] | None = None  # reused copies of θ for the exact restore
 
     def run(self, method: Method, x: Any, y: Any, params: list[Tensor], info: dict[str, float]) -> None:
+        """The gradient g at θ, then the objective's at θ + r ĝ, combined into the update in ``.grad``."""
         replay = RandomReplay.capture(params)
         loss = method.task_loss(x, y)
         info["loss"] = logged(loss)
@@ -169,8 +171,9 @@ class GradientNormPenalty(Method):
 
 
 class GNP(torch.optim.Optimizer):
-    """The finite-difference gradient-norm penalty as a wrapper around any optimizer class,
-    with the protocol of :class:`flatness.methods.sam.SAM`: for any training loop and for
+    """The finite-difference gradient-norm penalty as a wrapper around any optimizer class.
+
+    It has the protocol of :class:`flatness.methods.sam.SAM`: for any training loop and for
     ``step(closure)`` (Lightning's manual optimization).
 
     ``.grad`` holds g = ∇L(θ) (the user's pass at θ); ``step(closure)`` moves to θ + r ĝ,
@@ -257,5 +260,6 @@ class GNP(torch.optim.Optimizer):
         return self.base_optimizer.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the base optimizer's state (and share its parameter groups)."""
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups

@@ -192,6 +192,7 @@ class NeighbourTerm(_Ball, Term):
         self.alpha = require_nonnegative("alpha (α)", alpha)
 
     def __call__(self, evaluation: Evaluation, info: dict[str, float]) -> Tensor:
+        """α·KL(f(θ) ‖ f(θ+δθ)) + L(θ+δθ) for a fresh δθ, differentiable in θ."""
         model = evaluation.model
         named = {n: p for n, p in model.named_parameters() if p.requires_grad}
         directions, scale = self.draw(list(named.values()))
@@ -213,6 +214,7 @@ class RandomPoint(_Ball, Point):
     """
 
     def run(self, method: Method, x: Any, y: Any, params: list[Tensor], info: dict[str, float]) -> None:
+        """The objective at θ + δθ for a fresh δθ, back-propagated there."""
         directions, scale = self.draw(params)
         with perturbed(params, directions, scale):
             replay = RandomReplay.capture(params)
@@ -285,8 +287,9 @@ class RandomPerturbation(Method):
 
 
 class NRS(_Ball, torch.optim.Optimizer):
-    """NRS as a wrapper around any optimizer class, driven by ``step(closure)``: for any
-    training loop and for Lightning's manual optimization.
+    """NRS as a wrapper around any optimizer class, driven by ``step(closure)``.
+
+    For any training loop and for Lightning's manual optimization.
 
     The NRS objective couples the outputs at θ and θ + δθ (the KL term), so, unlike
     :class:`flatness.methods.sam.SAM`, the wrapper runs every pass itself: ``closure()`` runs
@@ -389,6 +392,7 @@ class NRS(_Ball, torch.optim.Optimizer):
         return {"base": self.base_optimizer.state_dict(), **_Ball.state_dict(self)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the base optimizer's and the ball's state."""
         self.base_optimizer.load_state_dict(state_dict["base"])
         self.param_groups = self.base_optimizer.param_groups
         _Ball.load_state_dict(self, state_dict)

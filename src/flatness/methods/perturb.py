@@ -138,6 +138,7 @@ class RandomReplay:
 
     @contextlib.contextmanager
     def __call__(self) -> Iterator[None]:
+        """A context running its body from the snapshot's random state; the global stream is untouched."""
         with torch.random.fork_rng(devices=list(self.cuda_states)):
             torch.set_rng_state(self.cpu_state)
             for index, state in self.cuda_states.items():
@@ -146,8 +147,10 @@ class RandomReplay:
 
 
 def extra_pass(model: nn.Module | None) -> contextlib.AbstractContextManager[None]:
-    """Around an optimizer wrapper's closure call at a perturbed point: ``model``'s running
-    statistics frozen (:func:`flatness.passes.frozen_running_stats`); nothing without a model.
+    """Around an optimizer wrapper's closure call at a perturbed point.
+
+    ``model``'s running statistics are frozen (:func:`flatness.passes.frozen_running_stats`);
+    nothing without a model.
     """
     return contextlib.nullcontext() if model is None else frozen_running_stats(unwrap(model))
 

@@ -103,6 +103,7 @@ class AscentPoint(Point):
         self._stash: list[Tensor] | None = None  # reused copies of θ for the exact restore
 
     def run(self, method: Method, x: Any, y: Any, params: list[Tensor], info: dict[str, float]) -> None:
+        """The gradient at θ gives ε̂; the objective's gradient at θ + ε̂ lands in ``.grad``."""
         replay = RandomReplay.capture(params)
         loss = method.task_loss(x, y)
         info["loss"] = logged(loss)
@@ -257,5 +258,6 @@ class SAM(torch.optim.Optimizer):
         return self.base_optimizer.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the base optimizer's state (and share its parameter groups)."""
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
