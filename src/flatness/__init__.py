@@ -28,7 +28,8 @@ def __getattr__(name: str) -> object:
         import importlib
 
         return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'flatness' has no attribute {name!r}")  # the 0.1 import paths (flatness.tasks, ...) for one more release
+    # the 0.1 import paths (flatness.tasks, ...) for one more release
+    raise AttributeError(f"module 'flatness' has no attribute {name!r}")
 
 __all__ = [
     "CurvatureMonitor",

@@ -48,7 +48,10 @@ from torch import Tensor, nn
 
 from .utils import FlatnessError, batch_size, unwrap
 
-__all__ = ["ModelLoss", "BatchLoss", "adapt", "as_pair", "output_is_loss", "hf_loss", "batch_size_of", "adapt_wrapped", "call_pair"]
+__all__ = [
+    "ModelLoss", "BatchLoss", "adapt", "as_pair", "output_is_loss", "hf_loss", "batch_size_of", "adapt_wrapped",
+    "call_pair",
+]
 
 
 class ModelLoss:
@@ -60,7 +63,9 @@ class ModelLoss:
             function of the batch.
     """
 
-    def __init__(self, fn: Callable[[nn.Module, Any], Tensor], batch_size: int | Callable[[Any], int] | None = None) -> None:
+    def __init__(
+        self, fn: Callable[[nn.Module, Any], Tensor], batch_size: int | Callable[[Any], int] | None = None
+    ) -> None:
         if not callable(fn):
             raise TypeError(f"ModelLoss needs a callable fn(model, batch), got {type(fn).__name__}")
         if batch_size is not None and not callable(batch_size) and (

@@ -294,7 +294,7 @@ def plot_connectivity(result: Connectivity, path: str | os.PathLike[str], *, tit
     axes = fig.subplots(1, 2 if with_error else 1)
     axes = list(axes) if with_error else [axes]
     names = {"linear": "linear path", "bezier": "Bézier curve (trained)"}
-    for ax, key, label in zip(axes, ("loss", "error"), ("loss", "error (1 − accuracy)")):
+    for ax, key, label in zip(axes, ("loss", "error"), ("loss", "error (1 − accuracy)"), strict=True):
         for c in curves:
             values = getattr(c, key)
             b = c.barrier_loss if key == "loss" else c.barrier_error

@@ -344,16 +344,16 @@ class _ShiftedGradients:
         frozen = kinks.replaying() if kinks is not None and shifts else contextlib.nullcontext()
         record = kinks.recording() if kinks is not None and not shifts else contextlib.nullcontext()
         with torch.enable_grad(), frozen, record:
-            loss = self.loss_fn(_call(self.model, dict(zip(self.names, point)), self.x), self.y)
+            loss = self.loss_fn(_call(self.model, dict(zip(self.names, point, strict=True)), self.x), self.y)
         grads = torch.autograd.grad(loss, point, allow_unused=True)
-        return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, self.theta)]
+        return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, self.theta, strict=True)]
 
     def record_kinks(self) -> None:
         """The masks at θ by one forward pass, unless the pass that gave g(θ) recorded them."""
         if self.kinks is not None and not self.kinks.recorded:
             self.rewind()
             with torch.no_grad(), self.kinks.recording():
-                _call(self.model, dict(zip(self.names, self.theta)), self.x)
+                _call(self.model, dict(zip(self.names, self.theta, strict=True)), self.x)
 
 
 def _probe_terms(
@@ -376,7 +376,7 @@ def _probe_terms(
             steps.append((0.0, 0.0))
             continue
         g_r = gradient([(r, v)])
-        u = [(a - b) / r for a, b in zip(g_r, g0)]
+        u = [(a - b) / r for a, b in zip(g_r, g0, strict=True)]
         values.append(_norm(u).square())
         s = 0.0
         if total is not None:
@@ -384,7 +384,7 @@ def _probe_terms(
             if s > 0.0:
                 g_s = gradient([(s, u)])
                 g_rs = gradient([(s, u), (r, v)])
-                for acc, a, b, c, d in zip(total, g_rs, g_s, g_r, g0):
+                for acc, a, b, c, d in zip(total, g_rs, g_s, g_r, g0, strict=True):
                     acc.add_((a - b - c + d) * (2.0 / (r * s * num)))
         steps.append((r, s))
     return values, total, steps
@@ -397,5 +397,5 @@ def surrogate(params: Sequence[Tensor], value: Tensor, grads: Sequence[Tensor]) 
     one multiply-add per parameter (no double backward), and a ``backward()`` of a loss that
     contains it accumulates ``G_i`` into ``p_i.grad`` — through DDP's gradient hooks too.
     """
-    terms = [((p - p.detach()) * g.to(p.dtype)).sum() for p, g in zip(params, grads)]
+    terms = [((p - p.detach()) * g.to(p.dtype)).sum() for p, g in zip(params, grads, strict=True)]
     return value.detach() + torch.stack(terms).sum()

@@ -147,10 +147,10 @@ def hvp(
             None if per_probe[0][k] is None else torch.stack([pp[k] for pp in per_probe])
             for k in range(len(live))
         ]
-    for i, prod in zip(live, prods):
+    for i, prod in zip(live, prods, strict=True):
         out[i] = prod
     # blocks with no second-order dependence: H v is exactly zero there
-    return [torch.zeros_like(v) if o is None else o for o, v in zip(out, vectors)]
+    return [torch.zeros_like(v) if o is None else o for o, v in zip(out, vectors, strict=True)]
 
 
 def _probe_products(
@@ -172,7 +172,7 @@ def _probe_products(
     else:
         probe_vectors = list(probe_vectors)
         if len(probe_vectors) != len(params) or any(
-            v.shape[1:] != p.shape for v, p in zip(probe_vectors, params)
+            v.shape[1:] != p.shape for v, p in zip(probe_vectors, params, strict=True)
         ):
             raise ValueError("probe_vectors must hold one (M, *p.shape) tensor per parameter")
     return hvp(loss, params, probe_vectors, create_graph=create_graph, batched=batched)

@@ -211,7 +211,7 @@ def kronecker_factors(
             sampled, outputs, create_graph=differentiable, allow_unused=True
         )
     factors = []
-    for call, grad in zip(calls, grads):
+    for call, grad in zip(calls, grads, strict=True):
         if grad is None:
             grad = torch.zeros_like(call.output)
         if call.rows is not None:

@@ -422,13 +422,13 @@ def grad_norm_surrogate(
     """
     params = list(params)
     grads = torch.autograd.grad(unit, params, allow_unused=True, retain_graph=retain_graph)
-    g_pen = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
+    g_pen = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads, strict=True)]
     pen_norm = _norm(g_pen)
     handle: Any = None
 
     def hook(step_grads: Sequence[Tensor | None]) -> None:
         remove()
-        task = [g - lam * gp for g, gp in zip(step_grads, g_pen) if g is not None]
+        task = [g - lam * gp for g, gp in zip(step_grads, g_pen, strict=True) if g is not None]
         task_norm = _norm(task) if task else 0.0
         policy.update(step, task_grad_norm=task_norm, penalty_grad_norm=pen_norm)
         if log is not None:
@@ -442,5 +442,5 @@ def grad_norm_surrogate(
             handle = None
 
     handle = torch.autograd.graph.register_multi_grad_hook(params, hook, mode="all")
-    linear = sum((p * (lam * g)).sum() for p, g in zip(params, g_pen))
+    linear = sum((p * (lam * g)).sum() for p, g in zip(params, g_pen, strict=True))
     return lam * unit.detach() + linear - linear.detach(), remove

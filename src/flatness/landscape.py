@@ -263,7 +263,7 @@ def evaluate_points(
 
 def _along(theta: Direction, dirs: Sequence[Direction], coords: Iterable[Sequence[float]]):
     for c in coords:
-        yield {n: t + sum(float(a) * d[n] for a, d in zip(c, dirs)) for n, t in theta.items()}
+        yield {n: t + sum(float(a) * d[n] for a, d in zip(c, dirs, strict=True)) for n, t in theta.items()}
 
 
 def _metric_name(metric: Metric | None, name: str | None) -> str | None:
@@ -436,7 +436,7 @@ def trajectory_pca(
     dirs = []
     for comp in comps:
         chunks = torch.from_numpy(comp).split([theta[n].numel() for n in names])
-        dirs.append({n: c.reshape(theta[n].shape).to(theta[n]) for n, c in zip(names, chunks)})
+        dirs.append({n: c.reshape(theta[n].shape).to(theta[n]) for n, c in zip(names, chunks, strict=True)})
     return dirs[0], dirs[1], coords, pca.explained_variance_ratio_.copy()
 
 

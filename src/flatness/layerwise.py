@@ -140,7 +140,7 @@ def unsupported_reason(
         return "some parameters do not require grad"
     if params is not None:
         given = list(params)
-        if len(given) != len(model_params) or any(a is not b for a, b in zip(given, model_params)):
+        if len(given) != len(model_params) or any(a is not b for a, b in zip(given, model_params, strict=True)):
             return "params is not the list of all the model's parameters"
     return None
 
@@ -309,12 +309,13 @@ def _probe_blocks(
     if probe_vectors is None:
         generator = make_generator(seed, generator)
         drawn = [p for p in params if not (in_image and p is first_weight)]
-        return {id(p): v for p, v in zip(drawn, sample_probes(drawn, probes, dist, generator))}, probes, generator
+        drawn_vectors = sample_probes(drawn, probes, dist, generator)
+        return {id(p): v for p, v in zip(drawn, drawn_vectors, strict=True)}, probes, generator
     if len(probe_vectors) != len(params):
         raise ValueError(f"probe_vectors has {len(probe_vectors)} blocks for {len(params)} parameters")
-    if any(v is None and p is not first_weight for p, v in zip(params, probe_vectors)):
+    if any(v is None and p is not first_weight for p, v in zip(params, probe_vectors, strict=True)):
         raise ValueError("only the first Linear's weight block may be None (drawn here)")
-    vec_of = {id(p): v for p, v in zip(params, probe_vectors) if v is not None}
+    vec_of = {id(p): v for p, v in zip(params, probe_vectors, strict=True) if v is not None}
     num = next(iter(vec_of.values())).shape[0] if vec_of else probes
     if id(first_weight) not in vec_of:
         generator = make_generator(seed, generator)
@@ -361,7 +362,7 @@ def _tangent_forward(
     """
     t: Tensor | None = None  # None: the tangent is zero (we are still at the data)
     gram: Tensor | None = None
-    for m, rec in zip(model, records):
+    for m, rec in zip(model, records, strict=True):
         if isinstance(rec, _Linear):
             rec.x_dot = t
             if t is None and id(m.weight) not in vec_of:  # the input layer, Gaussian in its image

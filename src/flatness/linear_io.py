@@ -231,7 +231,9 @@ def share_prefix(model: nn.Module) -> Iterator[SharedPrefix]:
             output.register_hook(mark_consumed)
 
     handles = [model[0].register_forward_pre_hook(start)]
-    handles += [model[i].register_forward_hook(linear) for i in range(prefix.length) if isinstance(model[i], LINEAR_TYPES)]
+    handles += [
+        model[i].register_forward_hook(linear) for i in range(prefix.length) if isinstance(model[i], LINEAR_TYPES)
+    ]
     handles.append(last.register_forward_hook(end))
     try:
         yield prefix

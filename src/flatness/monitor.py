@@ -150,7 +150,9 @@ class _CsvLog:
         text = self.path.read_text()
         if not text.endswith("\n"):  # a line cut by a crash: drop it, keep the complete ones
             keep = text[: text.rfind("\n") + 1]
-            warnings.warn(f"{self.path}: dropped an incomplete last line (an interrupted write)", RuntimeWarning, stacklevel=4)
+            warnings.warn(
+                f"{self.path}: dropped an incomplete last line (an interrupted write)", RuntimeWarning, stacklevel=4
+            )
             with open(self.path, "r+b") as fh:
                 fh.truncate(len(keep.encode()))
             text = keep
@@ -338,4 +340,7 @@ class CurvatureMonitor:
 
     def __repr__(self) -> str:
         where = self.csv.path if self.csv is not None else None
-        return f"CurvatureMonitor(every={self.every}, measures={self.measures}, function={self.options.function!r}, path={where!r})"
+        return (
+            f"CurvatureMonitor(every={self.every}, measures={self.measures}, "
+            f"function={self.options.function!r}, path={where!r})"
+        )

@@ -67,5 +67,5 @@ def reestimate_norm_statistics(model: nn.Module, batches: Iterable[tuple[Any, An
                 call_model(model, x)
                 seen += b
     finally:
-        for m, momentum in zip(layers, momenta):
+        for m, momentum in zip(layers, momenta, strict=True):
             m.momentum = momentum

@@ -20,8 +20,9 @@ The explicit route costs T·in·out per example, the Gram route T²·(in + out);
 taken per layer (T = 1: :math:`\lVert\delta_i\rVert^2 \lVert a_i\rVert^2`, sparse CSR/COO inputs
 stay sparse). A convolution's explicit route is one weight-gradient call with the batch as
 groups, which never forms the unfolded patches (n·in·T numbers). Covered: ``nn.Linear`` and
-:class:`flatness.layers.SparseLinear` (any batch-first input), ``nn.Conv1d``/``nn.Conv2d`` (stride, padding, dilation, groups; zero padding), and the
-affine parameters of BatchNorm (:math:`\nabla_\gamma \ell_i = \sum_s \delta_{is} \hat x_{is}`).
+:class:`flatness.layers.SparseLinear` (any batch-first input), ``nn.Conv1d``/``nn.Conv2d``
+(stride, padding, dilation, groups; zero padding), and the affine parameters of BatchNorm
+(:math:`\nabla_\gamma \ell_i = \sum_s \delta_{is} \hat x_{is}`).
 Every parametrised layer must run once per forward; a layer whose input or output is modified
 in place afterwards (``ReLU(inplace=True)``) is detected by its version counter and the pass is
 re-run with the layer's input and output copied (the right value, one more forward).
@@ -220,7 +221,7 @@ def _conv_geometry(m: nn.Module) -> tuple[tuple[int, int], ...]:
         if m.padding == "valid":
             padding = (0,) * len(kernel)
         else:  # "same" (stride 1): symmetric only if every total padding is even
-            totals = [d * (k - 1) for d, k in zip(dilation, kernel)]
+            totals = [d * (k - 1) for d, k in zip(dilation, kernel, strict=True)]
             if any(t % 2 for t in totals):
                 raise ClosedFormUnavailable("a convolution with asymmetric 'same' padding")
             padding = tuple(t // 2 for t in totals)
@@ -416,7 +417,7 @@ class ClosedForm:
         )
         sq = torch.zeros(n, dtype=loss.dtype, device=loss.device)
         with torch.set_grad_enabled(create_graph):
-            for m, a, delta in zip(self.layers, inputs, deltas):
+            for m, a, delta in zip(self.layers, inputs, deltas, strict=True):
                 if delta is None:  # this layer does not reach the loss: zero gradient
                     continue
                 sq = _add_layer_sq_norms(sq, m, a if create_graph else a.detach(), delta, self.wanted)

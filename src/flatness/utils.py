@@ -89,7 +89,7 @@ def module_modes(model: nn.Module) -> list[bool]:
 
 def restore_modes(model: nn.Module, modes: list[bool]) -> None:
     """Put back per-submodule flags saved by :func:`module_modes` (a model may mix modes)."""
-    for m, flag in zip(model.modules(), modes):
+    for m, flag in zip(model.modules(), modes, strict=False):  # a restore must not raise: match what matches
         m.training = flag
 
 

@@ -73,7 +73,9 @@ class FlatnessTrainer(transformers.Trainer):
                  loss: ModelLoss | None = None, **kwargs: Any) -> None:
         unknown = sorted(set(kwargs) - _TRAINER_KEYWORDS - _PENALTY_KEYWORDS)
         if unknown:
-            raise TypeError(f"FlatnessTrainer got unknown keyword(s) {unknown}: neither Trainer's nor FlatnessPenalty's")
+            raise TypeError(
+                f"FlatnessTrainer got unknown keyword(s) {unknown}: neither Trainer's nor FlatnessPenalty's"
+            )
         penalty_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _PENALTY_KEYWORDS}
         if loss is not None and not isinstance(loss, ModelLoss):
             raise TypeError(f"loss must be a flatness.ModelLoss, got {type(loss).__name__}")
@@ -98,7 +100,9 @@ class FlatnessTrainer(transformers.Trainer):
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         """The Trainer's loss, plus the flatness penalty on training steps (grad enabled, λ ≠ 0)."""
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
         if not (model.training and torch.is_grad_enabled()) or self.penalty_kwargs["lam"] == 0:
             return result
         loss, outputs = result if return_outputs else (result, None)

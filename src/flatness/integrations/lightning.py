@@ -132,7 +132,9 @@ class CurvatureCallback(pl.Callback):
             )
         return self.monitor
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         """Keep a detached copy of the first training batch (the measures' batch)."""
         if self.batch is None:
             self.batch = detached_copy(batch)

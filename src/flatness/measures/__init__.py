@@ -11,8 +11,9 @@ to its parameters or buffers.
 - :mod:`.eigen`: top-k eigenvalues (thick-restart Lanczos), condition number, effective dimension,
   per-layer blocks; :mod:`.density`: SLQ spectral density and its plot;
 - :mod:`.sharpness`: ε-sharpness and adaptive sharpness; :mod:`.noise`: expected loss under
-  Gaussian weight noise; :mod:`.local_entropy`: Entropy-SGD's local entropy by Langevin sampling; :mod:`.fisher`: empirical Fisher trace; :mod:`.divergence`: NRS model
-  divergence; :mod:`.summary`: several at once, :func:`final_measures`;
+  Gaussian weight noise; :mod:`.local_entropy`: Entropy-SGD's local entropy by Langevin
+  sampling; :mod:`.fisher`: empirical Fisher trace; :mod:`.divergence`: NRS model divergence;
+  :mod:`.summary`: several at once, :func:`final_measures`;
 - :mod:`.calibration`: expected calibration error, NLL and Brier score of predictions (not a
   flatness measure: what flatness is said to predict);
 - reference measures of Jiang et al. (2019): :mod:`.norms` (parameter norm, path norm, distance

@@ -104,8 +104,8 @@ def calibration(logits: Tensor, labels: Tensor, bins: int = ECE_BINS) -> Calibra
     n = int(y.shape[0])
     ece = float((conf_sum - correct_sum).abs().sum() / n)
     filled = counts > 0
-    mean_conf = [float(s / c) if f else None for s, c, f in zip(conf_sum, counts, filled)]
-    mean_acc = [float(s / c) if f else None for s, c, f in zip(correct_sum, counts, filled)]
+    mean_conf = [float(s / c) if f else None for s, c, f in zip(conf_sum, counts, filled, strict=True)]
+    mean_acc = [float(s / c) if f else None for s, c, f in zip(correct_sum, counts, filled, strict=True)]
     return Calibration(
         ece=ece, nll=nll, brier=brier, accuracy=float(correct.mean()), binary=binary,
         counts=tuple(int(c) for c in counts), confidence=tuple(mean_conf), bin_accuracy=tuple(mean_acc),

@@ -72,7 +72,7 @@ class SpectralDensity:
 
     def moment(self, power: int) -> float:
         """Estimate of (1/P) Tr(H^power) = mean over repeats of Σ_j τ_j θ_j^power."""
-        return float(np.mean([np.sum(w * t**power) for t, w in zip(self.nodes, self.weights)]))
+        return float(np.mean([np.sum(w * t**power) for t, w in zip(self.nodes, self.weights, strict=True)]))
 
     @property
     def ritz_range(self) -> tuple[float, float]:
@@ -154,7 +154,7 @@ def smoothed_density(
     center, half = (high + low) / 2, (high - low) / 2
     unit_grid = np.linspace(-1.0, 1.0, num_points)
     density = np.zeros(num_points)
-    for theta, tau in zip(nodes, weights):
+    for theta, tau in zip(nodes, weights, strict=True):
         # one node alone (an invariant start vector): the width of a two-node quadrature
         sigma = 2.0 / (max(len(theta), 2) - 1) / np.sqrt(8.0 * np.log(kappa))
         z = (unit_grid[None, :] - ((theta - center) / half)[:, None]) / sigma
@@ -227,7 +227,7 @@ def plot_spectral_density(
     if log_scale:
         ax.set_yscale("log")
         ax.set_ylim(bottom=max(1e-8, float(values.max()) * 1e-8))
-    for t, w in zip(density.nodes, density.weights):
+    for t in density.nodes:
         ax.plot(t, np.full_like(t, ax.get_ylim()[0]), "|", color="k", ms=8, alpha=0.5)
     ax.set_xlabel("eigenvalue λ")
     ax.set_ylabel("density φ(λ)")

@@ -90,7 +90,10 @@ class Spectrum:
         return float(np.sum(lam / (lam + z)))
 
     def as_dict(self, z: float = 1.0) -> dict[str, Any]:
-        """The summaries as JSON-ready keys (``lambda_max``, ``top_eigenvalues``, ...); ``z`` for :meth:`effective_dimension`."""
+        """The summaries as JSON-ready keys (``lambda_max``, ``top_eigenvalues``, ...).
+
+        ``z`` is passed to :meth:`effective_dimension`.
+        """
         return {
             "lambda_max": self.lambda_max,
             "top_eigenvalues": list(self.eigenvalues),

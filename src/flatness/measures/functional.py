@@ -181,7 +181,8 @@ def model_loss_args(model: nn.Module, loss_fn: Any, batches: Any) -> tuple[nn.Mo
     total = sum(sizes)
     if total == 0:
         raise FlatnessError("no data: the batches hold no examples")
-    return BatchLoss(model, loss_fn), output_is_loss, [Batch((b,), None, n / total) for b, n in zip(whole, sizes)]
+    weighted = [Batch((b,), None, n / total) for b, n in zip(whole, sizes, strict=True)]
+    return BatchLoss(model, loss_fn), output_is_loss, weighted
 
 
 def accepts_model_loss(fn: Callable[..., Any]) -> Callable[..., Any]:

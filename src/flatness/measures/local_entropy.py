@@ -215,7 +215,7 @@ def local_entropy(
                 with torch.no_grad():
                     chain = {
                         n: t - eta * (float(lam) * g + gamma * (t - center[n])) + kick * randn_like(t)
-                        for (n, t), g in zip(point.items(), grads)
+                        for (n, t), g in zip(point.items(), grads, strict=True)
                     }
             means.append(float(np.mean(values)))
             block_means.append([float(b.mean()) for b in np.array_split(np.asarray(values), BLOCKS)])

@@ -7,8 +7,9 @@ r"""Output margin (Jiang et al., 2019): a low percentile of the margins of the t
 
 with q = 0.1 by default (Jiang et al. take the 10th percentile rather than the minimum, to be
 robust to outliers). The quantile is the (⌊(m−1)q⌋ + 1)-th smallest of the m margins
-(``torch.quantile`` with ``interpolation="lower"``; the 100th of 1,000 at q = 0.1). A model with one output column is a binary classifier on the
-logit z (the two-class logits (0, z)): γ_i = (2y_i − 1)·z_i. A misclassified example has γ_i ≤ 0;
+(``torch.quantile`` with ``interpolation="lower"``; the 100th of 1,000 at q = 0.1). A model
+with one output column is a binary classifier on the logit z (the two-class logits (0, z)):
+γ_i = (2y_i − 1)·z_i. A misclassified example has γ_i ≤ 0;
 :func:`zero_one_error` counts them (a tie counts as an error), as a batch-mean loss usable
 wherever a ``loss_fn`` is expected.
 

@@ -256,7 +256,7 @@ class HessianOperator(LinearOperator):
             return
         if self._graphs is None:
             self._graphs = [self._graph(b) for b in self._batches]
-        yield from zip(self._batches, self._graphs)
+        yield from zip(self._batches, self._graphs, strict=True)
 
     def _matmat(self, X: Tensor) -> Tensor:
         out = self._row_products(self._rows(X))
@@ -288,7 +288,7 @@ class HessianOperator(LinearOperator):
         weight = self._batches[0].weight
         total = torch.zeros(rows.shape[0], dtype=torch.float64, device=rows.device)
         for start, vecs in self._chunks(rows):
-            for vec, prod in zip(vecs, self._hvp_chunk(loss, grads, vecs)):
+            for vec, prod in zip(vecs, self._hvp_chunk(loss, grads, vecs), strict=True):
                 prod = prod.detach().reshape(vec.shape[0], -1)
                 total[start : start + vec.shape[0]] += rowwise_dots(
                     prod if squares else vec.reshape(vec.shape[0], -1), prod
@@ -313,7 +313,7 @@ class HessianOperator(LinearOperator):
             (start, [
                 block.reshape(-1, *p.shape).contiguous()
                 for block, p in zip(rows[start : start + self._max_vectors].split(self._sizes, 1),
-                                    self._params)
+                                    self._params, strict=True)
             ])
             for start in range(0, rows.shape[0], self._max_vectors)
         ]
@@ -328,7 +328,7 @@ class HessianOperator(LinearOperator):
             for start, vecs in chunks:
                 prods = self._hvp_chunk(loss, grads, vecs)
                 acc = out[start : start + vecs[0].shape[0]].split(self._sizes, 1)
-                for a, prod in zip(acc, prods):
+                for a, prod in zip(acc, prods, strict=True):
                     prod = prod.detach().reshape(a.shape)
                     if i == 0:
                         torch.mul(prod, b.weight, out=a) if b.weight != 1.0 else a.copy_(prod)

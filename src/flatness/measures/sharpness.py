@@ -100,11 +100,11 @@ def _project(u: list[Tensor], region: Region, eps: float) -> list[Tensor]:
 def _ascent_step(u: list[Tensor], grads: list[Tensor], size: float, region: Region, eps: float) -> list[Tensor] | None:
     """One projected ascent step: along sign(g) in the box, along g/‖g‖ in the ball (``None`` at g = 0 in the ball)."""
     if region == "box":
-        return _project([t + size * g.sign() for t, g in zip(u, grads)], region, eps)
+        return _project([t + size * g.sign() for t, g in zip(u, grads, strict=True)], region, eps)
     gnorm = float(_global_norm(grads))
     if gnorm == 0.0:
         return None
-    return _project([t + (size / gnorm) * g for t, g in zip(u, grads)], region, eps)
+    return _project([t + (size / gnorm) * g for t, g in zip(u, grads, strict=True)], region, eps)
 
 
 def _random_point(theta: list[Tensor], region: Region, eps: float, gen: torch.Generator | None) -> list[Tensor]:
@@ -162,7 +162,7 @@ def eps_sharpness(
     gen = make_generator(seed)
 
     def at(u: list[Tensor]) -> dict[str, Tensor]:
-        return {n: t + c * d for n, t, c, d in zip(names, theta, scale, u)}
+        return {n: t + c * d for n, t, c, d in zip(names, theta, scale, u, strict=True)}
 
     def loss_and_grad(u: list[Tensor]) -> tuple[float, list[Tensor]]:
         u = [t.detach().requires_grad_(True) for t in u]

@@ -110,7 +110,7 @@ class FiniteDifferencePoint(Point):
         # direction (1 - c)·g + c·∇L(θ + r ĝ), built in place in the far gradients
         c = self.rho * (2.0 * norm if self.squared else torch.ones_like(norm)) / r
         with torch.no_grad():
-            for p, g, h in zip(params, grads, far):
+            for p, g, h in zip(params, grads, far, strict=True):
                 if g is None and h is None:
                     continue
                 g = torch.zeros_like(p) if g is None else g
@@ -244,7 +244,7 @@ class GNP(torch.optim.Optimizer):
             with torch.enable_grad(), extra_pass(self.model):
                 loss = closure()
         c = self.rho * (2.0 * norm if self.squared else torch.ones_like(norm)) / self.fd_radius
-        at_theta = {id(p): g for p, g in zip(params, grads)}
+        at_theta = {id(p): g for p, g in zip(params, grads, strict=True)}
         with torch.no_grad():
             for p in (p for group in self.param_groups for p in group["params"]):
                 g = at_theta.get(id(p))

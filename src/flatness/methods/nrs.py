@@ -13,8 +13,9 @@ all trainable weights together (the paper draws one per device; defaults ε = 0.
 radius is ε·U^(1/d) as for a uniform draw; the direction is, by default, random signs
 (``dist="rademacher"``: isotropic, one random bit per weight) or, with ``dist="gaussian"``, a
 Gaussian direction, which makes δθ exactly uniform in the ball but costs about as much as a
-forward pass to draw on a CPU (1.7 M weights: ~7 ms with torch's generator). :math:`f` is the predicted class distribution: softmax of the logits,
-or a Bernoulli for a single logit. The KL term is differentiated through both arguments.
+forward pass to draw on a CPU (1.7 M weights: ~7 ms with torch's generator). :math:`f` is the
+predicted class distribution: softmax of the logits, or a Bernoulli for a single logit. The KL
+term is differentiated through both arguments.
 
 NRS's neighbour :math:`f(\cdot;\theta+\delta\theta)` is evaluated with
 ``torch.func.functional_call`` on the tensors ``p + δ``: the model's own weights are never
@@ -109,7 +110,7 @@ def _shaped_ball_direction(
         sum(p.numel() for p in params), eps, dist, generator, params[0].device, params[0].dtype
     )
     chunks = direction.split([p.numel() for p in params])
-    return [c.view_as(p).to(p.dtype) for c, p in zip(chunks, params)], scale
+    return [c.view_as(p).to(p.dtype) for c, p in zip(chunks, params, strict=True)], scale
 
 
 def sample_in_ball(
@@ -196,7 +197,7 @@ class NeighbourTerm(_Ball, Term):
         model = evaluation.model
         named = {n: p for n, p in model.named_parameters() if p.requires_grad}
         directions, scale = self.draw(list(named.values()))
-        shifted = {n: torch.addcmul(p, d, scale) for (n, p), d in zip(named.items(), directions)}
+        shifted = {n: torch.addcmul(p, d, scale) for (n, p), d in zip(named.items(), directions, strict=True)}
         with evaluation.replay(), frozen_running_stats(unwrap(model)):
             neighbour_logits = _call_with(model, shifted, evaluation.x)
         perturbed_loss = evaluation.loss_fn(neighbour_logits, evaluation.y)
@@ -251,7 +252,8 @@ class NeighborhoodRegionSmoothing(Method):
         super().__init__(model, loss_fn, terms=[term])
         if isinstance(self.model, BatchLoss):
             raise ValueError("nrs needs the model output (its KL term), and a ModelLoss gives only the loss: "
-                             "use loss_fn(output, target), or the NRS optimizer wrapper, whose closure returns the output")
+                             "use loss_fn(output, target), or the NRS optimizer wrapper, "
+                             "whose closure returns the output")
         self.eps, self.alpha = term.eps, term.alpha
 
     def __repr__(self) -> str:

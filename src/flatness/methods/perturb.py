@@ -86,11 +86,11 @@ def perturbed(
             saved = [p.detach().clone() for p in params]
         else:
             saved = list(stash)
-            for s, p in zip(saved, params):
+            for s, p in zip(saved, params, strict=True):
                 s.copy_(p)
     try:
         with torch.no_grad():
-            for p, d in zip(params, deltas):
+            for p, d in zip(params, deltas, strict=True):
                 if d is None:
                     continue
                 if scale is None:
@@ -102,7 +102,7 @@ def perturbed(
         yield
     finally:
         with torch.no_grad():
-            for p, s in zip(params, saved):
+            for p, s in zip(params, saved, strict=True):
                 p.copy_(s)
 
 
@@ -110,7 +110,7 @@ def stash_for(params: Sequence[Tensor], stash: list[Tensor] | None) -> list[Tens
     """``stash`` if it still fits ``params`` (shapes, dtypes, devices), else fresh buffers."""
     fits = stash is not None and len(stash) == len(params) and all(
         s.shape == p.shape and s.dtype == p.dtype and s.device == p.device
-        for s, p in zip(stash, params)
+        for s, p in zip(stash, params, strict=True)
     )
     if fits:
         return stash  # type: ignore[return-value]

@@ -75,8 +75,8 @@ def sam_direction(
     with torch.no_grad():
         if not adaptive:
             return list(grads), rho / (global_norm(grads) + _TINY)
-        scaled = [None if g is None else p.abs() * g for p, g in zip(params, grads)]
-        directions = [None if g is None else p.square() * g for p, g in zip(params, grads)]
+        scaled = [None if g is None else p.abs() * g for p, g in zip(params, grads, strict=True)]
+        directions = [None if g is None else p.square() * g for p, g in zip(params, grads, strict=True)]
         return directions, rho / (global_norm(scaled) + _TINY)
 
 
@@ -212,7 +212,7 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError("no parameter has a gradient: call backward() before first_step()")
         directions, scale = sam_direction(params, [p.grad for p in params], self.rho, self.adaptive)
         self._origin = [(p, p.detach().clone()) for p in params]
-        for p, d in zip(params, directions):
+        for p, d in zip(params, directions, strict=True):
             p.addcmul_(d, scale.to(p.device))
         if zero_grad:
             self.zero_grad(set_to_none=True)
