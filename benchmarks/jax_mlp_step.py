@@ -48,7 +48,7 @@ def main() -> None:
     sizes = (3072, 512, 256, 100)
     key = jax.random.PRNGKey(0)
     params = []
-    for d_in, d_out in zip(sizes[:-1], sizes[1:]):
+    for d_in, d_out in zip(sizes[:-1], sizes[1:], strict=False):
         key, kw, kb = jax.random.split(key, 3)
         bound = 1.0 / d_in**0.5  # torch's default Linear initialisation
         params.append((jax.random.uniform(kw, (d_in, d_out), jnp.float32, -bound, bound),

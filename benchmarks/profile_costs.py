@@ -148,8 +148,8 @@ def ops(batch: int = 32, steps: int = 5) -> None:
             kinds[name].update(timer.seconds)
     med = {k: statistics.median(v) * 1e3 for k, v in wall.items()}
     med_conv = {k: statistics.median(v) * 1e3 for k, v in conv.items()}
-    print(f"ResNet-20, B = {batch}, {steps} steps each (dispatcher timer on): step ms", {k: round(v) for k, v in med.items()},
-          "ratio", round(med["fa_autograd"] / med["plain"], 2))
+    print(f"ResNet-20, B = {batch}, {steps} steps each (dispatcher timer on): step ms",
+          {k: round(v) for k, v in med.items()}, "ratio", round(med["fa_autograd"] / med["plain"], 2))
     print("convolution kernels ms", {k: round(v) for k, v in med_conv.items()},
           "FA's convolutions alone / whole plain step", round(med_conv["fa_autograd"] / med["plain"], 2))
     for name, c in kinds.items():
@@ -158,7 +158,8 @@ def ops(batch: int = 32, steps: int = 5) -> None:
 
 
 def mlp(probes: int = 5, steps: int = 5) -> None:
-    cases = _paper_mlp_cases(**{"plain": ("none", {}), f"fa_m{probes}_k1": ("fa", dict(lam=0.01, probes=probes, every=1, seed=0))})
+    fa = ("fa", dict(lam=0.01, probes=probes, every=1, seed=0))
+    cases = _paper_mlp_cases(**{"plain": ("none", {}), f"fa_m{probes}_k1": fa})
     ms = time_interleaved(cases, rounds=5, reps_per_round=4)
     print("median ms per step", {k: round(v, 2) for k, v in ms.items()})
     timer = _OperatorTimer(by_shapes=True)

@@ -58,8 +58,9 @@ def main() -> None:
             opt.step()
             record = monitor.step()  # every 20th call measures; the model is left as it was
             if record is not None:
-                print(f"step {record['step']:4d}  λ_max {record['lambda_max']:.4f}  Tr(H) {record['hessian_trace']:.3f}  "
-                      f"Tr(H²)/B {record['hessian_sq_trace_per_B']:.5f}  ({record['seconds']:.2f} s, {record['hvps']} HVPs)")
+                print(f"step {record['step']:4d}  λ_max {record['lambda_max']:.4f}  "
+                      f"Tr(H) {record['hessian_trace']:.3f}  Tr(H²)/B {record['hessian_sq_trace_per_B']:.5f}  "
+                      f"({record['seconds']:.2f} s, {record['hvps']} HVPs)")
         with torch.no_grad():
             model.eval()
             accuracy = (model(held_x).argmax(1) == held_y).float().mean()

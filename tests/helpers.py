@@ -35,7 +35,7 @@ def loss_of_flat(model: nn.Module, x, y, loss_fn=nn.functional.cross_entropy):
 
     def f(theta: torch.Tensor) -> torch.Tensor:
         chunks = theta.split(sizes)
-        params = {n: c.view(s) for n, c, s in zip(names, chunks, shapes)}
+        params = {n: c.view(s) for n, c, s in zip(names, chunks, shapes, strict=True)}
         return loss_fn(functional_call(model, params, (x,)), y)
 
     return f

@@ -123,7 +123,8 @@ def test_image_tasks_have_cpu_and_gpu_protocols():
         gpu = task.protocol("gpu")
         assert gpu.model == gpu_model and gpu.augment and not any(gpu.subsets())
         assert task.config.train_subset > 0 and "SUBSET" in task.description and "SMOKE" in task.description
-        assert task.protocol_name(gpu.as_dict()) == "gpu" and task.protocol_name(gpu.replace(epochs=gpu.epochs - 1)) is None
+        assert task.protocol_name(gpu.as_dict()) == "gpu"
+        assert task.protocol_name(gpu.replace(epochs=gpu.epochs - 1)) is None
         assert isinstance(task.build_model(config=gpu.replace(model="resnet20")), nn.Module)
     r18 = get_task("cifar100-resnet").protocol("gpu")
     assert (r18.epochs, r18.batch_size, r18.lr, r18.momentum, r18.weight_decay, r18.schedule) == (
@@ -203,7 +204,8 @@ def test_bench_arch_quick_json_has_every_key(capsys):
 
     result = json.loads(capsys.readouterr().out)
     for prefix in ("resnet", "vit"):
-        for key in ("plain_ms", "fa_autodiff_m1_k1_ratio", "fa_fd_m1_k1_ratio", "fa_fd_m1_k10_ratio", "curvature_ratio", "fd_rel_err"):
+        for key in ("plain_ms", "fa_autodiff_m1_k1_ratio", "fa_fd_m1_k1_ratio", "fa_fd_m1_k10_ratio", "curvature_ratio",
+                    "fd_rel_err"):
             assert math.isfinite(result[f"{prefix}_{key}"]), key
         assert result[f"{prefix}_fd_rel_err"] < 0.05
     assert result["cpu"] == this_cpu_model()  # the platform is named, as in run records
@@ -314,6 +316,7 @@ def test_stopping_rule_ends_training_at_the_first_epoch_that_meets_it():
     data = Splits(x_train=x, y_train=y, x_test=x, y_test=y, num_classes=2)
     model = nn.Linear(4, 2)
     loss_fn = nn.functional.cross_entropy
-    history = train(model, make_method("none", model, loss_fn), torch.optim.SGD(model.parameters(), lr=0.5), data, config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    history = train(model, make_method("none", model, loss_fn), optimizer, data, config)
     reached = [e["train_acc"] >= 1.0 for e in history.epochs]
     assert 1 <= len(history.epochs) < 50 and reached[-1] and not any(reached[:-1])

@@ -46,7 +46,7 @@ def test_every_backend_runs_under_bf16_autocast_close_to_full_precision(backend,
     full, full_grads, _ = _penalty_and_grads(backend, estimator, autocast=False)
     low, low_grads, caught = _penalty_and_grads(backend, estimator, autocast=True)
     assert low == pytest.approx(full, rel=0.05)  # the same probes; bf16 keeps ~3 digits
-    for a, b in zip(low_grads, full_grads):
+    for a, b in zip(low_grads, full_grads, strict=True):
         assert torch.isfinite(a).all()
         assert torch.linalg.vector_norm(a - b) <= 0.1 * torch.linalg.vector_norm(b) + 1e-6
     messages = [str(w.message) for w in caught]
@@ -94,7 +94,7 @@ def _sam_steps(autocast: bool, wrapper: bool) -> list[torch.Tensor]:
 def test_sam_under_bf16_autocast_follows_the_full_precision_run(wrapper):
     start = [p.detach().clone() for p in _model().parameters()]
     full, low = _sam_steps(False, wrapper), _sam_steps(True, wrapper)
-    for s, a, b in zip(start, low, full):
+    for s, a, b in zip(start, low, full, strict=True):
         assert torch.isfinite(a).all() and a.dtype == torch.float32  # the weights stay float32
         moved = torch.linalg.vector_norm(b - s)
         assert torch.linalg.vector_norm(a - b) <= 0.25 * moved  # bf16 forward: a few % per step
@@ -103,7 +103,8 @@ def test_sam_under_bf16_autocast_follows_the_full_precision_run(wrapper):
 def test_a_compiled_part_is_one_clear_error_naming_the_first_order_backend():
     model = _model()
     model[0] = torch.compile(model[0])  # lazy: nothing is compiled here
-    with pytest.raises(ValueError, match=r"backend='autograd' differentiates twice .* \['0'\] .* backend='finite-difference'"):
+    message = r"backend='autograd' differentiates twice .* \['0'\] .* backend='finite-difference'"
+    with pytest.raises(ValueError, match=message):
         FlatnessPenalty(model, F.cross_entropy, backend="autograd")
     FlatnessPenalty(model, F.cross_entropy, backend="finite-difference")  # first-order: accepted
     inplace = _model()
@@ -126,7 +127,7 @@ def test_a_compiled_model_is_penalised_through_its_eager_module():
     b = plain(x, y)
     b.backward()
     assert float(a) == float(b)
-    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters(), strict=True))
 
 
 @pytest.mark.slow
@@ -140,7 +141,7 @@ def test_a_training_step_of_a_compiled_model_with_the_penalty():
     (F.cross_entropy(compiled(x), y) + penalty(x, y)).backward()  # compiled forward, eager curvature
     opt.step()
     assert penalty.last_sq_trace > 0
-    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
 
 
 def _fp16_sam_recipe(scaled: bool) -> list[torch.Tensor]:
@@ -167,5 +168,5 @@ def _fp16_sam_recipe(scaled: bool) -> list[torch.Tensor]:
 def test_the_documented_fp16_gradscaler_sequence_for_sam():
     start = [p.detach().clone() for p in _model().parameters()]
     full, scaled = _fp16_sam_recipe(False), _fp16_sam_recipe(True)
-    for s, a, b in zip(start, scaled, full):
+    for s, a, b in zip(start, scaled, full, strict=True):
         assert torch.linalg.vector_norm(a - b) <= 0.05 * torch.linalg.vector_norm(b - s)

@@ -35,7 +35,10 @@ LOSS = ModelLoss(lambda model, batch: model(**batch))
 
 def _batch(n: int = 16, seed: int = 1) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"features": torch.randn(n, 5, generator=g, dtype=torch.float64), "labels": torch.randint(0, 3, (n,), generator=g)}
+    return {
+        "features": torch.randn(n, 5, generator=g, dtype=torch.float64),
+        "labels": torch.randint(0, 3, (n,), generator=g),
+    }
 
 
 def _pair(batch):
@@ -56,7 +59,7 @@ def test_penalty_on_a_dict_batch_is_the_penalty_on_x_y(backend):
     va.backward()
     vb.backward()
     assert float(va) == pytest.approx(float(vb), rel=1e-10)
-    for p, q in zip(a.parameters(), b.parameters()):
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.allclose(p.grad, q.grad, rtol=1e-8, atol=1e-12)
     # objective(batch): the task loss and the sum, from the same module
     loss, total = pa.objective(batch)
@@ -100,7 +103,7 @@ def test_every_method_steps_on_dict_batches_as_on_x_y(name):
         ia = ma.step(batch, oa)
         ib = mb.step(*_pair(batch), ob)
         assert sorted(ia) == sorted(ib)
-    for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+    for (n, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.allclose(p.double(), q.double(), rtol=1e-9, atol=1e-12), n
 
 

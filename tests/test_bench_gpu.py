@@ -26,8 +26,13 @@ def test_dry_run_checks_every_backend_method_and_measure(dry_run):
     code, result = dry_run
     assert code == 0 and result["ok"] is True and result["dry_run"] is True and result["complete"] is True
     ids = {case["id"] for case in result["correctness"]["cases"]}
-    expected = {f"penalty:{model}:{backend}:{p}" for model, backends in BACKENDS.items() for backend in backends for p in PRECISIONS}
-    expected |= {f"update:{model}:{method}:{p}" for model in ("mlp", "resnet20") for method in UPDATE_METHODS for p in PRECISIONS}
+    expected = {
+        f"penalty:{model}:{backend}:{p}"
+        for model, backends in BACKENDS.items() for backend in backends for p in PRECISIONS
+    }
+    expected |= {
+        f"update:{model}:{method}:{p}" for model in ("mlp", "resnet20") for method in UPDATE_METHODS for p in PRECISIONS
+    }
     expected |= {f"measure:small:{name}:{p}" for name in ("lambda_max", "trace") for p in PRECISIONS}
     assert ids == expected
     for case in result["correctness"]["cases"]:
@@ -50,7 +55,8 @@ def test_dry_run_records_device_protocol_and_every_timing_block(dry_run):
     for method in ("none", "fa", "sam"):
         entry = epoch[method]
         assert entry["status"] == "timed" and entry["projected_hours"] > entry["projected_train_hours"] > 0, method
-    assert epoch["fa"]["method_kwargs"]["backend"] == "finite-difference" and epoch["fa"]["method_kwargs"]["every"] == 10
+    fa_kwargs = epoch["fa"]["method_kwargs"]
+    assert fa_kwargs["backend"] == "finite-difference" and fa_kwargs["every"] == 10
     blocks = result["timing"]
     assert set(blocks) == {f"{m}_{p}" for m in ("mlp", "resnet18", "vit_tiny") for p in ("float32", "bf16")}
     for key, block in blocks.items():

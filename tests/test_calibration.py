@@ -23,7 +23,7 @@ def test_multiclass_by_hand():
     correct = [1, 0, 1]
     # confidences 0.881, 0.731, 0.953 fall in bins 13, 10, 14 of 15: one example each
     assert c.counts[13] == c.counts[10] == c.counts[14] == 1 and sum(c.counts) == 3
-    assert c.ece == pytest.approx(sum(abs(k - q) for k, q in zip(correct, conf)) / 3, abs=1e-12)
+    assert c.ece == pytest.approx(sum(abs(k - q) for k, q in zip(correct, conf, strict=True)) / 3, abs=1e-12)
     assert c.nll == pytest.approx(-sum(math.log(p) for p in p0) / 3, abs=1e-12)
     assert c.brier == pytest.approx(sum((p - 1) ** 2 + (1 - p) ** 2 for p in p0) / 3, abs=1e-12)
     assert c.accuracy == pytest.approx(2 / 3) and not c.binary and c.bins == ECE_BINS == 15

@@ -30,14 +30,14 @@ def _batches(steps: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _assert_same_state(a: nn.Module, b: nn.Module) -> None:
-    for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values()):
+    for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.allclose(ta.double(), tb.double(), rtol=1e-10, atol=1e-12), name
 
 
 def _closure_loop(model, opt, batches, sam_like: bool) -> None:
     for x, y in batches:
         if sam_like:
-            def closure():
+            def closure(x=x, y=y):  # bound now: called within this iteration only
                 loss = F.cross_entropy(model(x), y)
                 loss.backward()
                 return loss
@@ -45,7 +45,7 @@ def _closure_loop(model, opt, batches, sam_like: bool) -> None:
             closure()  # the pass at θ
             opt.step(closure)
         else:
-            def closure():
+            def closure(x=x, y=y):
                 out = model(x)
                 return F.cross_entropy(out, y), out
             opt.step(closure)
@@ -121,7 +121,7 @@ def test_nrs_wrapper_resumes_its_draws_and_says_what_the_closure_must_return():
     weights = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(TypeError, match=r"closure must return \(loss, output\)"):
         opt.step(lambda: F.cross_entropy(model(x), y))
-    assert all(torch.equal(w, p) for w, p in zip(weights, model.parameters()))  # θ restored
+    assert all(torch.equal(w, p) for w, p in zip(weights, model.parameters(), strict=True))  # θ restored
     opt.step(closure)
     with pytest.raises(RuntimeError, match="needs a closure"):
         GNP(model.parameters(), torch.optim.SGD, lr=0.1).step()

@@ -95,13 +95,13 @@ def test_statistics_are_re_estimated_at_each_point():
     # reference at t = 0.5: a copy with the mean weights, statistics re-estimated by hand
     mid = copy.deepcopy(model)
     with torch.no_grad():
-        for (n, p), q in zip(mid.named_parameters(), other.parameters()):
+        for p, q in zip(mid.parameters(), other.parameters(), strict=True):
             p.copy_(0.5 * (p + q))
         h = torch.cat([mid[0](x) for x, _ in stats])
         mid[1].running_mean.copy_(h.mean(0))
         sizes = [len(x) for x, _ in stats]
         variances = [mid[0](x).var(0, unbiased=True) for x, _ in stats]
-        mid[1].running_var.copy_(sum(n * v for n, v in zip(sizes, variances)) / sum(sizes))
+        mid[1].running_var.copy_(sum(n * v for n, v in zip(sizes, variances, strict=True)) / sum(sizes))
         mid.eval()
         expected = sum(len(x) * float(CE(mid(x), y)) for x, y in data()) / 40
     assert path.loss[1] == pytest.approx(expected, rel=1e-10)

@@ -138,7 +138,7 @@ def test_shared_prefix_gives_the_same_estimate_and_gradient():
     with eval_mode(model):
         shared = cv_sq_trace(model, CE, x, y, probes=2, seed=4, prefix=prefix)
     assert torch.isclose(shared, alone, rtol=1e-12)
-    for a, b in zip(torch.autograd.grad(shared, params), grads_alone):
+    for a, b in zip(torch.autograd.grad(shared, params), grads_alone, strict=True):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)
 
 

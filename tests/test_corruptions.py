@@ -45,7 +45,7 @@ def test_severity_zero_is_the_identity_and_damage_grows_with_severity(images, na
     assert torch.equal(corrupt(images, name, 0), images)
     damage = [float((corrupt(images, name, s) - images).abs().mean()) for s in range(1, 6)]
     assert damage[0] > 0
-    assert all(a < b for a, b in zip(damage, damage[1:])), damage
+    assert all(a < b for a, b in zip(damage, damage[1:], strict=False)), damage
 
 
 @pytest.mark.parametrize("name", CORRUPTIONS)
@@ -100,7 +100,8 @@ def test_jpeg_like_is_close_to_pillows_jpeg(images, severity):
     pil = []
     for im in images:
         buffer = io.BytesIO()
-        Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(buffer, "JPEG", quality=quality)
+        pixels = (im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(pixels).save(buffer, "JPEG", quality=quality)
         buffer.seek(0)
         pil.append(torch.from_numpy(np.asarray(Image.open(buffer), dtype=np.float32) / 255).permute(2, 0, 1))
     pil = torch.stack(pil)

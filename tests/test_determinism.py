@@ -41,7 +41,9 @@ def _without_timings(value: Any) -> Any:
 @pytest.mark.slow
 @pytest.mark.parametrize("method, settings", CASES, ids=[f"{m}{'-' + '-'.join(map(str, s.values())) if s else ''}"
                                                          for m, s in CASES])
-def test_a_run_twice_gives_the_same_record_but_for_timings(tmp_path: Path, method: str, settings: dict[str, Any]) -> None:
+def test_a_run_twice_gives_the_same_record_but_for_timings(
+    tmp_path: Path, method: str, settings: dict[str, Any]
+) -> None:
     value = STRENGTH.get(method.split("+")[0])
     (spec,) = build_grid("breast-cancer-mlp", method, None if value is None else [value], [1],
                          config_overrides={"epochs": 2}, method_kwargs=settings,

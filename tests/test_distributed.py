@@ -1,6 +1,12 @@
 """DDP semantics: shards, rank seeds, the one-process twin, and a real 2-process gloo run."""
 
 import copy
+import glob
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +14,7 @@ from torch import nn
 
 from flatness.experiments.world.errors import SettingError
 from flatness.experiments.running.distributed import EmulatedRanks, shard_bounds, take_shard
+from flatness.experiments.running.specs import build_grid, select_shard
 from flatness.methods import make_method
 from flatness.probes import rank_seed
 
@@ -19,7 +26,7 @@ def test_shards_partition_the_batch():
         for world in (1, 2, 3):
             bounds = [shard_bounds(n, r, world) for r in range(world)]
             assert bounds[0][0] == 0 and bounds[-1][1] == n
-            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
             sizes = [b - a for a, b in bounds]
             assert max(sizes) - min(sizes) <= 1
 
@@ -54,7 +61,7 @@ def test_one_emulated_rank_is_an_ordinary_step():
     for _ in range(3):
         plain.step(x, y, opt_a)
         emulated.step(x, y, opt_b)  # runs on its own saved stream, leaves the global one alone
-    for p, q in zip(a.parameters(), b.parameters()):
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(p, q)
 
 
@@ -74,20 +81,11 @@ def test_two_emulated_ranks_average_the_shard_gradients():
         loss = CE(ref(xs), ys) + m.penalty(xs, ys)
         grads.append(torch.autograd.grad(loss, list(ref.parameters())))
     with torch.no_grad():
-        for p, q, g0, g1 in zip(model.parameters(), ref.parameters(), *grads):
+        for p, q, g0, g1 in zip(model.parameters(), ref.parameters(), *grads, strict=True):
             torch.testing.assert_close(p, q - 0.1 * (g0 / 2 + g1 / 2), rtol=0, atol=1e-7)
 
 
 # --- real 2-process gloo runs through the CLI, against their one-process twin -------------
-
-import glob
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
-from flatness.experiments.running.specs import build_grid, select_shard
 
 
 def _free_port() -> int:

@@ -168,7 +168,8 @@ def test_the_figure_check_reports_a_figure_without_its_example(tmp_path):
     readme.write_text("![a](docs/_static/sphx_glr_plot_01_kept_001.png)\n![b](docs/_static/sphx_glr_plot_09_gone_001.png)\n"
                       "![c](docs/_static/landscape.png)\n![d](docs/_static/sphx_glr_plot_01_kept_002.png)\n")
     assert readme_figure.figure_problems(readme, tmp_path) == [
-        "README figure docs/_static/sphx_glr_plot_09_gone_001.png: its example docs/gallery/plot_09_gone.py does not exist",
+        "README figure docs/_static/sphx_glr_plot_09_gone_001.png: its example docs/gallery/plot_09_gone.py "
+        "does not exist",
         "README figure docs/_static/landscape.png: not named sphx_glr_plot_NAME_00K.png after a gallery example",
         "README figure docs/_static/sphx_glr_plot_01_kept_002.png: no such file",
     ]

@@ -72,7 +72,8 @@ def test_hutchinson_estimators_equal_the_dense_hessian_on_their_probes(backend, 
     # the gradient: the same as autograd's estimator on the same probes (third derivatives)
     reference = make_estimator("autograd", kind, model, CE, probes=3, generator=_gen(5))
     params = list(model.parameters())
-    for a, b in zip(torch.autograd.grad(value, params), torch.autograd.grad(estimate(reference, x, y), params)):
+    expected = torch.autograd.grad(estimate(reference, x, y), params)
+    for a, b in zip(torch.autograd.grad(value, params), expected, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     assert model.training  # modes restored
 
@@ -210,7 +211,7 @@ def test_declared_ddp_support(tmp_path):
                 penalty = FlatnessPenalty(net, CE, lam=0.5, probes=2, seed=0, backend=backend, estimator=kind)
                 (CE(net(x), y) + penalty(x, y)).backward()
                 grads.append([p.grad.clone() for p in model.parameters()])
-            for a, b in zip(*grads):
+            for a, b in zip(*grads, strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
     finally:
         dist.destroy_process_group()

@@ -184,7 +184,8 @@ def test_demo_validates_before_work_documents_its_flags_and_reports_progress(cap
 
 
 def test_progress_off_a_terminal_is_plain_lines(tmp_path, capsys):
-    assert main(["run", BC, "--lambdas", "0", "--seeds", "1", "--out", str(tmp_path), "--epochs", "1", "--no-plots"]) == 0
+    argv = ["run", BC, "--lambdas", "0", "--seeds", "1", "--out", str(tmp_path), "--epochs", "1", "--no-plots"]
+    assert main(argv) == 0
     err = capsys.readouterr().err
     assert "\r" not in err and "\x1b" not in err
     assert "runs: 1/1 runs (100 %" in err and err.count("runs: 1/1") == 1

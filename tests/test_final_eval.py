@@ -60,7 +60,7 @@ def _close(a, b) -> bool:
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
     if isinstance(a, list):
-        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
     return a == b
 
 
@@ -168,11 +168,12 @@ def test_the_reports_reliability_diagram_pools_the_runs_bins(tmp_path):
     logits = [torch.randn(50, 4, generator=gen) for _ in range(2)]
     labels = [torch.randint(0, 4, (50,), generator=gen) for _ in range(2)]
     records = []
-    for seed, (z, y) in enumerate(zip(logits, labels)):
+    for seed, (z, y) in enumerate(zip(logits, labels, strict=True)):
         c = calibration(z, y)
         records.append(RunRecord(name=f"none_seed{seed}", task=BC, method="none", seed=seed, status="complete",
                                  config={"epochs": 1, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.0},
-                                 final_test_acc=c.accuracy, final_test_ece=c.ece, final_test_reliability=c.reliability(),
+                                 final_test_acc=c.accuracy, final_test_ece=c.ece,
+                                 final_test_reliability=c.reliability(),
                                  curves={"test_acc": [c.accuracy]}))
     both = calibration(torch.cat(logits), torch.cat(labels))
     conf, acc, n, runs = _pooled_reliability(records)

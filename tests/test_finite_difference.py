@@ -51,7 +51,7 @@ def images(n: int = 8, seed: int = 1, shape=(1, 4, 4), classes: int = 3):
 
 
 def rel_err(a, b) -> float:
-    num = sum(float(((u - w) ** 2).sum()) for u, w in zip(a, b))
+    num = sum(float(((u - w) ** 2).sum()) for u, w in zip(a, b, strict=True))
     return (num / sum(float((w**2).sum()) for w in b)) ** 0.5
 
 
@@ -73,7 +73,7 @@ def test_value_and_gradient_converge_to_autograd_as_the_step_shrinks():
         fd = fd_sq_trace(model, CE, x, y, params, probes, h=h)
         errors.append((abs(float(fd.values.mean()) / value - 1), rel_err(fd.grads, grads)))
     # first-order convergence: each 10x smaller step gives a ~10x smaller error
-    for (v0, g0), (v1, g1) in zip(errors, errors[1:]):
+    for (v0, g0), (v1, g1) in zip(errors, errors[1:], strict=False):
         assert v1 < 0.2 * v0 and g1 < 0.2 * g0, errors
     assert errors[-1][0] < 1e-5 and errors[-1][1] < 1e-4, errors
 
@@ -115,7 +115,7 @@ def _directional_derivative_of_exact_value(model, x, y, probes, direction, eps=1
     for sign in (1, -1):
         shifted = copy.deepcopy(model)
         with torch.no_grad():
-            for p, d in zip(shifted.parameters(), direction):
+            for p, d in zip(shifted.parameters(), direction, strict=True):
                 p.add_(d, alpha=sign * eps)
         out.append(exact_value_and_grad(shifted, x, y, probes)[0])
     del params
@@ -134,7 +134,7 @@ def test_gradient_through_batchnorm_matches_the_derivative_of_the_exact_value():
     for _ in range(2):
         direction = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
         expected = _directional_derivative_of_exact_value(model, x, y, probes, direction)
-        got = sum(float((a * d).sum()) for a, d in zip(fd.grads, direction))
+        got = sum(float((a * d).sum()) for a, d in zip(fd.grads, direction, strict=True))
         assert got == pytest.approx(expected, rel=1e-3)
 
 
@@ -243,7 +243,7 @@ def test_vit_with_the_fused_attention_kernel():
     assert float(fd.values.mean()) == pytest.approx(value, rel=1e-4)
     direction = [torch.randn_like(p) for p in params]
     expected = _directional_derivative_of_exact_value(model, x, y, probes, direction)
-    got = sum(float((a * d).sum()) for a, d in zip(fd.grads, direction))
+    got = sum(float((a * d).sum()) for a, d in zip(fd.grads, direction, strict=True))
     assert got == pytest.approx(expected, rel=1e-3)
 
 
@@ -261,7 +261,7 @@ def test_two_emulated_ranks_average_the_shard_gradients():
         penalty = FlatnessPenalty(ref, CE, seed=rank_seed(1, r), **{k: v for k, v in hp.items()})
         grads.append(torch.autograd.grad(CE(ref(xs), ys) + penalty(xs, ys), list(ref.parameters())))
     with torch.no_grad():
-        for p, q, g0, g1 in zip(model.parameters(), ref.parameters(), *grads):
+        for p, q, g0, g1 in zip(model.parameters(), ref.parameters(), *grads, strict=True):
             torch.testing.assert_close(p, q - 0.1 * (g0 / 2 + g1 / 2), rtol=0, atol=1e-9)
 
 
@@ -340,7 +340,7 @@ def test_fa_method_shares_the_task_gradient_as_g_theta(build):
         if not shared:
             method.point = Here()
         calls = []
-        model.register_forward_pre_hook(lambda *_: calls.append(1))
+        model.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         info = method.step(x.double(), y, opt)
         results[shared] = (torch.cat([p.detach().flatten() for p in model.parameters()]), len(calls), info)

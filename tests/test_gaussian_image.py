@@ -32,7 +32,8 @@ def _dense_sq_trace(model, x, y):
 
     def loss_of(theta):
         chunks = theta.split([p.numel() for p in params])
-        return CE(functional_call(model, {n: c.view_as(p) for n, c, p in zip(names, chunks, params)}, (x,)), y)
+        shaped = {n: c.view_as(p) for n, c, p in zip(names, chunks, params, strict=True)}
+        return CE(functional_call(model, shaped, (x,)), y)
 
     hessian = torch.autograd.functional.hessian(loss_of, torch.cat([p.detach().flatten() for p in params]))
     return float((hessian @ hessian).trace())
@@ -54,7 +55,7 @@ def test_image_draw_is_the_estimate_of_a_reconstructed_gaussian_probe():
     probes = [v1.transpose(1, 2), *rest]
     slow = sq_trace(CE(model(x), y), params, probe_vectors=probes)
     assert float((fast - slow).abs().detach() / slow.abs().detach()) <= 1e-10
-    for a, b in zip(torch.autograd.grad(fast, params), torch.autograd.grad(slow, params)):
+    for a, b in zip(torch.autograd.grad(fast, params), torch.autograd.grad(slow, params), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
@@ -90,7 +91,8 @@ def test_rademacher_and_narrow_inputs_keep_sample_probes_draws():
     assert float(rad) == pytest.approx(float(ref), rel=1e-10)
     tall_x, tall_y = _batch(rows=20)  # B = 20 > 12 input features: direct draw
     gau = layerwise_sq_trace(model, CE, tall_x, tall_y, 2, "gaussian", seed=3).detach()
-    ref = sq_trace(CE(model(tall_x), tall_y), params, probe_vectors=sample_probes(params, 2, "gaussian", seed=3)).detach()
+    probes = sample_probes(params, 2, "gaussian", seed=3)
+    ref = sq_trace(CE(model(tall_x), tall_y), params, probe_vectors=probes).detach()
     assert float(gau) == pytest.approx(float(ref), rel=1e-10)
 
 

@@ -66,7 +66,7 @@ def test_flatness_trainer_step_is_loss_plus_penalty_on_dict_batches(tmp_path, at
     (ref(**batch).loss + penalty(batch)).backward()
     opt.step()
     assert penalty.last_sq_trace == pytest.approx(trainer.penalty.last_sq_trace, rel=1e-4)
-    for (name, a), b in zip(model.named_parameters(), ref.parameters()):
+    for (name, a), b in zip(model.named_parameters(), ref.parameters(), strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name
 
 
@@ -76,7 +76,7 @@ def test_without_lam_it_is_the_plain_trainer_and_evaluation_adds_nothing(tmp_pat
     model = _bert()
     trainer = FlatnessTrainer(model=model, args=_args(tmp_path, 2), train_dataset=_dataset(), lam=0.0)
     trainer.train()
-    for a, b in zip(plain.parameters(), model.parameters()):
+    for a, b in zip(plain.parameters(), model.parameters(), strict=True):
         assert torch.equal(a, b)
     trainer = FlatnessTrainer(model=model, args=_args(tmp_path, 2), eval_dataset=_dataset(), lam=1.0, seed=0)
     trainer.evaluate()

@@ -40,7 +40,7 @@ def _data() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def _loader() -> torch.utils.data.DataLoader:
     """The batches of :func:`_data`, in order."""
-    x, y = (torch.cat(t) for t in zip(*_data()))
+    x, y = (torch.cat(t) for t in zip(*_data(), strict=True))
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16, shuffle=False)
 
 
@@ -95,7 +95,7 @@ def test_callback_logs_curvature_to_tensorboard_and_leaves_the_run_unchanged(tmp
     callback = CurvatureCallback(every=2)
     _fit(watched, [callback], logger)
 
-    for a, b in zip(_state(plain), _state(watched)):  # weights, BN statistics: bitwise the same run
+    for a, b in zip(_state(plain), _state(watched), strict=True):  # weights, BN statistics: bitwise the same run
         assert torch.equal(a, b)
     events = EventAccumulator(logger.log_dir)
     events.Reload()
@@ -105,7 +105,8 @@ def test_callback_logs_curvature_to_tensorboard_and_leaves_the_run_unchanged(tmp
     assert [e.step for e in events.Scalars("curvature/lambda_max")] == [2, 4]
     assert all(e.value > 0 for e in events.Scalars("curvature/lambda_max"))
     assert callback.last is not None and callback.last["step"] == 4
-    assert float(watched.trainer.callback_metrics["curvature/lambda_max"]) == pytest.approx(callback.last["lambda_max"], rel=1e-6)
+    logged = float(watched.trainer.callback_metrics["curvature/lambda_max"])
+    assert logged == pytest.approx(callback.last["lambda_max"], rel=1e-6)
 
 
 def test_callback_on_a_given_dict_batch_with_a_model_loss(tmp_path):
@@ -151,7 +152,7 @@ def test_penalty_under_automatic_optimization_is_the_hand_written_loop():
         opt.zero_grad()
         (F.cross_entropy(net(x), y) + penalty(x, y)).backward()
         opt.step()
-    for a, b in zip(_state(module.net), _state(net)):
+    for a, b in zip(_state(module.net), _state(net), strict=True):
         assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6)
 
 
@@ -211,5 +212,5 @@ def test_sam_gnp_nrs_under_manual_optimization_are_the_methods_with_bn_updated_o
     net.train()
     for x, y in _loader():  # as Lightning: the loader's iterator draws its base seed
         method.step(x, y, opt)
-    for a, b in zip(_state(module.net), _state(net)):
+    for a, b in zip(_state(module.net), _state(net), strict=True):
         assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-6)

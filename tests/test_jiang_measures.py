@@ -172,7 +172,7 @@ def test_registry_runs_the_reference_measures() -> None:
     for key in ("pacbayes", "pacbayes_mag"):
         assert out[f"{key}_flatness"] == pytest.approx(1 / out[f"{key}_sigma"] ** 2)
         assert math.isfinite(out[f"{key}_orig"]) and math.isfinite(out[f"{key}_init"])
-    assert all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters(), strict=True))
     with pytest.raises(FlatnessError, match="initial weights"):
         compute_measures(model, nn.functional.cross_entropy, batches, ["distance_from_init"])
 

@@ -96,7 +96,7 @@ def test_shared_prefix_gives_the_same_value_and_gradient():
     with eval_mode(model):
         shared = kfac_sq_trace(model, CE, x, y, seed=1, prefix=prefix)
     assert torch.isclose(shared, alone, rtol=1e-12)
-    for a, b in zip(torch.autograd.grad(shared, params), grads_alone):
+    for a, b in zip(torch.autograd.grad(shared, params), grads_alone, strict=True):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)
     # a prefix recorded on another batch is not used
     with share_prefix(model) as stale:
@@ -126,7 +126,7 @@ def test_in_place_activations_give_the_same_value_and_gradient():
     a, b = kfac_sq_trace(plain, CE, x, seed=0), kfac_sq_trace(inplace, CE, x, seed=0)
     assert torch.isclose(a, b, rtol=1e-12)
     for ga, gb in zip(torch.autograd.grad(a, list(plain.parameters())),
-                      torch.autograd.grad(b, list(inplace.parameters()))):
+                      torch.autograd.grad(b, list(inplace.parameters())), strict=True):
         assert torch.allclose(ga, gb, rtol=1e-10)
     with share_prefix(inplace) as prefix:  # nothing is shared past an in-place module
         inplace(x)

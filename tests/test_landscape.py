@@ -84,7 +84,7 @@ def test_surface_1d_matches_a_perturbed_copy_and_has_the_metric():
     x, y, data = _data()
     d = random_direction(model, seed=0)
     s = surface_1d(model, CE, data, d, alphas=[-0.5, 0.0, 0.25], metric=_accuracy)
-    for alpha, value in zip(s.xs, s.loss):
+    for alpha, value in zip(s.xs, s.loss, strict=True):
         assert value == pytest.approx(_loss_with(model, x, y, d, alpha), rel=1e-10)
     assert s.metric_name == "_accuracy" and 0 <= s.metric.min() <= s.metric.max() <= 1
     assert s.loss.shape == (3,) and s.kind == "1d"
@@ -129,7 +129,7 @@ def test_trajectory_pca_recovers_a_planar_trajectory():
     assert explained.sum() == pytest.approx(1.0, abs=1e-8)  # the path lies in a plane
     flat = lambda d: torch.cat([d[n].reshape(-1) for n in theta])  # noqa: E731
     assert float(flat(d1).norm()) == pytest.approx(1.0) and float(flat(d2).norm()) == pytest.approx(1.0)
-    for (c1, c2), ckpt in zip(coords[:-1], ckpts):  # the projection reconstructs each checkpoint
+    for (c1, c2), ckpt in zip(coords[:-1], ckpts, strict=True):  # the projection reconstructs each checkpoint
         rebuilt = flat(theta) + c1 * flat(d1) + c2 * flat(d2)
         torch.testing.assert_close(rebuilt, flat(ckpt), rtol=1e-8, atol=1e-8)
     with pytest.raises(FlatnessError, match="at least 2"):

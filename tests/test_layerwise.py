@@ -51,7 +51,7 @@ def test_value_and_gradient_equal_the_autograd_estimator(act, bias, loss):
     fast = layerwise_sq_trace(model, loss_fn, x, y, probe_vectors=probes)
     slow = sq_trace(loss_fn(model(x), y), params, probe_vectors=probes)
     assert float((fast - slow).abs() / slow.abs()) <= 1e-10
-    for a, b in zip(torch.autograd.grad(fast, params), torch.autograd.grad(slow, params)):
+    for a, b in zip(torch.autograd.grad(fast, params), torch.autograd.grad(slow, params), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
@@ -79,12 +79,13 @@ def test_closed_form_cross_entropy_equals_its_double_backward(labels):
         return
     assert float((fast - slow).abs() / slow.abs()) <= 1e-12
     assert float((fast - reference).abs() / reference.abs()) <= 1e-10
-    for a, b in zip(torch.autograd.grad(fast, params), torch.autograd.grad(slow, params)):
+    for a, b in zip(torch.autograd.grad(fast, params), torch.autograd.grad(slow, params), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
     for weighted in (nn.CrossEntropyLoss(weight=torch.rand(4, dtype=torch.float64)),
                      nn.CrossEntropyLoss(label_smoothing=0.1)):  # not the plain loss: double backward
         value = layerwise_sq_trace(model, weighted, x, y, probe_vectors=probes)
-        assert float((value - sq_trace(weighted(model(x), y), params, probe_vectors=probes)).abs()) <= 1e-10 * float(value)
+        reference = sq_trace(weighted(model(x), y), params, probe_vectors=probes)
+        assert float((value - reference).abs()) <= 1e-10 * float(value)
 
 
 def test_gram_route_on_a_wide_input_layer_matches():
@@ -145,7 +146,7 @@ def test_wide_hidden_layers_take_the_gram_route_and_match():
     fast = layerwise_sq_trace(model, CE, x, y, probe_vectors=probes)
     slow = sq_trace(CE(model(x), y), params, probe_vectors=probes)
     assert float(((fast - slow).abs() / slow).detach()) <= 1e-10
-    for a, b in zip(torch.autograd.grad(fast, params), torch.autograd.grad(slow, params)):
+    for a, b in zip(torch.autograd.grad(fast, params), torch.autograd.grad(slow, params), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
@@ -283,7 +284,7 @@ def test_modules_before_the_first_linear_and_inplace_activations_are_exact(first
     fast = layerwise_sq_trace(model, CE, x.clone(), y, probe_vectors=probes)
     slow = sq_trace(CE(model(x.clone()), y), params, probe_vectors=probes)
     assert float(((fast - slow).abs() / slow).detach()) <= 1e-10
-    for a, b in zip(torch.autograd.grad(fast, params), torch.autograd.grad(slow, params)):
+    for a, b in zip(torch.autograd.grad(fast, params), torch.autograd.grad(slow, params), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
@@ -340,7 +341,7 @@ def test_shared_first_layer_gives_the_separate_loss_and_penalty(sub_batch):
         values.append(out)
         assert model.training and pen._layerwise_agrees
     assert sum(values[0], []) == pytest.approx(sum(values[1], []), rel=1e-12)
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
 
 
@@ -371,5 +372,5 @@ def test_fa_method_shares_the_first_layer_and_trains_like_the_plain_loop():
         (CE(loop_model(x), y) + pen(x, y)).backward()
         opt_b.step()
     assert used == [False, True, True]  # the first pass checks the closed form against autograd
-    for a, b in zip(method_model.parameters(), loop_model.parameters()):
+    for a, b in zip(method_model.parameters(), loop_model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)

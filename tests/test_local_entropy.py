@@ -69,10 +69,13 @@ def test_langevin_estimate_matches_the_closed_form_on_a_quadratic():
 
 
 def test_flatter_minimum_has_larger_local_entropy():
-    sharp, data_sharp = quadratic_model(torch.full((50,), 20.0, dtype=torch.float64), torch.zeros(50, dtype=torch.float64))
+    sharp, data_sharp = quadratic_model(
+        torch.full((50,), 20.0, dtype=torch.float64), torch.zeros(50, dtype=torch.float64)
+    )
     flat, data_flat = quadratic_model(torch.full((50,), 0.2, dtype=torch.float64), torch.zeros(50, dtype=torch.float64))
     kw = dict(gamma=1.0, noise=0.1, steps=60, burn_in=20, step_size=0.02, seed=0)
-    assert local_entropy(flat, half_square, data_flat, **kw).value > local_entropy(sharp, half_square, data_sharp, **kw).value
+    flat_value = local_entropy(flat, half_square, data_flat, **kw).value
+    assert flat_value > local_entropy(sharp, half_square, data_sharp, **kw).value
 
 
 def test_measure_policy_leaves_model_flags_statistics_and_rng_unchanged():

@@ -55,7 +55,7 @@ def problem():
     model = tiny_mlp(seed=0)
     x, y = tiny_batch(seed=1, n=16)
     H = dense_hessian(model, x, y)
-    batches = list(zip(x.split(7), y.split(7)))  # 7 + 7 + 2: the weighting matters
+    batches = list(zip(x.split(7), y.split(7), strict=True))  # 7 + 7 + 2: the weighting matters
     return model, x, y, batches, H
 
 
@@ -205,7 +205,9 @@ def test_operator_row_route_gives_exact_quadratic_forms_and_norms_with_reused_bl
         torch.testing.assert_close(op.quadratic_forms(G), torch.einsum("ij,ik,kj->j", G, H, G), rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(op.sq_norms(G), (H @ G).square().sum(0), rtol=1e-10, atol=1e-12)
     est = hutchinson_trace(op, num_matvecs=11, chunk=4, seed=9)  # blocks of 4, 4 and 3 probes
-    G = torch.cat([random_matrix(31, k, "rademacher", g, torch.float64, "cpu") for g in [make_generator(9)] for k in (4, 4, 3)], 1)
+    G = torch.cat(
+        [random_matrix(31, k, "rademacher", g, torch.float64, "cpu") for g in [make_generator(9)] for k in (4, 4, 3)], 1
+    )
     assert est.value == pytest.approx(float(torch.einsum("ij,ik,kj->", G, H, G)) / 11, rel=1e-10)
 
 
@@ -220,7 +222,8 @@ def test_single_batch_reductions_match_the_dense_hessian(problem):
         rows_view = random_matrix(31, 5, "gaussian", make_generator(3), torch.float64, "cpu")
         assert rows_view.T.is_contiguous()
         for G in (rows_view, rows_view.contiguous()):
-            torch.testing.assert_close(op.quadratic_forms(G), torch.einsum("ij,ik,kj->j", G, H, G), rtol=1e-10, atol=1e-12)
+            expected = torch.einsum("ij,ik,kj->j", G, H, G)
+            torch.testing.assert_close(op.quadratic_forms(G), expected, rtol=1e-10, atol=1e-12)
             torch.testing.assert_close(op.sq_norms(G), (H @ G).square().sum(0), rtol=1e-10, atol=1e-12)
         assert op.num_matvecs == 20
 
@@ -299,7 +302,7 @@ def test_density_moments_match_the_exact_spectrum(problem):
     lam = torch.linalg.eigvalsh(H).numpy()
     dens = density_of(H, num_steps=12, num_repeats=300, seed=4)
     for k in range(4):
-        per_repeat = np.array([np.sum(w * t**k) for t, w in zip(dens.nodes, dens.weights)])
+        per_repeat = np.array([np.sum(w * t**k) for t, w in zip(dens.nodes, dens.weights, strict=True)])
         sem = per_repeat.std(ddof=1) / math.sqrt(len(per_repeat))
         assert abs(dens.moment(k) - np.mean(lam**k)) <= 4 * sem + 1e-10
     # the smoothed density is a probability density over the grid

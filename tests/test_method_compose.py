@@ -30,14 +30,14 @@ def _hand_sam_fa_update(model, x, y, rho, lam, probes, seed, lr):
     norm = torch.sqrt(sum((t * t).sum() for t in g))
     far = copy.deepcopy(model)
     with torch.no_grad():
-        for q, t in zip(far.parameters(), g):
+        for q, t in zip(far.parameters(), g, strict=True):
             q.add_(rho * t / norm)
     params = list(far.parameters())
     vectors = sample_probes(params, probes, "rademacher", seed=seed)
     total = CE(far(x), y) + lam * sq_trace(CE(far(x), y), params, probe_vectors=vectors,
                                            create_graph=True) / x.shape[0]
     grads = torch.autograd.grad(total, params)
-    return [t - lr * gr for t, gr in zip(theta, grads)]
+    return [t - lr * gr for t, gr in zip(theta, grads, strict=True)]
 
 
 def test_sam_plus_fa_update_equals_the_hand_written_two_step_update():
@@ -46,7 +46,7 @@ def test_sam_plus_fa_update_equals_the_hand_written_two_step_update():
     expected = _hand_sam_fa_update(model, x, y, rho=0.2, lam=0.5, probes=3, seed=4, lr=0.1)
     method = make_method("sam+fa", model, CE, rho=0.2, lam=0.5, probes=3, every=1, seed=4)
     info = method.step(x, y, torch.optim.SGD(model.parameters(), lr=0.1))
-    for p, e in zip(model.parameters(), expected):
+    for p, e in zip(model.parameters(), expected, strict=True):
         torch.testing.assert_close(p.detach(), e, rtol=1e-10, atol=1e-12)
     assert set(info) == {"loss", "perturbed_loss", "penalty", "sq_trace"}
     assert info["perturbed_loss"] > info["loss"]
@@ -57,7 +57,7 @@ def test_composition_with_zero_strengths_is_the_component_alone():
     a, b = tiny_mlp(), tiny_mlp()
     make_method("sam+fa", a, CE, rho=0.3, lam=0.0).step(x, y, torch.optim.SGD(a.parameters(), lr=0.1))
     make_method("sam", b, CE, rho=0.3).step(x, y, torch.optim.SGD(b.parameters(), lr=0.1))
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
 
 
 def test_keywords_are_routed_by_name_or_prefix():
@@ -84,7 +84,7 @@ def test_composed_state_dict_round_trip_resumes_identically():
     twin.load_state_dict(copy.deepcopy(method.state_dict()))
     method.step(x, y, torch.optim.SGD(a.parameters(), lr=0.1))
     twin.step(x, y, torch.optim.SGD(b.parameters(), lr=0.1))
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
 
 
 def test_run_names_and_defaults_come_from_the_method_classes():

@@ -63,7 +63,7 @@ def test_closed_form_equals_vmap_and_loop_in_value_and_gradient(make_model):
     torch.testing.assert_close(sq_c, sq_v, rtol=1e-6, atol=0)
     torch.testing.assert_close(sq_c, sq_loop, rtol=1e-10, atol=0)
     torch.testing.assert_close(loss_c, loss_v, rtol=1e-12, atol=0)
-    for a, b in zip(_penalty_grad(model, sq_c), _penalty_grad(model, sq_v)):
+    for a, b in zip(_penalty_grad(model, sq_c), _penalty_grad(model, sq_v), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
 
 
@@ -76,7 +76,7 @@ def test_method_step_follows_the_gradient_of_loss_plus_alpha_mean_sq_norm():
     method = make_method("curvature", model, CE, alpha=alpha)
     info = method.step(x, y, torch.optim.SGD(model.parameters(), lr=0.0))
     assert method.last_impl == "closed-form"
-    for p, e in zip(model.parameters(), expected):
+    for p, e in zip(model.parameters(), expected, strict=True):
         torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)
     assert float(info["penalty"]) == pytest.approx(alpha * float(info["mean_sq_grad_norm"]), rel=1e-12)
 
@@ -154,7 +154,7 @@ def test_sparse_inputs_give_the_same_closed_form_as_dense(layout):
             inputs, y, torch.optim.SGD(model.parameters(), lr=0.0)
         )
         grads.append([p.grad.clone() for p in model.parameters()])
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
@@ -180,7 +180,7 @@ def test_in_place_activation_after_a_linear_layer_keeps_the_closed_form_exact():
     method = make_method("curvature", model, CE, alpha=0.3)
     method.step(x, y, torch.optim.SGD(model.parameters(), lr=0.0))
     assert method.last_impl == "closed-form"
-    for p, e in zip(model.parameters(), expected):
+    for p, e in zip(model.parameters(), expected, strict=True):
         torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)
 
 
@@ -255,17 +255,17 @@ def test_on_a_resnet_block_the_step_holds_batch_statistics_fixed(impl):
     expected = [
         a + b for a, b in zip(
             torch.autograd.grad(CE(train_copy(x), y), list(train_copy.parameters())),
-            torch.autograd.grad(alpha * _loop_sq_grad_norms(fixed, x, y).mean(), list(fixed.parameters())),
+            torch.autograd.grad(alpha * _loop_sq_grad_norms(fixed, x, y).mean(), list(fixed.parameters())), strict=True,
         )
     ]
     method = make_method("curvature", model, CE, alpha=alpha, impl=impl)
     info = method.step(x, y, torch.optim.SGD(model.parameters(), lr=0.0))
     assert method.last_impl == impl
-    for p, e in zip(model.parameters(), expected):
+    for p, e in zip(model.parameters(), expected, strict=True):
         torch.testing.assert_close(p.grad, e, rtol=1e-9, atol=1e-12)
     assert info["mean_sq_grad_norm"] == pytest.approx(
         float(_loop_sq_grad_norms(fixed, x, y).mean()), rel=1e-10)
-    for a, b in zip(model.buffers(), train_copy.buffers()):  # one BN update: the task loss's
+    for a, b in zip(model.buffers(), train_copy.buffers(), strict=True):  # one BN update: the task loss's
         assert torch.equal(a, b)
 
 
@@ -293,7 +293,7 @@ def test_on_a_transformer_the_vmap_fallback_uses_the_math_kernel():
     with pytest.warns(RuntimeWarning, match="vmap"):
         method.step(x, y, torch.optim.SGD(model.parameters(), lr=0.0))
     assert method.last_impl == "vmap" and model.training
-    for p, a, b in zip(model.parameters(), task, penalty):
+    for p, a, b in zip(model.parameters(), task, penalty, strict=True):
         torch.testing.assert_close(p.grad, a + b, rtol=1e-8, atol=1e-11)
 
 
@@ -382,5 +382,5 @@ def test_with_dropout_the_step_is_the_dropout_task_loss_plus_the_dropout_off_pen
     info = method.step(x, y, torch.optim.SGD(model.parameters(), lr=0.0))
     assert method.last_impl == "closed-form" and all(m.training for m in model.modules())
     assert info["penalty"] == pytest.approx(float(penalty), rel=1e-10)
-    for p, e in zip(model.parameters(), expected):
+    for p, e in zip(model.parameters(), expected, strict=True):
         torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)

@@ -45,7 +45,7 @@ def test_finite_difference_converges_to_exact_as_the_step_shrinks(squared):
     for r in (1e-1, 1e-2, 1e-3, 1e-4):
         fd = _update_direction(tiny_mlp(), x, y, rho=0.3, form="fd", fd_radius=r, squared=squared)
         errors.append(float((fd - exact).norm() / exact.norm()))
-    assert all(b < 0.3 * a for a, b in zip(errors, errors[1:])), errors  # O(r) convergence
+    assert all(b < 0.3 * a for a, b in zip(errors, errors[1:], strict=False)), errors  # O(r) convergence
     assert errors[-1] < 1e-4, errors
 
 

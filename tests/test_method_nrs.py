@@ -32,7 +32,7 @@ def test_kl_term_is_exactly_zero_at_eps_zero_even_with_dropout():
     plain = tiny_mlp(dropout=0.5)
     torch.manual_seed(2)
     _, plain_grads = _step("none", plain, x, y)
-    for g, pg in zip(grads, plain_grads):  # L(θ) + 0 + L(θ): twice the plain gradient
+    for g, pg in zip(grads, plain_grads, strict=True):  # L(θ) + 0 + L(θ): twice the plain gradient
         torch.testing.assert_close(g, 2 * pg, rtol=1e-12, atol=1e-14)
 
 
@@ -44,7 +44,7 @@ def test_rpr_at_eps_zero_is_the_plain_step():
         torch.manual_seed(4)
         _step(name, model, x, y, lr=0.3, **hp)
         results.append([p.detach().clone() for p in model.parameters()])
-    assert all(torch.equal(a, b) for a, b in zip(*results))
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
 
 
 def test_nrs_gradient_matches_a_two_model_hand_computation():
@@ -55,16 +55,16 @@ def test_nrs_gradient_matches_a_two_model_hand_computation():
     delta = sample_in_ball(list(model.parameters()), eps, gen)
     near, far = copy.deepcopy(model), copy.deepcopy(model)
     with torch.no_grad():
-        for q, d in zip(far.parameters(), delta):
+        for q, d in zip(far.parameters(), delta, strict=True):
             q.add_(d)
     p_near = torch.softmax(near(x), dim=1)
     p_far = torch.softmax(far(x), dim=1)
     kl = (p_near * (p_near.log() - p_far.log())).sum(dim=1).mean()
     (CE(near(x), y) + alpha * kl + CE(far(x), y)).backward()
-    expected = [a.grad + b.grad for a, b in zip(near.parameters(), far.parameters())]
+    expected = [a.grad + b.grad for a, b in zip(near.parameters(), far.parameters(), strict=True)]
 
     info, grads = _step("nrs", model, x, y, eps=eps, alpha=alpha, seed=9)
-    for g, e in zip(grads, expected):
+    for g, e in zip(grads, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
     assert info["kl"] == pytest.approx(float(kl.detach()), rel=1e-10)
 
@@ -76,11 +76,11 @@ def test_rpr_gradient_is_the_gradient_at_the_neighbour():
     delta = sample_in_ball(list(model.parameters()), 0.4, gen)
     far = copy.deepcopy(model)
     with torch.no_grad():
-        for q, d in zip(far.parameters(), delta):
+        for q, d in zip(far.parameters(), delta, strict=True):
             q.add_(d)
     CE(far(x), y).backward()
     _, grads = _step("rpr", model, x, y, eps=0.4, seed=3)
-    for g, q in zip(grads, far.parameters()):
+    for g, q in zip(grads, far.parameters(), strict=True):
         torch.testing.assert_close(g, q.grad, rtol=1e-10, atol=1e-12)
 
 
@@ -139,4 +139,4 @@ def test_generator_state_round_trip_reproduces_the_perturbations():
     twin.load_state_dict(copy.deepcopy(method.state_dict()))
     method.step(x, y, opt)
     twin.step(x, y, torch.optim.SGD(b.parameters(), lr=0.1))
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))

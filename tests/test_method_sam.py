@@ -24,13 +24,13 @@ def _hand_sam_update(model, x, y, rho, lr, adaptive=False):
     params = [p.detach().clone() for p in model.parameters()]
     g = _grad(copy.deepcopy(model), x, y)
     t = [p.abs() if adaptive else torch.ones_like(p) for p in params]
-    norm = torch.sqrt(sum(((ti * gi) ** 2).sum() for ti, gi in zip(t, g)))
+    norm = torch.sqrt(sum(((ti * gi) ** 2).sum() for ti, gi in zip(t, g, strict=True)))
     far = copy.deepcopy(model)
     with torch.no_grad():
-        for q, ti, gi in zip(far.parameters(), t, g):
+        for q, ti, gi in zip(far.parameters(), t, g, strict=True):
             q.add_(rho * ti * ti * gi / norm)
     g_far = _grad(far, x, y)
-    return [p - lr * gf for p, gf in zip(params, g_far)]
+    return [p - lr * gf for p, gf in zip(params, g_far, strict=True)]
 
 
 @pytest.mark.parametrize("adaptive", [False, True])
@@ -40,7 +40,7 @@ def test_sam_step_equals_hand_written_two_step_update(adaptive):
     expected = _hand_sam_update(model, x, y, rho=0.3, lr=0.1, adaptive=adaptive)
     method = make_method("sam", model, CE, rho=0.3, adaptive=adaptive)
     info = method.step(x, y, torch.optim.SGD(model.parameters(), lr=0.1))
-    for p, e in zip(model.parameters(), expected):
+    for p, e in zip(model.parameters(), expected, strict=True):
         torch.testing.assert_close(p.detach(), e, rtol=1e-12, atol=1e-14)
     assert info["perturbed_loss"] > info["loss"]  # the ascent step went uphill
 
@@ -55,7 +55,7 @@ def test_sam_with_rho_zero_and_dropout_is_the_plain_step_and_keeps_the_rng_strea
         make_method(name, model, CE, **hp).step(x, y, torch.optim.SGD(model.parameters(), lr=0.5))
         results.append(([p.detach().clone() for p in model.parameters()], torch.get_rng_state()))
     (plain, rng_plain), (sam, rng_sam) = results
-    assert all(torch.equal(a, b) for a, b in zip(plain, sam))
+    assert all(torch.equal(a, b) for a, b in zip(plain, sam, strict=True))
     assert torch.equal(rng_plain, rng_sam)
 
 
@@ -70,7 +70,7 @@ def test_optimizer_wrapper_matches_the_method_over_several_steps():
         opt_b.zero_grad()
         CE(b(x), y).backward()
         opt_b.step(lambda: CE(b(x), y).backward())
-    for p, q in zip(a.parameters(), b.parameters()):
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
 
 
@@ -86,7 +86,7 @@ def test_optimizer_wrapper_restores_exactly_when_the_closure_raises():
 
     with pytest.raises(RuntimeError, match="boom"):
         opt.step(closure)
-    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
     CE(model(x), y).backward()
     opt.step(lambda: CE(model(x), y).backward())  # usable again after the failure
 
@@ -127,4 +127,4 @@ def test_optimizer_wrapper_state_dict_round_trip_resumes_identically():
     opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))
     sam_step(a, opt_a)
     sam_step(b, opt_b)
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))

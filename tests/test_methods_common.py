@@ -84,8 +84,8 @@ def test_step_calls_optimizer_step_once_and_keeps_modes(label):
     ) and "loss" in info
     params, buffers, modes = _snapshot(model)
     assert modes == before[2]
-    assert all(torch.equal(a, b) for a, b in zip(buffers, before[1]))
-    assert any(not torch.equal(a, b) for a, b in zip(params, before[0]))  # it did train
+    assert all(torch.equal(a, b) for a, b in zip(buffers, before[1], strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(params, before[0], strict=True))  # it did train
     assert not model._forward_hooks and not any(m._forward_hooks for m in model.modules())
 
 
@@ -114,8 +114,8 @@ def test_exception_mid_step_leaves_weights_buffers_and_modes_exactly(label, fail
     finally:
         handle.remove()
     params, buffers, modes = _snapshot(model)
-    assert all(torch.equal(a, b) for a, b in zip(params, before[0]))
-    assert all(torch.equal(a, b) for a, b in zip(buffers, before[1]))
+    assert all(torch.equal(a, b) for a, b in zip(params, before[0], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(buffers, before[1], strict=True))
     assert modes == before[2]
     assert not any(m._forward_hooks for m in model.modules())
 

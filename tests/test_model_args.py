@@ -53,7 +53,7 @@ def test_cifar_weight_scale_is_a_model_setting() -> None:
     full = task.build_model(weight_scale=1.0)
     torch.manual_seed(0)
     reference = mlp(3072, 100, (512, 256), dropout=0.3)  # PyTorch's default initialisation
-    for a, b, ref in zip(_linear_layers(tuned), _linear_layers(full), _linear_layers(reference)):
+    for a, b, ref in zip(_linear_layers(tuned), _linear_layers(full), _linear_layers(reference), strict=True):
         assert torch.equal(b.weight, ref.weight) and torch.equal(b.bias, ref.bias)
         assert torch.equal(b.weight, 2 * a.weight) and torch.equal(a.bias, b.bias)
 

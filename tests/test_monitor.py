@@ -43,7 +43,7 @@ def _assert_same(a: dict, b: dict) -> None:
     assert a["tensors"].keys() == b["tensors"].keys()
     for k in a["tensors"]:
         assert torch.equal(a["tensors"][k], b["tensors"][k]), k  # weights, running stats, counters
-    for ga, gb in zip(a["grads"], b["grads"]):
+    for ga, gb in zip(a["grads"], b["grads"], strict=True):
         assert (ga is None and gb is None) or torch.equal(ga, gb)
     assert a["flags"] == b["flags"]
     assert torch.equal(a["torch"], b["torch"])
@@ -84,7 +84,7 @@ def test_training_with_a_monitor_is_the_same_run_as_without(tmp_path):
             opt.step()
         return [t.clone() for t in model.state_dict().values()]
 
-    for a, b in zip(train(False), train(True)):
+    for a, b in zip(train(False), train(True), strict=True):
         assert torch.equal(a, b)
 
 
@@ -115,7 +115,7 @@ def test_schedule_csv_header_once_and_resume(tmp_path):
     measured = [s for s in range(7) if monitor.step() is not None]
     assert measured == [0, 3, 6]
     lines = path.read_text().splitlines()
-    assert lines[0].startswith("step,") and [l.split(",")[0] for l in lines[1:]] == ["0", "3", "6"]
+    assert lines[0].startswith("step,") and [line.split(",")[0] for line in lines[1:]] == ["0", "3", "6"]
     header = lines[0].split(",")
     assert {"lambda_max", "seconds", "hvps", "eigen_matvecs"} <= set(header)
     assert "top_eigenvalues" not in header  # lists stay in the record only
@@ -124,14 +124,14 @@ def test_schedule_csv_header_once_and_resume(tmp_path):
     again = CurvatureMonitor(model, F.cross_entropy, _batch(), every=3, path=path, measures=["lambda_max"])
     assert again.step(6) is None and again.step(9) is not None
     lines = path.read_text().splitlines()
-    assert [l.split(",")[0] for l in lines] == ["step", "0", "3", "6", "9"]
+    assert [line.split(",")[0] for line in lines] == ["step", "0", "3", "6", "9"]
 
     # a line cut by a crash is dropped with a warning; the file goes on
     path.write_text(path.read_text() + "12,0.5")
     with pytest.warns(RuntimeWarning, match="incomplete last line"):
         third = CurvatureMonitor(model, F.cross_entropy, _batch(), every=3, path=path, measures=["lambda_max"])
     third.step(12)
-    assert [l.split(",")[0] for l in path.read_text().splitlines()][-2:] == ["9", "12"]
+    assert [line.split(",")[0] for line in path.read_text().splitlines()][-2:] == ["9", "12"]
 
     # other measures into the same file: one clear error, the file untouched
     text = path.read_text()

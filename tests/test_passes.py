@@ -40,7 +40,7 @@ def _buffers(model):
 
 
 def _same(a, b):
-    return len(a) == len(b) and all(torch.equal(u, v) for u, v in zip(a, b))
+    return len(a) == len(b) and all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
 
 
 def test_curvature_pass_is_the_train_function_with_dropout_off_and_frozen_statistics():
@@ -235,7 +235,7 @@ def test_penalty_gradient_through_norm_layers_is_exact(norm, dims, shape):
     v_ref, g_ref = _penalty_grad(reference, x, y)
     assert len(g_fused) == len(g_ref) == 6
     assert v_fused == pytest.approx(v_ref, rel=1e-10)
-    for a, b in zip(g_fused, g_ref):
+    for a, b in zip(g_fused, g_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
 
 

@@ -66,7 +66,7 @@ def test_lambda_zero_gives_exactly_the_plain_gradient():
     model.zero_grad()
     pen = FlatnessPenalty(model, CE, lam=0.0, probes=3, every=1)
     (CE(model(x), y) + pen(x, y)).backward()
-    assert all(torch.equal(a, b) for a, b in zip(plain, _grads(model)))
+    assert all(torch.equal(a, b) for a, b in zip(plain, _grads(model), strict=True))
     assert pen.last_sq_trace is None  # nothing was computed
 
 
@@ -77,11 +77,11 @@ def test_every_skips_exactly_the_right_calls():
     plain = _grads(model)
     pen = FlatnessPenalty(model, CE, lam=1.0, probes=2, every=3, seed=0)
     active = []
-    for call in range(10):
+    for _ in range(10):
         model.zero_grad()
         value = pen(x, y)
         (CE(model(x), y) + value).backward()
-        same_as_plain = all(torch.equal(a, b) for a, b in zip(plain, _grads(model)))
+        same_as_plain = all(torch.equal(a, b) for a, b in zip(plain, _grads(model), strict=True))
         active.append(not same_as_plain)
         if not active[-1]:
             assert float(value) == 0.0 and not value.requires_grad

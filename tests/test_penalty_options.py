@@ -51,7 +51,7 @@ def test_ratio_controller_measures_on_the_first_step_then_holds_the_ratio():
     loss = CE(model(x), y)
     (loss + pen(x, y, log=log)).backward()
     task = torch.autograd.grad(CE(model(x), y), params)
-    for g, t in zip(_grads(model), task):
+    for g, t in zip(_grads(model), task, strict=True):
         assert torch.allclose(g, t, rtol=1e-12)
     task_norm = float(torch.cat([t.flatten() for t in task]).norm())
     assert log["lam"] == 0.0 and log["task_grad_norm"] == pytest.approx(task_norm, rel=1e-10)
@@ -121,7 +121,7 @@ def test_fa_step_with_a_shared_prefix_equals_the_unshared_update(kwargs):
     loss = CE(model(x), y)
     alone = FlatnessPenalty(model, CE, lam=0.3, probes=2, seed=1, **kwargs)
     (loss + alone(x, y)).backward()
-    for a, b in zip(shared, _grads(model)):
+    for a, b in zip(shared, _grads(model), strict=True):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)
 
 
@@ -141,7 +141,7 @@ def test_a_sub_batch_shares_the_first_rows_of_the_prefix(kwargs, dropout):
     loss = CE(model(x), y)
     alone = FlatnessPenalty(model, CE, lam=0.3, seed=1, sub_batch=3, **kwargs)
     (loss + alone(x, y)).backward()  # no shared prefix: the pass runs the sub-batch itself
-    for a, b in zip(shared, _grads(model)):
+    for a, b in zip(shared, _grads(model), strict=True):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)
 
 

@@ -134,7 +134,7 @@ def test_closed_form_is_differentiable_like_the_loop(name):
     slow = per_example_sq_grad_norms(model, CE, x, y, impl="vmap", create_graph=True)
     expected = _grad_of_mean(model, _loop(model, x, y, create_graph=True))
     for got in (_grad_of_mean(model, fast.sq_norms), _grad_of_mean(model, slow.sq_norms)):
-        for a, b in zip(got, expected):
+        for a, b in zip(got, expected, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
@@ -152,7 +152,7 @@ def test_sparse_linear_with_sparse_inputs(layout):
         got = per_example_sq_grad_norms(model, CE, sparse, y, impl=impl, chunk=4, create_graph=True)
         torch.testing.assert_close(got.sq_norms, reference, rtol=1e-10, atol=1e-14)
         grads = _grad_of_mean(model, got.sq_norms)
-        for a, b in zip(grads, _grad_of_mean(model, _loop(model, dense, y, create_graph=True))):
+        for a, b in zip(grads, _grad_of_mean(model, _loop(model, dense, y, create_graph=True)), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
@@ -198,11 +198,11 @@ def test_train_mode_batchnorm_holds_the_batch_statistics_fixed():
         torch.testing.assert_close(got.sq_norms, reference, rtol=1e-10, atol=1e-14)
         torch.testing.assert_close(got.loss, CE(ref(x), y), rtol=1e-12, atol=0)
         grads = _grad_of_mean(model, got.sq_norms)
-        for a, b in zip(grads, _grad_of_mean(ref, _loop(ref, x, y, create_graph=True))):
+        for a, b in zip(grads, _grad_of_mean(ref, _loop(ref, x, y, create_graph=True)), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     # the engine itself never writes running statistics... except through the model's own BN
     # forward, which it replaces: buffers are bitwise unchanged
-    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers(), strict=True))
     assert all("forward" not in m.__dict__ for m in model.modules())
 
 
@@ -292,5 +292,5 @@ def test_differentiable_vmap_through_layer_and_group_norm_matches_the_loop(norm)
     assert got.impl == "vmap"
     expected = _loop(model, x, y, create_graph=True)
     torch.testing.assert_close(got.sq_norms, expected, rtol=1e-10, atol=1e-14)
-    for a, b in zip(_grad_of_mean(model, got.sq_norms), _grad_of_mean(model, expected)):
+    for a, b in zip(_grad_of_mean(model, got.sq_norms), _grad_of_mean(model, expected), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

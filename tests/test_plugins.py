@@ -348,11 +348,14 @@ def make(**changes):
 
 BAD_PLUGINS = {
     "syntax": ("def make_task(:\n", "importing it failed: SyntaxError: invalid syntax (bad_task.py, line 1)"),
-    "import": ("import no_such_package_xyz\n", "ModuleNotFoundError: No module named 'no_such_package_xyz' (bad_task.py line 1)"),
-    "no factory": (GOOD + "def make_tasks():\n    return make()\n", "bad_task.py has no 'make_task' (it defines: make, make_tasks, model)"),
+    "import": ("import no_such_package_xyz\n",
+               "ModuleNotFoundError: No module named 'no_such_package_xyz' (bad_task.py line 1)"),
+    "no factory": (GOOD + "def make_tasks():\n    return make()\n",
+                   "bad_task.py has no 'make_task' (it defines: make, make_tasks, model)"),
     "raises": (GOOD + "def make_task():\n    raise RuntimeError('no data here')\n",
                "make_task() raised RuntimeError: no data here (bad_task.py line 15)"),
-    "wrong type": (GOOD + "def make_task():\n    return {'model': model}\n", "make_task() returned dict, expected a task"),
+    "wrong type": (GOOD + "def make_task():\n    return {'model': model}\n",
+                   "make_task() returned dict, expected a task"),
     "model fails": (GOOD + "def make_task():\n    return make(model=lambda: torch.nn.Linear(5, 3))\n",
                     "the model fails on a batch of 32 training inputs of shape [32, 4]: RuntimeError"),
     "not a module": (GOOD + "def make_task():\n    return make(model=lambda: 3)\n",
@@ -363,7 +366,8 @@ BAD_PLUGINS = {
                  "test must be an (x, y) pair of tensors or a torch.utils.data.Dataset, got list"),
     "input shapes": (GOOD + "def make_task():\n    return make(test=(X[80:, :3], Y[80:]))\n",
                      "test inputs have shape [20, 3], train inputs [80, 4]"),
-    "loss not scalar": (GOOD + "def make_task():\n    return make(loss=lambda o, t: torch.nn.functional.cross_entropy(o, t, reduction='none'))\n",
+    "loss not scalar": (GOOD + "def make_task():\n    return make(loss=lambda o, t: "
+                        "torch.nn.functional.cross_entropy(o, t, reduction='none'))\n",
                         "the loss returned [32], expected a scalar"),
     "labels": (GOOD + "def make_task():\n    return make(train=(X[:80], Y[:80] + 5))\n",
                "the targets hold class id 7 but the model outputs 3 classes"),
@@ -385,7 +389,8 @@ def test_a_bad_plugin_is_one_line_naming_it(case: str, tmp_path: Path, capsys: p
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        (["run", "missing_dir/none.py:make_task"], "task plugin missing_dir/none.py:make_task: no file missing_dir/none.py"),
+        (["run", "missing_dir/none.py:make_task"],
+         "task plugin missing_dir/none.py:make_task: no file missing_dir/none.py"),
         (["compare", "no_such_module_xyz:make_task"], "no module named 'no_such_module_xyz'"),
         (["study", "tasks.py:"], "name it as FILE.py:FACTORY or package.module:FACTORY"),
         (["measure", "x.pt", "--task", "nope/t.py:f"], "no file nope/t.py"),

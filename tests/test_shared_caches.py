@@ -125,5 +125,5 @@ def test_fa_steps_with_a_sub_batch_of_a_shared_forward_equal_the_unshared_ones(k
         opt_b.zero_grad()
         (CE(loop_model(x), y) + loop(x, y)).backward()
         opt_b.step()
-    for a, b in zip(method_model.parameters(), loop_model.parameters()):
+    for a, b in zip(method_model.parameters(), loop_model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)

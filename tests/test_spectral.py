@@ -72,7 +72,7 @@ def test_smoothing_is_papyans_gaussian_mixture():
     sigma = 2.0 / 2 / np.sqrt(8 * np.log(3.0)) * half  # m = 3 nodes, in units of λ
     expected = sum(
         w * np.exp(-0.5 * ((grid - t) / sigma) ** 2) / (sigma * np.sqrt(2 * np.pi))
-        for t, w in zip(nodes[0], weights[0])
+        for t, w in zip(nodes[0], weights[0], strict=True)
     )
     np.testing.assert_allclose(dens, expected, rtol=1e-10, atol=1e-14)
     with pytest.raises(ValueError, match="kappa"):

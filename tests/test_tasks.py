@@ -61,7 +61,8 @@ def test_iterate_batches_covers_each_row_once_reproducibly(sparse):
 
     def collect(seed):
         g = torch.Generator().manual_seed(seed)
-        return [(xb.to_dense() if sparse else xb, yb) for xb, yb in iterate_batches(xs, y, 5, shuffle=True, generator=g)]
+        batches = iterate_batches(xs, y, 5, shuffle=True, generator=g)
+        return [(xb.to_dense() if sparse else xb, yb) for xb, yb in batches]
 
     batches = collect(0)
     assert [len(yb) for _, yb in batches] == [5, 5, 5, 5, 3]
@@ -70,7 +71,7 @@ def test_iterate_batches_covers_each_row_once_reproducibly(sparse):
     for xb, yb in batches:
         assert torch.equal(xb, x[yb])
     again = collect(0)
-    assert all(torch.equal(a[1], b[1]) for a, b in zip(batches, again))
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(batches, again, strict=True))
     in_order = list(iterate_batches(xs, y, 5, shuffle=False, drop_last=True))
     assert len(in_order) == 4 and torch.equal(in_order[0][1], torch.arange(5))
 
@@ -97,7 +98,7 @@ def test_sparse_linear_forward_and_gradient_match_dense(layout):
     assert torch.allclose(model(x), ref)
     g_sparse = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), list(model.parameters()))
     g_dense = torch.autograd.grad(nn.functional.cross_entropy(ref, y), list(model.parameters()))
-    for a, b in zip(g_sparse, g_dense):
+    for a, b in zip(g_sparse, g_dense, strict=True):
         assert torch.allclose(a, b)
 
 
@@ -127,7 +128,7 @@ def test_sparse_linear_third_order_backward_matches_dense():
     v_sparse, g_sparse = penalty_grad(dense.to_sparse_csr())
     v_dense, g_dense = penalty_grad(dense)
     assert torch.allclose(v_sparse, v_dense)
-    for a, b in zip(g_sparse, g_dense):
+    for a, b in zip(g_sparse, g_dense, strict=True):
         assert torch.allclose(a, b, atol=1e-12)
 
 
@@ -158,7 +159,7 @@ def test_mlp_weight_scale_scales_default_weights_only():
     full = mlp(12, 5, (8, 6), dropout=0.3)
     torch.manual_seed(3)
     half = mlp(12, 5, (8, 6), dropout=0.3, weight_scale=0.5)
-    for a, b in zip(full, half):
+    for a, b in zip(full, half, strict=True):
         if isinstance(a, nn.Linear):
             assert torch.equal(b.weight, 0.5 * a.weight) and torch.equal(b.bias, a.bias)
     for bad in (0.0, -1.0, float("nan"), float("inf")):

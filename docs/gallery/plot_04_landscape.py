@@ -27,7 +27,7 @@ model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
 initial = copy.deepcopy(model)
 loss_fn = nn.CrossEntropyLoss()
 optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-for epoch in range(10):
+for _epoch in range(10):
     for idx in torch.randperm(len(x)).split(64):
         optimizer.zero_grad()
         loss_fn(model(x[idx]), y[idx]).backward()

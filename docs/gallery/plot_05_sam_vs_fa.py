@@ -54,7 +54,7 @@ def train(name: str, seed: int, epochs: int = 30) -> tuple[float, float]:
 
 results = {name: [train(name, seed) for seed in range(3)] for name in METHODS}
 for name, rows in results.items():
-    accs, traces = zip(*rows)
+    accs, traces = zip(*rows, strict=True)
     print(f"{name:>4}: test accuracy {np.mean(accs):.4f} (seeds {', '.join(f'{a:.4f}' for a in accs)}); "
           f"Tr(H²) of the training loss, median {np.median(traces):.3g}")
 
@@ -66,8 +66,8 @@ for name, rows in results.items():
 # runs such comparisons with paired tests over seeds; the committed ones are on the results
 # pages (``results/breast-cancer-mlp/compare/``).
 fig, (ax_acc, ax_tr) = plt.subplots(1, 2, figsize=(9, 3.5))
-for i, (name, rows) in enumerate(results.items()):
-    accs, traces = zip(*rows)
+for i, rows in enumerate(results.values()):
+    accs, traces = zip(*rows, strict=True)
     ax_acc.plot([i] * len(accs), accs, "o", alpha=0.7)
     ax_tr.plot([i] * len(traces), traces, "o", alpha=0.7)
 for ax, label in ((ax_acc, "test accuracy"), (ax_tr, "Tr(H²) of the training loss")):
