@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
+from flatness._layer_sq_norms import matrix_sq_norms
 from flatness.layers import SparseLinear
 from flatness.per_example import (
     ClosedFormUnavailable,
-    _matrix_sq_norms,
     closed_form_sq_grad_norms,
     per_example_sq_grad_norms,
 )
@@ -212,7 +212,7 @@ def test_both_routes_of_the_matrix_norm_agree():
         delta = torch.randn(4, t, d_out, generator=g, dtype=torch.float64)
         patches = torch.randn(4, t, d_in, generator=g, dtype=torch.float64)
         explicit = (delta.transpose(-1, -2) @ patches).square().sum(dim=(-2, -1))
-        torch.testing.assert_close(_matrix_sq_norms(delta, patches), explicit, rtol=1e-12, atol=0)
+        torch.testing.assert_close(matrix_sq_norms(delta, patches), explicit, rtol=1e-12, atol=0)
 
 
 class Twice(nn.Module):

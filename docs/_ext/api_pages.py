@@ -123,13 +123,17 @@ def missing_docstrings(modules: list[str]) -> list[str]:
             if not _is_code(obj) or id(obj) in seen:
                 continue
             seen.add(id(obj))
-            where = f"{obj.__module__}.{obj.__qualname__}"  # where to add it
-            if not (obj.__doc__ or "").strip():
-                problems.append(f"{where}: no docstring")
-            if inspect.isclass(obj):
-                for member in _public_members(obj):
-                    if not inspect.getdoc(getattr(obj, member)):
-                        problems.append(f"{where}.{member}: no docstring")
+            problems += _undocumented(obj)
+    return problems
+
+
+def _undocumented(obj: Any) -> list[str]:
+    """One line for ``obj`` without a docstring, and for each public member of a class without one."""
+    where = f"{obj.__module__}.{obj.__qualname__}"  # where to add it
+    problems = [] if (obj.__doc__ or "").strip() else [f"{where}: no docstring"]
+    if inspect.isclass(obj):
+        problems += [f"{where}.{member}: no docstring" for member in _public_members(obj)
+                     if not inspect.getdoc(getattr(obj, member))]
     return problems
 
 

@@ -201,6 +201,17 @@ def model_difference(model_a: nn.Module, model_b: nn.Module) -> Direction:
 # ---------------------------------------------------------------- evaluation
 
 
+def _progress_bar(progress: Progress, num: int) -> Any:
+    """The bar ``progress`` asks for over ``num`` points (its own factory's, or tqdm's), or ``None``."""
+    if callable(progress):
+        return progress(num)
+    if progress:
+        from tqdm import tqdm
+
+        return tqdm(total=num, desc="landscape", leave=False)
+    return None
+
+
 def evaluate_points(
     model: nn.Module,
     loss_fn: LossFn,
@@ -220,13 +231,7 @@ def evaluate_points(
     """
     losses = np.full(num, np.nan)
     values = np.full(num, np.nan) if metric is not None else None
-    bar: Any = None
-    if callable(progress):
-        bar = progress(num)
-    elif progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=num, desc="landscape", leave=False)
+    bar = _progress_bar(progress, num)
     reestimate = stat_batches is not None and bool(tracked_norm_layers(model))
     work = copy.deepcopy(model) if reestimate else model
     stats = list(stat_batches) if reestimate and stat_batches is not None else []

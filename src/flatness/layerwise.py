@@ -111,10 +111,12 @@ def unsupported_reason(
     modules = list(model)
     if len({id(m) for m in modules}) != len(modules):
         return "a module is used twice"
-    hooks = _hook_reason(model)
-    if hooks:
-        return hooks
-    ndim, seen_linear = x.dim(), False
+    return _hook_reason(model) or _modules_reason(modules, x.dim()) or _params_reason(model, params)
+
+
+def _modules_reason(modules: list[nn.Module], ndim: int) -> str | None:
+    """Why the closed form does not cover the modules in this order (on an ``ndim``-D input), or ``None``."""
+    seen_linear = False
     for i, m in enumerate(modules):
         kind = type(m)
         if kind not in (nn.Linear, *_ACTIVATIONS, *_PASSTHROUGH):
@@ -131,8 +133,11 @@ def unsupported_reason(
             seen_linear = True
             if ndim != 2:
                 return f"the first Linear gets a {ndim}-D input; only (batch, features) is covered"
-    if not seen_linear:
-        return "the model has no Linear layer"
+    return None if seen_linear else "the model has no Linear layer"
+
+
+def _params_reason(model: nn.Module, params: Sequence[Tensor] | None) -> str | None:
+    """Why the closed form does not cover ``model``'s parameters (or ``params`` of them), or ``None``."""
     model_params = list(model.parameters())
     if len(list(model.named_parameters(remove_duplicate=False))) != len(model_params):
         return "a parameter is shared between layers"

@@ -253,12 +253,7 @@ class FlatnessPenalty:
             raise ValueError("the model has no parameters that require grad")
         if not decision.active:
             return torch.zeros((), device=params[0].device, dtype=params[0].dtype)
-        cx, cy = x, y
-        if self.sub_batch is not None:  # the first rows; the divisor stays B
-            n = sub_batch_size(self.sub_batch, batch_size(x))
-            cx, cy = take_first(x, n), take_first(y, n)
-        if isinstance(shared, SharedPrefix) and cx is not x:
-            shared = shared.first_rows(cx)  # a sub-batch: the first rows of the shared prefix
+        cx, cy, shared = self._curvature_batch(x, y, shared)
         estimated = estimate(self.estimator, cx, cy, shared, precision=self._precision)
         lam, value = decision.lam, estimated.detach()
         # The step's one host read: the guard must decide before the optimizer steps, and the
@@ -282,6 +277,16 @@ class FlatnessPenalty:
             log["lam"] = lam
         self.last_sq_trace, self.last_penalty, self.last_lam = sq_trace, lam * sq_trace / full_batch, lam
         return penalty
+
+    def _curvature_batch(self, x: Any, y: Any, shared: Shared | None) -> tuple[Any, Any, Shared | None]:
+        """The batch of the curvature pass: the first ``sub_batch`` rows (the divisor stays B)."""
+        if self.sub_batch is None:
+            return x, y, shared
+        n = sub_batch_size(self.sub_batch, batch_size(x))
+        cx, cy = take_first(x, n), take_first(y, n)
+        if isinstance(shared, SharedPrefix) and cx is not x:
+            shared = shared.first_rows(cx)  # a sub-batch: the first rows of the shared prefix
+        return cx, cy, shared
 
     def _non_finite(self, value: float, penalty: float, ref: Tensor) -> Tensor:
         """The guard: raise, or warn and return an exact zero (``on_nonfinite="skip"``)."""

@@ -182,6 +182,28 @@ def _steps_of(text: str, total_steps: int, what: str) -> int:
     return int(value)
 
 
+def _schedule_part(part: str, lam: float, total_steps: int, start: int, last: bool) -> tuple[Schedule, int | None]:
+    """One part of :func:`parse_schedule`'s short form, starting at ``start``, and its length (``None``: to the end)."""
+    name, *args = part.split(":")
+    if name == "constant" and not args:
+        return Constant(lam), None
+    if name in ("warmup", "delay") and len(args) == 1:
+        length = _steps_of(args[0], total_steps, f"{name} length")
+        if length < 1:
+            raise ValueError(f"{name} length must be >= 1 step")
+        return (WarmUp(lam, length) if name == "warmup" else Constant(0.0)), length
+    if name == "cosine" and len(args) <= 1 and last:
+        final = float(args[0]) if args else 0.0
+        return Cosine(lam, final * lam, max(1, total_steps - start)), None
+    if name == "step" and 1 <= len(args) <= 2:
+        milestones = tuple(_steps_of(m, total_steps, "milestone") for m in args[0].split(","))
+        return Step(lam, milestones, float(args[1]) if len(args) == 2 else 0.1), None
+    raise ValueError(
+        f"unknown λ schedule part {part!r}; expected constant, warmup:S, delay:S, "
+        "cosine[:END] (last) or step:M1,M2[:F]"
+    )
+
+
 def parse_schedule(spec: str, lam: float, total_steps: int) -> Schedule:
     """A schedule from its short form, peak λ ``lam``, for a run of ``total_steps`` steps.
 
@@ -206,29 +228,9 @@ def parse_schedule(spec: str, lam: float, total_steps: int) -> Schedule:
     boundaries: list[int] = []
     start = 0
     for index, part in enumerate(parts):
-        name, *args = part.split(":")
         last = index == len(parts) - 1
-        if name == "constant" and not args:
-            schedules.append(Constant(lam))
-            length = None
-        elif name in ("warmup", "delay") and len(args) == 1:
-            length = _steps_of(args[0], total_steps, f"{name} length")
-            if length < 1:
-                raise ValueError(f"{name} length must be >= 1 step")
-            schedules.append(WarmUp(lam, length) if name == "warmup" else Constant(0.0))
-        elif name == "cosine" and len(args) <= 1 and last:
-            final = float(args[0]) if args else 0.0
-            schedules.append(Cosine(lam, final * lam, max(1, total_steps - start)))
-            length = None
-        elif name == "step" and 1 <= len(args) <= 2:
-            milestones = tuple(_steps_of(m, total_steps, "milestone") for m in args[0].split(","))
-            schedules.append(Step(lam, milestones, float(args[1]) if len(args) == 2 else 0.1))
-            length = None
-        else:
-            raise ValueError(
-                f"unknown λ schedule part {part!r}; expected constant, warmup:S, delay:S, "
-                "cosine[:END] (last) or step:M1,M2[:F]"
-            )
+        schedule, length = _schedule_part(part, lam, total_steps, start, last)
+        schedules.append(schedule)
         if length is None and not last:
             raise ValueError(f"λ schedule part {part!r} has no length: it must come last")
         if not last:

@@ -180,6 +180,28 @@ def _random_unit(dim: int, gen: torch.Generator | None, like: Tensor) -> Tensor:
     return v / torch.linalg.vector_norm(v)
 
 
+def _basis_size(dim: int, k: int, num_vectors: int | None) -> int:
+    """The Lanczos basis size m for the ``k`` top eigenpairs (default ``max(2k + 1, 30)``), at most ``dim``."""
+    m = min(dim, num_vectors if num_vectors is not None else max(2 * k + 1, 30))
+    if m <= k:
+        raise ValueError(f"num_vectors must be > k, got {m}")
+    return m
+
+
+def _thick_restart(run: _Lanczos, k: int, m: int, residual: bool, gen: torch.Generator | None) -> None:
+    """Restart a full basis of ``m`` vectors from its ``k + (m - k) // 2`` best Ritz vectors.
+
+    It continues from the residual direction, or (without one: ``residual`` false) from a random
+    vector drawn from ``gen``.
+    """
+    keep = max(k, min(m - 1, k + (m - k) // 2))
+    theta, coords = run.ritz()
+    if not residual:  # no residual direction to continue from
+        run.restart(coords[:, -keep:], theta[-keep:], _random_unit(run.V.shape[1], gen, run.V), True)
+    else:
+        run.restart(coords[:, -keep:], theta[-keep:], run.w, False)
+
+
 def _lanczos_top(
     A: Operator,
     k: int,
@@ -197,9 +219,7 @@ def _lanczos_top(
     """
     dim = operator_dim(A)
     dtype, device = A.dtype, A.device
-    m = min(dim, num_vectors if num_vectors is not None else max(2 * k + 1, 30))
-    if m <= k:
-        raise ValueError(f"num_vectors must be > k, got {m}")
+    m = _basis_size(dim, k, num_vectors)
     gen = make_generator(seed)
     run = _Lanczos(A, torch.empty(m, dim, dtype=dtype, device=device),
                    torch.zeros(m, m, dtype=torch.float64))
@@ -245,12 +265,7 @@ def _lanczos_top(
                 f"Lanczos did not converge to {k} eigenvalues in {run.matvecs} products; "
                 "raise tol or max_restarts"
             )
-        keep = max(k, min(m - 1, k + (m - k) // 2))
-        theta, coords = run.ritz()
-        if beta <= 1e-12 * scale:  # no residual direction to continue from
-            run.restart(coords[:, -keep:], theta[-keep:], _random_unit(dim, gen, run.V), True)
-        else:
-            run.restart(coords[:, -keep:], theta[-keep:], run.w, False)
+        _thick_restart(run, k, m, beta > 1e-12 * scale, gen)
 
 
 def eigenvalues_of(

@@ -136,6 +136,21 @@ def _nodes(count: int) -> tuple[np.ndarray, np.ndarray]:
     return s**3, w * 3 * s**2
 
 
+def _step_size(gamma: float, noise: float, steps: int, burn_in: int, step_size: float | None, nodes: int) -> float:
+    """The Langevin step η of :func:`local_entropy`'s settings, once they are checked."""
+    for name, value in (("gamma", gamma), ("noise", noise)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    eta = 0.05 / gamma if step_size is None else float(step_size)
+    if not (math.isfinite(eta) and eta > 0):
+        raise ValueError(f"step_size must be a finite number > 0, got {step_size!r}")
+    if nodes < 1:
+        raise ValueError(f"nodes must be >= 1, got {nodes}")
+    if burn_in < 0 or steps - burn_in < BLOCKS:
+        raise ValueError(f"steps - burn_in must be >= {BLOCKS} (got steps={steps}, burn_in={burn_in})")
+    return eta
+
+
 def local_entropy(
     model: nn.Module,
     loss_fn: LossFn,
@@ -170,16 +185,7 @@ def local_entropy(
         FlatnessError: the loss is not finite at w, or a chain diverged (its loss rose above
             f(w) by more than ``100 (1 + |f(w)|)``: lower ``step_size``).
     """
-    for name, value in (("gamma", gamma), ("noise", noise)):
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    eta = 0.05 / gamma if step_size is None else float(step_size)
-    if not (math.isfinite(eta) and eta > 0):
-        raise ValueError(f"step_size must be a finite number > 0, got {step_size!r}")
-    if nodes < 1:
-        raise ValueError(f"nodes must be >= 1, got {nodes}")
-    if burn_in < 0 or steps - burn_in < BLOCKS:
-        raise ValueError(f"steps - burn_in must be >= {BLOCKS} (got steps={steps}, burn_in={burn_in})")
+    eta = _step_size(gamma, noise, steps, burn_in, step_size, nodes)
     data = collect_batches(batches)
     named = select_params(model, params)
     center = {n: p.detach() for n, p in named}
