@@ -1,9 +1,7 @@
 # digits_task.py
 import torch
 from sklearn.datasets import load_digits
-
 import flatness.experiments as fx
-
 
 class SmallCNN(torch.nn.Module):
     def __init__(self):

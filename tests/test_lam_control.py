@@ -89,7 +89,7 @@ def test_grad_ratio_controller_smooths_in_log_space_and_clips():
     lams = [ctrl.update(3 * i, task_grad_norm=r, penalty_grad_norm=1.0) for i, r in enumerate(raws)]
     for n in range(1, 4):  # bias-corrected EMA of log λ*: a weighted geometric mean
         weights = [(1 - beta) * beta ** (n - 1 - i) for i in range(n)]
-        expected = math.exp(sum(w * math.log(r) for w, r in zip(weights, raws, strict=True)) / sum(weights))
+        expected = math.exp(sum(w * math.log(r) for w, r in zip(weights, raws[:n], strict=True)) / sum(weights))
         assert lams[n - 1] == pytest.approx(expected, rel=1e-12)
     assert [ctrl.decide(t).active for t in range(4)] == [True, False, False, True]
     lam = ctrl.update(9, task_grad_norm=1e6, penalty_grad_norm=1.0)
