@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from flatness.experiments.world.errors import SettingError
 from flatness.experiments.running.distributed import EmulatedRanks, shard_bounds, take_shard
 from flatness.experiments.running.specs import build_grid, select_shard
+from flatness.experiments.world.errors import SettingError
 from flatness.methods import make_method
 from flatness.probes import rank_seed
 

@@ -1,7 +1,8 @@
 """Issue 29 items 2–3, the pipeline's part: what a task and a method know is declared on them and
 read by the report; the report labels runs from their records; ``--method-arg`` has one syntax;
 the pipeline names its parameters and the CLI names its flags; ``report --measures`` is one call
-into the measures library."""
+into the measures library.
+"""
 
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ from flatness.experiments.running.specs import build_grid
 from flatness.experiments.world.data import Splits
 from flatness.experiments.world.errors import SettingError
 from flatness.experiments.world.tasks import PAPER_TASKS, get_task
-from flatness.methods import METHODS, method_class
 from flatness.measures import final_measures
+from flatness.methods import METHODS, method_class
 from flatness.utils import FlatnessError
 
 BC = "breast-cancer-mlp"
@@ -124,7 +125,7 @@ def test_final_flatness_equals_final_measures():
     splits = Splits(x_train=x, y_train=y, x_test=x, y_test=y, num_classes=3)
     config = get_task(BC).config.replace(batch_size=32)
     got = measure.final_flatness(model, Toy(), splits, config)
-    batches = list(zip(x.split(32), y.split(32)))
+    batches = list(zip(x.split(32), y.split(32), strict=True))
     want = final_measures(model, nn.functional.cross_entropy, batches, seed=0, matvecs=measure.FINAL_TRACE_MATVECS)
     assert {k: got[k] for k in measure.FLATNESS_KEYS} == {k: want[k] for k in measure.FLATNESS_KEYS}
     assert (got["measure_samples"], got["measure_batch_size"]) == (96, 32) and model.training
@@ -142,7 +143,8 @@ def test_the_pipeline_names_parameters_and_the_cli_names_flags(tmp_path, capsys)
         build_grid(BC, "fa", [0.0], 0)
     for argv, flag in ((["--lambdas", "-1"], "--lambdas"), (["--seeds", "0"], "--seeds"),
                        (["--jobs", "0"], "--jobs"), (["--trajectory", "-1"], "--trajectory"),
-                       (["--method-arg", "lam=0.1"], "--method-arg lam"), (["--emulate-ranks", "0"], "--emulate-ranks")):
+                       (["--method-arg", "lam=0.1"], "--method-arg lam"),
+                       (["--emulate-ranks", "0"], "--emulate-ranks")):
         assert main(["run", BC, "--out", str(tmp_path), "--quiet", *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"flatness: error: {flag}") and "`" not in err[0], err
@@ -177,5 +179,6 @@ def test_the_former_compare_spelling_still_works_with_one_deprecation_line(capsy
     assert parse_method_args(["sam+fa:lam=0.01"], ["none", "sam+fa"], compared=True) == {"sam+fa": {"lam": 0.01}}
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "deprecated" in err[0] and "write sam+fa.lam=0.01" in err[0]
-    assert parse_method_args(["lam_schedule=warmup:0.5+cosine"], ["fa"]) == {"fa": {"lam_schedule": "warmup:0.5+cosine"}}
+    parsed = parse_method_args(["lam_schedule=warmup:0.5+cosine"], ["fa"])
+    assert parsed == {"fa": {"lam_schedule": "warmup:0.5+cosine"}}
     assert capsys.readouterr().err == ""  # a colon in a value is no old spelling
