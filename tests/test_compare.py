@@ -10,7 +10,6 @@ import pytest
 import flatness.measures
 from flatness.cli import main
 from flatness.experiments import measure
-from flatness.experiments.running.record import RunRecord
 from flatness.experiments.reporting.compare import (
     comparison_grid,
     comparison_markdown,
@@ -18,8 +17,9 @@ from flatness.experiments.reporting.compare import (
     plot_comparison,
     select_and_summarize,
 )
-from flatness.experiments.running.specs import format_value
 from flatness.experiments.reporting.stats import holm
+from flatness.experiments.running.record import RunRecord
+from flatness.experiments.running.specs import format_value
 from flatness.experiments.world.tasks import get_task
 from flatness.utils import FlatnessError
 

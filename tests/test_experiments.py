@@ -16,16 +16,15 @@ import torch
 from torch import nn
 
 from flatness.cli import main
+from flatness.experiments.running.checkpoints import load_checkpoint
 from flatness.experiments.running.measure import measure_sq_trace_per_B
 from flatness.experiments.running.record import RunRecord, read_record
 from flatness.experiments.running.runner import run_grid
 from flatness.experiments.running.specs import RunSpec, build_grid
-from flatness.methods import METHODS, Method
-from flatness.experiments.running.checkpoints import load_checkpoint
-from flatness.experiments.world.tasks import get_task
 from flatness.experiments.running.training import evaluate
+from flatness.experiments.world.tasks import get_task
+from flatness.methods import METHODS, Method
 from flatness.utils import FlatnessError
-
 from helpers import dense_hessian, tiny_batch, tiny_mlp
 
 BC = "breast-cancer-mlp"

@@ -1,6 +1,7 @@
 """The pipeline's three rooms: arrows only downward (reporting → running → world), nothing left at
 the top of ``flatness.experiments`` but its ``__init__``, and the 0.2 import paths kept as
-deprecated aliases of the very same modules."""
+deprecated aliases of the very same modules.
+"""
 
 from __future__ import annotations
 
@@ -120,7 +121,8 @@ def test_the_length_gate_can_fail(tmp_path):
 
 def _first_party_private_imports(root: Path = SRC, package: str = "flatness") -> list[str]:
     """``from X import _name`` of a private name of another first-party module (a private
-    submodule, ``from . import _aliases``, is a module of its own package, not a name)."""
+    submodule, ``from . import _aliases``, is a module of its own package, not a name).
+    """
     found = []
     for path in sorted(root.rglob("*.py")):
         parts = [package, *path.relative_to(root).with_suffix("").parts]

@@ -1,5 +1,6 @@
 """Report: grouping, paired statistics against the baseline (incl. degenerate cases), summary
-files, footnotes that follow the protocol, plots, CLI."""
+files, footnotes that follow the protocol, plots, CLI.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from scipy import stats
 
 from flatness.cli import main
 from flatness.experiments import measure
-from flatness.experiments.running.record import RunRecord, write_record
 from flatness.experiments.reporting.report import markdown, summarize, write_report
 from flatness.experiments.reporting.stats import holm
+from flatness.experiments.running.record import RunRecord, write_record
 from flatness.experiments.world.tasks import get_task
 
 BC = "breast-cancer-mlp"
@@ -225,7 +226,8 @@ def test_protocol_line_names_the_optimizer_and_the_subset():
 def test_variants_and_compositions_against_their_reference():
     """A λ controller's runs against fixed λ at the same λ; sam+fa against sam at the same ρ;
     paired by seed, Holm over all reference comparisons of the report, cost as the ratio of
-    median training seconds."""
+    median training seconds.
+    """
     fixed = {1.0: [0.10, 0.12, 0.09, 0.11], 0.1: [0.25, 0.26, 0.25, 0.27]}
     ratio = {1.0: [0.24, 0.25, 0.26, 0.24], 0.1: [0.26, 0.26, 0.27, 0.27]}
     records = [_record(v, s, a) for v, row in fixed.items() for s, a in enumerate(row)]

@@ -2,9 +2,9 @@
 
 import json
 
+from flatness.experiments.reporting.report import write_report
 from flatness.experiments.running.runner import execute_run
 from flatness.experiments.running.specs import build_grid
-from flatness.experiments.reporting.report import write_report
 
 
 def test_report_measures_fill_lambda_max_and_trace_from_checkpoints(tmp_path):

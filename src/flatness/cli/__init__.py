@@ -62,7 +62,8 @@ def _os_error_line(exc: OSError) -> str:
 
 def _in_flags(exc: Exception, args: argparse.Namespace) -> str:
     """``exc``'s message; a pipeline :class:`SettingError`'s with the command's flags for its
-    parameters (module docs)."""
+    parameters (module docs).
+    """
     from ..experiments.world.errors import SettingError
 
     if not isinstance(exc, SettingError):

@@ -22,8 +22,7 @@ from typing import Any
 import torch
 
 from ..utils import FlatnessError
-from .inspect import (SPARSE_NOTES, SPLITS, emit_warnings, load_for_task, print_result, task_accuracy,
-                      training_batches)
+from .inspect import SPARSE_NOTES, SPLITS, emit_warnings, load_for_task, print_result, task_accuracy, training_batches
 
 __all__ = ["add_cli", "connect_command"]
 

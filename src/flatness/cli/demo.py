@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from ..experiments.world.tasks import get_task
 from ..experiments.running.training import make_optimizer, train
+from ..experiments.world.tasks import get_task
 from ..hutchinson import measure_sq_trace
 from ..methods import make_method
 from ..utils import FlatnessError, eval_mode

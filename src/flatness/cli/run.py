@@ -26,8 +26,8 @@ from typing import Any
 from ..experiments.reporting.compare import COMPARE_METHODS, run_comparison
 from ..experiments.reporting.equal_compute import run_equal_compute
 from ..experiments.reporting.kfac_agreement import write_kfac_agreement
-from ..experiments.running.distributed import init_distributed, launched_by_torchrun, shutdown
 from ..experiments.reporting.report import write_report
+from ..experiments.running.distributed import init_distributed, launched_by_torchrun, shutdown
 from ..experiments.running.runner import check_run_options, run_grid
 from ..experiments.running.specs import RunSpec, accepts, build_grid, method_class, parse_shard, select_shard
 from ..experiments.world.plugins import resolve_task
@@ -60,7 +60,8 @@ def parse_method_args(
 ) -> dict[str, dict[str, Any]]:
     """``--method-arg`` items (module docs) as settings by method, for the ``methods`` of a run
     (one, ``compared=False``: a ``METHOD.`` prefix that is not the method itself is left on the
-    key, a component's) or of a comparison (the prefix names a compared method)."""
+    key, a component's) or of a comparison (the prefix names a compared method).
+    """
     out: dict[str, dict[str, Any]] = {m: {} for m in methods}
     for item in items or []:
         method, colon, rest = item.partition(":")

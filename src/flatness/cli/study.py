@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..experiments.running.specs import parse_shard
 from ..experiments.reporting.study import GRIDS, get_grid, run_study
+from ..experiments.running.specs import parse_shard
 from ..experiments.world.plugins import resolve_task
 from ..utils import FlatnessError
 

@@ -51,14 +51,17 @@ from typing import Any
 
 from ...methods import METHODS
 from ...utils import FlatnessError, atomic_write_bytes
-from .groups import FLATNESS_METRIC, log10_by_seed, strength_symbol, twin_of
 from ..running.measure import FLATNESS_KEYS, final_model_extras
 from ..running.platforms import platform_note
-from .plots import figure, save_png
 from ..running.record import RunRecord, read_record, write_json
-from .report import write_report
 from ..running.runner import run_grid
 from ..running.specs import RunSpec, build_grid, default_values, format_value, method_class
+from ..world.errors import SettingError
+from ..world.plugins import known_task
+from ..world.tasks import get_task
+from .groups import FLATNESS_METRIC, log10_by_seed, strength_symbol, twin_of
+from .plots import figure, save_png
+from .report import write_report
 from .stats import Comparison, adjust_holm, compare_samples, mean_std
 from .tables import (
     comparison_note,
@@ -69,9 +72,6 @@ from .tables import (
     p_cell,
     protocol_line,
 )
-from ..world.errors import SettingError
-from ..world.plugins import known_task
-from ..world.tasks import get_task
 
 __all__ = [
     "COMPARE_METHODS",
@@ -305,7 +305,8 @@ def comparison_markdown(
     records: Sequence[RunRecord] = (),
 ) -> str:
     """The comparison's ``summary.md``; ``run_seconds``: (number of runs, sum of their times);
-    ``records``: the runs behind it (a note when they come from more than one platform)."""
+    ``records``: the runs behind it (a note when they come from more than one platform).
+    """
     task_obj = known_task(task)
     seeds = sorted({s for r in results for s in r.seeds})
     out = [f"# {task}: methods compared at their validation-chosen strength", ""]

@@ -44,16 +44,16 @@ from pathlib import Path
 from typing import Any
 
 from ...utils import FlatnessError, atomic_write_bytes
-from .compare import COMPARE_METHODS, comparison_specs
-from .groups import strength_symbol
-from .plots import figure, save_png
 from ..running.record import RunRecord, read_record, write_json
 from ..running.runner import run_grid
 from ..running.specs import RunSpec, build_grid, format_value
-from .stats import Comparison, adjust_holm, compare_samples, mean_std
-from .tables import comparison_note, comparison_table, fmt, protocol_line
 from ..world.errors import SettingError
 from ..world.tasks import TrainConfig, get_task
+from .compare import COMPARE_METHODS, comparison_specs
+from .groups import strength_symbol
+from .plots import figure, save_png
+from .stats import Comparison, adjust_holm, compare_samples, mean_std
+from .tables import comparison_note, comparison_table, fmt, protocol_line
 
 __all__ = ["Configuration", "budget_epochs", "pareto_front", "step_costs", "run_equal_compute"]
 
@@ -67,7 +67,8 @@ def budget_epochs(epochs: int, cost_ratio: float, max_factor: float = 10.0) -> i
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     """Indices of the (budget, accuracy) points no other point beats with less or equal budget,
-    in increasing budget."""
+    in increasing budget.
+    """
     order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
     front, best = [], -math.inf
     for i in order:
@@ -101,11 +102,11 @@ def step_costs(
 
     import torch
 
+    from ...methods import make_method
+    from ...utils import take_first
     from ..running.bench import platform_facts, time_interleaved
     from ..running.specs import accepts
     from ..running.training import make_optimizer
-    from ...utils import take_first
-    from ...methods import make_method
 
     task_obj = get_task(task)
     first = {_key(s): s for s in specs}
@@ -286,7 +287,8 @@ def run_equal_compute(
     plots: bool = True,
 ) -> tuple[list[Configuration], str]:
     """Train every configuration at every epoch count and the budget-matched `none` runs; write
-    the table, the tests and the plot."""
+    the table, the tests and the plot.
+    """
     if not (math.isfinite(max_factor) and max_factor >= 1):
         raise SettingError(f"`max_factor` must be >= 1, got {max_factor}", "max_factor")
     base_specs = comparison_specs(task, methods, seeds, grids=grids, config_overrides=config_overrides,

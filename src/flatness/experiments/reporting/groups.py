@@ -69,7 +69,8 @@ METRICS = (
 
 def strength_symbol(method: str, hparam: str | None) -> str:
     """The symbol of ``method``'s swept strength (its class's ``symbol``: ``λ``, ``ρ``, ...), else
-    the hyper-parameter's name (a method this process does not know: its name as recorded)."""
+    the hyper-parameter's name (a method this process does not know: its name as recorded).
+    """
     try:
         symbol = method_class(method).symbol
     except ValueError:
@@ -141,7 +142,8 @@ class Row:
 
 def log10_by_seed(values: Mapping[int, Any]) -> dict[int, float | None]:
     """``{seed: log10(value)}``; ``None`` where the value is missing or not positive (the
-    flatness tests compare Tr(H²)/B on a log scale: it spans orders of magnitude across seeds)."""
+    flatness tests compare Tr(H²)/B on a log scale: it spans orders of magnitude across seeds).
+    """
     return {
         seed: math.log10(v) if isinstance(v, (int, float)) and v > 0 else None
         for seed, v in values.items()
@@ -230,7 +232,8 @@ def variant_settings(g: Group, groups: Sequence[Group]) -> dict[str, Any]:
     """The method settings in which a configured variant differs from the method's defaults, read
     from the records: those of the same task and method's default-settings runs in ``groups``,
     else the method class's ``protocol_defaults`` (a task's own defaults, e.g. FA's backend on
-    the CIFAR image tasks, then show too)."""
+    the CIFAR image tasks, then show too).
+    """
     plain = next((h for h in groups if h.task == g.task and h.method == g.method and not h.variant_id), None)
     if plain is not None:
         default = plain.method_kwargs
@@ -247,7 +250,8 @@ _MISSING = object()
 
 def paper_results(g: Group) -> dict[float, float]:
     """The paper's final test accuracies by strength for this group's table (the task's
-    ``paper_final_acc``): at the task's default protocol and model only."""
+    ``paper_final_acc``): at the task's default protocol and model only.
+    """
     task = known_task(g.task)
     if task is None or g.protocol_id or g.model_id:
         return {}
@@ -277,7 +281,8 @@ def _compare_with_reference(g: Group, groups: Sequence[Group]) -> None:
 
 def _adjust_reference_family(groups: Sequence[Group]) -> None:
     """Holm over every reference comparison of the report (one question: does a variant differ
-    from its reference?), accuracy and flatness each their own family."""
+    from its reference?), accuracy and flatness each their own family.
+    """
     for flatness in (False, True):
         compared = [pair for g in groups for pair in g.reference_comparisons(flatness)]
         for (row, _), c in zip(compared, adjust_holm([c for _, c in compared])):
@@ -291,7 +296,8 @@ def _adjust_baseline_families(groups: Sequence[Group]) -> None:
     """Holm over every comparison with the same baseline runs (one question: does anything in
     this report differ from them?), accuracy and flatness each their own family. A sweep with
     its own strength-0 row is its own family; every method set against ``none`` shares one, so a
-    per-method table never shows a p-value less adjusted than the cross-method comparison's."""
+    per-method table never shows a p-value less adjusted than the cross-method comparison's.
+    """
     by_base: dict[int, list[Group]] = {}
     for g in groups:
         if g.base_row is not None:

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from ...utils import FlatnessError, atomic_write_bytes
-from .groups import strength_symbol
 from ..running.record import load_records, write_json
 from ..running.specs import format_value
+from .groups import strength_symbol
 from .stats import kendall_tau_ci, mean_std
 
 __all__ = ["agreement", "write_kfac_agreement"]

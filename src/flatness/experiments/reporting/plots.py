@@ -128,7 +128,8 @@ def _curves(g: Group, path: Path) -> None:
 
 def _pooled_reliability(runs: Sequence[Any]) -> tuple[list[float], list[float], int, int] | None:
     """Mean confidence and accuracy per non-empty bin over the runs' reliability bins, weighted
-    by the bins' counts; ``None`` when no run has them."""
+    by the bins' counts; ``None`` when no run has them.
+    """
     bins = [run.final_test_reliability for run in runs if run.final_test_reliability]
     if not bins:
         return None
@@ -172,7 +173,8 @@ def _reliability(g: Group, path: Path) -> bool:
 
 def plot_group(g: Group, directory: Path) -> list[Path]:
     """A group's PNGs (accuracy and measured flatness vs strength, test-accuracy curves, and
-    the reliability diagram when its records have calibration fields)."""
+    the reliability diagram when its records have calibration fields).
+    """
     label = f"{g.symbol or g.hparam} ({g.method})" if g.hparam else g.method
     written = []
     if any(r.runs and r.value is not None for r in g.rows):

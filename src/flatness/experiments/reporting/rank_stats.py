@@ -126,7 +126,8 @@ def _crossed_weights(
     with replacement, each model weighted by its row's and its column's multiplicity.
 
     The seeds are drawn from the generator of ``seed``, the settings from that of
-    ``seed + row_stream``: statistics resampled with one ``seed`` share their seed draws."""
+    ``seed + row_stream``: statistics resampled with one ``seed`` share their seed draws.
+    """
     import torch
 
     from ...probes import make_generator
@@ -196,7 +197,8 @@ def crossed_partial_tau(
     confidence: float = CONFIDENCE,
 ) -> Interval:
     """Kendall's partial τ of ``measure`` and ``target`` given ``covariate``, crossed bootstrap
-    interval (every resample recomputes the three τ_a on the same weights)."""
+    interval (every resample recomputes the three τ_a on the same weights).
+    """
     mu, g, z = (np.asarray(v, dtype=float) for v in (measure, target, covariate))
     keep = np.isfinite(mu) & np.isfinite(g) & np.isfinite(z)
     if keep.sum() < 3:
@@ -290,7 +292,8 @@ def granulated_kendall(
 
 def mean_granulated(coefficients: Mapping[str, AxisCoefficient], confidence: float = CONFIDENCE) -> Interval:
     """Ψ: the mean of ψ_i over the axes where it is defined (NaN if none is), with the interval of
-    the resamples' means (the axes' resamples share their seed draws)."""
+    the resamples' means (the axes' resamples share their seed draws).
+    """
     defined = [c for c in coefficients.values() if math.isfinite(c.value)]
     if not defined:
         return Interval(math.nan)

@@ -46,11 +46,11 @@ from typing import Any
 
 from ...methods import method_class
 from ...utils import FlatnessError, atomic_write_bytes
-from .groups import (METRICS, Group, Row, load_records, paper_results, strength_symbol, summarize,
-                     variant_settings)
-from ..running.record import RunRecord
 from ..running.platforms import platform_note
 from ..running.progress import progress_bar, tracked
+from ..running.record import RunRecord
+from ..world.plugins import known_task
+from .groups import METRICS, Group, Row, load_records, paper_results, strength_symbol, summarize, variant_settings
 from .plots import plot_group
 from .tables import (
     comparison_note,
@@ -62,7 +62,6 @@ from .tables import (
     p_cell,
     protocol_line,
 )
-from ..world.plugins import known_task
 
 __all__ = [
     "Row",
@@ -133,7 +132,8 @@ def _twin_note(g: Group) -> list[str]:
 
 def _sharper_note(g: Group) -> list[str]:
     """One line where a strength left the final model detectably *sharper* than the baseline,
-    with the reason the records show when they show it: a training loss kept away from zero."""
+    with the reason the records show when they show it: a training loss kept away from zero.
+    """
     base = next((row for row in g.rows if row.role == "baseline"), None)
     if base is None and g.baseline == "method none":
         return []  # the baseline lives in another group; its loss is in that group's table
@@ -197,7 +197,8 @@ def _reference_section(g: Group, groups: Sequence[Group]) -> list[str]:
 
 def _task_lines(g: Group, task: Any) -> list[str]:
     """The task's description and protocol; a plugin task's from its records (so a report needs
-    no plugin file), with where it came from and what its *acc* columns hold."""
+    no plugin file), with where it came from and what its *acc* columns hold.
+    """
     source = next((r.task_source for row in g.rows for r in (*row.runs, *row.failed) if r.task_source), None)
     description = task.description if task is not None and source is None else (source or {}).get("description")
     if not description:

@@ -64,8 +64,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import optimize
@@ -205,7 +204,8 @@ def _solve_increasing(f: Callable[[float], float], target: float, start: float) 
 
 def _nct_sf(x: float, df: float, lam: float) -> float:
     """P(T ≥ x) for T noncentral t; scipy's ``sf`` and ``cdf`` each return nan at some far-tail
-    points (scipy 1.17), where the other one is still defined."""
+    points (scipy 1.17), where the other one is still defined.
+    """
     value = float(sps.nct.sf(x, df, lam))
     if math.isnan(value):
         value = 1.0 - float(sps.nct.cdf(x, df, lam))
@@ -395,7 +395,8 @@ def holm(pvalues: Sequence[float]) -> list[float]:
 
 def adjust_holm(comparisons: Sequence[Comparison]) -> list[Comparison]:
     """Copies of ``comparisons`` with ``p_t_holm``, ``p_perm_holm`` and ``p_wilcoxon_holm`` over
-    this family (each kind of test its own family)."""
+    this family (each kind of test its own family).
+    """
     t = holm([c.p_t for c in comparisons])
     w = holm([c.p_wilcoxon for c in comparisons])
     perm = holm([c.p_perm for c in comparisons])

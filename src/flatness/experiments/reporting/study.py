@@ -55,7 +55,7 @@ from typing import Any
 
 from ..running.runner import run_grid
 from ..running.specs import parse_shard, select_shard
-from ..world.errors import SettingError
+from ..running.study_barriers import pair_barriers
 from ..running.study_population import (
     AXES,
     GRIDS,
@@ -64,7 +64,7 @@ from ..running.study_population import (
     get_grid,
     parse_method_label,
 )
-from ..running.study_barriers import pair_barriers
+from ..world.errors import SettingError
 from .study_claims import write_claims_report
 from .study_report import write_reparam_report, write_study_report
 

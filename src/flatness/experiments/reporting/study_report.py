@@ -37,7 +37,6 @@ import numpy as np
 
 from ...utils import atomic_write_bytes, write_png
 from ..running.record import read_record, write_json
-from .rank_stats import AxisCoefficient, crossed_partial_tau, crossed_tau, granulated_kendall, mean_granulated
 from ..running.study_population import (
     AXES,
     STUDY_MEASURES,
@@ -45,6 +44,7 @@ from ..running.study_population import (
     StudyGrid,
     measurement_inputs,
 )
+from .rank_stats import AxisCoefficient, crossed_partial_tau, crossed_tau, granulated_kendall, mean_granulated
 
 __all__ = ["RANKED", "varied_axes", "rank_measures", "plane_fractions", "write_study_report",
            "write_reparam_report"]
@@ -112,7 +112,8 @@ def rank_measures(
 ) -> list[dict[str, Any]]:
     """One entry per measure present in ≥ 3 models: τ_a with each target, the conditional τ with
     the primary (first) target given the training loss, ψ per axis and Ψ, each with its crossed
-    bootstrap interval (settings × seeds)."""
+    bootstrap interval (settings × seeds).
+    """
     axes = varied_axes(population)
     settings = [r["settings"] for r in population.rows]
     seeds = _seeds(population)

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from ...utils import FlatnessError, atomic_write_bytes
-from .record import RunRecord
 from ..world.plugins import recorded_task
 from ..world.tasks import TrainConfig, get_task
+from .record import RunRecord
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -52,7 +52,8 @@ def save_checkpoint(
     """Write the model's weights with its task name, the model settings it was built with
     (``task.build_model(**model_kwargs)``) and ``meta`` (plain JSON-like data), atomically.
     ``task_source``: a plugin task's origin (:mod:`flatness.experiments.world.plugins`), so the
-    checkpoint loads without naming the plugin again."""
+    checkpoint loads without naming the plugin again.
+    """
     get_task(task)
     payload = {
         "format": CHECKPOINT_FORMAT,
@@ -158,7 +159,8 @@ def initial_model(
 
 def checkpoint_initial_model(path: str | os.PathLike[str], task: str | None = None) -> nn.Module | None:
     """:func:`initial_model` of the run that wrote the checkpoint at ``path``; ``None`` when the
-    checkpoint does not name its run's seed (not written by the runner)."""
+    checkpoint does not name its run's seed (not written by the runner).
+    """
     payload = _read_payload(Path(path), task)
     seed = (payload.get("meta") or {}).get("seed")
     if not isinstance(seed, int):

@@ -26,12 +26,12 @@ from ...hutchinson import measure_sq_trace
 from ...kfac import kfac_sq_trace
 from ...passes import measure_pass
 from ...utils import eval_mode
-from .checkpoints import check_checkpoint_matches, load_checkpoint
-from .final_eval import final_calibration, final_robustness
 from ..world.data import Splits, iterate_batches
-from .record import RunRecord, write_json
 from ..world.plugins import recorded_task
 from ..world.tasks import Task, TrainConfig
+from .checkpoints import check_checkpoint_matches, load_checkpoint
+from .final_eval import final_calibration, final_robustness
+from .record import RunRecord, write_json
 
 __all__ = [
     "EPOCH_MEASURE_BATCHES",
@@ -119,7 +119,8 @@ def measure_kfac_sq_trace_per_B(
     """Mean over the batches of :func:`measure_sq_trace_per_B` of the K-FAC Tr(H_b²)/B
     (:mod:`flatness.kfac`, labels sampled from a generator seeded with ``seed``), or ``None``
     for a model K-FAC does not cover (parameters outside Linear layers, a loss other than the
-    cross-entropy of the logits)."""
+    cross-entropy of the logits).
+    """
     n = min(num_samples, int(y.shape[0]))
     n_batches = n // batch_size
     if n_batches == 0:

@@ -21,13 +21,13 @@ from torch import Tensor, nn
 
 from ...methods.fa import PenaltyLog
 from ...utils import atomic_write_bytes
+from ..world.data import Splits
+from ..world.tasks import Task, TrainConfig
 from .checkpoints import save_checkpoint
 from .distributed import DistContext
 from .platforms import environment
 from .record import RECORD_FIELDS, RunRecord, write_record
 from .specs import RunSpec, resolved_settings
-from ..world.data import Splits
-from ..world.tasks import Task, TrainConfig
 from .training import History
 
 __all__ = [
@@ -43,7 +43,8 @@ __all__ = [
 
 def snapshot_steps(total: int, count: int) -> list[int]:
     """``count`` optimisation steps evenly spread over ``0..total`` (0 = initial weights); at
-    most every step once."""
+    most every step once.
+    """
     if count <= 0:
         return []
     count = min(count, total + 1)
@@ -60,7 +61,8 @@ def state_copy(model: nn.Module) -> dict[str, Tensor]:
 @dataclass
 class Snapshots:
     """A run's ``trajectory`` weight snapshots: at the optimisation steps ``steps`` (0: the initial
-    weights, taken at once)."""
+    weights, taken at once).
+    """
 
     model: nn.Module
     steps: set[int]
@@ -92,7 +94,8 @@ def started_record(
     dist_ctx: DistContext | None, device: torch.device,
 ) -> RunRecord:
     """What a run's record holds before training: its identity, data sizes, environment and
-    resolved settings (``status`` ``"failed"`` until :func:`finished_record`)."""
+    resolved settings (``status`` ``"failed"`` until :func:`finished_record`).
+    """
     train_samples = int(splits.y_train.shape[0])
     distributed = None if world == 1 else {
         "world_size": world,
@@ -120,7 +123,8 @@ def finished_record(
     *, trajectory: bool,
 ) -> RunRecord:
     """``base`` completed by the training ``history`` and the final ``measurements`` (record
-    fields, the rest as extras): final, best and validation-chosen accuracies, curves, times."""
+    fields, the rest as extras): final, best and validation-chosen accuracies, curves, times.
+    """
     epochs = history.epochs
     evaluated = [i for i, e in enumerate(epochs) if "test_acc" in e]  # all, unless a stopping rule
     test = [e.get("test_acc") for e in epochs]
@@ -163,7 +167,8 @@ def write_run(
     snapshots: list[tuple[int, dict[str, Tensor]]], per_epoch: int,
 ) -> None:
     """The run's checkpoint, its trajectory (if any), then its record: last, its presence marks
-    the run as done."""
+    the run as done.
+    """
     meta = {
         "name": record.name,
         "method": record.method,

@@ -101,7 +101,8 @@ def progress_bar(
 ) -> Any:
     """A tqdm bar on ``stream`` (default stderr) if it is a terminal, else a :class:`LineProgress`
     (a line every ``interval`` seconds, default :data:`LINE_INTERVAL`); nothing but ``write``
-    unless ``enabled``."""
+    unless ``enabled``.
+    """
     stream = sys.stderr if stream is None else stream
     interval = LINE_INTERVAL if interval is None else interval
     if not enabled:
@@ -119,7 +120,8 @@ def progress_bar(
 
 def tracked(items: Iterable[T], bar: Any) -> Iterator[T]:
     """``items`` one by one, each counted on ``bar`` once its turn is over; the bar is closed at
-    the end, also when the loop stops early or raises."""
+    the end, also when the loop stops early or raises.
+    """
     try:
         for item in items:
             yield item

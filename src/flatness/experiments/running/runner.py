@@ -39,17 +39,17 @@ from torch import Tensor, nn
 from ...methods import make_method
 from ...probes import rank_seed
 from ...utils import FlatnessError, to_device
+from ..world.data import Splits
+from ..world.errors import SettingError
+from ..world.plugins import check_source, plugin_sources, restore_plugins
+from ..world.tasks import Task, TrainConfig, get_task
 from .claims import claim_path, clear_leftovers, describe_holder, read_claim, try_claim
 from .distributed import DistContext, EmulatedRanks, wrap_model
 from .measure import EPOCH_MEASURE_BATCHES, EPOCH_MEASURE_PROBES, measure_final, measure_sq_trace_per_B
-from .progress import progress_bar
 from .outputs import Snapshots, finished_record, now, snapshot_steps, started_record, write_run
+from .progress import progress_bar
 from .record import RunRecord, check_writable, read_record, write_record
 from .specs import RunSpec, accepts, identity, rank_kwargs
-from ..world.errors import SettingError
-from ..world.plugins import check_source, plugin_sources, restore_plugins
-from ..world.data import Splits
-from ..world.tasks import Task, TrainConfig, get_task
 from .training import TrainingDiverged, make_optimizer, steps_per_epoch, train
 
 __all__ = ["execute_run", "method_settings", "claim_and_run", "pending_runs", "check_run_options", "run_grid"]
@@ -127,7 +127,8 @@ def execute_run(
 def method_settings(spec: RunSpec, config: TrainConfig, train_samples: int) -> dict[str, Any]:
     """The keyword arguments a run builds its method with: the spec's settings, its strength,
     its seed (the method's own randomness, e.g. FA's probes) and its length in steps (for
-    schedules given as fractions of it, FA's ``lam_schedule``) where the method takes them."""
+    schedules given as fractions of it, FA's ``lam_schedule``) where the method takes them.
+    """
     kwargs = dict(spec.method_kwargs)
     if spec.hparam is not None and spec.value is not None:
         kwargs[spec.hparam] = spec.value
@@ -151,7 +152,8 @@ def _build_method(
     emulate_ranks: int,
 ) -> Any:
     """The run's method: on this DDP rank, as ``emulate_ranks`` emulated ranks, or plain; a
-    method refusing its settings is a :class:`FlatnessError` naming them."""
+    method refusing its settings is a :class:`FlatnessError` naming them.
+    """
     try:
         if dist_ctx is not None:
             # identical initial weights on every rank (DDP also broadcasts rank 0's), then each
@@ -172,7 +174,8 @@ def _epoch_measurement(
     model: nn.Module, task: Task, splits: Splits, config: TrainConfig, is_main: bool
 ) -> Callable[[int, dict[str, Any]], dict[str, Any]]:
     """The per-epoch flatness curve (:func:`measure_sq_trace_per_B`, the light protocol), on the
-    main rank only."""
+    main rank only.
+    """
 
     def on_epoch_end(epoch: int, record: dict[str, Any]) -> dict[str, Any]:
         if not is_main:
@@ -291,7 +294,8 @@ def check_run_options(
     specs: Sequence[RunSpec], *, jobs: int = 1, emulate_ranks: int = 1, distributed: bool = False
 ) -> None:
     """Check :func:`run_grid`'s parallelism before any work (a front end calls it before it
-    starts a DDP job); a :class:`SettingError` naming the parameter otherwise."""
+    starts a DDP job); a :class:`SettingError` naming the parameter otherwise.
+    """
     if jobs < 1:
         raise SettingError(f"`jobs` must be >= 1, got {jobs}", "jobs")
     if emulate_ranks < 1:
@@ -393,7 +397,8 @@ def _run_pool(
     finished: Callable[[RunSpec, RunRecord | None, str], None],
 ) -> None:
     """``todo`` in a pool of ``jobs`` spawned processes, ``finished`` called as each ends; a
-    worker's :class:`FlatnessError` ends the sweep (the runs not started are cancelled)."""
+    worker's :class:`FlatnessError` ends the sweep (the runs not started are cancelled).
+    """
     threads = max(1, _available_cores() // jobs)
     context = multiprocessing.get_context("spawn")
     workers = min(jobs, len(todo))  # never more processes than runs

@@ -51,7 +51,8 @@ MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
 
 def default_method_kwargs(task: str, method: str) -> dict[str, Any]:
     """The method's default protocol on ``task``: its class's ``protocol_defaults``, then the
-    task's own ``method_defaults`` (e.g. the first-order FA backend on the CIFAR image tasks)."""
+    task's own ``method_defaults`` (e.g. the first-order FA backend on the CIFAR image tasks).
+    """
     return {**method_class(method).protocol_defaults, **get_task(task).method_defaults.get(method, {})}
 
 
@@ -85,7 +86,8 @@ class RunSpec:
     @property
     def protocol_id(self) -> str:
         """``""`` for the task's default protocol, the name of another of its named protocols
-        (e.g. ``gpu``), else a short hash of the training config."""
+        (e.g. ``gpu``), else a short hash of the training config.
+        """
         task = get_task(self.task)
         if self.config == task.config.as_dict():
             return ""
@@ -265,7 +267,8 @@ def _strength_grid(method: str, values: Sequence[float] | None) -> list[float | 
 
 def _protocol(task: Task, protocol: str | None, overrides: dict[str, Any]) -> TrainConfig:
     """The named protocol (default: the task's first) with ``overrides``; an ``epochs`` override
-    without ``warmup_epochs`` scales the warm-up by the same factor (the same share of training)."""
+    without ``warmup_epochs`` scales the warm-up by the same factor (the same share of training).
+    """
     overrides = dict(overrides)
     try:
         default = task.config if protocol is None else task.protocol(protocol)
@@ -284,7 +287,8 @@ def plain(value: Any) -> Any:
 
 def resolved_method_kwargs(method: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Every keyword argument the method is built with: ``kwargs`` over the method's defaults
-    (a composed method's under each component's prefix, ``"sam.rho"``), sorted."""
+    (a composed method's under each component's prefix, ``"sam.rho"``), sorted.
+    """
     cls = method_class(method)
     given = kwargs
     if issubclass(cls, ComposedMethod):
@@ -296,7 +300,8 @@ def resolved_method_kwargs(method: str, kwargs: dict[str, Any]) -> dict[str, Any
 def resolved_settings(spec: RunSpec, method_kwargs: dict[str, Any]) -> dict[str, Any]:
     """What a run computes with, in full (a record's ``resolved``): every training-config field
     (the run name's ``config`` leaves the later fields out at their defaults), every model
-    setting, every method keyword argument (``method_kwargs``: as the runner builds the method)."""
+    setting, every method keyword argument (``method_kwargs``: as the runner builds the method).
+    """
     task = get_task(spec.task)
     return {
         "config": plain(dataclasses.asdict(TrainConfig.from_dict(spec.config))),

@@ -27,14 +27,14 @@ from typing import Any
 
 from ...measures import MEASURES, MeasureOptions, compute_measures
 from ...utils import FlatnessError
-from .checkpoints import check_checkpoint_matches, initial_model, load_checkpoint
 from ..world.data import iterate_batches
+from ..world.plugins import known_task, recorded_task
+from ..world.tasks import TrainConfig, get_task
+from .checkpoints import check_checkpoint_matches, initial_model, load_checkpoint
 from .measure import MEASURE_SAMPLES
 from .progress import progress_bar, tracked
 from .record import RunRecord, read_record, write_json
 from .specs import RunSpec, build_grid, method_class
-from ..world.plugins import known_task, recorded_task
-from ..world.tasks import TrainConfig, get_task
 from .training import evaluate
 
 __all__ = [
@@ -230,7 +230,8 @@ def generic_grid(task: str, name: str) -> StudyGrid:
     it, or 0 and 1e-3), the method, and in ``full`` also batch size (the protocol's and twice it)
     — at two seeds. Width and dropout stay the model's own (:data:`AS_DEFINED`); the protocol is
     the task's own (no stopping rule is assumed reachable). A regression task is measured without
-    :data:`CLASSIFICATION_MEASURES`."""
+    :data:`CLASSIFICATION_MEASURES`.
+    """
     c = get_task(task).config
     wds = (c.weight_decay, 10 * c.weight_decay) if c.weight_decay > 0 else (0.0, 1e-3)
     fixed = {"width": AS_DEFINED, "dropout": AS_DEFINED}
@@ -252,7 +253,8 @@ def generic_grid(task: str, name: str) -> StudyGrid:
 
 def get_grid(task: str, name: str | None = None) -> StudyGrid:
     """The declared grid ``name`` of ``task`` (default: ``small`` if it has one, else ``crossed``);
-    a plugin task's: :func:`generic_grid`. ``FlatnessError`` listing the grids otherwise."""
+    a plugin task's: :func:`generic_grid`. ``FlatnessError`` listing the grids otherwise.
+    """
     get_task(task)
     if (task_obj := known_task(task)) is not None and task_obj.source is not None:
         return generic_grid(task, name or "small")

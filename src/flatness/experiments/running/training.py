@@ -44,9 +44,9 @@ from torch import Tensor, nn
 from ...methods import Method
 from ...utils import FlatnessError, call_model, eval_mode, preserved_mode, take_first
 from ..world.data import Splits, iterate_batches
+from ..world.tasks import TrainConfig
 from .distributed import take_shard
 from .progress import progress_bar
-from ..world.tasks import TrainConfig
 
 __all__ = [
     "TrainingDiverged",
@@ -217,7 +217,8 @@ _SYNC_EVERY = 50
 
 def _check_losses(pending: list[tuple[int, Any]], epoch: int) -> None:
     """Raise :class:`TrainingDiverged` at the first pending step whose loss is missing or not
-    finite; empties ``pending``."""
+    finite; empties ``pending``.
+    """
     for step, loss in pending:  # after the first value, the device has nothing left to wait for
         value = None if loss is None else float(loss)
         if value is None or not math.isfinite(value):
@@ -348,7 +349,8 @@ class _EpochLoop:
 
     def run(self, epoch: int, history: History) -> tuple[dict[str, float], dict[str, int]]:
         """Step through the epoch's shuffled mini-batches; the sums and counts of every value the
-        steps returned (read from the device once, at the end)."""
+        steps returned (read from the device once, at the end).
+        """
         sums: dict[str, Any] = {}
         counts: dict[str, int] = {}
         pending: list[tuple[int, Any]] = []
@@ -385,7 +387,8 @@ def _epoch_record(
     epoch: int, sums: dict[str, float], counts: dict[str, int], seconds: float, optimizer: torch.optim.Optimizer
 ) -> dict[str, Any]:
     """An epoch's record before evaluation: its number, steps, seconds, learning rate, and the
-    mean over steps of every logged value (with ``<key>_steps`` where fewer steps logged it)."""
+    mean over steps of every logged value (with ``<key>_steps`` where fewer steps logged it).
+    """
     record: dict[str, Any] = {
         "epoch": epoch,
         "steps": counts.get("loss", 0),

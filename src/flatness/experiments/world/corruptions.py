@@ -180,7 +180,8 @@ _FUNCTIONS = {"gaussian_blur": gaussian_blur, "contrast": contrast, "brightness"
 
 def corrupt(images: Tensor, name: str, severity: int) -> Tensor:
     """``images`` under corruption ``name`` at ``severity`` 0–5 (0: unchanged), clipped and
-    rounded to 8-bit levels (severities 1–5)."""
+    rounded to 8-bit levels (severities 1–5).
+    """
     if name not in SEVERITIES:
         raise ValueError(f"unknown corruption {name!r}; expected one of {CORRUPTIONS}")
     if not (isinstance(severity, int) and 0 <= severity <= 5):
@@ -192,7 +193,10 @@ def corrupt(images: Tensor, name: str, severity: int) -> Tensor:
 
 
 def gaussian_noise(images: Tensor, sigma: float, generator: torch.Generator | None = None) -> Tensor:
-    """images + σ·ξ, ξ ~ N(0, I) from ``generator``, clipped to [0, 1] (as the authors' noise)."""
+    """Add Gaussian noise: images + σ·ξ, ξ ~ N(0, I) from ``generator``.
+
+    Clipped to [0, 1], as the authors' noise.
+    """
     noise = torch.randn(images.shape, generator=generator, dtype=images.dtype).to(images.device)
     return (images + sigma * noise).clamp(0, 1)
 

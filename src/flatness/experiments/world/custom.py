@@ -60,8 +60,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, IterableDataset
 
 from ...utils import FlatnessError
-from .data import Splits, split_validation
-from .tasks import SUBSET_SEED, TASKS, VALIDATION_SPLIT_SEED, Task, TrainConfig
+from .data import SUBSET_SEED, Splits, split_validation
+from .tasks import TASKS, VALIDATION_SPLIT_SEED, Task, TrainConfig
 
 __all__ = ["TASK_TYPES", "TaskDefinitionError", "CustomTask", "custom_task"]
 

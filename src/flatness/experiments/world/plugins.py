@@ -185,7 +185,8 @@ def _load_module(reference: str, module_name: str, factory: str) -> Task:
 
 def entry_point_tasks() -> dict[str, importlib.metadata.EntryPoint]:
     """The installed task plugins (entry-point group ``flatness.tasks``) by name; a name two
-    distributions register with different targets is a ``PluginError``."""
+    distributions register with different targets is a ``PluginError``.
+    """
     out: dict[str, importlib.metadata.EntryPoint] = {}
     for point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         if point.name in out and out[point.name].value != point.value:
@@ -278,7 +279,8 @@ def _load_recorded(name: str, source: Mapping[str, Any]) -> Task:
 
 def check_source(recorded: Mapping[str, Any] | None, task: Task, what: str) -> None:
     """``PluginError`` unless ``task`` comes from the file ``recorded`` (a record's or a checkpoint's
-    ``task_source``) names, unchanged: same SHA-256. ``what``: whose source it is (the message)."""
+    ``task_source``) names, unchanged: same SHA-256. ``what``: whose source it is (the message).
+    """
     if not recorded:
         return
     current = task.source or {}
@@ -293,7 +295,8 @@ def check_source(recorded: Mapping[str, Any] | None, task: Task, what: str) -> N
 
 def recorded_task(name: str, source: Mapping[str, Any] | None) -> Task:
     """The task of a record or checkpoint: built-in, loaded in this process, or loaded again from
-    the ``source`` it stored; ``PluginError`` when that plugin's file changed (:func:`check_source`)."""
+    the ``source`` it stored; ``PluginError`` when that plugin's file changed (:func:`check_source`).
+    """
     if not source:
         return get_task(name)
     task = PLUGIN_TASKS.get(name)
@@ -320,7 +323,8 @@ def restore_plugins(sources: Iterable[tuple[str, Mapping[str, Any]]]) -> None:
 def list_tasks(references: Iterable[str] = ()) -> list[dict[str, Any]]:
     """The built-in tasks, the installed task plugins and ``references``: one dict each with
     ``name``, ``kind``, ``origin``, ``protocols``, ``description``, and ``error`` when a plugin
-    cannot be loaded (the others are listed all the same)."""
+    cannot be loaded (the others are listed all the same).
+    """
     rows: list[dict[str, Any]] = []
 
     def row(task: Task, kind: str, origin: str) -> dict[str, Any]:

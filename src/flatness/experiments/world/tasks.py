@@ -65,12 +65,19 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ...utils import FlatnessError
 from .architectures import build_architecture
 from .augment import cifar_augment
 from .config import SCHEDULES, TrainConfig
-from .data import (SUBSET_SEED, Splits, data_dir, load_breast_cancer, load_cifar100, load_newsgroups,
-                   split_validation, stratified_subset)
-from ...utils import FlatnessError
+from .data import (
+    Splits,
+    data_dir,
+    load_breast_cancer,
+    load_cifar100,
+    load_newsgroups,
+    split_validation,
+    stratified_subset,
+)
 from .models import check_mlp_setting, logistic_regression, mlp
 
 __all__ = ["SCHEDULES", "TrainConfig", "Task", "TASKS", "get_task"]
@@ -197,7 +204,8 @@ class Task:
 
     def model_settings(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """:attr:`model_defaults` with ``overrides`` (checked by :meth:`check_model_setting`); an
-        unknown name or an invalid value is a ``FlatnessError``."""
+        unknown name or an invalid value is a ``FlatnessError``.
+        """
         unknown = sorted(set(overrides or {}) - set(self.model_defaults))
         if unknown:
             known = ", ".join(sorted(self.model_defaults)) or "none"

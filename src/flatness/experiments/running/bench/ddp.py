@@ -19,7 +19,6 @@ from torch import nn
 
 from . import platform_facts
 
-
 __all__ = ["run_ddp_scaling"]
 
 
@@ -35,8 +34,8 @@ def _worker(rank: int, world: int, port: int, method: str, steps: int, batch: in
 
     from ....methods import make_method
     from ....probes import rank_seed
-    from ..distributed import DistContext, take_shard, wrap_model
     from ...world.models import mlp
+    from ..distributed import DistContext, take_shard, wrap_model
     from . import training_adam
 
     torch.set_num_threads(1)

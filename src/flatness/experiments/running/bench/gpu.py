@@ -43,8 +43,8 @@ from torch import Tensor, nn
 
 from ....utils import atomic_write_bytes
 from ...world.architectures import ResNet, VisionTransformer, cifar_resnet, resnet18, vit_small, vit_tiny
-from ...world.models import mlp
 from ...world.errors import SettingError
+from ...world.models import mlp
 from ...world.tasks import get_task
 from ..platforms import environment
 from . import platform_facts
@@ -170,7 +170,8 @@ DRY = GpuSizes(
 
 def _inputs(sizes: GpuSizes, name: str, batch: int, seed: int) -> tuple[Tensor, Tensor]:
     """A synthetic batch for correctness model ``name`` (images flattened, as the image models
-    take them too)."""
+    take them too).
+    """
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, sizes.check_features[name], generator=gen)
     return x, torch.randint(0, sizes.classes, (batch,), generator=gen)
@@ -222,7 +223,8 @@ def run_timing(sizes: GpuSizes, device: torch.device, seed: int, budget: Budget,
                log: Callable[[str], None], blocks: dict[str, Any],
                after_block: Callable[[], None] = lambda: None) -> dict[str, Any]:
     """Every timing block into ``blocks``, float32 first (all models), then bf16 autocast;
-    ``after_block()`` after each."""
+    ``after_block()`` after each.
+    """
     for precision in ("float32", "bf16"):
         for label, (build, batch, task_name) in sizes.timing_models.items():
             config = get_task(task_name).protocol("gpu" if task_name != "cifar100-mlp" else "cpu")
@@ -329,7 +331,8 @@ def _run(sizes: GpuSizes, device: torch.device, budget: Budget, data_dir: str | 
          seed: int, fault: str | None, log: Callable[[str], None],
          save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """The three phases; ``save`` writes the JSON after each (``"complete": false`` until the
-    last), so that a run stopped from outside keeps what it measured."""
+    last), so that a run stopped from outside keeps what it measured.
+    """
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     result: dict[str, Any] = {
         "benchmark": "gpu",

@@ -72,7 +72,8 @@ CIFAR_TRAIN, CIFAR_TEST = 50000, 10000
 @dataclass(frozen=True)
 class TimingPlan:
     """Calls per case: ``probe_warmup`` before the memory/probe call, ``warmup`` untimed
-    before the interleaved rounds, then ``rounds`` rounds of ``reps`` timed calls."""
+    before the interleaved rounds, then ``rounds`` rounds of ``reps`` timed calls.
+    """
 
     warmup: int
     rounds: int
@@ -137,7 +138,8 @@ def _build_and_probe(
     precision: str, seed: int, warm_calls: int,
 ) -> tuple[Callable[[], None], float, float | None, list[str]]:
     """(the case's call, one call's seconds, its peak MiB, what it warned) after
-    ``warm_calls`` warm-up calls (optimizer state, kernels chosen, workspace allocated)."""
+    ``warm_calls`` warm-up calls (optimizer state, kernels chosen, workspace allocated).
+    """
     cuda = device.type == "cuda"
     if cuda:
         synchronize(device)
@@ -163,7 +165,8 @@ def time_block(
 ) -> dict[str, Any]:
     """Every case of ``cases`` on one model, a synthetic batch of ``batch`` inputs of
     ``features`` values (flattened images) and one precision (module docs); ``reserve_s``:
-    seconds of the budget to leave for what follows."""
+    seconds of the budget to leave for what follows.
+    """
     out: dict[str, Any] = {"model": label, "precision": precision, "batch": batch, "cases": list(cases)}
     if budget.remaining() <= reserve_s:
         return {**out, "status": "skipped", "reason": f"time budget: {budget.remaining():.0f} s left"}
@@ -228,7 +231,8 @@ def _protocol_data(
 ) -> tuple[Splits, str]:
     """The first ``samples`` training images of the protocol (and ``eval_samples`` of each of
     validation and test), or synthetic images of the same shape when the data are not there
-    (or, without ``look``, not looked for)."""
+    (or, without ``look``, not looked for).
+    """
     task = get_task(task_name)
     try:
         if not look:
@@ -259,7 +263,8 @@ def time_protocol_epoch(
 ) -> dict[str, Any]:
     """``steps`` training steps of ``task_name``'s ``gpu`` protocol per method, and the
     projected time of the whole protocol (``build`` / ``batch`` shrink it for a dry run;
-    ``look_for_data=False`` takes synthetic images without looking for CIFAR-100)."""
+    ``look_for_data=False`` takes synthetic images without looking for CIFAR-100).
+    """
     task = get_task(task_name)
     full = task.protocol("gpu")
     config = full.replace(epochs=1, batch_size=batch or full.batch_size)

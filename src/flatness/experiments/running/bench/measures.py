@@ -112,7 +112,8 @@ def _trained_mlp(
     loss_fn: nn.Module, examples: int, train_steps: int, data_dir: str | None, quick: bool, seed: int
 ) -> tuple[nn.Module, torch.Tensor, torch.Tensor, str]:
     """The paper's CIFAR-100 MLP (or a small one on N(0, 1) data, ``quick``) after
-    ``train_steps`` Adam steps, in eval mode, with its data and where the data came from."""
+    ``train_steps`` Adam steps, in eval mode, with its data and where the data came from.
+    """
     if quick:
         gen = torch.Generator().manual_seed(seed)
         x, y, source = torch.randn(examples, 64, generator=gen), torch.randint(0, 10, (examples,), generator=gen), "synthetic (quick)"
@@ -135,7 +136,8 @@ def _trained_mlp(
 @dataclass
 class _Timed:
     """Tr(H), the spectral density and the fast λ_max with their wall and CPU seconds, and the
-    figures against the Hessian-vector product's time (``hvp_ms``, the overheads)."""
+    figures against the Hessian-vector product's time (``hvp_ms``, the overheads).
+    """
 
     trace: Any
     trace_s: float
@@ -152,7 +154,8 @@ def _against_hvp_floor(
     model: nn.Module, loss_fn: nn.Module, batches: list[Any], matvecs: int, density_steps: int, seed: int
 ) -> _Timed:
     """Tr(H), the spectral density and the fast λ_max, each timed between samples of one
-    Hessian-vector product's time (the floor), and their overheads over that floor."""
+    Hessian-vector product's time (the floor), and their overheads over that floor.
+    """
     hvp = _HvpFloor(model, loss_fn, batches)
     before_trace = hvp.sample()
     trace, trace_s, trace_cpu = _timed(

@@ -74,7 +74,8 @@ def _cv_gaussian(
     gen: torch.Generator | None, prefix: Any = None,
 ) -> torch.Tensor:
     """The control variate on Gaussian probes whose input-layer block the closed form draws in
-    the data's image (what ``FlatnessPenalty(dist="gaussian", estimator="cv")`` computes)."""
+    the data's image (what ``FlatnessPenalty(dist="gaussian", estimator="cv")`` computes).
+    """
     return cv_sq_trace(
         net, loss_fn, x, y, m, "gaussian", generator=gen, prefix=prefix,
         sq_norm_mean=lambda v: layerwise_sq_trace(net, loss_fn, x, y, dist="gaussian", generator=gen, probe_vectors=v),
@@ -152,7 +153,8 @@ def _probe_variances(
     result: dict[str, Any],
 ) -> dict[str, float]:
     """Single-probe variances by estimator (``hutchinson``, ``cv`` on the same probes,
-    ``gaussian``, ``cv_gaussian``) over ``draws`` draws; their figures go into ``result``."""
+    ``gaussian``, ``cv_gaussian``) over ``draws`` draws; their figures go into ``result``.
+    """
     params = list(model.parameters())
     layer = output_layer(model, loss_fn, x, y)
     exact_part = float(layer.sq_norm().detach())
@@ -195,7 +197,8 @@ def _step_times(
     rounds: int,
 ) -> dict[str, float]:
     """Median ms of one FA training step (task loss + λ·estimate/B, one backward, Adam) with each
-    estimator and probe count, and of the plain step, timed interleaved."""
+    estimator and probe count, and of the plain step, timed interleaved.
+    """
 
     def step_case(estimate: Callable[..., torch.Tensor] | None, share: bool = False) -> Callable[[], None]:
         net = copy.deepcopy(model).train()
@@ -239,7 +242,8 @@ def _grad_variances(
     model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor, grad_draws: int, seed: int
 ) -> tuple[float, float]:
     """The total variance (summed over parameters) of the penalty's gradient at M = 5 over
-    ``grad_draws`` draws: plain Hutchinson, then the control variate."""
+    ``grad_draws`` draws: plain Hutchinson, then the control variate.
+    """
     params = list(model.parameters())
 
     def grad_variance(estimate: Callable[[], torch.Tensor]) -> float:
