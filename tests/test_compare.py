@@ -280,7 +280,7 @@ def test_final_flatness_is_tested_on_log10_with_holm_over_the_methods():
     got = [results[m].flatness_vs_none for m in ("sam", "nrs")]
     assert [c.p_t for c in got] == pytest.approx(raw) and [c.p_t_holm for c in got] == pytest.approx(holm(raw))
     assert got[1].n_pairs == 3 and got[0].difference == pytest.approx(
-        sum(math.log10(a / b) for a, b in zip(sharp["sam"], sharp["none"])) / 4)
+        sum(math.log10(a / b) for a, b in zip(sharp["sam"], sharp["none"], strict=True)) / 4)
     assert results["none"].flatness_vs_none is None
     text = comparison_markdown(BC, list(results.values()), get_task(BC).config.as_dict())
     section = text.split("## Final Tr(H²)/B (measured), log10, against `none`")[1]

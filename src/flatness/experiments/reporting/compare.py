@@ -255,15 +255,15 @@ def select_and_summarize(
         if r is base:
             r.role = "baseline"
             continue
-        r.vs_none = compare_samples(dict(zip(r.seeds, r.test_accs)), dict(zip(base.seeds, base.test_accs)))
+        r.vs_none = compare_samples(dict(zip(r.seeds, r.test_accs, strict=True)), dict(zip(base.seeds, base.test_accs, strict=True)))
         if any(v is not None for v in r.sq_trace_per_B) and any(v is not None for v in base.sq_trace_per_B):
             r.flatness_vs_none = compare_samples(
-                log10_by_seed(dict(zip(r.seeds, r.sq_trace_per_B))),
-                log10_by_seed(dict(zip(base.seeds, base.sq_trace_per_B))),
+                log10_by_seed(dict(zip(r.seeds, r.sq_trace_per_B, strict=True))),
+                log10_by_seed(dict(zip(base.seeds, base.sq_trace_per_B, strict=True))),
             )
     for attr in ("vs_none", "flatness_vs_none"):  # each table its own Holm family
         compared = [r for r in results if getattr(r, attr) is not None]
-        for r, c in zip(compared, adjust_holm([getattr(r, attr) for r in compared])):
+        for r, c in zip(compared, adjust_holm([getattr(r, attr) for r in compared]), strict=True):
             setattr(r, attr, c)
     return results
 
@@ -431,7 +431,7 @@ def plot_comparison(task: str, results: Sequence[MethodResult], records: dict[st
     left.set_ylabel("final test accuracy (mean ± std)")
     left.set_title(f"{task}: each method at its val-chosen strength")
     left.grid(alpha=0.3, axis="y")
-    for r, color in zip(results, colors):
+    for r, color in zip(results, colors, strict=True):
         pts = [(records[n].measured_sq_trace_per_B, records[n].final_test_acc) for n in r.runs]
         pts = [(x, y) for x, y in pts if isinstance(x, (int, float)) and x > 0]
         if pts:

@@ -322,7 +322,7 @@ def run_equal_compute(
             c.baseline_acc = matched.test_acc
             c.vs_baseline = compare_samples(c.test_accs, matched.test_accs)
     tested = [c for c in configs if c.vs_baseline is not None]
-    for c, adjusted in zip(tested, adjust_holm([c.vs_baseline for c in tested if c.vs_baseline])):
+    for c, adjusted in zip(tested, adjust_holm([c.vs_baseline for c in tested if c.vs_baseline]), strict=True):
         c.vs_baseline = adjusted
     front = set(pareto_front([(c.budget, c.test_acc) for c in configs]))
     config = base_specs[0].config

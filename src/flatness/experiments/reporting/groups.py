@@ -285,7 +285,7 @@ def _adjust_reference_family(groups: Sequence[Group]) -> None:
     """
     for flatness in (False, True):
         compared = [pair for g in groups for pair in g.reference_comparisons(flatness)]
-        for (row, _), c in zip(compared, adjust_holm([c for _, c in compared])):
+        for (row, _), c in zip(compared, adjust_holm([c for _, c in compared]), strict=True):
             if flatness:
                 row.flatness_vs_reference = c
             else:
@@ -305,7 +305,7 @@ def _adjust_baseline_families(groups: Sequence[Group]) -> None:
     for family in by_base.values():
         for flatness in (False, True):
             compared = [pair for g in family for pair in (g.flatness_comparisons if flatness else g.comparisons)]
-            for (row, _), c in zip(compared, adjust_holm([c for _, c in compared])):
+            for (row, _), c in zip(compared, adjust_holm([c for _, c in compared]), strict=True):
                 if flatness:
                     row.flatness_vs_baseline = c
                 else:

@@ -62,7 +62,7 @@ def agreement(records: Sequence[Any]) -> dict[str, Any]:
                      "kfac": kfac, "kfac_std": kfac_std, "ratio": kfac / hutch if hutch else math.nan})
     x, y = [r.get(HUTCHINSON) for r in runs], [r.get(KFAC) for r in runs]
     tau, low, high = kendall_tau_ci(x, y)
-    ratios = [k / h for h, k in zip(x, y) if h > 0]
+    ratios = [k / h for h, k in zip(x, y, strict=True) if h > 0]
     return {
         "models": len(runs),
         "kendall_tau": tau,

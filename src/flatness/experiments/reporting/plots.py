@@ -115,7 +115,7 @@ def _curves(g: Group, path: Path) -> None:
         name = g.method if r.value is None else f"{g.symbol or g.hparam} = {r.value:g}"
         (line,) = ax.plot(epochs, mean, label=name)
         ax.fill_between(
-            epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+            epochs, [m - s for m, s in zip(mean, std, strict=True)], [m + s for m, s in zip(mean, std, strict=True)],
             color=line.get_color(), alpha=0.15,
         )
     ax.set_xlabel("epoch")
@@ -136,7 +136,7 @@ def _pooled_reliability(runs: Sequence[Any]) -> tuple[list[float], list[float], 
     width = bins[0]["bins"]
     count, conf, acc = [0] * width, [0.0] * width, [0.0] * width
     for b in (b for b in bins if b["bins"] == width):
-        for i, (n, c, a) in enumerate(zip(b["count"], b["confidence"], b["accuracy"])):
+        for i, (n, c, a) in enumerate(zip(b["count"], b["confidence"], b["accuracy"], strict=False)):
             if n:
                 count[i] += n
                 conf[i] += n * c

@@ -176,8 +176,8 @@ def crossed_tau(
     if keep.sum() < 3:
         return Interval(kendall_tau(mu[keep], g[keep]) if keep.sum() >= 2 else math.nan)
     mu, g = mu[keep], g[keep]
-    keys = [k for k, ok in zip(_setting_keys(settings, axes), keep) if ok]
-    reps = [s for s, ok in zip(seeds, keep) if ok]
+    keys = [k for k, ok in zip(_setting_keys(settings, axes), keep, strict=True) if ok]
+    reps = [s for s, ok in zip(seeds, keep, strict=True) if ok]
     s = _signs(mu) * _signs(g)
     value = _weighted_tau(s, np.ones(mu.size))
     boots = [_weighted_tau(s, w) for w in _crossed_weights(keys, reps, resamples, seed)]
@@ -204,8 +204,8 @@ def crossed_partial_tau(
     if keep.sum() < 3:
         return Interval(math.nan)
     mu, g, z = mu[keep], g[keep], z[keep]
-    keys = [k for k, ok in zip(_setting_keys(settings, axes), keep) if ok]
-    reps = [s for s, ok in zip(seeds, keep) if ok]
+    keys = [k for k, ok in zip(_setting_keys(settings, axes), keep, strict=True) if ok]
+    reps = [s for s, ok in zip(seeds, keep, strict=True) if ok]
     sm, sg, sz = _signs(mu), _signs(g), _signs(z)
     pairs = (sm * sg, sm * sz, sg * sz)
 
@@ -303,5 +303,5 @@ def mean_granulated(coefficients: Mapping[str, AxisCoefficient], confidence: flo
     table = np.asarray([c.resampled for c in defined])
     counts = np.isfinite(table).sum(axis=0)
     sums = np.where(np.isfinite(table), table, 0.0).sum(axis=0)
-    boots = [float(t / n) if n else math.nan for t, n in zip(sums, counts)]
+    boots = [float(t / n) if n else math.nan for t, n in zip(sums, counts, strict=True)]
     return Interval(value, *_percentile(boots, confidence))

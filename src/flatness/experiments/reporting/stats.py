@@ -401,7 +401,7 @@ def adjust_holm(comparisons: Sequence[Comparison]) -> list[Comparison]:
     w = holm([c.p_wilcoxon for c in comparisons])
     perm = holm([c.p_perm for c in comparisons])
     return [dataclasses.replace(c, p_t_holm=pt, p_wilcoxon_holm=pw, p_perm_holm=pp)
-            for c, pt, pw, pp in zip(comparisons, t, w, perm)]
+            for c, pt, pw, pp in zip(comparisons, t, w, perm, strict=True)]
 
 
 # --------------------------------------------------------------------------------------------

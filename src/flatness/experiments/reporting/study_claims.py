@@ -150,7 +150,7 @@ def model_selection(population: Population) -> dict[str, Any]:
         changed.append(sum(1 for i in flat if math.isfinite(flat[i]) and flat[i] != alone[i]))
     comparisons = adjust_holm(comparisons)
     rows = [{"measure": k, "label": label, "groups_changed": n, **_comparison(c)}
-            for (k, label), c, n in zip(keys, comparisons, changed)]
+            for (k, label), c, n in zip(keys, comparisons, changed, strict=True)]
     return {"groups": len(groups), "plane": list(PLANE), "validation_alone_mean": float(np.nanmean(list(alone.values())))
             if groups else math.nan, "rows": rows}
 

@@ -151,7 +151,7 @@ def plane_fractions(population: Population, thresholds: Sequence[float] | None =
     methods = list(dict.fromkeys(r["settings"]["method"] for r in population.rows))
     table = {}
     for m in methods:
-        mine = np.asarray([a for a, r in zip(acc, population.rows) if r["settings"]["method"] == m])
+        mine = np.asarray([a for a, r in zip(acc, population.rows, strict=True) if r["settings"]["method"] == m])
         table[m] = {"models": int(mine.size), "fractions": [float((mine >= t).mean()) for t in thresholds]}
     return {"thresholds": list(thresholds), "methods": table}
 
@@ -297,7 +297,7 @@ def _scatter(population: Population, axis: str, keys: Sequence[str], path: Path)
     for i, key in enumerate(keys):
         ax = fig.add_subplot(nrows, cols, i + 1)
         values = _column(population, key)
-        for level, colour in zip(levels, colours):
+        for level, colour in zip(levels, colours, strict=True):
             mask = np.asarray([r["settings"][axis] == level for r in population.rows]) & np.isfinite(values)
             ax.scatter(values[mask], gap[mask], s=10, color=colour, label=str(level))
         finite = values[np.isfinite(values)]
@@ -393,7 +393,7 @@ def write_reparam_report(
             continue
         before = results[0][2][key].before
         cells, invariant = [], True
-        for alpha, _, by_key in results:
+        for _alpha, _, by_key in results:
             c = by_key[key]
             invariant = invariant and c.invariant(rtol)
             cells.append(f"{c.after:.4g}, {c.relative:.1e}")

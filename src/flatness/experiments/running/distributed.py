@@ -227,7 +227,7 @@ class EmulatedRanks(Method):
                 if g is not None:
                     g = g / world
                     total[i] = g if total[i] is None else total[i] + g
-        for p, g in zip(params, total):
+        for p, g in zip(params, total, strict=True):
             p.grad = g
         optimizer.step()
         keys = {k for info in infos for k in info}

@@ -89,7 +89,7 @@ def measure_sq_trace_per_B(
     values, variances = [], []
     with measure_pass(model):  # eval mode; math attention kernel (HVPs need double backward)
         batches = iterate_batches(x, y, batch_size, shuffle=False)
-        for _, (xb, yb) in zip(range(n_batches), batches):
+        for _, (xb, yb) in zip(range(n_batches), batches, strict=False):
             loss = task.loss_fn(model(xb), yb)
             est = measure_sq_trace(loss, params, probes=probes, generator=generator)
             values.append(est.value / batch_size)
@@ -128,7 +128,7 @@ def measure_kfac_sq_trace_per_B(
     generator = torch.Generator().manual_seed(seed)
     values = []
     with eval_mode(model), torch.no_grad():
-        for _, (xb, yb) in zip(range(n_batches), iterate_batches(x, y, batch_size, shuffle=False)):
+        for _, (xb, yb) in zip(range(n_batches), iterate_batches(x, y, batch_size, shuffle=False), strict=False):
             try:
                 values.append(float(kfac_sq_trace(model, task.loss_fn, xb, yb, generator=generator)) / batch_size)
             except ValueError:
@@ -262,7 +262,7 @@ def final_flatness(model: nn.Module, task: Task, splits: Splits, config: TrainCo
     options = measures.MeasureOptions(seed=0, matvecs=FINAL_TRACE_MATVECS, k=1, eigen_tol=FINAL_EIGEN_TOL)
     n = min(MEASURE_SAMPLES, int(splits.y_train.shape[0]))
     batch = min(config.batch_size, n)
-    batches = [b for _, b in zip(range(n // batch), iterate_batches(splits.x_train, splits.y_train, batch, shuffle=False))]
+    batches = [b for _, b in zip(range(n // batch), iterate_batches(splits.x_train, splits.y_train, batch, shuffle=False), strict=False)]
     start = time.perf_counter()
     values = measures.compute_measures(model, task.loss_fn, batches, FLATNESS_KEYS, options)
     return {

@@ -137,7 +137,7 @@ class ResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(widths[0])
         layers: list[nn.Module] = []
         in_planes = widths[0]
-        for stage, (count, planes) in enumerate(zip(blocks, widths)):
+        for stage, (count, planes) in enumerate(zip(blocks, widths, strict=True)):
             for i in range(count):
                 stride = 2 if stage > 0 and i == 0 else 1
                 layers.append(BasicBlock(in_planes, planes, stride, shortcut))

@@ -161,7 +161,7 @@ def _synchronize(device: torch.device) -> None:
 def _flat(tensors: Sequence[Tensor | None], like: Sequence[Tensor]) -> Tensor:
     return torch.cat([
         (torch.zeros_like(p) if t is None else t).detach().reshape(-1).to("cpu", torch.float64)
-        for t, p in zip(tensors, like)
+        for t, p in zip(tensors, like, strict=True)
     ])
 
 

@@ -215,7 +215,7 @@ def run_measures_bench(
     torch.manual_seed(seed)
     loss_fn = nn.CrossEntropyLoss()
     model, x, y, source = _trained_mlp(loss_fn, examples, train_steps, data_dir, quick, seed)
-    batches = list(zip(x.split(1000), y.split(1000)))
+    batches = list(zip(x.split(1000), y.split(1000), strict=True))
     t = _against_hvp_floor(model, loss_fn, batches, matvecs, density_steps, seed)
     trace, fast, trace_s = t.trace, t.fast, t.trace_s
     spec, eig_s, eig_cpu = _timed(lambda: top_eigenvalues(model, loss_fn, batches, k=1, seed=seed))

@@ -62,7 +62,7 @@ def _reference_step(
         for _ in range(probes):  # Algorithm 1 as written: g recomputed, one probe at a time
             g = torch.autograd.grad(loss_fn(model(x), y), params, create_graph=True)
             v = [torch.randint(0, 2, p.shape).to(p.dtype) * 2 - 1 for p in params]
-            gv = sum((gi * vi).sum() for gi, vi in zip(g, v))
+            gv = sum((gi * vi).sum() for gi, vi in zip(g, v, strict=True))
             h = torch.autograd.grad(gv, params, create_graph=True)
             total_c = total_c + sum((hi * hi).sum() for hi in h)
         model.train()
