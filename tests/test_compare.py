@@ -242,7 +242,8 @@ def test_gnp_at_its_radius_is_sam_shown_once():
     assert text.count("| `gnp` |") == 1 and "| `gnp` | ρ = 0.05 |" in text
     for r in records:
         r.environment = {"cpu": "AMD EPYC", "torch": "2.13.0+cpu"}
-    assert "Mixed platforms" not in comparison_markdown(BC, list(results.values()), get_task(BC).config.as_dict(), records=records)
+    markdown = comparison_markdown(BC, list(results.values()), get_task(BC).config.as_dict(), records=records)
+    assert "Mixed platforms" not in markdown
     records[0].environment = {"cpu": "Intel Xeon", "torch": "2.13.0+cpu"}  # one run elsewhere
     mixed = comparison_markdown(BC, list(results.values()), get_task(BC).config.as_dict(), records=records)
     assert "**Mixed platforms.** These runs come from 2 platforms" in mixed

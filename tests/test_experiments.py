@@ -87,7 +87,8 @@ def _records(directory: Path) -> dict[str, RunRecord | None]:
 
 def test_cli_run_writes_records_checkpoints_report_and_resumes(tmp_path, capsys):
     out = tmp_path / "runs"
-    args = ["run", BC, "--lambdas", "0", "0.01", "--seeds", "2", "--out", str(out), "--trajectory", "3", "--epochs", "2", "--quiet"]
+    args = ["run", BC, "--lambdas", "0", "0.01", "--seeds", "2", "--out", str(out), "--trajectory", "3",
+            "--epochs", "2", "--quiet"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "| λ | runs | Final acc" in printed and "p (final acc)" in printed

@@ -131,7 +131,8 @@ def _first_party_private_imports(root: Path = SRC, package: str = "flatness") ->
             if not isinstance(node, ast.ImportFrom):
                 continue
             if node.level:
-                target = [*here[: len(here) - (node.level - 1)], *((node.module or "").split(".") if node.module else [])]
+                target = [*here[: len(here) - (node.level - 1)],
+                          *((node.module or "").split(".") if node.module else [])]
             else:
                 target = (node.module or "").split(".")
             if target[:1] != [package]:

@@ -23,7 +23,8 @@ BC = "breast-cancer-mlp"
 
 
 def _record(value, seed, acc, *, method="fa", hparam="lam", status="complete", protocol_id="", flat=1.0):
-    name = f"{method}" + (f"_{hparam}{value:g}" if hparam else "") + f"_seed{seed}" + (f"_p{protocol_id}" if protocol_id else "")
+    name = (f"{method}" + (f"_{hparam}{value:g}" if hparam else "") + f"_seed{seed}"
+            + (f"_p{protocol_id}" if protocol_id else ""))
     r = RunRecord(
         status=status,
         name=name,
@@ -324,7 +325,8 @@ def test_cpus_behind_one_generic_name_are_told_apart_by_family_and_model():
     from flatness.experiments.running.platforms import cpu_from_cpuinfo, platform_note
 
     def cpuinfo(family, model):
-        block = f"processor\t: {{}}\nvendor_id\t: AuthenticAMD\ncpu family\t: {family}\nmodel\t\t: {model}\nmodel name\t: AMD EPYC\n"
+        block = (f"processor\t: {{}}\nvendor_id\t: AuthenticAMD\ncpu family\t: {family}\n"
+                 f"model\t\t: {model}\nmodel name\t: AMD EPYC\n")
         return "\n".join(block.format(i) for i in range(2))
 
     zen4, zen5 = cpu_from_cpuinfo(cpuinfo(25, 17)), cpu_from_cpuinfo(cpuinfo(26, 2))

@@ -125,7 +125,9 @@ def _add_measures(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--density-steps", type=int, default=80, help="Lanczos steps of the density")
     p.add_argument("--grid", type=int, default=21, help="points per axis of the 2D surface")
     p.add_argument("--train-steps", type=int, default=50, help="Adam steps before measuring")
-    p.add_argument("--data-dir", default=None, help="CIFAR-100 directory (default: $FLATNESS_DATA, then the cache, else synthetic inputs; a named directory without it is an error)")
+    p.add_argument("--data-dir", default=None,
+                   help="CIFAR-100 directory (default: $FLATNESS_DATA, then the cache, else synthetic inputs; "
+                   "a named directory without it is an error)")
     _threads_and_quick(p, "tiny model and data")
     p.set_defaults(func=_cmd_measures)
 
@@ -171,7 +173,9 @@ def _add_variance(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grad-draws", type=int, default=12, help="draws for the gradient variance")
     p.add_argument("--steps", type=int, default=12, help="timed calls per estimator")
     p.add_argument("--rounds", type=int, default=4, help="interleaved timing rounds")
-    p.add_argument("--data-dir", default=None, help="CIFAR-100 directory (default: $FLATNESS_DATA, then the cache, else synthetic inputs; a named directory without it is an error)")
+    p.add_argument("--data-dir", default=None,
+                   help="CIFAR-100 directory (default: $FLATNESS_DATA, then the cache, else synthetic inputs; "
+                   "a named directory without it is an error)")
     _threads_and_quick(p, "tiny model and data")
     p.set_defaults(func=_cmd_variance)
 
@@ -241,7 +245,9 @@ def _add_gpu(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", default=None, help="the JSON file (default: benchmarks/gpu-DATE-DEVICE.json)")
     p.add_argument("--budget-s", type=float, default=420.0, help="seconds the whole command may take (default 420)")
-    p.add_argument("--data-dir", default=None, help="CIFAR-100 directory for the protocol timing (default: $FLATNESS_DATA, then the cache; else synthetic images, said so in the JSON)")
+    p.add_argument("--data-dir", default=None,
+                   help="CIFAR-100 directory for the protocol timing (default: $FLATNESS_DATA, then the cache; "
+                   "else synthetic images, said so in the JSON)")
     p.add_argument("--dry-run", action="store_true", help="run on the CPU at tiny sizes (no GPU needed; < 1 minute)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, batches and probes")
     p.add_argument("--inject-fault", default=None, help=argparse.SUPPRESS)  # test hook: corrupts matching cases

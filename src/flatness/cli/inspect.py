@@ -11,7 +11,8 @@ their stored order, the model in eval mode)::
     flatness landscape CKPT --task cifar100-mlp --kind pca --out pictures/   # needs --trajectory N runs
 
 ``landscape --kind interp`` re-estimates BatchNorm running statistics at every point on the first
-``--examples`` training examples (as ``flatness connect`` does). ``measure`` prints one JSON object with ``--json`` (keys such as ``hessian_trace``,
+``--examples`` training examples (as ``flatness connect`` does). ``measure`` prints one JSON object
+with ``--json`` (keys such as ``hessian_trace``,
 ``hessian_sq_trace``, ``lambda_max``, ``eps_sharpness``, ``fisher_trace``), else one line per
 key. ``landscape`` writes ``NAME_KIND.npz`` and ``NAME_KIND.png`` into ``--out`` (atomically).
 Bad input (a checkpoint of another task, k above the number of parameters, an unknown measure)
@@ -95,7 +96,9 @@ def load_for_task(
     return task, model, meta, batches
 
 
-def training_batches(task: Any, examples: int | None, batch_size: int, data_dir: str | None) -> list[tuple[Any, Tensor]]:
+def training_batches(
+    task: Any, examples: int | None, batch_size: int, data_dir: str | None
+) -> list[tuple[Any, Tensor]]:
     """The first ``examples`` (``None``: all) of the task's training split, in batches, in order."""
     from ..experiments.world.data import iterate_batches
 
@@ -330,7 +333,9 @@ def _check_landscape_args(args: argparse.Namespace) -> None:
         raise FlatnessError("--span must be a finite number > 0")
 
 
-def _surface(args: argparse.Namespace, task: Any, model: nn.Module, batches: list[Any], checkpoint: Path) -> tuple[Any, str]:
+def _surface(
+    args: argparse.Namespace, task: Any, model: nn.Module, batches: list[Any], checkpoint: Path
+) -> tuple[Any, str]:
     """The surface ``args.kind`` asks for, and the stem of its file names."""
     from ..experiments.running.checkpoints import load_checkpoint
     from ..landscape import interpolate, pca_surface, surface_1d, surface_2d
@@ -370,7 +375,8 @@ def _surface(args: argparse.Namespace, task: Any, model: nn.Module, batches: lis
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint written by `flatness run`")
     p.add_argument("--task", required=True,
-                   help="the checkpoint's task, e.g. cifar100-mlp, or its plugin FILE.py:FACTORY / package.module:FACTORY")
+                   help="the checkpoint's task, e.g. cifar100-mlp, "
+                         "or its plugin FILE.py:FACTORY / package.module:FACTORY")
     p.add_argument("--data-dir", default=None, help="data directory (default: $FLATNESS_DATA, ~/.cache/flatness)")
     p.add_argument("--split", default="train", choices=SPLITS, help="data split (default: train)")
     p.add_argument("--examples", type=int, default=1000,

@@ -217,7 +217,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         help="sweep a method's strength over seeds on a paper task (resumable)",
         description=(
             f"Train TASK ({', '.join(TASKS)}, 'all' for the paper's three, an installed task plugin, "
-            "or your own FILE.py:FACTORY / package.module:FACTORY) for every strength and seed, write one JSON per run, checkpoints, summary.md/csv and plots "
+            "or your own FILE.py:FACTORY / package.module:FACTORY) for every strength and seed, "
+            "write one JSON per run, checkpoints, summary.md/csv and plots "
             "under OUT/TASK/. Re-running the same command skips finished runs."
         ),
     )

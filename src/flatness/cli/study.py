@@ -66,7 +66,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("task", metavar="TASK", help="breast-cancer-mlp, cifar100-mlp, cifar100-resnet, or a task plugin "
                    "(FILE.py:FACTORY, package.module:FACTORY, an installed one)")
     p.add_argument("--grid", default=None,
-                   help=f"the population (default: small, or crossed where a task has no small one); {', '.join(grids)}; "
+                   help="the population (default: small, or crossed where a task has no small one); "
+                        f"{', '.join(grids)}; "
                         "a plugin task: small or full, crossed around its protocol (lr, weight decay, method; full: "
                         "also batch size; its model's width and dropout are not varied)")
     p.add_argument("--out", default="runs", help="results root; runs in OUT/TASK (default: runs)")

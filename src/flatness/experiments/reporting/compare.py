@@ -29,7 +29,8 @@ accuracy per method; accuracy vs measured Tr(H²)/B per run). The runner's own p
 report (``OUT/TASK/summary.md``) is refreshed too.
 
 ``gnp`` at ρ equal to its finite-difference radius r is SAM at ρ = r (c = ρ/r = 1,
-gnp's declared ``twin``, :func:`flatness.experiments.reporting.groups.twin_of`): that configuration is left out of gnp's grid,
+gnp's declared ``twin``, :func:`flatness.experiments.reporting.groups.twin_of`): that configuration
+is left out of gnp's grid,
 and, when its runs exist anyway, shown in gnp's grid marked as SAM and never chosen for gnp.
 
 Example:
@@ -255,7 +256,9 @@ def select_and_summarize(
         if r is base:
             r.role = "baseline"
             continue
-        r.vs_none = compare_samples(dict(zip(r.seeds, r.test_accs, strict=True)), dict(zip(base.seeds, base.test_accs, strict=True)))
+        r.vs_none = compare_samples(
+            dict(zip(r.seeds, r.test_accs, strict=True)), dict(zip(base.seeds, base.test_accs, strict=True))
+        )
         if any(v is not None for v in r.sq_trace_per_B) and any(v is not None for v in base.sq_trace_per_B):
             r.flatness_vs_none = compare_samples(
                 log10_by_seed(dict(zip(r.seeds, r.sq_trace_per_B, strict=True))),
@@ -284,7 +287,8 @@ def _twin_note(results: Sequence[MethodResult]) -> str:
         "finite-difference radius: at ρ = r, c = 1 and it is SAM's update at ρ = r. "
     )
     if twins:
-        return text + f"Its runs at ρ = r = {radii} are SAM's configuration: marked in gnp's grid, never chosen for gnp."
+        return text + (f"Its runs at ρ = r = {radii} are SAM's configuration: marked in gnp's grid, "
+                       "never chosen for gnp.")
     return text + "That configuration is left out of gnp's grid: it is `sam` at ρ = r."
 
 
@@ -337,7 +341,8 @@ def comparison_markdown(
 def _results_table(results: Sequence[MethodResult]) -> list[str]:
     """One row per method at its chosen strength, and the columns' note."""
     out = [
-        "| method | chosen on val. | val acc | val loss | test acc | p t / Holm vs none | Tr(H²)/B | λ_max | Tr(H) | time/epoch vs none |",
+        "| method | chosen on val. | val acc | val loss | test acc | p t / Holm vs none "
+        "| Tr(H²)/B | λ_max | Tr(H) | time/epoch vs none |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -349,7 +354,8 @@ def _results_table(results: Sequence[MethodResult]) -> list[str]:
             fmt(r.val_loss),
             fmt(r.test_acc, r.test_acc_std),
             p_cell(r.vs_none, r.role),
-            *(fmt(f.get(k, math.nan), sd.get(k, math.nan), sci=True) for k in ("measured_sq_trace_per_B", *FLATNESS_KEYS)),
+            *(fmt(f.get(k, math.nan), sd.get(k, math.nan), sci=True)
+              for k in ("measured_sq_trace_per_B", *FLATNESS_KEYS)),
             "n/a" if not math.isfinite(r.time_ratio) else f"{r.time_ratio:.2f}× ({r.seconds_per_epoch:.2f} s)",
         ]
         out.append("| " + " | ".join(cells) + " |")

@@ -108,7 +108,8 @@ class Row:
 
     ``vs_baseline``: the final-accuracy comparison with the group's baseline (Holm-adjusted
     over every comparison with the same baseline runs); ``flatness_vs_baseline``: the same for
-    log10 of the final measured Tr(H²)/B (a ratio of curvatures is what compares across strengths); ``role``: ``"baseline"``, ``"no baseline"`` or ``""`` (compared).
+    log10 of the final measured Tr(H²)/B (a ratio of curvatures is what compares across strengths);
+    ``role``: ``"baseline"``, ``"no baseline"`` or ``""`` (compared).
     ``twin``: ``(method, strength)`` when this configuration is another method's (:func:`twin_of`).
     ``reference``/``vs_reference``/``flatness_vs_reference``: the same strength of the group's
     reference (:func:`reference_group`) and the two comparisons with it.
@@ -313,7 +314,8 @@ def _adjust_baseline_families(groups: Sequence[Group]) -> None:
             if len(family) > 1:
                 n = sum(math.isfinite(c.p_t) for _, c in compared)
                 methods = ", ".join(dict.fromkeys(f"`{g.method}`" for g in family))
-                text = f"the {n} test{'s' if n != 1 else ''} against {family[0].baseline} in this report (tables of {methods})"
+                text = (f"the {n} test{'s' if n != 1 else ''} against {family[0].baseline} in this report "
+                        f"(tables of {methods})")
                 for g in family:
                     if flatness:
                         g.holm_family_flatness = text

@@ -104,7 +104,8 @@ def _group_table(g: Group) -> list[str]:
             fmt(*s["final_test_acc"][:2]),
             fmt(*s["best_test_acc"][:2]),
             fmt(*s["val_chosen_test_acc"][:2]),
-            "not computed" if not s["avg_train_sq_trace_per_B"][2] else fmt(*s["avg_train_sq_trace_per_B"][:2], sci=True),
+            ("not computed" if not s["avg_train_sq_trace_per_B"][2]
+             else fmt(*s["avg_train_sq_trace_per_B"][:2], sci=True)),
             fmt(*s["avg_epoch_sq_trace_per_B"][:2], sci=True),
             fmt(*s["measured_sq_trace_per_B"][:2], sci=True),
             measured["lambda_max"],
@@ -191,7 +192,8 @@ def _reference_section(g: Group, groups: Sequence[Group]) -> list[str]:
     costs = [f"{_label(row)}: ×{_time_ratio(row):.2f}" for row, _ in acc if math.isfinite(_time_ratio(row))]
     if costs:
         out += ["", "Cost: median training seconds over the reference's at the same strength "
-                    f"(from the run records; runs that shared the machine differently are not comparable): {'; '.join(costs)}."]
+                    "(from the run records; runs that shared the machine differently are not comparable): "
+                    f"{'; '.join(costs)}."]
     return out
 
 
@@ -303,7 +305,8 @@ def csv_text(groups: Sequence[Group]) -> str:
     for g in groups:
         for row in g.rows:
             line: dict[str, Any] = {
-                "task": g.task, "method": g.method, "hparam": g.hparam or "", "value": "" if row.value is None else row.value,
+                "task": g.task, "method": g.method, "hparam": g.hparam or "",
+                "value": "" if row.value is None else row.value,
                 "variant_id": g.variant_id, "protocol_id": g.protocol_id, "runs": len(row.runs),
                 "failed": len(row.failed), "seeds": " ".join(map(str, row.seeds)),
             }

@@ -351,10 +351,12 @@ def _welch(xa: np.ndarray, xb: np.ndarray, confidence: float) -> Comparison:
     if na < 2 or nb < 2:
         return _empty("Welch t", na, nb, 0, 0, mean_a, mean_b, "fewer than 2 runs on a side")
     scale = float(max(np.abs(xa).max(), np.abs(xb).max()))
-    va, vb = (float(v) for v in (_noise_free(xa - xa.mean(), scale).var(ddof=1), _noise_free(xb - xb.mean(), scale).var(ddof=1)))
+    va, vb = (float(v) for v in (_noise_free(xa - xa.mean(), scale).var(ddof=1),
+                                 _noise_free(xb - xb.mean(), scale).var(ddof=1)))
     diff = float(_noise_free(np.array([mean_a - mean_b]), scale)[0])
     if va == 0 and vb == 0:
-        note = "identical constant values" if diff == 0 else f"both sides constant, differing by {diff:.4g} (zero variance)"
+        note = ("identical constant values" if diff == 0
+                else f"both sides constant, differing by {diff:.4g} (zero variance)")
         return _empty("Welch t", na, nb, 0, 0, mean_a, mean_b, note, difference=diff)
     se = math.sqrt(va / na + vb / nb)
     df = (va / na + vb / nb) ** 2 / ((va / na) ** 2 / (na - 1) + (vb / nb) ** 2 / (nb - 1))

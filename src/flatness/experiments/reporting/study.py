@@ -25,7 +25,8 @@ far training got.
 **Measurements** (:func:`~flatness.experiments.running.study_population.measure_run`) use one fixed
 protocol for every model: the first 1,024 training examples in their stored order, as one
 batch, eval mode, seed 0, the options of
-:data:`~flatness.experiments.running.study_population.STUDY_OPTIONS`; the initial weights for the distance from initialisation are
+:data:`~flatness.experiments.running.study_population.STUDY_OPTIONS`; the initial weights for the
+distance from initialisation are
 rebuilt from the run's seed (:func:`flatness.experiments.running.checkpoints.initial_model`). The
 generalisation gap is the run record's (final eval-mode training accuracy and loss minus the
 test ones, :func:`flatness.experiments.running.study_population.generalization`); the study also

@@ -151,8 +151,9 @@ def model_selection(population: Population) -> dict[str, Any]:
     comparisons = adjust_holm(comparisons)
     rows = [{"measure": k, "label": label, "groups_changed": n, **_comparison(c)}
             for (k, label), c, n in zip(keys, comparisons, changed, strict=True)]
-    return {"groups": len(groups), "plane": list(PLANE), "validation_alone_mean": float(np.nanmean(list(alone.values())))
-            if groups else math.nan, "rows": rows}
+    return {"groups": len(groups), "plane": list(PLANE),
+            "validation_alone_mean": float(np.nanmean(list(alone.values()))) if groups else math.nan,
+            "rows": rows}
 
 
 def _comparison(c: Any) -> dict[str, Any]:
@@ -203,12 +204,14 @@ def _markdown(population: Population, grid: StudyGrid, taus: list[dict[str, Any]
               f"{selection['validation_alone_mean']:.4f}. Difference = validation + measure − validation alone, "
               "in test accuracy; the paired t-test, Holm over the measures, is this report's one family "
               "(the Wilcoxon signed-rank test beside it, Holm over the same measures).", "",
-              "| measure | groups changed | difference [95 % CI] | p (t) | Holm p (t) | p (Wilcoxon) | Holm p (Wilcoxon) | MDE |",
+              "| measure | groups changed | difference [95 % CI] | p (t) | Holm p (t) "
+              "| p (Wilcoxon) | Holm p (Wilcoxon) | MDE |",
               "|---|---|---|---|---|---|---|---|"]
     for r in selection["rows"]:
         ci = f"{r['difference']:+.4f} [{r['ci'][0]:+.4f}, {r['ci'][1]:+.4f}]" if math.isfinite(r["difference"]) else "—"
         lines.append(f"| {r['label']} | {r['groups_changed']} | {ci} | {_p(r['p_t'])} | {_p(r['p_t_holm'])} | "
-                     f"{_p(r['p_wilcoxon'])} | {_p(r['p_wilcoxon_holm'])} | {_p(r['mde'])} |" + (f" {r['note']}" if r["note"] else ""))
+                     f"{_p(r['p_wilcoxon'])} | {_p(r['p_wilcoxon_holm'])} | {_p(r['mde'])} |"
+                     + (f" {r['note']}" if r["note"] else ""))
     return "\n".join(lines) + "\n"
 
 

@@ -129,7 +129,8 @@ def rank_measures(
         entry: dict[str, Any] = {"measure": key, "label": label, "models": int(np.isfinite(values).sum())}
         for target, _ in targets:
             tau = crossed_tau(values, _target(population, target), settings, seeds, axes, **common)
-            entry[f"tau_{target}"], entry[f"tau_{target}_low"], entry[f"tau_{target}_high"] = tau.value, tau.low, tau.high
+            entry[f"tau_{target}"] = tau.value
+            entry[f"tau_{target}_low"], entry[f"tau_{target}_high"] = tau.low, tau.high
         cond = crossed_partial_tau(values, main, fit, settings, seeds, axes, **common)
         entry["ctau"], entry["ctau_low"], entry["ctau_high"] = cond.value, cond.low, cond.high
         psi: dict[str, AxisCoefficient] = granulated_kendall(values, main, settings, axes, seeds=seeds, **common)

@@ -73,7 +73,8 @@ def protocol_line(config: Mapping[str, Any], method_kwargs: Mapping[str, Any] | 
         name = {"adam": "Adam", "adamw": "AdamW"}.get(optimizer, optimizer)
         decay = "decoupled weight decay" if optimizer == "adamw" else "L2 weight decay"
     text = (
-        f"{c['epochs']} epoch{'s' if c['epochs'] != 1 else ''}, B = {c['batch_size']}, {name} lr {c['lr']:g} ({sched}), "
+        f"{c['epochs']} epoch{'s' if c['epochs'] != 1 else ''}, B = {c['batch_size']}, "
+        f"{name} lr {c['lr']:g} ({sched}), "
         f"{decay} {c['weight_decay']:g}, validation split {c.get('val_fraction', 0):g}"
     )
     extras = []
@@ -97,7 +98,8 @@ def _plural(n: int, word: str, plural: str = "") -> str:
 def epoch_flatness_note() -> str:
     """How the per-epoch Tr(H²)/B curve of every run is measured (:mod:`.measure`)."""
     return (
-        f"Tr(H²)/B measured after each epoch on the first {_plural(measure.EPOCH_MEASURE_BATCHES, 'training batch', 'training batches')} "
+        "Tr(H²)/B measured after each epoch on the first "
+        f"{_plural(measure.EPOCH_MEASURE_BATCHES, 'training batch', 'training batches')} "
         f"of B (eval mode, {_plural(measure.EPOCH_MEASURE_PROBES, 'fixed probe')} per batch)"
     )
 
@@ -190,7 +192,8 @@ def comparison_note(
         )
     if tested:
         parts.append(
-            f"*Holm*: Holm–Bonferroni adjustment over {family or 'the ' + _plural(len(tested), 'test') + ' of this table'} "
+            "*Holm*: Holm–Bonferroni adjustment over "
+            f"{family or 'the ' + _plural(len(tested), 'test') + ' of this table'} "
             "(each kind of test its own family). Effect intervals invert the noncentral t distribution."
         )
     else:

@@ -262,7 +262,8 @@ def final_flatness(model: nn.Module, task: Task, splits: Splits, config: TrainCo
     options = measures.MeasureOptions(seed=0, matvecs=FINAL_TRACE_MATVECS, k=1, eigen_tol=FINAL_EIGEN_TOL)
     n = min(MEASURE_SAMPLES, int(splits.y_train.shape[0]))
     batch = min(config.batch_size, n)
-    batches = [b for _, b in zip(range(n // batch), iterate_batches(splits.x_train, splits.y_train, batch, shuffle=False), strict=False)]
+    train_batches = iterate_batches(splits.x_train, splits.y_train, batch, shuffle=False)
+    batches = [b for _, b in zip(range(n // batch), train_batches, strict=False)]
     start = time.perf_counter()
     values = measures.compute_measures(model, task.loss_fn, batches, FLATNESS_KEYS, options)
     return {

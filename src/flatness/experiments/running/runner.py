@@ -162,7 +162,8 @@ def _build_method(
             return make_method(spec.method, wrap_model(model, dist_ctx), loss_fn, **rank_kwargs(kwargs, dist_ctx.rank))
         if emulate_ranks > 1:
             seeds = [rank_seed(spec.seed, r) for r in range(emulate_ranks)]
-            per_rank = [make_method(spec.method, model, loss_fn, **rank_kwargs(kwargs, r)) for r in range(emulate_ranks)]
+            per_rank = [make_method(spec.method, model, loss_fn, **rank_kwargs(kwargs, r))
+                        for r in range(emulate_ranks)]
             return EmulatedRanks(per_rank, seeds)
         return make_method(spec.method, model, loss_fn, **kwargs)
     except (TypeError, ValueError) as exc:

@@ -106,7 +106,10 @@ class RunSpec:
 
     @property
     def name(self) -> str:
-        """The run's name, the file stem of its record and checkpoint (method and strength, the tags of non-default settings, seed)."""
+        """The run's name, the file stem of its record and checkpoint.
+
+        Made of the method and strength, the tags of non-default settings, and the seed.
+        """
         parts = [self.method]
         if self.hparam is not None and self.value is not None:
             parts[0] += f"_{self.hparam}{format_value(self.value)}"

@@ -127,7 +127,8 @@ class StudyGrid:
     def settings(self) -> list[dict[str, Any]]:
         """Every hyper-parameter setting of the design (without the seed), in a fixed order."""
         axes = list(self.factors)
-        return [{**self.fixed, **dict(zip(axes, combo, strict=True))} for combo in itertools.product(*self.factors.values())]
+        return [{**self.fixed, **dict(zip(axes, combo, strict=True))}
+                for combo in itertools.product(*self.factors.values())]
 
     def entries(self) -> list[tuple[RunSpec, dict[str, Any]]]:
         """Every model of the population: its run spec and its settings (every axis and ``seed``)."""

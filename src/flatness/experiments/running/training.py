@@ -298,7 +298,8 @@ def train(
     history = History()
     stop_rule = config.reached_stop(None, None) is not None
     bar = progress_bar(config.epochs * per_epoch, description, "step", leave=False) if progress else None
-    loop = _EpochLoop(method, optimizer, data, config, scheduler, generator, on_step_end, shard, min_batch, augment, bar)
+    loop = _EpochLoop(method, optimizer, data, config, scheduler, generator, on_step_end, shard, min_batch,
+                      augment, bar)
     try:
         with preserved_mode(model):
             for epoch in range(1, config.epochs + 1):

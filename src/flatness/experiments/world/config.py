@@ -4,8 +4,9 @@ schedule, evaluation subsets, stopping rule), checked when built.
 Example:
     >>> from flatness.experiments.world.config import TrainConfig
     >>> config = TrainConfig(epochs=2, batch_size=32, lr=1e-3, weight_decay=0.0)
-    >>> config.as_dict()
-    {'epochs': 2, 'batch_size': 32, 'lr': 0.001, 'weight_decay': 0.0, 'val_fraction': 0.1, 'schedule': 'constant', 'warmup_epochs': 0.0, 'final_lr_fraction': 0.0, 'eval_batch_size': 1024}
+    >>> config.as_dict()  # doctest: +NORMALIZE_WHITESPACE
+    {'epochs': 2, 'batch_size': 32, 'lr': 0.001, 'weight_decay': 0.0, 'val_fraction': 0.1,
+     'schedule': 'constant', 'warmup_epochs': 0.0, 'final_lr_fraction': 0.0, 'eval_batch_size': 1024}
     >>> config.replace(train_subset=100).subsets()
     (100, 0, 0)
 """

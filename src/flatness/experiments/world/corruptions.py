@@ -171,7 +171,8 @@ def jpeg(images: Tensor, quality: float) -> Tensor:
     # libjpeg's "fancy" upsampling: weights 9/16, 3/16, 3/16, 1/16 = bilinear, half-pixel centres
     chroma = F.interpolate(chroma, scale_factor=2, mode="bilinear", align_corners=False)
     ycc = torch.cat([luma[:, None], chroma], dim=1)
-    rgb = torch.einsum("ij,njhw->nihw", torch.linalg.inv(torch.tensor(_RGB_TO_YCC, dtype=x.dtype, device=x.device)), ycc)
+    ycc_to_rgb = torch.linalg.inv(torch.tensor(_RGB_TO_YCC, dtype=x.dtype, device=x.device))
+    rgb = torch.einsum("ij,njhw->nihw", ycc_to_rgb, ycc)
     return (rgb[:, :, :h, :w] / 255).to(images.dtype)
 
 

@@ -116,7 +116,9 @@ def as_pair(data: Data, what: str) -> tuple[Tensor, Tensor]:
         try:
             x, y = torch.utils.data.default_collate(items)
         except Exception as exc:
-            raise TaskDefinitionError(f"{what}: the Dataset's items do not stack into tensors ({_oneline(exc)})") from None
+            raise TaskDefinitionError(
+                f"{what}: the Dataset's items do not stack into tensors ({_oneline(exc)})"
+            ) from None
     elif isinstance(data, (tuple, list)) and len(data) == 2:
         x, y = data
     else:
@@ -210,7 +212,9 @@ class CustomTask(Task):
             cut(data.x_test, data.y_test, config.test_subset))
         return dataclasses.replace(data, x_train=x_tr, y_train=y_tr, x_val=x_va, y_val=y_va, x_test=x_te, y_test=y_te)
 
-    def build_model(self, num_features: int | None = None, config: TrainConfig | None = None, **settings: Any) -> nn.Module:
+    def build_model(
+        self, num_features: int | None = None, config: TrainConfig | None = None, **settings: Any
+    ) -> nn.Module:
         """``model(**model_kwargs)`` with ``settings`` over the defaults (seed the global RNG first)."""
         model = self._model(**self.model_settings(settings))
         if not isinstance(model, nn.Module):
@@ -336,7 +340,9 @@ def _check_batch(task: CustomTask, batch: tuple[Tensor, Tensor], num_classes: in
         try:
             scores = task.score(out.detach(), y)
         except Exception as exc:
-            raise TaskDefinitionError(f"the {task.metric_name} score fails on the model's output: {_oneline(exc)}") from None
+            raise TaskDefinitionError(
+                f"the {task.metric_name} score fails on the model's output: {_oneline(exc)}"
+            ) from None
         if not isinstance(scores, Tensor) or tuple(scores.shape) != (n,):
             got = _shape(scores) if isinstance(scores, Tensor) else type(scores).__name__
             raise TaskDefinitionError(f"the {task.metric_name} score returned {got}, expected one value per "

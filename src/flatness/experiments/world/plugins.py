@@ -289,7 +289,8 @@ def check_source(recorded: Mapping[str, Any] | None, task: Task, what: str) -> N
         raise PluginError(
             f"{what} were made by the task plugin {recorded.get('reference')} ({recorded.get('file')}, SHA-256 "
             f"{str(old)[:12]}); the task {task.name} now comes from {current.get('file') or 'built-in code'} "
-            f"(SHA-256 {str(new)[:12]}): its code changed since. Restore that file (or, for new runs, use another results directory)"
+            f"(SHA-256 {str(new)[:12]}): its code changed since. "
+            "Restore that file (or, for new runs, use another results directory)"
         )
 
 

@@ -155,8 +155,10 @@ DRY = GpuSizes(
     trace_matvecs=4,
     timing_models={
         "mlp": (lambda: mlp(192, 100, (16, 8), 0.3, 0.5), 8, "cifar100-mlp"),
-        "resnet18": (lambda: ResNet([1, 1, 1, 1], [2, 4, 8, 16], 100, "B", image_shape=DRY_IMAGE), 8, "cifar100-resnet"),
-        "vit_tiny": (lambda: vit_tiny(100, dim=8, depth=1, heads=2, mlp_ratio=2.0, image_shape=DRY_IMAGE), 8, "cifar100-vit"),
+        "resnet18": (lambda: ResNet([1, 1, 1, 1], [2, 4, 8, 16], 100, "B", image_shape=DRY_IMAGE),
+                     8, "cifar100-resnet"),
+        "vit_tiny": (lambda: vit_tiny(100, dim=8, depth=1, heads=2, mlp_ratio=2.0, image_shape=DRY_IMAGE),
+                     8, "cifar100-vit"),
     },
     timing_features=192,
     timing_plan=TimingPlan(warmup=0, rounds=1, reps=1, probe_warmup=0),
@@ -395,7 +397,8 @@ def summary_lines(result: dict[str, Any], path: Path) -> list[str]:
     correctness = result["correctness"]
     total = len(correctness["cases"])
     failed = correctness["failures"]
-    lines.append(f"correctness: {total - len(failed)} of {total} cases passed" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    lines.append(f"correctness: {total - len(failed)} of {total} cases passed"
+                 + (f"; FAILED: {', '.join(failed)}" if failed else ""))
     epoch = result["protocol_epoch"]
     for name in ("none", "fa", "sam"):
         entry = epoch.get(name, {})

@@ -191,7 +191,9 @@ def _timed(fn: Callable[[], tuple[float, Tensor | None]], device: torch.device) 
     return _Run(value, vector, seconds, messages)
 
 
-def _penalty(model: nn.Module, x: Tensor, y: Tensor, settings: dict[str, str], probes: int, seed: int) -> tuple[float, Tensor]:
+def _penalty(
+    model: nn.Module, x: Tensor, y: Tensor, settings: dict[str, str], probes: int, seed: int
+) -> tuple[float, Tensor]:
     params = [p for p in model.parameters() if p.requires_grad]
     penalty = FlatnessPenalty(model, LOSS, lam=1.0, probes=probes, every=1, seed=seed, **settings)  # type: ignore[arg-type]
     term = penalty(x, y)

@@ -116,7 +116,9 @@ def _trained_mlp(
     """
     if quick:
         gen = torch.Generator().manual_seed(seed)
-        x, y, source = torch.randn(examples, 64, generator=gen), torch.randint(0, 10, (examples,), generator=gen), "synthetic (quick)"
+        x = torch.randn(examples, 64, generator=gen)
+        y = torch.randint(0, 10, (examples,), generator=gen)
+        source = "synthetic (quick)"
         model = mlp(64, 10, (32, 16), dropout=0.3)
     else:
         x, y, source = cifar_subset(examples, data_dir)

@@ -1,7 +1,8 @@
 """``flatness bench methods``: step time of every training method relative to a plain step.
 
 The paper's CIFAR-100 MLP shape (3072-512-256-100, ReLU, dropout 0.3), B = 128, Adam as
-``flatness run`` builds it (fused kernel), synthetic data; all methods are timed in one process, in interleaved rounds, through the same
+``flatness run`` builds it (fused kernel), synthetic data; all methods are timed in one process, in
+interleaved rounds, through the same
 ``Method.step`` the training loop calls. Reported: the plain step's median time and, for each
 method, its median step time and the ratio to plain:
 
