@@ -22,6 +22,7 @@ __all__ = ["add_cli", "print_result"]
 
 
 def print_result(result: dict[str, object], as_json: bool, title: str) -> None:
+    """Print ``result`` as one JSON object, or under ``title`` as one aligned line per key."""
     if as_json:
         print(json.dumps(result, sort_keys=True))
         return
@@ -255,6 +256,7 @@ def _add_gpu(sub: argparse._SubParsersAction) -> None:
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
+    """Register ``flatness bench`` and its benchmarks on the subparsers ``sub``."""
     parser = sub.add_parser("bench", help="speed and memory benchmarks (ratios in one run)")
     bench_sub = parser.add_subparsers(dest="bench", metavar="BENCHMARK", parser_class=type(parser))
     bench_sub.required = True

@@ -1,4 +1,4 @@
-"""``flatness connect CKPT_A CKPT_B``: mode connectivity of two checkpoints of one task.
+r"""``flatness connect CKPT_A CKPT_B``: mode connectivity of two checkpoints of one task.
 
 Loss and accuracy along the straight line between the two models and along a quadratic Bézier
 curve trained between them (:mod:`flatness.connectivity`), BatchNorm statistics re-estimated at
@@ -6,7 +6,7 @@ every point on the first ``--stat-examples`` training examples; evaluated on the
 ``--examples`` of ``--split``. Prints both barriers (loss and error) and writes
 ``A_to_B_connect.png`` and ``A_to_B_connect.json`` into ``--out``::
 
-    flatness connect runs/breast-cancer-mlp/checkpoints/none_seed0.pt \\
+    flatness connect runs/breast-cancer-mlp/checkpoints/none_seed0.pt \
         runs/breast-cancer-mlp/checkpoints/none_seed1.pt --task breast-cancer-mlp --out pictures/
 """
 
@@ -28,6 +28,7 @@ __all__ = ["add_cli", "connect_command"]
 
 
 def connect_command(args: argparse.Namespace) -> int:
+    """Run ``flatness connect`` with the parsed ``args``; returns the exit status."""
     from ..connectivity import connect, plot_connectivity
     from ..experiments.running.checkpoints import load_checkpoint
 
@@ -79,6 +80,7 @@ def connect_command(args: argparse.Namespace) -> int:
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
+    """Register ``flatness connect`` on the subparsers ``sub``."""
     p = sub.add_parser("connect", help="mode connectivity of two checkpoints: barriers, plot, JSON",
                        description="Loss and accuracy along the linear path and a trained quadratic Bézier "
                                    "curve between two checkpoints of one task, BatchNorm statistics "

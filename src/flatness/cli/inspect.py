@@ -163,6 +163,7 @@ def _parse_measures(raw: Sequence[str] | None) -> list[str]:
 
 
 def measure_command(args: argparse.Namespace) -> int:
+    """Run ``flatness measure`` with the parsed ``args``; returns the exit status."""
     from ..measures import MeasureOptions, compute_measures, plot_spectral_density, spectral_density
     from ..measures.io import save_json
 
@@ -276,6 +277,7 @@ def task_accuracy(task: Any) -> Callable[[Tensor, Tensor], Tensor]:
 
 
 def landscape_command(args: argparse.Namespace) -> int:
+    """Run ``flatness landscape`` with the parsed ``args``; returns the exit status."""
     from ..landscape import plot_surface
 
     _check_landscape_args(args)
@@ -389,6 +391,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
+    """Register ``flatness measure`` and ``flatness landscape`` on the subparsers ``sub``."""
     p = sub.add_parser("measure", help="flatness measures of a checkpoint (one JSON object)",
                        description="Flatness measures of a saved checkpoint on a fixed data subset.")
     _common(p)

@@ -394,6 +394,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
+    """Register ``flatness run``, ``report`` and ``compare`` on the subparsers ``sub``."""
     _add_run(sub)
     _add_report(sub)
     _add_compare(sub)

@@ -49,6 +49,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
+    """Register ``flatness study`` on the subparsers ``sub``."""
     grids = sorted({f"{g} ({t})" for t, g in GRIDS})
     p = sub.add_parser(
         "study",

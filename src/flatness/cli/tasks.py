@@ -35,6 +35,7 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
+    """Register ``flatness tasks`` on the subparsers ``sub``."""
     p = sub.add_parser(
         "tasks",
         help="list the built-in tasks and the task plugins, with their protocols",

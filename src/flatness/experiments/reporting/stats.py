@@ -375,10 +375,10 @@ def _welch(xa: np.ndarray, xb: np.ndarray, confidence: float) -> Comparison:
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:
-    """Holm–Bonferroni adjusted p-values; ``nan`` entries stay ``nan`` and are not counted.
+    r"""Holm–Bonferroni adjusted p-values; ``nan`` entries stay ``nan`` and are not counted.
 
-    With the m finite p-values sorted, :math:`p_{(1)} \\le \\dots \\le p_{(m)}`, the adjusted
-    value is :math:`\\tilde p_{(i)} = \\max_{j \\le i} \\min(1, (m - j + 1)\\, p_{(j)})`.
+    With the m finite p-values sorted, :math:`p_{(1)} \le \dots \le p_{(m)}`, the adjusted
+    value is :math:`\tilde p_{(i)} = \max_{j \le i} \min(1, (m - j + 1)\, p_{(j)})`.
 
     >>> holm([0.01, 0.04, 0.03, float("nan")])
     [0.03, 0.06, 0.06, nan]

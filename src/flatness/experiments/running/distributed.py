@@ -212,6 +212,7 @@ class EmulatedRanks(Method):
                 self._states.append([torch.get_rng_state()])
 
     def step(self, x: Any, y: Any, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        """One step of every rank on its shard; the ranks' averaged gradients, one optimizer step."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         world = len(self.methods)
         total: list[Tensor | None] = [None] * len(params)

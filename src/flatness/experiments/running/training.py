@@ -266,6 +266,7 @@ def train(
             after the epoch that meets the rule or the cap).
         progress: show progress over the epochs' steps (:func:`~.progress.progress_bar`:
             a bar on a terminal, periodic lines otherwise).
+        description: the progress bar's label.
         on_epoch_end: ``f(epoch, record) -> dict | None`` after each evaluated epoch; a returned
             dict is merged into the epoch's record (e.g. a curvature measurement). Not counted
             as training time.

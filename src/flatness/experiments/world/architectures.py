@@ -113,6 +113,7 @@ class BasicBlock(nn.Module):
         return x
 
     def forward(self, x: Tensor) -> Tensor:
+        """The network's output for the batch ``x``."""
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return F.relu(out + self._shortcut(x))
@@ -147,6 +148,7 @@ class ResNet(nn.Module):
         _he_init(self)
 
     def forward(self, x: Tensor) -> Tensor:
+        """The network's output for the batch ``x``."""
         out = F.relu(self.bn1(self.conv1(as_images(x, self.image_shape))))
         out = self.layers(out)
         return self.fc(out.mean(dim=(2, 3)))
@@ -206,6 +208,7 @@ class AllConvNet(nn.Module):
         _he_init(self)
 
     def forward(self, x: Tensor) -> Tensor:
+        """The network's output for the batch ``x``."""
         return self.features(as_images(x, self.image_shape)).mean(dim=(2, 3))
 
 
@@ -298,6 +301,7 @@ class VisionTransformer(nn.Module):
         nn.init.zeros_(self.patch_embed.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        """The network's output for the batch ``x``."""
         tokens = self.patch_embed(as_images(x, self.image_shape)).flatten(2).transpose(1, 2)
         if self.cls_token is not None:
             tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)

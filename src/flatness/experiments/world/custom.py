@@ -175,6 +175,7 @@ class CustomTask(Task):
 
     @property
     def protocols(self) -> dict[str, TrainConfig]:
+        """The task's named training protocols."""
         return dict(self._protocols)
 
     def load(self, data_dir_: Any = None, *, val_fraction: float | None = None, download: bool | None = None) -> Splits:
@@ -196,6 +197,7 @@ class CustomTask(Task):
         return self._cache[key]
 
     def splits(self, config: TrainConfig, data_dir_: Any = None, download: bool | None = None) -> Splits:
+        """The splits under ``config``'s subset sizes (regression: fixed random subsets)."""
         if self.task_type == "classification" or not any(config.subsets()):
             return super().splits(config, data_dir_, download)
         data = self.load(val_fraction=config.val_fraction)  # regression: fixed random subsets
@@ -223,9 +225,11 @@ class CustomTask(Task):
         return model
 
     def loss_fn(self, logits: Tensor, y: Tensor) -> Tensor:
+        """The task's loss of the output ``logits`` against ``y``."""
         return self._loss(logits, y)
 
     def predict(self, logits: Tensor) -> Tensor:
+        """Predicted class ids (regression: the output itself)."""
         if self._predict is not None:
             return self._predict(logits)
         if self.task_type == "regression":
@@ -235,6 +239,7 @@ class CustomTask(Task):
         return logits.argmax(dim=1)
 
     def score(self, logits: Tensor, y: Tensor) -> Tensor:
+        """Per-example scores, higher is better: the metric, else hits or negative squared error."""
         n = int(logits.shape[0])
         if self._metric is not None:
             return self._metric(logits, y)
@@ -244,6 +249,7 @@ class CustomTask(Task):
         return (self.predict(logits).long() == y.long()).reshape(n, -1).float().mean(dim=1)
 
     def augment(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The task's augmentation of the training batch ``x`` (``x`` itself without one)."""
         if self._augment is None:
             return x
         return self._augment(x, generator) if _takes_two(self._augment) else self._augment(x)
@@ -382,7 +388,8 @@ def custom_task(
         name: the task's name: its results folder ``OUT/NAME`` and the ``task`` of its records
             (letters, digits, ``.``, ``_``, ``-``; not a built-in task's name).
         model: ``model(**model_kwargs) -> nn.Module``, a fresh model (a class works).
-        train, test: ``(x, y)`` tensors or arrays, or a map-style ``Dataset`` of ``(x, y)`` pairs.
+        train: ``(x, y)`` tensors or arrays, or a map-style ``Dataset`` of ``(x, y)`` pairs.
+        test: the test data, in the same forms as ``train``.
         loss: ``loss(output, target) -> scalar tensor``.
         config: the default training protocol (``flatness run`` without ``--protocol``).
         val: validation data; default: a fixed ``config.val_fraction`` of ``train``.
