@@ -61,8 +61,9 @@ def _os_error_line(exc: OSError) -> str:
 
 
 def _in_flags(exc: Exception, args: argparse.Namespace) -> str:
-    """``exc``'s message; a pipeline :class:`SettingError`'s with the command's flags for its
-    parameters (module docs).
+    """``exc``'s message.
+
+    A pipeline :class:`SettingError`'s with the command's flags for its parameters (module docs).
     """
     from ..experiments.world.errors import SettingError
 

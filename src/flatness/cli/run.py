@@ -58,9 +58,11 @@ def _parse_assignments(items: Sequence[str] | None, what: str) -> dict[str, Any]
 def parse_method_args(
     items: Sequence[str] | None, methods: Sequence[str], *, compared: bool = False
 ) -> dict[str, dict[str, Any]]:
-    """``--method-arg`` items (module docs) as settings by method, for the ``methods`` of a run
-    (one, ``compared=False``: a ``METHOD.`` prefix that is not the method itself is left on the
-    key, a component's) or of a comparison (the prefix names a compared method).
+    """``--method-arg`` items (module docs) as settings by method.
+
+    For the ``methods`` of a run (one, ``compared=False``: a ``METHOD.`` prefix that is not the
+    method itself is left on the key, a component's) or of a comparison (the prefix names a compared
+    method).
     """
     out: dict[str, dict[str, Any]] = {m: {} for m in methods}
     for item in items or []:

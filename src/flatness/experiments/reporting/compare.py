@@ -308,8 +308,10 @@ def comparison_markdown(
     run_seconds: tuple[int, float] | None = None,
     records: Sequence[RunRecord] = (),
 ) -> str:
-    """The comparison's ``summary.md``; ``run_seconds``: (number of runs, sum of their times);
-    ``records``: the runs behind it (a note when they come from more than one platform).
+    """The comparison's ``summary.md``.
+
+    ``run_seconds``: (number of runs, sum of their times); ``records``: the runs behind it (a note
+    when they come from more than one platform).
     """
     task_obj = known_task(task)
     seeds = sorted({s for r in results for s in r.seeds})

@@ -66,8 +66,9 @@ def budget_epochs(epochs: int, cost_ratio: float, max_factor: float = 10.0) -> i
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the (budget, accuracy) points no other point beats with less or equal budget,
-    in increasing budget.
+    """Indices of the (budget, accuracy) points no other point beats with less or equal budget.
+
+    In increasing budget.
     """
     order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
     front, best = [], -math.inf
@@ -286,8 +287,9 @@ def run_equal_compute(
     progress: bool = True,
     plots: bool = True,
 ) -> tuple[list[Configuration], str]:
-    """Train every configuration at every epoch count and the budget-matched `none` runs; write
-    the table, the tests and the plot.
+    """Train every configuration at every epoch count and the budget-matched `none` runs.
+
+    Write the table, the tests and the plot.
     """
     if not (math.isfinite(max_factor) and max_factor >= 1):
         raise SettingError(f"`max_factor` must be >= 1, got {max_factor}", "max_factor")

@@ -68,8 +68,9 @@ METRICS = (
 
 
 def strength_symbol(method: str, hparam: str | None) -> str:
-    """The symbol of ``method``'s swept strength (its class's ``symbol``: ``λ``, ``ρ``, ...), else
-    the hyper-parameter's name (a method this process does not know: its name as recorded).
+    """The symbol of ``method``'s swept strength (its class's ``symbol``: ``λ``, ``ρ``, ...).
+
+    Else the hyper-parameter's name (a method this process does not know: its name as recorded).
     """
     try:
         symbol = method_class(method).symbol
@@ -142,8 +143,10 @@ class Row:
 
 
 def log10_by_seed(values: Mapping[int, Any]) -> dict[int, float | None]:
-    """``{seed: log10(value)}``; ``None`` where the value is missing or not positive (the
-    flatness tests compare Tr(H²)/B on a log scale: it spans orders of magnitude across seeds).
+    """``{seed: log10(value)}``.
+
+    ``None`` where the value is missing or not positive (the flatness tests compare Tr(H²)/B on a
+    log scale: it spans orders of magnitude across seeds).
     """
     return {
         seed: math.log10(v) if isinstance(v, (int, float)) and v > 0 else None
@@ -230,10 +233,11 @@ def reference_group(g: Group, groups: Sequence[Group]) -> Group | None:
 
 
 def variant_settings(g: Group, groups: Sequence[Group]) -> dict[str, Any]:
-    """The method settings in which a configured variant differs from the method's defaults, read
-    from the records: those of the same task and method's default-settings runs in ``groups``,
-    else the method class's ``protocol_defaults`` (a task's own defaults, e.g. FA's backend on
-    the CIFAR image tasks, then show too).
+    """The method settings in which a configured variant differs from the method's defaults.
+
+    Read from the records: those of the same task and method's default-settings runs in ``groups``,
+    else the method class's ``protocol_defaults`` (a task's own defaults, e.g. FA's backend on the
+    CIFAR image tasks, then show too).
     """
     plain = next((h for h in groups if h.task == g.task and h.method == g.method and not h.variant_id), None)
     if plain is not None:
@@ -250,8 +254,9 @@ _MISSING = object()
 
 
 def paper_results(g: Group) -> dict[float, float]:
-    """The paper's final test accuracies by strength for this group's table (the task's
-    ``paper_final_acc``): at the task's default protocol and model only.
+    """The paper's final test accuracies by strength for this group's table (the task's ``paper_final_acc``).
+
+    At the task's default protocol and model only.
     """
     task = known_task(g.task)
     if task is None or g.protocol_id or g.model_id:
@@ -281,8 +286,9 @@ def _compare_with_reference(g: Group, groups: Sequence[Group]) -> None:
 
 
 def _adjust_reference_family(groups: Sequence[Group]) -> None:
-    """Holm over every reference comparison of the report (one question: does a variant differ
-    from its reference?), accuracy and flatness each their own family.
+    """Holm over every reference comparison of the report, accuracy and flatness each their own family.
+
+    One question: does a variant differ from its reference?
     """
     for flatness in (False, True):
         compared = [pair for g in groups for pair in g.reference_comparisons(flatness)]
@@ -294,10 +300,11 @@ def _adjust_reference_family(groups: Sequence[Group]) -> None:
 
 
 def _adjust_baseline_families(groups: Sequence[Group]) -> None:
-    """Holm over every comparison with the same baseline runs (one question: does anything in
-    this report differ from them?), accuracy and flatness each their own family. A sweep with
-    its own strength-0 row is its own family; every method set against ``none`` shares one, so a
-    per-method table never shows a p-value less adjusted than the cross-method comparison's.
+    """Holm over every comparison with the same baseline runs, accuracy and flatness each their own family.
+
+    One question: does anything in this report differ from them? A sweep with its own strength-0 row
+    is its own family; every method set against ``none`` shares one, so a per-method table never
+    shows a p-value less adjusted than the cross-method comparison's.
     """
     by_base: dict[int, list[Group]] = {}
     for g in groups:

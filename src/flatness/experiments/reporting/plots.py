@@ -127,8 +127,9 @@ def _curves(g: Group, path: Path) -> None:
 
 
 def _pooled_reliability(runs: Sequence[Any]) -> tuple[list[float], list[float], int, int] | None:
-    """Mean confidence and accuracy per non-empty bin over the runs' reliability bins, weighted
-    by the bins' counts; ``None`` when no run has them.
+    """Mean confidence and accuracy per non-empty bin over the runs' reliability bins.
+
+    Weighted by the bins' counts; ``None`` when no run has them.
     """
     bins = [run.final_test_reliability for run in runs if run.final_test_reliability]
     if not bins:
@@ -172,8 +173,10 @@ def _reliability(g: Group, path: Path) -> bool:
 
 
 def plot_group(g: Group, directory: Path) -> list[Path]:
-    """A group's PNGs (accuracy and measured flatness vs strength, test-accuracy curves, and
-    the reliability diagram when its records have calibration fields).
+    """A group's PNGs.
+
+    Accuracy and measured flatness vs strength, test-accuracy curves, and the reliability diagram
+    when its records have calibration fields.
     """
     label = f"{g.symbol or g.hparam} ({g.method})" if g.hparam else g.method
     written = []

@@ -1,5 +1,7 @@
-r"""Rank statistics of a study (``flatness study``): Kendall's τ, its conditional form, Jiang et
-al.'s granulated coefficient, and bootstrap intervals for a crossed design with seed replicates.
+r"""Rank statistics of a study (``flatness study``).
+
+Kendall's τ, its conditional form, Jiang et al.'s granulated coefficient, and bootstrap intervals
+for a crossed design with seed replicates.
 
 **One τ throughout: Kendall's τ_a** (Jiang et al. 2019's definition), the mean over the pairs of
 distinct models of the product of the signs of their differences,
@@ -122,8 +124,10 @@ def _weighted_tau(s: np.ndarray, w: np.ndarray) -> float:
 def _crossed_weights(
     rows: Sequence[Hashable], cols: Sequence[Hashable], resamples: int, seed: int, row_stream: int = 1
 ) -> np.ndarray:
-    """``(resamples, n)`` weights: the distinct row keys (settings) and column keys (seeds) drawn
-    with replacement, each model weighted by its row's and its column's multiplicity.
+    """``(resamples, n)`` weights.
+
+    The distinct row keys (settings) and column keys (seeds) drawn with replacement, each model
+    weighted by its row's and its column's multiplicity.
 
     The seeds are drawn from the generator of ``seed``, the settings from that of
     ``seed + row_stream``: statistics resampled with one ``seed`` share their seed draws.
@@ -196,8 +200,9 @@ def crossed_partial_tau(
     seed: int = 0,
     confidence: float = CONFIDENCE,
 ) -> Interval:
-    """Kendall's partial τ of ``measure`` and ``target`` given ``covariate``, crossed bootstrap
-    interval (every resample recomputes the three τ_a on the same weights).
+    """Kendall's partial τ of ``measure`` and ``target`` given ``covariate``.
+
+    Crossed bootstrap interval (every resample recomputes the three τ_a on the same weights).
     """
     mu, g, z = (np.asarray(v, dtype=float) for v in (measure, target, covariate))
     keep = np.isfinite(mu) & np.isfinite(g) & np.isfinite(z)
@@ -291,8 +296,9 @@ def granulated_kendall(
 
 
 def mean_granulated(coefficients: Mapping[str, AxisCoefficient], confidence: float = CONFIDENCE) -> Interval:
-    """Ψ: the mean of ψ_i over the axes where it is defined (NaN if none is), with the interval of
-    the resamples' means (the axes' resamples share their seed draws).
+    """Ψ: the mean of ψ_i over the axes where it is defined (NaN if none is).
+
+    With the interval of the resamples' means (the axes' resamples share their seed draws).
     """
     defined = [c for c in coefficients.values() if math.isfinite(c.value)]
     if not defined:

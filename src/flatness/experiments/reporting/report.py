@@ -132,8 +132,9 @@ def _twin_note(g: Group) -> list[str]:
 
 
 def _sharper_note(g: Group) -> list[str]:
-    """One line where a strength left the final model detectably *sharper* than the baseline,
-    with the reason the records show when they show it: a training loss kept away from zero.
+    """One line where a strength left the final model detectably *sharper* than the baseline.
+
+    With the reason the records show when they show it: a training loss kept away from zero.
     """
     base = next((row for row in g.rows if row.role == "baseline"), None)
     if base is None and g.baseline == "method none":
@@ -198,8 +199,10 @@ def _reference_section(g: Group, groups: Sequence[Group]) -> list[str]:
 
 
 def _task_lines(g: Group, task: Any) -> list[str]:
-    """The task's description and protocol; a plugin task's from its records (so a report needs
-    no plugin file), with where it came from and what its *acc* columns hold.
+    """The task's description and protocol.
+
+    A plugin task's from its records (so a report needs no plugin file), with where it came from and
+    what its *acc* columns hold.
     """
     source = next((r.task_source for row in g.rows for r in (*row.runs, *row.failed) if r.task_source), None)
     description = task.description if task is not None and source is None else (source or {}).get("description")

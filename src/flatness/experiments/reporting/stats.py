@@ -203,8 +203,10 @@ def _solve_increasing(f: Callable[[float], float], target: float, start: float) 
 
 
 def _nct_sf(x: float, df: float, lam: float) -> float:
-    """P(T ≥ x) for T noncentral t; scipy's ``sf`` and ``cdf`` each return nan at some far-tail
-    points (scipy 1.17), where the other one is still defined.
+    """P(T ≥ x) for T noncentral t.
+
+    scipy's ``sf`` and ``cdf`` each return nan at some far-tail points (scipy 1.17), where the other
+    one is still defined.
     """
     value = float(sps.nct.sf(x, df, lam))
     if math.isnan(value):
@@ -396,8 +398,9 @@ def holm(pvalues: Sequence[float]) -> list[float]:
 
 
 def adjust_holm(comparisons: Sequence[Comparison]) -> list[Comparison]:
-    """Copies of ``comparisons`` with ``p_t_holm``, ``p_perm_holm`` and ``p_wilcoxon_holm`` over
-    this family (each kind of test its own family).
+    """Copies of ``comparisons`` with ``p_t_holm``, ``p_perm_holm`` and ``p_wilcoxon_holm``.
+
+    Over this family (each kind of test its own family).
     """
     t = holm([c.p_t for c in comparisons])
     w = holm([c.p_wilcoxon for c in comparisons])

@@ -1,5 +1,6 @@
-r"""The study tests the overview's claims (issue 31), written next to the ranking as ``claims.md``
-and ``claims.json``.
+r"""The study tests the overview's claims (issue 31).
+
+Written next to the ranking as ``claims.md`` and ``claims.json``.
 
 Three questions, each on the population the ranking uses (models that met the stopping rule):
 
@@ -112,9 +113,11 @@ def barrier_taus(population: Population, barriers: Sequence[dict[str, Any]], *, 
 
 
 def select_in_group(rows: Sequence[dict[str, Any]], measure: str | None) -> float:
-    """Test accuracy of the pick in one group: best validation accuracy, ties broken by the lowest
-    ``measure`` (``None``: not broken); remaining ties give their mean test accuracy. NaN if no
-    model has both a validation accuracy and (with ``measure``) a finite measure.
+    """Test accuracy of the pick in one group.
+
+    Best validation accuracy, ties broken by the lowest ``measure`` (``None``: not broken);
+    remaining ties give their mean test accuracy. NaN if no model has both a validation accuracy and
+    (with ``measure``) a finite measure.
     """
     usable = [r for r in rows if math.isfinite(r["generalization"].get("val_acc", math.nan))
               and (measure is None or math.isfinite(r["measures"].get(measure, math.nan)))]

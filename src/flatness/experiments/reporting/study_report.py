@@ -110,9 +110,10 @@ def rank_measures(
     measures: Sequence[tuple[str, str]] = RANKED,
     targets: Sequence[tuple[str, str]] = TARGETS,
 ) -> list[dict[str, Any]]:
-    """One entry per measure present in ≥ 3 models: τ_a with each target, the conditional τ with
-    the primary (first) target given the training loss, ψ per axis and Ψ, each with its crossed
-    bootstrap interval (settings × seeds).
+    """One entry per measure present in ≥ 3 models.
+
+    τ_a with each target, the conditional τ with the primary (first) target given the training loss,
+    ψ per axis and Ψ, each with its crossed bootstrap interval (settings × seeds).
     """
     axes = varied_axes(population)
     settings = [r["settings"] for r in population.rows]

@@ -49,10 +49,12 @@ def save_checkpoint(
     model_kwargs: dict[str, Any] | None = None,
     task_source: dict[str, Any] | None = None,
 ) -> None:
-    """Write the model's weights with its task name, the model settings it was built with
-    (``task.build_model(**model_kwargs)``) and ``meta`` (plain JSON-like data), atomically.
-    ``task_source``: a plugin task's origin (:mod:`flatness.experiments.world.plugins`), so the
-    checkpoint loads without naming the plugin again.
+    """Write the model's weights with its task name, model settings and ``meta``, atomically.
+
+    The model settings are those it was built with (``task.build_model(**model_kwargs)``); ``meta``
+    is plain JSON-like data. ``task_source``: a plugin task's origin
+    (:mod:`flatness.experiments.world.plugins`), so the checkpoint loads without naming the plugin
+    again.
     """
     get_task(task)
     payload = {
@@ -158,8 +160,9 @@ def initial_model(
 
 
 def checkpoint_initial_model(path: str | os.PathLike[str], task: str | None = None) -> nn.Module | None:
-    """:func:`initial_model` of the run that wrote the checkpoint at ``path``; ``None`` when the
-    checkpoint does not name its run's seed (not written by the runner).
+    """:func:`initial_model` of the run that wrote the checkpoint at ``path``.
+
+    ``None`` when the checkpoint does not name its run's seed (not written by the runner).
     """
     payload = _read_payload(Path(path), task)
     seed = (payload.get("meta") or {}).get("seed")

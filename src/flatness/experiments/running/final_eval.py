@@ -71,8 +71,9 @@ def predict_logits(model: nn.Module, x: Any, y: Tensor, batch_size: int) -> Tens
 
 
 def final_calibration(model: nn.Module, task: Task, splits: Splits, config: TrainConfig) -> dict[str, Any]:
-    """``final_test_ece``, ``final_test_nll``, ``final_test_brier``, ``final_test_reliability``;
-    none for a (plugin) task without one class label per example (regression, sequences).
+    """``final_test_ece``, ``final_test_nll``, ``final_test_brier``, ``final_test_reliability``.
+
+    None for a (plugin) task without one class label per example (regression, sequences).
     """
     if task.task_type != "classification" or splits.y_test.dim() != 1:
         return {}

@@ -116,8 +116,9 @@ def measure_kfac_sq_trace_per_B(
     num_samples: int = MEASURE_SAMPLES,
     seed: int = MEASURE_SEED,
 ) -> float | None:
-    """Mean over the batches of :func:`measure_sq_trace_per_B` of the K-FAC Tr(H_b²)/B
-    (:mod:`flatness.kfac`, labels sampled from a generator seeded with ``seed``), or ``None``
+    """Mean over the batches of :func:`measure_sq_trace_per_B` of the K-FAC Tr(H_b²)/B.
+
+    K-FAC from :mod:`flatness.kfac`, labels sampled from a generator seeded with ``seed``; ``None``
     for a model K-FAC does not cover (parameters outside Linear layers, a loss other than the
     cross-entropy of the logits).
     """
@@ -249,9 +250,11 @@ def final_model_extras(
 
 
 def final_flatness(model: nn.Module, task: Task, splits: Splits, config: TrainConfig) -> dict[str, Any]:
-    """λ_max and Tr(H) (:data:`FLATNESS_KEYS`) of a final model by one call to
-    :func:`flatness.measures.compute_measures` on the first :data:`MEASURE_SAMPLES` training
-    samples in fixed batches of B, with the sample count, batch size and seconds (``measure_*``).
+    """λ_max and Tr(H) (:data:`FLATNESS_KEYS`) of a final model.
+
+    By one call to :func:`flatness.measures.compute_measures` on the first :data:`MEASURE_SAMPLES`
+    training samples in fixed batches of B, with the sample count, batch size and seconds
+    (``measure_*``).
 
     λ_max to :data:`FINAL_EIGEN_TOL` relative, Tr(H) by Hutchinson with
     :data:`FINAL_TRACE_MATVECS` products, seed 0, the deployed (eval-mode) function: the values

@@ -1,5 +1,7 @@
-"""What one run leaves behind: its record built from training and measurement, its checkpoint,
-its trajectory snapshots, and last its record (:func:`flatness.experiments.running.runner.execute_run`).
+"""What one run leaves behind.
+
+Its record built from training and measurement, its checkpoint, its trajectory snapshots, and last
+its record (:func:`flatness.experiments.running.runner.execute_run`).
 
 A run's record starts as :func:`started_record` (identity, data sizes, environment, resolved
 settings; ``status`` ``"failed"``), becomes :func:`finished_record` after training and the
@@ -42,8 +44,9 @@ __all__ = [
 
 
 def snapshot_steps(total: int, count: int) -> list[int]:
-    """``count`` optimisation steps evenly spread over ``0..total`` (0 = initial weights); at
-    most every step once.
+    """``count`` optimisation steps evenly spread over ``0..total`` (0 = initial weights).
+
+    At most every step once.
     """
     if count <= 0:
         return []
@@ -60,8 +63,9 @@ def state_copy(model: nn.Module) -> dict[str, Tensor]:
 
 @dataclass
 class Snapshots:
-    """A run's ``trajectory`` weight snapshots: at the optimisation steps ``steps`` (0: the initial
-    weights, taken at once).
+    """A run's ``trajectory`` weight snapshots.
+
+    At the optimisation steps ``steps`` (0: the initial weights, taken at once).
     """
 
     model: nn.Module
@@ -93,8 +97,10 @@ def started_record(
     spec: RunSpec, task: Task, splits: Splits, config: TrainConfig, kwargs: dict[str, Any], world: int,
     dist_ctx: DistContext | None, device: torch.device,
 ) -> RunRecord:
-    """What a run's record holds before training: its identity, data sizes, environment and
-    resolved settings (``status`` ``"failed"`` until :func:`finished_record`).
+    """What a run's record holds before training.
+
+    Its identity, data sizes, environment and resolved settings (``status`` ``"failed"`` until
+    :func:`finished_record`).
     """
     train_samples = int(splits.y_train.shape[0])
     distributed = None if world == 1 else {
@@ -122,8 +128,9 @@ def finished_record(
     base: RunRecord, history: History, measurements: dict[str, Any], config: TrainConfig, started: float,
     *, trajectory: bool,
 ) -> RunRecord:
-    """``base`` completed by the training ``history`` and the final ``measurements`` (record
-    fields, the rest as extras): final, best and validation-chosen accuracies, curves, times.
+    """``base`` completed by the training ``history`` and the final ``measurements``.
+
+    Record fields, the rest as extras: final, best and validation-chosen accuracies, curves, times.
     """
     epochs = history.epochs
     evaluated = [i for i, e in enumerate(epochs) if "test_acc" in e]  # all, unless a stopping rule
@@ -166,8 +173,9 @@ def write_run(
     out: Path, spec: RunSpec, record: RunRecord, model: nn.Module, task_source: dict[str, Any] | None,
     snapshots: list[tuple[int, dict[str, Tensor]]], per_epoch: int,
 ) -> None:
-    """The run's checkpoint, its trajectory (if any), then its record: last, its presence marks
-    the run as done.
+    """The run's checkpoint, its trajectory (if any), then its record.
+
+    Last, its presence marks the run as done.
     """
     meta = {
         "name": record.name,

@@ -46,8 +46,9 @@ __all__ = [
 
 
 def cpu_model() -> str:
-    """The CPU's model name, with its family and model numbers where Linux gives them
-    (``/proc/cpuinfo``; e.g. ``"AMD EPYC (family 26, model 2)"``), else
+    """The CPU's model name, with its family and model numbers where Linux gives them.
+
+    From ``/proc/cpuinfo`` (e.g. ``"AMD EPYC (family 26, model 2)"``), else
     :func:`platform.processor`; ``""`` if unknown. Virtual machines often report a generic name
     ("AMD EPYC") for CPUs of different generations, whose math libraries take different code
     paths: the family and model numbers tell them apart.
@@ -82,9 +83,10 @@ def cpu_from_cpuinfo(text: str) -> str:
 
 @functools.lru_cache(maxsize=1)
 def source_revision() -> dict[str, Any]:
-    """The git commit of the checkout this package runs from, and whether its tracked files differ
-    from that commit: ``{"commit": SHA, "dirty": bool}``; ``{}`` for an installed copy (no git
-    checkout around the package, or no ``git`` program). Computed once per process.
+    """The git commit of the checkout this package runs from, and whether its tracked files differ from that commit.
+
+    ``{"commit": SHA, "dirty": bool}``; ``{}`` for an installed copy (no git checkout around the
+    package, or no ``git`` program). Computed once per process.
     """
     package_dir = Path(__file__).resolve().parents[1]
     try:
@@ -101,9 +103,10 @@ def source_revision() -> dict[str, Any]:
 
 
 def environment(device: torch.device | str) -> dict[str, Any]:
-    """What a run record says about where it ran and what made it: the package version, the git
-    commit (and dirty flag) when run from a checkout, torch and Python versions, threads, CPU,
-    accelerator, host, pid.
+    """What a run record says about where it ran and what made it.
+
+    The package version, the git commit (and dirty flag) when run from a checkout, torch and Python
+    versions, threads, CPU, accelerator, host, pid.
     """
     from ... import __version__
 
@@ -136,9 +139,10 @@ def platform_label(record: RunRecord) -> str:
 
 
 def platform_note(records: Iterable[RunRecord]) -> str:
-    """One sentence when ``records`` come from more than one platform, or when some do not name
-    their CPU while the rest share one platform (then they may or may not come from it); ``""``
-    when all name the same platform (or none names any).
+    """One sentence when ``records`` come from more than one platform.
+
+    Or when some do not name their CPU while the rest share one platform (then they may or may not
+    come from it); ``""`` when all name the same platform (or none names any).
     """
     records = list(records)
     counts = Counter(platform_label(r) for r in records)

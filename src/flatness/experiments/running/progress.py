@@ -99,9 +99,10 @@ def progress_bar(
     interval: float | None = None,
     enabled: bool = True,
 ) -> Any:
-    """A tqdm bar on ``stream`` (default stderr) if it is a terminal, else a :class:`LineProgress`
-    (a line every ``interval`` seconds, default :data:`LINE_INTERVAL`); nothing but ``write``
-    unless ``enabled``.
+    """A tqdm bar on ``stream`` (default stderr) if it is a terminal, else a :class:`LineProgress`.
+
+    The :class:`LineProgress` writes a line every ``interval`` seconds (default
+    :data:`LINE_INTERVAL`); nothing but ``write`` unless ``enabled``.
     """
     stream = sys.stderr if stream is None else stream
     interval = LINE_INTERVAL if interval is None else interval
@@ -119,8 +120,9 @@ def progress_bar(
 
 
 def tracked(items: Iterable[T], bar: Any) -> Iterator[T]:
-    """``items`` one by one, each counted on ``bar`` once its turn is over; the bar is closed at
-    the end, also when the loop stops early or raises.
+    """``items`` one by one, each counted on ``bar`` once its turn is over.
+
+    The bar is closed at the end, also when the loop stops early or raises.
     """
     try:
         for item in items:

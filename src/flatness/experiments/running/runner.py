@@ -125,9 +125,11 @@ def execute_run(
 
 
 def method_settings(spec: RunSpec, config: TrainConfig, train_samples: int) -> dict[str, Any]:
-    """The keyword arguments a run builds its method with: the spec's settings, its strength,
-    its seed (the method's own randomness, e.g. FA's probes) and its length in steps (for
-    schedules given as fractions of it, FA's ``lam_schedule``) where the method takes them.
+    """The keyword arguments a run builds its method with.
+
+    The spec's settings, its strength, its seed (the method's own randomness, e.g. FA's probes) and
+    its length in steps (for schedules given as fractions of it, FA's ``lam_schedule``) where the
+    method takes them.
     """
     kwargs = dict(spec.method_kwargs)
     if spec.hparam is not None and spec.value is not None:
@@ -151,8 +153,10 @@ def _build_method(
     spec: RunSpec, model: nn.Module, loss_fn: Any, kwargs: dict[str, Any], dist_ctx: DistContext | None,
     emulate_ranks: int,
 ) -> Any:
-    """The run's method: on this DDP rank, as ``emulate_ranks`` emulated ranks, or plain; a
-    method refusing its settings is a :class:`FlatnessError` naming them.
+    """The run's method.
+
+    On this DDP rank, as ``emulate_ranks`` emulated ranks, or plain; a method refusing its settings
+    is a :class:`FlatnessError` naming them.
     """
     try:
         if dist_ctx is not None:
@@ -174,8 +178,9 @@ def _build_method(
 def _epoch_measurement(
     model: nn.Module, task: Task, splits: Splits, config: TrainConfig, is_main: bool
 ) -> Callable[[int, dict[str, Any]], dict[str, Any]]:
-    """The per-epoch flatness curve (:func:`measure_sq_trace_per_B`, the light protocol), on the
-    main rank only.
+    """The per-epoch flatness curve.
+
+    :func:`measure_sq_trace_per_B`, the light protocol, on the main rank only.
     """
 
     def on_epoch_end(epoch: int, record: dict[str, Any]) -> dict[str, Any]:
@@ -294,8 +299,10 @@ def pending_runs(
 def check_run_options(
     specs: Sequence[RunSpec], *, jobs: int = 1, emulate_ranks: int = 1, distributed: bool = False
 ) -> None:
-    """Check :func:`run_grid`'s parallelism before any work (a front end calls it before it
-    starts a DDP job); a :class:`SettingError` naming the parameter otherwise.
+    """Check :func:`run_grid`'s parallelism before any work.
+
+    A front end calls it before it starts a DDP job; a :class:`SettingError` naming the parameter
+    otherwise.
     """
     if jobs < 1:
         raise SettingError(f"`jobs` must be >= 1, got {jobs}", "jobs")
@@ -397,8 +404,10 @@ def _run_pool(
     download: bool | None, retry_failed: bool, device: str,
     finished: Callable[[RunSpec, RunRecord | None, str], None],
 ) -> None:
-    """``todo`` in a pool of ``jobs`` spawned processes, ``finished`` called as each ends; a
-    worker's :class:`FlatnessError` ends the sweep (the runs not started are cancelled).
+    """``todo`` in a pool of ``jobs`` spawned processes.
+
+    ``finished`` called as each ends; a worker's :class:`FlatnessError` ends the sweep (the runs not
+    started are cancelled).
     """
     threads = max(1, _available_cores() // jobs)
     context = multiprocessing.get_context("spawn")

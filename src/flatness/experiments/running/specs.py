@@ -50,8 +50,10 @@ MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
 
 
 def default_method_kwargs(task: str, method: str) -> dict[str, Any]:
-    """The method's default protocol on ``task``: its class's ``protocol_defaults``, then the
-    task's own ``method_defaults`` (e.g. the first-order FA backend on the CIFAR image tasks).
+    """The method's default protocol on ``task``.
+
+    Its class's ``protocol_defaults``, then the task's own ``method_defaults`` (e.g. the first-order
+    FA backend on the CIFAR image tasks).
     """
     return {**method_class(method).protocol_defaults, **get_task(task).method_defaults.get(method, {})}
 
@@ -85,8 +87,10 @@ class RunSpec:
 
     @property
     def protocol_id(self) -> str:
-        """``""`` for the task's default protocol, the name of another of its named protocols
-        (e.g. ``gpu``), else a short hash of the training config.
+        """The protocol part of the run name.
+
+        ``""`` for the task's default protocol, the name of another of its named protocols (e.g.
+        ``gpu``), else a short hash of the training config.
         """
         task = get_task(self.task)
         if self.config == task.config.as_dict():
@@ -269,8 +273,10 @@ def _strength_grid(method: str, values: Sequence[float] | None) -> list[float | 
 
 
 def _protocol(task: Task, protocol: str | None, overrides: dict[str, Any]) -> TrainConfig:
-    """The named protocol (default: the task's first) with ``overrides``; an ``epochs`` override
-    without ``warmup_epochs`` scales the warm-up by the same factor (the same share of training).
+    """The named protocol (default: the task's first) with ``overrides``.
+
+    An ``epochs`` override without ``warmup_epochs`` scales the warm-up by the same factor (the same
+    share of training).
     """
     overrides = dict(overrides)
     try:
@@ -289,8 +295,10 @@ def plain(value: Any) -> Any:
 
 
 def resolved_method_kwargs(method: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Every keyword argument the method is built with: ``kwargs`` over the method's defaults
-    (a composed method's under each component's prefix, ``"sam.rho"``), sorted.
+    """Every keyword argument the method is built with.
+
+    ``kwargs`` over the method's defaults (a composed method's under each component's prefix,
+    ``"sam.rho"``), sorted.
     """
     cls = method_class(method)
     given = kwargs
@@ -301,9 +309,11 @@ def resolved_method_kwargs(method: str, kwargs: dict[str, Any]) -> dict[str, Any
 
 
 def resolved_settings(spec: RunSpec, method_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """What a run computes with, in full (a record's ``resolved``): every training-config field
-    (the run name's ``config`` leaves the later fields out at their defaults), every model
-    setting, every method keyword argument (``method_kwargs``: as the runner builds the method).
+    """What a run computes with, in full.
+
+    A record's ``resolved``: every training-config field (the run name's ``config`` leaves the
+    later fields out at their defaults), every model setting, every method keyword argument
+    (``method_kwargs``: as the runner builds the method).
     """
     task = get_task(spec.task)
     return {

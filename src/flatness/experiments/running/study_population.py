@@ -225,13 +225,14 @@ GRIDS: dict[tuple[str, str], StudyGrid] = {
 
 
 def generic_grid(task: str, name: str) -> StudyGrid:
-    """The ``small`` or ``full`` grid of a plugin task (which declares none), around its default
-    protocol: it crosses what applies to any model — learning rate (the protocol's and a third of
-    it: never above the rate the task was set up with), weight decay (the protocol's and ten times
-    it, or 0 and 1e-3), the method, and in ``full`` also batch size (the protocol's and twice it)
-    — at two seeds. Width and dropout stay the model's own (:data:`AS_DEFINED`); the protocol is
-    the task's own (no stopping rule is assumed reachable). A regression task is measured without
-    :data:`CLASSIFICATION_MEASURES`.
+    """The ``small`` or ``full`` grid of a plugin task (which declares none).
+
+    Around its default protocol: it crosses what applies to any model — learning rate (the
+    protocol's and a third of it: never above the rate the task was set up with), weight decay (the
+    protocol's and ten times it, or 0 and 1e-3), the method, and in ``full`` also batch size (the
+    protocol's and twice it) — at two seeds. Width and dropout stay the model's own
+    (:data:`AS_DEFINED`); the protocol is the task's own (no stopping rule is assumed reachable). A
+    regression task is measured without :data:`CLASSIFICATION_MEASURES`.
     """
     c = get_task(task).config
     wds = (c.weight_decay, 10 * c.weight_decay) if c.weight_decay > 0 else (0.0, 1e-3)
@@ -253,8 +254,10 @@ def generic_grid(task: str, name: str) -> StudyGrid:
 
 
 def get_grid(task: str, name: str | None = None) -> StudyGrid:
-    """The declared grid ``name`` of ``task`` (default: ``small`` if it has one, else ``crossed``);
-    a plugin task's: :func:`generic_grid`. ``FlatnessError`` listing the grids otherwise.
+    """The declared grid ``name`` of ``task``.
+
+    Default: ``small`` if it has one, else ``crossed``; a plugin task's: :func:`generic_grid`.
+    ``FlatnessError`` listing the grids otherwise.
     """
     get_task(task)
     if (task_obj := known_task(task)) is not None and task_obj.source is not None:

@@ -190,8 +190,9 @@ def evaluate_splits(
     score: Score | None = None,
     only: Sequence[str] = ("train", "val", "test"),
 ) -> dict[str, float]:
-    """Eval-mode loss and accuracy (or ``score``, :func:`evaluate`) on the training, validation
-    and test splits.
+    """Eval-mode loss and accuracy (or ``score``, :func:`evaluate`).
+
+    On the training, validation and test splits.
 
     Keys ``train_acc``, ``val_acc``, ``test_acc`` (and ``*_loss`` with ``loss_fn``); no ``val_*``
     without a validation split. The training set is its first ``config.train_eval_samples``
@@ -216,8 +217,9 @@ _SYNC_EVERY = 50
 
 
 def _check_losses(pending: list[tuple[int, Any]], epoch: int) -> None:
-    """Raise :class:`TrainingDiverged` at the first pending step whose loss is missing or not
-    finite; empties ``pending``.
+    """Raise :class:`TrainingDiverged` at the first pending step whose loss is missing or not finite.
+
+    Empties ``pending``.
     """
     for step, loss in pending:  # after the first value, the device has nothing left to wait for
         value = None if loss is None else float(loss)
@@ -350,8 +352,10 @@ class _EpochLoop:
     bar: Any
 
     def run(self, epoch: int, history: History) -> tuple[dict[str, float], dict[str, int]]:
-        """Step through the epoch's shuffled mini-batches; the sums and counts of every value the
-        steps returned (read from the device once, at the end).
+        """Step through the epoch's shuffled mini-batches.
+
+        The sums and counts of every value the steps returned (read from the device once, at the
+        end).
         """
         sums: dict[str, Any] = {}
         counts: dict[str, int] = {}
@@ -388,8 +392,10 @@ class _EpochLoop:
 def _epoch_record(
     epoch: int, sums: dict[str, float], counts: dict[str, int], seconds: float, optimizer: torch.optim.Optimizer
 ) -> dict[str, Any]:
-    """An epoch's record before evaluation: its number, steps, seconds, learning rate, and the
-    mean over steps of every logged value (with ``<key>_steps`` where fewer steps logged it).
+    """An epoch's record before evaluation.
+
+    Its number, steps, seconds, learning rate, and the mean over steps of every logged value (with
+    ``<key>_steps`` where fewer steps logged it).
     """
     record: dict[str, Any] = {
         "epoch": epoch,

@@ -335,9 +335,10 @@ _CIFAR_RESNET = re.compile(r"resnet(\d+)-w(\d+)")
 
 
 def build_architecture(name: str, num_classes: int) -> nn.Module:
-    """A freshly initialised ``ARCHITECTURES[name]``, or ``resnetD-wW``: He et al.'s CIFAR ResNet
-    of depth D = 6n+2 and width W, option A (e.g. ``resnet8-w16``, the study's small CNN). Seed
-    torch's global RNG before calling.
+    """A freshly initialised ``ARCHITECTURES[name]``.
+
+    Or ``resnetD-wW``: He et al.'s CIFAR ResNet of depth D = 6n+2 and width W, option A (e.g.
+    ``resnet8-w16``, the study's small CNN). Seed torch's global RNG before calling.
     """
     match = _CIFAR_RESNET.fullmatch(name)
     if match:

@@ -1,5 +1,6 @@
-"""A training protocol as plain data: :class:`TrainConfig` (epochs, batch size, optimiser,
-schedule, evaluation subsets, stopping rule), checked when built.
+"""A training protocol as plain data: :class:`TrainConfig`.
+
+Epochs, batch size, optimiser, schedule, evaluation subsets, stopping rule, checked when built.
 
 Example:
     >>> from flatness.experiments.world.config import TrainConfig

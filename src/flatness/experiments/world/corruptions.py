@@ -180,8 +180,9 @@ _FUNCTIONS = {"gaussian_blur": gaussian_blur, "contrast": contrast, "brightness"
 
 
 def corrupt(images: Tensor, name: str, severity: int) -> Tensor:
-    """``images`` under corruption ``name`` at ``severity`` 0–5 (0: unchanged), clipped and
-    rounded to 8-bit levels (severities 1–5).
+    """``images`` under corruption ``name`` at ``severity`` 0–5 (0: unchanged).
+
+    Clipped and rounded to 8-bit levels (severities 1–5).
     """
     if name not in SEVERITIES:
         raise ValueError(f"unknown corruption {name!r}; expected one of {CORRUPTIONS}")

@@ -160,8 +160,9 @@ def select_rows(x: Tensor, index: Tensor) -> Tensor:
 
 
 def split_validation(splits: Splits, fraction: float, seed: int = 0, *, stratify: bool = True) -> Splits:
-    """Carve a fixed validation split of ``fraction`` out of the training set, stratified by label
-    unless ``stratify`` is false (regression targets).
+    """Carve a fixed validation split of ``fraction`` out of the training set.
+
+    Stratified by label unless ``stratify`` is false (regression targets).
 
     The split depends only on ``seed`` (not on a run's seed), so every run of a sweep trains on
     the same samples. ``fraction == 0`` returns the splits unchanged (no validation set).

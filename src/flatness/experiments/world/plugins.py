@@ -101,8 +101,10 @@ def known_task(name: str) -> Task | None:
 
 
 def resolve_task(reference: str) -> Task:
-    """The task a command line names: a built-in name, ``FILE.py:FACTORY``,
-    ``package.module:FACTORY`` or an installed entry point's name (module docs).
+    """The task a command line names.
+
+    A built-in name, ``FILE.py:FACTORY``, ``package.module:FACTORY`` or an installed entry point's
+    name (module docs).
 
     Loaded plugin tasks are registered under their name, so the pipeline finds them with
     :func:`~flatness.experiments.world.tasks.get_task` for the rest of the process.
@@ -184,8 +186,10 @@ def _load_module(reference: str, module_name: str, factory: str) -> Task:
 
 
 def entry_point_tasks() -> dict[str, importlib.metadata.EntryPoint]:
-    """The installed task plugins (entry-point group ``flatness.tasks``) by name; a name two
-    distributions register with different targets is a ``PluginError``.
+    """The installed task plugins.
+
+    Entry-point group ``flatness.tasks``, by name; a name two distributions register with different
+    targets is a ``PluginError``.
     """
     out: dict[str, importlib.metadata.EntryPoint] = {}
     for point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
@@ -278,8 +282,10 @@ def _load_recorded(name: str, source: Mapping[str, Any]) -> Task:
 
 
 def check_source(recorded: Mapping[str, Any] | None, task: Task, what: str) -> None:
-    """``PluginError`` unless ``task`` comes from the file ``recorded`` (a record's or a checkpoint's
-    ``task_source``) names, unchanged: same SHA-256. ``what``: whose source it is (the message).
+    """``PluginError`` unless ``task`` comes from the file ``recorded``.
+
+    A record's or a checkpoint's ``task_source`` names, unchanged: same SHA-256. ``what``: whose
+    source it is (the message).
     """
     if not recorded:
         return
@@ -295,8 +301,10 @@ def check_source(recorded: Mapping[str, Any] | None, task: Task, what: str) -> N
 
 
 def recorded_task(name: str, source: Mapping[str, Any] | None) -> Task:
-    """The task of a record or checkpoint: built-in, loaded in this process, or loaded again from
-    the ``source`` it stored; ``PluginError`` when that plugin's file changed (:func:`check_source`).
+    """The task of a record or checkpoint.
+
+    Built-in, loaded in this process, or loaded again from the ``source`` it stored; ``PluginError``
+    when that plugin's file changed (:func:`check_source`).
     """
     if not source:
         return get_task(name)
@@ -322,9 +330,10 @@ def restore_plugins(sources: Iterable[tuple[str, Mapping[str, Any]]]) -> None:
 
 
 def list_tasks(references: Iterable[str] = ()) -> list[dict[str, Any]]:
-    """The built-in tasks, the installed task plugins and ``references``: one dict each with
-    ``name``, ``kind``, ``origin``, ``protocols``, ``description``, and ``error`` when a plugin
-    cannot be loaded (the others are listed all the same).
+    """The built-in tasks, the installed task plugins and ``references``.
+
+    One dict each with ``name``, ``kind``, ``origin``, ``protocols``, ``description``, and ``error``
+    when a plugin cannot be loaded (the others are listed all the same).
     """
     rows: list[dict[str, Any]] = []
 

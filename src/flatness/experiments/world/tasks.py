@@ -203,8 +203,10 @@ class Task:
         raise NotImplementedError
 
     def model_settings(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """:attr:`model_defaults` with ``overrides`` (checked by :meth:`check_model_setting`); an
-        unknown name or an invalid value is a ``FlatnessError``.
+        """:attr:`model_defaults` with ``overrides``.
+
+        Checked by :meth:`check_model_setting`; an unknown name or an invalid value is a
+        ``FlatnessError``.
         """
         unknown = sorted(set(overrides or {}) - set(self.model_defaults))
         if unknown:

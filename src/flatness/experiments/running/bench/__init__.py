@@ -80,8 +80,10 @@ def paper_mlp_setup(
 
 
 def training_adam(model: object, lr: float) -> object:
-    """The optimiser ``flatness run`` trains with (:func:`~flatness.experiments.running.training.make_optimizer`:
-    Adam, fused kernel where available), so that every case's step is the one training takes.
+    """The optimiser ``flatness run`` trains with.
+
+    :func:`~flatness.experiments.running.training.make_optimizer`: Adam, fused kernel where
+    available, so that every case's step is the one training takes.
     """
     from ...world.tasks import TrainConfig
     from ..training import make_optimizer
@@ -90,8 +92,10 @@ def training_adam(model: object, lr: float) -> object:
 
 
 def platform_facts() -> dict[str, object]:
-    """Where a benchmark ran, named as run records name it (:mod:`..platforms`): threads, torch
-    build, architecture and CPU model — ratios from different CPUs are not comparable.
+    """Where a benchmark ran, named as run records name it.
+
+    :mod:`..platforms`: threads, torch build, architecture and CPU model — ratios from different
+    CPUs are not comparable.
     """
     import platform
 
@@ -110,8 +114,9 @@ def platform_facts() -> dict[str, object]:
 def ratio_result(
     ms: dict[str, float], batch: int, steps_timed: int, cpu_ms: dict[str, float] | None = None
 ) -> dict[str, object]:
-    """``plain_ms``, run facts, then ``NAME_ms`` and ``NAME_ratio`` (= NAME / plain) per case,
-    and ``NAME_cpu_ratio`` from CPU times when ``cpu_ms`` is given.
+    """The result: ``plain_ms``, run facts, then ``NAME_ms`` and ``NAME_ratio`` per case.
+
+    ``NAME_ratio`` = NAME / plain; ``NAME_cpu_ratio`` from CPU times when ``cpu_ms`` is given.
     """
     import os
 

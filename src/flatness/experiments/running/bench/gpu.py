@@ -171,8 +171,9 @@ DRY = GpuSizes(
 
 
 def _inputs(sizes: GpuSizes, name: str, batch: int, seed: int) -> tuple[Tensor, Tensor]:
-    """A synthetic batch for correctness model ``name`` (images flattened, as the image models
-    take them too).
+    """A synthetic batch for correctness model ``name``.
+
+    Images flattened, as the image models take them too.
     """
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, sizes.check_features[name], generator=gen)
@@ -224,7 +225,8 @@ def run_correctness(sizes: GpuSizes, device: torch.device, seed: int, fault: str
 def run_timing(sizes: GpuSizes, device: torch.device, seed: int, budget: Budget,
                log: Callable[[str], None], blocks: dict[str, Any],
                after_block: Callable[[], None] = lambda: None) -> dict[str, Any]:
-    """Every timing block into ``blocks``, float32 first (all models), then bf16 autocast;
+    """Every timing block into ``blocks``, float32 first (all models), then bf16 autocast.
+
     ``after_block()`` after each.
     """
     for precision in ("float32", "bf16"):
@@ -332,8 +334,10 @@ def _write(path: Path, result: dict[str, Any]) -> None:
 def _run(sizes: GpuSizes, device: torch.device, budget: Budget, data_dir: str | None, dry_run: bool,
          seed: int, fault: str | None, log: Callable[[str], None],
          save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-    """The three phases; ``save`` writes the JSON after each (``"complete": false`` until the
-    last), so that a run stopped from outside keeps what it measured.
+    """The three phases.
+
+    ``save`` writes the JSON after each (``"complete": false`` until the last), so that a run
+    stopped from outside keeps what it measured.
     """
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     result: dict[str, Any] = {

@@ -71,8 +71,10 @@ CIFAR_TRAIN, CIFAR_TEST = 50000, 10000
 
 @dataclass(frozen=True)
 class TimingPlan:
-    """Calls per case: ``probe_warmup`` before the memory/probe call, ``warmup`` untimed
-    before the interleaved rounds, then ``rounds`` rounds of ``reps`` timed calls.
+    """Calls per case.
+
+    ``probe_warmup`` before the memory/probe call, ``warmup`` untimed before the interleaved rounds,
+    then ``rounds`` rounds of ``reps`` timed calls.
     """
 
     warmup: int
@@ -137,8 +139,9 @@ def _build_and_probe(
     name: str, base: nn.Module, config: TrainConfig, x: Tensor, y: Tensor, device: torch.device,
     precision: str, seed: int, warm_calls: int,
 ) -> tuple[Callable[[], None], float, float | None, list[str]]:
-    """(the case's call, one call's seconds, its peak MiB, what it warned) after
-    ``warm_calls`` warm-up calls (optimizer state, kernels chosen, workspace allocated).
+    """The case's call, one call's seconds, its peak MiB and what it warned, as a tuple.
+
+    Taken after ``warm_calls`` warm-up calls (optimizer state, kernels chosen, workspace allocated).
     """
     cuda = device.type == "cuda"
     if cuda:
@@ -163,9 +166,10 @@ def time_block(
     cases: list[str], device: torch.device, precision: str, plan: TimingPlan, budget: Budget,
     seed: int, reserve_s: float = 0.0,
 ) -> dict[str, Any]:
-    """Every case of ``cases`` on one model, a synthetic batch of ``batch`` inputs of
-    ``features`` values (flattened images) and one precision (module docs); ``reserve_s``:
-    seconds of the budget to leave for what follows.
+    """Every case of ``cases`` on one model, one synthetic batch and one precision (module docs).
+
+    The batch: ``batch`` inputs of ``features`` values (flattened images). ``reserve_s``: seconds of
+    the budget to leave for what follows.
     """
     out: dict[str, Any] = {"model": label, "precision": precision, "batch": batch, "cases": list(cases)}
     if budget.remaining() <= reserve_s:
@@ -229,9 +233,10 @@ def _protocol_data(
     config: TrainConfig, task_name: str, data_dir: str | None, look: bool, samples: int,
     eval_samples: int, seed: int,
 ) -> tuple[Splits, str]:
-    """The first ``samples`` training images of the protocol (and ``eval_samples`` of each of
-    validation and test), or synthetic images of the same shape when the data are not there
-    (or, without ``look``, not looked for).
+    """The first ``samples`` training images of the protocol.
+
+    And ``eval_samples`` of each of validation and test, or synthetic images of the same shape when
+    the data are not there (or, without ``look``, not looked for).
     """
     task = get_task(task_name)
     try:
@@ -261,8 +266,9 @@ def time_protocol_epoch(
     task_name: str = "cifar100-resnet", build: Callable[[], nn.Module] | None = None,
     batch: int | None = None, look_for_data: bool = True, reserve_s: float = 0.0,
 ) -> dict[str, Any]:
-    """``steps`` training steps of ``task_name``'s ``gpu`` protocol per method, and the
-    projected time of the whole protocol (``build`` / ``batch`` shrink it for a dry run;
+    """``steps`` training steps of ``task_name``'s ``gpu`` protocol per method.
+
+    Also the projected time of the whole protocol (``build`` / ``batch`` shrink it for a dry run;
     ``look_for_data=False`` takes synthetic images without looking for CIFAR-100).
     """
     task = get_task(task_name)

@@ -111,8 +111,9 @@ def _timed(fn: Any) -> tuple[Any, float, float]:
 def _trained_mlp(
     loss_fn: nn.Module, examples: int, train_steps: int, data_dir: str | None, quick: bool, seed: int
 ) -> tuple[nn.Module, torch.Tensor, torch.Tensor, str]:
-    """The paper's CIFAR-100 MLP (or a small one on N(0, 1) data, ``quick``) after
-    ``train_steps`` Adam steps, in eval mode, with its data and where the data came from.
+    """The paper's CIFAR-100 MLP (or a small one on N(0, 1) data, ``quick``).
+
+    After ``train_steps`` Adam steps, in eval mode, with its data and where the data came from.
     """
     if quick:
         gen = torch.Generator().manual_seed(seed)
@@ -137,8 +138,9 @@ def _trained_mlp(
 
 @dataclass
 class _Timed:
-    """Tr(H), the spectral density and the fast λ_max with their wall and CPU seconds, and the
-    figures against the Hessian-vector product's time (``hvp_ms``, the overheads).
+    """Tr(H), the spectral density and the fast λ_max with their wall and CPU seconds.
+
+    Also the figures against the Hessian-vector product's time (``hvp_ms``, the overheads).
     """
 
     trace: Any
@@ -155,8 +157,10 @@ class _Timed:
 def _against_hvp_floor(
     model: nn.Module, loss_fn: nn.Module, batches: list[Any], matvecs: int, density_steps: int, seed: int
 ) -> _Timed:
-    """Tr(H), the spectral density and the fast λ_max, each timed between samples of one
-    Hessian-vector product's time (the floor), and their overheads over that floor.
+    """Tr(H), the spectral density and the fast λ_max.
+
+    Each timed between samples of one Hessian-vector product's time (the floor), and their overheads
+    over that floor.
     """
     hvp = _HvpFloor(model, loss_fn, batches)
     before_trace = hvp.sample()

@@ -73,8 +73,10 @@ def _reference_step(
 
 
 def _probe_floor(model: nn.Module, x: torch.Tensor, probes: int, seed: int) -> Callable[[], None]:
-    """The Rademacher draw of ``probes`` probes for every parameter and the input layer's
-    product X·V₁ᵀ with their input blocks (one matrix product, as the closed form computes it).
+    """The Rademacher draw of ``probes`` probes for every parameter.
+
+    Also the input layer's product X·V₁ᵀ with their input blocks (one matrix product, as the closed
+    form computes it).
     """
     params = list(model.parameters())
     first = next(m for m in model.modules() if isinstance(m, nn.Linear))

@@ -73,8 +73,9 @@ def _cv_gaussian(
     net: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor, m: int,
     gen: torch.Generator | None, prefix: Any = None,
 ) -> torch.Tensor:
-    """The control variate on Gaussian probes whose input-layer block the closed form draws in
-    the data's image (what ``FlatnessPenalty(dist="gaussian", estimator="cv")`` computes).
+    """The control variate on Gaussian probes whose input-layer block the closed form draws in the data's image.
+
+    What ``FlatnessPenalty(dist="gaussian", estimator="cv")`` computes.
     """
     return cv_sq_trace(
         net, loss_fn, x, y, m, "gaussian", generator=gen, prefix=prefix,
@@ -152,8 +153,9 @@ def _probe_variances(
     model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor, draws: int, seed: int,
     result: dict[str, Any],
 ) -> dict[str, float]:
-    """Single-probe variances by estimator (``hutchinson``, ``cv`` on the same probes,
-    ``gaussian``, ``cv_gaussian``) over ``draws`` draws; their figures go into ``result``.
+    """Single-probe variances by estimator over ``draws`` draws; their figures go into ``result``.
+
+    The estimators: ``hutchinson``, ``cv`` on the same probes, ``gaussian``, ``cv_gaussian``.
     """
     params = list(model.parameters())
     layer = output_layer(model, loss_fn, x, y)
@@ -196,8 +198,9 @@ def _step_times(
     model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int, seed: int, steps: int,
     rounds: int,
 ) -> dict[str, float]:
-    """Median ms of one FA training step (task loss + λ·estimate/B, one backward, Adam) with each
-    estimator and probe count, and of the plain step, timed interleaved.
+    """Median ms of one FA training step with each estimator and probe count, and of the plain step.
+
+    An FA step: task loss + λ·estimate/B, one backward, Adam. Timed interleaved.
     """
 
     def step_case(estimate: Callable[..., torch.Tensor] | None, share: bool = False) -> Callable[[], None]:
@@ -241,8 +244,9 @@ def _step_times(
 def _grad_variances(
     model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor, grad_draws: int, seed: int
 ) -> tuple[float, float]:
-    """The total variance (summed over parameters) of the penalty's gradient at M = 5 over
-    ``grad_draws`` draws: plain Hutchinson, then the control variate.
+    """The total variance (summed over parameters) of the penalty's gradient at M = 5 over ``grad_draws`` draws.
+
+    Plain Hutchinson, then the control variate.
     """
     params = list(model.parameters())
 
