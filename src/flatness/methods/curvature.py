@@ -49,8 +49,10 @@ import contextlib
 import warnings
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
+from .._relu_stack_sq_norms import relu_stack_layers, relu_stack_sq_norms
 from ..linear_io import SharedPrefix, share_prefix
 from ..passes import curvature_pass, is_curvature_function
 from ..per_example import (
@@ -82,7 +84,7 @@ class CurvatureTerm(Term):
         self.impl: str = impl
         self.last_impl: str | None = None
         self._shared: ClosedForm | None = None
-        self._prefix: tuple[ClosedForm, SharedPrefix] | None = None
+        self._prefix: SharedPrefix | None = None
 
     def observe(self, model: nn.Module) -> contextlib.AbstractContextManager[Any]:
         """Record the closed form from the pass itself, or the output of its mode-independent prefix.
@@ -93,27 +95,35 @@ class CurvatureTerm(Term):
         self._shared = self._prefix = None
         if self.alpha == 0 or self.impl == "vmap":
             return contextlib.nullcontext()
+        if not is_curvature_function(local):
+            return self._sharing_prefix(local)
         try:
             closed = ClosedForm(local)
         except ClosedFormUnavailable:
             return contextlib.nullcontext()
-        if is_curvature_function(local):
-            self._shared = closed
-            return closed.record()
-        return self._sharing_prefix(local, closed)
+        self._shared = closed
+        return closed.record()
 
     @contextlib.contextmanager
-    def _sharing_prefix(self, local: nn.Module, closed: ClosedForm) -> Any:
+    def _sharing_prefix(self, local: nn.Module) -> Any:
         with share_prefix(local) as prefix:
             yield
         if prefix.output is not None:
-            self._prefix = (closed, prefix)
+            self._prefix = prefix
 
-    def _from_prefix(self, evaluation: Evaluation, closed: ClosedForm, prefix: SharedPrefix) -> Tensor | None:
+    def _from_prefix(self, evaluation: Evaluation, prefix: SharedPrefix) -> Tensor | None:
         """The norms from a curvature pass that starts at the task pass's prefix output."""
         if prefix.source is not evaluation.x:
             return None
-        rest = unwrap(evaluation.model)[prefix.length :]  # the modules the pass runs
+        fast = self._relu_stack(evaluation, prefix)
+        if fast is not None:
+            return fast
+        local = unwrap(evaluation.model)
+        try:
+            closed = ClosedForm(local)
+        except ClosedFormUnavailable:
+            return None
+        rest = local[prefix.length :]  # the modules the pass runs
         with curvature_pass(rest, exact_norms=False):
             with closed.record(prefix=prefix):
                 logits = call_model(rest, prefix.output)
@@ -123,6 +133,21 @@ class CurvatureTerm(Term):
             except ClosedFormUnavailable:  # e.g. a layer run twice: the whole pass below
                 return None
 
+    @staticmethod
+    def _relu_stack(evaluation: Evaluation, prefix: SharedPrefix) -> Tensor | None:
+        """The norms by a ReLU stack's explicit closed form where it applies (:mod:`flatness._relu_stack_sq_norms`)."""
+        x, y, shared = evaluation.x, evaluation.y, prefix.output
+        if not isinstance(x, Tensor) or not isinstance(y, Tensor) or shared is None:
+            return None
+        if x.dim() != 2 or x.layout != torch.strided or x.requires_grad or y.dim() != 1 or y.is_floating_point():
+            return None
+        if torch.is_autocast_enabled(x.device.type):
+            return None
+        layers = relu_stack_layers(unwrap(evaluation.model), prefix.length, evaluation.loss_fn)
+        if layers is None:
+            return None
+        return relu_stack_sq_norms(layers, x, shared, y, evaluation.loss_fn.ignore_index)  # type: ignore[union-attr]
+
     def __call__(self, evaluation: Evaluation, info: dict[str, float]) -> Tensor | None:
         """α·mean_i ‖∇θ ℓ_i‖² on ``evaluation``, from the main pass's records where it shared them."""
         shared, self._shared = self._shared, None
@@ -131,7 +156,7 @@ class CurvatureTerm(Term):
             return None
         sq, used = None, "closed-form"
         if prefixed is not None:
-            sq = self._from_prefix(evaluation, *prefixed)
+            sq = self._from_prefix(evaluation, prefixed)
         if shared is not None:
             try:
                 sq = shared.sq_norms(
