@@ -16,6 +16,7 @@ Seeding has one meaning everywhere (:func:`make_generator`):
 
 Training-time objects (the penalty, the methods) default to ``seed=None``; post-hoc measures
 default to ``seed=0`` so that two models measured with default arguments see the same probes.
+A private generator is resumed exactly with :func:`generator_state` and :func:`restore_generator`.
 
 Example:
     >>> import torch
@@ -45,11 +46,13 @@ __all__ = [
     "check_probes",
     "chunked_samples",
     "draw",
+    "generator_state",
     "make_generator",
     "matrix_probes",
     "rademacher",
     "random_matrix",
     "rank_seed",
+    "restore_generator",
     "sample_probes",
 ]
 
@@ -98,6 +101,20 @@ def make_generator(
     gen = torch.Generator(device=device)
     gen.manual_seed(int(seed))
     return gen
+
+
+def generator_state(generator: torch.Generator | None) -> Tensor | None:
+    """``generator``'s state, to resume its draws exactly (``None`` for torch's global one, not saved here)."""
+    return None if generator is None else generator.get_state()
+
+
+def restore_generator(generator: torch.Generator | None, state: Tensor | None) -> torch.Generator | None:
+    """``generator`` set to ``state`` (:func:`generator_state`; a new CPU one if ``None``), as is for no state."""
+    if state is None:
+        return generator
+    generator = torch.Generator(device="cpu") if generator is None else generator
+    generator.set_state(state)
+    return generator
 
 
 def rank_seed(seed: int, rank: int) -> int:

@@ -52,7 +52,7 @@ from torch.func import functional_call
 
 from ..batch_loss import BatchLoss
 from ..passes import frozen_running_stats
-from ..probes import make_generator, rademacher
+from ..probes import generator_state, make_generator, rademacher, restore_generator
 from ..utils import unwrap
 from .base import Evaluation, LossFn, Method, Point, Term, logged, register_method
 from .perturb import RandomReplay, extra_pass, perturbed, require_nonnegative
@@ -171,13 +171,10 @@ class _Ball:
         return _shaped_ball_direction(params, self.eps, self.dist, self.generator)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": None if self.generator is None else self.generator.get_state()}
+        return {"generator": generator_state(self.generator)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("generator") is not None:
-            if self.generator is None:
-                self.generator = torch.Generator(device="cpu")
-            self.generator.set_state(state["generator"])
+        self.generator = restore_generator(self.generator, state.get("generator"))
 
 
 class NeighbourTerm(_Ball, Term):
