@@ -163,7 +163,8 @@ def adapt_wrapped(model: nn.Module, loss_fn: Any) -> tuple[nn.Module, Any, nn.Mo
     """:func:`adapt`, plus the module an out-of-place pass runs.
 
     Returns ``(model, loss_fn, local)`` with ``local`` the adapted :func:`flatness.utils.unwrap`-ped
-    model (DDP, torch.compile).
+    model: the module inside DDP's wrapper (the step's one ``backward()`` is all-reduced) and
+    inside ``torch.compile``'s (the eager module: compiled code has no double backward).
     """
     adapted, fn = adapt(model, loss_fn)
     if isinstance(loss_fn, ModelLoss) and unwrap(model) is not model:

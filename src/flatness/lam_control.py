@@ -7,8 +7,8 @@ runs), :meth:`~flatness.schedules.LamPolicy.update` with the measurements of an 
 (:meth:`~flatness.schedules.LamPolicy.state_dict` /
 :meth:`~flatness.schedules.LamPolicy.load_state_dict`). :func:`make_policy` builds a penalty's
 policy and validates its arguments (also for λ = 0, where the policy is never active);
-:func:`grad_norm_surrogate` is how the penalty measures the gradient norms for a policy that
-``needs_grad_norms``.
+:func:`apply_lam` applies a policy on an active step of the penalty, measuring the gradient
+norms (:func:`grad_norm_surrogate`) for a policy that ``needs_grad_norms``.
 
 **Gradient-ratio controller** (:class:`GradRatioController`). With :math:`g_L = \nabla L_\text{task}`
 and :math:`g_P = \nabla(\operatorname{Tr}(H^2)/B)` (the penalty's gradient at λ = 1) on an
@@ -69,6 +69,7 @@ from .schedules import Constant, Decision, DecisionLog, LamPolicy, Schedule, Sch
 __all__ = [
     "CurvatureSpikeController",
     "GradRatioController",
+    "apply_lam",
     "decision_log",
     "grad_norm_surrogate",
     "make_policy",
@@ -444,3 +445,34 @@ def grad_norm_surrogate(
     handle = torch.autograd.graph.register_multi_grad_hook(params, hook, mode="all")
     linear = sum((p * (lam * g)).sum() for p, g in zip(params, g_pen, strict=True))
     return lam * unit.detach() + linear - linear.detach(), remove
+
+
+def apply_lam(
+    policy: LamPolicy,
+    step: int,
+    lam: float,
+    unit: Tensor,
+    sq_trace: float,
+    params: Sequence[Tensor],
+    *,
+    retain_graph: bool,
+    log: dict[str, float] | None,
+    pending: Callable[[], None] | None = None,
+) -> tuple[Tensor, float, Callable[[], None] | None]:
+    """An active step's penalty from its unit penalty P = Tr(H²)/B: ``(λ·P, λ applied, hook remover)``.
+
+    ``lam`` is ``policy``'s decision for ``step``. A policy that ``needs_grad_norms`` gets its
+    measurements from the step's backward (:func:`grad_norm_surrogate`, whose hook remover is
+    returned, to pass as the next call's ``pending``: a hook whose backward never came is removed
+    first); any other is told the estimate ``sq_trace`` (:meth:`~flatness.schedules.LamPolicy.update`),
+    returns the λ applied, and ``log`` receives :func:`decision_log`'s floats.
+    """
+    if pending is not None:
+        pending()
+    if policy.needs_grad_norms:
+        penalty, remove = grad_norm_surrogate(policy, unit, params, step, lam, retain_graph, log)
+        return penalty, lam, remove
+    lam = float(policy.update(step, sq_trace=sq_trace))
+    if log is not None:
+        log.update(decision_log(policy, step))
+    return lam * unit, lam, None

@@ -6,7 +6,8 @@ the input rows :math:`\tilde a_i = [a_i, 1]` and the output tensor (with its gra
 :func:`linear_calls` runs the model once with forward hooks held only for that call;
 :func:`input_gram` is the N×N Gram matrix :math:`\tilde a_i^\top \tilde a_j` of the rows, for
 dense or sparse inputs. :func:`share_prefix` lets such a pass reuse the task forward's leading
-Linear/activation modules, whose values do not depend on train or eval mode.
+Linear/activation modules, whose values do not depend on train or eval mode; a :class:`PrefixSlot`
+holds such a record from the task forward to the next curvature pass.
 
 Example:
     >>> import torch
@@ -23,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +35,7 @@ from torch import Tensor, nn
 from .layers import LINEAR_TYPES
 from .utils import call_model
 
-__all__ = ["STALE_PREFIX", "LinearCall", "SharedPrefix", "input_gram", "linear_calls", "share_prefix"]
+__all__ = ["STALE_PREFIX", "LinearCall", "PrefixSlot", "SharedPrefix", "input_gram", "linear_calls", "share_prefix"]
 
 STALE_PREFIX = (
     "penalty.sharing(): a backward pass or a parameter update came between the task forward and "
@@ -240,3 +242,37 @@ def share_prefix(model: nn.Module) -> Iterator[SharedPrefix]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+class PrefixSlot:
+    """The prefix recorded by a task forward for the next curvature pass: taken once, used only while current.
+
+    :meth:`record` around the task loss's forward pass, :meth:`take` at the next curvature pass. The
+    prefix is used only by a pass on the very input tensor it was recorded on, and only while it is
+    not :meth:`~SharedPrefix.stale` (else the pass recomputes it, with the :data:`STALE_PREFIX`
+    warning, once per slot).
+    """
+
+    def __init__(self) -> None:
+        self.prefix: SharedPrefix | None = None
+        self._warned = False
+
+    @contextlib.contextmanager
+    def record(self, model: nn.Module) -> Iterator[None]:
+        """Record ``model``'s prefix during the body's forward pass (:func:`share_prefix`), if the pass runs one."""
+        with share_prefix(model) as prefix:
+            yield
+        if prefix.output is not None:
+            self.prefix = prefix
+
+    def take(self, source: Any) -> SharedPrefix | None:
+        """The recorded prefix if it was recorded on ``source`` and holds the current weights; empties the slot."""
+        prefix, self.prefix = self.prefix, None
+        if prefix is None or prefix.source is not source:
+            return None
+        if prefix.stale():
+            if not self._warned:
+                self._warned = True
+                warnings.warn(STALE_PREFIX, RuntimeWarning, stacklevel=3)  # at the penalty call's caller
+            return None
+        return prefix

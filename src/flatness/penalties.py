@@ -36,10 +36,10 @@ from torch import Tensor, nn
 
 from .batch_loss import ModelLoss, adapt_wrapped, batch_size_of, call_pair
 from .estimators import BACKENDS, Share, Shared, estimate, make_estimator
-from .lam_control import decision_log, grad_norm_surrogate, make_policy
-from .linear_io import STALE_PREFIX, SharedPrefix, share_prefix
+from .lam_control import apply_lam, make_policy
+from .linear_io import PrefixSlot, SharedPrefix
 from .precision import PassPrecision
-from .probes import Distribution, make_generator
+from .probes import Distribution, generator_state, make_generator, restore_generator
 from .utils import batch_size, call_model, check_sub_batch, sub_batch_size, take_first
 
 __all__ = ["BACKENDS", "FlatnessPenalty", "NonFiniteCurvatureError"]
@@ -68,16 +68,13 @@ class FlatnessPenalty:
             uses batch statistics and updates nothing either way (:mod:`flatness.passes`).
         on_nonfinite: ``"raise"`` a :class:`NonFiniteCurvatureError`, or ``"skip"`` (warn, zero).
         params: the parameters to penalise (default: all of ``model``'s trainable ones).
-        backend, estimator, fd_step: how Tr(H²) is estimated
-            (:func:`flatness.estimators.make_estimator`): ``"auto"`` (the closed form of
-            :mod:`flatness.layerwise` where it applies, checked against autograd on its first
-            pass, else autograd), ``"autograd"``, ``"layerwise"`` (unchecked),
-            ``"finite-difference"`` (no double backward; ``fd_step`` its relative steps) or
-            ``"kfac"`` (Kronecker factors of a cross-entropy classifier); ``estimator="cv"`` adds
-            the output layer's exact Hessian block as a control variate. Under ``torch.autocast``
-            the passes run in the autocast dtype, the finite-difference ones in full precision
-            (:mod:`flatness.precision`); a ``torch.compile``-d model is differentiated through its
-            eager module, and compiled parts are refused but by ``"finite-difference"``.
+        backend, estimator, fd_step: how Tr(H²) is estimated (:func:`flatness.estimators.make_estimator`,
+            which says what runs under autocast and torch.compile): ``"auto"`` (the closed form of
+            :mod:`flatness.layerwise` where it applies, checked against autograd on its first pass,
+            else autograd), ``"autograd"``, ``"layerwise"`` (unchecked), ``"finite-difference"`` (no
+            double backward; ``fd_step`` its relative steps) or ``"kfac"`` (Kronecker factors of a
+            cross-entropy classifier); ``estimator="cv"`` adds the output layer's exact Hessian block as
+            a control variate.
         lam_schedule: λ over the steps: a :mod:`flatness.schedules` schedule or its short form
             (``"warmup:0.1+cosine"``, fractions of ``total_steps``); ``lam`` is the peak.
         lam_control: an adaptive λ (:mod:`flatness.lam_control`): ``"ratio[:ρ[:β]]"``,
@@ -120,9 +117,7 @@ class FlatnessPenalty:
         check_sub_batch(sub_batch)
         self.policy = make_policy(lam, every, lam_schedule, lam_control, total_steps)
         self._varying_lam = lam_schedule is not None or lam_control is not None  # else the run's settings hold λ
-        # a ModelLoss: the model and the loss as one module (flatness.batch_loss); local_model: the
-        # module the out-of-place passes run, inside DDP's wrapper (the step's one backward() is
-        # all-reduced) and torch.compile's (the eager module: compiled code has no double backward)
+        # a ModelLoss: the model and the loss as one module; local_model: what the passes run (adapt_wrapped)
         self.model_loss = loss_fn if isinstance(loss_fn, ModelLoss) else None
         self.model, self.loss_fn, self.local_model = adapt_wrapped(model, loss_fn)
         self.on_nonfinite, self.backend, self.sub_batch = on_nonfinite, backend, sub_batch
@@ -131,10 +126,9 @@ class FlatnessPenalty:
             generator=make_generator(seed, generator), dropout=not eval_during_curvature, fd_step=fd_step,
         )
         self._precision = PassPrecision()  # under autocast: flatness.precision
-        self.calls, self._shared = 0, None  # _shared: what sharing() recorded for the next call
+        self.calls, self._prefix = 0, PrefixSlot()  # _prefix: what sharing() recorded for the next call
         self.last_sq_trace: float | None = None  # and last_penalty, last_lam: floats after a pass
         self.last_penalty = self.last_lam = self.last_sq_trace
-        self._warned_stale = False
         self._remove_hook: Callable[[], None] | None = None
 
     @property
@@ -153,6 +147,8 @@ class FlatnessPenalty:
     def _layerwise_agrees(self) -> bool | None:
         return self.estimator.state_dict().get("layerwise_agrees")
 
+    _shared = property(lambda self: self._prefix.prefix, doc="What :meth:`sharing` recorded for the next call.")
+
     def is_active(self, call: int | None = None) -> bool:
         """Whether call number ``call`` (default: the next one) computes the curvature term."""
         return self.policy.decide(self.calls if call is None else call).active
@@ -164,19 +160,7 @@ class FlatnessPenalty:
         step's λ decision (``lam`` when λ varies, a controller's).
         """
         x, y = call_pair(self.model_loss, x, y)
-        return self._penalty(x, y, self._take_shared(x), log)
-
-    def _take_shared(self, x: Any) -> SharedPrefix | None:
-        """What :meth:`sharing` recorded for this input, if it still holds the current weights."""
-        shared, self._shared = self._shared, None
-        if shared is None or shared.source is not x:
-            return None
-        if shared.stale():
-            if not self._warned_stale:
-                self._warned_stale = True
-                warnings.warn(STALE_PREFIX, RuntimeWarning, stacklevel=3)
-            return None
-        return shared
+        return self._penalty(x, y, self._prefix.take(x), log)
 
     def shares_task_gradient(self) -> bool:
         """Whether :meth:`objective` takes this step's g(θ) from the task pass (see there)."""
@@ -204,7 +188,7 @@ class FlatnessPenalty:
         x, y = call_pair(self.model_loss, x, y)
         if not self.shares_task_gradient():
             loss = self.loss_fn(call_model(self.model, x), y)
-            return loss, loss + self._penalty(x, y, self._take_shared(x), log)
+            return loss, loss + self._penalty(x, y, self._prefix.take(x), log)
         task = self.estimator.task_pass(x, y)
         penalty = self._penalty(x, y, task, log)
         return task.loss.detach(), task.surrogate() + penalty
@@ -229,15 +213,13 @@ class FlatnessPenalty:
             ...         loss = nn.functional.cross_entropy(model(x), y)
             ...     (loss + penalty(x, y)).backward()
         """
-        self._shared = None
+        self._prefix.prefix = None
         wanted = self.estimator.ready() & (Share.FIRST_LAYER | Share.PREFIX)
         if not wanted or not self.is_active() or self.model is not self.local_model:
             yield
             return
-        with share_prefix(self.local_model) as prefix:
+        with self._prefix.record(self.local_model):
             yield
-        if prefix.output is not None:
-            self._shared = prefix
 
     sharing_first_layer = sharing  # its former name
 
@@ -262,17 +244,11 @@ class FlatnessPenalty:
         sq_trace, penalty_value = torch.stack([value, lam * value / full_batch]).tolist()
         if not (math.isfinite(sq_trace) and math.isfinite(penalty_value)):
             return self._non_finite(sq_trace, penalty_value, params[0])
-        unit = estimated / full_batch
-        if self.policy.needs_grad_norms:
-            if self._remove_hook is not None:
-                self._remove_hook()
-            retain = shared is not None  # the shared layers' graph is the task loss's too
-            penalty, self._remove_hook = grad_norm_surrogate(self.policy, unit, params, step, lam, retain, log)
-        else:
-            lam = float(self.policy.update(step, sq_trace=sq_trace))
-            penalty = lam * unit
-            if log is not None:
-                log.update(decision_log(self.policy, step))
+        retain = shared is not None  # the shared layers' graph is the task loss's too
+        penalty, lam, self._remove_hook = apply_lam(
+            self.policy, step, lam, estimated / full_batch, sq_trace, params, retain_graph=retain, log=log,
+            pending=self._remove_hook,
+        )
         if log is not None and self._varying_lam:
             log["lam"] = lam
         self.last_sq_trace, self.last_penalty, self.last_lam = sq_trace, lam * sq_trace / full_batch, lam
@@ -299,14 +275,10 @@ class FlatnessPenalty:
         return torch.zeros((), device=ref.device, dtype=ref.dtype)
 
     def state_dict(self) -> dict[str, Any]:
-        """The state to resume a run exactly.
-
-        Schedule position, generator state, the estimator's state (``auto``'s verdict) and the
-        λ-policy's.
-        """
+        """The state to resume a run exactly: the calls, the generator, the estimator's and the λ-policy's."""
         return {
             "calls": self.calls,
-            "generator": None if self.generator is None else self.generator.get_state(),
+            "generator": generator_state(self.generator),
             "last_sq_trace": self.last_sq_trace,
             **self.estimator.state_dict(),
             "policy": self.policy.state_dict(),
@@ -315,10 +287,7 @@ class FlatnessPenalty:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore the state of :meth:`state_dict` (resume a run exactly)."""
         self.calls = int(state["calls"])
-        if state.get("generator") is not None:
-            if self.generator is None:
-                self.estimator.generator = torch.Generator(device="cpu")
-            self.generator.set_state(state["generator"])  # type: ignore[union-attr]
+        self.estimator.generator = restore_generator(self.generator, state.get("generator"))
         self.last_sq_trace = state.get("last_sq_trace")
         self.estimator.load_state_dict(state)
         if "policy" in state:

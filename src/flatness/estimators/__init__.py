@@ -98,6 +98,11 @@ def make_estimator(
     ``loss_fn`` its :func:`~flatness.batch_loss.output_is_loss` for a :class:`flatness.ModelLoss`
     (:func:`flatness.batch_loss.adapt`).
 
+    Under ``torch.autocast`` the passes run in the autocast dtype, the finite-difference ones in
+    full precision (:func:`estimate`, :mod:`flatness.precision`); a ``torch.compile``-d model is
+    differentiated through its eager module, and compiled parts are refused but by
+    ``"finite-difference"`` (the others need double backward).
+
     Raises:
         ValueError: an unknown name, ``params`` for an estimator that penalises all the model's
             parameters, ``estimator="cv"`` around a backend with an estimator of its own,
