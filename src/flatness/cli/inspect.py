@@ -162,29 +162,52 @@ def _parse_measures(raw: Sequence[str] | None) -> list[str]:
     return names
 
 
-def measure_command(args: argparse.Namespace) -> int:
-    """Run ``flatness measure`` with the parsed ``args``; returns the exit status."""
-    from ..measures import MeasureOptions, compute_measures, plot_spectral_density, spectral_density
-    from ..measures.io import save_json
+def _require_positive(args: argparse.Namespace, flags: Sequence[str]) -> None:
+    """A :class:`FlatnessError` naming the first of ``flags`` that is set but not a finite number > 0."""
+    for flag in flags:
+        value = getattr(args, flag)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise FlatnessError(f"--{flag.replace('_', '-')} must be a finite number > 0")
 
-    names = _parse_measures(args.measures)
+
+def _check_measure_args(args: argparse.Namespace, names: list[str]) -> None:
+    """A :class:`FlatnessError` naming the first of ``flatness measure``'s settings out of its range."""
     if "spectral_density" in names and not args.plot_dir:
         raise FlatnessError("the spectral_density measure writes a plot: give --plot-dir DIR")
     for flag in ("matvecs", "k", "sharpness_steps", "noise_samples", "density_steps"):
         if getattr(args, flag) < 1:
             raise FlatnessError(f"--{flag.replace('_', '-')} must be >= 1")
-    for flag in ("eps", "adaptive_eps", "sigma", "divergence_eps"):
-        value = getattr(args, flag)
-        if not (math.isfinite(value) and value > 0):
-            raise FlatnessError(f"--{flag.replace('_', '-')} must be a finite number > 0")
+    _require_positive(args, ("eps", "adaptive_eps", "sigma", "divergence_eps"))
     if args.noise_samples < 2:
         raise FlatnessError("--noise-samples must be >= 2")
-    for flag in ("entropy_gamma", "entropy_noise", "entropy_step_size"):
-        value = getattr(args, flag)
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise FlatnessError(f"--{flag.replace('_', '-')} must be a finite number > 0")
+    _require_positive(args, ("entropy_gamma", "entropy_noise", "entropy_step_size"))
     if args.entropy_steps < 6 or args.entropy_nodes < 1:
         raise FlatnessError("--entropy-steps must be >= 6 and --entropy-nodes >= 1")
+
+
+def _spectral_density_files(
+    args: argparse.Namespace, model: nn.Module, loss_fn: Callable[..., Tensor], batches: list[Any]
+) -> dict[str, Any]:
+    """The SLQ spectral density written to ``--plot-dir`` (a PNG and an NPZ): the result's entries."""
+    from ..measures import plot_spectral_density, spectral_density
+
+    dens = spectral_density(model, loss_fn, batches, args.density_steps, args.density_repeats, seed=args.seed)
+    stem = Path(args.checkpoint).stem
+    out = Path(args.plot_dir)
+    return {
+        "spectral_density_png": str(plot_spectral_density(dens, out / f"{stem}_density.png")),
+        "spectral_density_npz": str(dens.save(out / f"{stem}_density.npz")),
+        "spectral_density_ritz_range": list(dens.ritz_range),
+    }
+
+
+def measure_command(args: argparse.Namespace) -> int:
+    """Run ``flatness measure`` with the parsed ``args``; returns the exit status."""
+    from ..measures import MeasureOptions, compute_measures
+    from ..measures.io import save_json
+
+    names = _parse_measures(args.measures)
+    _check_measure_args(args, names)
     if args.threads:
         torch.set_num_threads(args.threads)
     task, model, meta, batches = load_for_task(
@@ -219,13 +242,7 @@ def measure_command(args: argparse.Namespace) -> int:
         result.update(compute_measures(model, task.loss_fn, batches, regular, options,
                                        timings=args.timings))
         if "spectral_density" in names:
-            dens = spectral_density(model, task.loss_fn, batches, args.density_steps,
-                                    args.density_repeats, seed=args.seed)
-            stem = Path(args.checkpoint).stem
-            out = Path(args.plot_dir)
-            result["spectral_density_png"] = str(plot_spectral_density(dens, out / f"{stem}_density.png"))
-            result["spectral_density_npz"] = str(dens.save(out / f"{stem}_density.npz"))
-            result["spectral_density_ritz_range"] = list(dens.ritz_range)
+            result.update(_spectral_density_files(args, model, task.loss_fn, batches))
     result["seconds"] = time.perf_counter() - start
     messages = emit_warnings(caught)
     if messages:
@@ -331,8 +348,7 @@ def _check_landscape_args(args: argparse.Namespace) -> None:
         raise FlatnessError("--trajectory/--checkpoints are only used with --kind pca")
     if args.num is not None and args.num < 2:
         raise FlatnessError("--num must be >= 2")
-    if not (math.isfinite(args.span) and args.span > 0):
-        raise FlatnessError("--span must be a finite number > 0")
+    _require_positive(args, ("span",))
 
 
 def _surface(

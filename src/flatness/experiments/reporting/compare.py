@@ -198,55 +198,73 @@ def select_and_summarize(
     results: list[MethodResult] = []
     for method in dict.fromkeys(["none", *methods]):
         mine = [r for r in records if r.method == method]
-        if not mine:
-            continue
-        by_value: dict[Any, list[RunRecord]] = {}
-        for r in mine:
-            by_value.setdefault(r.value, []).append(r)
-        grid = []
-        for value in sorted(by_value, key=lambda v: -1.0 if v is None else float(v)):
-            done = [r for r in by_value[value] if r.complete]
-            mean, std, _ = mean_std([r.get("final_val_acc") for r in done])
-            loss, loss_std, _ = mean_std([r.get("final_val_loss") for r in done])
-            twin = twin_of(method, value, mine[0].method_kwargs)
-            grid.append({"value": value, "val_acc": mean, "val_acc_std": std, "val_loss": loss,
-                         "val_loss_std": loss_std, "runs": len(done),
-                         "failed": len(by_value[value]) - len(done), "sam_rho": None if twin is None else twin[1]})
-        usable = [g for g in grid if g["runs"] and math.isfinite(g["val_acc"]) and g["sam_rho"] is None]
-        if not usable:
-            continue
+        result = _method_result(method, mine) if mine else None
+        if result is not None:
+            results.append(result)
+    _compare_with_baseline(results)
+    return results
 
-        def preference(g: dict[str, Any]) -> tuple[float, float, float]:
-            loss = g["val_loss"] if math.isfinite(g["val_loss"]) else math.inf
-            return (g["val_acc"], -loss, -(g["value"] or 0.0))
 
-        best = max(usable, key=preference)
-        chosen = sorted(
-            (r for r in by_value[best["value"]] if r.complete), key=lambda r: r.seed
-        )
-        failed = [r.name for r in by_value[best["value"]] if not r.complete]
-        test, test_std, _ = mean_std([r.final_test_acc for r in chosen])
-        result = MethodResult(
-            method=method,
-            hparam=mine[0].hparam,
-            value=best["value"],
-            grid=grid,
-            runs=[r.name for r in chosen],
-            seeds=[r.seed for r in chosen],
-            failed=failed,
-            test_acc=test,
-            test_acc_std=test_std,
-            val_acc=best["val_acc"],
-            val_loss=best["val_loss"],
-            test_accs=[float(r.final_test_acc) for r in chosen],
-            sq_trace_per_B=[r.get(FLATNESS_METRIC) for r in chosen],
-        )
-        for key in ("measured_sq_trace_per_B", *FLATNESS_KEYS):
-            values = [r.get(key) for r in chosen if isinstance(r.get(key), (int, float))]
-            if len(values) == len(chosen):
-                result.flatness[key], result.flatness_std[key], _ = mean_std(values)
-        result.seconds_per_epoch = mean_std([r.get("seconds_per_epoch") for r in chosen])[0]
-        results.append(result)
+def _strength_grid(method: str, mine: Sequence[RunRecord]) -> tuple[dict[Any, list[RunRecord]], list[dict[str, Any]]]:
+    """A method's runs by strength, and each strength's validation summary (the grid, weakest first)."""
+    by_value: dict[Any, list[RunRecord]] = {}
+    for r in mine:
+        by_value.setdefault(r.value, []).append(r)
+    grid = []
+    for value in sorted(by_value, key=lambda v: -1.0 if v is None else float(v)):
+        done = [r for r in by_value[value] if r.complete]
+        mean, std, _ = mean_std([r.get("final_val_acc") for r in done])
+        loss, loss_std, _ = mean_std([r.get("final_val_loss") for r in done])
+        twin = twin_of(method, value, mine[0].method_kwargs)
+        grid.append({"value": value, "val_acc": mean, "val_acc_std": std, "val_loss": loss,
+                     "val_loss_std": loss_std, "runs": len(done),
+                     "failed": len(by_value[value]) - len(done), "sam_rho": None if twin is None else twin[1]})
+    return by_value, grid
+
+
+def _preference(g: dict[str, Any]) -> tuple[float, float, float]:
+    """How a grid entry is chosen: validation accuracy, then lower validation loss, then the weaker strength."""
+    loss = g["val_loss"] if math.isfinite(g["val_loss"]) else math.inf
+    return (g["val_acc"], -loss, -(g["value"] or 0.0))
+
+
+def _method_result(method: str, mine: Sequence[RunRecord]) -> MethodResult | None:
+    """A method's runs at its chosen strength, summarised (``None``: no strength has a usable run)."""
+    by_value, grid = _strength_grid(method, mine)
+    usable = [g for g in grid if g["runs"] and math.isfinite(g["val_acc"]) and g["sam_rho"] is None]
+    if not usable:
+        return None
+    best = max(usable, key=_preference)
+    chosen = sorted(
+        (r for r in by_value[best["value"]] if r.complete), key=lambda r: r.seed
+    )
+    failed = [r.name for r in by_value[best["value"]] if not r.complete]
+    test, test_std, _ = mean_std([r.final_test_acc for r in chosen])
+    result = MethodResult(
+        method=method,
+        hparam=mine[0].hparam,
+        value=best["value"],
+        grid=grid,
+        runs=[r.name for r in chosen],
+        seeds=[r.seed for r in chosen],
+        failed=failed,
+        test_acc=test,
+        test_acc_std=test_std,
+        val_acc=best["val_acc"],
+        val_loss=best["val_loss"],
+        test_accs=[float(r.final_test_acc) for r in chosen],
+        sq_trace_per_B=[r.get(FLATNESS_METRIC) for r in chosen],
+    )
+    for key in ("measured_sq_trace_per_B", *FLATNESS_KEYS):
+        values = [r.get(key) for r in chosen if isinstance(r.get(key), (int, float))]
+        if len(values) == len(chosen):
+            result.flatness[key], result.flatness_std[key], _ = mean_std(values)
+    result.seconds_per_epoch = mean_std([r.get("seconds_per_epoch") for r in chosen])[0]
+    return result
+
+
+def _compare_with_baseline(results: list[MethodResult]) -> None:
+    """Each result's role, time ratio and paired tests against ``none`` (Holm-adjusted), in place."""
     base = next((r for r in results if r.method == "none"), None)
     for r in results:
         if base is None:
@@ -268,7 +286,6 @@ def select_and_summarize(
         compared = [r for r in results if getattr(r, attr) is not None]
         for r, c in zip(compared, adjust_holm([getattr(r, attr) for r in compared]), strict=True):
             setattr(r, attr, c)
-    return results
 
 
 def _setting(r: MethodResult) -> str:

@@ -364,31 +364,41 @@ def summarize(records: Sequence[RunRecord]) -> list[Group]:
         groups.append(Group(task, method, hparam, variant, protocol, recs[0].config, kwargs, rows,
                             model_kwargs=dict(recs[0].model_kwargs)))
     for g in groups:
-        base: Row | None = None
-        zero = [row for row in g.rows if row.value == 0]
-        if zero and zero[0].runs:
-            base, g.baseline = zero[0], f"{g.symbol} = 0"
-        else:
-            plain = [
-                h for h in groups
-                if h.method == "none" and h.task == g.task and h.protocol_id == g.protocol_id
-                and h.model_id == g.model_id and h is not g
-            ]
-            if plain and plain[0].rows and plain[0].rows[0].runs:
-                base, g.baseline = plain[0].rows[0], "method none"
-        for row in g.rows:
-            if base is None:
-                row.role = "no baseline"
-            elif row is base:
-                row.role = "baseline"
-            else:
-                row.vs_baseline = compare_samples(row.by_seed("final_test_acc"), base.by_seed("final_test_acc"))
-                row.flatness_vs_baseline = compare_samples(
-                    row.log10_by_seed(FLATNESS_METRIC), base.log10_by_seed(FLATNESS_METRIC)
-                )
-        g.base_row = base
+        g.base_row = _find_baseline(g, groups)
+        _compare_with_baseline(g, g.base_row)
     _adjust_baseline_families(groups)
     for g in groups:
         _compare_with_reference(g, groups)
     _adjust_reference_family(groups)
     return groups
+
+
+def _find_baseline(g: Group, groups: Sequence[Group]) -> Row | None:
+    """The row ``g`` is compared with (its label set in ``g.baseline``): its own strength 0, else method none's."""
+    zero = [row for row in g.rows if row.value == 0]
+    if zero and zero[0].runs:
+        g.baseline = f"{g.symbol} = 0"
+        return zero[0]
+    plain = [
+        h for h in groups
+        if h.method == "none" and h.task == g.task and h.protocol_id == g.protocol_id
+        and h.model_id == g.model_id and h is not g
+    ]
+    if plain and plain[0].rows and plain[0].rows[0].runs:
+        g.baseline = "method none"
+        return plain[0].rows[0]
+    return None
+
+
+def _compare_with_baseline(g: Group, base: Row | None) -> None:
+    """Each row's role, and its paired tests against ``base`` (test accuracy, log10 Tr(H²)/B), in place."""
+    for row in g.rows:
+        if base is None:
+            row.role = "no baseline"
+        elif row is base:
+            row.role = "baseline"
+        else:
+            row.vs_baseline = compare_samples(row.by_seed("final_test_acc"), base.by_seed("final_test_acc"))
+            row.flatness_vs_baseline = compare_samples(
+                row.log10_by_seed(FLATNESS_METRIC), base.log10_by_seed(FLATNESS_METRIC)
+            )

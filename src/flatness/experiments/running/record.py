@@ -164,34 +164,45 @@ class RunRecord:
     @classmethod
     def from_json(cls, data: Any) -> RunRecord:
         """The record in ``data`` (parsed JSON); :class:`RecordError` says what is wrong."""
-        if not isinstance(data, dict) or data.get("format") != RECORD_FORMAT:
-            raise RecordError("not a flatness run record (no \"format\": \"flatness-run\")")
-        version = data.get("version", 1)
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise RecordError(f"has an invalid record version {version!r}")
-        if version > SCHEMA_VERSION:
-            raise RecordError(
-                f"is a version {version} run record, newer than this flatness reads "
-                f"(up to {SCHEMA_VERSION}); upgrade flatness to read it"
-            )
+        version = _record_version(data)
         values = {k: v for k, v in data.items() if k not in ("format", "version")}
         if version == 1:
             values = _from_version_1(values)
-        new = [k for k in _V3_NEW if k in values]
-        if version < 3 and new:
-            raise RecordError(f"is marked version {version} but has the version-3 field(s) {new}")
-        unknown = sorted(set(values) - _FIELDS.keys())
-        if unknown:
-            raise RecordError(f"has unknown field(s) {unknown} for a version {version} run record")
-        missing = [f.name for f in dataclasses.fields(cls) if _required(f) and f.name not in values]
-        if missing:
-            raise RecordError(f"lacks the field(s) {missing}")
-        for key, value in values.items():
-            if not _fits(value, _FIELDS[key]):
-                raise RecordError(f"has a malformed field {key!r} ({type(value).__name__} {value!r:.40})")
-        if values["status"] not in STATUSES:
-            raise RecordError(f"has status {values['status']!r}, expected one of {STATUSES}")
+        _check_fields(cls, values, version)
         return cls(**values)
+
+
+def _record_version(data: Any) -> int:
+    """The schema version of a run record's JSON ``data``, one this flatness reads (else a :class:`RecordError`)."""
+    if not isinstance(data, dict) or data.get("format") != RECORD_FORMAT:
+        raise RecordError("not a flatness run record (no \"format\": \"flatness-run\")")
+    version = data.get("version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise RecordError(f"has an invalid record version {version!r}")
+    if version > SCHEMA_VERSION:
+        raise RecordError(
+            f"is a version {version} run record, newer than this flatness reads "
+            f"(up to {SCHEMA_VERSION}); upgrade flatness to read it"
+        )
+    return version
+
+
+def _check_fields(cls: type[RunRecord], values: dict[str, Any], version: int) -> None:
+    """A :class:`RecordError` unless ``values`` are the well-typed fields of a version ``version`` record."""
+    new = [k for k in _V3_NEW if k in values]
+    if version < 3 and new:
+        raise RecordError(f"is marked version {version} but has the version-3 field(s) {new}")
+    unknown = sorted(set(values) - _FIELDS.keys())
+    if unknown:
+        raise RecordError(f"has unknown field(s) {unknown} for a version {version} run record")
+    missing = [f.name for f in dataclasses.fields(cls) if _required(f) and f.name not in values]
+    if missing:
+        raise RecordError(f"lacks the field(s) {missing}")
+    for key, value in values.items():
+        if not _fits(value, _FIELDS[key]):
+            raise RecordError(f"has a malformed field {key!r} ({type(value).__name__} {value!r:.40})")
+    if values["status"] not in STATUSES:
+        raise RecordError(f"has status {values['status']!r}, expected one of {STATUSES}")
 
 
 _FIELDS: dict[str, Any] = typing.get_type_hints(RunRecord)

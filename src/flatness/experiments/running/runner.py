@@ -349,11 +349,7 @@ def run_grid(
         return _run_grid_ddp(specs, Path(out_root), dist_ctx, data_dir, download, progress, retry_failed, log)
     dirs = {spec.task: Path(out_root) / spec.task for spec in specs}
     say = log or (lambda msg: print(msg, file=sys.stderr))
-    for d in dict.fromkeys(dirs.values()):
-        check_writable(d)
-        cleared = clear_leftovers(d)  # a killed sweep's claims and half-written files
-        if cleared:
-            say(f"{d}: removed {len(cleared)} claim(s) and temporary file(s) of killed processes")
+    _prepare_result_dirs(dirs.values(), say)
     todo, results = _pending(specs, dirs, retry_failed)
     skipped = len(specs) - len(todo)
     if skipped:
@@ -364,14 +360,7 @@ def run_grid(
     bar = progress_bar(len(todo), "runs", "run") if progress else None
     if bar is not None and log is None:
         say = bar.write
-
-    def finished(spec: RunSpec, record: RunRecord | None, message: str) -> None:
-        if record is not None:
-            results[str(dirs[spec.task])].append(record)
-        say(message)
-        if bar is not None:
-            bar.update(1)
-
+    finished = _on_finish(results, dirs, say, bar)
     try:
         if jobs == 1:
             for spec in todo:
@@ -384,6 +373,30 @@ def run_grid(
         if bar is not None:
             bar.close()
     return results
+
+
+def _prepare_result_dirs(dirs: Iterable[Path], say: Callable[[str], None]) -> None:
+    """Check that each results directory is writable and clear what killed processes left in it."""
+    for d in dict.fromkeys(dirs):
+        check_writable(d)
+        cleared = clear_leftovers(d)  # a killed sweep's claims and half-written files
+        if cleared:
+            say(f"{d}: removed {len(cleared)} claim(s) and temporary file(s) of killed processes")
+
+
+def _on_finish(
+    results: dict[str, list[RunRecord]], dirs: dict[str, Path], say: Callable[[str], None], bar: Any
+) -> Callable[[RunSpec, RunRecord | None, str], None]:
+    """What happens as each run ends: its record joins ``results``, its message is said, ``bar`` advances."""
+
+    def finished(spec: RunSpec, record: RunRecord | None, message: str) -> None:
+        if record is not None:
+            results[str(dirs[spec.task])].append(record)
+        say(message)
+        if bar is not None:
+            bar.update(1)
+
+    return finished
 
 
 def _pending(

@@ -94,31 +94,37 @@ def _as_tensor(value: Any, what: str) -> Tensor:
     raise TaskDefinitionError(f"{what} is a {type(value).__name__}, expected a tensor or a NumPy array")
 
 
+def _read_dataset(data: Dataset[Any], what: str) -> tuple[Any, Any]:
+    """A map-style ``Dataset`` of ``(x, y)`` pairs read into memory, stacked (``default_collate``)."""
+    try:
+        n = len(data)  # type: ignore[arg-type]
+    except TypeError:
+        raise TaskDefinitionError(f"{what}: the Dataset has no len()") from None
+    if n == 0:
+        raise TaskDefinitionError(f"{what}: the Dataset is empty")
+    try:
+        items = [data[i] for i in range(n)]
+    except Exception as exc:  # the user's __getitem__
+        raise TaskDefinitionError(f"{what}: reading the Dataset failed ({_oneline(exc)})") from None
+    if not (isinstance(items[0], (tuple, list)) and len(items[0]) == 2):
+        raise TaskDefinitionError(f"{what}: Dataset items must be (input, target) pairs, got "
+                                  f"{type(items[0]).__name__}")
+    try:
+        x, y = torch.utils.data.default_collate(items)
+    except Exception as exc:
+        raise TaskDefinitionError(
+            f"{what}: the Dataset's items do not stack into tensors ({_oneline(exc)})"
+        ) from None
+    return x, y
+
+
 def as_pair(data: Data, what: str) -> tuple[Tensor, Tensor]:
     """``data`` (``(x, y)``, or a map-style ``Dataset`` of ``(x, y)`` pairs) as two tensors."""
     if isinstance(data, IterableDataset):
         raise TaskDefinitionError(f"{what} is an IterableDataset (no fixed length or order): give a "
                                   "map-style Dataset or (x, y) tensors")
     if isinstance(data, Dataset):
-        try:
-            n = len(data)  # type: ignore[arg-type]
-        except TypeError:
-            raise TaskDefinitionError(f"{what}: the Dataset has no len()") from None
-        if n == 0:
-            raise TaskDefinitionError(f"{what}: the Dataset is empty")
-        try:
-            items = [data[i] for i in range(n)]
-        except Exception as exc:  # the user's __getitem__
-            raise TaskDefinitionError(f"{what}: reading the Dataset failed ({_oneline(exc)})") from None
-        if not (isinstance(items[0], (tuple, list)) and len(items[0]) == 2):
-            raise TaskDefinitionError(f"{what}: Dataset items must be (input, target) pairs, got "
-                                      f"{type(items[0]).__name__}")
-        try:
-            x, y = torch.utils.data.default_collate(items)
-        except Exception as exc:
-            raise TaskDefinitionError(
-                f"{what}: the Dataset's items do not stack into tensors ({_oneline(exc)})"
-            ) from None
+        x, y = _read_dataset(data, what)
     elif isinstance(data, (tuple, list)) and len(data) == 2:
         x, y = data
     else:
@@ -288,78 +294,129 @@ def _check_data(task_type: str, parts: dict[str, tuple[Tensor, Tensor]]) -> None
 def _check_batch(task: CustomTask, batch: tuple[Tensor, Tensor], num_classes: int | None) -> None:
     """One batch through a throwaway model: forward, loss, backward, score (see the module docs)."""
     x, y = batch
-    n = int(x.shape[0])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        try:
-            model = task.build_model()
-        except TaskDefinitionError:
-            raise
-        except FlatnessError as exc:
-            raise TaskDefinitionError(str(exc)) from None
-        except Exception as exc:
-            raise TaskDefinitionError(f"the model factory {_name_of(task._model)} raised {_oneline(exc)}") from None
-        model.train()
-        try:
-            out = model(x)
-        except Exception as exc:
-            raise TaskDefinitionError(f"the model fails on a batch of {n} training inputs of shape {_shape(x)}: "
-                                      f"{_oneline(exc)}") from None
-        if not isinstance(out, Tensor):
-            raise TaskDefinitionError(f"the model returned {type(out).__name__} for a batch, expected a tensor "
-                                      "(wrap it to return the output the loss takes)")
-        if out.dim() == 0 or int(out.shape[0]) != n:
-            raise TaskDefinitionError(f"the model's output has shape {_shape(out)} for a batch of {n}: "
-                                      "expected one row per example")
-        if task.task_type == "classification":
-            single = out.dim() == 1 or int(out.shape[1]) == 1
-            task._single_logit = single
-            classes = 2 if single else int(out.shape[1])
-            if num_classes is not None and num_classes != classes and task._predict is None:
-                raise TaskDefinitionError(f"num_classes is {num_classes} but the model outputs {classes} "
-                                          "class scores per example")
-            task.num_classes = num_classes or classes
-            top = max(int(t[1].max()) for t in (task._train, task._test, *(() if task._val is None else (task._val,))))
-            if top >= task.num_classes:
-                raise TaskDefinitionError(f"the targets hold class id {top} but the model outputs "
-                                          f"{task.num_classes} classes")
-        elif task._metric is None and out.reshape(n, -1).shape != y.reshape(n, -1).shape:
-            raise TaskDefinitionError(f"the model outputs shape {_shape(out)} for targets of shape {_shape(y)}: "
-                                      "the regression score compares them elementwise")
-        try:
-            loss = task.loss_fn(out, y)
-        except Exception as exc:
-            raise TaskDefinitionError(f"the loss fails on the model's output {_shape(out)} and targets "
-                                      f"{_shape(y)} ({y.dtype}): {_oneline(exc)}") from None
-        if not isinstance(loss, Tensor) or loss.dim() != 0:
-            got = _shape(loss) if isinstance(loss, Tensor) else type(loss).__name__
-            raise TaskDefinitionError(f"the loss returned {got}, expected a scalar (a 0-d tensor: reduce over "
-                                      "the batch, e.g. the mean)")
-        if not math.isfinite(float(loss.detach())):
-            raise TaskDefinitionError(f"the loss is {float(loss.detach())} on the first training batch")
-        if not loss.requires_grad:
-            raise TaskDefinitionError("the loss does not depend on the model's parameters (no gradient)")
-        try:
-            loss.backward()
-        except Exception as exc:
-            raise TaskDefinitionError(f"the loss's backward pass fails: {_oneline(exc)}") from None
-        try:
-            scores = task.score(out.detach(), y)
-        except Exception as exc:
-            raise TaskDefinitionError(
-                f"the {task.metric_name} score fails on the model's output: {_oneline(exc)}"
-            ) from None
-        if not isinstance(scores, Tensor) or tuple(scores.shape) != (n,):
-            got = _shape(scores) if isinstance(scores, Tensor) else type(scores).__name__
-            raise TaskDefinitionError(f"the {task.metric_name} score returned {got}, expected one value per "
-                                      f"example [{n}]")
+        out = _check_forward(task, x)
+        _check_output(task, out, y, num_classes)
+        _check_loss(task, out, y)
+        _check_score(task, out, y)
         if task._augment is not None:
-            try:
-                augmented = task.augment(x, torch.Generator().manual_seed(0))
-            except Exception as exc:
-                raise TaskDefinitionError(f"augment fails on a training batch: {_oneline(exc)}") from None
-            if not isinstance(augmented, Tensor) or int(augmented.shape[0]) != n:
-                raise TaskDefinitionError("augment must return a tensor with the batch's rows")
+            _check_augment(task, x)
+
+
+def _check_forward(task: CustomTask, x: Tensor) -> Tensor:
+    """The output of a throwaway model (built by the task's factory, in train mode) on the batch ``x``."""
+    n = int(x.shape[0])
+    try:
+        model = task.build_model()
+    except TaskDefinitionError:
+        raise
+    except FlatnessError as exc:
+        raise TaskDefinitionError(str(exc)) from None
+    except Exception as exc:
+        raise TaskDefinitionError(f"the model factory {_name_of(task._model)} raised {_oneline(exc)}") from None
+    model.train()
+    try:
+        out = model(x)
+    except Exception as exc:
+        raise TaskDefinitionError(f"the model fails on a batch of {n} training inputs of shape {_shape(x)}: "
+                                  f"{_oneline(exc)}") from None
+    if not isinstance(out, Tensor):
+        raise TaskDefinitionError(f"the model returned {type(out).__name__} for a batch, expected a tensor "
+                                  "(wrap it to return the output the loss takes)")
+    if out.dim() == 0 or int(out.shape[0]) != n:
+        raise TaskDefinitionError(f"the model's output has shape {_shape(out)} for a batch of {n}: "
+                                  "expected one row per example")
+    return out
+
+
+def _check_output(task: CustomTask, out: Tensor, y: Tensor, num_classes: int | None) -> None:
+    """The output's width against the classes (sets ``task.num_classes``), or its shape against regression targets."""
+    n = int(out.shape[0])
+    if task.task_type == "classification":
+        single = out.dim() == 1 or int(out.shape[1]) == 1
+        task._single_logit = single
+        classes = 2 if single else int(out.shape[1])
+        if num_classes is not None and num_classes != classes and task._predict is None:
+            raise TaskDefinitionError(f"num_classes is {num_classes} but the model outputs {classes} "
+                                      "class scores per example")
+        task.num_classes = num_classes or classes
+        top = max(int(t[1].max()) for t in (task._train, task._test, *(() if task._val is None else (task._val,))))
+        if top >= task.num_classes:
+            raise TaskDefinitionError(f"the targets hold class id {top} but the model outputs "
+                                      f"{task.num_classes} classes")
+    elif task._metric is None and out.reshape(n, -1).shape != y.reshape(n, -1).shape:
+        raise TaskDefinitionError(f"the model outputs shape {_shape(out)} for targets of shape {_shape(y)}: "
+                                  "the regression score compares them elementwise")
+
+
+def _check_loss(task: CustomTask, out: Tensor, y: Tensor) -> None:
+    """The task's loss on the output: a finite scalar with a gradient, whose backward pass runs."""
+    try:
+        loss = task.loss_fn(out, y)
+    except Exception as exc:
+        raise TaskDefinitionError(f"the loss fails on the model's output {_shape(out)} and targets "
+                                  f"{_shape(y)} ({y.dtype}): {_oneline(exc)}") from None
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        got = _shape(loss) if isinstance(loss, Tensor) else type(loss).__name__
+        raise TaskDefinitionError(f"the loss returned {got}, expected a scalar (a 0-d tensor: reduce over "
+                                  "the batch, e.g. the mean)")
+    if not math.isfinite(float(loss.detach())):
+        raise TaskDefinitionError(f"the loss is {float(loss.detach())} on the first training batch")
+    if not loss.requires_grad:
+        raise TaskDefinitionError("the loss does not depend on the model's parameters (no gradient)")
+    try:
+        loss.backward()
+    except Exception as exc:
+        raise TaskDefinitionError(f"the loss's backward pass fails: {_oneline(exc)}") from None
+
+
+def _check_score(task: CustomTask, out: Tensor, y: Tensor) -> None:
+    """The task's score on the output: one value per example."""
+    n = int(out.shape[0])
+    try:
+        scores = task.score(out.detach(), y)
+    except Exception as exc:
+        raise TaskDefinitionError(
+            f"the {task.metric_name} score fails on the model's output: {_oneline(exc)}"
+        ) from None
+    if not isinstance(scores, Tensor) or tuple(scores.shape) != (n,):
+        got = _shape(scores) if isinstance(scores, Tensor) else type(scores).__name__
+        raise TaskDefinitionError(f"the {task.metric_name} score returned {got}, expected one value per "
+                                  f"example [{n}]")
+
+
+def _check_augment(task: CustomTask, x: Tensor) -> None:
+    """The task's augmentation on the batch ``x``: a tensor with the batch's rows."""
+    try:
+        augmented = task.augment(x, torch.Generator().manual_seed(0))
+    except Exception as exc:
+        raise TaskDefinitionError(f"augment fails on a training batch: {_oneline(exc)}") from None
+    if not isinstance(augmented, Tensor) or int(augmented.shape[0]) != int(x.shape[0]):
+        raise TaskDefinitionError("augment must return a tensor with the batch's rows")
+
+
+def _check_name(name: Any) -> None:
+    """A :class:`TaskDefinitionError` unless ``name`` can name a results folder and is not a built-in task's."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise TaskDefinitionError(f"task name {name!r}: use letters, digits, '.', '_' and '-' (a folder name)")
+    if name in TASKS:
+        raise TaskDefinitionError(f"task name {name!r} is a built-in task's: choose another")
+
+
+def _named_protocols(
+    config: TrainConfig, protocols: Mapping[str, TrainConfig] | None, augment: bool
+) -> dict[str, TrainConfig]:
+    """The task's protocols by name, ``config`` as ``"default"`` (augmentation on in all if the task augments)."""
+    named = {"default": config, **dict(protocols or {})}
+    for key, value in named.items():
+        if not isinstance(value, TrainConfig):
+            raise TaskDefinitionError(f"protocol {key!r} is a {type(value).__name__}, expected a TrainConfig")
+    if protocols and "default" in protocols:
+        raise TaskDefinitionError("protocols: 'default' is the name of config=; choose another name")
+    if augment:
+        named = {k: v.replace(augment=True) for k, v in named.items()}
+    return named
 
 
 def custom_task(
@@ -413,21 +470,11 @@ def custom_task(
         version: raise it when you change the task in ways its records should not survive
             (records of another version are not taken as finished runs).
     """
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise TaskDefinitionError(f"task name {name!r}: use letters, digits, '.', '_' and '-' (a folder name)")
-    if name in TASKS:
-        raise TaskDefinitionError(f"task name {name!r} is a built-in task's: choose another")
+    _check_name(name)
     for what, fn in (("model", model), ("loss", loss), ("predict", predict), ("metric", metric), ("augment", augment)):
         if fn is not None and not callable(fn):
             raise TaskDefinitionError(f"{what} must be callable, got {type(fn).__name__}")
-    named = {"default": config, **dict(protocols or {})}
-    for key, value in named.items():
-        if not isinstance(value, TrainConfig):
-            raise TaskDefinitionError(f"protocol {key!r} is a {type(value).__name__}, expected a TrainConfig")
-    if protocols and "default" in protocols:
-        raise TaskDefinitionError("protocols: 'default' is the name of config=; choose another name")
-    if augment is not None:
-        named = {k: v.replace(augment=True) for k, v in named.items()}
+    named = _named_protocols(config, protocols, augment is not None)
     if task_type is not None and task_type not in TASK_TYPES:
         raise TaskDefinitionError(f"task_type must be one of {TASK_TYPES}, got {task_type!r}")
     if num_classes is not None and not (isinstance(num_classes, int) and num_classes >= 2):

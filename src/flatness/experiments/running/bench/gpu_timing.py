@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import time
 import warnings
 from collections.abc import Callable
@@ -161,6 +162,49 @@ def _build_and_probe(
     return call, seconds, peak, sorted({" ".join(str(w.message).split())[:200] for w in caught})
 
 
+def _probe_cases(
+    cases: list[str], probe: Callable[..., tuple[Callable[[], None], float, float | None, list[str]]],
+    budget: Budget, reserve_s: float, out: dict[str, Any],
+) -> tuple[dict[str, Callable[[], None]], dict[str, float], list[str]]:
+    """Each case built and probed (:func:`_build_and_probe`) while the budget lasts: calls, seconds, cases skipped.
+
+    A case that raises is left out; the cases' peak MiB and probe times, errors and warnings go into ``out``.
+    """
+    calls: dict[str, Callable[[], None]] = {}
+    call_s: dict[str, float] = {}
+    errors: dict[str, str] = {}
+    warned: dict[str, list[str]] = {}
+    skipped: list[str] = []
+    for name in cases:
+        if budget.remaining() <= reserve_s:
+            skipped.append(name)
+            continue
+        try:
+            calls[name], call_s[name], peak, messages = probe(name)
+        except Exception as exc:  # e.g. a backend that refuses autocast: recorded, not timed
+            errors[name] = _error(exc)
+            continue
+        if messages:
+            warned[name] = messages
+        out[f"{name}_peak_mb"] = peak
+        out[f"{name}_probe_ms"] = 1000.0 * call_s[name] / WINDOWS.get(name, 1)
+    if errors:
+        out["errors"] = errors
+    if warned:
+        out["warnings"] = warned
+    return calls, call_s, skipped
+
+
+def _fit_rounds(plan: TimingPlan, per_call: float, budget: Budget, reserve_s: float) -> tuple[int, int] | None:
+    """The plan's rounds and repetitions per round, fewer until they fit the budget (``None``: one does not)."""
+    rounds, reps = plan.rounds, plan.reps
+    while (plan.warmup + rounds * reps) * per_call > budget.remaining() - reserve_s and rounds * reps > 1:
+        rounds, reps = (rounds - 1, reps) if rounds > 1 else (rounds, reps - 1)
+    if (plan.warmup + rounds * reps) * per_call > budget.remaining() - reserve_s:
+        return None
+    return rounds, reps
+
+
 def time_block(
     label: str, build: Callable[[], nn.Module], config: TrainConfig, batch: int, features: int,
     cases: list[str], device: torch.device, precision: str, plan: TimingPlan, budget: Budget,
@@ -184,40 +228,20 @@ def time_block(
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, features, generator=gen).to(device)
     y = torch.randint(0, 100, (batch,), generator=gen).to(device)
-    calls: dict[str, Callable[[], None]] = {}
-    call_s: dict[str, float] = {}
-    errors: dict[str, str] = {}
-    warned: dict[str, list[str]] = {}
-    skipped: list[str] = []
-    for name in cases:
-        if budget.remaining() <= reserve_s:
-            skipped.append(name)
-            continue
-        try:
-            calls[name], call_s[name], peak, messages = _build_and_probe(
-                name, base, config, x, y, device, precision, seed, plan.probe_warmup
-            )
-        except Exception as exc:  # e.g. a backend that refuses autocast: recorded, not timed
-            errors[name] = _error(exc)
-            continue
-        if messages:
-            warned[name] = messages
-        out[f"{name}_peak_mb"] = peak
-        out[f"{name}_probe_ms"] = 1000.0 * call_s[name] / WINDOWS.get(name, 1)
-    if errors:
-        out["errors"] = errors
-    if warned:
-        out["warnings"] = warned
+    probe = functools.partial(
+        _build_and_probe, base=base, config=config, x=x, y=y, device=device, precision=precision, seed=seed,
+        warm_calls=plan.probe_warmup,
+    )
+    calls, call_s, skipped = _probe_cases(cases, probe, budget, reserve_s, out)
     if "plain" not in calls:
-        why = errors.get("plain", "time budget")
+        why = out.get("errors", {}).get("plain", "time budget")
         return {**out, "status": "skipped", "reason": f"no plain step to compare with ({why})", "skipped": skipped}
-    rounds, reps = plan.rounds, plan.reps
     per_call = sum(call_s.values())
-    while (plan.warmup + rounds * reps) * per_call > budget.remaining() - reserve_s and rounds * reps > 1:
-        rounds, reps = (rounds - 1, reps) if rounds > 1 else (rounds, reps - 1)
-    if (plan.warmup + rounds * reps) * per_call > budget.remaining() - reserve_s:
+    fitted = _fit_rounds(plan, per_call, budget, reserve_s)
+    if fitted is None:
         return {**out, "status": "skipped", "skipped": skipped,
                 "reason": f"time budget: ~{(plan.warmup + 1) * per_call:.0f} s needed, {budget.remaining():.0f} s left"}
+    rounds, reps = fitted
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # each case's warnings were recorded above
