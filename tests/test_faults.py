@@ -213,6 +213,6 @@ def test_shorter_training_scales_the_warm_up(tmp_path, capsys):
     assert main([*base, "--epochs", "1"]) == 2  # the protocol is accepted: it fails on the data
     assert "CIFAR-100 not found" in capsys.readouterr().err
     assert main([*base, "--epochs", "1", "--warmup-epochs", "3"]) == 2
-    assert "warmup_epochs must be in [0, epochs]" in capsys.readouterr().err
+    assert "--warmup-epochs must be finite and in [0, 1] (at most --epochs), got 3.0" in capsys.readouterr().err
     assert main([*base, "--warmup-epochs", "nan"]) == 2
     assert "--warmup-epochs must be finite" in capsys.readouterr().err

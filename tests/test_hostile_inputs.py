@@ -5,13 +5,16 @@ says so.
 
 from __future__ import annotations
 
+from argparse import Namespace
 from pathlib import Path
 
 import pytest
 
 from flatness.cli import main
+from flatness.cli.run import protocol_overrides
 from flatness.experiments.reporting.compare import comparison_specs
 from flatness.experiments.running.specs import build_grid
+from flatness.experiments.world.errors import SettingError
 from flatness.experiments.world.tasks import TrainConfig, get_task
 from flatness.utils import FlatnessError
 
@@ -80,18 +83,45 @@ def test_compare_refuses_a_grid_or_setting_of_a_method_it_does_not_compare(tmp_p
 # ---------------------------------------------------------------- finding 6: integers with bounds
 
 
-@pytest.mark.parametrize(
-    ("flag", "parameter"),
-    [("--batch-size", "batch_size"), ("--epochs", "epochs"), ("--train-eval-samples", "train_eval_samples"),
-     ("--seeds", "seeds")],
-)
-def test_an_integer_option_beyond_its_bound_names_the_parameter(tmp_path, capsys, flag, parameter):
+@pytest.mark.parametrize("flag", ["--batch-size", "--epochs", "--train-eval-samples", "--seeds"])
+def test_an_integer_option_beyond_its_bound_names_the_flag(tmp_path, capsys, flag):
     out = tmp_path / "runs"
     argv = ["run", BC, "--lambdas", "0", "--out", str(out), *QUICK, flag, HUGE]
     assert main(argv) == 2
     line = _one_error_line(capsys)
-    assert parameter in line and HUGE in line
+    assert flag in line and HUGE in line  # the pipeline names its parameter, the CLI line the flag
     assert _files(out) == []
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--epochs", "0", "--epochs must be an integer from 1 to 2**63 - 1, got 0"),
+        ("--batch-size", "0", "--batch-size must be an integer from 1 to 2**63 - 1, got 0"),
+        ("--lr", "0", "--lr must be finite and > 0, got 0.0"),
+        ("--lr", "nan", "--lr must be finite and > 0, got nan"),
+        ("--lr", "-1", "--lr must be finite and > 0, got -1.0"),
+        ("--warmup-epochs", "-1", "--warmup-epochs must be finite and in [0, 1] (at most --epochs), got -1.0"),
+        ("--train-eval-samples", "0",
+         "--train-eval-samples must be an integer from 1 to 2**63 - 1 (None: all samples), got 0"),
+    ],
+)
+def test_a_protocol_flag_out_of_range_is_the_protocols_error_naming_the_flag(tmp_path, capsys, flag, value, message):
+    out = tmp_path / "runs"
+    assert main(["run", BC, "--lambdas", "0", "--out", str(out), *QUICK, flag, value]) == 2
+    assert _one_error_line(capsys) == f"flatness: error: invalid training protocol for {BC}: {message}"
+    assert _files(out) == []
+
+
+def test_the_protocol_checks_the_overrides_once_naming_the_field():
+    assert protocol_overrides(Namespace(epochs=0, batch_size=None, lr=float("inf"), warmup_epochs=None,
+                                        train_eval_samples=None)) == {"epochs": 0, "lr": float("inf")}  # unchecked
+    with pytest.raises(SettingError, match=r"^invalid training protocol for breast-cancer-mlp: `lr` must be finite "
+                                           r"and > 0, got inf$") as caught:
+        build_grid(BC, "none", None, 1, config_overrides={"lr": float("inf")})
+    assert caught.value.parameters == ("lr",)
+    with pytest.raises(ValueError, match=r"^`warmup_epochs` must be finite and in \[0, 2\] \(at most `epochs`\)"):
+        get_task(BC).config.replace(epochs=2, warmup_epochs=3.0)  # still a ValueError, as TrainConfig's always were
 
 
 @pytest.mark.parametrize("field", ["epochs", "batch_size", "eval_batch_size", "train_eval_samples", "train_subset"])

@@ -29,7 +29,10 @@ TASK = "breast-cancer-mlp"
 
 
 def check_demo_args(lam: float, epochs: int, seed: int) -> None:
-    """:class:`FlatnessError` for settings the demo cannot train with (checked before any work)."""
+    """:class:`FlatnessError` for settings the demo cannot train with (checked before any work).
+
+    The protocol checks ``epochs`` in full (its upper bound: :class:`~flatness.experiments.world.config.TrainConfig`).
+    """
     if not (math.isfinite(lam) and lam >= 0):
         raise FlatnessError(f"--lam must be finite and >= 0, got {lam}")
     if epochs < 1:
@@ -47,8 +50,8 @@ def run_demo(lam: float = 0.01, epochs: int = 50, seed: int = 0, log: Any = None
     check_demo_args(lam, epochs, seed)
     say = log or (lambda message: print(message, file=sys.stderr, flush=True))
     task = get_task(TASK)
-    data = task.load(val_fraction=0.0)
     config = task.config.replace(epochs=epochs, val_fraction=0.0)
+    data = task.load(val_fraction=0.0)
     every = max(1, epochs // 10)
     rows = []
     for value in (0.0, lam):
@@ -87,7 +90,6 @@ def run_demo(lam: float = 0.01, epochs: int = 50, seed: int = 0, log: Any = None
 
 
 def _cmd(args: argparse.Namespace) -> int:
-    check_demo_args(args.lam, args.epochs, args.seed)
     rows = run_demo(args.lam, args.epochs, args.seed)
     print("Breast-Cancer MLP (512-256, dropout .3), Adam lr 1e-3, B=32, M=5 probes every 10 steps")
     print(f"{'lambda':>8}  {'test acc':>8}  {'Tr(H^2) (train, ±se)':>24}  {'time s':>7}")

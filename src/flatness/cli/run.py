@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -100,15 +99,11 @@ PROTOCOL_FLAGS = ("epochs", "batch_size", "lr", "warmup_epochs", "train_eval_sam
 
 
 def protocol_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The training-protocol flags a user gave (``--epochs``, ``--lr``, ...), checked."""
-    for flag in ("epochs", "batch_size", "train_eval_samples"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise FlatnessError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
-        raise FlatnessError(f"--lr must be finite and > 0, got {args.lr}")
-    if args.warmup_epochs is not None and not (math.isfinite(args.warmup_epochs) and args.warmup_epochs >= 0):
-        raise FlatnessError(f"--warmup-epochs must be finite and >= 0, got {args.warmup_epochs}")
+    """The training-protocol flags a user gave (``--epochs``, ``--lr``, ...).
+
+    The protocol checks them where it is built (:class:`~flatness.experiments.world.config.TrainConfig`,
+    before any run starts); its error names the field, which :mod:`flatness.cli` spells as the flag.
+    """
     return {k: getattr(args, k) for k in PROTOCOL_FLAGS if getattr(args, k) is not None}
 
 

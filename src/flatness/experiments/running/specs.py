@@ -276,7 +276,8 @@ def _protocol(task: Task, protocol: str | None, overrides: dict[str, Any]) -> Tr
     """The named protocol (default: the task's first) with ``overrides``.
 
     An ``epochs`` override without ``warmup_epochs`` scales the warm-up by the same factor (the same
-    share of training).
+    share of training). The protocol checks the values (:class:`TrainConfig`): a field out of its range
+    is a :class:`SettingError` naming it.
     """
     overrides = dict(overrides)
     try:
@@ -285,6 +286,8 @@ def _protocol(task: Task, protocol: str | None, overrides: dict[str, Any]) -> Tr
             # the warm-up keeps its share of training (cifar100-mlp: 2 of 10 epochs -> 0.2 of 1)
             overrides["warmup_epochs"] = default.warmup_epochs * overrides["epochs"] / default.epochs
         return default.replace(**overrides)
+    except SettingError as exc:  # a field out of its range: still named, for a front end to spell
+        raise SettingError(f"invalid training protocol for {task.name}: {exc.message}", *exc.parameters) from None
     except (TypeError, ValueError) as exc:
         raise FlatnessError(f"invalid training protocol for {task.name}: {exc}") from None
 

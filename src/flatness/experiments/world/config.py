@@ -1,6 +1,8 @@
 """A training protocol as plain data: :class:`TrainConfig`.
 
-Epochs, batch size, optimiser, schedule, evaluation subsets, stopping rule, checked when built.
+Epochs, batch size, optimiser, schedule, evaluation subsets, stopping rule, checked when built:
+this is the one place that checks them, whoever sets them (a task, ``flatness run --lr``, a
+study); a :class:`ProtocolError` names the field, which a front end spells as its flag.
 
 Example:
     >>> from flatness.experiments.world.config import TrainConfig
@@ -15,11 +17,16 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["SCHEDULES", "OPTIMIZERS", "TrainConfig"]
+from .errors import SettingError
+
+__all__ = ["SCHEDULES", "OPTIMIZERS", "ProtocolError", "TrainConfig"]
 
 SCHEDULES: tuple[str, ...] = ("constant", "cosine", "linear")
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd")
@@ -28,6 +35,14 @@ MAX_COUNT = 2**63 - 1  # counts reach torch (batch splits, sizes) as 64-bit inte
 
 def _is_count(value: Any, minimum: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and minimum <= value <= MAX_COUNT
+
+
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class ProtocolError(SettingError, ValueError):
+    """A field of a :class:`TrainConfig` out of its range: a :class:`SettingError` naming it, and a ``ValueError``."""
 
 
 @dataclass(frozen=True)
@@ -94,33 +109,52 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        checks = [
-            (_is_count(self.epochs, 1), "epochs must be an integer from 1 to 2**63 - 1"),
-            (_is_count(self.batch_size, 1), "batch_size must be an integer from 1 to 2**63 - 1"),
-            (self.lr > 0, "lr must be > 0"),
-            (self.weight_decay >= 0, "weight_decay must be >= 0"),
-            (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
-            (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}"),
-            (0 <= self.warmup_epochs <= self.epochs, "warmup_epochs must be in [0, epochs]"),
-            (0 <= self.final_lr_fraction <= 1, "final_lr_fraction must be in [0, 1]"),
-            (_is_count(self.eval_batch_size, 1), "eval_batch_size must be an integer from 1 to 2**63 - 1"),
-            (
-                self.train_eval_samples is None or _is_count(self.train_eval_samples, 1),
-                "train_eval_samples must be None or an integer from 1 to 2**63 - 1",
-            ),
-            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}"),
-            (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
-            (not self.nesterov or (self.optimizer == "sgd" and self.momentum > 0),
-             "nesterov needs optimizer 'sgd' with momentum > 0"),
-            (isinstance(self.model, str), "model must be an architecture name or ''"),
-            (all(_is_count(n, 0) for n in self.subsets()),
-             "train_subset, val_subset and test_subset must be integers from 0 (all) to 2**63 - 1"),
-            (self.stop_train_loss is None or self.stop_train_loss > 0, "stop_train_loss must be > 0"),
-            (self.stop_train_acc is None or 0 < self.stop_train_acc <= 1, "stop_train_acc must be in (0, 1]"),
-        ]
-        for ok, message in checks:
+        for ok, message, *fields in self._checks():
             if not ok:
-                raise ValueError(f"{message} (got {self.as_dict()})")
+                raise ProtocolError(message, *fields)
+
+    def _checks(self) -> Iterator[tuple[Any, ...]]:
+        """``(ok, message, *fields)`` per rule, in field order (lazily: a rule may assume the ones before)."""
+        count = "an integer from 1 to 2**63 - 1"
+        yield _is_count(self.epochs, 1), f"`epochs` must be {count}, got {self.epochs!r}", "epochs"
+        yield _is_count(self.batch_size, 1), f"`batch_size` must be {count}, got {self.batch_size!r}", "batch_size"
+        yield _is_finite(self.lr) and self.lr > 0, f"`lr` must be finite and > 0, got {self.lr!r}", "lr"
+        yield self.weight_decay >= 0, f"`weight_decay` must be >= 0, got {self.weight_decay!r}", "weight_decay"
+        yield 0 <= self.val_fraction < 1, f"`val_fraction` must be in [0, 1), got {self.val_fraction!r}", "val_fraction"
+        yield self.schedule in SCHEDULES, f"`schedule` must be one of {SCHEDULES}, got {self.schedule!r}", "schedule"
+        yield (
+            _is_finite(self.warmup_epochs) and 0 <= self.warmup_epochs <= self.epochs,
+            f"`warmup_epochs` must be finite and in [0, {self.epochs}] (at most `epochs`), got {self.warmup_epochs!r}",
+            "warmup_epochs", "epochs",
+        )
+        yield (0 <= self.final_lr_fraction <= 1,
+               f"`final_lr_fraction` must be in [0, 1], got {self.final_lr_fraction!r}", "final_lr_fraction")
+        yield (_is_count(self.eval_batch_size, 1),
+               f"`eval_batch_size` must be {count}, got {self.eval_batch_size!r}", "eval_batch_size")
+        yield (
+            self.train_eval_samples is None or _is_count(self.train_eval_samples, 1),
+            f"`train_eval_samples` must be {count} (None: all samples), got {self.train_eval_samples!r}",
+            "train_eval_samples",
+        )
+        yield (self.optimizer in OPTIMIZERS,
+               f"`optimizer` must be one of {OPTIMIZERS}, got {self.optimizer!r}", "optimizer")
+        yield 0 <= self.momentum < 1, f"`momentum` must be in [0, 1), got {self.momentum!r}", "momentum"
+        yield (
+            not self.nesterov or (self.optimizer == "sgd" and self.momentum > 0),
+            f"`nesterov` needs `optimizer` 'sgd' with `momentum` > 0, got {self.optimizer!r} with {self.momentum!r}",
+            "nesterov", "optimizer", "momentum",
+        )
+        yield isinstance(self.model, str), f"`model` must be an architecture name or '', got {self.model!r}", "model"
+        yield (
+            all(_is_count(n, 0) for n in self.subsets()),
+            "`train_subset`, `val_subset` and `test_subset` must be integers from 0 (all) to 2**63 - 1, "
+            f"got {self.subsets()}",
+            "train_subset", "val_subset", "test_subset",
+        )
+        yield (self.stop_train_loss is None or self.stop_train_loss > 0,
+               f"`stop_train_loss` must be > 0, got {self.stop_train_loss!r}", "stop_train_loss")
+        yield (self.stop_train_acc is None or 0 < self.stop_train_acc <= 1,
+               f"`stop_train_acc` must be in (0, 1], got {self.stop_train_acc!r}", "stop_train_acc")
 
     def subsets(self) -> tuple[int, int, int]:
         """``(train_subset, val_subset, test_subset)``; all 0: the whole splits."""
