@@ -53,7 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from .._relu_stack_sq_norms import relu_stack_layers, relu_stack_sq_norms
-from ..linear_io import SharedPrefix, share_prefix
+from ..linear_io import PrefixSlot, SharedPrefix
 from ..passes import curvature_pass, is_curvature_function
 from ..per_example import (
     PER_EXAMPLE_IMPLS,
@@ -84,7 +84,7 @@ class CurvatureTerm(Term):
         self.impl: str = impl
         self.last_impl: str | None = None
         self._shared: ClosedForm | None = None
-        self._prefix: SharedPrefix | None = None
+        self._prefix = PrefixSlot()  # the task pass's prefix, for this step's curvature pass
 
     def observe(self, model: nn.Module) -> contextlib.AbstractContextManager[Any]:
         """Record the closed form from the pass itself, or the output of its mode-independent prefix.
@@ -92,11 +92,11 @@ class CurvatureTerm(Term):
         The closed form when it is a curvature pass already, else the prefix (module docs).
         """
         local = unwrap(model)
-        self._shared = self._prefix = None
+        self._shared, self._prefix.prefix = None, None
         if self.alpha == 0 or self.impl == "vmap":
             return contextlib.nullcontext()
         if not is_curvature_function(local):
-            return self._sharing_prefix(local)
+            return self._prefix.record(local)
         try:
             closed = ClosedForm(local)
         except ClosedFormUnavailable:
@@ -104,17 +104,8 @@ class CurvatureTerm(Term):
         self._shared = closed
         return closed.record()
 
-    @contextlib.contextmanager
-    def _sharing_prefix(self, local: nn.Module) -> Any:
-        with share_prefix(local) as prefix:
-            yield
-        if prefix.output is not None:
-            self._prefix = prefix
-
     def _from_prefix(self, evaluation: Evaluation, prefix: SharedPrefix) -> Tensor | None:
         """The norms from a curvature pass that starts at the task pass's prefix output."""
-        if prefix.source is not evaluation.x:
-            return None
         fast = self._relu_stack(evaluation, prefix)
         if fast is not None:
             return fast
@@ -151,7 +142,7 @@ class CurvatureTerm(Term):
     def __call__(self, evaluation: Evaluation, info: dict[str, float]) -> Tensor | None:
         """α·mean_i ‖∇θ ℓ_i‖² on ``evaluation``, from the main pass's records where it shared them."""
         shared, self._shared = self._shared, None
-        prefixed, self._prefix = self._prefix, None
+        prefixed = self._prefix.take(evaluation.x)
         if self.alpha == 0:
             return None
         sq, used = None, "closed-form"
