@@ -118,7 +118,8 @@ def _max_diff(a, b):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method_args", [["--method", "fa", "--lambdas", "0.1"],
-                                         ["--method", "sam", "--lambdas", "0.05"]])
+                                         ["--method", "sam", "--lambdas", "0.05"],
+                                         ["--method", "curvature", "--lambdas", "0.001"]])
 def test_two_gloo_ranks_equal_the_one_process_twin(tmp_path, method_args):
     _run_cli(method_args, tmp_path / "ddp", torchrun=True)
     _run_cli(method_args + ["--emulate-ranks", "2"], tmp_path / "twin")
