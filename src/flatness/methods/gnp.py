@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from .base import Evaluation, LossFn, Method, Point, Term, logged, register_method
 from .perturb import (
     RandomReplay,
+    WrappingOptimizer,
     extra_pass,
     global_norm,
     perturbed,
@@ -170,7 +171,7 @@ class GradientNormPenalty(Method):
         )
 
 
-class GNP(torch.optim.Optimizer):
+class GNP(WrappingOptimizer):
     """The finite-difference gradient-norm penalty as a wrapper around any optimizer class.
 
     It has the protocol of :class:`flatness.methods.sam.SAM`: for any training loop and for
@@ -219,11 +220,7 @@ class GNP(torch.optim.Optimizer):
         self.rho = require_nonnegative("rho (ρ)", rho)
         self.fd_radius = require_positive("fd_radius (r)", fd_radius)
         self.squared = bool(squared)
-        self.model = model
-        super().__init__(params, dict(kwargs))
-        self.base_optimizer = base_optimizer_cls(self.param_groups, **kwargs)
-        self.param_groups = self.base_optimizer.param_groups
-        self.defaults.update(self.base_optimizer.defaults)
+        super().__init__(params, base_optimizer_cls, model, **kwargs)
         self._stash: list[Tensor] | None = None
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -255,11 +252,3 @@ class GNP(torch.optim.Optimizer):
         self.base_optimizer.step()
         return loss
 
-    def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state; GNP itself keeps none between steps."""
-        return self.base_optimizer.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the base optimizer's state (and share its parameter groups)."""
-        self.base_optimizer.load_state_dict(state_dict)
-        self.param_groups = self.base_optimizer.param_groups

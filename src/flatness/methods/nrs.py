@@ -55,7 +55,7 @@ from ..passes import frozen_running_stats
 from ..probes import generator_state, make_generator, rademacher, restore_generator
 from ..utils import unwrap
 from .base import Evaluation, LossFn, Method, Point, Term, logged, register_method
-from .perturb import RandomReplay, extra_pass, perturbed, require_nonnegative
+from .perturb import RandomReplay, WrappingOptimizer, extra_pass, perturbed, require_nonnegative
 
 BallDistribution = Literal["gaussian", "rademacher"]
 BALL_DISTRIBUTIONS: tuple[str, ...] = ("gaussian", "rademacher")
@@ -285,7 +285,7 @@ class RandomPerturbation(Method):
         return f"RandomPerturbation(eps={self.eps})"
 
 
-class NRS(_Ball, torch.optim.Optimizer):
+class NRS(_Ball, WrappingOptimizer):
     """NRS as a wrapper around any optimizer class, driven by ``step(closure)``.
 
     For any training loop and for Lightning's manual optimization.
@@ -346,11 +346,7 @@ class NRS(_Ball, torch.optim.Optimizer):
     ) -> None:
         _Ball.__init__(self, eps, seed, dist)
         self.alpha = require_nonnegative("alpha (α)", alpha)
-        self.model = model
-        torch.optim.Optimizer.__init__(self, params, dict(kwargs))
-        self.base_optimizer = base_optimizer_cls(self.param_groups, **kwargs)
-        self.param_groups = self.base_optimizer.param_groups
-        self.defaults.update(self.base_optimizer.defaults)
+        WrappingOptimizer.__init__(self, params, base_optimizer_cls, model, **kwargs)
         self.last: dict[str, Tensor] = {}
 
     def _pass(self, closure: Callable[[], Any]) -> tuple[Tensor, Tensor]:
@@ -388,10 +384,9 @@ class NRS(_Ball, torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state and δθ's generator (to resume the same draws)."""
-        return {"base": self.base_optimizer.state_dict(), **_Ball.state_dict(self)}
+        return {"base": WrappingOptimizer.state_dict(self), **_Ball.state_dict(self)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the base optimizer's and the ball's state."""
-        self.base_optimizer.load_state_dict(state_dict["base"])
-        self.param_groups = self.base_optimizer.param_groups
+        WrappingOptimizer.load_state_dict(self, state_dict["base"])
         _Ball.load_state_dict(self, state_dict)

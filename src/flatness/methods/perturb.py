@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +45,7 @@ __all__ = [
     "stash_for",
     "RandomReplay",
     "extra_pass",
+    "WrappingOptimizer",
     "require_nonnegative",
     "require_positive",
 ]
@@ -153,6 +155,35 @@ def extra_pass(model: nn.Module | None) -> contextlib.AbstractContextManager[Non
     nothing without a model.
     """
     return contextlib.nullcontext() if model is None else frozen_running_stats(unwrap(model))
+
+
+class WrappingOptimizer(torch.optim.Optimizer):
+    """An optimizer around a base optimizer that shares its parameter groups (SAM, GNP, NRS).
+
+    The base optimizer, ``base_optimizer_cls(param_groups, **kwargs)``, takes the update step;
+    the wrapper's ``param_groups`` are the base's, so a learning-rate scheduler or a change of
+    ``lr`` reaches it, and its ``state_dict`` is the base's (the wrappers keep no state between
+    steps but what a subclass adds). ``model``: the network the closures run (for
+    :func:`extra_pass`), or ``None``.
+    """
+
+    def __init__(
+        self, params: Any, base_optimizer_cls: type[torch.optim.Optimizer], model: nn.Module | None, **kwargs: Any
+    ) -> None:
+        self.model = model
+        torch.optim.Optimizer.__init__(self, params, dict(kwargs))
+        self.base_optimizer = base_optimizer_cls(self.param_groups, **kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state (momentum etc.)."""
+        return self.base_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the base optimizer's state (and share its parameter groups)."""
+        self.base_optimizer.load_state_dict(state_dict)
+        self.param_groups = self.base_optimizer.param_groups
 
 
 def _check_number(name: str, value: object) -> float:

@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from .base import LossFn, Method, Point, logged, register_method
 from .perturb import (
     RandomReplay,
+    WrappingOptimizer,
     extra_pass,
     global_norm,
     perturbed,
@@ -142,7 +143,7 @@ class SharpnessAware(Method):
         return f"SharpnessAware(rho={self.rho}, adaptive={self.adaptive})"
 
 
-class SAM(torch.optim.Optimizer):
+class SAM(WrappingOptimizer):
     """SAM as a wrapper around any optimizer class, for use in any training loop.
 
     ``first_step()`` moves every parameter with a gradient to θ + ε̂ (saving θ), the user then
@@ -192,11 +193,7 @@ class SAM(torch.optim.Optimizer):
     ) -> None:
         self.rho = require_nonnegative("rho (ρ)", rho)
         self.adaptive = bool(adaptive)
-        self.model = model
-        super().__init__(params, dict(kwargs))
-        self.base_optimizer = base_optimizer_cls(self.param_groups, **kwargs)
-        self.param_groups = self.base_optimizer.param_groups
-        self.defaults.update(self.base_optimizer.defaults)
+        super().__init__(params, base_optimizer_cls, model, **kwargs)
         self._origin: list[tuple[Tensor, Tensor]] | None = None
 
     def _params_with_grad(self) -> list[Tensor]:
@@ -253,11 +250,3 @@ class SAM(torch.optim.Optimizer):
         self.second_step()
         return loss
 
-    def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state (momentum etc.); SAM itself keeps none between steps."""
-        return self.base_optimizer.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the base optimizer's state (and share its parameter groups)."""
-        self.base_optimizer.load_state_dict(state_dict)
-        self.param_groups = self.base_optimizer.param_groups
