@@ -60,7 +60,7 @@ from ..running.specs import RunSpec, build_grid, default_values, format_value, m
 from ..world.errors import SettingError
 from ..world.plugins import known_task
 from ..world.tasks import get_task
-from .groups import FLATNESS_METRIC, log10_by_seed, strength_symbol, twin_of
+from .groups import FLATNESS_METRIC, by_strength, log10_by_seed, strength_symbol, twin_of
 from .plots import figure, save_png
 from .report import write_report
 from .stats import Comparison, adjust_holm, compare_samples, mean_std
@@ -207,12 +207,10 @@ def select_and_summarize(
 
 def _strength_grid(method: str, mine: Sequence[RunRecord]) -> tuple[dict[Any, list[RunRecord]], list[dict[str, Any]]]:
     """A method's runs by strength, and each strength's validation summary (the grid, weakest first)."""
-    by_value: dict[Any, list[RunRecord]] = {}
-    for r in mine:
-        by_value.setdefault(r.value, []).append(r)
+    by_value = by_strength(mine)
     grid = []
-    for value in sorted(by_value, key=lambda v: -1.0 if v is None else float(v)):
-        done = [r for r in by_value[value] if r.complete]
+    for value, recorded in by_value.items():
+        done = [r for r in recorded if r.complete]
         mean, std, _ = mean_std([r.get("final_val_acc") for r in done])
         loss, loss_std, _ = mean_std([r.get("final_val_loss") for r in done])
         twin = twin_of(method, value, mine[0].method_kwargs)

@@ -41,6 +41,7 @@ __all__ = [
     "load_records",
     "strength_symbol",
     "twin_of",
+    "by_strength",
     "paper_results",
     "variant_settings",
     "reference_group",
@@ -330,14 +331,19 @@ def _adjust_baseline_families(groups: Sequence[Group]) -> None:
                         g.holm_family = text
 
 
-def _group_rows(recs: Sequence[RunRecord]) -> list[Row]:
+def by_strength(recs: Sequence[RunRecord]) -> dict[Any, list[RunRecord]]:
+    """The records by their strength value, weakest first (``None``, a method without one, first of all)."""
     by_value: dict[Any, list[RunRecord]] = {}
     for r in recs:
         by_value.setdefault(r.value, []).append(r)
+    return {v: by_value[v] for v in sorted(by_value, key=lambda v: -1.0 if v is None else float(v))}
+
+
+def _group_rows(recs: Sequence[RunRecord]) -> list[Row]:
     rows = []
-    for value in sorted(by_value, key=lambda v: -1.0 if v is None else float(v)):
-        runs = [r for r in by_value[value] if r.complete]
-        failed = [r for r in by_value[value] if not r.complete]
+    for value, recorded in by_strength(recs).items():
+        runs = [r for r in recorded if r.complete]
+        failed = [r for r in recorded if not r.complete]
         row = Row(value, runs, failed)
         row.stats = {m: mean_std([r.get(m) for r in runs]) for m in METRICS}
         rows.append(row)
