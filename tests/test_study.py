@@ -77,8 +77,8 @@ def test_grids_are_crossed_with_seeds_as_replicates() -> None:
             assert len(grid.factors) >= 4 and all(len(v) >= 2 for v in grid.factors.values())
             assert grid.protocol["stop_train_acc"] == 0.99 and grid.protocol["schedule"] == "constant"
     spec, settings = next(e for e in get_grid("cifar100-mlp").entries()
-                          if e[1]["width"] == 0.5 and e[1]["method"] == "fa:0.1")
-    assert spec.model_kwargs["hidden"] == [256, 128] and spec.method == "fa" and spec.value == 0.1
+                          if e[1]["width"] == 0.5 and e[1]["method"] == "fa:3e-05")
+    assert spec.model_kwargs["hidden"] == [256, 128] and spec.method == "fa" and spec.value == 3e-05
     assert spec.config["lr"] == settings["lr"] and spec.config["train_subset"] == 2000
     cnn, cnn_settings = get_grid("cifar100-resnet").entries()[0]
     assert cnn.config["model"] == f"resnet8-w{cnn_settings['width']}" and cnn.model_kwargs == {}
