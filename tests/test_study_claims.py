@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 
-from flatness.experiments.reporting.study_claims import model_selection, select_in_group
+from flatness.experiments.reporting.study_claims import (
+    _markdown,
+    has_validation_tie,
+    model_selection,
+    select_in_group,
+)
 from flatness.experiments.running.study_barriers import seed_pairs
 from flatness.experiments.running.study_population import Population
 
@@ -30,6 +36,20 @@ def test_a_flatness_tie_break_that_picks_better_models_shows_a_positive_differen
     assert result["groups"] == 6 and row["groups_changed"] == 6
     assert row["difference"] == pytest.approx(0.05)  # 0.90 against the tie's mean 0.85
     assert result["validation_alone_mean"] == pytest.approx(0.85)
+    assert result["groups_with_ties"] == 6
+
+
+def test_without_validation_ties_the_report_says_so_and_prints_no_nan_interval() -> None:
+    rows = []
+    for seed in range(4):
+        rows += [_row(f"a{seed}", 1e-3, seed, 0.9, 0.80, 5.0), _row(f"b{seed}", 3e-3, seed, 0.8, 0.90, 1.0)]
+    population = Population("t", "g", rows, [], {}, 0.0, 0.0)
+    selection = model_selection(population)
+    assert selection["groups_with_ties"] == 0 and not has_validation_tie(rows[:2])
+    (row,) = [r for r in selection["rows"] if r["measure"] == "lambda_max"]
+    assert row["groups_changed"] == 0 and row["difference"] == 0
+    text = _markdown(population, SimpleNamespace(name="g"), [], [], selection)  # type: ignore[arg-type]
+    assert "In 0 of them two or more models tie" in text and "nan" not in text.lower()
 
 
 def test_no_tie_means_no_change_and_a_missing_measure_is_left_out() -> None:

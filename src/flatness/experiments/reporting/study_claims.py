@@ -131,6 +131,13 @@ def select_in_group(rows: Sequence[dict[str, Any]], measure: str | None) -> floa
     return float(np.mean([r["generalization"]["test_acc"] for r in picked]))
 
 
+def has_validation_tie(rows: Sequence[dict[str, Any]]) -> bool:
+    """Whether two or more models of a group share its best validation accuracy (a tie-break can act)."""
+    accs = [r["generalization"].get("val_acc", math.nan) for r in rows]
+    finite = [a for a in accs if math.isfinite(a)]
+    return bool(finite) and finite.count(max(finite)) >= 2
+
+
 def _groups(population: Population) -> list[list[dict[str, Any]]]:
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in population.rows:
@@ -155,6 +162,7 @@ def model_selection(population: Population) -> dict[str, Any]:
     rows = [{"measure": k, "label": label, "groups_changed": n, **_comparison(c)}
             for (k, label), c, n in zip(keys, comparisons, changed, strict=True)]
     return {"groups": len(groups), "plane": list(PLANE),
+            "groups_with_ties": sum(1 for g in groups if has_validation_tie(g)),
             "validation_alone_mean": float(np.nanmean(list(alone.values()))) if groups else math.nan,
             "rows": rows}
 
@@ -204,14 +212,19 @@ def _markdown(population: Population, grid: StudyGrid, taus: list[dict[str, Any]
     lines += ["", "## Model selection: validation accuracy with and without a flatness tie-break", "",
               f"{selection['groups']} groups (models sharing every axis but {' and '.join(selection['plane'])}, "
               f"and the seed); validation alone picks models of mean test accuracy "
-              f"{selection['validation_alone_mean']:.4f}. Difference = validation + measure − validation alone, "
+              f"{selection['validation_alone_mean']:.4f}. In {selection.get('groups_with_ties', '?')} of them "
+              "two or more models tie for the best validation accuracy: only there can a tie-break change "
+              "the pick. Difference = validation + measure − validation alone, "
               "in test accuracy; the paired t-test, Holm over the measures, is this report's one family "
               "(the Wilcoxon signed-rank test beside it, Holm over the same measures).", "",
               "| measure | groups changed | difference [95 % CI] | p (t) | Holm p (t) "
               "| p (Wilcoxon) | Holm p (Wilcoxon) | MDE |",
               "|---|---|---|---|---|---|---|---|"]
     for r in selection["rows"]:
-        ci = f"{r['difference']:+.4f} [{r['ci'][0]:+.4f}, {r['ci'][1]:+.4f}]" if math.isfinite(r["difference"]) else "—"
+        ci = "—"
+        if math.isfinite(r["difference"]):
+            ends = f" [{r['ci'][0]:+.4f}, {r['ci'][1]:+.4f}]" if all(map(math.isfinite, r["ci"])) else ""
+            ci = f"{r['difference']:+.4f}{ends}"
         lines.append(f"| {r['label']} | {r['groups_changed']} | {ci} | {_p(r['p_t'])} | {_p(r['p_t_holm'])} | "
                      f"{_p(r['p_wilcoxon'])} | {_p(r['p_wilcoxon_holm'])} | {_p(r['mde'])} |"
                      + (f" {r['note']}" if r["note"] else ""))
