@@ -103,3 +103,26 @@ def test_compare_equal_compute_writes_table_and_plot(tmp_path, capsys):
     code = main(["compare", "breast-cancer-mlp", "--equal-compute", "--max-budget-factor", "0.5",
                  "--out", str(out)])
     assert code == 2 and "max-budget-factor" in capsys.readouterr().err
+
+
+def test_equal_compute_without_matched_runs_trains_no_extra_none_and_tests_nothing(tmp_path, capsys):
+    out = tmp_path / "runs"
+    args = ["compare", "breast-cancer-mlp", "--equal-compute", "--methods", "sam", "--grid", "sam=0.05",
+            "--seeds", "1", "--epochs", "1", "--out", str(out), "--quiet", "--no-plots"]
+    assert main([*args, "--no-matched"]) == 0
+    compare = out / "breast-cancer-mlp" / "compare"
+    summary = json.loads((compare / "equal_compute.json").read_text())
+    assert summary["matched"] is False
+    assert sorted(c["epochs"] for c in summary["configurations"] if c["method"] == "none") == [1, 2]
+    assert all(c["vs_baseline"] is None for c in summary["configurations"])
+    text = (compare / "equal_compute.md").read_text()
+    assert "No budget-matched `none` runs were trained" in text and "at the same budget" not in text
+    assert len(list((out / "breast-cancer-mlp").glob("none_*.json"))) == 2  # 1 and 2 epochs only
+    # the same records then take the matched runs: SAM costs more than 1x, so E' > 2 for 2 ep
+    assert main(args) == 0
+    summary = json.loads((compare / "equal_compute.json").read_text())
+    assert summary["matched"] is True and any(c["vs_baseline"] for c in summary["configurations"])
+    capsys.readouterr()
+    assert main(["compare", "breast-cancer-mlp", "--no-matched", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--no-matched goes with --equal-compute only" in err and len(err.strip().splitlines()) == 1

@@ -334,9 +334,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     )
     if args.select_seeds is not None and args.equal_compute:
         raise FlatnessError("--select-seeds does not go with --equal-compute")
+    if args.no_matched and not args.equal_compute:
+        raise FlatnessError("--no-matched goes with --equal-compute only")
     if args.equal_compute:
         _, text = run_equal_compute(args.task, args.out, max_factor=args.max_budget_factor,
-                                    epochs_grid=args.budget_epochs, **common)
+                                    epochs_grid=args.budget_epochs, matched=not args.no_matched, **common)
     else:
         _, text = run_comparison(args.task, args.out, measures=not args.no_measures,
                                  select_seeds=args.select_seeds, **common)
@@ -387,6 +389,9 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
                         "(default: 1x and 2x the protocol's)")
     p.add_argument("--max-budget-factor", type=float, default=10.0,
                    help="with --equal-compute: at most this many times the protocol's epochs for `none`")
+    p.add_argument("--no-matched", action="store_true",
+                   help="with --equal-compute: train no budget-matched `none` runs (the budget curves and "
+                        "the Pareto front without the tests at equal budget)")
     p.set_defaults(func=_cmd_compare, flag_names=COMPARE_FLAGS)
 
 

@@ -203,7 +203,7 @@ def _read(specs: Sequence[RunSpec], directory: Path) -> list[RunRecord]:
 
 
 def _markdown(task: str, config: dict[str, Any], configs: Sequence[Configuration], front: set[int],
-              facts: dict[str, Any], max_factor: float) -> str:
+              facts: dict[str, Any], max_factor: float, matched: bool = True) -> str:
     plain_ms = next(c.cost_ms for c in configs if c.method == "none")
     out = [
         f"# {task}: accuracy against compute, every method at several epoch counts", "",
@@ -223,6 +223,9 @@ def _markdown(task: str, config: dict[str, Any], configs: Sequence[Configuration
         "final, mean ± std over seeds. *Pareto*: no configuration reaches a higher mean test accuracy "
         "with a smaller or equal budget.")]
     compared = [(c.label, c.vs_baseline) for c in configs if c.vs_baseline is not None]
+    if not matched:
+        out += ["", "No budget-matched `none` runs were trained (`--no-matched`): this table has the "
+                "budget curves and the Pareto front, and no test against `none` at equal budget."]
     if compared:
         out += ["", "## Each configuration against `none` at the same budget", ""]
         out += comparison_table("configuration", compared)
@@ -280,6 +283,7 @@ def run_equal_compute(
     method_kwargs: dict[str, dict[str, Any]] | None = None,
     epochs_grid: Sequence[int] | None = None,
     max_factor: float = 10.0,
+    matched: bool = True,
     protocol: str | None = None,
     jobs: int = 1,
     data_dir: str | None = None,
@@ -289,7 +293,8 @@ def run_equal_compute(
 ) -> tuple[list[Configuration], str]:
     """Train every configuration at every epoch count and the budget-matched `none` runs.
 
-    Write the table, the tests and the plot.
+    Write the table, the tests and the plot. ``matched=False`` trains no budget-matched `none`
+    runs and so writes the budget curves, the table and the Pareto front without the tests.
     """
     if not (math.isfinite(max_factor) and max_factor >= 1):
         raise SettingError(f"`max_factor` must be >= 1, got {max_factor}", "max_factor")
@@ -311,7 +316,7 @@ def run_equal_compute(
     for c in configs:
         c.matched_epochs = budget_epochs(c.epochs, c.cost_ratio, max_factor)
     present = {c.epochs for c in configs if c.method == "none"}
-    extra = sorted({c.matched_epochs for c in configs if c.method != "none"} - present)
+    extra = sorted({c.matched_epochs for c in configs if c.method != "none"} - present) if matched else []
     matched_specs = [s for e in extra for s in build_grid(
         task, "none", None, seeds, config_overrides={**(config_overrides or {}), "epochs": e}, protocol=protocol)]
     run_grid(matched_specs, out_root, jobs=jobs, data_dir=data_dir, download=download, progress=progress)
@@ -319,22 +324,22 @@ def run_equal_compute(
     nones = {c.epochs: c for c in configs if c.method == "none"}
     for c in configs:
         c.matched_epochs = budget_epochs(c.epochs, c.cost_ratio, max_factor)
-        matched = nones.get(c.matched_epochs)
-        if c.method != "none" and matched is not None:
-            c.baseline_acc = matched.test_acc
-            c.vs_baseline = compare_samples(c.test_accs, matched.test_accs)
+        baseline = nones.get(c.matched_epochs) if matched else None
+        if c.method != "none" and baseline is not None:
+            c.baseline_acc = baseline.test_acc
+            c.vs_baseline = compare_samples(c.test_accs, baseline.test_accs)
     tested = [c for c in configs if c.vs_baseline is not None]
     for c, adjusted in zip(tested, adjust_holm([c.vs_baseline for c in tested if c.vs_baseline]), strict=True):
         c.vs_baseline = adjusted
     front = set(pareto_front([(c.budget, c.test_acc) for c in configs]))
     config = base_specs[0].config
-    text = _markdown(task, config, configs, front, cost_table.get("facts", {}), max_factor)
+    text = _markdown(task, config, configs, front, cost_table.get("facts", {}), max_factor, matched)
     out = directory / "compare"
     atomic_write_bytes(out / "equal_compute.md", lambda fh: fh.write(text.encode()))
     write_json(out / "equal_compute.json", {
         "format": "flatness-equal-compute", "task": task, "config": config, "seeds": seeds,
         "epochs_grid": grid, "budget": "steps x CPU ms per step (step_costs.json) / none's, plain-step equivalents",
-        "max_factor": max_factor, "step_costs": cost_table,
+        "max_factor": max_factor, "matched": matched, "step_costs": cost_table,
         "configurations": [{**asdict(c), "pareto": i in front} for i, c in enumerate(configs)],
     })
     if plots:
