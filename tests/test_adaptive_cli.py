@@ -126,3 +126,17 @@ def test_equal_compute_without_matched_runs_trains_no_extra_none_and_tests_nothi
     assert main(["compare", "breast-cancer-mlp", "--no-matched", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "--no-matched goes with --equal-compute only" in err and len(err.strip().splitlines()) == 1
+
+
+def test_equal_compute_plot_legend_names_each_configuration_without_markdown(tmp_path, monkeypatch):
+    from flatness.experiments.reporting import equal_compute
+
+    figures = []
+    monkeypatch.setattr(equal_compute, "save_png", lambda fig, path: figures.append(fig))
+    configs = [equal_compute.Configuration(m, h, v, k, e, ["r"], 10 * e, 1.0, 10.0 * e, 0.5, 0.01, {0: 0.5})
+               for m, h, v, k in (("none", None, None, "none"), ("fa", "lam", 0.001, "fa_lam0.001"))
+               for e in (1, 2)]
+    equal_compute._plot("t", configs, {0, 1}, tmp_path / "x.png")
+    (fig,) = figures
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "none" in labels and "fa λ = 0.001" in labels and not any("`" in t for t in labels)

@@ -243,7 +243,7 @@ def _plot(task: str, configs: Sequence[Configuration], front: set[int], path: Pa
     for i, key in enumerate(dict.fromkeys(c.key for c in configs)):
         mine = sorted((c for c in configs if c.key == key), key=lambda c: c.budget)
         ax.errorbar([c.budget for c in mine], [c.test_acc for c in mine], yerr=[c.test_acc_std for c in mine],
-                    fmt="o-", color=f"C{i % 10}", capsize=3, label=mine[0].label.rsplit(",", 1)[0].strip("`"))
+                    fmt="o-", color=f"C{i % 10}", capsize=3, label=mine[0].label.rsplit(",", 1)[0].replace("`", ""))
         for c in mine:
             ax.annotate(f"{c.epochs} ep", (c.budget, c.test_acc), fontsize=7, xytext=(3, 3), textcoords="offset points")
     best = sorted((configs[i] for i in front), key=lambda c: c.budget)
