@@ -140,3 +140,25 @@ def test_equal_compute_plot_legend_names_each_configuration_without_markdown(tmp
     (fig,) = figures
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert "none" in labels and "fa λ = 0.001" in labels and not any("`" in t for t in labels)
+
+
+def test_reading_a_run_another_process_still_trains_names_the_holder(tmp_path):
+    from flatness.experiments.running.claims import try_claim
+    from flatness.experiments.running.runner import read_finished
+    from flatness.utils import FlatnessError
+
+    claim = try_claim(tmp_path, "none_seed4")  # held by this (live) process, no record yet
+    assert claim is not None
+    with pytest.raises(FlatnessError, match="still being trained by pid .* run this command again"):
+        read_finished(tmp_path, "none_seed4")
+    claim.release()
+    with pytest.raises(FlatnessError, match="cannot read run record"):  # no claim: the missing file itself
+        read_finished(tmp_path, "none_seed4")
+    import socket
+
+    from flatness.experiments.running.claims import claim_path
+
+    dead = {"pid": 2**22 + 12345, "host": socket.gethostname(), "since": "then"}  # beyond pid_max: gone
+    claim_path(tmp_path, "none_seed4").write_text(json.dumps(dead))
+    with pytest.raises(FlatnessError, match="left by a process that is gone"):
+        read_finished(tmp_path, "none_seed4")

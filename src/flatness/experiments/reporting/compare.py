@@ -54,8 +54,8 @@ from ...methods import METHODS
 from ...utils import FlatnessError, atomic_write_bytes
 from ..running.measure import FLATNESS_KEYS, final_model_extras
 from ..running.platforms import platform_note
-from ..running.record import RunRecord, read_record, write_json
-from ..running.runner import run_grid
+from ..running.record import RunRecord, write_json
+from ..running.runner import read_finished, run_grid
 from ..running.specs import RunSpec, build_grid, default_values, format_value, method_class
 from ..world.errors import SettingError
 from ..world.plugins import known_task
@@ -474,9 +474,7 @@ def _read_records(specs: Sequence[RunSpec], directory: Path, cache: Path, data_d
     """The specs' records, with the final validation loss (the choice's tie-break) where complete."""
     records = {}
     for spec in specs:
-        record = read_record(directory / f"{spec.name}.json")
-        if record is None:
-            raise FlatnessError(f"run {spec.name} left no record in {directory}")
+        record = read_finished(directory, spec.name)
         if record.complete:
             record.extras.update(final_model_extras(record, directory, cache, ["final_val_loss"], data_dir, download))
         records[spec.name] = record

@@ -44,8 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from ...utils import FlatnessError, atomic_write_bytes
-from ..running.record import RunRecord, read_record, write_json
-from ..running.runner import run_grid
+from ..running.record import RunRecord, write_json
+from ..running.runner import read_finished, run_grid
 from ..running.specs import RunSpec, build_grid, format_value
 from ..world.errors import SettingError
 from ..world.tasks import TrainConfig, get_task
@@ -193,13 +193,7 @@ def _configurations(records: Sequence[RunRecord], costs: dict[str, float]) -> li
 
 
 def _read(specs: Sequence[RunSpec], directory: Path) -> list[RunRecord]:
-    records = []
-    for spec in specs:
-        record = read_record(directory / f"{spec.name}.json")
-        if record is None:
-            raise FlatnessError(f"run {spec.name} left no record in {directory}")
-        records.append(record)
-    return records
+    return [read_finished(directory, spec.name) for spec in specs]
 
 
 def _markdown(task: str, config: dict[str, Any], configs: Sequence[Configuration], front: set[int],

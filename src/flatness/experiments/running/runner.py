@@ -43,7 +43,7 @@ from ..world.data import Splits
 from ..world.errors import SettingError
 from ..world.plugins import check_source, plugin_sources, restore_plugins
 from ..world.tasks import Task, TrainConfig, get_task
-from .claims import claim_path, clear_leftovers, describe_holder, read_claim, try_claim
+from .claims import claim_path, clear_leftovers, describe_holder, is_stale, read_claim, try_claim
 from .distributed import DistContext, EmulatedRanks, wrap_model
 from .measure import EPOCH_MEASURE_BATCHES, EPOCH_MEASURE_PROBES, measure_final, measure_sq_trace_per_B
 from .outputs import Snapshots, finished_record, now, snapshot_steps, started_record, write_run
@@ -52,7 +52,8 @@ from .record import RunRecord, check_writable, read_record, write_record
 from .specs import RunSpec, accepts, identity, rank_kwargs
 from .training import TrainingDiverged, make_optimizer, steps_per_epoch, train
 
-__all__ = ["execute_run", "method_settings", "claim_and_run", "pending_runs", "check_run_options", "run_grid"]
+__all__ = ["execute_run", "method_settings", "claim_and_run", "pending_runs", "check_run_options", "run_grid",
+           "read_finished"]
 
 
 def execute_run(
@@ -255,6 +256,28 @@ def _available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def read_finished(directory: str | os.PathLike[str], name: str) -> RunRecord:
+    """The record of run ``name`` in ``directory``, or one line saying why there is none.
+
+    A run that another live process still trains (it holds the run's claim) is named with its
+    holder: a second process of a sharded command says to run it again instead of failing on a
+    missing file.
+    """
+    path = Path(directory) / f"{name}.json"
+    claim = claim_path(Path(directory), name)
+    holder = None if path.exists() else read_claim(claim)
+    if holder is not None:
+        if is_stale(claim, holder):
+            raise FlatnessError(f"run {name} has no record: its claim was left by a process that is gone; "
+                                "run this command again to train it")
+        raise FlatnessError(f"run {name} is still being trained by {describe_holder(holder)}; run this "
+                            "command again when it has finished (finished runs are kept)")
+    record = read_record(path)
+    if record is None:
+        raise FlatnessError(f"run {name} left no record in {directory}")
+    return record
 
 
 def pending_runs(
