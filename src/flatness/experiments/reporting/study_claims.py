@@ -212,7 +212,7 @@ def _markdown(population: Population, grid: StudyGrid, taus: list[dict[str, Any]
     lines += ["", "## Model selection: validation accuracy with and without a flatness tie-break", "",
               f"{selection['groups']} groups (models sharing every axis but {' and '.join(selection['plane'])}, "
               f"and the seed); validation alone picks models of mean test accuracy "
-              f"{selection['validation_alone_mean']:.4f}. In {selection.get('groups_with_ties', '?')} of them "
+              f"{selection['validation_alone_mean']:.4f}. In {selection['groups_with_ties']} of them "
               "two or more models tie for the best validation accuracy: only there can a tie-break change "
               "the pick. Difference = validation + measure − validation alone, "
               "in test accuracy; the paired t-test, Holm over the measures, is this report's one family "

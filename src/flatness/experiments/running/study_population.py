@@ -33,7 +33,8 @@ from ..world.tasks import TrainConfig, get_task
 from .checkpoints import check_checkpoint_matches, initial_model, load_checkpoint
 from .measure import MEASURE_SAMPLES
 from .progress import progress_bar, tracked
-from .record import RunRecord, read_record, write_json
+from .record import RunRecord, write_json
+from .runner import read_finished
 from .specs import RunSpec, build_grid, method_class
 from .training import evaluate
 
@@ -449,9 +450,7 @@ def collect_population(
     measure_seconds = train_seconds = 0.0
     bar = progress_bar(len(entries), "measures", "model", leave=False, enabled=progress)
     for spec, settings in tracked(entries, bar):
-        record = read_record(directory / f"{spec.name}.json")
-        if record is None:
-            raise FlatnessError(f"run {spec.name} has no finished record in {directory}")
+        record = read_finished(directory, spec.name)
         if not record.complete:
             failed.append(spec.name)
             continue
