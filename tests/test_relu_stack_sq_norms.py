@@ -6,15 +6,22 @@ path; the cases where it must not apply.
 """
 
 import copy
+import os
+import socket
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 from torch import nn
 
 from flatness._relu_stack_sq_norms import relu_stack_layers, relu_stack_sq_norms
+from flatness.experiments.running.distributed import EmulatedRanks
 from flatness.methods import make_method
 from flatness.passes import curvature_pass
 from flatness.per_example import per_example_sq_grad_norms
+from flatness.probes import rank_seed
 
 
 def mlp(*widths, dropout=0.3):
@@ -135,3 +142,75 @@ def test_does_not_apply_outside_its_models(change):
     elif change == "prefix":
         prefix = 3
     assert relu_stack_layers(model, prefix, loss_fn) is None
+
+
+_DDP_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch, torch.distributed as dist
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel
+    sys.path.insert(0, {tests!r})
+    from test_relu_stack_sq_norms import batch, mlp
+    from flatness import _relu_stack_sq_norms as fast_module
+    from flatness.experiments.running.distributed import take_shard
+    from flatness.methods import curvature, make_method
+    from flatness.probes import rank_seed
+    calls = []
+    real = fast_module.relu_stack_sq_norms
+    curvature.relu_stack_sq_norms = lambda *a, **k: calls.append(1) or real(*a, **k)  # a spy
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    model = mlp(6, 8, 7, 4).train()
+    ddp = DistributedDataParallel(model)
+    method = make_method("curvature", ddp, nn.CrossEntropyLoss(), alpha=0.3, impl="closed-form")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.manual_seed(rank_seed(1, rank))  # this rank's dropout stream, as the twin draws it
+    x, y = batch(16)
+    for _ in range(3):
+        method.step(*take_shard(x, y, rank, world), opt)
+    if rank == 0:
+        torch.save({{"state": model.state_dict(), "fast_calls": len(calls)}}, {out!r})
+    del method, ddp  # DDP's reducer before its process group (see test_finite_difference)
+    dist.barrier()
+    dist.destroy_process_group()
+    """
+)
+
+
+@pytest.mark.slow
+def test_under_two_gloo_ranks_the_fast_path_runs_and_equals_the_one_process_twin(tmp_path, monkeypatch):
+    """DDP: the explicit backward's gradients are averaged like the task loss's (one reducer pass)."""
+    out, script = tmp_path / "ddp.pt", tmp_path / "ddp_curvature.py"
+    script.write_text(_DDP_SCRIPT.format(tests=os.path.dirname(__file__), out=str(out)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+           "127.0.0.1", "--master-port", str(port), "--max-restarts", "0", str(script)]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ddp = torch.load(out, weights_only=True)
+    assert ddp["fast_calls"] == 3  # the explicit closed form ran at every step under DDP
+
+    from flatness import _relu_stack_sq_norms as fast_module
+    from flatness.methods import curvature
+
+    calls = []
+    real = fast_module.relu_stack_sq_norms
+    monkeypatch.setattr(curvature, "relu_stack_sq_norms", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    model = mlp(6, 8, 7, 4).train()
+    initial = copy.deepcopy(model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    methods = [make_method("curvature", model, nn.CrossEntropyLoss(), alpha=0.3, impl="closed-form")
+               for _ in range(2)]
+    twin = EmulatedRanks(methods, [rank_seed(1, r) for r in range(2)])
+    x, y = batch(16)
+    for _ in range(3):
+        twin.step(x, y, opt)
+    assert len(calls) == 6
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(ddp["state"][key], value, rtol=0, atol=1e-12)
+    assert float((ddp["state"]["3.weight"] - initial["3.weight"]).abs().max()) > 1e-3  # it trained
