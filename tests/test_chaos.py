@@ -7,7 +7,8 @@ up, a run training (a claim exists), a run just finished (a new record) — and 
 into it, so that the kills land in the sweep's work whatever the machine's speed.
 After every kill each record on disk must be a complete, readable record (atomic writes); after
 the final, unkilled resume the records must equal an uninterrupted sweep's in every field but
-timings, pids and host, and nothing else may be left behind. ``chaos_sweep`` is also the
+timings, pids, host and the epochs a run resumed after (:mod:`flatness.experiments.running.resume`),
+and nothing else may be left behind. ``chaos_sweep`` is also the
 by-hand version (``python tests/test_chaos.py OUT KILLS SEED`` with a bigger grid).
 """
 
@@ -34,7 +35,7 @@ BC = "breast-cancer-mlp"
 SMALL = ["--lambdas", "0", "0.01", "--seeds", "2", "--epochs", "1", "--batch-size", "64",
          "--train-eval-samples", "64"]
 TIMING_KEYS = {"train_seconds", "seconds_per_epoch", "eval_seconds", "total_seconds", "finished_at"}
-PROCESS_KEYS = {"pid", "host"}
+PROCESS_KEYS = {"pid", "host", "resumed_after_epochs"}  # which processes made it
 
 
 def _sweep_command(out: Path, grid: list[str]) -> list[str]:

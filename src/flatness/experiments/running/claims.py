@@ -13,8 +13,9 @@ reaped — or the pid since reused by another process); on any host, it has not 
 :data:`STALE_SECONDS` (the process was killed with the machine, or hangs). Taking over moves the
 stale file aside under a unique name (an atomic rename), checks that it moved the claim it judged
 stale, and claims afresh. :func:`clear_leftovers` removes, before a sweep starts, what killed
-processes left: stale claims (also those of runs finished just before the kill) and temporary
-files of writes cut short (:func:`flatness.utils.remove_orphaned_files`).
+processes left: stale claims (also those of runs finished just before the kill), temporary
+files of writes cut short (:func:`flatness.utils.remove_orphaned_files`) and epoch states of runs
+that have their record (:mod:`.resume`; the states of runs still to finish are kept: they resume).
 
 Example:
     >>> import tempfile, pathlib
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from ...utils import process_alive, process_start, remove_orphaned_files, writer_tag
+from .resume import STATE_SUFFIX
 
 __all__ = [
     "HEARTBEAT_SECONDS",
@@ -193,7 +195,8 @@ def clear_leftovers(directory: Path) -> list[Path]:
 
     Stale claims (:func:`is_stale`): those of runs still to do, and those of runs whose record
     was written just before the kill (nobody would claim them again). Temporary files and
-    take-over files whose writer is gone (:func:`flatness.utils.remove_orphaned_files`). Live
+    take-over files whose writer is gone (:func:`flatness.utils.remove_orphaned_files`). Epoch
+    states (``checkpoints/NAME.state.pt``) of runs whose record ``NAME.json`` exists. Live
     processes' claims and files, and other hosts' files, are left alone.
     """
     removed = []
@@ -201,5 +204,9 @@ def clear_leftovers(directory: Path) -> list[Path]:
         holder = read_claim(path)
         if holder is not None and is_stale(path, holder):
             _take_over(path, holder)
+            removed.append(path)
+    for path in sorted(Path(directory).glob(f"checkpoints/*{STATE_SUFFIX}")):
+        if (Path(directory) / f"{path.name[: -len(STATE_SUFFIX)]}.json").exists():
+            path.unlink(missing_ok=True)
             removed.append(path)
     return removed + remove_orphaned_files(directory)

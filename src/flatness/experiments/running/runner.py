@@ -13,10 +13,12 @@ measures the final model, and writes into the results directory ``OUT/TASK/``:
 
 ``NAME`` is e.g. ``fa_lam0.01_seed0``; a non-default protocol or method setting appends a short
 tag (``_pXXXXXX`` / ``_kXXXXXX``), so different protocols never share a file. Re-running a
-command skips runs whose JSON is complete: a killed sweep resumes where it stopped and loses at
-most the runs in flight. ``--jobs N`` runs N runs at a time in separate processes. Several
-``flatness run`` processes (on one machine or many) may share one ``--out``: each claims a run
-before training it (:mod:`flatness.experiments.running.claims`) and skips runs others hold.
+command skips runs whose JSON is complete: a killed sweep resumes where it stopped; a run in
+flight resumes after its last saved epoch (``checkpoints/NAME.state.pt``, :mod:`.resume`, written
+at most every :data:`EPOCH_STATE_INTERVAL` seconds), so it loses at most that much training.
+``--jobs N`` runs N runs at a time in separate processes. Several ``flatness run`` processes (on
+one machine or many) may share one ``--out``: each claims a run before training it
+(:mod:`flatness.experiments.running.claims`) and skips runs others hold.
 
 The final model is measured by :mod:`flatness.experiments.running.measure`.
 """
@@ -49,6 +51,7 @@ from .measure import EPOCH_MEASURE_BATCHES, EPOCH_MEASURE_PROBES, measure_final,
 from .outputs import Snapshots, finished_record, now, snapshot_steps, started_record, write_run
 from .progress import progress_bar
 from .record import RunRecord, check_writable, read_record, write_record
+from .resume import RESUME_IDENTITY_KEYS, STATE_SUFFIX, EpochState
 from .specs import RunSpec, accepts, identity, rank_kwargs
 from .training import TrainingDiverged, make_optimizer, steps_per_epoch, train
 
@@ -96,6 +99,7 @@ def execute_run(
     per_epoch = steps_per_epoch(int(splits.y_train.shape[0]), config.batch_size)
     snapshots = Snapshots(model, set(snapshot_steps(config.epochs * per_epoch, spec.trajectory)))
     base = started_record(spec, task, splits, config, kwargs, world, dist_ctx, device)
+    epoch_state = _epoch_state(out, spec, base, world, dist_ctx)
     started = time.perf_counter()
     try:
         history = train(
@@ -110,19 +114,48 @@ def execute_run(
             # evaluates the rest (and measures the curvature curve) once, when it stops
             evaluate_every_epoch=config.reached_stop(None, None) is None,
             score=task.score,
+            epoch_state=epoch_state,
         )
     except (TrainingDiverged, FloatingPointError) as exc:
         if not is_main:
             return None
         record = dataclasses.replace(base, error=f"{type(exc).__name__}: {exc}", finished_at=now())
         write_record(out / f"{spec.name}.json", record)
+        if epoch_state is not None:
+            epoch_state.discard()
         return record
     if not is_main:
         return None
+    if history.resumed_after_epochs:  # made by more than one process: the record says so
+        base = dataclasses.replace(
+            base, environment={**base.environment, "resumed_after_epochs": history.resumed_after_epochs}
+        )
     measurements = measure_final(model, task, splits, config)  # fields, or else extras
     record = finished_record(base, history, measurements, config, started, trajectory=bool(snapshots.taken))
     write_run(out, spec, record, model, task.source, snapshots.taken, per_epoch)
+    if epoch_state is not None:
+        epoch_state.discard()
     return record
+
+
+# seconds between two epoch states of a run (and after its last epoch): a killed run loses at most
+# this much training, a short run writes few
+EPOCH_STATE_INTERVAL = 60.0
+
+
+def _epoch_state(
+    out: Path, spec: RunSpec, base: RunRecord, world: int, dist_ctx: DistContext | None
+) -> EpochState | None:
+    """Where a one-process run saves its epoch states (:mod:`.resume`).
+
+    ``None`` under DDP, for emulated ranks and for runs that keep a trajectory.
+    """
+    if dist_ctx is not None or world > 1 or spec.trajectory:
+        return None
+    environment = base.environment or {}
+    identity = {"spec": spec.as_dict(), "environment": {k: environment.get(k) for k in RESUME_IDENTITY_KEYS}}
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    return EpochState(out / "checkpoints" / f"{spec.name}{STATE_SUFFIX}", identity, EPOCH_STATE_INTERVAL)
 
 
 def method_settings(spec: RunSpec, config: TrainConfig, train_samples: int) -> dict[str, Any]:
@@ -245,9 +278,11 @@ def claim_and_run(
 def _describe(record: RunRecord) -> str:
     if not record.complete:
         return f"{record.task}/{record.name}: FAILED ({record.error})"
+    resumed = (record.environment or {}).get("resumed_after_epochs")
     return (
         f"{record.task}/{record.name}: final acc {record.final_test_acc:.4f}, "
         f"Tr(H²)/B {record.measured_sq_trace_per_B:.4g}, train {record.train_seconds:.1f} s"
+        + (f" (resumed after epoch {', '.join(map(str, resumed))})" if resumed else "")
     )
 
 

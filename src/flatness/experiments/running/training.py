@@ -33,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ from ..world.data import Splits, iterate_batches
 from ..world.tasks import TrainConfig
 from .distributed import take_shard
 from .progress import progress_bar
+from .resume import EpochState, capture_random_streams, restore_random_streams
 
 __all__ = [
     "TrainingDiverged",
@@ -78,6 +80,8 @@ class History:
     steps: int = 0
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
+    # the epochs after which training was resumed from an epoch state (:mod:`.resume`)
+    resumed_after_epochs: list[int] = field(default_factory=list)
 
     def curve(self, key: str) -> list[Any]:
         """The values of ``key`` over epochs (``None`` where an epoch lacks it)."""
@@ -247,6 +251,7 @@ def train(
     min_batch: int = 1,
     augment: Augment | None = None,
     score: Score | None = None,
+    epoch_state: EpochState | None = None,
 ) -> History:
     """Train ``model`` with ``method`` for ``config.epochs`` epochs; returns the :class:`History`.
 
@@ -279,6 +284,9 @@ def train(
             empty; the runner sets it to the number of ranks).
         augment: ``f(x, generator) -> x`` applied to every global mini-batch before sharding,
             with the shuffling ``generator`` (e.g. :meth:`flatness.experiments.world.tasks.Task.augment`).
+        epoch_state: where training saves its state after epochs and resumes from
+            (:mod:`.resume`; one process, ``on_step_end`` keeping nothing the state misses);
+            ``scheduler`` must then be ``None`` or have ``state_dict``.
 
     Each epoch's record holds ``epoch`` (1-based), ``seconds`` (training only), ``lr`` (at the
     epoch's end), the mean over steps of every float the method returned (``loss``, and e.g.
@@ -303,9 +311,13 @@ def train(
     bar = progress_bar(config.epochs * per_epoch, description, "step", leave=False) if progress else None
     loop = _EpochLoop(method, optimizer, data, config, scheduler, generator, on_step_end, shard, min_batch,
                       augment, bar)
+    resumable = _Resumable(model, method, optimizer, scheduler, generator, history, epoch_state)
+    first = resumable.resume()
+    if bar is not None and history.steps:
+        bar.update(history.steps)
     try:
         with preserved_mode(model):
-            for epoch in range(1, config.epochs + 1):
+            for epoch in range(first, config.epochs + 1):
                 model.train()
                 start = time.perf_counter()
                 sums, counts = loop.run(epoch, history)
@@ -327,12 +339,60 @@ def train(
                 if bar is not None:
                     acc = record.get("test_acc")
                     bar.set_postfix(epoch=epoch, test_acc=f"{acc:.4f}" if acc is not None else "-")
-                if stop_rule and config.reached_stop(record.get("train_loss"), record.get("train_acc")):
+                stop = stop_rule and bool(config.reached_stop(record.get("train_loss"), record.get("train_acc")))
+                resumable.save(epoch, done=stop or epoch == config.epochs)
+                if stop:
                     break  # the stopping rule: the rest of the epochs are a cap, not a budget
     finally:
         if bar is not None:
             bar.close()
     return history
+
+
+@dataclass
+class _Resumable:
+    """:func:`train`'s state after an epoch, saved to and restored from an :class:`~.resume.EpochState`."""
+
+    model: nn.Module
+    method: Method
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    generator: torch.Generator | None
+    history: History
+    epoch_state: EpochState | None
+
+    def save(self, epoch: int, done: bool) -> None:
+        """Save the state after ``epoch`` (``done``: training ends here; a resumed run goes straight on)."""
+        if self.epoch_state is None:
+            return
+        state = {
+            "next_epoch": epoch + 1,
+            "done": done,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "method": self.method.state_dict(),
+            "random": capture_random_streams(self.generator),
+            "history": {**self.history.as_dict(), "resumed_after_epochs": self.history.resumed_after_epochs},
+        }
+        self.epoch_state.save(state, final=done)
+
+    def resume(self) -> int:
+        """Restore a saved state if there is one; the first epoch still to train (past the last when done)."""
+        saved = None if self.epoch_state is None else self.epoch_state.load()
+        if saved is None:
+            return 1
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(saved["scheduler"])
+        self.method.load_state_dict(saved["method"])
+        restore_random_streams(saved["random"], self.generator)
+        past = saved["history"]
+        self.history.epochs, self.history.steps = past["epochs"], past["steps"]
+        self.history.train_seconds, self.history.eval_seconds = past["train_seconds"], past["eval_seconds"]
+        self.history.resumed_after_epochs = [*past["resumed_after_epochs"], saved["next_epoch"] - 1]
+        return sys.maxsize if saved["done"] else int(saved["next_epoch"])
 
 
 @dataclass
