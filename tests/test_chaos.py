@@ -75,6 +75,8 @@ def _phase_reached(out: Path, phase: str, records_before: int, launched: float) 
     directory = out / BC
     if phase == "training":  # this attempt claimed a run: a worker is training it
         return directory.exists() and any(_newer(p, launched) for p in directory.glob("*.claim"))
+    if phase == "mid-run":  # a run of this attempt has just saved an epoch state
+        return directory.exists() and any(_newer(p, launched) for p in directory.glob("checkpoints/*.state.pt"))
     # "writing": a run has just written its record (its claim release, the next claim follow)
     return directory.exists() and len(list(directory.glob("*.json"))) > records_before
 
@@ -86,18 +88,24 @@ def _newer(path: Path, since: float) -> bool:
         return False
 
 
-def chaos_sweep(out: Path, grid: list[str], kills: int, seed: int) -> list[str]:
+PHASES = ("start", "training", "writing")
+# seconds into each phase a kill may land (uniform): "mid-run" just after an epoch state was saved
+DELAYS = {"start": (0.2, 3.0), "training": (0.0, 1.0), "writing": (0.0, 0.2), "mid-run": (0.0, 0.05)}
+
+
+def chaos_sweep(out: Path, grid: list[str], kills: int, seed: int, phases: tuple[str, ...] = PHASES) -> list[str]:
     """Start the sweep ``kills`` times and SIGKILL its process group at a random moment of a
     randomly chosen phase — while starting up, while a run trains, just after a run wrote its
-    record — then let it finish; returns a line per attempt.
+    record, just after a run saved an epoch state (``"mid-run"``) — then let it finish; returns a
+    line per attempt.
     """
     rng = random.Random(seed)
-    phases = []
-    while len(phases) < kills:  # every phase in turn, in a random order each round
-        phases += rng.sample(["start", "training", "writing"], 3)
+    order: list[str] = []
+    while len(order) < kills:  # every phase in turn, in a random order each round
+        order += rng.sample(list(phases), len(phases))
     log = []
-    for attempt, phase in enumerate(phases[:kills]):
-        delay = rng.uniform(0.2, 3.0) if phase == "start" else rng.uniform(0.0, 1.0 if phase == "training" else 0.2)
+    for attempt, phase in enumerate(order[:kills]):
+        delay = rng.uniform(*DELAYS[phase])
         before = len(list((out / BC).glob("*.json"))) if (out / BC).exists() else 0
         launched = time.time() - 0.02  # file times are kept at a coarser clock (a jiffy)
         proc = subprocess.Popen(_sweep_command(out, grid), stdout=subprocess.DEVNULL,
@@ -129,10 +137,10 @@ def _reference(out: Path, grid: list[str]) -> dict[str, dict[str, Any]]:
     return _records(out / BC)
 
 
-def check_chaos(tmp: Path, grid: list[str], kills: int, seed: int) -> list[str]:
+def check_chaos(tmp: Path, grid: list[str], kills: int, seed: int, phases: tuple[str, ...] = PHASES) -> list[str]:
     reference = _reference(tmp / "reference", grid)
     start = time.perf_counter()
-    log = chaos_sweep(tmp / "chaos", grid, kills, seed)
+    log = chaos_sweep(tmp / "chaos", grid, kills, seed, phases)
     log.append(f"chaos sweep wall time {time.perf_counter() - start:.1f} s")
     resumed = _records(tmp / "chaos" / BC)
     assert sorted(resumed) == sorted(reference)
@@ -224,6 +232,17 @@ def killed_pid() -> int:
 def test_a_killed_and_resumed_sweep_equals_an_uninterrupted_one(tmp_path):
     log = check_chaos(tmp_path, SMALL, kills=3, seed=30)
     print("\n".join(log))
+
+
+@pytest.mark.slow
+def test_runs_killed_mid_run_resume_from_their_epoch_states_to_the_uninterrupted_records(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLATNESS_EPOCH_STATE_SECONDS", "0")  # a state after every epoch
+    grid = ["--lambdas", "0", "0.01", "--seeds", "1", "--epochs", "4", "--batch-size", "64",
+            "--train-eval-samples", "64"]
+    log = check_chaos(tmp_path, grid, kills=2, seed=31, phases=("mid-run",))
+    print("\n".join(log))
+    resumed = [r["environment"].get("resumed_after_epochs") for r in _records(tmp_path / "chaos" / BC).values()]
+    assert any(resumed), "no run was resumed from an epoch state: the kills missed the runs"
 
 
 if __name__ == "__main__":  # the by-hand version: python tests/test_chaos.py OUT KILLS SEED

@@ -143,3 +143,16 @@ def test_clear_leftovers_removes_states_of_finished_runs_only(tmp_path):
     removed = clear_leftovers(tmp_path)
     assert [p.name for p in removed] == [f"done{STATE_SUFFIX}"]
     assert (tmp_path / "checkpoints" / f"running{STATE_SUFFIX}").exists()
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "nan"])
+def test_a_bad_epoch_state_interval_is_one_error_line_before_any_run(tmp_path, capsys, monkeypatch, value):
+    from flatness.cli import main
+
+    monkeypatch.setenv("FLATNESS_EPOCH_STATE_SECONDS", value)
+    out = tmp_path / "runs"
+    assert main(["run", "breast-cancer-mlp", "--seeds", "1", "--epochs", "1", "--quiet", "--no-plots",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"flatness: error: FLATNESS_EPOCH_STATE_SECONDS must be a number of seconds >= 0, got {value!r}"]
+    assert not any(p.is_file() for p in out.rglob("*")) if out.exists() else True

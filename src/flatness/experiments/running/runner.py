@@ -15,7 +15,8 @@ measures the final model, and writes into the results directory ``OUT/TASK/``:
 tag (``_pXXXXXX`` / ``_kXXXXXX``), so different protocols never share a file. Re-running a
 command skips runs whose JSON is complete: a killed sweep resumes where it stopped; a run in
 flight resumes after its last saved epoch (``checkpoints/NAME.state.pt``, :mod:`.resume`, written
-at most every :data:`EPOCH_STATE_INTERVAL` seconds), so it loses at most that much training.
+at most every :data:`EPOCH_STATE_INTERVAL` seconds, or as many as the environment variable
+``FLATNESS_EPOCH_STATE_SECONDS`` says), so it loses at most that much training.
 ``--jobs N`` runs N runs at a time in separate processes. Several ``flatness run`` processes (on
 one machine or many) may share one ``--out``: each claims a run before training it
 (:mod:`flatness.experiments.running.claims`) and skips runs others hold.
@@ -139,8 +140,10 @@ def execute_run(
 
 
 # seconds between two epoch states of a run (and after its last epoch): a killed run loses at most
-# this much training, a short run writes few
+# this much training, a short run writes few; the environment variable overrides it (e.g. 0 on a
+# machine that preempts often)
 EPOCH_STATE_INTERVAL = 60.0
+EPOCH_STATE_VARIABLE = "FLATNESS_EPOCH_STATE_SECONDS"
 
 
 def _epoch_state(
@@ -155,7 +158,21 @@ def _epoch_state(
     environment = base.environment or {}
     identity = {"spec": spec.as_dict(), "environment": {k: environment.get(k) for k in RESUME_IDENTITY_KEYS}}
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    return EpochState(out / "checkpoints" / f"{spec.name}{STATE_SUFFIX}", identity, EPOCH_STATE_INTERVAL)
+    return EpochState(out / "checkpoints" / f"{spec.name}{STATE_SUFFIX}", identity, _epoch_state_interval())
+
+
+def _epoch_state_interval() -> float:
+    """:data:`EPOCH_STATE_INTERVAL`, or the seconds :data:`EPOCH_STATE_VARIABLE` names."""
+    value = os.environ.get(EPOCH_STATE_VARIABLE)
+    if value is None:
+        return EPOCH_STATE_INTERVAL
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:  # also NaN
+        raise SettingError(f"{EPOCH_STATE_VARIABLE} must be a number of seconds >= 0, got {value!r}")
+    return seconds
 
 
 def method_settings(spec: RunSpec, config: TrainConfig, train_samples: int) -> dict[str, Any]:
@@ -362,6 +379,7 @@ def check_run_options(
     A front end calls it before it starts a DDP job; a :class:`SettingError` naming the parameter
     otherwise.
     """
+    _epoch_state_interval()  # a bad FLATNESS_EPOCH_STATE_SECONDS: one line before any run starts
     if jobs < 1:
         raise SettingError(f"`jobs` must be >= 1, got {jobs}", "jobs")
     if emulate_ranks < 1:
