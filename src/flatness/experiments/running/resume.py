@@ -76,9 +76,13 @@ class EpochState:
             return self._set_aside("was written by other code or settings")
         return payload["state"]
 
+    def due(self, final: bool) -> bool:
+        """Whether :meth:`save` would write now: ``final``, or the last write is ``min_interval`` old."""
+        return final or time.monotonic() - self._last_write >= self.min_interval
+
     def save(self, state: Mapping[str, Any], *, final: bool) -> None:
-        """Write ``state`` atomically, unless the last write is under ``min_interval`` old (``final`` writes anyway)."""
-        if not final and time.monotonic() - self._last_write < self.min_interval:
+        """Write ``state`` atomically if :meth:`due` (``final``: the last epoch's, always written)."""
+        if not self.due(final):
             return
         payload = {"format": _FORMAT, "identity": self.identity, "state": dict(state)}
         buffer = io.BytesIO()

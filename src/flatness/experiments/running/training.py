@@ -363,7 +363,7 @@ class _Resumable:
 
     def save(self, epoch: int, done: bool) -> None:
         """Save the state after ``epoch`` (``done``: training ends here; a resumed run goes straight on)."""
-        if self.epoch_state is None:
+        if self.epoch_state is None or not self.epoch_state.due(done):
             return
         state = {
             "next_epoch": epoch + 1,
