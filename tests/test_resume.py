@@ -122,9 +122,22 @@ def test_a_state_of_other_settings_or_unreadable_is_set_aside_with_one_line(tmp_
     path.write_bytes(b"not a torch file")
     assert EpochState(path, {"spec": 1}).load() is None
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines == [f"flatness: run{STATE_SUFFIX} was written by other code or settings; training from the start",
+    assert lines == [f"flatness: run{STATE_SUFFIX} was written by other code or settings (spec 1 → here 2); "
+                     "training from the start",
                      f"flatness: run{STATE_SUFFIX} cannot be read (UnpicklingError); training from the start"]
     assert not path.exists()
+
+
+def test_the_set_aside_line_names_what_differs(tmp_path, capsys):
+    path = tmp_path / f"run{STATE_SUFFIX}"
+    saved = {"spec": {"config": {"lr": 0.1, "epochs": 5}}, "environment": {"commit": "abc", "threads": 1}}
+    EpochState(path, saved).save({}, final=True)
+    here = {"spec": {"config": {"lr": 0.2, "epochs": 5}}, "environment": {"commit": "def", "threads": 2}}
+    assert EpochState(path, here).load() is None
+    assert capsys.readouterr().err.strip() == (
+        f"flatness: run{STATE_SUFFIX} was written by other code or settings (environment.commit 'abc' → here "
+        "'def'; environment.threads 1 → here 2; spec.config.lr 0.1 → here 0.2); training from the start"
+    )
 
 
 def test_states_are_written_at_most_every_interval_but_always_at_the_end(tmp_path):

@@ -73,7 +73,8 @@ class EpochState:
         if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
             return self._set_aside("is not an epoch state")
         if payload.get("identity") != self.identity:
-            return self._set_aside("was written by other code or settings")
+            differences = _differences(payload.get("identity"), self.identity)
+            return self._set_aside(f"was written by other code or settings ({differences})")
         return payload["state"]
 
     def due(self, final: bool) -> bool:
@@ -98,6 +99,25 @@ class EpochState:
         print(f"flatness: {self.path.name} {why}; training from the start", file=sys.stderr)
         self.discard()
         return None
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as ``{"a.b.c": leaf}``."""
+    if not isinstance(value, Mapping):
+        return {prefix: value}
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        out.update(_flat(item, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _differences(saved: Any, current: Mapping[str, Any], limit: int = 3) -> str:
+    """Where two identities differ, the first ``limit`` entries as ``key saved → here``."""
+    a, b = _flat(saved), _flat(current)
+    keys = [key for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
+    found = [f"{key} {a.get(key)!r} → here {b.get(key)!r}" for key in keys]
+    shown = "; ".join(found[:limit])
+    return shown + (f"; {len(found) - limit} more" if len(found) > limit else "")
 
 
 def capture_random_streams(generator: torch.Generator | None) -> dict[str, Any]:
