@@ -169,3 +169,25 @@ def test_a_bad_epoch_state_interval_is_one_error_line_before_any_run(tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"flatness: error: FLATNESS_EPOCH_STATE_SECONDS must be a number of seconds >= 0, got {value!r}"]
     assert not any(p.is_file() for p in out.rglob("*")) if out.exists() else True
+
+
+class _Payload:
+    """An arbitrary class in a state file: unpickling it would run code."""
+
+    ran = False
+
+    def __reduce__(self):
+        return (_Payload._run, ())
+
+    @staticmethod
+    def _run():
+        _Payload.ran = True
+        return {}
+
+
+def test_a_state_holding_arbitrary_objects_is_set_aside_without_running_them(tmp_path, capsys):
+    path = tmp_path / f"run{STATE_SUFFIX}"
+    torch.save({"format": "flatness-epoch-state", "identity": {}, "state": {"x": _Payload()}}, path)
+    assert EpochState(path, {}).load() is None
+    assert not _Payload.ran
+    assert "cannot be read (UnpicklingError)" in capsys.readouterr().err

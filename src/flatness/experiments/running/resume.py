@@ -11,7 +11,8 @@ record an uninterrupted run gives, but for timings and the resumed epochs it nam
 A state is used only where it was written by the same code and settings: the same ``identity``
 (the run's spec, and the package version, git commit and dirty flag, torch version, thread count
 and device of the environment). Any other state, or one that cannot be read, is set aside with
-one line on standard error and the run starts over. States are written at most every
+one line on standard error and the run starts over. A state is read with ``weights_only=True``:
+tensors and plain data only, so a state file cannot run code. States are written at most every
 ``min_interval`` seconds (and after the last epoch), so short runs pay nothing for them.
 
 Example:
@@ -28,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import io
+import json
 import sys
 import time
 from collections.abc import Mapping
@@ -58,7 +60,7 @@ class EpochState:
 
     def __init__(self, path: Path, identity: Mapping[str, Any], min_interval: float = 0.0) -> None:
         self.path = Path(path)
-        self.identity = dict(identity)
+        self.identity = json.loads(json.dumps(identity, default=str))  # plain data (torch's version is a str subclass)
         self.min_interval = min_interval
         self._last_write = time.monotonic()
 
@@ -67,7 +69,7 @@ class EpochState:
         if not self.path.exists():
             return None
         try:
-            payload = torch.load(self.path, map_location="cpu", weights_only=False)  # written by save()
+            payload = torch.load(self.path, map_location="cpu", weights_only=True)  # tensors and plain data only
         except Exception as exc:  # noqa: BLE001 - any unreadable file: start over, say why
             return self._set_aside(f"cannot be read ({type(exc).__name__})")
         if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
