@@ -34,6 +34,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "flatness.cli.connect",
     "flatness.cli.study",
     "flatness.cli.tasks",
+    "flatness.cli.status",
 )
 
 

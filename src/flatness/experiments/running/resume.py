@@ -40,7 +40,7 @@ import torch
 
 from ...utils import atomic_write_bytes
 
-__all__ = ["EpochState", "STATE_SUFFIX", "RESUME_IDENTITY_KEYS", "capture_random_streams",
+__all__ = ["EpochState", "STATE_SUFFIX", "RESUME_IDENTITY_KEYS", "saved_progress", "capture_random_streams",
            "restore_random_streams"]
 
 STATE_SUFFIX = ".state.pt"
@@ -69,7 +69,7 @@ class EpochState:
         if not self.path.exists():
             return None
         try:
-            payload = torch.load(self.path, map_location="cpu", weights_only=True)  # tensors and plain data only
+            payload = _load(self.path)
         except Exception as exc:  # noqa: BLE001 - any unreadable file: start over, say why
             return self._set_aside(f"cannot be read ({type(exc).__name__})")
         if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
@@ -100,6 +100,28 @@ class EpochState:
     def _set_aside(self, why: str) -> None:
         print(f"flatness: {self.path.name} {why}; training from the start", file=sys.stderr)
         self.discard()
+        return None
+
+
+def _load(path: Path) -> Any:
+    """A state file's content: tensors and plain data only (``weights_only``), so it cannot run code.
+
+    torch's version string (a ``str`` subclass) is allowed too: states of earlier versions hold it.
+    """
+    with torch.serialization.safe_globals([torch.torch_version.TorchVersion]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def saved_progress(path: Path) -> dict[str, Any] | None:
+    """How far the state at ``path`` got: ``{"after_epoch", "done", "saved_at"}``; ``None`` if unreadable.
+
+    ``saved_at``: the file's modification time (seconds since the epoch). Reads the whole file.
+    """
+    try:
+        state = _load(path)["state"]
+        return {"after_epoch": int(state["next_epoch"]) - 1, "done": bool(state["done"]),
+                "saved_at": Path(path).stat().st_mtime}
+    except Exception:  # noqa: BLE001 - anything unreadable is reported as such by the caller
         return None
 
 
