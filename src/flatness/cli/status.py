@@ -14,6 +14,7 @@ import json
 import time
 from typing import Any
 
+from ..experiments.running.claims import describe_holder
 from ..experiments.running.status import results_status
 
 __all__ = ["add_cli"]
@@ -35,7 +36,7 @@ def _describe(run: dict[str, Any]) -> str:
     if holder is None:
         who = "no process holds it"
     else:
-        where = f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}"
+        where = describe_holder(holder)
         who = f"trained by {where}" if run["live"] else f"its process is gone ({where})"
     line = f"{who}; {_saved(run['saved'])}"
     if not run["live"]:
